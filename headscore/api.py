@@ -1,0 +1,213 @@
+"""The library's entry points: ``score``, ``ablate``, ``ablate_heads``, ``mean_baseline``, ``load_model``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .accumulate import TaskAccumulator
+from .compare import compare
+from .data.batching import Batch, make_batches, num_batches, tokenize_examples
+from .data.builtin import builtin_suite
+from .data.examples import Example, limit_per_task, task_names, validate_examples
+from .errors import HeadscoreError
+from .methods.ablation import ABLATION_MODES, clean_losses, gated_losses, head_set_gates, single_head_gates
+from .methods.baseline import mean_head_outputs
+from .methods.gradient import GRADIENT_METHODS, NEEDS_MEAN_BASELINE, gate_gradients, score_values
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .patch import HeadGates, head_layout, patch
+from .results import HeadScores, data_hash
+
+__all__ = ["score", "ablate", "ablate_heads", "mean_baseline", "compare", "load_model", "Prepared",
+           "prepare", "METHODS", "BASELINES"]
+
+METHODS = GRADIENT_METHODS
+BASELINES = ("zero", "mean")
+ModelLike = LoadedModel | str
+
+
+@dataclass
+class Prepared:
+    """A model and tokenised examples, ready for any scorer."""
+
+    lm: LoadedModel
+    examples: list[Example]
+    tasks: list[str]
+    tokenized: list
+
+    @property
+    def data_hash(self) -> str:
+        """Hash of the examples."""
+        return data_hash((ex.prompt, ex.target, ex.task) for ex in self.examples)
+
+    def batches(self, batch_size: int, *, desc: str = "", progress: bool = True) -> Iterator[Batch]:
+        """Tokenised batches on the model's device, with a progress bar."""
+        device = self.lm.device
+        bar = tqdm(make_batches(self.tokenized, batch_size, self.lm.pad_id), total=num_batches(
+            len(self.tokenized), batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            yield batch.to(device)
+
+    def result(self, acc: TaskAccumulator, method: str, **extra) -> HeadScores:
+        """Wrap accumulated values as HeadScores with this run's provenance."""
+        return HeadScores(acc.mean, acc.stderr, acc.count.clone(), list(self.tasks), method, self.lm.name,
+                          self.data_hash, extra=extra)
+
+    def accumulator(self) -> TaskAccumulator:
+        """An empty per-task accumulator over this model's heads."""
+        layout = head_layout(self.lm.model)
+        return TaskAccumulator(self.tasks, layout.num_layers, layout.num_heads)
+
+
+def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
+            max_examples: int | None = None) -> Prepared:
+    """Load the model (if given by name) and tokenise the examples (default: the built-in suite).
+
+    ``max_examples`` keeps at most that many examples per task.
+    """
+    lm = load_model(model) if isinstance(model, str) else model
+    examples = builtin_suite() if examples is None else validate_examples(examples)
+    examples = limit_per_task(examples, max_examples)
+    tasks = task_names(examples)
+    tokenized = tokenize_examples(examples, lm.tokenizer, tasks, max_length=lm.max_length)
+    return Prepared(lm, examples, tasks, tokenized)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise HeadscoreError(f"batch size must be at least 1, got {batch_size}")
+
+
+def _baseline_tensor(prep: Prepared, heads: HeadGates, baseline: str | torch.Tensor | None, batch_size: int,
+                     progress: bool) -> torch.Tensor | None:
+    if baseline is None or (isinstance(baseline, str) and baseline == "zero"):
+        return None
+    if isinstance(baseline, torch.Tensor):
+        layout = heads.layout
+        want = (layout.num_layers, layout.num_heads, layout.head_dim)
+        if tuple(baseline.shape) != want:
+            raise HeadscoreError(f"baseline must be [L, H, D] = {want}, got {tuple(baseline.shape)}")
+        return baseline.to(prep.lm.device)
+    if baseline == "mean":
+        return mean_head_outputs(prep.lm.model, heads, prep.batches(batch_size, desc="mean outputs",
+                                                                    progress=progress)).to(prep.lm.device)
+    raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
+
+
+def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
+                  batch_size: int = 8, max_examples: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Each head's mean output over the examples' tokens: [L, H, D] float32 (one forward-only pass)."""
+    prep = prepare(model, examples, max_examples=max_examples)
+    with patch(prep.lm.model) as heads:
+        return _baseline_tensor(prep, heads, "mean", batch_size, progress).cpu()
+
+
+def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
+          method: str = "taylor", batch_size: int = 8, max_examples: int | None = None,
+          baseline: torch.Tensor | None = None, progress: bool = True) -> HeadScores:
+    """Score every head for every task from one forward and one backward pass per batch.
+
+    Args:
+        model: a :class:`LoadedModel` or a name for :func:`load_model`.
+        examples: (prompt, target, task) examples; a batch may mix tasks. Default: built-in suite.
+        method: ``taylor`` (default), ``abs``, ``fisher`` or ``atp-mean``.
+        batch_size: examples per forward/backward pass.
+        max_examples: at most this many examples per task.
+        baseline: for ``atp-mean``, a precomputed [L, H, D] mean baseline (else one extra
+            forward-only pass computes it from the same examples).
+        progress: show progress bars.
+
+    Returns:
+        HeadScores [tasks, layers, heads]: the mean over each task's examples of the method's
+        per-example value, with standard errors.
+    """
+    if method not in GRADIENT_METHODS:
+        raise HeadscoreError(f"unknown method {method!r}; choose one of {', '.join(GRADIENT_METHODS)}")
+    _check_batch_size(batch_size)
+    prep = prepare(model, examples, max_examples=max_examples)
+    acc = prep.accumulator()
+    start = time.perf_counter()
+    with patch(prep.lm.model) as heads:
+        base = None
+        if method in NEEDS_MEAN_BASELINE:
+            base = _baseline_tensor(prep, heads, "mean" if baseline is None else baseline, batch_size, progress)
+        for batch in prep.batches(batch_size, desc=f"score ({method})", progress=progress):
+            _, grad = gate_gradients(prep.lm.model, heads, batch, base)
+            acc.add(batch.task_index, score_values(method, grad))
+    return prep.result(acc, method, seconds=time.perf_counter() - start, batch_size=batch_size)
+
+
+def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
+           baseline: str | torch.Tensor = "zero", mode: str = "batched", batch_size: int = 8,
+           rows_per_pass: int = 64, max_examples: int | None = None, progress: bool = True) -> HeadScores:
+    """Ablate every head, one at a time, and measure each task's mean loss increase.
+
+    Args:
+        baseline: ``zero`` (gate 0), ``mean`` (the head's mean output; one extra forward-only
+            pass) or an explicit [L, H, D] tensor.
+        mode: ``batched`` (rows of one forward pass carry different gate vectors, up to
+            ``rows_per_pass`` rows) or ``sequential`` (one forward pass per head).
+
+    Returns:
+        HeadScores whose value at (task, l, h) is the mean over the task's examples of
+        loss(head l, h ablated) - loss(clean); method ``ablation-zero`` or ``ablation-mean``.
+    """
+    if mode not in ABLATION_MODES:
+        raise HeadscoreError(f"unknown ablation mode {mode!r}; choose {' or '.join(ABLATION_MODES)}")
+    _check_batch_size(batch_size)
+    prep = prepare(model, examples, max_examples=max_examples)
+    acc = prep.accumulator()
+    layout = head_layout(prep.lm.model)
+    rows = single_head_gates(layout.num_layers, layout.num_heads)
+    start = time.perf_counter()
+    with patch(prep.lm.model) as heads:
+        base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
+        for batch in prep.batches(batch_size, desc=f"ablate ({mode})", progress=progress):
+            clean = clean_losses(prep.lm.model, heads, batch)
+            ablated = gated_losses(prep.lm.model, heads, batch, rows, base, mode=mode, max_rows=rows_per_pass)
+            delta = (ablated - clean[None]).T.reshape(batch.size, layout.num_layers, layout.num_heads)
+            acc.add(batch.task_index, delta)
+    name = baseline if isinstance(baseline, str) else "custom"
+    return prep.result(acc, f"ablation-{name}", seconds=time.perf_counter() - start, mode=mode,
+                       batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class SetEffect:
+    """Effect of changing a set of heads on one task: mean loss change and its standard error."""
+
+    delta: float
+    stderr: float
+    clean_loss: float
+    count: int
+
+
+def ablate_heads(model: ModelLike, examples: Sequence[Example] | None, heads_to_change: Sequence[tuple[int, int]],
+                 *, baseline: str | torch.Tensor = "zero", gate: float = 0.0, batch_size: int = 8,
+                 max_examples: int | None = None, progress: bool = True) -> dict[str, SetEffect]:
+    """Set all listed (layer, head) gates to ``gate`` at once (0 = ablate, >1 = amplify).
+
+    Returns, per task, the mean loss change over its examples against the unmodified model.
+    """
+    _check_batch_size(batch_size)
+    prep = prepare(model, examples, max_examples=max_examples)
+    layout = head_layout(prep.lm.model)
+    try:
+        row = head_set_gates(list(heads_to_change), layout.num_layers, layout.num_heads, gate)
+    except ValueError as exc:
+        raise HeadscoreError(str(exc)) from None
+    delta_acc = TaskAccumulator(prep.tasks, 1, 1)
+    clean_acc = TaskAccumulator(prep.tasks, 1, 1)
+    with patch(prep.lm.model) as heads:
+        base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
+        for batch in prep.batches(batch_size, desc="ablate set", progress=progress):
+            clean = clean_losses(prep.lm.model, heads, batch)
+            changed = gated_losses(prep.lm.model, heads, batch, row, base, mode="sequential")[0]
+            delta_acc.add(batch.task_index, (changed - clean).view(-1, 1, 1))
+            clean_acc.add(batch.task_index, clean.view(-1, 1, 1))
+    return {t: SetEffect(float(delta_acc.mean[i]), float(delta_acc.stderr[i]), float(clean_acc.mean[i]),
+                         int(delta_acc.count[i])) for i, t in enumerate(prep.tasks)}

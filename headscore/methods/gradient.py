@@ -1,0 +1,46 @@
+"""Gradient scorers: per-example gate gradients dL/dg from one forward and one backward pass.
+
+- ``taylor``: -dL/dg, the first-order estimate of the loss increase when the head is zeroed;
+- ``abs``: |dL/dg| (Michel et al. 2019);
+- ``fisher``: (dL/dg)^2 (Kwon et al. 2022);
+- ``atp-mean``: -dL/dg with the head's mean output as the baseline (attribution patching
+  against mean ablation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..data.batching import Batch
+from ..loss import example_losses
+from ..patch import HeadGates
+
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "taylor": lambda g: -g,
+    "abs": torch.abs,
+    "fisher": torch.square,
+    "atp-mean": lambda g: -g,
+}
+GRADIENT_METHODS = tuple(TRANSFORMS)
+NEEDS_MEAN_BASELINE = frozenset({"atp-mean"})
+
+
+def gate_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
+                   baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example loss [B] and gate gradient dL_b/dg[b, l, h] [B, L, H] (float32) for one batch.
+
+    The model must be patched (``heads`` from :func:`headscore.patch`); the backward pass
+    reaches only the gates, so no weight gradients are computed.
+    """
+    gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True)
+    with heads.using(gates, baseline):
+        loss = example_losses(model, batch)
+    (grad,) = torch.autograd.grad(loss.sum(), gates)
+    return loss.detach(), grad
+
+
+def score_values(method: str, grad: torch.Tensor) -> torch.Tensor:
+    """Turn gate gradients into the per-example values a method averages."""
+    return TRANSFORMS[method](grad)

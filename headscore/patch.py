@@ -1,0 +1,201 @@
+"""Gate every attention head of a Hugging Face causal LM through transformers' attention registry.
+
+``patch(model)`` registers a gated attention function under a fresh name in
+``AttentionInterface`` (and the mask function of the wrapped implementation under
+the same name in ``AttentionMaskInterface``, without which transformers drops the
+causal mask), switches the model to it, and restores everything on exit. The
+gated function calls the model's own implementation (SDPA, eager, ...) and then
+applies ``Y = m + g * (O - m)`` per example row and head (see ``headscore.gate``).
+
+No per-architecture code: any model whose attention goes through the registry and
+whose attention modules carry ``layer_idx`` works, grouped-query attention
+included (gates are per query head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UnsupportedModelError
+from .gate import apply_gate
+
+_counter = itertools.count()
+
+Observer = Callable[[int, torch.Tensor], None]
+"""Called as ``observer(layer_idx, out)`` with each layer's pre-gate attention output [B, T, H, D]."""
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How many layers, heads per layer and head dimensions a model has."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int
+
+
+def head_layout(model: torch.nn.Module) -> HeadLayout:
+    """Read the attention layout of a transformers model from its (text) config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; pass a PreTrainedModel")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        layers = int(text.num_hidden_layers)
+        heads = int(text.num_attention_heads)
+    except AttributeError as exc:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: config lacks num_hidden_layers/num_attention_heads") from exc
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return HeadLayout(layers, heads, int(head_dim), int(kv_heads))
+
+
+@dataclass
+class HeadGates:
+    """The live gate state of a patched model.
+
+    Attributes:
+        layout: layers, heads and head dim of the model.
+        gates: None (every head passes unchanged) or a float tensor [B, L, H] or [1, L, H];
+            row b gates example row b of the next forward pass. Set it with ``requires_grad``
+            to get dL/dg from ``torch.autograd.grad``.
+        baseline: None (ablation to zero) or [L, H, D], the value a head takes at gate 0.
+        observers: callables that see each layer's pre-gate output (forward pass only).
+    """
+
+    layout: HeadLayout
+    gates: torch.Tensor | None = None
+    baseline: torch.Tensor | None = None
+    observers: list[Observer] = field(default_factory=list)
+    calls: int = 0
+
+    def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False
+             ) -> torch.Tensor:
+        """A float32 gate tensor [rows, L, H] of ones (the unmodified model)."""
+        g = torch.ones(rows, self.layout.num_layers, self.layout.num_heads, device=device,
+                       dtype=torch.float32)
+        return g.requires_grad_(requires_grad)
+
+    @contextlib.contextmanager
+    def using(self, gates: torch.Tensor | None, baseline: torch.Tensor | None = None) -> Iterator[None]:
+        """Temporarily set ``gates`` and ``baseline``; the previous values come back on exit."""
+        previous = (self.gates, self.baseline)
+        self.gates, self.baseline = gates, baseline
+        try:
+            yield
+        finally:
+            self.gates, self.baseline = previous
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        """Temporarily add an observer of the pre-gate head outputs."""
+        self.observers.append(observer)
+        try:
+            yield
+        finally:
+            self.observers.remove(observer)
+
+    def _apply(self, layer_idx: int | None, out: torch.Tensor) -> torch.Tensor:
+        if layer_idx is None:
+            raise UnsupportedModelError("an attention module has no layer_idx; headscore cannot tell layers apart")
+        self.calls += 1
+        for observer in self.observers:
+            observer(layer_idx, out)
+        if self.gates is None:
+            return out
+        g = self.gates[:, layer_idx]
+        if g.shape[0] not in (1, out.shape[0]):
+            raise ValueError(f"gates have {g.shape[0]} rows but the batch has {out.shape[0]}")
+        m = None if self.baseline is None else self.baseline[layer_idx]
+        return apply_gate(out, g.to(out.device), None if m is None else m.to(out.device))
+
+
+def _module_eager_function(module: torch.nn.Module) -> Callable:
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no eager_attention_forward in its module; load the model with "
+            "attn_implementation='sdpa'")
+    return fn
+
+
+def _inner_attention(name: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        return lambda module, *args, **kwargs: _module_eager_function(module)(module, *args, **kwargs)
+    try:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    except KeyError as exc:
+        raise UnsupportedModelError(f"attention implementation {name!r} is not in transformers' registry") from exc
+
+
+def _check_patchable(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        raise UnsupportedModelError(
+            f"{name} does not route attention through transformers' AttentionInterface, so headscore "
+            "cannot gate its heads")
+    current = model.config._attn_implementation
+    if current is None:
+        raise UnsupportedModelError(f"{name} has no attention implementation set in its config")
+    return current
+
+
+@contextlib.contextmanager
+def patch(model: torch.nn.Module, *, freeze: bool = True) -> Iterator[HeadGates]:
+    """Gate every attention head of ``model`` for the duration of the ``with`` block.
+
+    Args:
+        model: a transformers causal LM (any family whose attention uses the registry).
+        freeze: set ``requires_grad=False`` on every parameter inside the block, so a
+            backward pass computes no weight gradients (restored on exit).
+
+    Yields:
+        A :class:`HeadGates` whose ``gates`` [B, L, H] and ``baseline`` [L, H, D] control
+        the heads. With ``gates=None`` the model computes exactly what it did before.
+
+    On exit (also after an exception) the model's attention implementation, the
+    registries and the parameters' ``requires_grad`` flags are as they were.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    original = _check_patchable(model)
+    state = HeadGates(head_layout(model))
+    inner = _inner_attention(original)
+
+    def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
+        return state._apply(getattr(module, "layer_idx", None), out), weights
+
+    key = f"headscore_gated_{next(_counter)}"
+    AttentionInterface.register(key, gated_attention)
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
+    if mask_fn is not None:
+        AttentionMaskInterface.register(key, mask_fn)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.set_attn_implementation(key)
+        if freeze:
+            for p, _ in flags:
+                p.requires_grad_(False)
+        yield state
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        with contextlib.suppress(Exception):
+            model.set_attn_implementation(original)
+        if model.config._attn_implementation != original:  # a mapping change we could not undo via the API
+            model.config._attn_implementation_internal = original
+        AttentionInterface._global_mapping.pop(key, None)
+        AttentionMaskInterface._global_mapping.pop(key, None)

@@ -1,0 +1,191 @@
+"""``HeadScores``: a [tasks, layers, heads] importance map with its provenance, saved as one file."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import HeadscoreError
+
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of headscore, torch and transformers, recorded with every result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("headscore", "torch", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def data_hash(rows: Iterable[tuple[str, ...]]) -> str:
+    """SHA-256 (first 16 hex digits) of the examples, so results can be matched to their data."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(list(row)).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class HeadScores:
+    """Importance of every attention head for every task.
+
+    Attributes:
+        values: float64 [T, L, H]; larger = more important (for ``taylor`` and ablation it
+            estimates / measures the loss increase when the head is removed).
+        stderr: float64 [T, L, H], standard error of each value over the task's examples.
+        counts: int64 [T], examples per task.
+        tasks: task names, in the order of the first axis.
+        method: how the values were made (``taylor``, ``abs``, ``fisher``, ``atp-mean``,
+            ``ablation-zero``, ``ablation-mean``, ``probe``).
+        model: the model's name.
+        data_hash: hash of the examples (see :func:`data_hash`).
+        versions: library versions that produced it.
+        extra: free-form metadata (JSON-serialisable).
+    """
+
+    values: torch.Tensor
+    stderr: torch.Tensor
+    counts: torch.Tensor
+    tasks: list[str]
+    method: str
+    model: str
+    data_hash: str = ""
+    versions: dict[str, str] = field(default_factory=library_versions)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.dim() != 3:
+            raise ValueError(f"values must be [tasks, layers, heads], got {tuple(self.values.shape)}")
+        if self.stderr.shape != self.values.shape:
+            raise ValueError("stderr must have the shape of values")
+        if len(self.tasks) != self.values.shape[0] or self.counts.shape != (len(self.tasks),):
+            raise ValueError("tasks and counts must have one entry per row of values")
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers (L)."""
+        return int(self.values.shape[1])
+
+    @property
+    def num_heads(self) -> int:
+        """Number of heads per layer (H)."""
+        return int(self.values.shape[2])
+
+    def task(self, name: str) -> torch.Tensor:
+        """The [L, H] map of one task."""
+        try:
+            return self.values[self.tasks.index(name)]
+        except ValueError:
+            raise HeadscoreError(f"no task {name!r}; tasks are {', '.join(self.tasks)}") from None
+
+    def top_k(self, k: int = 10, task: str | None = None) -> list[tuple[int, int, float]]:
+        """The ``k`` heads with the largest value as (layer, head, value), for one task or the mean over tasks."""
+        grid = self.values.mean(0) if task is None else self.task(task)
+        k = min(k, grid.numel())
+        vals, idx = torch.topk(grid.flatten(), k)
+        return [(int(i) // self.num_heads, int(i) % self.num_heads, float(v)) for v, i in zip(vals, idx, strict=True)]
+
+    def select(self, tasks: Sequence[str]) -> HeadScores:
+        """A copy restricted to ``tasks`` (in that order)."""
+        rows = [self.tasks.index(t) for t in tasks]
+        return HeadScores(self.values[rows], self.stderr[rows], self.counts[rows], list(tasks), self.method,
+                          self.model, self.data_hash, dict(self.versions), dict(self.extra))
+
+    def _metadata(self) -> dict[str, str]:
+        return {"format": f"headscore/{FORMAT_VERSION}", "tasks": json.dumps(self.tasks), "method": self.method,
+                "model": self.model, "data_hash": self.data_hash, "versions": json.dumps(self.versions),
+                "extra": json.dumps(self.extra)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write everything to one safetensors file (atomically); :meth:`load` reads it back exactly."""
+        from safetensors.torch import save
+
+        tensors = {"values": self.values.contiguous(), "stderr": self.stderr.contiguous(),
+                   "counts": self.counts.contiguous()}
+        return atomic_write(path, save(tensors, metadata=self._metadata()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadScores:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise HeadscoreError(f"{path}: no such file")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in ("values", "stderr", "counts")}
+        except Exception as exc:  # safetensors raises several types for a bad header
+            raise HeadscoreError(f"{path}: not a headscore scores file ({str(exc).splitlines()[0]})") from None
+        if not meta.get("format", "").startswith("headscore/"):
+            raise HeadscoreError(f"{path}: not a headscore scores file")
+        return cls(tensors["values"], tensors["stderr"], tensors["counts"], json.loads(meta["tasks"]),
+                   meta["method"], meta["model"], meta.get("data_hash", ""), json.loads(meta["versions"]),
+                   json.loads(meta.get("extra", "{}")))
+
+    def to_rows(self) -> list[dict]:
+        """One dict per (task, layer, head): task, layer, head, value, stderr, count."""
+        rows = []
+        for t, name in enumerate(self.tasks):
+            for layer in range(self.num_layers):
+                for head in range(self.num_heads):
+                    rows.append({"task": name, "layer": layer, "head": head,
+                                 "value": float(self.values[t, layer, head]),
+                                 "stderr": float(self.stderr[t, layer, head]), "count": int(self.counts[t])})
+        return rows
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write :meth:`to_rows` as CSV (atomically)."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["task", "layer", "head", "value", "stderr", "count"])
+        writer.writeheader()
+        writer.writerows(self.to_rows())
+        return atomic_write(path, buf.getvalue().encode())
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write metadata and nested [task][layer][head] values as JSON (atomically)."""
+        doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
+               "versions": self.versions, "extra": self.extra, "counts": self.counts.tolist(),
+               "values": self.values.tolist(), "stderr": self.stderr.tolist()}
+        return atomic_write(path, json.dumps(doc, indent=1).encode())
+
+    def export(self, path: str | Path) -> Path:
+        """Write CSV or JSON by the file's suffix."""
+        suffix = Path(path).suffix.lower()
+        if suffix == ".csv":
+            return self.to_csv(path)
+        if suffix == ".json":
+            return self.to_json(path)
+        raise HeadscoreError(f"{path}: export needs a .csv or .json file name")
