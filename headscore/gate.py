@@ -34,14 +34,15 @@ class _GateFunction(torch.autograd.Function):
         g = gate[:, None, :, None]
         if ctx.needs_input_grad[0]:
             d_out = dy * g.to(dy.dtype)
+        acc = torch.promote_types(out.dtype, torch.float32)  # reduce in float32 at least
         if ctx.needs_input_grad[1]:
-            centred = out.float() if baseline is None else out.float() - baseline[None, None].float()
-            d_gate = torch.einsum("bthd,bthd->bh", centred, dy.float())
+            centred = out.to(acc) if baseline is None else out.to(acc) - baseline[None, None].to(acc)
+            d_gate = torch.einsum("bthd,bthd->bh", centred, dy.to(acc))
             if gate.shape[0] == 1 and out.shape[0] != 1:
                 d_gate = d_gate.sum(0, keepdim=True)
             d_gate = d_gate.to(gate.dtype)
         if baseline is not None and ctx.needs_input_grad[2]:
-            d_base = ((1.0 - g.float()) * dy.float()).sum((0, 1)).to(baseline.dtype)
+            d_base = ((1.0 - g.to(acc)) * dy.to(acc)).sum((0, 1)).to(baseline.dtype)
         return d_out, d_gate, d_base
 
 

@@ -77,11 +77,10 @@ class HeadGates:
     observers: list[Observer] = field(default_factory=list)
     calls: int = 0
 
-    def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False
-             ) -> torch.Tensor:
-        """A float32 gate tensor [rows, L, H] of ones (the unmodified model)."""
-        g = torch.ones(rows, self.layout.num_layers, self.layout.num_heads, device=device,
-                       dtype=torch.float32)
+    def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A gate tensor [rows, L, H] of ones (the unmodified model); float32 unless ``dtype`` says."""
+        g = torch.ones(rows, self.layout.num_layers, self.layout.num_heads, device=device, dtype=dtype)
         return g.requires_grad_(requires_grad)
 
     @contextlib.contextmanager

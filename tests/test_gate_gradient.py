@@ -10,29 +10,38 @@ from headscore.methods.gradient import gate_gradients
 CASES = [(fam, attn) for fam, (_, _, impls) in FAMILIES.items() for attn in impls]
 
 
-def reference_gate_grad(model, tokenizer, prompt: str, target: str, num_layers: int, num_heads: int):
-    """dL/dg for one unpadded example: forward pre-hooks scale each head's slice of the o_proj input."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    t = tokenizer(target, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([p + t])
-    g = torch.ones(num_layers, num_heads, dtype=torch.float64, requires_grad=True)
+def reference_gate_grad(model, tokenizer, examples, num_layers: int, num_heads: int):
+    """dL_b/dg[b] for a right-padded batch built here: forward pre-hooks scale each head's o_proj input slice.
+
+    The batch is padded like headscore pads (the eager path of transformers computes softmax in float32
+    even for float64 models, so padded and unpadded runs differ at 1e-6); losses come from full logits.
+    """
+    rows = [(tokenizer(e.prompt)["input_ids"], tokenizer(e.target, add_special_tokens=False)["input_ids"])
+            for e in examples]
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (p, t) in enumerate(rows):
+        ids[b, :len(p) + len(t)] = torch.tensor(p + t)
+        mask[b, :len(p) + len(t)] = 1
+    g = torch.ones(len(rows), num_layers, num_heads, dtype=torch.float64, requires_grad=True)
     handles = []
     for layer_idx, layer in enumerate(model.model.layers):
         def hook(module, args, layer_idx=layer_idx):
             (x,) = args
-            scaled = x.view(*x.shape[:-1], num_heads, -1) * g[layer_idx][:, None]
+            scaled = x.view(*x.shape[:-1], num_heads, -1) * g[:, layer_idx, None, :, None]
             return (scaled.view_as(x),)
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
     try:
-        logits = model(input_ids=ids).logits[0].double()
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
     finally:
         for h in handles:
             h.remove()
     logp = torch.log_softmax(logits, -1)
-    n = len(p)
-    loss = -torch.stack([logp[n - 1 + i, tok] for i, tok in enumerate(t)]).mean()
-    (grad,) = torch.autograd.grad(loss, g)
-    return loss.detach(), grad
+    losses = torch.stack([-torch.stack([logp[b, len(p) - 1 + i, tok] for i, tok in enumerate(t)]).mean()
+                          for b, (p, t) in enumerate(rows)])
+    (grad,) = torch.autograd.grad(losses.sum(), g)
+    return losses.detach(), grad
 
 
 @pytest.mark.parametrize("family,attn", CASES)
@@ -50,11 +59,12 @@ def test_gate_gradient_matches_reference(family, attn, kv_heads):
             for row, idx in enumerate(batch.example_index.tolist()):
                 got_loss[idx], got_grad[idx] = loss[row], grad[row]
     assert padded > 0, "test needs padding"
-    for i, ex in enumerate(examples):
-        ref_loss, ref_grad = reference_gate_grad(lm.model, lm.tokenizer, ex.prompt, ex.target, 3, 4)
-        torch.testing.assert_close(got_loss[i].double(), ref_loss, rtol=1e-6, atol=0)
-        assert ref_grad.abs().max() > 1e-3, "reference gradient is trivially small"
-        rel = (got_grad[i].double() - ref_grad).norm() / ref_grad.norm()
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))  # other batch, other padding
+    ref_loss, ref_grad = reference_gate_grad(lm.model, lm.tokenizer, [examples[i] for i in order], 3, 4)
+    for row, i in enumerate(order):
+        torch.testing.assert_close(got_loss[i].double(), ref_loss[row], rtol=1e-6, atol=0)
+        assert ref_grad[row].abs().max() > 1e-3, "reference gradient is trivially small"
+        rel = ((got_grad[i].double() - ref_grad[row]).abs() / ref_grad[row].abs().clamp_min(1e-3)).max()
         assert rel < 1e-6, f"example {i}: relative error {rel:.2e}"
 
 

@@ -19,7 +19,7 @@ ABLATION_MODES = ("batched", "sequential")
 def single_head_gates(num_layers: int, num_heads: int, value: float = 0.0) -> torch.Tensor:
     """Gate rows [L*H, L, H]: row l*H + h is all ones except ``value`` at head (l, h)."""
     n = num_layers * num_heads
-    rows = torch.ones(n, n, dtype=torch.float32)
+    rows = torch.ones(n, n, dtype=torch.float64)
     rows.fill_diagonal_(value)
     return rows.view(n, num_layers, num_heads)
 
@@ -27,7 +27,7 @@ def single_head_gates(num_layers: int, num_heads: int, value: float = 0.0) -> to
 def head_set_gates(heads_to_change: list[tuple[int, int]], num_layers: int, num_heads: int,
                    value: float = 0.0) -> torch.Tensor:
     """One gate row [1, L, H]: ``value`` at every listed (layer, head), ones elsewhere."""
-    row = torch.ones(1, num_layers, num_heads, dtype=torch.float32)
+    row = torch.ones(1, num_layers, num_heads, dtype=torch.float64)
     for layer, head in heads_to_change:
         if not (0 <= layer < num_layers and 0 <= head < num_heads):
             raise ValueError(f"head ({layer}, {head}) is outside the model's {num_layers} x {num_heads} heads")
@@ -47,7 +47,8 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
     if mode not in ABLATION_MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; choose {' or '.join(ABLATION_MODES)}")
     k, b = gate_rows.shape[0], batch.size
-    gate_rows = gate_rows.to(batch.input_ids.device)
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    gate_rows = gate_rows.to(batch.input_ids.device, dtype)
     per_pass = 1 if mode == "sequential" else max(1, max_rows // b)
     out = torch.empty(k, b, dtype=torch.float64)
     for start in range(0, k, per_pass):

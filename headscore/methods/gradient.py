@@ -29,12 +29,14 @@ NEEDS_MEAN_BASELINE = frozenset({"atp-mean"})
 
 def gate_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
                    baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example loss [B] and gate gradient dL_b/dg[b, l, h] [B, L, H] (float32) for one batch.
+    """Per-example loss [B] and gate gradient dL_b/dg[b, l, h] [B, L, H] for one batch.
 
     The model must be patched (``heads`` from :func:`headscore.patch`); the backward pass
     reaches only the gates, so no weight gradients are computed.
     """
-    gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True)
+    # float32 gates (float64 for a float64 model): the gradient is reduced in that precision.
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True, dtype=dtype)
     with heads.using(gates, baseline):
         loss = example_losses(model, batch)
     (grad,) = torch.autograd.grad(loss.sum(), gates)
