@@ -86,8 +86,8 @@ def test_head_set_ablation_and_amplification():
     effects = headscore.ablate_heads(lm, examples, heads, batch_size=4, progress=False)
     for task, eff in effects.items():
         exs = [e for e in examples if e.task == task]
-        ref = sum(float(hooked_loss(lm.model, lm.tokenizer, e, heads, 4) - hooked_loss(lm.model, lm.tokenizer, e, [], 4))
-                  for e in exs) / len(exs)
+        ref = sum(float(hooked_loss(lm.model, lm.tokenizer, e, heads, 4)
+                        - hooked_loss(lm.model, lm.tokenizer, e, [], 4)) for e in exs) / len(exs)
         assert abs(eff.delta - ref) < 1e-8
         assert eff.count == len(exs)
     scaled = headscore.ablate_heads(lm, examples, heads, gate=2.0, batch_size=4, progress=False)

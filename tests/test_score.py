@@ -17,7 +17,7 @@ def reference_grads(lm, examples, baseline=None):
         g = torch.ones(layers, heads, dtype=torch.float64, requires_grad=True)
         hs = []
         for li, layer in enumerate(model.model.layers):
-            def hook(module, args, li=li):
+            def hook(module, args, li=li, g=g):
                 x = args[0].view(*args[0].shape[:-1], heads, -1)
                 m = 0.0 if baseline is None else baseline[li].double()
                 return ((m + g[li][:, None] * (x - m)).view_as(args[0]),)
