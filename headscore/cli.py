@@ -182,11 +182,11 @@ def cmd_compare(args) -> None:
 
 def cmd_report(args) -> None:
     from .compare import compare
-    from .report import write_report
     from .results import HeadScores
 
     scores = HeadScores.load(args.scores)
     ablation = HeadScores.load(args.ablation) if args.ablation else None
+    from .report import write_report
     comparison = None
     if ablation is not None:
         common = [t for t in scores.tasks if t in ablation.tasks]
