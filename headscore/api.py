@@ -108,7 +108,7 @@ def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] 
 
 def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
           method: str = "taylor", batch_size: int = 8, max_examples: int | None = None,
-          baseline: torch.Tensor | None = None, progress: bool = True) -> HeadScores:
+          baseline: torch.Tensor | None = None, progress: bool = True, kernel: bool | None = None) -> HeadScores:
     """Score every head for every task from one forward and one backward pass per batch.
 
     Args:
@@ -120,6 +120,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
         baseline: for ``atp-mean``, a precomputed [L, H, D] mean baseline (else one extra
             forward-only pass computes it from the same examples).
         progress: show progress bars.
+        kernel: use the fused Triton attention kernel (see :func:`headscore.patch`); None = on CUDA.
 
     Returns:
         HeadScores [tasks, layers, heads]: the mean over each task's examples of the method's
@@ -131,7 +132,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     prep = prepare(model, examples, max_examples=max_examples)
     acc = prep.accumulator()
     start = time.perf_counter()
-    with patch(prep.lm.model) as heads:
+    with patch(prep.lm.model, kernel=kernel) as heads:
         base = None
         if method in NEEDS_MEAN_BASELINE:
             base = _baseline_tensor(prep, heads, "mean" if baseline is None else baseline, batch_size, progress)

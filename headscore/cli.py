@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="taylor", choices=METHODS)
     s.add_argument("--out", required=True, help="output scores file (.hs)")
     s.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
+    s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
+                   help="fused Triton attention kernel: auto (on CUDA), on, off (default: auto)")
 
     a = sub.add_parser("ablate", help="ground truth: the loss increase when each head (or a set) is ablated")
     _model_args(a)
@@ -134,8 +136,9 @@ def cmd_score(args) -> None:
     _check_out(args.out)
     _check_exports(args.export)
     lm, examples = _load(args)
+    kernel = {"auto": None, "on": True, "off": False}[args.kernel]
     result = score(lm, examples, method=args.method, batch_size=args.batch_size, max_examples=args.max_examples,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, kernel=kernel)
     _finish(result, args.out, args.export)
 
 

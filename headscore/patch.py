@@ -76,6 +76,7 @@ class HeadGates:
     baseline: torch.Tensor | None = None
     observers: list[Observer] = field(default_factory=list)
     calls: int = 0
+    kernel_calls: int = 0
 
     def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -117,6 +118,33 @@ class HeadGates:
         return apply_gate(out, g.to(out.device), None if m is None else m.to(out.device))
 
 
+def _key_padding_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> tuple[bool, torch.Tensor | None]:
+    """Whether a transformers mask is causal + key padding, and that padding mask [B, S] (True = keep).
+
+    The fused kernel handles exactly that case; anything else (sliding windows, packed
+    sequences, custom masks) goes through the model's own attention.
+    """
+    if mask is None:
+        return True, None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or q_len != kv_len:
+        return False, None
+    keep = mask[:, 0, -1, :]  # the last query row sees every key that is not padding
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
+    expected = causal[None] & keep[:, None, :]
+    if not torch.equal(mask[:, 0], expected):
+        return False, None
+    return True, (None if bool(keep.all()) else keep)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """True where the fused Triton kernel can run: a CUDA device and an importable triton."""
+    if device.type != "cuda":
+        return False
+    from .kernels import triton_available
+
+    return triton_available()
+
+
 def _module_eager_function(module: torch.nn.Module) -> Callable:
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
@@ -151,13 +179,20 @@ def _check_patchable(model: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def patch(model: torch.nn.Module, *, freeze: bool = True) -> Iterator[HeadGates]:
+def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = None) -> Iterator[HeadGates]:
     """Gate every attention head of ``model`` for the duration of the ``with`` block.
 
     Args:
         model: a transformers causal LM (any family whose attention uses the registry).
         freeze: set ``requires_grad=False`` on every parameter inside the block, so a
             backward pass computes no weight gradients (restored on exit).
+        kernel: use the fused Triton gated-attention kernel (``headscore.kernels``), which
+            computes the gate gradient inside flash attention's backward pass. ``None``
+            (default) uses it on CUDA devices when triton is installed; ``True`` forces it
+            (on a CPU only through the Triton interpreter, ``TRITON_INTERPRET=1``: slow, for
+            tests); ``False`` always wraps the model's own attention. Calls the kernel
+            cannot serve (dropout, soft-capping, sliding windows, custom masks, observers)
+            fall back to the wrapper; results agree either way.
 
     Yields:
         A :class:`HeadGates` whose ``gates`` [B, L, H] and ``baseline`` [L, H, D] control
@@ -173,7 +208,37 @@ def patch(model: torch.nn.Module, *, freeze: bool = True) -> Iterator[HeadGates]
     state = HeadGates(head_layout(model))
     inner = _inner_attention(original)
 
+    def fused(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        """The fused kernel's output [B, T, H, D], or None where it cannot serve this call."""
+        wanted = kernel if kernel is not None else kernel_available(query.device)
+        if not wanted or state.observers or dropout or kwargs.get("softcap") or kwargs.get("sliding_window"):
+            return None
+        if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return None
+        layer = getattr(module, "layer_idx", None)
+        if layer is None or not (getattr(module, "is_causal", True) and query.shape[2] > 1):
+            return None
+        ok, padding = _key_padding_mask(attention_mask, query.shape[2], key.shape[2])
+        if not ok:
+            return None
+        from .kernels import gated_attention as kernel_fn
+
+        b, h = query.shape[0], query.shape[1]
+        gate = torch.ones(b, h, device=query.device) if state.gates is None else state.gates[:, layer]
+        if gate.shape[0] not in (1, b):
+            raise ValueError(f"gates have {gate.shape[0]} rows but the batch has {b}")
+        base = None if state.baseline is None else state.baseline[layer].to(query.device)
+        state.calls += 1
+        state.kernel_calls += 1
+        out = kernel_fn(query, key, value, gate.expand(b, h).to(query.device), base, causal=True,
+                        key_padding_mask=padding, scale=scaling)
+        return out.transpose(1, 2).contiguous()
+
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if not args:
+            out = fused(module, query, key, value, attention_mask, **kwargs)
+            if out is not None:
+                return out, None
         out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
         return state._apply(getattr(module, "layer_idx", None), out), weights
 
