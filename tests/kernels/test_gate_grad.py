@@ -1,0 +1,111 @@
+"""gate_grad (single-pass Triton reduction), gate_grad_torch and the optional CUDA extension."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.triton
+
+kernels = pytest.importorskip("headscore.kernels")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+
+
+def reference64(o, dy, baseline):
+    c = o.double() if baseline is None else o.double() - baseline.double()[None, None]
+    return (c * dy.double()).sum((1, 3))
+
+
+def bound(o, dy, baseline, rel):
+    """Accumulation-error bound: rel * sum_{t,d} |o - m| |dy| per (b, h) (inputs are the same exact values)."""
+    c = o.double() if baseline is None else o.double() - baseline.double()[None, None]
+    return rel * (c.abs() * dy.double().abs()).sum((1, 3)) + 1e-6
+
+
+def make(seed, B, T, H, D, dtype, *, layout="bthd", with_base=True, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "bthd":
+        o = torch.randn(B, T, H, D, generator=gen)
+        dy = torch.randn(B, T, H, D, generator=gen)
+    else:  # a [B, H, T, D] tensor viewed as [B, T, H, D]: strided, as after an attention kernel's transpose
+        o = torch.randn(B, H, T, D, generator=gen).transpose(1, 2)
+        dy = torch.randn(B, H, T, D, generator=gen).transpose(1, 2)
+    base = torch.randn(H, D, generator=gen) * 0.5 if with_base else None
+    o, dy = o.to(device=device, dtype=dtype), dy.to(device=device, dtype=dtype)
+    return o, dy, (base.to(device) if base is not None else None)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape,layout,with_base,splits", [
+    ((2, 70, 3, 32), "bthd", True, None),
+    ((1, 45, 4, 48), "bhtd", False, 3),  # non-power-of-2 D, strided input, several programs per (b, h)
+    ((2, 5, 2, 64), "bthd", True, 4),  # fewer rows than a block
+])
+def test_gate_grad_triton(dtype, shape, layout, with_base, splits, seed):
+    o, dy, base = make(seed, *shape, dtype, layout=layout, with_base=with_base)
+    got = kernels.gate_grad(o, dy, base, num_splits=splits)
+    ref = reference64(o, dy, base)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.isfinite(got).all(), f"seed={seed}"
+    err = (got.double() - ref).abs()
+    assert (err <= bound(o, dy, base, 1e-5)).all(), f"max err {err.max():.3e} (seed={seed})"
+    torch_expr = kernels.gate_grad_torch(o, dy, base)
+    assert (torch_expr.double() - ref).abs().max() <= bound(o, dy, base, 1e-5).min(), f"seed={seed}"
+
+
+@needs_triton
+def test_gate_grad_matches_gate_autograd(seed):
+    """Same number as autograd through headscore's unfused gate (Y = m + g (O - m))."""
+    from headscore.gate import apply_gate
+
+    o, dy, base = make(seed, 2, 33, 3, 16, torch.float32)
+    gate = torch.rand(2, 3, device=o.device, requires_grad=True)
+    apply_gate(o, gate, base).backward(dy)
+    assert torch.allclose(kernels.gate_grad(o, dy, base), gate.grad, rtol=1e-5, atol=1e-5), f"seed={seed}"
+
+
+def test_gate_grad_errors():
+    o = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError):
+        kernels.gate_grad(o, torch.zeros(1, 4, 2, 8))
+    with pytest.raises(ValueError):
+        kernels.gate_grad(o, o, torch.zeros(3, 16))
+    with pytest.raises(ValueError):
+        kernels.gate_grad(o[0], o[0])
+
+
+def test_cuda_extension_optional(monkeypatch):
+    """Never needed on a CPU: disabled by env var, refuses CPU tensors, and its fake kernel traces."""
+    import importlib
+
+    mod = importlib.import_module("headscore.kernels.gate_grad_cuda")  # the package attribute is the function
+
+    monkeypatch.setenv("HEADSCORE_NO_CUDA_EXT", "1")
+    assert not mod.cuda_ext_available()
+    with pytest.raises(RuntimeError):
+        mod.load_extension()
+    with pytest.raises(RuntimeError):
+        mod.gate_grad_cuda(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    op = getattr(torch.ops.headscore, "gate_grad_cuda", None)
+    if op is not None:  # registered through torch.library.custom_op
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            o = torch.empty(2, 7, 3, 16, dtype=torch.bfloat16)
+            out = op(o, o, None)
+        assert out.shape == (2, 3) and out.dtype == torch.float32
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_gpu_gate_grad_all_backends(dtype, layout, seed):
+    o, dy, base = make(seed, 2, 4099, 8, 128, dtype, layout=layout, device="cuda")
+    ref = reference64(o, dy, base)
+    lim = bound(o, dy, base, 1e-5)
+    assert ((kernels.gate_grad(o, dy, base).double() - ref).abs() <= lim).all(), f"triton, seed={seed}"
+    if kernels.cuda_ext_available():
+        got = kernels.gate_grad_cuda(o, dy, base)
+        assert ((got.double() - ref).abs() <= lim).all(), f"cuda ext, seed={seed}"
