@@ -7,29 +7,47 @@ import pytest
 import torch
 
 import headscore
+import headscore.data.examples
 from headscore.cli import main
 
 pytestmark = pytest.mark.slow
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+SHORT = [("The capital of France is", " Paris", "Knowledge Recall"),
+         ("The capital of Italy is", " Rome", "Knowledge Recall"),
+         ("3 + 4 =", " 7", "Math Calculation"), ("2 + 2 =", " 4", "Math Calculation")]
+
+
+def test_cli_on_the_builtin_suite(tmp_path, capsys):
+    scores = tmp_path / "taylor.hs"
+    assert main(["score", "--max-examples", "1", "--no-progress", "--out", str(scores),
+                 "--export", str(tmp_path / "taylor.csv")]) == 0
+    s = headscore.HeadScores.load(scores)
+    assert s.values.shape == (8, 30, 9) and s.counts.tolist() == [1] * 8 and s.method == "taylor"
+    assert (tmp_path / "taylor.csv").read_text().count("\n") == 1 + 8 * 270
+    assert main(["report", str(scores), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "heatmaps.png").stat().st_size > 10_000
+
+
 def test_cli_score_ablate_compare_report(tmp_path, capsys):
+    data = tmp_path / "short.jsonl"
+    headscore.data.examples.save_jsonl([headscore.Example(*row) for row in SHORT], data)
     scores, truth, report = tmp_path / "taylor.hs", tmp_path / "ablation.hs", tmp_path / "report"
-    common = ["--max-examples", "1", "--no-progress"]
-    assert main(["score", "--out", str(scores), "--export", str(tmp_path / "taylor.csv"), *common]) == 0
-    assert main(["ablate", "--out", str(truth), "--batch-size", "8", *common]) == 0
+    common = ["--tasks", str(data), "--no-progress"]
+    assert main(["score", "--out", str(scores), *common]) == 0
+    assert main(["ablate", "--out", str(truth), *common]) == 0
+    capsys.readouterr()
     assert main(["compare", str(scores), str(truth)]) == 0
-    assert main(["report", str(scores), "--ablation", str(truth), "--out", str(report)]) == 0
     out = capsys.readouterr().out
+    assert main(["report", str(scores), "--ablation", str(truth), "--out", str(report)]) == 0
     s, t = headscore.HeadScores.load(scores), headscore.HeadScores.load(truth)
-    assert s.values.shape == t.values.shape == (8, 30, 9)
-    assert s.counts.tolist() == [1] * 8 and s.method == "taylor" and t.method == "ablation-zero"
+    assert s.values.shape == t.values.shape == (2, 30, 9) and t.method == "ablation-zero"
     assert s.data_hash == t.data_hash
     rho = [float(x) for x in re.findall(r"^\S.*?\s(-?\d\.\d{3})\s+-?\d\.\d{3}\s+\d\.\d{2}$", out, re.M)]
-    assert len(rho) == 8 and sum(rho) / 8 > 0.3, out  # one example per task: noisy, but clearly related
+    assert len(rho) == 2 and min(rho) > 0.5, out  # measured 0.82 and 0.87 on this data
     for name in ("heatmaps.png", "heatmaps.pdf", "scatter.png", "summary.md"):
         assert (report / name).stat().st_size > 1000
-    assert (tmp_path / "taylor.csv").read_text().count("\n") == 1 + 8 * 270
 
 
 def test_readme_python_example(tmp_path, monkeypatch):
