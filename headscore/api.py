@@ -108,7 +108,9 @@ def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] 
 
 def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
           method: str = "taylor", batch_size: int = 8, max_examples: int | None = None,
-          baseline: torch.Tensor | None = None, progress: bool = True, kernel: bool | None = None) -> HeadScores:
+          baseline: torch.Tensor | None = None, progress: bool = True, kernel: bool | None = None,
+          checkpoint: str | None = None, checkpoint_every: int = 0, resume: bool = False,
+          distributed: bool | None = None) -> HeadScores:
     """Score every head for every task from one forward and one backward pass per batch.
 
     Args:
@@ -121,6 +123,11 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
             forward-only pass computes it from the same examples).
         progress: show progress bars.
         kernel: use the fused Triton attention kernel (see :func:`headscore.patch`); None = on CUDA.
+        checkpoint: file for resumable runs (see :mod:`headscore.checkpoint`); written every
+            ``checkpoint_every`` batches (0 = only at the end) and kept, marked complete.
+        resume: continue from ``checkpoint`` if it exists (a different run's checkpoint is refused).
+        distributed: score this rank's shard and all-reduce (see :mod:`headscore.distributed`);
+            None = when a torch.distributed process group with 2+ ranks is initialised.
 
     Returns:
         HeadScores [tasks, layers, heads]: the mean over each task's examples of the method's
@@ -131,15 +138,22 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     _check_batch_size(batch_size)
     prep = prepare(model, examples, max_examples=max_examples)
     acc = prep.accumulator()
+    from .checkpoint import ScoringRun, fingerprint, tensor_hash
+
+    ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
+                        batch_size=batch_size, baseline=None if baseline is None else tensor_hash(baseline))
+    run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
+                     every=checkpoint_every, resume=resume, distributed=distributed)
     start = time.perf_counter()
     with patch(prep.lm.model, kernel=kernel) as heads:
         base = None
-        if method in NEEDS_MEAN_BASELINE:
+        if method in NEEDS_MEAN_BASELINE and run.done < run.total:
             base = _baseline_tensor(prep, heads, "mean" if baseline is None else baseline, batch_size, progress)
-        for batch in prep.batches(batch_size, desc=f"score ({method})", progress=progress):
+        for batch in run.batches(prep.batches(batch_size, desc=f"score ({method})", progress=progress)):
             _, grad = gate_gradients(prep.lm.model, heads, batch, base)
             acc.add(batch.task_index, score_values(method, grad))
-    return prep.result(acc, method, seconds=time.perf_counter() - start, batch_size=batch_size)
+        run.finish()
+    return prep.result(acc, method, seconds=time.perf_counter() - start, batch_size=batch_size, **run.extra)
 
 
 def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,

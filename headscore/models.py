@@ -114,7 +114,7 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
-               attn_implementation: str = "sdpa") -> LoadedModel:
+               attn_implementation: str = "sdpa", device_map: str | dict | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for scoring, in eval mode.
 
     Args:
@@ -123,6 +123,9 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         device: torch device string.
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
         attn_implementation: the attention the gate wraps (``sdpa`` or ``eager``).
+        device_map: accelerate's placement for a model larger than one device (``"auto"``, or a
+            dict of module name -> device); ``device`` is then ignored. Gates follow each
+            layer's device; inputs go to the device of the first parameter (the embeddings).
     """
     if dtype not in DTYPES:
         raise HeadscoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -135,13 +138,16 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
     path, hub_only = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        placement = {} if device_map is None else {"device_map": device_map}
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation, **placement)
     except (OSError, ValueError) as exc:
         if hub_only:
             raise HeadscoreError(
                 f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local "
                 "directory, and not in the local Hugging Face cache (headscore never downloads)") from None
         raise HeadscoreError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return LoadedModel(model, tokenizer, name)

@@ -1,0 +1,126 @@
+"""Data-parallel scoring: two gloo processes on the CPU give the single-process result; device_map loading."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import random_examples, tiny_model
+from tiny_saved import save_tiny_model
+
+import headscore
+from headscore.distributed import rank_and_world, shard
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shard_is_a_deterministic_partition():
+    items = list(range(11))
+    parts = [[i for i, _ in shard(items, r, 3)] for r in range(3)]
+    assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7, 10]
+    assert rank_and_world(None) == (0, 1) and rank_and_world(False) == (0, 1)
+    with pytest.raises(headscore.HeadscoreError, match="process group"):
+        rank_and_world(True)
+
+
+def _rank_main(rank, world, port, out_dir, examples):
+    """One rank of a forked two-process gloo group: score with the process group initialised."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        lm = tiny_model("llama", dtype=torch.float64)
+        result = headscore.score(lm, examples, method="taylor", batch_size=2, progress=False)  # auto-distributed
+        result.save(out_dir / f"rank{rank}.hs")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_forked(tmp_path):
+    """Fast variant (forked processes, the Python API): 2-rank gloo scores == 1-process scores."""
+    import multiprocessing
+
+    examples = random_examples(15)
+    single = headscore.score(tiny_model("llama", dtype=torch.float64), examples, batch_size=2, progress=False)
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tmp_path, examples)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank in range(2):
+        dist = headscore.HeadScores.load(tmp_path / f"rank{rank}.hs")  # every rank has the reduced result
+        assert dist.extra["world_size"] == 2 and torch.equal(dist.counts, single.counts)
+        torch.testing.assert_close(dist.values, single.values, rtol=1e-6, atol=0)
+        torch.testing.assert_close(dist.stderr, single.stderr, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path, model_dir):
+    """torchrun + the command line, two gloo ranks on 127.0.0.1 (slow: two fresh interpreters)."""
+    data = tmp_path / "tasks.jsonl"
+    examples = random_examples(21)
+    data.write_text("".join(json.dumps(vars(ex)) + "\n" for ex in examples))
+    lm = headscore.load_model(str(model_dir), dtype="float32")
+    single = headscore.score(lm, examples, method="fisher", batch_size=2, progress=False)
+
+    out = tmp_path / "dist.hs"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "headscore.cli", "score",
+           "--model", str(model_dir), "--tasks", str(data), "--method", "fisher", "--batch-size", "2",
+           "--out", str(out), "--no-progress", "--checkpoint-every", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("fisher: 3 tasks, 21 examples") == 1  # only rank 0 reports
+    dist = headscore.HeadScores.load(out)
+    assert dist.extra["world_size"] == 2 and torch.equal(dist.counts, single.counts)
+    torch.testing.assert_close(dist.values, single.values, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dist.stderr, single.stderr, rtol=1e-6, atol=0)
+    assert not list(tmp_path.glob("dist.hs.ckpt*"))  # per-rank checkpoints removed after the output
+
+
+def test_device_map_loading(model_dir, tmp_path):
+    examples = random_examples(6)
+    plain = headscore.score(headscore.load_model(str(model_dir)), examples, batch_size=3, progress=False)
+    mapped = headscore.load_model(str(model_dir), device_map={"": "cpu"})
+    assert mapped.device.type == "cpu"
+    torch.testing.assert_close(headscore.score(mapped, examples, batch_size=3, progress=False).values, plain.values)
+    # accelerate's dispatch hooks: the last layer offloaded to disk, moved in for each forward pass
+    import transformers
+
+    pytest.importorskip("accelerate")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), device_map=device_map, offload_folder=str(tmp_path / "offload"), attn_implementation="sdpa")
+    offloaded = headscore.LoadedModel(model.eval(), mapped.tokenizer, "offloaded")
+    torch.testing.assert_close(headscore.score(offloaded, examples, batch_size=3, progress=False).values,
+                               plain.values)
