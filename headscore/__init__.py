@@ -11,15 +11,19 @@ Quick start::
 from .api import BASELINES, METHODS, SetEffect, ablate, ablate_heads, mean_baseline, prepare, score
 from .compare import Agreement, compare
 from .data.builtin import builtin_suite
+from .data.cogqa import load_cogqa, split_by_question
 from .data.examples import Example, load_jsonl
 from .errors import HeadscoreError, UnsupportedModelError
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .patch import HeadGates, patch
 from .results import HeadScores
+from .track import HeadscoreCallback, Tracker, track
 
 __all__ = [
     "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreError", "LoadedModel",
     "METHODS", "SetEffect", "UnsupportedModelError", "ablate", "ablate_heads", "builtin_suite", "compare",
     "load_jsonl", "load_model", "mean_baseline", "patch", "prepare", "score",
 ]
+__all__ += ["HeadscoreCallback", "Tracker", "track"]
+__all__ += ["load_cogqa", "split_by_question"]
 __version__ = "0.1.0"

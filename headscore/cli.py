@@ -13,7 +13,8 @@ from .errors import HeadscoreError
 
 def _tasks_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="builtin",
-                        help="examples: 'builtin' (the built-in suite, default) or a JSONL file of "
+                        help="examples: 'builtin' (the built-in suite, default), 'cogqa:PATH' (a CogQA JSON "
+                             "file) or a JSONL file of "
                              '{"prompt", "target", "task"} objects')
     parser.add_argument("--max-examples", type=int, default=None, help="at most this many examples per task")
 
@@ -36,11 +37,19 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score all heads from one forward and one backward pass per batch")
     _model_args(s)
-    s.add_argument("--method", default="taylor", choices=METHODS)
+    s.add_argument("--method", default="taylor", choices=[*METHODS, "probe"],
+                   help="gradient scorer, or 'probe' (the CogQA study's probe; needs 2+ tasks)")
     s.add_argument("--out", required=True, help="output scores file (.hs)")
     s.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
     s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
                    help="fused Triton attention kernel: auto (on CUDA), on, off (default: auto)")
+    s.add_argument("--checkpoint", default=None,
+                   help="checkpoint file of a resumable run (default with --checkpoint-every/--resume: OUT.ckpt)")
+    s.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="write the checkpoint every N batches (default 0: only at the end)")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    s.add_argument("--distributed", action="store_true",
+                   help="data-parallel over torch.distributed ranks (automatic when WORLD_SIZE > 1, e.g. torchrun)")
 
     a = sub.add_parser("ablate", help="ground truth: the loss increase when each head (or a set) is ablated")
     _model_args(a)
@@ -64,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ablation", default=None, help="ablation scores file to compare against")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--k", type=int, default=10, help="top heads listed per task")
+
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="time and memory of all-head scoring vs ablation and "
+                                                     "hook-based peers, side by side in one run"))
+    from .cogqa import add_cogqa_commands
+
+    add_cogqa_commands(sub, _model_args)
     return p
 
 
@@ -74,6 +91,10 @@ def load_tasks(spec: str):
 
     if spec == "builtin":
         return builtin_suite()
+    if spec.startswith("cogqa:"):
+        from .data.cogqa import load_cogqa
+
+        return load_cogqa(spec[len("cogqa:"):])
     return load_jsonl(spec)
 
 
@@ -135,11 +156,27 @@ def cmd_score(args) -> None:
 
     _check_out(args.out)
     _check_exports(args.export)
+    from .distributed import cli_begin, cli_end
+
+    rank, world = cli_begin(args)
     lm, examples = _load(args)
     kernel = {"auto": None, "on": True, "off": False}[args.kernel]
+    if args.method == "probe":
+        from .data.examples import limit_per_task
+        from .methods.probe import probe_scores
+
+        result = probe_scores(lm, limit_per_task(examples, args.max_examples), batch_size=args.batch_size,
+                              progress=not args.no_progress)
+        print(f"probe held-out accuracy {result.extra['probe_accuracy']:.3f} "
+              f"(chance {result.extra['chance_accuracy']:.3f})")
+        _finish(result, args.out, args.export)
+        return
     result = score(lm, examples, method=args.method, batch_size=args.batch_size, max_examples=args.max_examples,
-                   progress=not args.no_progress, kernel=kernel)
-    _finish(result, args.out, args.export)
+                   progress=not args.no_progress and rank == 0, kernel=kernel, checkpoint=args.checkpoint,
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=world > 1)
+    if rank == 0:
+        _finish(result, args.out, args.export)
+    cli_end(args, world)
 
 
 def cmd_ablate(args) -> None:
@@ -205,7 +242,26 @@ def cmd_report(args) -> None:
         print(f"{name}: {path}")
 
 
-COMMANDS = {"score": cmd_score, "ablate": cmd_ablate, "compare": cmd_compare, "report": cmd_report}
+def cmd_bench(args) -> None:
+    from .bench import run_from_args
+
+    run_from_args(args)
+
+
+COMMANDS = {"score": cmd_score, "ablate": cmd_ablate, "compare": cmd_compare, "report": cmd_report,
+            "bench": cmd_bench}
+
+
+def _cogqa_command(name: str):
+    def run(args) -> None:
+        from . import cogqa
+
+        getattr(cogqa, name)(args)
+    return run
+
+
+COMMANDS.update({"intervene": _cogqa_command("cmd_intervene"),
+                 "reproduce-cogqa": _cogqa_command("cmd_reproduce_cogqa")})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

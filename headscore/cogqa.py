@@ -1,0 +1,370 @@
+"""Reproduce the CogQA "Cognitive Mirrors" head maps (arXiv 2512.10978) with headscore.
+
+:func:`reproduce_cogqa` on a model and the CogQA JSON file:
+
+1. loads every sub-question as an example (:func:`headscore.data.cogqa.load_cogqa`), keeps at most
+   ``max_per_function`` per function (seeded), and splits by MAIN question into train / held-out;
+2. probe maps (the study's method, :mod:`headscore.methods.probe`): activations from one forward
+   pass, probe trained on the train split, held-out accuracy vs the majority class;
+3. gradient maps (``taylor``) on the same examples, kept per example so split-half maps are free;
+4. zero ablation of every head on ``ablation_per_function`` examples per function (the shortest
+   ones, to bound the cost: 1 + L * H forward passes per example) as the ground truth, and
+   Spearman / top-k overlap of probe vs ablation and taylor vs ablation per function;
+5. interventions (:mod:`headscore.interventions`) on held-out examples: each function's top-k
+   probe heads ablated and doubled vs k random heads;
+6. findings (:mod:`headscore.findings`): sparsity, layer profiles, Jaccard overlap, split-half
+   stability; and :meth:`Reproduction.write` puts it all in one Markdown report with figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import findings
+from .compare import compare
+from .data.cogqa import COGQA_FUNCTIONS, load_cogqa, sample_per_function, split_by_question
+from .errors import HeadscoreError
+from .interventions import InterventionResult, intervene
+from .results import HeadScores, atomic_write
+
+
+def per_example_taylor(prep, batch_size: int = 8, *, progress: bool = True) -> torch.Tensor:
+    """-dL/dg for every example (``taylor`` before averaging): float64 [N, L, H] in ``prep.examples`` order."""
+    from .methods.gradient import gate_gradients
+    from .patch import patch
+
+    with patch(prep.lm.model) as heads:
+        out = torch.zeros(len(prep.examples), heads.layout.num_layers, heads.layout.num_heads, dtype=torch.float64)
+        for batch in prep.batches(batch_size, desc="score (taylor)", progress=progress):
+            _, grad = gate_gradients(prep.lm.model, heads, batch)
+            out[batch.example_index.cpu()] = -grad.detach().to("cpu", torch.float64)
+    return out
+
+
+def scores_from_values(prep, values: torch.Tensor, rows: Sequence[int], method: str, **extra) -> HeadScores:
+    """HeadScores from per-example values [N, L, H], averaged by task over ``rows``."""
+    acc = prep.accumulator()
+    rows = torch.as_tensor(list(rows), dtype=torch.long)
+    labels = torch.tensor([prep.tasks.index(ex.task) for ex in prep.examples])
+    acc.add(labels[rows], values[rows])
+    return prep.result(acc, method, **extra)
+
+
+def _ordered(scores: HeadScores) -> HeadScores:
+    known = [f for f in COGQA_FUNCTIONS if f in scores.tasks]
+    return scores.select(known + [t for t in scores.tasks if t not in known])
+
+
+def shortest_per_function(examples, n: int) -> list:
+    """The ``n`` shortest (prompt + target characters) examples of each function, in input order."""
+    by_task: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_task.setdefault(ex.task, []).append(i)
+    keep = set()
+    for idx in by_task.values():
+        keep.update(sorted(idx, key=lambda i: (len(examples[i].prompt) + len(examples[i].target), i))[:n])
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
+@dataclass
+class Reproduction:
+    """Everything :func:`reproduce_cogqa` measured."""
+
+    model: str
+    options: dict
+    counts: dict
+    probe: HeadScores
+    taylor: HeadScores
+    ablation: HeadScores | None
+    probe_vs_ablation: dict
+    taylor_vs_ablation: dict
+    interventions: InterventionResult | None
+    sparsity: dict
+    jaccard: dict
+    stability: dict
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The figures as plain data."""
+        return {"model": self.model, "options": self.options, "counts": self.counts,
+                "probe_accuracy": self.probe.extra.get("probe_accuracy"),
+                "chance_accuracy": self.probe.extra.get("chance_accuracy"),
+                "train_accuracy": self.probe.extra.get("train_accuracy"),
+                "probe_vs_ablation": self.probe_vs_ablation, "taylor_vs_ablation": self.taylor_vs_ablation,
+                "sparsity": self.sparsity, "jaccard": {m: v.tolist() for m, v in self.jaccard.items()},
+                "stability": self.stability, "timings": self.timings,
+                "interventions": self.interventions.as_dict() if self.interventions else None}
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Scores files, figures, ``summary.json`` and ``report.md`` into ``out_dir``; returns the report path."""
+        from .report import heatmap_grid, scatter_vs_ablation
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        maps = {"probe": self.probe, "taylor": self.taylor}
+        if self.ablation is not None:
+            maps["ablation"] = self.ablation
+        for name, s in maps.items():
+            s.save(out / f"{name}.hs")
+            heatmap_grid(s, out / f"grid_{name}", title=f"{name}: {self.model} on CogQA")
+        if self.ablation is not None:
+            for name in ("probe", "taylor"):
+                scatter_vs_ablation(maps[name], self.ablation, out / f"scatter_{name}")
+        for name in ("probe", "taylor"):
+            findings.plot_jaccard(self.jaccard[name], maps[name].tasks, out / f"jaccard_{name}",
+                                  title=f"top-{self.options['overlap_k']} overlap ({name})")
+        findings.plot_layer_profiles(maps, out / "layer_profiles")
+        if self.interventions is not None:
+            self.interventions.to_json(out / "interventions.json")
+            self.interventions.to_markdown_file(out / "interventions.md")
+        atomic_write(out / "summary.json", json.dumps(self.summary(), indent=1, default=str).encode())
+        return atomic_write(out / "report.md", self.markdown().encode())
+
+    def markdown(self) -> str:
+        """The report text (figures referenced by relative file names)."""
+        o, c, p = self.options, self.counts, self.probe.extra
+        lines = ["# CogQA head maps (Cognitive Mirrors reproduction)", "",
+                 f"Model `{self.model}`; {c['examples']} sub-questions from {c['questions']} questions "
+                 f"(at most {o['max_per_function']} per function, seed {o['seed']}; taylor on {c['gradient']}), "
+                 "split by main question: "
+                 f"{c['train']} train / {c['test']} held-out. Ablation on {c['ablation']} examples "
+                 f"({o['ablation_per_function']} shortest per function); interventions on {c['intervention']} "
+                 "held-out examples.", "",
+                 "## Probe", "",
+                 f"Held-out accuracy **{p['probe_accuracy']:.3f}** vs chance: majority class of the training "
+                 f"split {p['chance_accuracy']:.3f}, uniform {1 / len(self.probe.tasks):.3f}; training accuracy "
+                 f"{p['train_accuracy']:.3f} "
+                 f"({p['num_train']} train, {p['num_test']} held-out, {len(self.probe.tasks)} classes).", "",
+                 "## Maps (rows: layers, columns: heads)", ""]
+        for name in ("probe", "taylor", "ablation"):
+            if name != "ablation" or self.ablation is not None:
+                lines += [f"### {name}", "", f"![{name}](grid_{name}.png)", ""]
+        if self.ablation is not None:
+            lines += ["## Agreement with ablation", "",
+                      f"| function | probe Spearman | probe top-{o['overlap_k']} | taylor Spearman | "
+                      f"taylor top-{o['overlap_k']} |", "|---|---|---|---|---|"]
+            for t in self.probe.tasks:
+                a, b = self.probe_vs_ablation.get(t, {}), self.taylor_vs_ablation.get(t, {})
+                lines.append(f"| {t} | {a.get('spearman', math.nan):+.3f} | {a.get('topk_overlap', math.nan):.2f} "
+                             f"| {b.get('spearman', math.nan):+.3f} | {b.get('topk_overlap', math.nan):.2f} |")
+            lines += ["", "![probe vs ablation](scatter_probe.png)", "", "![taylor vs ablation](scatter_taylor.png)",
+                      ""]
+        lines += ["## Findings", "", "Sparsity: share of total |importance| in the top 5% of heads. Stability: "
+                  "Spearman between maps computed on two halves of the questions.", "",
+                  "| function | probe sparsity | taylor sparsity | probe stability | taylor stability |",
+                  "|---|---|---|---|---|"]
+        for t in self.probe.tasks:
+            lines.append(f"| {t} | {self.sparsity['probe'].get(t, math.nan):.3f} | "
+                         f"{self.sparsity['taylor'].get(t, math.nan):.3f} | "
+                         f"{self.stability.get('probe', {}).get(t, math.nan):+.3f} | "
+                         f"{self.stability.get('taylor', {}).get(t, math.nan):+.3f} |")
+        lines += ["", "![Jaccard probe](jaccard_probe.png) ![Jaccard taylor](jaccard_taylor.png)", "",
+                  "![layer profiles](layer_profiles.png)", ""]
+        if self.interventions is not None:
+            lines += ["## Interventions", "", self.interventions.to_markdown()]
+        lines += ["## Timings (s)", "", ", ".join(f"{k}: {v:.0f}" for k, v in self.timings.items()), ""]
+        return "\n".join(lines)
+
+
+def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 20,
+                    gradient_per_function: int | None = None, ablation_per_function: int = 1,
+                    intervention_per_function: int | None = 3, k: int = 5, overlap_k: int = 10,
+                    seeds: Sequence[int] = (0, 1, 2), scale: float | None = 2.0, train_fraction: float = 0.8,
+                    seed: int = 0, batch_size: int = 8, min_examples: int = 10, chat_template: bool = False,
+                    functions: Sequence[str] | None = None, stability: bool = True, progress: bool = True,
+                    **probe_options) -> Reproduction:
+    """Run the whole reproduction (see the module docstring); ``None`` for a per-function limit means all.
+
+    ``gradient_per_function`` limits the taylor scores to a (seeded) subset of those examples
+    (default: all of them; the backward pass makes them ~4x the cost of the probe's forward pass).
+    ``ablation_per_function=0`` skips ablation, ``intervention_per_function=0`` the interventions;
+    ``functions`` keeps only those labels. Extra keyword options go to
+    :func:`headscore.methods.probe.train_probe` (``epochs``, ``proj_dim``, ``hidden``, ``shared``, ...).
+    """
+    from .api import ablate, prepare
+    from .methods.probe import collect_activations, probe_scores
+    from .models import LoadedModel, load_model
+
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    examples = load_cogqa(path, min_examples=min_examples, chat_template=lm.tokenizer if chat_template else None,
+                          functions=functions)
+    examples = sample_per_function(examples, max_per_function, seed)
+    train, test = split_by_question(examples, train_fraction, seed)
+    prep = prepare(lm, examples)
+    if len(prep.tasks) < 2:
+        raise HeadscoreError("the reproduction needs at least two cognitive functions")
+    timings["load"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    acts = collect_activations(prep, batch_size, progress=progress)
+    probe = probe_scores(lm, examples, train_fraction=train_fraction, seed=seed, activations=acts, progress=progress,
+                         **probe_options)
+    timings["probe"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    grad_examples = sample_per_function(examples, gradient_per_function, seed)
+    gprep = prep if len(grad_examples) == len(examples) else prepare(lm, grad_examples)
+    per_ex = per_example_taylor(gprep, batch_size, progress=progress)
+    taylor = scores_from_values(gprep, per_ex, range(len(grad_examples)), "taylor", batch_size=batch_size)
+    timings["taylor"] = time.perf_counter() - tick
+
+    stab: dict[str, dict] = {}
+    if stability:
+        tick = time.perf_counter()
+        half_a, half_b = split_by_question(_keyed(examples), 0.5, seed + 1)
+        ia, ib = [x[0] for x in half_a], [x[0] for x in half_b]
+        halves = []
+        for idx in (ia, ib):
+            sub = [examples[i] for i in idx]
+            halves.append(probe_scores(lm, sub, train_fraction=train_fraction, seed=seed, activations=acts[idx],
+                                       progress=False, **probe_options))
+        stab["probe"] = findings.stability(halves[0], halves[1], overlap_k)
+        ga, gb = split_by_question(_keyed(grad_examples), 0.5, seed + 1)
+        stab["taylor"] = findings.stability(scores_from_values(gprep, per_ex, [x[0] for x in ga], "taylor"),
+                                            scores_from_values(gprep, per_ex, [x[0] for x in gb], "taylor"),
+                                            overlap_k)
+        timings["stability"] = time.perf_counter() - tick
+
+    ablation, pva, tva, abl_examples = None, {}, {}, []
+    if ablation_per_function > 0:
+        tick = time.perf_counter()
+        abl_examples = shortest_per_function(examples, ablation_per_function)
+        ablation = _ordered(ablate(lm, abl_examples, batch_size=batch_size, progress=progress))
+        pva = {t: a.as_dict() for t, a in compare(_ordered(probe), ablation, overlap_k).items()}
+        tva = {t: a.as_dict() for t, a in compare(_ordered(taylor), ablation, overlap_k).items()}
+        timings["ablation"] = time.perf_counter() - tick
+
+    probe, taylor = _ordered(probe), _ordered(taylor)
+    result_iv, iv_examples = None, []
+    if intervention_per_function is None or intervention_per_function > 0:
+        tick = time.perf_counter()
+        iv_examples = sample_per_function(test, intervention_per_function, seed)
+        present = {ex.task for ex in iv_examples}
+        result_iv = intervene(lm, iv_examples, probe, k=k, seeds=seeds, scale=scale, progress=progress,
+                              functions=[t for t in probe.tasks if t in present])
+        timings["interventions"] = time.perf_counter() - tick
+
+    counts = {"examples": len(examples), "gradient": len(grad_examples),
+              "questions": len({ex.question_id for ex in examples}), "train": len(train),
+              "test": len(test), "ablation": len(abl_examples), "intervention": len(iv_examples),
+              "per_function": {t: int(n) for t, n in zip(probe.tasks, probe.counts.tolist(), strict=True)}}
+    options = {"max_per_function": max_per_function, "gradient_per_function": gradient_per_function,
+               "ablation_per_function": ablation_per_function,
+               "intervention_per_function": intervention_per_function, "k": k, "overlap_k": overlap_k,
+               "seeds": list(seeds), "scale": scale, "train_fraction": train_fraction, "seed": seed,
+               "batch_size": batch_size, "min_examples": min_examples, "chat_template": chat_template,
+               "threads": torch.get_num_threads(), **probe_options}
+    timings["total"] = sum(timings.values())
+    maps = {"probe": probe, "taylor": taylor}
+    return Reproduction(lm.name, options, counts, probe, taylor, ablation, pva, tva, result_iv,
+                        {m: findings.sparsity(s) for m, s in maps.items()},
+                        {m: findings.jaccard_matrix(s, overlap_k) for m, s in maps.items()}, stab, timings)
+
+
+def _keyed(examples) -> list[_Row]:
+    return [_Row(i, ex.question_id) for i, ex in enumerate(examples)]
+
+
+class _Row(tuple):
+    """(index, question_id) with a ``question_id`` attribute for :func:`split_by_question`."""
+
+    def __new__(cls, index: int, question_id: int):
+        return super().__new__(cls, (index, question_id))
+
+    @property
+    def question_id(self) -> int:
+        return self[1]
+
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def add_cogqa_commands(sub, model_args) -> None:
+    """Add ``intervene`` and ``reproduce-cogqa`` to the ``headscore`` command's subparsers."""
+    i = sub.add_parser("intervene", help="ablate / amplify each task's top-k heads vs k random heads")
+    model_args(i)
+    i.add_argument("--scores", required=True, help="scores file (.hs) whose maps pick the top-k heads")
+    i.add_argument("--k", type=int, default=5, help="heads per set (default 5)")
+    i.add_argument("--seeds", type=int, default=3, help="random k-head control sets (default 3)")
+    i.add_argument("--scale", type=float, default=2.0, help="gate of the amplification rows (default 2.0)")
+    i.add_argument("--out", default=None, help="write the table as Markdown (.md) and JSON (.json) next to it")
+
+    r = sub.add_parser("reproduce-cogqa", help="the CogQA 'Cognitive Mirrors' head maps, checked by ablation")
+    r.add_argument("path", help="the CogQA JSON file")
+    r.add_argument("--out", required=True, help="output directory (report.md, figures, scores)")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--max-per-function", type=int, default=20,
+                   help="sub-questions per function for probe and taylor (default 20; 0 = all)")
+    r.add_argument("--gradient-per-function", type=int, default=0,
+                   help="of those, examples per function for the taylor scores (default 0 = all)")
+    r.add_argument("--ablation-per-function", type=int, default=1,
+                   help="shortest examples per function ablated head by head (default 1; 0 = skip)")
+    r.add_argument("--intervention-per-function", type=int, default=3,
+                   help="held-out examples per function for the interventions (default 3; 0 = skip; -1 = all)")
+    r.add_argument("--k", type=int, default=5, help="heads per intervention set (default 5)")
+    r.add_argument("--seeds", type=int, default=3, help="random k-head control sets (default 3)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--train-fraction", type=float, default=0.8)
+    r.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def cmd_intervene(args) -> None:
+    """``headscore intervene``."""
+    from .cli import load_tasks
+    from .data.examples import limit_per_task
+    from .models import load_model
+
+    scores = HeadScores.load(args.scores)
+    if args.seeds < 0:
+        raise HeadscoreError(f"--seeds must be 0 or more, got {args.seeds}")
+    examples = limit_per_task(load_tasks(args.tasks), args.max_examples)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    result = intervene(lm, examples, scores, k=args.k, seeds=range(args.seeds), scale=args.scale,
+                       progress=not args.no_progress)
+    text = result.to_markdown()
+    print(text)
+    if args.out:
+        stem = Path(args.out).with_suffix("")
+        result.to_markdown_file(stem.with_suffix(".md"))
+        result.to_json(stem.with_suffix(".json"))
+        print(f"-> {stem.with_suffix('.md')}, {stem.with_suffix('.json')}")
+
+
+def cmd_reproduce_cogqa(args) -> None:
+    """``headscore reproduce-cogqa``."""
+    from .models import load_model
+
+    if not Path(args.path).is_file():
+        raise HeadscoreError(f"{args.path}: no such CogQA file")
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    ivn = args.intervention_per_function
+    start = time.perf_counter()
+    rep = reproduce_cogqa(lm, args.path, max_per_function=args.max_per_function or None,
+                          gradient_per_function=args.gradient_per_function or None,
+                          ablation_per_function=args.ablation_per_function,
+                          intervention_per_function=None if ivn < 0 else ivn, k=args.k, seeds=range(args.seeds),
+                          train_fraction=args.train_fraction, seed=args.seed, batch_size=args.batch_size,
+                          chat_template=args.chat_template, progress=not args.no_progress)
+    report = rep.write(args.out)
+    p = rep.probe.extra
+    print(f"probe held-out accuracy {p['probe_accuracy']:.3f} (chance {p['chance_accuracy']:.3f}); "
+          f"{rep.counts['examples']} examples; {time.perf_counter() - start:.0f}s")
+    for t in rep.probe.tasks:
+        a, b = rep.probe_vs_ablation.get(t, {}), rep.taylor_vs_ablation.get(t, {})
+        print(f"  {t:<24} spearman vs ablation: probe {a.get('spearman', math.nan):+.3f}, "
+              f"taylor {b.get('spearman', math.nan):+.3f}")
+    print(f"-> {report}")

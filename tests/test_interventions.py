@@ -1,0 +1,125 @@
+"""Interventions: loss changes equal ablate_heads, greedy exact match equals a hand-rolled generate loop."""
+
+import pytest
+import torch
+from tiny import ByteTokenizer, random_examples, tiny_model
+
+import headscore
+from headscore.data.examples import Example
+from headscore.interventions import intervene, random_head_sets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread: these small models run faster so on a shared CPU (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class DecodingByteTokenizer(ByteTokenizer):
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 2) for i in ids if i >= 2)
+
+
+def hand_rolled_greedy(lm, prompt_ids, n, gate_row):
+    """Greedy decoding without a cache: one full forward pass per new token."""
+    ids = list(prompt_ids)
+    with headscore.patch(lm.model) as heads, heads.using(gate_row[None].to(torch.float64)), torch.no_grad():
+        for _ in range(n):
+            ids.append(int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    lm = tiny_model("llama", dtype=torch.float64)
+    lm.tokenizer = DecodingByteTokenizer()
+    examples = random_examples(6)
+    # make some targets the clean model's own greedy answer, so exact match is sometimes true
+    fixed = []
+    for i, ex in enumerate(examples):
+        if i % 2 == 0:
+            prompt = lm.tokenizer(ex.prompt)["input_ids"]
+            ids = hand_rolled_greedy(lm, prompt, 3, torch.ones(3, 4))
+            text = lm.tokenizer.decode(ids)
+            if lm.tokenizer(text, add_special_tokens=False)["input_ids"] == ids and text.strip():
+                ex = Example(ex.prompt, text, ex.task)
+        fixed.append(ex)
+    scores = headscore.score(lm, fixed, batch_size=4, progress=False)
+    return lm, fixed, scores
+
+
+def test_loss_changes_equal_ablate_heads(setup):
+    lm, examples, scores = setup
+    res = intervene(lm, examples, scores, k=2, seeds=(0, 5), scale=2.0, progress=False)
+    for name in ("ablate:alpha", "scale:beta", "random:5"):
+        heads = res.head_sets[name]
+        gate = 2.0 if name.startswith("scale:") else 0.0
+        ref = headscore.ablate_heads(lm, examples, heads, gate=gate, batch_size=4, progress=False)
+        for task, eff in ref.items():
+            assert res.delta[name][task] == pytest.approx(eff.delta, abs=1e-6)
+    for row in res.rows:
+        f = row["function"]
+        assert row["own_dloss"] == res.delta[f"ablate:{f}"][f]
+        assert row["random_dloss"] == pytest.approx(sum(res.delta[f"random:{s}"][f] for s in (0, 5)) / 2)
+        assert row["heads"] == [[layer, head] for layer, head, _ in scores.top_k(2, f)]
+    assert res.rows[0]["others_dloss"] == pytest.approx(
+        (res.delta["ablate:alpha"]["beta"] + res.delta["ablate:alpha"]["gamma"]) / 2)
+
+
+def test_exact_match_equals_hand_rolled_loop(setup):
+    lm, examples, scores = setup
+    res = intervene(lm, examples, scores, k=3, seeds=(1,), scale=3.0, progress=False)
+    tok = lm.tokenizer
+    settings = {"clean": ([], 1.0), "ablate:beta": (res.head_sets["ablate:beta"], 0.0),
+                "scale:gamma": (res.head_sets["scale:gamma"], 3.0)}
+    for name, (heads, gate) in settings.items():
+        row = torch.ones(3, 4)
+        for layer, head in heads:
+            row[layer, head] = gate
+        hits = {t: [] for t in ("alpha", "beta", "gamma")}
+        for ex in examples:
+            prompt = tok(ex.prompt)["input_ids"]
+            n = len(tok(ex.target, add_special_tokens=False)["input_ids"])
+            text = tok.decode(hand_rolled_greedy(lm, prompt, n, row))
+            hits[ex.task].append(text.strip() == ex.target.strip())
+        for task, h in hits.items():
+            assert res.accuracy[name][task] == pytest.approx(sum(h) / len(h))
+    assert any(v > 0 for v in res.accuracy["clean"].values())  # the planted answers are found
+
+
+def test_random_head_sets():
+    sets = random_head_sets(30, 9, 5, [0, 1, 2])
+    assert sets == random_head_sets(30, 9, 5, [0, 1, 2])
+    assert all(len(set(s)) == 5 and all(0 <= layer < 30 and 0 <= h < 9 for layer, h in s) for s in sets)
+    assert sets[0] != sets[1]
+    with pytest.raises(headscore.HeadscoreError, match="k must be"):
+        random_head_sets(2, 2, 5, [0])
+
+
+def test_table_outputs(setup, tmp_path):
+    lm, examples, scores = setup
+    res = intervene(lm, examples, scores, k=1, seeds=(0,), scale=None, functions=["beta"], progress=False)
+    assert [r["function"] for r in res.rows] == ["beta"] and "scale:beta" not in res.head_sets
+    md = res.to_markdown()
+    assert md.count("\n| beta |") == 1 and "own/random" in md
+    import json
+    doc = json.loads(res.to_json(tmp_path / "iv.json").read_text())
+    assert doc["table"][0]["function"] == "beta" and doc["k"] == 1
+    with pytest.raises(headscore.HeadscoreError, match="no scores or no examples"):
+        intervene(lm, examples, scores, functions=["nope"], progress=False)
+
+
+def test_cli_errors_and_arguments(tmp_path, capsys):
+    from headscore.cli import _parser, main
+
+    assert main(["intervene", "--scores", str(tmp_path / "none.hs"), "--tasks", "builtin"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["reproduce-cogqa", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such CogQA file" in capsys.readouterr().err
+    args = _parser().parse_args(["reproduce-cogqa", "f.json", "--out", "d", "--max-per-function", "4",
+                                 "--ablation-per-function", "0"])
+    assert args.max_per_function == 4 and args.ablation_per_function == 0 and args.k == 5
+    assert _parser().parse_args(["score", "--method", "probe", "--out", "x.hs"]).method == "probe"
