@@ -20,10 +20,9 @@ from .results import HeadScores
 from .track import HeadscoreCallback, Tracker, track
 
 __all__ = [
-    "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreError", "LoadedModel",
-    "METHODS", "SetEffect", "UnsupportedModelError", "ablate", "ablate_heads", "builtin_suite", "compare",
-    "load_jsonl", "load_model", "mean_baseline", "patch", "prepare", "score",
+    "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreCallback",
+    "HeadscoreError", "LoadedModel", "METHODS", "SetEffect", "Tracker", "UnsupportedModelError", "ablate",
+    "ablate_heads", "builtin_suite", "compare", "load_cogqa", "load_jsonl", "load_model", "mean_baseline", "patch",
+    "prepare", "score", "split_by_question", "track",
 ]
-__all__ += ["HeadscoreCallback", "Tracker", "track"]
-__all__ += ["load_cogqa", "split_by_question"]
 __version__ = "0.1.0"
