@@ -28,6 +28,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .results import atomic_write
+
 __all__ = ["COLORBAR_LABEL", "heatmap_grid", "markdown_summary", "scatter_vs_ablation", "write_report"]
 
 COLORBAR_LABEL = "Heads Importance"
@@ -421,19 +423,6 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
 # --------------------------------------------------------------------------------------------------- all
 
 
-def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = None,
                  comparison: Mapping[str, Any] | None = None, k: int = 10) -> dict[str, Path]:
     """Write a full report into ``out_dir`` (created if needed).
@@ -459,5 +448,5 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
         paths["scatter_png"], paths["scatter_pdf"] = scatter_vs_ablation(scores, ablation, out / "scatter")
         images.append("scatter.png")
     text = markdown_summary(scores, k=k, ablation=ablation, comparison=comparison, images=images)
-    paths["summary"] = _write_text(out / "summary.md", text)
+    paths["summary"] = atomic_write(out / "summary.md", text.encode("utf-8"))
     return paths

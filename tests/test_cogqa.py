@@ -16,13 +16,7 @@ COGQA_FILE = Path("/work/shared/data/cogqa/train.json")
 SKILLS = ["Retrieval", "Inference", "Math Calculation"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: these small models run faster so on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n_questions=12, rare=True):

@@ -14,13 +14,7 @@ from tiny_saved import save_tiny_model
 import headscore
 from headscore.distributed import rank_and_world, shard
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

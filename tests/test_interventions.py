@@ -8,14 +8,7 @@ import headscore
 from headscore.data.examples import Example
 from headscore.interventions import intervene, random_head_sets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: these small models run faster so on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DecodingByteTokenizer(ByteTokenizer):

@@ -11,13 +11,7 @@ from tiny import random_examples, tiny_model
 import headscore
 from headscore.learn_gates import HardConcrete, apply_mask, learn_gates, mask_losses
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hard_concrete_statistics():

@@ -7,14 +7,7 @@ from tiny import random_examples, tiny_model
 import headscore
 from headscore.methods.probe import collect_activations, probe_gradients, probe_importance, probe_scores, train_probe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: these small models run faster so on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_activations(lm, examples, positions):

@@ -16,14 +16,7 @@ import headscore
 from headscore.checkpoint import CheckpointMismatch, load_checkpoint
 from headscore.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU two OpenMP threads can be 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # The real command line in a subprocess, each batch slowed down so that it can be killed midway.

@@ -11,14 +11,7 @@ from headscore.loss import example_losses
 from headscore.methods.gradient import gate_gradients
 from headscore.track import HeadscoreCallback
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU two OpenMP threads can be 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prepared(dtype=torch.float64, n=10, seed=0):
