@@ -98,7 +98,7 @@ def load_tasks(spec: str):
     return load_jsonl(spec)
 
 
-def _check_out(path: str | None, suffixes: Sequence[str] = (".hs",)) -> None:
+def _check_out(path: str | None) -> None:
     if path is None:
         return
     parent = Path(path).resolve().parent

@@ -75,7 +75,6 @@ class HeadGates:
     gates: torch.Tensor | None = None
     baseline: torch.Tensor | None = None
     observers: list[Observer] = field(default_factory=list)
-    calls: int = 0
     kernel_calls: int = 0
 
     def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False,
@@ -106,7 +105,6 @@ class HeadGates:
     def _apply(self, layer_idx: int | None, out: torch.Tensor) -> torch.Tensor:
         if layer_idx is None:
             raise UnsupportedModelError("an attention module has no layer_idx; headscore cannot tell layers apart")
-        self.calls += 1
         for observer in self.observers:
             observer(layer_idx, out)
         if self.gates is None:
@@ -228,7 +226,6 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         if gate.shape[0] not in (1, b):
             raise ValueError(f"gates have {gate.shape[0]} rows but the batch has {b}")
         base = None if state.baseline is None else state.baseline[layer].to(query.device)
-        state.calls += 1
         state.kernel_calls += 1
         out = kernel_fn(query, key, value, gate.expand(b, h).to(query.device), base, causal=True,
                         key_padding_mask=padding, scale=scaling)

@@ -42,10 +42,6 @@ def task_names(examples: Iterable[Example]) -> list[str]:
     return list(dict.fromkeys(ex.task for ex in examples))
 
 
-def task_counts(examples: Iterable[Example]) -> Counter[str]:
-    """Number of examples per task."""
-    return Counter(ex.task for ex in examples)
-
 
 def _example_from_record(record: object, where: str) -> Example:
     if not isinstance(record, dict):
@@ -107,12 +103,3 @@ def limit_per_task(examples: Sequence[Example], max_examples: int | None) -> lis
             kept.append(ex)
     return kept
 
-
-def split_halves(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
-    """Alternate the examples of each task into two halves (for stability checks)."""
-    seen: Counter[str] = Counter()
-    a, b = [], []
-    for ex in examples:
-        (a if seen[ex.task] % 2 == 0 else b).append(ex)
-        seen[ex.task] += 1
-    return a, b
