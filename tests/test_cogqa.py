@@ -126,6 +126,7 @@ def test_reproduction_tiny(tmp_path):
     assert rep.probe.method == "probe" and rep.taylor.method == "taylor" and rep.ablation.method == "ablation-zero"
     assert rep.probe.tasks == ["Retrieval", "Math Calculation", "Inference"]  # the study's order
     assert set(rep.probe_vs_ablation) == set(rep.taylor_vs_ablation) == set(rep.probe.tasks)
+    assert set(rep.same_examples_vs_ablation) == set(rep.probe.tasks)
     assert len(rep.interventions.rows) == 3 and rep.counts["train"] + rep.counts["test"] == 36
     text = rep.markdown()  # figures and files: written in the slow test (matplotlib is slow here)
     for name in ("grid_probe.png", "grid_taylor.png", "grid_ablation.png", "scatter_probe.png", "jaccard_probe.png",
@@ -162,3 +163,17 @@ def test_reproduction_on_real_cogqa(tmp_path):
           f"{rep.probe.extra['probe_accuracy']:.3f}; spearman vs ablation: probe "
           f"{ {t: round(a['spearman'], 3) for t, a in rep.probe_vs_ablation.items()} }, taylor "
           f"{ {t: round(a['spearman'], 3) for t, a in rep.taylor_vs_ablation.items()} }")
+
+
+def test_reproduction_same_examples_check(tmp_path):
+    """When every example is ablated, taylor on "the ablated examples" is the taylor map itself."""
+    from headscore.cogqa import reproduce_cogqa
+
+    path = write(tmp_path, synthetic(4, rare=False))
+    rep = reproduce_cogqa(tiny_model("llama"), path, max_per_function=None, ablation_per_function=100,
+                          intervention_per_function=0, stability=False, min_examples=1, progress=False, epochs=5)
+    assert rep.counts["ablation"] == rep.counts["examples"] == 12
+    for t in rep.probe.tasks:
+        got, want = rep.same_examples_vs_ablation[t], rep.taylor_vs_ablation[t]
+        assert got["spearman"] == pytest.approx(want["spearman"], abs=1e-9)
+        assert got["topk_overlap"] == want["topk_overlap"]
