@@ -179,11 +179,15 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
     start = time.perf_counter()
-    with patch(prep.lm.model) as heads:
+    # one forward pass covers a few heads: count (example, head) ablations, not batches
+    bar = tqdm(total=len(prep.examples) * rows.shape[0], desc=f"ablate ({mode})", unit="ablation",
+               unit_scale=True, disable=not progress, leave=False)
+    with patch(prep.lm.model) as heads, bar:
         base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
-        for batch in prep.batches(batch_size, desc=f"ablate ({mode})", progress=progress):
+        for batch in prep.batches(batch_size, progress=False):
             clean = clean_losses(prep.lm.model, heads, batch)
-            ablated = gated_losses(prep.lm.model, heads, batch, rows, base, mode=mode, max_rows=rows_per_pass)
+            ablated = gated_losses(prep.lm.model, heads, batch, rows, base, mode=mode, max_rows=rows_per_pass,
+                                   on_pass=lambda n, size=batch.size: bar.update(n * size))
             delta = (ablated - clean[None]).T.reshape(batch.size, layout.num_layers, layout.num_heads)
             acc.add(batch.task_index, delta)
     name = baseline if isinstance(baseline, str) else "custom"

@@ -16,7 +16,8 @@ Methods (each scores every head of every task, except the floor):
 Timing: every method runs once as warm-up, then ``repeats`` rounds interleave the methods
 (round robin, so load drift on a shared machine hits all of them alike); the median is
 reported. Memory: the peak above the loaded model, on the CPU the RSS high-water mark
-(``VmHWM``, reset through ``/proc/self/clear_refs``) of a fresh subprocess per method, on
+(``VmHWM``, reset through ``/proc/self/clear_refs``) of a fresh subprocess per method, measured on
+its second run (the first one pages in the memory-mapped weights, a cost common to all), on
 CUDA ``torch.cuda.max_memory_allocated``. Agreement: mean over tasks of the Spearman
 correlation with batched zero ablation (:func:`headscore.compare`).
 """
@@ -389,6 +390,7 @@ def _worker_main(name: str, args: dict) -> None:
         setup(ctx)  # one-off conversion (e.g. TransformerLens' bridge): not part of the peak
     if name == "ablate-batched":
         fn = sampled_batched  # same peak as the full sweep: one pass of rows_per_pass rows
+    fn(ctx)  # warm-up: pages in the (memory-mapped) weights and one-off caches, which every method would pay
     mib, how = measure_memory_here(fn, ctx)
     print("HEADSCORE_MEMORY " + json.dumps({"mib": mib, "how": how}), flush=True)
 

@@ -181,9 +181,9 @@ class Reproduction:
         return "\n".join(lines)
 
 
-def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 20,
+def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 40,
                     gradient_per_function: int | None = None, ablation_per_function: int = 1,
-                    intervention_per_function: int | None = 3, k: int = 5, overlap_k: int = 10,
+                    intervention_per_function: int | None = 5, k: int = 5, overlap_k: int = 10,
                     seeds: Sequence[int] = (0, 1, 2), scale: float | None = 2.0, train_fraction: float = 0.8,
                     seed: int = 0, batch_size: int = 8, min_examples: int = 10, chat_template: bool = False,
                     functions: Sequence[str] | None = None, stability: bool = True, progress: bool = True,
@@ -322,14 +322,14 @@ def add_cogqa_commands(sub, model_args) -> None:
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--max-per-function", type=int, default=20,
-                   help="sub-questions per function for probe and taylor (default 20; 0 = all)")
+    r.add_argument("--max-per-function", type=int, default=40,
+                   help="sub-questions per function for probe and taylor (default 40; 0 = all)")
     r.add_argument("--gradient-per-function", type=int, default=0,
                    help="of those, examples per function for the taylor scores (default 0 = all)")
     r.add_argument("--ablation-per-function", type=int, default=1,
                    help="shortest examples per function ablated head by head (default 1; 0 = skip)")
-    r.add_argument("--intervention-per-function", type=int, default=3,
-                   help="held-out examples per function for the interventions (default 3; 0 = skip; -1 = all)")
+    r.add_argument("--intervention-per-function", type=int, default=5,
+                   help="held-out examples per function for the interventions (default 5; 0 = skip; -1 = all)")
     r.add_argument("--k", type=int, default=5, help="heads per intervention set (default 5)")
     r.add_argument("--seeds", type=int, default=3, help="random k-head control sets (default 3)")
     r.add_argument("--seed", type=int, default=0)

@@ -86,7 +86,7 @@ def plot_layer_profiles(profiles: dict[str, HeadScores], path: str | os.PathLike
     """One panel per method: each task's layer profile (sum over heads, normalised to sum 1); PNG."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * len(profiles), 3.4))
+    fig = Figure(figsize=(4.2 * len(profiles), 3.4), layout="constrained")
     for i, (name, scores) in enumerate(profiles.items()):
         ax = fig.add_subplot(1, len(profiles), i + 1)
         prof = layer_profile(scores, absolute=absolute)
@@ -94,7 +94,8 @@ def plot_layer_profiles(profiles: dict[str, HeadScores], path: str | os.PathLike
         for t, task in enumerate(scores.tasks):
             ax.plot(range(scores.num_layers), prof[t].numpy(), label=task, lw=1.2)
         ax.set_xlabel("layer")
-        ax.set_ylabel("share of |importance|" if absolute else "share of importance")
+        if i == 0:
+            ax.set_ylabel("share of |importance|" if absolute else "share of importance")
         ax.set_title(name, fontsize=10)
     fig.axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)

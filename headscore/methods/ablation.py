@@ -7,6 +7,8 @@ baseline that batched mode must equal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..data.batching import Batch
@@ -38,11 +40,12 @@ def head_set_gates(heads_to_change: list[tuple[int, int]], num_layers: int, num_
 @torch.no_grad()
 def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_rows: torch.Tensor,
                  baseline: torch.Tensor | None = None, *, mode: str = "batched",
-                 max_rows: int = 64) -> torch.Tensor:
+                 max_rows: int = 64, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
     """Loss of every example under every gate row: [K, B] for ``gate_rows`` [K, L, H].
 
     ``batched`` packs as many (gate row, example) pairs into one forward pass as ``max_rows``
-    allows; ``sequential`` runs one forward pass of the batch per gate row.
+    allows; ``sequential`` runs one forward pass of the batch per gate row. ``on_pass(n)`` is
+    called after each forward pass with the number of gate rows it covered (for progress bars).
     """
     if mode not in ABLATION_MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; choose {' or '.join(ABLATION_MODES)}")
@@ -57,6 +60,8 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
         rows = batch.tile(n) if n > 1 else batch
         with heads.using(chunk.repeat_interleave(b, 0), baseline):
             out[start:start + n] = example_losses(model, rows).view(n, b).cpu()
+        if on_pass is not None:
+            on_pass(n)
     return out
 
 
