@@ -181,7 +181,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
     start = time.perf_counter()
     # one forward pass covers a few heads: count (example, head) ablations, not batches
     bar = tqdm(total=len(prep.examples) * rows.shape[0], desc=f"ablate ({mode})", unit="ablation",
-               unit_scale=True, disable=not progress, leave=False)
+               disable=not progress, leave=False)
     with patch(prep.lm.model) as heads, bar:
         base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
         for batch in prep.batches(batch_size, progress=False):
