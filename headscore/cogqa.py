@@ -151,9 +151,11 @@ class Reproduction:
         if self.ablation is not None:
             k = o["overlap_k"]
             lines += ["## Agreement with ablation", "",
-                      "Spearman and top-k overlap of each map with the zero-ablation map. The probe and taylor maps "
-                      "come from all their examples; *taylor, same examples* is taylor on exactly the ablated "
-                      "examples, the direct check of the gradient estimate.", "",
+                      "Spearman and top-k overlap of each map with the zero-ablation map. The ablation map averages "
+                      f"{o['ablation_per_function']} example(s) per function, the probe and taylor maps all of theirs, "
+                      "so with few ablated examples the map columns reflect how much single examples differ as much "
+                      "as the methods; *taylor, same examples* is taylor on exactly the ablated examples, the direct "
+                      "check of the gradient estimate.", "",
                       f"| function | probe Spearman | probe top-{k} | taylor Spearman | taylor top-{k} | "
                       f"taylor, same examples: Spearman | top-{k} |", "|---|---|---|---|---|---|---|"]
             for t in self.probe.tasks:
