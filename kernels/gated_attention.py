@@ -362,43 +362,22 @@ def _gattn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------
 _TUNED: dict = {}
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel
+_CONFIGS = {
+    "fwd": (_gattn_fwd_kernel, [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]),
+    "dkdv": (_gattn_bwd_dkdv_kernel, [(32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)]),
+    "dq": (_gattn_bwd_dq_kernel, [(128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)]),
+}
+
 
 def _tuned(name: str):
     """Autotuned wrapper of a kernel, built lazily so that importing needs neither a GPU nor configs."""
-    if name in _TUNED:
-        return _TUNED[name]
-    C = triton.Config
-    if name == "fwd":
-        configs = [
-            C({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            C({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-            C({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-        ]
-        fn = _gattn_fwd_kernel
-    elif name == "dkdv":
-        configs = [
-            C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=5),
-            C({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-            C({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        ]
-        fn = _gattn_bwd_dkdv_kernel
-    elif name == "dq":
-        configs = [
-            C({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=5),
-            C({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-            C({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        ]
-        fn = _gattn_bwd_dq_kernel
-    else:  # pragma: no cover
-        raise KeyError(name)
-    tuned = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "T_BUCKET"],
-                            prune_configs_by={"early_config_prune": _prune_configs})(fn)
-    _TUNED[name] = tuned
-    return tuned
+    if name not in _TUNED:
+        fn, table = _CONFIGS[name]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in table]
+        _TUNED[name] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "T_BUCKET"],
+                                       prune_configs_by={"early_config_prune": _prune_configs})(fn)
+    return _TUNED[name]
 
 
 def _prune_configs(configs, named_args, **kwargs):
