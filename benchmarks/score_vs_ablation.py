@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import headscore
-from headscore.cli import load_tasks
+from headscore.data.tasks import load_tasks
 from headscore.results import atomic_write, library_versions
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,70 +11,22 @@ from tqdm.auto import tqdm
 
 from .accumulate import TaskAccumulator
 from .compare import compare
-from .data.batching import Batch, make_batches, num_batches, tokenize_examples
-from .data.builtin import builtin_suite
-from .data.examples import Example, limit_per_task, task_names, validate_examples
+from .data.batching import num_batches
+from .data.examples import Example
 from .errors import HeadscoreError
 from .methods.ablation import ABLATION_MODES, clean_losses, gated_losses, head_set_gates, single_head_gates
 from .methods.baseline import mean_head_outputs
 from .methods.gradient import GRADIENT_METHODS, NEEDS_MEAN_BASELINE, gate_gradients, score_values
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
-from .results import HeadScores, data_hash
+from .prepared import ModelLike, Prepared, prepare
+from .results import HeadScores
 
 __all__ = ["score", "ablate", "ablate_heads", "mean_baseline", "compare", "load_model", "Prepared",
            "prepare", "METHODS", "BASELINES"]
 
 METHODS = GRADIENT_METHODS
 BASELINES = ("zero", "mean")
-ModelLike = LoadedModel | str
-
-
-@dataclass
-class Prepared:
-    """A model and tokenised examples, ready for any scorer."""
-
-    lm: LoadedModel
-    examples: list[Example]
-    tasks: list[str]
-    tokenized: list
-
-    @property
-    def data_hash(self) -> str:
-        """Hash of the examples."""
-        return data_hash((ex.prompt, ex.target, ex.task) for ex in self.examples)
-
-    def batches(self, batch_size: int, *, desc: str = "", progress: bool = True) -> Iterator[Batch]:
-        """Tokenised batches on the model's device, with a progress bar."""
-        device = self.lm.device
-        bar = tqdm(make_batches(self.tokenized, batch_size, self.lm.pad_id), total=num_batches(
-            len(self.tokenized), batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
-        for batch in bar:
-            yield batch.to(device)
-
-    def result(self, acc: TaskAccumulator, method: str, **extra) -> HeadScores:
-        """Wrap accumulated values as HeadScores with this run's provenance."""
-        return HeadScores(acc.mean, acc.stderr, acc.count.clone(), list(self.tasks), method, self.lm.name,
-                          self.data_hash, extra=extra)
-
-    def accumulator(self) -> TaskAccumulator:
-        """An empty per-task accumulator over this model's heads."""
-        layout = head_layout(self.lm.model)
-        return TaskAccumulator(self.tasks, layout.num_layers, layout.num_heads)
-
-
-def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
-            max_examples: int | None = None) -> Prepared:
-    """Load the model (if given by name) and tokenise the examples (default: the built-in suite).
-
-    ``max_examples`` keeps at most that many examples per task.
-    """
-    lm = load_model(model) if isinstance(model, str) else model
-    examples = builtin_suite() if examples is None else validate_examples(examples)
-    examples = limit_per_task(examples, max_examples)
-    tasks = task_names(examples)
-    tokenized = tokenize_examples(examples, lm.tokenizer, tasks, max_length=lm.max_length)
-    return Prepared(lm, examples, tasks, tokenized)
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -145,7 +97,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
                      every=checkpoint_every, resume=resume, distributed=distributed)
     start = time.perf_counter()
-    with patch(prep.lm.model, kernel=kernel) as heads:
+    with patch(prep.lm.model, kernel=kernel) as heads, prep.naming_examples():
         base = None
         if method in NEEDS_MEAN_BASELINE and run.done < run.total:
             base = _baseline_tensor(prep, heads, "mean" if baseline is None else baseline, batch_size, progress)
@@ -182,7 +134,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
     # one forward pass covers a few heads: count (example, head) ablations, not batches
     bar = tqdm(total=len(prep.examples) * rows.shape[0], desc=f"ablate ({mode})", unit="ablation",
                disable=not progress, leave=False)
-    with patch(prep.lm.model) as heads, bar:
+    with patch(prep.lm.model) as heads, bar, prep.naming_examples():
         base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
         for batch in prep.batches(batch_size, progress=False):
             clean = clean_losses(prep.lm.model, heads, batch)
@@ -221,7 +173,7 @@ def ablate_heads(model: ModelLike, examples: Sequence[Example] | None, heads_to_
         raise HeadscoreError(str(exc)) from None
     delta_acc = TaskAccumulator(prep.tasks, 1, 1)
     clean_acc = TaskAccumulator(prep.tasks, 1, 1)
-    with patch(prep.lm.model) as heads:
+    with patch(prep.lm.model) as heads, prep.naming_examples():
         base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
         for batch in prep.batches(batch_size, desc="ablate set", progress=progress):
             clean = clean_losses(prep.lm.model, heads, batch)

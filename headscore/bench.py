@@ -42,13 +42,13 @@ from pathlib import Path
 
 import torch
 
-from .api import Prepared, prepare
 from .compare import compare
 from .errors import HeadscoreError
 from .loss import example_losses
 from .methods.ablation import clean_losses, gated_losses, single_head_gates
 from .models import LoadedModel
 from .patch import head_layout, patch
+from .prepared import Prepared, prepare
 from .results import HeadScores, library_versions
 
 DEFAULT_METHODS = ("floor", "taylor", "ablate-batched", "ablate-sequential", "hooks-attribution",
@@ -375,7 +375,7 @@ def _memory_subprocess(name: str, args: dict, timeout: float) -> tuple[float | N
 
 
 def _worker_main(name: str, args: dict) -> None:
-    from .cli import load_tasks
+    from .data.tasks import load_tasks
     from .models import load_model
 
     lm = load_model(args["model"], device=args["device"], dtype=args["dtype"])
@@ -639,7 +639,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> dict:
     """Run ``headscore bench`` from parsed arguments; prints the table and writes the outputs."""
-    from .cli import load_tasks
+    from .data.tasks import load_tasks
     from .models import load_model
 
     if args.threads:

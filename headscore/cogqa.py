@@ -62,6 +62,16 @@ def _ordered(scores: HeadScores) -> HeadScores:
     return scores.select(known + [t for t in scores.tasks if t not in known])
 
 
+REPRODUCTION_FILES = tuple(
+    [f"{m}.hs" for m in ("probe", "taylor", "ablation")]
+    + [f"{kind}_{m}.{ext}" for kind, methods in (("grid", ("probe", "taylor", "ablation")),
+                                                  ("scatter", ("probe", "taylor")), ("jaccard", ("probe", "taylor")))
+       for m in methods for ext in ("png", "pdf")]
+    + ["layer_profiles.png", "layer_profiles.pdf", "interventions.json", "interventions.md", "summary.json",
+       "report.md"])
+"""The files :meth:`Reproduction.write` may write into its directory."""
+
+
 def shortest_per_function(examples, n: int) -> list:
     """The ``n`` shortest (prompt + target characters) examples of each function, in input order."""
     by_task: dict[str, list[int]] = {}
@@ -162,7 +172,7 @@ class Reproduction:
                 cells = []
                 for agree in (self.probe_vs_ablation, self.taylor_vs_ablation, self.same_examples_vs_ablation):
                     a = agree.get(t, {})
-                    cells += [_fmt(a.get("spearman"), "+.3f"), _fmt(a.get("topk_overlap"), ".2f")]
+                    cells += [fmt_cell(a.get("spearman"), "+.3f"), fmt_cell(a.get("topk_overlap"), ".2f")]
                 lines.append(f"| {t} | " + " | ".join(cells) + " |")
             lines += ["", "![probe vs ablation](scatter_probe.png)", "", "![taylor vs ablation](scatter_taylor.png)",
                       ""]
@@ -171,10 +181,10 @@ class Reproduction:
                   "| function | probe sparsity | taylor sparsity | probe stability | taylor stability |",
                   "|---|---|---|---|---|"]
         for t in self.probe.tasks:
-            lines.append(f"| {t} | {_fmt(self.sparsity['probe'].get(t), '.3f')} | "
-                         f"{_fmt(self.sparsity['taylor'].get(t), '.3f')} | "
-                         f"{_fmt(self.stability.get('probe', {}).get(t), '+.3f')} | "
-                         f"{_fmt(self.stability.get('taylor', {}).get(t), '+.3f')} |")
+            lines.append(f"| {t} | {fmt_cell(self.sparsity['probe'].get(t), '.3f')} | "
+                         f"{fmt_cell(self.sparsity['taylor'].get(t), '.3f')} | "
+                         f"{fmt_cell(self.stability.get('probe', {}).get(t), '+.3f')} | "
+                         f"{fmt_cell(self.stability.get('taylor', {}).get(t), '+.3f')} |")
         lines += ["", "![Jaccard probe](jaccard_probe.png) ![Jaccard taylor](jaccard_taylor.png)", "",
                   "![layer profiles](layer_profiles.png)", ""]
         if self.interventions is not None:
@@ -198,9 +208,10 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     ``functions`` keeps only those labels. Extra keyword options go to
     :func:`headscore.methods.probe.train_probe` (``epochs``, ``proj_dim``, ``hidden``, ``shared``, ...).
     """
-    from .api import ablate, prepare
+    from .api import ablate
     from .methods.probe import collect_activations, probe_scores
     from .models import LoadedModel, load_model
+    from .prepared import prepare
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -283,7 +294,7 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
                         {m: findings.jaccard_matrix(s, overlap_k) for m, s in maps.items()}, stab, timings)
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt_cell(value: float | None, spec: str) -> str:
     """A table cell: ``value`` formatted, or ``n/a`` when missing or undefined (NaN)."""
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
@@ -301,90 +312,3 @@ class _Row(tuple):
     @property
     def question_id(self) -> int:
         return self[1]
-
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-
-def add_cogqa_commands(sub, model_args) -> None:
-    """Add ``intervene`` and ``reproduce-cogqa`` to the ``headscore`` command's subparsers."""
-    i = sub.add_parser("intervene", help="ablate / amplify each task's top-k heads vs k random heads")
-    model_args(i)
-    i.add_argument("--scores", required=True, help="scores file (.hs) whose maps pick the top-k heads")
-    i.add_argument("--k", type=int, default=5, help="heads per set (default 5)")
-    i.add_argument("--seeds", type=int, default=3, help="random k-head control sets (default 3)")
-    i.add_argument("--scale", type=float, default=2.0, help="gate of the amplification rows (default 2.0)")
-    i.add_argument("--out", default=None, help="write the table as Markdown (.md) and JSON (.json) next to it")
-
-    r = sub.add_parser("reproduce-cogqa", help="the CogQA 'Cognitive Mirrors' head maps, checked by ablation")
-    r.add_argument("path", help="the CogQA JSON file")
-    r.add_argument("--out", required=True, help="output directory (report.md, figures, scores)")
-    r.add_argument("--model", default="smollm2-135m")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--max-per-function", type=int, default=40,
-                   help="sub-questions per function for probe and taylor (default 40; 0 = all)")
-    r.add_argument("--gradient-per-function", type=int, default=0,
-                   help="of those, examples per function for the taylor scores (default 0 = all)")
-    r.add_argument("--ablation-per-function", type=int, default=1,
-                   help="shortest examples per function ablated head by head (default 1; 0 = skip)")
-    r.add_argument("--intervention-per-function", type=int, default=5,
-                   help="held-out examples per function for the interventions (default 5; 0 = skip; -1 = all)")
-    r.add_argument("--k", type=int, default=5, help="heads per intervention set (default 5)")
-    r.add_argument("--seeds", type=int, default=3, help="random k-head control sets (default 3)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--train-fraction", type=float, default=0.8)
-    r.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
-    r.add_argument("--no-progress", action="store_true")
-
-
-def cmd_intervene(args) -> None:
-    """``headscore intervene``."""
-    from .cli import load_tasks
-    from .data.examples import limit_per_task
-    from .models import load_model
-
-    scores = HeadScores.load(args.scores)
-    if args.seeds < 0:
-        raise HeadscoreError(f"--seeds must be 0 or more, got {args.seeds}")
-    examples = limit_per_task(load_tasks(args.tasks), args.max_examples)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = intervene(lm, examples, scores, k=args.k, seeds=range(args.seeds), scale=args.scale,
-                       progress=not args.no_progress)
-    text = result.to_markdown()
-    print(text)
-    if args.out:
-        stem = Path(args.out).with_suffix("")
-        result.to_markdown_file(stem.with_suffix(".md"))
-        result.to_json(stem.with_suffix(".json"))
-        print(f"-> {stem.with_suffix('.md')}, {stem.with_suffix('.json')}")
-
-
-def cmd_reproduce_cogqa(args) -> None:
-    """``headscore reproduce-cogqa``."""
-    from .models import load_model
-
-    if not Path(args.path).is_file():
-        raise HeadscoreError(f"{args.path}: no such CogQA file")
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    ivn = args.intervention_per_function
-    start = time.perf_counter()
-    rep = reproduce_cogqa(lm, args.path, max_per_function=args.max_per_function or None,
-                          gradient_per_function=args.gradient_per_function or None,
-                          ablation_per_function=args.ablation_per_function,
-                          intervention_per_function=None if ivn < 0 else ivn, k=args.k, seeds=range(args.seeds),
-                          train_fraction=args.train_fraction, seed=args.seed, batch_size=args.batch_size,
-                          chat_template=args.chat_template, progress=not args.no_progress)
-    report = rep.write(args.out)
-    p = rep.probe.extra
-    print(f"probe held-out accuracy {p['probe_accuracy']:.3f} (chance {p['chance_accuracy']:.3f}); "
-          f"{rep.counts['examples']} examples; {time.perf_counter() - start:.0f}s")
-    for t in rep.probe.tasks:
-        a, b = rep.probe_vs_ablation.get(t, {}), rep.taylor_vs_ablation.get(t, {})
-        c = rep.same_examples_vs_ablation.get(t, {})
-        print(f"  {t:<24} spearman vs ablation: probe {_fmt(a.get('spearman'), '+.3f')}, "
-              f"taylor {_fmt(b.get('spearman'), '+.3f')}, taylor on the ablated examples "
-              f"{_fmt(c.get('spearman'), '+.3f')}")
-    print(f"-> {report}")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .errors import HeadscoreError
 from .results import HeadScores, atomic_write
+from .text import markdown_text
 
 
 def random_head_sets(num_layers: int, num_heads: int, k: int, seeds: Sequence[int]) -> list[list[tuple[int, int]]]:
@@ -121,7 +122,7 @@ class InterventionResult:
                  "exact match.", "", head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
         for r in self.rows:
             lines.append(
-                f"| {r['function']} | {r['n']} | {r['clean_acc']:.2f} | {r['own_dloss']:+.3f} | "
+                f"| {markdown_text(r['function'])} | {r['n']} | {r['clean_acc']:.2f} | {r['own_dloss']:+.3f} | "
                 f"{r['others_dloss']:+.3f} | {r['random_dloss']:+.3f} +- {r['random_dloss_sd']:.3f} | "
                 f"{_fmt_ratio(r['own_over_random'])} | {r['own_acc']:.2f} | {r['others_acc']:.2f} | "
                 f"{r['random_acc']:.2f} +- {r['random_acc_sd']:.2f} | {r['scale_own_dloss']:+.3f} | "
@@ -156,8 +157,8 @@ def intervene(model, examples, scores: HeadScores, *, k: int = 5, seeds: Sequenc
         scale: gate for the amplification rows (None: no amplification).
         functions: the functions to intervene on (default: tasks in both ``scores`` and ``examples``).
     """
-    from .api import prepare
     from .patch import head_layout, patch
+    from .prepared import prepare
 
     prep = prepare(model, examples)
     lm = prep.lm

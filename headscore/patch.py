@@ -244,19 +244,48 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
     if mask_fn is not None:
         AttentionMaskInterface.register(key, mask_fn)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    entry = _ActivePatch(key, original, [(p, p.requires_grad) for p in model.parameters()])
+    stack: list[_ActivePatch] = model.__dict__.setdefault(_STACK_ATTR, [])
+    stack.append(entry)
     try:
         model.set_attn_implementation(key)
         if freeze:
-            for p, _ in flags:
+            for p, _ in entry.flags:
                 p.requires_grad_(False)
         yield state
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        with contextlib.suppress(Exception):
-            model.set_attn_implementation(original)
-        if model.config._attn_implementation != original:  # a mapping change we could not undo via the API
-            model.config._attn_implementation_internal = original
+        _exit_patch(model, stack, entry)
         AttentionInterface._global_mapping.pop(key, None)
         AttentionMaskInterface._global_mapping.pop(key, None)
+
+
+_STACK_ATTR = "_headscore_active_patches"
+
+
+@dataclass
+class _ActivePatch:
+    """One ``patch()`` block on a model: its registry key, and what its exit restores."""
+
+    key: str
+    original: str
+    flags: list[tuple[torch.nn.Parameter, bool]]
+
+
+def _exit_patch(model: torch.nn.Module, stack: list[_ActivePatch], entry: _ActivePatch) -> None:
+    """Undo one patch. Blocks on one model may end in any order: one that ends while a later one is
+    still open leaves the model to it, handing over what it would have restored (the later block
+    keeps working, since it calls this block's attention function directly, and its exit then
+    restores the model as it was before both)."""
+    i = stack.index(entry)
+    del stack[i]
+    if i < len(stack):
+        stack[i].original, stack[i].flags = entry.original, entry.flags
+        return
+    if not stack:
+        model.__dict__.pop(_STACK_ATTR, None)
+    for p, flag in entry.flags:
+        p.requires_grad_(flag)
+    with contextlib.suppress(Exception):
+        model.set_attn_implementation(entry.original)
+    if model.config._attn_implementation != entry.original:  # a mapping change we could not undo via the API
+        model.config._attn_implementation_internal = entry.original

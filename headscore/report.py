@@ -15,9 +15,9 @@ The functions are duck-typed: ``scores`` needs ``values`` and ``stderr`` ([T, L,
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,13 +29,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .results import atomic_write
+from .text import markdown_text
 
-__all__ = ["COLORBAR_LABEL", "heatmap_grid", "markdown_summary", "scatter_vs_ablation", "write_report"]
+__all__ = ["COLORBAR_LABEL", "REPORT_FILES", "heatmap_grid", "markdown_summary", "scatter_vs_ablation", "write_report"]
 
 COLORBAR_LABEL = "Heads Importance"
 DPI = 150
 _CMAP = "viridis"
 _IMAGE_SUFFIXES = (".png", ".pdf")
+REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "summary.md")
+"""The files :func:`write_report` may write into its directory."""
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -171,16 +174,9 @@ def _stem(path: str | os.PathLike) -> Path:
 
 
 def _save_atomic(fig: Figure, path: Path, fmt: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=DPI)
+    return atomic_write(path, buf.getvalue())
 
 
 def _save_png_pdf(fig: Figure, path: str | os.PathLike) -> list[Path]:
@@ -333,8 +329,8 @@ def scatter_vs_ablation(scores: Any, ablation: Any, path: str | os.PathLike, *, 
 
 
 def _md(text: Any) -> str:
-    """Make text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Make user text (task and model names) literal Markdown, safe inside a table cell."""
+    return markdown_text(text)
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -373,8 +369,8 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
     k = max(1, min(int(k), num_layers * num_heads))
 
     lines = [f"# Head importance: {_md(scores.model)}", "",
-             f"- **Model:** `{scores.model}`",
-             f"- **Method:** `{scores.method}`",
+             f"- **Model:** {_md(scores.model)}",
+             f"- **Method:** {_md(scores.method)}",
              f"- **Grid:** {num_layers} layers x {num_heads} heads",
              f"- **Tasks:** {n}"]
     if counts is not None:

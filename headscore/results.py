@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +42,34 @@ def data_hash(rows: Iterable[tuple[str, ...]]) -> str:
     return h.hexdigest()[:16]
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it for longer than two system calls)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file (0o666) or directory (0o777) under the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def atomic_write(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (the umask is respected).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -137,7 +158,7 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: str | Path) -> HeadScores:
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`; HeadscoreError (naming the file and the problem) otherwise."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -146,14 +167,54 @@ class HeadScores:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in ("values", "stderr", "counts")}
-        except Exception as exc:  # safetensors raises several types for a bad header
+                missing = [k for k in ("values", "stderr", "counts") if k not in fh.keys()]
+                if missing and meta.get("format", "").startswith("headscore/"):
+                    raise HeadscoreError(f"{path}: broken scores file (no tensor {', '.join(missing)})")
+                tensors = {k: fh.get_tensor(k) for k in ("values", "stderr", "counts") if k not in missing}
+        except HeadscoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
             raise HeadscoreError(f"{path}: not a headscore scores file ({str(exc).splitlines()[0]})") from None
         if not meta.get("format", "").startswith("headscore/"):
             raise HeadscoreError(f"{path}: not a headscore scores file")
-        return cls(tensors["values"], tensors["stderr"], tensors["counts"], json.loads(meta["tasks"]),
-                   meta["method"], meta["model"], meta.get("data_hash", ""), json.loads(meta["versions"]),
-                   json.loads(meta.get("extra", "{}")))
+        return cls._from_file(path, meta, tensors)
+
+    @classmethod
+    def _from_file(cls, path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> HeadScores:
+        def fail(reason: str) -> HeadscoreError:
+            return HeadscoreError(f"{path}: broken scores file ({reason})")
+
+        fields: dict[str, object] = {}
+        for key, kind, required in (("tasks", list, True), ("versions", dict, False), ("extra", dict, False)):
+            if key not in meta:
+                if required:
+                    raise fail(f"no {key!r} in its metadata")
+                fields[key] = kind()
+                continue
+            try:
+                fields[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise fail(f"metadata {key!r} is not JSON") from None
+            if not isinstance(fields[key], kind):
+                raise fail(f"metadata {key!r} is not a JSON {kind.__name__}")
+        tasks = fields["tasks"]
+        if not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+            raise fail("'tasks' must be distinct strings")
+        for key in ("method", "model"):
+            if key not in meta:
+                raise fail(f"no {key!r} in its metadata")
+        values, stderr, counts = tensors["values"], tensors["stderr"], tensors["counts"]
+        if values.dim() != 3 or not values.is_floating_point():
+            raise fail(f"values must be a float [tasks, layers, heads] tensor, got {values.dtype} "
+                       f"{list(values.shape)}")
+        if stderr.shape != values.shape:
+            raise fail(f"stderr is {list(stderr.shape)}, values {list(values.shape)}")
+        if counts.shape != (values.shape[0],) or counts.is_floating_point():
+            raise fail(f"counts must be integers, one per task row, got {counts.dtype} {list(counts.shape)}")
+        if len(tasks) != values.shape[0]:
+            raise fail(f"{len(tasks)} task names for {values.shape[0]} rows of values")
+        return cls(values, stderr, counts, tasks, meta["method"], meta["model"], meta.get("data_hash", ""),
+                   fields["versions"], fields["extra"])
 
     def to_rows(self) -> list[dict]:
         """One dict per (task, layer, head): task, layer, head, value, stderr, count."""

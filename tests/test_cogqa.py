@@ -10,7 +10,7 @@ import torch
 from tiny import tiny_model
 
 import headscore
-from headscore.cli import load_tasks
+from headscore.data.tasks import load_tasks
 from headscore.data.cogqa import CogQAExample, load_cogqa, question_ids, sample_per_function, split_by_question
 
 # the CogQA training split stays outside the project: $HEADSCORE_COGQA, else the team's shared folder

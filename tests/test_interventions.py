@@ -106,7 +106,10 @@ def test_table_outputs(setup, tmp_path):
 
 
 def test_cli_errors_and_arguments(tmp_path, capsys):
-    from headscore.cli import _parser, main
+    from headscore.cli import build_parser, main
+
+    def _parser():
+        return build_parser()[0]
 
     assert main(["intervene", "--scores", str(tmp_path / "none.hs"), "--tasks", "builtin"]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import HeadscoreError
+from ..text import printable
 from .examples import Example
 
 
@@ -70,13 +71,14 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
     for i, ex in enumerate(examples):
         prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
         target = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+        where = f"{ex.describe(i)} ({printable(ex.task)})"
         if not target:
-            raise HeadscoreError(f"example {i} ({ex.task}): target {ex.target!r} has no tokens")
+            raise HeadscoreError(f"{where}: target {ex.target!r} has no tokens")
         if not prompt:
-            raise HeadscoreError(f"example {i} ({ex.task}): empty prompt (the target needs a context token)")
+            raise HeadscoreError(f"{where}: empty prompt (the target needs a context token)")
         ids = tuple(prompt) + tuple(target)
         if max_length is not None and len(ids) > max_length:
-            raise HeadscoreError(f"example {i} ({ex.task}) has {len(ids)} tokens; the model allows {max_length}")
+            raise HeadscoreError(f"{where} has {len(ids)} tokens; the model allows {max_length}")
         out.append(TokenizedExample(ids, len(target), task_of[ex.task], i))
     return out
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ..errors import HeadscoreError
 from .examples import Example, validate_examples
+from .text_files import read_utf8
 
 COGQA_FUNCTIONS = ("Retrieval", "Knowledge Recall", "Semantic Understanding", "Syntactic Understanding",
                    "Math Calculation", "Logical Reasoning", "Inference", "Decision-making")
@@ -62,9 +63,9 @@ def _read(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise HeadscoreError(f"{path}: no such CogQA file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HeadscoreError(f"{path}: malformed JSON ({getattr(exc, 'msg', exc)})") from None
+        data = json.loads(read_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise HeadscoreError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
     if not isinstance(data, list) or not data:
         raise HeadscoreError(f"{path}: expected a non-empty JSON list of questions")
     for i, q in enumerate(data):
@@ -122,7 +123,8 @@ def load_cogqa(path: str | Path, *, min_examples: int = 10, chat_template=None,
                 target = ans
             done.append((sq, ans))
             if ans and skill:
-                examples.append(CogQAExample(prompt, target, skill, question_id=qi, step=step))
+                examples.append(CogQAExample(prompt, target, skill, question_id=qi, step=step,
+                                             where=f"{path}: question {qi}, sub-question {step}"))
     counts = Counter(ex.task for ex in examples)
     rare = sorted(t for t, n in counts.items() if n < min_examples)
     if rare:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from torch import nn
 from ..accumulate import TaskAccumulator
 from ..errors import HeadscoreError
 from ..loss import run_forward
+from ..text import printable
 
 POSITIONS = ("target", "predict")
 
@@ -177,8 +179,8 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
     ``all``, ``train`` or ``test``. ``activations`` skips the forward pass (from
     :func:`collect_activations` on the same examples). Other options go to :func:`train_probe`.
     """
-    from ..api import prepare
     from ..data.cogqa import split_by_question
+    from ..prepared import prepare
 
     if importance_on not in ("all", "train", "test"):
         raise HeadscoreError(f"importance_on must be all, train or test, got {importance_on!r}")
@@ -195,6 +197,7 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
     keyed = [_Keyed(i, getattr(ex, "question_id", i)) for i, ex in enumerate(prep.examples)]
     train, test = split_by_question(keyed, train_fraction, seed)
     train_idx, test_idx = [k.index for k in train], [k.index for k in test]
+    _check_split(prep.tasks, labels, train_idx, test_idx)
     fit = train_probe(acts, labels, train_idx, test_idx, num_classes=len(prep.tasks), seed=seed, **probe_options)
     rows = {"all": order, "train": train_idx, "test": test_idx}[importance_on]
     acc = probe_importance(fit.probe, acts[rows], labels[rows], prep.tasks)
@@ -203,6 +206,20 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
                        positions=positions, importance_on=importance_on, seed=seed, train_fraction=train_fraction,
                        seconds=time.perf_counter() - start, batch_size=batch_size,
                        **{k: v for k, v in probe_options.items() if isinstance(v, int | float | str | bool)})
+
+
+def _check_split(tasks: Sequence[str], labels: torch.Tensor, train_idx: Sequence[int],
+                 test_idx: Sequence[int]) -> None:
+    """Refuse a split whose training part misses a task or whose held-out part is empty: the probe
+    could not learn that task, and its accuracy and map would mean nothing."""
+    in_train = set(labels[list(train_idx)].tolist())
+    absent = [i for i in range(len(tasks)) if i not in in_train]
+    if absent or not test_idx:
+        counts = Counter(labels.tolist())
+        what = ("its training split has no example of " + ", ".join(
+            f"{printable(tasks[i])!r} ({counts[i]} in all)" for i in absent)) if absent else "nothing is held out"
+        raise HeadscoreError(f"too few examples for the probe: {what}; give every task several examples "
+                             "(10 or more for a meaningful probe)")
 
 
 @dataclass(frozen=True)

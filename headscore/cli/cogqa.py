@@ -1,0 +1,92 @@
+"""``headscore intervene`` and ``headscore reproduce-cogqa``: the CogQA study's workflows."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..cogqa import REPRODUCTION_FILES, fmt_cell, reproduce_cogqa
+from ..data.examples import limit_per_task
+from ..errors import HeadscoreError
+from ..interventions import intervene
+from ..models import load_model
+from ..output_paths import OutputDir
+from ..results import HeadScores
+from ..text import printable
+from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks
+
+
+def register(sub) -> dict[str, Callable]:
+    """Add ``intervene`` and ``reproduce-cogqa``."""
+    i = sub.add_parser("intervene", help="ablate / amplify each task's top-k heads vs k random heads")
+    add_model_args(i)
+    i.add_argument("--scores", required=True, help="scores file (.hs) whose maps pick the top-k heads")
+    i.add_argument("--k", type=at_least(1), default=5, help="heads per set (default 5)")
+    i.add_argument("--seeds", type=at_least(0), default=3, help="random k-head control sets (default 3)")
+    i.add_argument("--scale", type=float, default=2.0, help="gate of the amplification rows (default 2.0)")
+    i.add_argument("--out", default=None, help="write the table as Markdown (.md) and JSON (.json) next to it")
+
+    r = sub.add_parser("reproduce-cogqa", help="the CogQA 'Cognitive Mirrors' head maps, checked by ablation")
+    r.add_argument("path", help="the CogQA JSON file")
+    r.add_argument("--out", required=True, help="output directory (report.md, figures, scores)")
+    add_model_args(r, tasks=False)
+    r.add_argument("--max-per-function", type=at_least(0), default=40,
+                   help="sub-questions per function for probe and taylor (default 40; 0 = all)")
+    r.add_argument("--gradient-per-function", type=at_least(0), default=0,
+                   help="of those, examples per function for the taylor scores (default 0 = all)")
+    r.add_argument("--ablation-per-function", type=at_least(0), default=1,
+                   help="shortest examples per function ablated head by head (default 1; 0 = skip)")
+    r.add_argument("--intervention-per-function", type=at_least(-1), default=5,
+                   help="held-out examples per function for the interventions (default 5; 0 = skip; -1 = all)")
+    r.add_argument("--k", type=at_least(1), default=5, help="heads per intervention set (default 5)")
+    r.add_argument("--seeds", type=at_least(0), default=3, help="random k-head control sets (default 3)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--train-fraction", type=float, default=0.8)
+    r.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    return {"intervene": cmd_intervene, "reproduce-cogqa": cmd_reproduce_cogqa}
+
+
+def cmd_intervene(args: argparse.Namespace) -> None:
+    """``headscore intervene``."""
+    stem = None if args.out is None else Path(args.out).with_suffix("")
+    outs = [] if stem is None else [("--out", str(stem.with_suffix(s))) for s in (".md", ".json")]
+    check_command_outputs(args, outs, inputs=[("--scores", args.scores)])
+    scores = HeadScores.load(args.scores)
+    lm, examples = load_model_and_tasks(args)
+    result = intervene(lm, limit_per_task(examples, args.max_examples), scores, k=args.k, seeds=range(args.seeds),
+                       scale=args.scale, progress=not args.no_progress)
+    print(result.to_markdown())
+    if stem is not None:
+        result.to_markdown_file(stem.with_suffix(".md"))
+        result.to_json(stem.with_suffix(".json"))
+        print(f"-> {stem.with_suffix('.md')}, {stem.with_suffix('.json')}")
+
+
+def cmd_reproduce_cogqa(args: argparse.Namespace) -> None:
+    """``headscore reproduce-cogqa PATH --out DIR``."""
+    if not Path(args.path).is_file():
+        raise HeadscoreError(f"{args.path}: no such CogQA file")
+    check_command_outputs(args, dirs=[OutputDir("--out", args.out, REPRODUCTION_FILES)],
+                          inputs=[("PATH", args.path)])
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    ivn = args.intervention_per_function
+    start = time.perf_counter()
+    rep = reproduce_cogqa(lm, args.path, max_per_function=args.max_per_function or None,
+                          gradient_per_function=args.gradient_per_function or None,
+                          ablation_per_function=args.ablation_per_function,
+                          intervention_per_function=None if ivn < 0 else ivn, k=args.k, seeds=range(args.seeds),
+                          train_fraction=args.train_fraction, seed=args.seed, batch_size=args.batch_size,
+                          chat_template=args.chat_template, progress=not args.no_progress)
+    report = rep.write(args.out)
+    p = rep.probe.extra
+    print(f"probe held-out accuracy {p['probe_accuracy']:.3f} (chance {p['chance_accuracy']:.3f}); "
+          f"{rep.counts['examples']} examples; {time.perf_counter() - start:.0f}s")
+    for t in rep.probe.tasks:
+        a, b = rep.probe_vs_ablation.get(t, {}), rep.taylor_vs_ablation.get(t, {})
+        c = rep.same_examples_vs_ablation.get(t, {})
+        print(f"  {printable(t):<24} spearman vs ablation: probe {fmt_cell(a.get('spearman'), '+.3f')}, "
+              f"taylor {fmt_cell(b.get('spearman'), '+.3f')}, taylor on the ablated examples "
+              f"{fmt_cell(c.get('spearman'), '+.3f')}")
+    print(f"-> {report}")

@@ -1,0 +1,102 @@
+"""What several commands share: model and task options, checked numbers, output checks, printing."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..data.examples import Example
+from ..data.tasks import load_tasks, task_source
+from ..errors import HeadscoreError
+from ..models import DEFAULT_MODEL, DTYPES, EMBEDDED_MODELS, LoadedModel, cache_dir, load_model
+from ..output_paths import OutputDir, check_outputs
+from ..results import HeadScores
+from ..text import printable
+
+EXPORT_SUFFIXES = (".csv", ".json")
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a one-line usage error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def add_task_args(parser: argparse.ArgumentParser) -> None:
+    """``--tasks`` and ``--max-examples``."""
+    parser.add_argument("--tasks", default="builtin",
+                        help="examples: 'builtin' (the built-in suite, default), 'cogqa:PATH' (a CogQA JSON "
+                             'file) or a JSONL file of {"prompt", "target", "task"} objects')
+    parser.add_argument("--max-examples", type=at_least(1), default=None, help="at most this many examples per task")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, tasks: bool = True) -> None:
+    """``--model``, ``--device``, ``--dtype``, ``--batch-size``, ``--no-progress`` (and the task options)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"{DEFAULT_MODEL} (embedded, default), a local model directory, or a cached hub id")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="examples per forward pass (default: 8)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if tasks:
+        add_task_args(parser)
+
+
+def model_dir(name: str) -> Path | None:
+    """The directory a ``--model`` value loads from, where it is one (to keep outputs out of its files)."""
+    if name in EMBEDDED_MODELS:
+        return cache_dir() / "models" / name
+    return Path(name) if Path(name).is_dir() else None
+
+
+def input_files(args: argparse.Namespace, *extra: tuple[str, str | None]) -> list[tuple[str, str | None]]:
+    """(label, path) of the files a command reads: its task file and the extra ones given."""
+    tasks = getattr(args, "tasks", None)
+    source = task_source(tasks) if tasks else None
+    return [("--tasks", None if source is None else str(source)), *extra]
+
+
+def check_command_outputs(args: argparse.Namespace, files: Iterable[tuple[str, str | None]] = (),
+                          dirs: Sequence[OutputDir] = (), inputs: Iterable[tuple[str, str | None]] = ()) -> None:
+    """Every output of a command checked against its inputs (task file, model files, ``inputs``), before work."""
+    files = list(files)
+    for label, path in files:
+        if label == "--export" and path is not None and Path(path).suffix.lower() not in EXPORT_SUFFIXES:
+            raise HeadscoreError(f"{path}: --export needs a .csv or .json file name")
+    model = getattr(args, "model", None)
+    check_outputs(files, dirs, inputs=input_files(args, *inputs),
+                  input_dirs=[("--model", model_dir(model))] if model else [])
+
+
+def load_model_and_tasks(args: argparse.Namespace) -> tuple[LoadedModel, list[Example]]:
+    """The examples first (bad data fails before a slow model load), then the model."""
+    examples = load_tasks(args.tasks)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    return lm, examples
+
+
+def print_top(scores: HeadScores, k: int = 3) -> None:
+    """The ``k`` most important heads of each task, one line per task."""
+    for task in scores.tasks:
+        top = ", ".join(f"L{layer}.H{head} ({value:+.3g})" for layer, head, value in scores.top_k(k, task))
+        print(f"  {printable(task)}: {top}")
+
+
+def save_scores(scores: HeadScores, out: str, exports: Sequence[str]) -> None:
+    """Write the scores file and its exports, then say what was written."""
+    scores.save(out)
+    for path in exports:
+        scores.export(path)
+    n = int(scores.counts.sum())
+    print(f"{scores.method}: {len(scores.tasks)} tasks, {n} examples, {scores.num_layers}x{scores.num_heads} heads "
+          f"in {scores.extra.get('seconds', 0):.1f}s -> {out}")
+    print_top(scores)

@@ -1,0 +1,44 @@
+"""``headscore report``: heatmap grid, scatter against ablation and a Markdown summary."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from ..compare import compare
+from ..errors import HeadscoreError
+from ..output_paths import OutputDir
+from ..report import REPORT_FILES, write_report
+from ..results import HeadScores
+from .common import at_least, check_command_outputs
+
+
+def register(sub) -> dict[str, Callable]:
+    """Add ``report``."""
+    r = sub.add_parser("report", help="heatmap grid, scatter vs ablation and a Markdown summary")
+    r.add_argument("scores")
+    r.add_argument("--ablation", default=None, help="ablation scores file to compare against")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--k", type=at_least(1), default=10, help="top heads listed per task")
+    return {"report": cmd_report}
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """``headscore report SCORES --out DIR``."""
+    check_command_outputs(args, dirs=[OutputDir("--out", args.out, REPORT_FILES)],
+                          inputs=[("SCORES", args.scores), ("--ablation", args.ablation)])
+    scores = HeadScores.load(args.scores)
+    ablation = HeadScores.load(args.ablation) if args.ablation else None
+    comparison = None
+    if ablation is not None:
+        common = [t for t in scores.tasks if t in ablation.tasks]
+        if not common:
+            raise HeadscoreError("the scores and the ablation file have no task in common")
+        scores, ablation = scores.select(common), ablation.select(common)
+        comparison = {t: ag.as_dict() for t, ag in compare(scores, ablation, k=args.k).items()}
+    try:
+        paths = write_report(scores, args.out, ablation=ablation, comparison=comparison, k=args.k)
+    except ValueError as exc:
+        raise HeadscoreError(str(exc)) from None
+    for name, path in paths.items():
+        print(f"{name}: {path}")

@@ -1,0 +1,150 @@
+"""``headscore score`` and ``headscore ablate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+
+import torch
+
+from ..api import BASELINES, METHODS, ablate, ablate_heads, score
+from ..checkpoint import checkpoint_path
+from ..data.examples import limit_per_task
+from ..distributed import env_world_size, init
+from ..errors import HeadscoreError
+from ..methods.ablation import ABLATION_MODES
+from ..methods.probe import probe_scores
+from ..results import atomic_write
+from ..text import printable
+from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks, save_scores
+
+
+def register(sub) -> dict[str, Callable]:
+    """Add ``score`` and ``ablate``."""
+    s = sub.add_parser("score", help="score all heads from one forward and one backward pass per batch")
+    add_model_args(s)
+    s.add_argument("--method", default="taylor", choices=[*METHODS, "probe"],
+                   help="gradient scorer, or 'probe' (the CogQA study's probe; needs 2+ tasks)")
+    s.add_argument("--out", required=True, help="output scores file (.hs)")
+    s.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
+    s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
+                   help="fused Triton attention kernel: auto (on CUDA), on, off (default: auto)")
+    s.add_argument("--checkpoint", default=None,
+                   help="checkpoint file of a resumable run (default with --checkpoint-every/--resume: OUT.ckpt)")
+    s.add_argument("--checkpoint-every", type=at_least(0), default=0, metavar="N",
+                   help="write the checkpoint every N batches (default 0: only at the end)")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    s.add_argument("--distributed", action="store_true",
+                   help="data-parallel over torch.distributed ranks (automatic when WORLD_SIZE > 1, e.g. torchrun)")
+
+    a = sub.add_parser("ablate", help="ground truth: the loss increase when each head (or a set) is ablated")
+    add_model_args(a)
+    a.add_argument("--baseline", default="zero", choices=BASELINES)
+    a.add_argument("--mode", default="batched", choices=list(ABLATION_MODES))
+    a.add_argument("--rows-per-pass", type=at_least(1), default=64, help="rows per forward pass in batched mode")
+    a.add_argument("--heads", default=None,
+                   help="ablate this set of heads at once instead of each head: 'LAYER.HEAD,LAYER.HEAD,...'")
+    a.add_argument("--gate", type=float, default=0.0, help="with --heads: the gate value (0 ablates, 2 doubles)")
+    a.add_argument("--out", default=None, help="output scores file (.hs); required unless --heads")
+    a.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
+    return {"score": cmd_score, "ablate": cmd_ablate}
+
+
+def _distributed_begin(args: argparse.Namespace) -> tuple[int, int]:
+    """Under torchrun (or with ``--distributed``), the process group -> (rank, world size).
+
+    Distributed when ``--distributed`` is given or ``WORLD_SIZE`` > 1 (torchrun sets it). A CUDA
+    ``--device`` becomes ``cuda:LOCAL_RANK``.
+    """
+    if not _wants_distributed(args):
+        return 0, 1
+    if str(args.device).startswith("cuda") and ":" not in str(args.device):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(args.device))
+    return init(device=args.device)
+
+
+def _distributed_end(args: argparse.Namespace, world: int) -> None:
+    """After rank 0 wrote the output: every rank deletes its checkpoint; the process group ends."""
+    import torch.distributed as dist
+
+    rank = 0
+    if world > 1:
+        dist.barrier()  # the output is written before any checkpoint goes
+        rank = dist.get_rank()
+    if args.checkpoint:
+        checkpoint_path(args.checkpoint, rank, world).unlink(missing_ok=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _wants_distributed(args: argparse.Namespace) -> bool:
+    return args.distributed or env_world_size() > 1
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """``headscore score``. ``--checkpoint-every``/``--resume`` without ``--checkpoint`` use ``OUT.ckpt``."""
+    uses_checkpoint = args.checkpoint or args.checkpoint_every or args.resume
+    if args.method == "probe" and (uses_checkpoint or _wants_distributed(args)):
+        raise HeadscoreError("--method probe supports neither --distributed nor checkpoints")
+    if uses_checkpoint and not args.checkpoint:
+        args.checkpoint = f"{args.out}.ckpt"
+    check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export),
+                                 ("--checkpoint", args.checkpoint)])
+    rank, world = _distributed_begin(args)
+    lm, examples = load_model_and_tasks(args)
+    kernel = {"auto": None, "on": True, "off": False}[args.kernel]
+    progress = not args.no_progress
+    if args.method == "probe":
+        result = probe_scores(lm, limit_per_task(examples, args.max_examples), batch_size=args.batch_size,
+                              progress=progress)
+        print(f"probe held-out accuracy {result.extra['probe_accuracy']:.3f} "
+              f"(chance {result.extra['chance_accuracy']:.3f})")
+        save_scores(result, args.out, args.export)
+        return
+    result = score(lm, examples, method=args.method, batch_size=args.batch_size, max_examples=args.max_examples,
+                   progress=progress and rank == 0, kernel=kernel, checkpoint=args.checkpoint,
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=world > 1)
+    if rank == 0:
+        save_scores(result, args.out, args.export)
+    _distributed_end(args, world)
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """``'3.5,7.1'`` -> [(3, 5), (7, 1)]."""
+    heads = []
+    for item in text.split(","):
+        try:
+            layer, head = item.strip().split(".")
+            heads.append((int(layer), int(head)))
+        except ValueError:
+            raise HeadscoreError(f"--heads: {item!r} is not LAYER.HEAD (for example 3.5)") from None
+    return heads
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    """``headscore ablate``."""
+    if args.heads is None and args.out is None:
+        raise HeadscoreError("ablate needs --out (or --heads to ablate one set of heads)")
+    heads = parse_heads(args.heads) if args.heads else None
+    if heads is not None and args.export:
+        raise HeadscoreError("--export needs the per-head map; with --heads, --out writes the table as JSON")
+    check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export)])
+    lm, examples = load_model_and_tasks(args)
+    progress = not args.no_progress
+    if heads is not None:
+        effects = ablate_heads(lm, examples, heads, baseline=args.baseline, gate=args.gate,
+                               batch_size=args.batch_size, max_examples=args.max_examples, progress=progress)
+        print(f"{'task':<28} {'n':>4} {'clean loss':>11} {'change':>10} {'stderr':>9}")
+        for task, eff in effects.items():
+            print(f"{printable(task):<28} {eff.count:>4} {eff.clean_loss:>11.4f} {eff.delta:>+10.4f} "
+                  f"{eff.stderr:>9.4f}")
+        if args.out:
+            atomic_write(args.out, json.dumps({t: vars(e) for t, e in effects.items()}, indent=1).encode())
+        return
+    result = ablate(lm, examples, baseline=args.baseline, mode=args.mode, batch_size=args.batch_size,
+                    rows_per_pass=args.rows_per_pass, max_examples=args.max_examples, progress=progress)
+    save_scores(result, args.out, args.export)
+

@@ -1,0 +1,75 @@
+"""``prepare``: a model and tokenised examples, ready for any scorer (the object every run starts from)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from .accumulate import TaskAccumulator
+from .data.batching import Batch, make_batches, num_batches, tokenize_examples
+from .data.builtin import builtin_suite
+from .data.examples import Example, limit_per_task, task_names, validate_examples
+from .loss import NonFiniteLoss
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .patch import head_layout
+from .results import HeadScores, data_hash
+
+ModelLike = LoadedModel | str
+
+
+@dataclass
+class Prepared:
+    """A model and tokenised examples, ready for any scorer."""
+
+    lm: LoadedModel
+    examples: list[Example]
+    tasks: list[str]
+    tokenized: list
+
+    @property
+    def data_hash(self) -> str:
+        """Hash of the examples."""
+        return data_hash((ex.prompt, ex.target, ex.task) for ex in self.examples)
+
+    def batches(self, batch_size: int, *, desc: str = "", progress: bool = True) -> Iterator[Batch]:
+        """Tokenised batches on the model's device, with a progress bar."""
+        device = self.lm.device
+        bar = tqdm(make_batches(self.tokenized, batch_size, self.lm.pad_id), total=num_batches(
+            len(self.tokenized), batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            yield batch.to(device)
+
+    def result(self, acc: TaskAccumulator, method: str, **extra) -> HeadScores:
+        """Wrap accumulated values as HeadScores with this run's provenance."""
+        return HeadScores(acc.mean, acc.stderr, acc.count.clone(), list(self.tasks), method, self.lm.name,
+                          self.data_hash, extra=extra)
+
+    @contextlib.contextmanager
+    def naming_examples(self) -> Iterator[None]:
+        """Inside the block, a non-finite loss names its examples by source (``tasks.jsonl:12``)."""
+        try:
+            yield
+        except NonFiniteLoss as exc:
+            raise exc.named(self.examples) from None
+
+    def accumulator(self) -> TaskAccumulator:
+        """An empty per-task accumulator over this model's heads."""
+        layout = head_layout(self.lm.model)
+        return TaskAccumulator(self.tasks, layout.num_layers, layout.num_heads)
+
+
+def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
+            max_examples: int | None = None) -> Prepared:
+    """Load the model (if given by name) and tokenise the examples (default: the built-in suite).
+
+    ``max_examples`` keeps at most that many examples per task.
+    """
+    lm = load_model(model) if isinstance(model, str) else model
+    examples = builtin_suite() if examples is None else validate_examples(examples)
+    examples = limit_per_task(examples, max_examples)
+    tasks = task_names(examples)
+    tokenized = tokenize_examples(examples, lm.tokenizer, tasks, max_length=lm.max_length)
+    return Prepared(lm, examples, tasks, tokenized)

@@ -1,0 +1,439 @@
+"""Bad input never costs a file: each case goes through the command line (the API for the Python-only ones)
+and must end with exit code 2, one line on stderr, and every file as it was (hashes before and after).
+
+``CASES`` names each case and the words the user sees; ``docs/bad-input.md`` lists the same cases
+(a test below keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_saved import save_tiny_model
+
+import headscore
+from headscore.cli import main
+from headscore.results import HeadScores
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"prompt": "The capital of France is", "target": " Paris", "task": "geo"}
+
+# case id -> words of the one line the user sees (docs/bad-input.md shows the same words)
+CASES = {
+    "out-is-tasks": "is the input file of --tasks",
+    "export-is-tasks": "is the input file of --tasks",
+    "out-is-model-file": "is a file of the --model directory",
+    "json-is-compared-file": "is the input file of A",
+    "report-overwrites-input": "would overwrite",
+    "checkpoint-is-out": "--checkpoint and --out are the same file",
+    "out-unwritable": "cannot write in /sys",
+    "export-unwritable": "cannot write in /sys",
+    "report-unwritable": "cannot write in /sys",
+    "report-out-is-file": "exists and is not a directory",
+    "json-is-directory": "is a directory; give a file name",
+    "tasks-latin1": ":1: not UTF-8 (byte 0xe9 at column 19)",
+    "tasks-utf16": "the file is UTF-16",
+    "tasks-binary": "NUL byte",
+    "model-truncated": "model.safetensors is truncated or corrupt",
+    "scores-no-tasks": "broken scores file (no 'tasks' in its metadata)",
+    "scores-metadata-not-json": "broken scores file (metadata 'tasks' is not JSON)",
+    "scores-2d-values": "values must be a float [tasks, layers, heads] tensor",
+    "scores-task-count": "2 task names for 1 rows of values",
+    "compare-k-0": "argument --k: must be at least 1, got 0",
+    "compare-k-negative": "argument --k: must be at least 1, got -1",
+    "report-k-0": "argument --k: must be at least 1, got 0",
+    "rows-per-pass-0": "argument --rows-per-pass: must be at least 1, got 0",
+    "probe-one-example-per-task": "too few examples for the probe",
+    "example-too-long": "tasks.jsonl:2 (geo) has 307 tokens; the model allows 256",
+    "non-finite-loss": "non-finite loss (inf or NaN) for ",
+    "example-wrong-types": "Example prompt must be a string, got int",
+    "example-none": "Example prompt must be a string, got NoneType",
+}
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (hidden ones included) by path."""
+    out = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            if path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif path.is_dir():
+                out[str(path)] = "<dir>"
+    return out
+
+
+def refused(capsys, case: str, argv: list[str], *roots: Path) -> str:
+    """Run the command; assert exit 2, one line naming the problem, and no file changed or added."""
+    before = snapshot(*roots)
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 2, (case, captured.err)
+    assert captured.err.startswith("headscore: error: ") and captured.err.count("\n") == 1, captured.err
+    assert CASES[case] in captured.err, captured.err
+    assert snapshot(*roots) == before, "a file changed or appeared"
+    return captured.err
+
+
+def jsonl(path: Path, *records: dict) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tasks(tmp_path) -> Path:
+    return jsonl(tmp_path / "tasks.jsonl", GOOD, {**GOOD, "task": "other"})
+
+
+def scores_file(path: Path, tasks=("a", "b")) -> Path:
+    n = len(tasks)
+    HeadScores(torch.rand(n, 2, 3, dtype=torch.float64), torch.zeros(n, 2, 3, dtype=torch.float64),
+               torch.ones(n, dtype=torch.int64), list(tasks), "taylor", "m").save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- 1-3 outputs
+
+
+def test_out_is_the_tasks_file(tmp_path, capsys, tasks):
+    refused(capsys, "out-is-tasks", ["score", "--tasks", tasks, "--out", tasks], tmp_path)
+    other = tmp_path / "sub" / ".." / "tasks.jsonl"  # another spelling of the same file
+    refused(capsys, "out-is-tasks", ["ablate", "--tasks", f"cogqa:{tasks}", "--out", other], tmp_path)
+    link = tmp_path / "hard.json"
+    os.link(tasks, link)  # a hard link is the same file under another name
+    refused(capsys, "export-is-tasks", ["score", "--tasks", tasks, "--out", tmp_path / "s.hs", "--export", link],
+            tmp_path)
+
+
+def test_out_is_a_model_file(tmp_path, capsys, tasks, model_dir):
+    refused(capsys, "out-is-model-file", ["score", "--model", model_dir, "--tasks", tasks, "--out",
+                                          model_dir / "model.safetensors"], tmp_path, model_dir)
+
+
+def test_compare_json_and_report_never_overwrite_inputs(tmp_path, capsys):
+    a, b = scores_file(tmp_path / "a.hs"), scores_file(tmp_path / "b.hs")
+    refused(capsys, "json-is-compared-file", ["compare", a, b, "--json", a], tmp_path)
+    inside = tmp_path / "rep"
+    inside.mkdir()
+    summary = scores_file(inside / "summary.md")  # an input where the report writes its summary
+    refused(capsys, "report-overwrites-input", ["report", summary, "--out", inside], tmp_path)
+
+
+def test_checkpoint_equal_to_out(tmp_path, capsys, tasks):
+    out = tmp_path / "x.hs"
+    refused(capsys, "checkpoint-is-out", ["score", "--tasks", tasks, "--checkpoint", out, "--out", out], tmp_path)
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys, a place no one can create files")
+def test_unwritable_outputs_fail_before_work(tmp_path, capsys, tasks):
+    if _writable("/sys"):
+        pytest.skip("/sys is writable here")
+    a = scores_file(tmp_path / "a.hs")
+    refused(capsys, "out-unwritable", ["score", "--tasks", tasks, "--out", "/sys/x.hs"], tmp_path)
+    refused(capsys, "export-unwritable", ["score", "--tasks", tasks, "--out", tmp_path / "s.hs", "--export",
+                                          "/sys/x.csv"], tmp_path)
+    refused(capsys, "report-unwritable", ["report", a, "--out", "/sys/rep"], tmp_path)
+
+
+def _writable(directory: str) -> bool:
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
+def test_outputs_of_the_wrong_kind(tmp_path, capsys):
+    a = scores_file(tmp_path / "a.hs")
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    refused(capsys, "report-out-is-file", ["report", a, "--out", existing], tmp_path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    refused(capsys, "json-is-directory", ["compare", a, a, "--json", folder], tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ 4 encodings
+
+
+def test_task_files_that_are_not_utf8(tmp_path, capsys):
+    latin1 = tmp_path / "l1.jsonl"
+    latin1.write_bytes(b'{"prompt": "Le caf\xe9 est", "target": " chaud", "task": "fr"}\n')
+    refused(capsys, "tasks-latin1", ["score", "--tasks", latin1, "--out", tmp_path / "s.hs"], tmp_path)
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_bytes(json.dumps(GOOD).encode("utf-16"))  # with a BOM, as Windows tools write it
+    refused(capsys, "tasks-utf16", ["score", "--tasks", utf16, "--out", tmp_path / "s.hs"], tmp_path)
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(bytes(range(256)))
+    refused(capsys, "tasks-binary", ["score", "--tasks", binary, "--out", tmp_path / "s.hs"], tmp_path)
+
+
+def test_utf8_with_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({**GOOD, "prompt": "Le café est"}).encode() + b"\n")
+    (example,) = headscore.load_jsonl(path)
+    assert example.prompt == "Le café est" and example.where == f"{path}:1"
+
+
+# --------------------------------------------------------------------------------------- 5 cached models
+
+
+def test_truncated_model_file(tmp_path, capsys, tasks, model_dir):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    err = refused(capsys, "model-truncated", ["score", "--model", broken, "--tasks", tasks, "--out",
+                                              tmp_path / "s.hs"], tmp_path)
+    assert str(broken / "model.safetensors") in err
+
+
+def test_broken_embedded_cache_is_rebuilt_and_stale_conversions_removed(tmp_path, monkeypatch, model_dir):
+    from headscore import models
+
+    monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "smollm2-135m"
+    target.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        data = f.read_bytes()
+        (target / f.name).write_bytes(data[:100] if f.name == "model.safetensors" else data)
+    dead = tmp_path / "models" / ".smollm2-135m-999999999-abcd"  # no such process: a killed conversion
+    old = tmp_path / "models" / ".smollm2-135m-xyz"  # the naming of earlier versions, an hour old
+    mine = tmp_path / "models" / f".smollm2-135m-{os.getpid()}-live"  # a conversion still running
+    for d in (dead, old, mine):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * models.STALE_STAGING_S,) * 2)
+    converted = []
+
+    def fake_convert(gguf, out):
+        converted.append(gguf)
+        for f in model_dir.iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    old_mask = os.umask(0o022)
+    try:
+        with pytest.warns(models.CacheRebuilt, match=r"smollm2-135m is broken \(.*model.safetensors is truncated"):
+            path = models.embedded_model_dir("smollm2-135m")
+    finally:
+        os.umask(old_mask)
+    assert converted and path == target and models.broken_weights(target) is None
+    assert not dead.exists() and not old.exists() and mine.exists()
+    assert (target.stat().st_mode & 0o777) == 0o755  # the umask, not mkdtemp's 0700
+    converted.clear()
+    assert models.embedded_model_dir("smollm2-135m") == target and not converted  # sound now: no rebuild
+
+
+# ------------------------------------------------------------------------------------ 6 bad scores files
+
+
+def _raw_scores(path: Path, tensors: dict, metadata: dict) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_scores_files_with_bad_metadata(tmp_path, capsys):
+    good = {"values": torch.zeros(1, 2, 3, dtype=torch.float64), "stderr": torch.zeros(1, 2, 3, dtype=torch.float64),
+            "counts": torch.ones(1, dtype=torch.int64)}
+    meta = {"format": "headscore/1", "tasks": '["a"]', "method": "taylor", "model": "m"}
+    ok = scores_file(tmp_path / "ok.hs", tasks=("a",))
+    bad = {
+        "scores-no-tasks": (good, {k: v for k, v in meta.items() if k != "tasks"}),
+        "scores-metadata-not-json": (good, {**meta, "tasks": "[a"}),
+        "scores-2d-values": ({**good, "values": torch.zeros(2, 3, dtype=torch.float64),
+                              "stderr": torch.zeros(2, 3, dtype=torch.float64)}, meta),
+        "scores-task-count": (good, {**meta, "tasks": '["a", "b"]'}),
+    }
+    for case, (tensors, metadata) in bad.items():
+        path = _raw_scores(tmp_path / f"{case}.hs", tensors, metadata)
+        refused(capsys, case, ["compare", path, ok], tmp_path)
+        refused(capsys, case, ["report", path, "--out", tmp_path / "rep"], tmp_path)
+        with pytest.raises(headscore.HeadscoreError, match=re.escape(CASES[case])):
+            HeadScores.load(path)
+
+
+# ---------------------------------------------------------------------------------------- 7 bad numbers
+
+
+def test_counts_that_must_be_positive(tmp_path, capsys, tasks):
+    a = scores_file(tmp_path / "a.hs")
+    refused(capsys, "compare-k-0", ["compare", a, a, "--k", "0"], tmp_path)
+    refused(capsys, "compare-k-negative", ["compare", a, a, "--k", "-1"], tmp_path)
+    refused(capsys, "report-k-0", ["report", a, "--out", tmp_path / "r", "--k", "0"], tmp_path)
+    refused(capsys, "rows-per-pass-0", ["ablate", "--tasks", tasks, "--out", tmp_path / "x.hs",
+                                        "--rows-per-pass", "0"], tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- 8 Ctrl-C
+
+
+@pytest.mark.parametrize("delay", [0.3, 3.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, tasks, delay):
+    """SIGINT while torch and transformers import (0.3 s) and later, while the model loads or scores."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "headscore.cli", "score", "--tasks", str(tasks), "--out",
+                             str(tmp_path / "s.hs"), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err == "headscore: interrupted\n"
+    assert not (tmp_path / "s.hs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 9 umask
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_result_files_respect_the_umask(tmp_path, umask, mode):
+    from headscore.results import atomic_write
+
+    old = os.umask(umask)
+    try:
+        paths = [scores_file(tmp_path / "s.hs"), atomic_write(tmp_path / "t.json", b"{}")]
+        paths.append(HeadScores.load(paths[0]).export(tmp_path / "s.csv"))
+    finally:
+        os.umask(old)
+    for path in paths:
+        assert (path.stat().st_mode & 0o777) == mode, path
+
+
+# -------------------------------------------------------------------------------------------- 10 the API
+
+
+def test_examples_with_wrong_types():
+    with pytest.raises(headscore.HeadscoreError, match=CASES["example-wrong-types"]):
+        headscore.Example(1, 2, 3)
+    with pytest.raises(headscore.HeadscoreError, match=CASES["example-none"]):
+        headscore.Example(None, " x", "t")
+    with pytest.raises(headscore.HeadscoreError, match="Example task must be a string"):
+        headscore.Example("p", " x", ["t"])
+
+
+def test_patches_exited_out_of_order_restore_the_model():
+    from tiny import random_examples, tiny_model
+
+    lm = tiny_model("llama")
+    model = lm.model
+    prep = headscore.prepare(lm, random_examples(3))
+    batch = next(prep.batches(3, progress=False))
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    original = model.config._attn_implementation
+    flags = [p.requires_grad for p in model.parameters()]
+    outer, inner = headscore.patch(model), headscore.patch(model, freeze=False)
+    outer.__enter__()
+    heads = inner.__enter__()
+    outer.__exit__(None, None, None)  # the wrong order: the first block ends while the second is open
+    with torch.no_grad(), heads.using(torch.zeros(1, 3, 4)):
+        ablated = model(**inputs).logits  # the open block still gates (every head off)
+    assert not torch.allclose(ablated, before)
+    inner.__exit__(None, None, None)
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert model.config._attn_implementation == original
+    assert not [k for k in ALL_ATTENTION_FUNCTIONS._global_mapping if k.startswith("headscore_gated_")]
+    assert not [k for k in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping if k.startswith("headscore_gated_")]
+    assert [p.requires_grad for p in model.parameters()] == flags
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+# ------------------------------------------------------------------------------------------- 11 the probe
+
+
+def test_probe_with_one_example_per_task(tmp_path, capsys, tasks, model_dir):
+    refused(capsys, "probe-one-example-per-task", ["score", "--model", model_dir, "--tasks", tasks, "--method",
+                                                   "probe", "--out", tmp_path / "p.hs", "--no-progress"], tmp_path)
+
+
+# ------------------------------------------------------------------------------------- 12 what users see
+
+
+def test_no_progress_is_silent(tmp_path, capsys, tasks, model_dir):
+    code = main(["score", "--model", str(model_dir), "--tasks", str(tasks), "--out", str(tmp_path / "s.hs"),
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.err == ""
+
+
+def test_errors_name_the_file_and_line(tmp_path, capsys, model_dir):
+    path = jsonl(tmp_path / "tasks.jsonl", GOOD, {**GOOD, "prompt": "x" * 300})
+    refused(capsys, "example-too-long", ["score", "--model", model_dir, "--tasks", path, "--out",
+                                         tmp_path / "s.hs", "--no-progress"], tmp_path)
+
+
+def test_non_finite_loss_names_the_line_and_gives_no_float32_hint_in_float32(tmp_path, capsys, model_dir):
+    from safetensors.torch import load_file, save_file
+
+    nan_model = tmp_path / "nan-model"
+    nan_model.mkdir()
+    for f in model_dir.iterdir():
+        (nan_model / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(nan_model / "model.safetensors"))
+    weights["lm_head.weight"].fill_(float("nan"))
+    save_file(weights, str(nan_model / "model.safetensors"), metadata={"format": "pt"})
+    tasks = jsonl(tmp_path / "tasks.jsonl", GOOD)
+    err = refused(capsys, "non-finite-loss", ["score", "--model", nan_model, "--tasks", tasks, "--out",
+                                              tmp_path / "s.hs", "--no-progress"], tmp_path)
+    assert f"{tasks}:1" in err and "--dtype" not in err
+    from headscore.loss import NonFiniteLoss
+
+    assert "--dtype float32" in str(NonFiniteLoss([0], torch.float16))
+
+
+def test_task_names_are_escaped_on_the_terminal_and_in_markdown(tmp_path, capsys, model_dir):
+    evil = "red\x1b[31m\nline|*bold*"
+    tasks = jsonl(tmp_path / "tasks.jsonl", {**GOOD, "task": evil}, {**GOOD, "task": "plain"})
+    assert main(["score", "--model", str(model_dir), "--tasks", str(tasks), "--out", str(tmp_path / "s.hs"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "red\\x1b[31m\\nline|*bold*:" in out
+    assert main(["report", str(tmp_path / "s.hs"), "--out", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert "\x1b" not in summary
+    assert "### red\\\\x1b\\[31m\\\\nline\\|\\*bold\\*" in summary
+
+
+# ---------------------------------------------------------------------------------------------- the docs
+
+
+def test_docs_table_matches_the_cases():
+    rows = {}
+    for line in (ROOT / "docs" / "bad-input.md").read_text().splitlines():
+        m = re.match(r"\|\s*`([a-z0-9-]+)`\s*\|(.*)\|(.*)\|\s*$", line)
+        if m:
+            rows[m.group(1)] = m.group(3)
+    assert set(rows) == set(CASES)
+    for case, words in CASES.items():
+        assert words.replace("|", "\\|") in rows[case], case
