@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .accumulate import TaskAccumulator
+from .checkpoint import ScoringRun, fingerprint, tensor_hash
 from .compare import compare
 from .data.batching import num_batches
 from .data.examples import Example
@@ -90,8 +91,6 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     _check_batch_size(batch_size)
     prep = prepare(model, examples, max_examples=max_examples)
     acc = prep.accumulator()
-    from .checkpoint import ScoringRun, fingerprint, tensor_hash
-
     ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
                         batch_size=batch_size, baseline=None if baseline is None else tensor_hash(baseline))
     run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from .accumulate import TaskAccumulator
 from .distributed import all_reduce_accumulator, rank_and_world
@@ -59,8 +61,6 @@ def checkpoint_path(path: str | Path, rank: int = 0, world: int = 1) -> Path:
 
 def save_checkpoint(path: str | Path, acc: TaskAccumulator, done: int, total: int, print_: dict[str, str]) -> Path:
     """Write the accumulator and progress atomically."""
-    from safetensors.torch import save
-
     meta = {"format": FORMAT, "done": str(done), "total": str(total), "fingerprint": json.dumps(print_),
             "tasks": json.dumps(acc.tasks)}
     tensors = {k: v.contiguous() for k, v in acc.state_dict().items()}
@@ -69,8 +69,6 @@ def save_checkpoint(path: str | Path, acc: TaskAccumulator, done: int, total: in
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int, dict[str, str]]:
     """(accumulator state, batches done, total batches, fingerprint) from a checkpoint file."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}

@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 
 from .accumulate import TaskAccumulator
 from .errors import HeadscoreError
@@ -46,8 +47,6 @@ def init(backend: str | None = None, *, device: str = "cpu", timeout_s: float = 
 
     ``backend`` defaults to ``nccl`` for a CUDA ``device`` and ``gloo`` otherwise.
     """
-    import torch.distributed as dist
-
     if not dist.is_available():
         raise HeadscoreError("this torch build has no torch.distributed")
     if not dist.is_initialized():
@@ -68,8 +67,6 @@ def rank_and_world(distributed: bool | None = None) -> tuple[int, int]:
     """
     if distributed is False:
         return 0, 1
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if distributed:
@@ -91,8 +88,6 @@ def shard(items: Iterable[T], rank: int, world: int) -> Iterator[tuple[int, T]]:
 
 
 def _reduce_device() -> torch.device:
-    import torch.distributed as dist
-
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -103,8 +98,6 @@ def all_reduce_accumulator(acc: TaskAccumulator) -> TaskAccumulator:
 
     Every rank must call it with accumulators of the same tasks and shape. Returns ``acc``.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return acc
     flat = torch.cat([acc.count.to(torch.float64), acc.sum.flatten(), acc.sumsq.flatten()])

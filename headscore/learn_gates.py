@@ -25,11 +25,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from .data.examples import Example
 from .errors import HeadscoreError
 from .loss import example_losses
 from .patch import HeadGates, head_layout, patch
+from .prepared import prepare
 
 __all__ = ["HardConcrete", "LearnedGates", "learn_gates", "apply_mask", "mask_losses"]
 
@@ -119,8 +121,6 @@ def apply_mask(heads: HeadGates, mask: torch.Tensor) -> Iterator[None]:
 
 
 def _prepared(model, examples, max_examples):
-    from .prepared import prepare
-
     return prepare(model, examples, max_examples=max_examples)
 
 
@@ -176,8 +176,6 @@ def learn_gates(model, examples: Sequence[Example] | None = None, *, steps: int 
     batches = list(prep.batches(batch_size, progress=False))
     history = []
     start = time.perf_counter()
-    from tqdm.auto import tqdm
-
     with patch(lm.model) as heads:  # freezes the weights
         order: list[int] = []
         for step in tqdm(range(steps), desc="learn gates", disable=not progress, leave=False):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from .errors import HeadscoreError
 
@@ -150,8 +152,6 @@ class HeadScores:
 
     def save(self, path: str | Path) -> Path:
         """Write everything to one safetensors file (atomically); :meth:`load` reads it back exactly."""
-        from safetensors.torch import save
-
         tensors = {"values": self.values.contiguous(), "stderr": self.stderr.contiguous(),
                    "counts": self.counts.contiguous()}
         return atomic_write(path, save(tensors, metadata=self._metadata()))
@@ -159,8 +159,6 @@ class HeadScores:
     @classmethod
     def load(cls, path: str | Path) -> HeadScores:
         """Read a file written by :meth:`save`; HeadscoreError (naming the file and the problem) otherwise."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise HeadscoreError(f"{path}: no such file")

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..api import BASELINES, METHODS, ablate, ablate_heads, score
 from ..checkpoint import checkpoint_path
@@ -68,8 +69,6 @@ def _distributed_begin(args: argparse.Namespace) -> tuple[int, int]:
 
 def _distributed_end(args: argparse.Namespace, world: int) -> None:
     """After rank 0 wrote the output: every rank deletes its checkpoint; the process group ends."""
-    import torch.distributed as dist
-
     rank = 0
     if world > 1:
         dist.barrier()  # the output is written before any checkpoint goes
