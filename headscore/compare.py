@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from scipy import stats
 
@@ -34,11 +36,22 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     return len(top_a & top_b) / k
 
 
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho over the entries finite in both; NaN for fewer than two or a constant input."""
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: rho is undefined (NaN), shown as such
+        return float(stats.spearmanr(x[ok], y[ok]).statistic)
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> Agreement:
     """Spearman, Kendall (tau-b) and top-k overlap of two maps of equal shape."""
     x, y = a.flatten().double().numpy(), b.flatten().double().numpy()
-    return Agreement(float(stats.spearmanr(x, y).statistic), float(stats.kendalltau(x, y).statistic),
-                     topk_overlap(a, b, k), min(k, a.numel()))
+    return Agreement(spearman(x, y), float(stats.kendalltau(x, y).statistic), topk_overlap(a, b, k),
+                     min(k, a.numel()))
 
 
 def compare(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:

@@ -19,7 +19,6 @@ import io
 import math
 import os
 import textwrap
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .compare import spearman
 from .results import atomic_write
 from .text import markdown_text
 
@@ -258,17 +258,6 @@ def heatmap_grid(scores: Any, path: str | os.PathLike, *, title: str | None = No
 # --------------------------------------------------------------------------------------------------- scatter
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy import stats
-
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 2:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant input: rho is nan, shown as such
-        return float(stats.spearmanr(x[ok], y[ok]).statistic)
-
-
 def _build_scatter_figure(scores: Any, ablation: Any, *, title: str | None = None,
                           ncols: int | None = None) -> Figure:
     """Score-vs-ablation scatter as a matplotlib Figure (Agg canvas attached); see :func:`scatter_vs_ablation`."""
@@ -283,7 +272,7 @@ def _build_scatter_figure(scores: Any, ablation: Any, *, title: str | None = Non
     size = 12 if num_layers * num_heads <= 400 else 6
     for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
         x, y = vals[i].ravel(), abl[i].ravel()
-        rho = _spearman(x, y)
+        rho = spearman(x, y)
         ax.axhline(0, color="0.8", lw=0.8, zorder=0)
         ax.axvline(0, color="0.8", lw=0.8, zorder=0)
         ax.scatter(x, y, s=size, alpha=0.6, color="#3b528b", edgecolors="none")
