@@ -6,6 +6,8 @@ from tiny import random_examples, tiny_model
 
 import headscore
 
+pytestmark = pytest.mark.numerics
+
 
 def hooked_loss(model, tokenizer, ex, zero_heads, num_heads, baseline=None):
     """Loss of one unpadded example with the listed (layer, head) slices of the o_proj input replaced."""

@@ -9,6 +9,8 @@ from transformers.modeling_utils import AttentionInterface
 import headscore
 from headscore.errors import UnsupportedModelError
 
+pytestmark = pytest.mark.numerics
+
 
 def _logits(model, ids, mask):
     with torch.no_grad():

@@ -6,6 +6,8 @@ from tiny import random_examples, tiny_model
 
 import headscore
 
+pytestmark = pytest.mark.numerics
+
 
 def reference_grads(lm, examples, baseline=None):
     """dL/dg per example (unpadded, one at a time) with o_proj input hooks: [N, L, H] float64."""
