@@ -11,8 +11,8 @@ forward+backward:
 
 TFLOP/s use the usual flash-attention count: forward 4*B*H*T*S*D, halved for causal; backward 2.5x forward.
 
-Gate-gradient part: sum_t <o - m, dy> over o, dy [B, T, H, D] bf16, Triton kernel vs the CUDA C++
-extension (if it builds) vs the plain torch expression; reported as time and effective GB/s.
+Gate-gradient part: sum_t <o - m, dy> over o, dy [B, T, H, D] bf16, Triton kernel (benchmarks/gate_grad.py)
+vs the plain torch expression; reported as time and effective GB/s.
 
     python benchmarks/bench_gated_attention.py --out benchmarks/results/gated_attention.csv
 
@@ -70,9 +70,10 @@ def try_bench(fn, args):
 
 
 def attention_config_rows(args, dev_name, B, H, HKV, T, D):
-    from headscore.kernels import gated_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from headscore.kernels import gated_attention
 
     dtype = getattr(torch, args.dtype)
     causal = not args.no_causal
@@ -139,7 +140,7 @@ def attention_rows(args, dev_name):
 
 
 def gate_grad_rows(args, dev_name):
-    from headscore.kernels import cuda_ext_available, gate_grad, gate_grad_cuda, gate_grad_torch
+    from gate_grad import gate_grad, gate_grad_torch  # benchmarks/gate_grad.py, next to this script
 
     dtype = getattr(torch, args.dtype)
     rows = []
@@ -152,10 +153,6 @@ def gate_grad_rows(args, dev_name):
         base = torch.randn(H, D, device="cuda")
         nbytes = 2 * o.numel() * o.element_size()
         impls = [("gate_grad (triton)", gate_grad), ("gate_grad_torch", gate_grad_torch)]
-        if cuda_ext_available():
-            impls.append(("gate_grad_cuda (ext)", gate_grad_cuda))
-        else:
-            print("  (CUDA extension unavailable; skipping it)")
         for name, fn in impls:
             ms, err = try_bench(lambda fn=fn, o=o, dy=dy, base=base: fn(o, dy, base), args)
             rows.append({"device": dev_name, "kind": "gate_grad", "impl": name, "dtype": args.dtype, "B": B, "H": H,

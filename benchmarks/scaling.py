@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny import ByteTokenizer  # noqa: E402
@@ -36,8 +37,6 @@ NAMES = {"floor": "forward+backward floor", "taylor": "headscore taylor (one pas
 
 def llama(layers: int, heads: int, head_dim: int = 8, seed: int = 0) -> LoadedModel:
     """A random Llama with ``layers`` x ``heads`` heads of ``head_dim`` (GQA off)."""
-    import transformers
-
     hidden = heads * head_dim
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -48,9 +47,9 @@ def llama(layers: int, heads: int, head_dim: int = 8, seed: int = 0) -> LoadedMo
     return LoadedModel(model, ByteTokenizer(), f"random-llama-{layers}x{heads}")
 
 
-def examples(n: int, length: int) -> list[Example]:
+def examples(n: int, length: int, seed: int = 0) -> list[Example]:
     """``n`` examples of ``length`` tokens (BOS + prompt + 2 target tokens), two tasks."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     letters = "abcdefghijklmnopqrstuvwxyz "
     out = []
     for i in range(n):
@@ -82,7 +81,7 @@ def point(lm: LoadedModel, n: int, length: int, batch: int, sample: int, repeats
 
 
 def plot(rows: list[dict], path: Path, meta: str) -> None:
-    import matplotlib
+    import matplotlib  # here, not at the top: the backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

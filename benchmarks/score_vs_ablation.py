@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import headscore
+from headscore import bench
 from headscore.data.tasks import load_tasks
 from headscore.results import atomic_write, library_versions
 
@@ -32,28 +33,16 @@ def timed(fn, *args, **kwargs):
 def sequential_sample(lm, examples, num_heads: int, kw: dict):
     """Time the naive sweep (one forward pass per head) on ``num_heads`` evenly spaced heads.
 
-    Returns the time extrapolated to all heads (clean passes once, plus the per-head passes scaled
-    by all heads / sampled heads), the sampled per-task loss increases [T, num_heads], and the head indices.
+    The bench's sampled sweep (:func:`headscore.bench.sampled_ablation`, its head sample and its
+    extrapolation: clean passes once plus the per-head passes scaled by all heads / sampled heads).
+    Returns the extrapolated seconds, the sampled per-task loss increases [T, K] and the flat head indices.
     """
-    from headscore.accumulate import TaskAccumulator
-    from headscore.methods.ablation import clean_losses, gated_losses, single_head_gates
-    from headscore.patch import head_layout
-
-    prep = headscore.prepare(lm, examples, max_examples=kw["max_examples"])
-    layout = head_layout(lm.model)
-    total = layout.num_layers * layout.num_heads
-    heads = torch.linspace(0, total - 1, num_heads).round().long().unique()
-    rows = single_head_gates(layout.num_layers, layout.num_heads)[heads]
-    acc = TaskAccumulator(prep.tasks, 1, len(heads))
-    clean_s = sweep_s = 0.0
-    with headscore.patch(lm.model) as gates:
-        for batch in prep.batches(kw["batch_size"], desc="sequential sample", progress=kw["progress"]):
-            clean, t = timed(clean_losses, lm.model, gates, batch)
-            clean_s += t
-            ablated, t = timed(gated_losses, lm.model, gates, batch, rows, mode="sequential")
-            sweep_s += t
-            acc.add(batch.task_index, (ablated - clean[None]).T.unsqueeze(1))
-    return clean_s + sweep_s * total / len(heads), acc.mean[:, 0], heads
+    ctx = bench.Context(lm, examples, batch_size=kw["batch_size"], max_examples=kw["max_examples"],
+                        sample_heads=num_heads)
+    out = bench.sampled_ablation(ctx, "sequential")
+    heads = sorted(out.partial)
+    sampled = torch.tensor([out.partial[h] for h in heads], dtype=torch.float64).T
+    return out.seconds, sampled, torch.tensor(heads)
 
 
 def main() -> None:

@@ -24,14 +24,6 @@ def ctx():
     return bench.Context(lm, random_examples(16), batch_size=8, sample_heads=8, full_ablation=False)
 
 
-@pytest.fixture(scope="module")
-def peers():
-    module = bench.load_peers()
-    if isinstance(module, str):
-        pytest.skip(module)
-    return module
-
-
 @pytest.mark.parametrize("method", ["floor", "taylor", "hooks-attribution", "ablate-batched", "ablate-sequential"])
 def test_builtin(benchmark, ctx, method):
     fn = bench.BUILTIN[method]
@@ -39,11 +31,11 @@ def test_builtin(benchmark, ctx, method):
 
 
 @pytest.mark.parametrize("method", ["nnsight-attribution", "tl-attribution", "tl-ablation"])
-def test_peer(benchmark, ctx, peers, method):
-    reason = peers.unavailable(method)
+def test_peer(benchmark, ctx, method):
+    reason = bench.unavailable(method)
     if reason:
         pytest.skip(reason)
-    fn = peers.PEERS[method]
+    fn = bench.PEERS[method]
     try:
         fn.setup(ctx)
     except Exception as exc:  # noqa: BLE001 - e.g. TransformerLens cannot boot a model without an HF tokenizer

@@ -35,28 +35,46 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return cached
 
 
+def target_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of ``labels`` [B, P] under ``logits`` [B, P, V] over the positions where ``mask`` [B, P]
+    is set: [B], in float32 (float64 for a float64 model). The one loss every method measures."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    mask = mask.to(dtype)
+    logp = torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return -(logp * mask).sum(1) / mask.sum(1)
+
+
+def _target_span(batch: Batch) -> tuple[int, int]:
+    """Logit positions [start, end) that predict the batch's target tokens (logits at p predict p + 1)."""
+    positions = batch.target_mask.any(0).nonzero().flatten()
+    return int(positions[0]) - 1, int(positions[-1])
+
+
+def losses_from_logits(logits: torch.Tensor, batch: Batch, *, span_only: bool = False) -> torch.Tensor:
+    """Mean target NLL of each row of ``batch`` [B] from its logits: all positions [B, T, V], or with
+    ``span_only`` just the positions that predict target tokens. Raises NonFiniteLoss on inf/NaN."""
+    start, end = _target_span(batch)
+    if not span_only:
+        logits = logits[:, start:end]
+    labels = batch.input_ids[:, start + 1:end + 1]
+    loss = target_nll(logits, labels, batch.target_mask[:, start + 1:end + 1])
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(batch.example_index[~torch.isfinite(loss)].tolist(), logits.dtype)
+    return loss
+
+
 def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean target NLL of each row of ``batch`` [B] (float32, or float64 for a float64 model).
 
     Only the logits of the positions that predict target tokens are computed when the
     model supports ``logits_to_keep``. Raises HeadscoreError on a non-finite loss.
     """
-    positions = batch.target_mask.any(0).nonzero().flatten()
-    start, end = int(positions[0]) - 1, int(positions[-1])  # logits at p predict token p + 1
+    start, end = _target_span(batch)
     keep = torch.arange(start, end, device=batch.input_ids.device)
     kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                    **kwargs).logits
-    if not kwargs:
-        logits = logits[:, start:end]
-    labels = batch.input_ids[:, start + 1:end + 1]
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    mask = batch.target_mask[:, start + 1:end + 1].to(dtype)
-    logp = torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    loss = -(logp * mask).sum(1) / mask.sum(1)
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(batch.example_index[~torch.isfinite(loss)].tolist(), logits.dtype)
-    return loss
+    return losses_from_logits(logits, batch, span_only=bool(kwargs))
 
 
 def run_forward(model: torch.nn.Module, batch: Batch) -> None:

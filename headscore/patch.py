@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from . import compat
 from .errors import UnsupportedModelError
 from .gate import apply_gate
 
@@ -116,61 +116,14 @@ class HeadGates:
         return apply_gate(out, g.to(out.device), None if m is None else m.to(out.device))
 
 
-def _key_padding_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> tuple[bool, torch.Tensor | None]:
-    """Whether a transformers mask is causal + key padding, and that padding mask [B, S] (True = keep).
-
-    The fused kernel handles exactly that case; anything else (sliding windows, packed
-    sequences, custom masks) goes through the model's own attention.
-    """
-    if mask is None:
-        return True, None
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or q_len != kv_len:
-        return False, None
-    keep = mask[:, 0, -1, :]  # the last query row sees every key that is not padding
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
-    expected = causal[None] & keep[:, None, :]
-    if not torch.equal(mask[:, 0], expected):
-        return False, None
-    return True, (None if bool(keep.all()) else keep)
-
-
-def kernel_available(device: torch.device) -> bool:
-    """True where the fused Triton kernel can run: a CUDA device and an importable triton."""
-    if device.type != "cuda":
-        return False
-    from .kernels import triton_available
-
-    return triton_available()
-
-
-def _module_eager_function(module: torch.nn.Module) -> Callable:
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise UnsupportedModelError(
-            f"{type(module).__name__} has no eager_attention_forward in its module; load the model with "
-            "attn_implementation='sdpa'")
-    return fn
-
-
-def _inner_attention(name: str) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if name == "eager":
-        return lambda module, *args, **kwargs: _module_eager_function(module)(module, *args, **kwargs)
-    try:
-        return ALL_ATTENTION_FUNCTIONS[name]
-    except KeyError as exc:
-        raise UnsupportedModelError(f"attention implementation {name!r} is not in transformers' registry") from exc
-
-
 def _check_patchable(model: torch.nn.Module) -> str:
+    compat.check_transformers()
     name = type(model).__name__
-    can_set = getattr(model, "_can_set_attn_implementation", None)
-    if can_set is None or not can_set():
+    if not compat.can_route_attention(model):
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so headscore "
             "cannot gate its heads")
-    current = model.config._attn_implementation
+    current = compat.attention_implementation(model)
     if current is None:
         raise UnsupportedModelError(f"{name} has no attention implementation set in its config")
     return current
@@ -199,51 +152,25 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     On exit (also after an exception) the model's attention implementation, the
     registries and the parameters' ``requires_grad`` flags are as they were.
     """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
+    from .kernels import dispatch  # imports triton (about 0.4 s): only once a model is patched
 
     original = _check_patchable(model)
     state = HeadGates(head_layout(model))
-    inner = _inner_attention(original)
-
-    def fused(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        """The fused kernel's output [B, T, H, D], or None where it cannot serve this call."""
-        wanted = kernel if kernel is not None else kernel_available(query.device)
-        if not wanted or state.observers or dropout or kwargs.get("softcap") or kwargs.get("sliding_window"):
-            return None
-        if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return None
-        layer = getattr(module, "layer_idx", None)
-        if layer is None or not (getattr(module, "is_causal", True) and query.shape[2] > 1):
-            return None
-        ok, padding = _key_padding_mask(attention_mask, query.shape[2], key.shape[2])
-        if not ok:
-            return None
-        from .kernels import gated_attention as kernel_fn
-
-        b, h = query.shape[0], query.shape[1]
-        gate = torch.ones(b, h, device=query.device) if state.gates is None else state.gates[:, layer]
-        if gate.shape[0] not in (1, b):
-            raise ValueError(f"gates have {gate.shape[0]} rows but the batch has {b}")
-        base = None if state.baseline is None else state.baseline[layer].to(query.device)
-        state.kernel_calls += 1
-        out = kernel_fn(query, key, value, gate.expand(b, h).to(query.device), base, causal=True,
-                        key_padding_mask=padding, scale=scaling)
-        return out.transpose(1, 2).contiguous()
+    inner = compat.attention_function(original)
 
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
         if not args:
-            out = fused(module, query, key, value, attention_mask, **kwargs)
+            out = dispatch.fused_gated_attention(module, query, key, value, attention_mask, gates=state.gates,
+                                                 baseline=state.baseline, wanted=kernel,
+                                                 observed=bool(state.observers), **kwargs)
             if out is not None:
+                state.kernel_calls += 1
                 return out, None
         out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
         return state._apply(getattr(module, "layer_idx", None), out), weights
 
     key = f"headscore_gated_{next(_counter)}"
-    AttentionInterface.register(key, gated_attention)
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
-    if mask_fn is not None:
-        AttentionMaskInterface.register(key, mask_fn)
+    compat.register_attention(key, gated_attention, masks_like=original)
     entry = _ActivePatch(key, original, [(p, p.requires_grad) for p in model.parameters()])
     stack: list[_ActivePatch] = model.__dict__.setdefault(_STACK_ATTR, [])
     stack.append(entry)
@@ -255,8 +182,7 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         yield state
     finally:
         _exit_patch(model, stack, entry)
-        AttentionInterface._global_mapping.pop(key, None)
-        AttentionMaskInterface._global_mapping.pop(key, None)
+        compat.unregister_attention(key)
 
 
 _STACK_ATTR = "_headscore_active_patches"
@@ -287,5 +213,5 @@ def _exit_patch(model: torch.nn.Module, stack: list[_ActivePatch], entry: _Activ
         p.requires_grad_(flag)
     with contextlib.suppress(Exception):
         model.set_attn_implementation(entry.original)
-    if model.config._attn_implementation != entry.original:  # a mapping change we could not undo via the API
-        model.config._attn_implementation_internal = entry.original
+    if compat.attention_implementation(model) != entry.original:  # a change we could not undo via the API
+        compat.force_attention_implementation(model, entry.original)

@@ -10,8 +10,15 @@ import torch
 from tiny import tiny_model
 
 import headscore
+from headscore.data.cogqa import (
+    CogQAExample,
+    load_cogqa,
+    question_ids,
+    sample_per_function,
+    split_by_question,
+    split_indices_by_question,
+)
 from headscore.data.tasks import load_tasks
-from headscore.data.cogqa import CogQAExample, load_cogqa, question_ids, sample_per_function, split_by_question
 
 # the CogQA training split stays outside the project: $HEADSCORE_COGQA, else the team's shared folder
 COGQA_FILE = Path(os.environ.get("HEADSCORE_COGQA")
@@ -92,6 +99,26 @@ def test_split_by_question(tmp_path, seed):
     assert split_by_question(examples, 0.7, seed + 100) != (a, b)
 
 
+def test_index_split_agrees_with_split_by_question(tmp_path):
+    """split_by_question is the items at split_indices_by_question's positions: synthetic and real file."""
+    cases = [load_cogqa(write(tmp_path, synthetic(30, rare=False)), min_examples=1), synthetic(30, rare=False)]
+    if COGQA_FILE.is_file():
+        with pytest.warns(UserWarning, match="dropped labels"):
+            real = load_cogqa(COGQA_FILE)
+        cases += [real, sample_per_function(real, 40, 0)]
+    for items in cases:
+        for fraction, seed in ((0.8, 0), (0.5, 1), (0.7, 7), (0.1, 3)):
+            first, second = split_indices_by_question(question_ids(items), fraction, seed)
+            assert sorted(first + second) == list(range(len(items)))
+            assert first == sorted(first) and second == sorted(second)
+            assert split_by_question(items, fraction, seed) == ([items[i] for i in first], [items[i] for i in second])
+    # pinned: the split the reproductions so far were made with (random.Random(seed).shuffle of sorted ids)
+    assert split_indices_by_question(list(range(10)), 0.7, 0) == ([1, 2, 3, 4, 5, 7, 8], [0, 6, 9])
+    assert split_indices_by_question([3, 3, 1, 1, 1, 7, 0, 0, 5], 0.5, 2) == ([0, 1, 2, 3, 4], [5, 6, 7, 8])
+    with pytest.raises(headscore.HeadscoreError, match="two distinct questions"):
+        split_indices_by_question([4, 4, 4])
+
+
 def test_sample_per_function(tmp_path):
     examples = load_cogqa(write(tmp_path, synthetic(30, rare=False)), min_examples=1)
     sub = sample_per_function(examples, 4, seed=3)
@@ -143,7 +170,7 @@ def test_reproduction_on_real_cogqa(tmp_path):
     """The whole reproduction on a small subset of the real CogQA file (CI runs it when the file is there)."""
     if not COGQA_FILE.is_file():
         pytest.skip(f"the shared CogQA file {COGQA_FILE} is absent")
-    from headscore.cogqa import reproduce_cogqa
+    from headscore.cogqa import REPRODUCTION_FILES, reproduce_cogqa
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -153,8 +180,10 @@ def test_reproduction_on_real_cogqa(tmp_path):
                           progress=False)
     report = rep.write(tmp_path)
     for name in ("grid_probe.png", "grid_taylor.png", "grid_ablation.png", "scatter_taylor.png", "jaccard_taylor.png",
-                 "layer_profiles.png", "probe.hs", "summary.json", "interventions.md"):
+                 "jaccard_taylor.pdf", "layer_profiles.png", "layer_profiles.pdf", "probe.hs", "summary.json",
+                 "interventions.md"):
         assert (tmp_path / name).is_file()
+    assert {p.name for p in tmp_path.iterdir()} <= set(REPRODUCTION_FILES)  # what the CLI checks before writing
     assert "![probe](grid_probe.png)" in report.read_text()
     assert headscore.HeadScores.load(tmp_path / "probe.hs").extra["probe_accuracy"] == \
         rep.probe.extra["probe_accuracy"]

@@ -5,8 +5,8 @@ import torch
 from tiny import ByteTokenizer, random_examples, tiny_model
 
 import headscore
+from headscore.cogqa.interventions import intervene, random_head_sets
 from headscore.data.examples import Example
-from headscore.interventions import intervene, random_head_sets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from headscore import report
+from headscore import figures, report
+from headscore.report import heatmaps, scatter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PDF_MAGIC = b"%PDF-"
@@ -61,7 +62,7 @@ def _check_files(paths, stem):
 def test_heatmap_figure_layout(t, layers, heads, shape):
     s = make_scores(t, layers, heads)
     assert report.grid_shape(t) == shape
-    fig = report._build_heatmap_figure(s)
+    fig = heatmaps.build_heatmap_figure(s)
     panels = _panels(fig)
     assert len(panels) == t
     assert len(_colorbars(fig)) == 1 and len(fig.axes) == t + 1
@@ -79,39 +80,39 @@ def test_heatmap_figure_layout(t, layers, heads, shape):
 
 
 def test_heatmap_tall_grid_not_squashed_and_ticks_thinned(tmp_path):
-    fig = report._build_heatmap_figure(make_scores(8, 30, 9))
-    _check_files(report._save_png_pdf(fig, tmp_path / "tall"), "tall")  # lays the figure out
+    fig = heatmaps.build_heatmap_figure(make_scores(8, 30, 9))
+    _check_files(figures.save_figure(fig, tmp_path / "tall"), "tall")  # lays the figure out
     for ax in _panels(fig):
         box = ax.get_window_extent()
         assert box.height > box.width > 0.35 * box.height
         assert len(ax.get_yticks()) <= 10  # 30 layers: thinned
-    big = report._build_heatmap_figure(make_scores(1, 64, 40))
+    big = heatmaps.build_heatmap_figure(make_scores(1, 64, 40))
     ax = _panels(big)[0]
     assert len(ax.get_xticks()) < 40 and len(ax.get_yticks()) < 64 and ax.get_yticks()[0] == 0
 
 
 def test_heatmap_absolute_and_title():
     s = make_scores(3, 4, 4)
-    fig = report._build_heatmap_figure(s, absolute=True, title="My title", ncols=2)
+    fig = heatmaps.build_heatmap_figure(s, absolute=True, title="My title", ncols=2)
     panels = _panels(fig)
     np.testing.assert_allclose(np.asarray(panels[1].images[0].get_array()), s.values[1].abs().numpy())
     assert panels[0].images[0].get_clim()[0] >= 0
     assert fig.get_suptitle() == "My title"
-    signed = report._build_heatmap_figure(s)
+    signed = heatmaps.build_heatmap_figure(s)
     np.testing.assert_allclose(np.asarray(_panels(signed)[1].images[0].get_array()), s.values[1].numpy())
 
 
 def test_heatmap_grid_writes_png_and_pdf(tmp_path):
     _check_files(report.heatmap_grid(make_scores(3, 4, 4), tmp_path / "sub" / "heat.png"), "heat")
-    assert report._stem(tmp_path / "a.png") == report._stem(tmp_path / "a.PDF") == tmp_path / "a"
-    assert report._stem(tmp_path / "a.b") == tmp_path / "a.b"
+    assert figures._stem(tmp_path / "a.png") == figures._stem(tmp_path / "a.PDF") == tmp_path / "a"
+    assert figures._stem(tmp_path / "a.b") == tmp_path / "a.b"
 
 
 def test_scatter_spearman_in_titles(tmp_path):
     s = make_scores(2, 5, 4, seed=1)
     abl_vals = s.values + 0.5 * torch.randn(s.values.shape, dtype=torch.float64)
     abl = FakeScores(abl_vals, s.stderr, s.counts, list(s.tasks), "ablation-zero")
-    fig = report._build_scatter_figure(s, abl)
+    fig = scatter.build_scatter_figure(s, abl)
     axes = [ax for ax in fig.axes if ax.collections]
     assert len(axes) == 2
     for i, ax in enumerate(axes):
@@ -125,9 +126,9 @@ def test_scatter_spearman_in_titles(tmp_path):
 def test_scatter_reorders_tasks_and_accepts_arrays():
     s = make_scores(3, 4, 4)
     abl = FakeScores(s.values.flip(0), s.stderr, s.counts, s.tasks[::-1], "ablation-zero")
-    fig = report._build_scatter_figure(s, abl)
+    fig = scatter.build_scatter_figure(s, abl)
     assert all("1.000" in ax.get_title() for ax in fig.axes)  # matched by task name, not position
-    fig = report._build_scatter_figure(s, s.values.numpy() * 2)
+    fig = scatter.build_scatter_figure(s, s.values.numpy() * 2)
     assert all("1.000" in ax.get_title() for ax in fig.axes)
 
 
@@ -203,5 +204,5 @@ def test_backend_untouched():
     import matplotlib
 
     before = matplotlib.get_backend()
-    report._build_heatmap_figure(make_scores(1, 2, 2))
+    heatmaps.build_heatmap_figure(make_scores(1, 2, 2))
     assert matplotlib.get_backend() == before

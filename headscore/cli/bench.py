@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from ..bench import add_arguments, run_from_args
+import torch
+
+from ..bench import DEFAULT_METHODS, Context, format_table, run_bench, worker_args, write_outputs
+from ..errors import HeadscoreError
 from ..output_paths import OutputDir
-from .common import check_command_outputs
+from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks
 
 BENCH_FILES = ("bench.json", "bench.csv", "bench.md")
 
@@ -19,8 +24,53 @@ def register(sub) -> dict[str, Callable]:
     return {"bench": cmd_bench}
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options."""
+    add_model_args(p)  # --model, --device, --dtype, --batch-size, --no-progress, --tasks, --max-examples
+    p.add_argument("--rows-per-pass", type=int, default=64, help="rows per forward pass in batched ablation")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(DEFAULT_METHODS)}")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds after warm-up (median reported)")
+    p.add_argument("--warmup", type=at_least(0), default=1)
+    p.add_argument("--sample-heads", type=int, default=16,
+                   help="heads timed in the naive sweeps before extrapolating to all heads (0: all heads)")
+    p.add_argument("--sample-ablation", action="store_true",
+                   help="time batched ablation on the head sample too (extrapolated; no Spearman: for slow CPUs)")
+    p.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
+                   help="peak memory: a fresh subprocess per method (default), in this process, or off")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="directory for bench.json, bench.csv and bench.md")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     """``headscore bench``."""
     if args.out is not None:
         check_command_outputs(args, dirs=[OutputDir("--out", args.out, BENCH_FILES)])
     run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    """Run ``headscore bench`` from parsed arguments; prints the table and writes the outputs."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in DEFAULT_METHODS:
+            raise HeadscoreError(f"unknown bench method {m!r}; choose from {', '.join(DEFAULT_METHODS)}")
+    sample = None if args.sample_heads == 0 else args.sample_heads
+    lm, examples = load_model_and_tasks(args)
+    ctx = Context(lm, examples, args.batch_size, args.max_examples, args.rows_per_pass, sample,
+                  not args.sample_ablation)
+    worker = worker_args(ctx, model=args.model, device=args.device, dtype=args.dtype, tasks=args.tasks)
+    doc = run_bench(ctx, methods, repeats=args.repeats, warmup=args.warmup, memory=args.memory,
+                    memory_args=worker if args.memory == "subprocess" else None,
+                    log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    doc["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    m = doc["machine"]
+    print(f"{doc['model']} on {doc['device']} ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} threads, "
+          f"load {m['loadavg']}): {doc['examples']} examples, {doc['heads']} heads, batch {doc['batch_size']}")
+    print(format_table(doc))
+    if args.out:
+        for kind, path in write_outputs(doc, args.out).items():
+            print(f"{kind}: {path}")
+    return doc

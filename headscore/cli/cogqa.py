@@ -7,10 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cogqa import REPRODUCTION_FILES, fmt_cell, reproduce_cogqa
+from ..cogqa import REPRODUCTION_FILES, fmt_cell, intervene, reproduce_cogqa
 from ..data.examples import limit_per_task
 from ..errors import HeadscoreError
-from ..interventions import intervene
 from ..models import load_model
 from ..output_paths import OutputDir
 from ..results import HeadScores

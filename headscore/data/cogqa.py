@@ -23,7 +23,8 @@ and the target is the answer without a leading space (it starts the assistant tu
 
 Each example keeps the index of its main question (``question_id``) and its position in
 the chain (``step``), so :func:`split_by_question` can split by main question (no
-sub-question of one question on both sides).
+sub-question of one question on both sides); :func:`split_indices_by_question` does the same
+split on positions, for anything that can list its items' question ids.
 """
 
 from __future__ import annotations
@@ -145,16 +146,18 @@ def _question_key(item, i: int) -> int:
     return i if qid is None else qid
 
 
-def split_by_question(items: Sequence, fraction: float = 0.8, seed: int = 0) -> tuple[list, list]:
-    """Split CogQA examples (or the raw question dicts) by MAIN question, seeded.
+def split_indices_by_question(question_ids: Sequence, fraction: float = 0.8,
+                              seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split positions ``0 .. len(question_ids) - 1`` by MAIN question, seeded: ``(first, second)``.
 
-    ``fraction`` of the distinct questions (rounded, at least one on each side when there are two
-    or more) go to the first part; all sub-questions of a question land on the same side. Raw
-    question dicts (no ``question_id``) are split as they are. Order within each part is kept.
+    ``question_ids[i]`` is the main question of item i (any sortable keys, e.g. from
+    :func:`question_ids`). ``fraction`` of the distinct questions (rounded, at least one on each
+    side when there are two or more) go to the first part; all items of a question land on the
+    same side. Each part lists its positions in increasing order.
     """
     if not 0.0 < fraction < 1.0:
         raise HeadscoreError(f"split fraction must be between 0 and 1, got {fraction}")
-    keys = [_question_key(item, i) for i, item in enumerate(items)]
+    keys = list(question_ids)
     distinct = sorted(set(keys))
     if len(distinct) < 2:
         raise HeadscoreError("splitting by question needs at least two distinct questions")
@@ -162,9 +165,20 @@ def split_by_question(items: Sequence, fraction: float = 0.8, seed: int = 0) -> 
     rng.shuffle(distinct)
     n_first = min(max(1, round(fraction * len(distinct))), len(distinct) - 1)
     first = set(distinct[:n_first])
-    a = [item for item, k in zip(items, keys, strict=True) if k in first]
-    b = [item for item, k in zip(items, keys, strict=True) if k not in first]
-    return a, b
+    return [i for i, k in enumerate(keys) if k in first], [i for i, k in enumerate(keys) if k not in first]
+
+
+def split_by_question(items: Sequence, fraction: float = 0.8, seed: int = 0) -> tuple[list, list]:
+    """Split CogQA examples (or the raw question dicts) by MAIN question, seeded.
+
+    ``fraction`` of the distinct questions (rounded, at least one on each side when there are two
+    or more) go to the first part; all sub-questions of a question land on the same side. Raw
+    question dicts (no ``question_id``) are split as they are. Order within each part is kept.
+    The items at the positions :func:`split_indices_by_question` gives for :func:`question_ids`.
+    """
+    items = list(items)
+    first, second = split_indices_by_question(question_ids(items), fraction, seed)
+    return [items[i] for i in first], [items[i] for i in second]
 
 
 def sample_per_function(examples: Sequence[CogQAExample], max_per_function: int | None,
@@ -184,6 +198,6 @@ def sample_per_function(examples: Sequence[CogQAExample], max_per_function: int 
     return [ex for i, ex in enumerate(examples) if i in keep]
 
 
-def question_ids(examples: Sequence[Example]) -> list[int]:
-    """The main-question index of each example (its position for a plain :class:`Example`)."""
+def question_ids(examples: Sequence) -> list[int]:
+    """The main-question index of each example (its position for a plain :class:`Example` or a raw dict)."""
     return [_question_key(ex, i) for i, ex in enumerate(examples)]

@@ -26,8 +26,11 @@ import torch
 from torch import nn
 
 from ..accumulate import TaskAccumulator
+from ..data.cogqa import question_ids, split_indices_by_question
 from ..errors import HeadscoreError
 from ..loss import run_forward
+from ..patch import patch
+from ..prepared import prepare
 from ..text import printable
 
 POSITIONS = ("target", "predict")
@@ -41,8 +44,6 @@ def collect_activations(prep, batch_size: int = 8, *, positions: str = "target",
     ``prep`` is a :class:`headscore.api.Prepared`. ``positions="target"`` averages over the target
     tokens, ``"predict"`` over the positions whose next token is a target token.
     """
-    from ..patch import patch
-
     if positions not in POSITIONS:
         raise HeadscoreError(f"unknown probe positions {positions!r}; choose {' or '.join(POSITIONS)}")
     model = prep.lm.model
@@ -174,14 +175,11 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
     """Probe importance of every head for every task, with held-out accuracy: HeadScores, method ``probe``.
 
     Examples with a ``question_id`` (CogQA) are split by main question
-    (:func:`headscore.data.cogqa.split_by_question`), others example by example; ``train_fraction``
+    (:func:`headscore.data.cogqa.split_indices_by_question`), others example by example; ``train_fraction``
     of them train the probe. ``importance_on`` picks the examples the importance is averaged over:
     ``all``, ``train`` or ``test``. ``activations`` skips the forward pass (from
     :func:`collect_activations` on the same examples). Other options go to :func:`train_probe`.
     """
-    from ..data.cogqa import split_by_question
-    from ..prepared import prepare
-
     if importance_on not in ("all", "train", "test"):
         raise HeadscoreError(f"importance_on must be all, train or test, got {importance_on!r}")
     start = time.perf_counter()
@@ -194,9 +192,7 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
         raise HeadscoreError(f"activations have {acts.shape[0]} rows for {len(prep.examples)} examples")
     labels = torch.tensor([prep.tasks.index(ex.task) for ex in prep.examples])
     order = list(range(len(prep.examples)))
-    keyed = [_Keyed(i, getattr(ex, "question_id", i)) for i, ex in enumerate(prep.examples)]
-    train, test = split_by_question(keyed, train_fraction, seed)
-    train_idx, test_idx = [k.index for k in train], [k.index for k in test]
+    train_idx, test_idx = split_indices_by_question(question_ids(prep.examples), train_fraction, seed)
     _check_split(prep.tasks, labels, train_idx, test_idx)
     fit = train_probe(acts, labels, train_idx, test_idx, num_classes=len(prep.tasks), seed=seed, **probe_options)
     rows = {"all": order, "train": train_idx, "test": test_idx}[importance_on]
@@ -220,9 +216,3 @@ def _check_split(tasks: Sequence[str], labels: torch.Tensor, train_idx: Sequence
             f"{printable(tasks[i])!r} ({counts[i]} in all)" for i in absent)) if absent else "nothing is held out"
         raise HeadscoreError(f"too few examples for the probe: {what}; give every task several examples "
                              "(10 or more for a meaningful probe)")
-
-
-@dataclass(frozen=True)
-class _Keyed:
-    index: int
-    question_id: int

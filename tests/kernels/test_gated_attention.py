@@ -281,9 +281,6 @@ def test_import_without_triton(monkeypatch):
         x = torch.zeros(1, 1, 4, 16)
         with pytest.raises(RuntimeError, match="[Tt]riton"):
             mod.gated_attention(x, x, x, torch.ones(1))
-        with pytest.raises(RuntimeError, match="[Tt]riton"):
-            mod.gate_grad(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
-        assert torch.equal(mod.gate_grad_torch(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4)), torch.full((1, 1), 8.))
     finally:
         for key in [k for k in sys.modules if k.startswith(name + ".")]:
             del sys.modules[key]

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from headscore.kernels import triton_available  # noqa: E402
 from tiny import random_examples, tiny_model  # noqa: E402
 
 import headscore  # noqa: E402
+from headscore.kernels import triton_available  # noqa: E402
 
-pytestmark = [pytest.mark.triton,
+pytestmark = [pytest.mark.triton, pytest.mark.numerics,
               pytest.mark.skipif(not triton_available(), reason="triton is not installed")]
 
 

@@ -10,9 +10,9 @@
 4. zero ablation of every head on ``ablation_per_function`` examples per function (the shortest
    ones, to bound the cost: 1 + L * H forward passes per example) as the ground truth, and
    Spearman / top-k overlap of probe vs ablation and taylor vs ablation per function;
-5. interventions (:mod:`headscore.interventions`) on held-out examples: each function's top-k
+5. interventions (:mod:`headscore.cogqa.interventions`) on held-out examples: each function's top-k
    probe heads ablated and doubled vs k random heads;
-6. findings (:mod:`headscore.findings`): sparsity, layer profiles, Jaccard overlap, split-half
+6. findings (:mod:`headscore.cogqa.findings`): sparsity, layer profiles, Jaccard overlap, split-half
    stability; and :meth:`Reproduction.write` puts it all in one Markdown report with figures.
 """
 
@@ -27,19 +27,30 @@ from pathlib import Path
 
 import torch
 
-from . import findings
-from .compare import compare
-from .data.cogqa import COGQA_FUNCTIONS, load_cogqa, sample_per_function, split_by_question
-from .errors import HeadscoreError
+from ..api import ablate
+from ..compare import compare
+from ..data.cogqa import (
+    COGQA_FUNCTIONS,
+    load_cogqa,
+    question_ids,
+    sample_per_function,
+    split_by_question,
+    split_indices_by_question,
+)
+from ..errors import HeadscoreError
+from ..methods.gradient import gate_gradients
+from ..methods.probe import collect_activations, probe_scores
+from ..models import LoadedModel, load_model
+from ..patch import patch
+from ..prepared import prepare
+from ..results import HeadScores, atomic_write
+from .findings import jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity
+from .findings import stability as split_half_stability
 from .interventions import InterventionResult, intervene
-from .results import HeadScores, atomic_write
 
 
 def per_example_taylor(prep, batch_size: int = 8, *, progress: bool = True) -> torch.Tensor:
     """-dL/dg for every example (``taylor`` before averaging): float64 [N, L, H] in ``prep.examples`` order."""
-    from .methods.gradient import gate_gradients
-    from .patch import patch
-
     with patch(prep.lm.model) as heads:
         out = torch.zeros(len(prep.examples), heads.layout.num_layers, heads.layout.num_heads, dtype=torch.float64)
         for batch in prep.batches(batch_size, desc="score (taylor)", progress=progress):
@@ -116,7 +127,8 @@ class Reproduction:
 
     def write(self, out_dir: str | Path) -> Path:
         """Scores files, figures, ``summary.json`` and ``report.md`` into ``out_dir``; returns the report path."""
-        from .report import heatmap_grid, scatter_vs_ablation
+        # headscore.report imports matplotlib: on first use, so that importing this module stays fast
+        from ..report import heatmap_grid, scatter_vs_ablation
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -130,9 +142,9 @@ class Reproduction:
             for name in ("probe", "taylor"):
                 scatter_vs_ablation(maps[name], self.ablation, out / f"scatter_{name}")
         for name in ("probe", "taylor"):
-            findings.plot_jaccard(self.jaccard[name], maps[name].tasks, out / f"jaccard_{name}",
-                                  title=f"top-{self.options['overlap_k']} overlap ({name})")
-        findings.plot_layer_profiles(maps, out / "layer_profiles")
+            plot_jaccard(self.jaccard[name], maps[name].tasks, out / f"jaccard_{name}",
+                         title=f"top-{self.options['overlap_k']} overlap ({name})")
+        plot_layer_profiles(maps, out / "layer_profiles")
         if self.interventions is not None:
             self.interventions.to_json(out / "interventions.json")
             self.interventions.to_markdown_file(out / "interventions.md")
@@ -208,11 +220,6 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     ``functions`` keeps only those labels. Extra keyword options go to
     :func:`headscore.methods.probe.train_probe` (``epochs``, ``proj_dim``, ``hidden``, ``shared``, ...).
     """
-    from .api import ablate
-    from .methods.probe import collect_activations, probe_scores
-    from .models import LoadedModel, load_model
-    from .prepared import prepare
-
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model)
@@ -241,18 +248,15 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     stab: dict[str, dict] = {}
     if stability:
         tick = time.perf_counter()
-        half_a, half_b = split_by_question(_keyed(examples), 0.5, seed + 1)
-        ia, ib = [x[0] for x in half_a], [x[0] for x in half_b]
         halves = []
-        for idx in (ia, ib):
+        for idx in split_indices_by_question(question_ids(examples), 0.5, seed + 1):
             sub = [examples[i] for i in idx]
             halves.append(probe_scores(lm, sub, train_fraction=train_fraction, seed=seed, activations=acts[idx],
                                        progress=False, **probe_options))
-        stab["probe"] = findings.stability(halves[0], halves[1], overlap_k)
-        ga, gb = split_by_question(_keyed(grad_examples), 0.5, seed + 1)
-        stab["taylor"] = findings.stability(scores_from_values(gprep, per_ex, [x[0] for x in ga], "taylor"),
-                                            scores_from_values(gprep, per_ex, [x[0] for x in gb], "taylor"),
-                                            overlap_k)
+        stab["probe"] = split_half_stability(halves[0], halves[1], overlap_k)
+        ga, gb = split_indices_by_question(question_ids(grad_examples), 0.5, seed + 1)
+        stab["taylor"] = split_half_stability(scores_from_values(gprep, per_ex, ga, "taylor"),
+                                              scores_from_values(gprep, per_ex, gb, "taylor"), overlap_k)
         timings["stability"] = time.perf_counter() - tick
 
     ablation, pva, tva, sva, abl_examples = None, {}, {}, {}, []
@@ -290,25 +294,10 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     timings["total"] = sum(timings.values())
     maps = {"probe": probe, "taylor": taylor}
     return Reproduction(lm.name, options, counts, probe, taylor, ablation, pva, tva, sva, result_iv,
-                        {m: findings.sparsity(s) for m, s in maps.items()},
-                        {m: findings.jaccard_matrix(s, overlap_k) for m, s in maps.items()}, stab, timings)
+                        {m: sparsity(s) for m, s in maps.items()},
+                        {m: jaccard_matrix(s, overlap_k) for m, s in maps.items()}, stab, timings)
 
 
 def fmt_cell(value: float | None, spec: str) -> str:
     """A table cell: ``value`` formatted, or ``n/a`` when missing or undefined (NaN)."""
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-def _keyed(examples) -> list[_Row]:
-    return [_Row(i, ex.question_id) for i, ex in enumerate(examples)]
-
-
-class _Row(tuple):
-    """(index, question_id) with a ``question_id`` attribute for :func:`split_by_question`."""
-
-    def __new__(cls, index: int, question_id: int):
-        return super().__new__(cls, (index, question_id))
-
-    @property
-    def question_id(self) -> int:
-        return self[1]

@@ -7,9 +7,10 @@ many tokens as the target has; the decoded text, stripped, must equal the target
 The control is k random heads drawn from all L * H heads (seeded; one set per seed, shared by
 all functions, so it may overlap a function's top-k).
 
-Cost: each example runs once, with every gate setting as one row of a single batch (the
-example tiled once per setting), the prompt's KV cache reused for the teacher-forced loss and
-for greedy decoding.
+Cost: per example, every gate setting is one row of a single batch (the example tiled once
+per setting). The prompt runs once and its KV cache serves both the teacher-forced target tokens
+(for the loss, :func:`headscore.loss.target_nll`, the loss every headscore method measures) and
+greedy decoding, one token at a time.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import HeadscoreError
-from .results import HeadScores, atomic_write
-from .text import markdown_text
+from ..errors import HeadscoreError
+from ..loss import NonFiniteLoss, target_nll
+from ..methods.ablation import head_set_gates
+from ..patch import HeadGates, head_layout, patch
+from ..prepared import prepare
+from ..results import HeadScores, atomic_write
+from ..text import markdown_text
 
 
 def random_head_sets(num_layers: int, num_heads: int, k: int, seeds: Sequence[int]) -> list[list[tuple[int, int]]]:
@@ -50,36 +55,39 @@ def _decode(tokenizer, ids: list[int]) -> str | None:
 
 
 @torch.no_grad()
-def evaluate_settings(model: torch.nn.Module, heads, prompt_ids: Sequence[int], target_ids: Sequence[int],
-                      gate_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_settings(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequence[int],
+                      target_ids: Sequence[int], gate_rows: torch.Tensor, *,
+                      index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One example under K gate settings: target loss [K] (float64) and greedy tokens [K, n].
 
     The model must be patched (``heads`` from :func:`headscore.patch`). Row r of ``gate_rows``
-    [K, L, H] gates row r of one batch that holds the example K times.
+    [K, L, H] gates row r of one batch that holds the example K times. ``index`` is the example's
+    position in the run, which a :class:`headscore.loss.NonFiniteLoss` reports.
     """
+    # transformers is imported on first use (as in headscore.models): it is slow to import
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     k, n = gate_rows.shape[0], len(target_ids)
     dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
     prompt = torch.tensor([list(prompt_ids)], device=device).expand(k, -1)
-    target = torch.tensor(list(target_ids), device=device)
+    target = torch.tensor(list(target_ids), device=device).expand(k, -1)
     key = _cache_kwarg(model)
     cache = DynamicCache()
     with heads.using(gate_rows.to(device, dtype), None):
         first = model(input_ids=prompt, use_cache=True, **{key: cache}).logits[:, -1]
         logits = first[:, None]
         if n > 1:  # teacher-forced target tokens on a copy of the prompt's cache
-            forced = model(input_ids=target[:-1].expand(k, -1), use_cache=True,
-                           **{key: copy.deepcopy(cache)}).logits
+            forced = model(input_ids=target[:, :-1], use_cache=True, **{key: copy.deepcopy(cache)}).logits
             logits = torch.cat([logits, forced], dim=1)
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        loss = -logp.gather(-1, target.expand(k, -1).unsqueeze(-1)).squeeze(-1).mean(1).double().cpu()
+        loss = target_nll(logits, target, torch.ones_like(target))
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss([index], logits.dtype)
         tokens = [first.argmax(-1)]
         for _ in range(n - 1):
             step = model(input_ids=tokens[-1][:, None], use_cache=True, **{key: cache}).logits[:, -1]
             tokens.append(step.argmax(-1))
-    return loss, torch.stack(tokens, 1).cpu()
+    return loss.double().cpu(), torch.stack(tokens, 1).cpu()
 
 
 @dataclass
@@ -157,9 +165,6 @@ def intervene(model, examples, scores: HeadScores, *, k: int = 5, seeds: Sequenc
         scale: gate for the amplification rows (None: no amplification).
         functions: the functions to intervene on (default: tasks in both ``scores`` and ``examples``).
     """
-    from .patch import head_layout, patch
-    from .prepared import prepare
-
     prep = prepare(model, examples)
     lm = prep.lm
     layout = head_layout(lm.model)
@@ -181,19 +186,18 @@ def intervene(model, examples, scores: HeadScores, *, k: int = 5, seeds: Sequenc
     for s, heads_ in zip(seeds, random_head_sets(layout.num_layers, layout.num_heads, k, seeds), strict=True):
         sets[f"random:{s}"], gates[f"random:{s}"] = heads_, 0.0
     names = ["clean", *sets]
-    rows = torch.ones(len(names), layout.num_layers, layout.num_heads, dtype=torch.float64)
-    for r, name in enumerate(names[1:], 1):
-        for layer, head in sets[name]:
-            rows[r, layer, head] = gates[name]
+    rows = torch.cat([head_set_gates([], layout.num_layers, layout.num_heads)]
+                     + [head_set_gates(sets[name], layout.num_layers, layout.num_heads, gates[name])
+                        for name in names[1:]])
 
     loss = torch.empty(len(names), len(prep.examples), dtype=torch.float64)
     correct = torch.zeros(len(names), len(prep.examples), dtype=torch.bool)
     bar = tqdm(prep.tokenized, desc="interventions", unit="example", disable=not progress, leave=False)
-    with patch(lm.model) as heads:
+    with patch(lm.model) as heads, prep.naming_examples():
         for item in bar:
             ids = list(item.ids)
             prompt, target = ids[:-item.num_target], ids[-item.num_target:]
-            ex_loss, tokens = evaluate_settings(lm.model, heads, prompt, target, rows)
+            ex_loss, tokens = evaluate_settings(lm.model, heads, prompt, target, rows, index=item.index)
             loss[:, item.index] = ex_loss
             want = prep.examples[item.index].target.strip()
             for r in range(len(names)):

@@ -3,12 +3,18 @@
 ``o`` and ``dy`` are [B, T, H, D]: the attention output in the layout it has just before the heads are
 flattened for ``o_proj``. :func:`gate_grad` is a single-pass Triton reduction (each element of ``o`` and
 ``dy`` is read once, products accumulated in float32); :func:`gate_grad_torch` is the plain PyTorch
-expression it replaces.
+expression.
+
+Not part of the package: the gate that runs (``headscore.gate``) computes its gradient with einsum, and
+the fused attention kernel (``headscore.kernels.gated_attention``) gets it from its backward's
+preprocessing pass. This kernel stays here for ``bench_gated_attention.py``, which measures it against
+the PyTorch expression on a GPU (see benchmarks/RESULTS.md), and for its tests
+(``tests/kernels/test_gate_grad.py``).
 """
 
 import torch
 
-from ._compat import alloc, check_device, is_interpreted, next_pow2, require_triton, tl, triton
+from headscore.kernels._compat import alloc, check_device, is_interpreted, next_pow2, require_triton, tl, triton
 
 __all__ = ["gate_grad", "gate_grad_torch"]
 

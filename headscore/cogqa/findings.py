@@ -1,4 +1,8 @@
-"""Summaries of head maps: sparsity, layer profiles, overlap of top heads between tasks, split-half stability."""
+"""Summaries of head maps: sparsity, layer profiles, overlap of top heads between tasks, split-half stability.
+
+The figures are drawn on :class:`matplotlib.figure.Figure` with an Agg canvas (never ``pyplot``) and written
+as PNG and PDF by :func:`headscore.figures.save_figure`, like every other headscore figure.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .compare import agreement
-from .results import HeadScores
+from ..compare import agreement
+from ..figures import save_figure
+from ..results import HeadScores
 
 
 def sparsity(scores: HeadScores, share: float = 0.05) -> dict[str, float]:
@@ -53,22 +58,16 @@ def stability(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, float]:
     return {t: agreement(a.task(t), b.task(t), k).spearman for t in a.tasks if t in b.tasks}
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def plot_jaccard(matrix: torch.Tensor, tasks: list[str], path: str | os.PathLike, *,
+                 title: str = "") -> list[Path]:
+    """Heatmap of a Jaccard matrix, values written in the cells: ``[<stem>.png, <stem>.pdf]``."""
+    # matplotlib is imported on first use: importing the module (and the CLI) stays fast
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path = Path(path).with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    return path
-
-
-def plot_jaccard(matrix: torch.Tensor, tasks: list[str], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Heatmap of a Jaccard matrix, values written in the cells; PNG."""
     from matplotlib.figure import Figure
 
     n = len(tasks)
-    fig = Figure(figsize=(1.0 + 0.75 * n, 0.8 + 0.7 * n))
+    fig = Figure(figsize=(1.0 + 0.75 * n, 0.8 + 0.7 * n), layout="constrained")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(n), tasks, rotation=45, ha="right", fontsize=8)
@@ -79,14 +78,21 @@ def plot_jaccard(matrix: torch.Tensor, tasks: list[str], path: str | os.PathLike
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=ax, label="Jaccard of top-k heads")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_layer_profiles(profiles: dict[str, HeadScores], path: str | os.PathLike, *, absolute: bool = True) -> Path:
-    """One panel per method: each task's layer profile (sum over heads, normalised to sum 1); PNG."""
+def plot_layer_profiles(profiles: dict[str, HeadScores], path: str | os.PathLike, *,
+                        absolute: bool = True) -> list[Path]:
+    """One panel per method: each task's layer profile (sum over heads, normalised to sum 1).
+
+    Returns ``[<stem>.png, <stem>.pdf]``.
+    """
+    # matplotlib is imported on first use: importing the module (and the CLI) stays fast
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * len(profiles), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
     for i, (name, scores) in enumerate(profiles.items()):
         ax = fig.add_subplot(1, len(profiles), i + 1)
         prof = layer_profile(scores, absolute=absolute)
@@ -98,4 +104,4 @@ def plot_layer_profiles(profiles: dict[str, HeadScores], path: str | os.PathLike
             ax.set_ylabel("share of |importance|" if absolute else "share of importance")
         ax.set_title(name, fontsize=10)
     fig.axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,8 +1,9 @@
 """Peers for ``headscore bench``: all-head attribution and ablation written with nnsight and TransformerLens.
 
-Loaded by ``headscore.bench`` from this file; nnsight and transformer_lens are imported lazily,
-and a method whose library is missing reports ``unavailable: <reason>``. Install them apart from
-headscore's own environment (see benchmarks/RESULTS.md), e.g.::
+nnsight and transformer_lens are optional and not headscore dependencies: each is imported inside the
+function that needs it, and a method whose library is missing is reported as ``unavailable: <reason>``
+(:func:`unavailable`). Install them apart from headscore's own environment (see benchmarks/RESULTS.md),
+e.g.::
 
     python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install torch==2.13.0
     /work/peers-venv/bin/pip install -e . --no-deps && /work/peers-venv/bin/pip install transformers==5.24.0 \
@@ -10,8 +11,8 @@ headscore's own environment (see benchmarks/RESULTS.md), e.g.::
     /work/peers-venv/bin/pip install -c constraints.txt nnsight transformer-lens   # torch/transformers pinned
 
 Every method uses headscore's own tokenised batches and per-example loss (mean NLL of the target
-tokens), so each computes the same quantity as ``headscore.score(method="taylor")``:
--sum over tokens of <activation, gradient> per head, averaged per task.
+tokens, :func:`.methods.losses_from_logits`), so each computes the same quantity as
+``headscore.score(method="taylor")``: -sum over tokens of <activation, gradient> per head, averaged per task.
 
 - ``nnsight-attribution``: as nnsight's documentation teaches: ``model.trace``, save each
   ``o_proj`` input, ``with loss.backward():`` read ``.grad`` (in reverse layer order), then
@@ -20,27 +21,29 @@ tokens), so each computes the same quantity as ``headscore.score(method="taylor"
   not installable beside transformers 5) forward and backward hooks on ``blocks.*.attn.hook_z``,
   as in TransformerLens' attribution patching demo.
 - ``tl-ablation``: TransformerLens per-head zero ablation with a ``hook_z`` hook, one forward pass
-  per head (timed on a sample of heads and extrapolated, like headscore's sequential sweep).
+  per head (timed on the same head sample as headscore's sequential sweep and extrapolated, by the
+  same :func:`.methods.timed_head_sweep`).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import time
 
 import torch
 
-from headscore.bench import Context, Output, _RowAccumulator, attribution_from_acts, target_losses
-from headscore.patch import head_layout
+from ..models import resolve_model_path
+from ..patch import head_layout
+from .methods import Context, Method, Output, attribution_from_acts, losses_from_logits, timed_head_sweep
 
 _CACHE: dict[tuple[str, int], object] = {}
+LIBRARIES = {"nnsight-attribution": "nnsight", "tl-attribution": "transformer_lens",
+             "tl-ablation": "transformer_lens"}
 
 
 def unavailable(name: str) -> str | None:
     """Why peer ``name`` cannot run here, or None."""
-    lib = {"nnsight-attribution": "nnsight", "tl-attribution": "transformer_lens",
-           "tl-ablation": "transformer_lens"}[name]
+    lib = LIBRARIES[name]
     if importlib.util.find_spec(lib) is None:
         return f"{lib} is not installed in this environment ({lib.replace('_', '-')} from PyPI)"
     if lib == "transformer_lens":
@@ -56,7 +59,7 @@ def unavailable(name: str) -> str | None:
 def _nnsight_model(ctx: Context):
     key = ("nnsight", id(ctx.lm.model))
     if key not in _CACHE:
-        from nnsight import LanguageModel
+        from nnsight import LanguageModel  # optional peer: imported only when it runs
 
         _CACHE[key] = LanguageModel(ctx.lm.model, tokenizer=ctx.lm.tokenizer)
     return _CACHE[key]
@@ -74,7 +77,7 @@ def nnsight_attribution(ctx: Context) -> Output:
         with model.trace({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}):
             for layer in layers:
                 acts.append(layer.self_attn.o_proj.input.save())
-            loss = target_losses(model.lm_head.output, batch).sum()
+            loss = losses_from_logits(model.lm_head.output, batch).sum()
             with loss.backward():
                 for act in reversed(acts):
                     grads.append(act.grad.save())
@@ -94,9 +97,7 @@ def _bridge(ctx: Context):
     attention; headscore's copy stays as loaded). Built once per model, not timed."""
     key = ("tl", id(ctx.lm.model))
     if key not in _CACHE:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        from headscore.models import resolve_model_path
+        from transformer_lens.model_bridge import TransformerBridge  # optional peer: imported only when it runs
 
         hf = copy.deepcopy(ctx.lm.model)
         name = getattr(hf.config, "_name_or_path", "") or ctx.lm.name
@@ -109,7 +110,7 @@ def _bridge(ctx: Context):
     return _CACHE[key]
 
 
-def _hook_z_names(bridge, num_layers: int) -> list[str]:
+def _hook_z_names(num_layers: int) -> list[str]:
     return [f"blocks.{i}.attn.hook_z" for i in range(num_layers)]
 
 
@@ -122,7 +123,7 @@ def tl_attribution(ctx: Context) -> Output:
     """Gradient x activation on hook_z with TransformerLens forward and backward hooks."""
     bridge = _bridge(ctx)
     layout = head_layout(ctx.lm.model)
-    names = _hook_z_names(bridge, layout.num_layers)
+    names = _hook_z_names(layout.num_layers)
     prep = ctx.prep
     acc = prep.accumulator()
     for batch in prep.batches(ctx.batch_size, progress=False):
@@ -134,7 +135,7 @@ def tl_attribution(ctx: Context) -> Output:
             bridge.add_hook(n, lambda grad, hook, i=i, grads=grads: grads.__setitem__(i, grad.detach()), "bwd")
         try:
             logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, return_type="logits")
-            target_losses(logits, batch).sum().backward()
+            losses_from_logits(logits, batch).sum().backward()
         finally:
             bridge.reset_hooks()
         a = [_heads_view(acts[i], layout.num_heads).flatten(2) for i in range(len(names))]
@@ -151,38 +152,32 @@ def tl_ablation(ctx: Context) -> Output:
     """Zero-ablate one head per forward pass through a hook_z hook (sampled heads, extrapolated)."""
     bridge = _bridge(ctx)
     layout = head_layout(ctx.lm.model)
-    names = _hook_z_names(bridge, layout.num_layers)
-    n = layout.num_layers * layout.num_heads
-    sample = ctx.head_sample() or list(range(n))
-    prep = ctx.prep
-    rows = _RowAccumulator(len(prep.tasks), len(sample))
-    t_clean = t_heads = 0.0
-    with torch.no_grad():
-        for batch in prep.batches(ctx.batch_size, progress=False):
-            t0 = time.perf_counter()
-            logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, return_type="logits")
-            clean = target_losses(logits, batch).double().cpu()
-            t1 = time.perf_counter()
-            deltas = []
-            for flat in sample:
-                layer, head = divmod(flat, layout.num_heads)
+    names = _hook_z_names(layout.num_layers)
+    sample = ctx.head_sample() or list(range(ctx.num_heads_total))
 
-                def zero(z, hook, head=head):
-                    z = _heads_view(z, layout.num_heads)
-                    z[:, :, head] = 0.0
-                    return None
+    def clean(batch) -> torch.Tensor:
+        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, return_type="logits")
+        return losses_from_logits(logits, batch).double().cpu()
 
-                logits = bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
-                                               return_type="logits", fwd_hooks=[(names[layer], zero)])
-                deltas.append(target_losses(logits, batch).double().cpu() - clean)
-            t_heads += time.perf_counter() - t1
-            t_clean += t1 - t0
-            rows.add(batch.task_index, torch.stack(deltas))
-    note = "measured on all heads" if len(sample) == n else f"extrapolated from {len(sample)} of {n} heads"
-    return Output(seconds=t_clean + t_heads * n / len(sample), note=note,
-                  partial=dict(zip(sample, rows.mean().T.tolist(), strict=True)))
+    def ablated(batch) -> torch.Tensor:
+        losses = []
+        for flat in sample:
+            layer, head = divmod(flat, layout.num_heads)
+
+            def zero(z, hook, head=head):
+                z = _heads_view(z, layout.num_heads)
+                z[:, :, head] = 0.0
+                return None
+
+            logits = bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
+                                           return_type="logits", fwd_hooks=[(names[layer], zero)])
+            losses.append(losses_from_logits(logits, batch).double().cpu())
+        return torch.stack(losses)
+
+    return timed_head_sweep(ctx, sample, clean, ablated)
 
 
 tl_ablation.setup = _bridge
 
-PEERS = {"nnsight-attribution": nnsight_attribution, "tl-attribution": tl_attribution, "tl-ablation": tl_ablation}
+PEERS: dict[str, Method] = {"nnsight-attribution": nnsight_attribution, "tl-attribution": tl_attribution,
+                            "tl-ablation": tl_ablation}

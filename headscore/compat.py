@@ -1,0 +1,106 @@
+"""Every use of transformers' private attributes, in one place, behind a minimum-version check.
+
+headscore gates heads through transformers' attention registry. The public parts of that API
+(``AttentionInterface.register``, ``model.set_attn_implementation``) are not enough: removing a
+registration, reading which attention a model runs, copying the mask function of an implementation
+and telling whether a model routes attention through the registry at all need private attributes.
+They are read here and nowhere else in the library, so a transformers release that renames one breaks
+one module, and ``tests/test_compat.py`` names it.
+
+transformers' registries are imported inside the functions that use them: importing
+``transformers.modeling_utils`` takes seconds, and the command line must start without it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from importlib.metadata import version as installed_version
+
+import torch
+
+from .errors import UnsupportedModelError
+
+MIN_TRANSFORMERS = (5, 0)
+"""Oldest transformers whose private attention attributes match what this module reads (pyproject: >=5.0)."""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise UnsupportedModelError if transformers (or ``version``) is older than MIN_TRANSFORMERS."""
+    version = version or installed_version("transformers")
+    if _version_tuple(version) < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise UnsupportedModelError(
+            f"headscore needs transformers>={need} (its attention registry); this is transformers {version}: "
+            f"pip install 'transformers>={need},<6'")
+
+
+def can_route_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` sends its attention through the registry (so its heads can be gated)."""
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    return bool(can_set is not None and can_set())
+
+
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    """The name of the attention implementation ``model`` runs now (``sdpa``, ``eager``, a registered key)."""
+    return model.config._attn_implementation
+
+
+def force_attention_implementation(model: torch.nn.Module, name: str) -> None:
+    """Set the implementation name in the config directly, for when ``set_attn_implementation`` refuses."""
+    model.config._attn_implementation_internal = name
+
+
+def attention_function(name: str) -> Callable:
+    """The attention function registered as ``name``; ``eager`` is the model module's own function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        return lambda module, *args, **kwargs: eager_attention(module)(module, *args, **kwargs)
+    try:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    except KeyError as exc:
+        raise UnsupportedModelError(f"attention implementation {name!r} is not in transformers' registry") from exc
+
+
+def eager_attention(module: torch.nn.Module) -> Callable:
+    """The ``eager_attention_forward`` of the modelling module that defines ``module``'s class."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no eager_attention_forward in its module; load the model with "
+            "attn_implementation='sdpa'")
+    return fn
+
+
+def register_attention(key: str, fn: Callable, *, masks_like: str) -> None:
+    """Register ``fn`` as attention ``key``, with the mask function of implementation ``masks_like``
+    (without one, transformers builds no causal mask for the new key)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(key, fn)
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(masks_like)
+    if mask_fn is not None:
+        AttentionMaskInterface.register(key, mask_fn)
+
+
+def unregister_attention(key: str) -> None:
+    """Remove ``key`` from both registries (a no-op for a key that is not there)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface._global_mapping.pop(key, None)
+    AttentionMaskInterface._global_mapping.pop(key, None)

@@ -1,0 +1,77 @@
+"""Which attention calls the fused kernel serves, and the call itself (used by :func:`headscore.patch`).
+
+The kernel computes causal attention with at most a key-padding mask, in float32/16 or bfloat16,
+without dropout, soft-capping or sliding windows, for a module that has a ``layer_idx``. Any other
+call (and any call while observers watch the pre-gate outputs, which the kernel never materialises)
+returns None, and the caller runs the model's own attention with the gate around it: results agree
+either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._compat import triton_available
+from .gated_attention import gated_attention
+
+__all__ = ["fused_gated_attention", "kernel_available", "key_padding_mask"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """True where the fused Triton kernel can run: a CUDA device and an importable triton."""
+    return device.type == "cuda" and triton_available()
+
+
+def key_padding_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> tuple[bool, torch.Tensor | None]:
+    """Whether a transformers mask is causal + key padding, and that padding mask [B, S] (True = keep).
+
+    The fused kernel handles exactly that case; anything else (sliding windows, packed
+    sequences, custom masks) goes through the model's own attention.
+    """
+    if mask is None:
+        return True, None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or q_len != kv_len:
+        return False, None
+    keep = mask[:, 0, -1, :]  # the last query row sees every key that is not padding
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
+    expected = causal[None] & keep[:, None, :]
+    if not torch.equal(mask[:, 0], expected):
+        return False, None
+    return True, (None if bool(keep.all()) else keep)
+
+
+def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, *, gates: torch.Tensor | None,
+                          baseline: torch.Tensor | None, wanted: bool | None, observed: bool, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs) -> torch.Tensor | None:
+    """The gated attention output [B, T, H, D] from the fused kernel, or None where it cannot serve the call.
+
+    Args:
+        module, query, key, value, attention_mask, dropout, scaling, kwargs: the arguments transformers
+            passes an attention function (query [B, H, T, D], key/value [B, Hkv, S, D]).
+        gates: the patch's gates [B or 1, L, H] (None: all ones); baseline: [L, H, D] or None.
+        wanted: the caller's ``kernel`` choice (None: wherever :func:`kernel_available`).
+        observed: observers want the pre-gate output, which the kernel does not produce.
+    """
+    if wanted is None:
+        wanted = kernel_available(query.device)
+    if not wanted or observed or dropout or kwargs.get("softcap") or kwargs.get("sliding_window"):
+        return None
+    if query.dtype not in _DTYPES:
+        return None
+    layer = getattr(module, "layer_idx", None)
+    if layer is None or not (getattr(module, "is_causal", True) and query.shape[2] > 1):
+        return None
+    ok, padding = key_padding_mask(attention_mask, query.shape[2], key.shape[2])
+    if not ok:
+        return None
+    b, h = query.shape[0], query.shape[1]
+    gate = torch.ones(b, h, device=query.device) if gates is None else gates[:, layer]
+    if gate.shape[0] not in (1, b):
+        raise ValueError(f"gates have {gate.shape[0]} rows but the batch has {b}")
+    base = None if baseline is None else baseline[layer].to(query.device)
+    out = gated_attention(query, key, value, gate.expand(b, h).to(query.device), base, causal=True,
+                          key_padding_mask=padding, scale=scaling)
+    return out.transpose(1, 2).contiguous()

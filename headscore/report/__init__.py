@@ -1,0 +1,67 @@
+"""Figures and a Markdown summary of a ``HeadScores`` result.
+
+* :func:`heatmap_grid`: one [layer x head] heatmap per task on a shared colour scale, with one colour bar
+  labelled "Heads Importance" (the layout of the CogQA "Cognitive Mirrors" figure), as PNG and PDF.
+* :func:`scatter_vs_ablation`: per task, score against measured ablation loss increase, with Spearman's rho.
+* :func:`markdown_summary`: top-k heads per task and the agreement with ablation, as Markdown.
+* :func:`write_report`: all of the above into one folder.
+
+Everything is drawn on :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``, so
+the caller's matplotlib backend is left alone. Files are written atomically (temporary file, then a rename)
+by :func:`headscore.figures.save_figure`.
+
+One module per job: :mod:`.inputs` (reading duck-typed scores), :mod:`.layout` (panel grids),
+:mod:`.heatmaps`, :mod:`.scatter`, :mod:`.summary`; :func:`write_report` is here.
+
+The functions are duck-typed: ``scores`` needs ``values`` and ``stderr`` ([T, L, H] tensors or arrays),
+``counts`` ([T]), ``tasks``, ``method`` and ``model``; ``ablation`` is such an object or a bare [T, L, H] array.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..results import atomic_write
+from .heatmaps import COLORBAR_LABEL, heatmap_grid
+from .inputs import ablation_values
+from .layout import grid_shape
+from .scatter import scatter_vs_ablation
+from .summary import markdown_summary
+
+__all__ = ["COLORBAR_LABEL", "REPORT_FILES", "grid_shape", "heatmap_grid", "markdown_summary", "scatter_vs_ablation",
+           "write_report"]
+
+REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "summary.md")
+"""The files :func:`write_report` may write into its directory."""
+
+
+def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = None,
+                 comparison: Mapping[str, Any] | None = None, k: int = 10) -> dict[str, Path]:
+    """Write a full report into ``out_dir`` (created if needed).
+
+    Files: ``heatmaps.png`` / ``heatmaps.pdf`` (:func:`heatmap_grid`), ``scatter.png`` / ``scatter.pdf``
+    when ``ablation`` is given (:func:`scatter_vs_ablation`) and ``summary.md`` (:func:`markdown_summary`,
+    linking the heatmap image, and the scatter when drawn).
+
+    Returns:
+        ``{"heatmaps_png", "heatmaps_pdf", ["scatter_png", "scatter_pdf",] "summary"}`` -> path.
+
+    Raises:
+        ValueError: ``ablation`` does not match ``scores`` (checked before anything is written).
+    """
+    if ablation is not None:
+        ablation_values(scores, ablation)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png, pdf = heatmap_grid(scores, out / "heatmaps")
+    paths = {"heatmaps_png": png, "heatmaps_pdf": pdf}
+    images = ["heatmaps.png"]
+    if ablation is not None:
+        paths["scatter_png"], paths["scatter_pdf"] = scatter_vs_ablation(scores, ablation, out / "scatter")
+        images.append("scatter.png")
+    text = markdown_summary(scores, k=k, ablation=ablation, comparison=comparison, images=images)
+    paths["summary"] = atomic_write(out / "summary.md", text.encode("utf-8"))
+    return paths

@@ -1,0 +1,84 @@
+"""The heatmap grid: one [layer x head] panel per task on one colour scale (the CogQA figure's layout)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..figures import save_figure
+from .inputs import task_values
+from .layout import axes_grid, grid_shape, is_bottom_row, panel_size, tick_positions, wrap_title
+
+COLORBAR_LABEL = "Heads Importance"
+_CMAP = "viridis"
+
+
+def _default_title(scores: Any, absolute: bool) -> str:
+    method = f"|{scores.method}|" if absolute else str(scores.method)
+    return f"Head importance ({method}) - {scores.model}"
+
+
+def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | None = None,
+                          absolute: bool = False) -> Figure:
+    """The heatmap grid as a matplotlib Figure (Agg canvas attached); see :func:`heatmap_grid`."""
+    vals = task_values(scores)
+    if absolute:
+        vals = np.abs(vals)
+    n, num_layers, num_heads = vals.shape
+    nrows, ncols = grid_shape(n, ncols)
+    pw, ph = panel_size(num_layers, num_heads)
+    # Room per panel for the title, tick labels and axis labels; plus the colour bar and the suptitle.
+    fig = Figure(figsize=(ncols * (pw + 0.6) + 1.1, nrows * (ph + 0.85) + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    finite = vals[np.isfinite(vals)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    xticks, yticks = tick_positions(num_heads, pw), tick_positions(num_layers, ph, spacing=0.22)
+    axes = axes_grid(fig, n, nrows, ncols, ph / pw)
+    image = None
+    for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
+        image = ax.imshow(np.ma.masked_invalid(vals[i]), origin="lower", aspect="auto", cmap=_CMAP,
+                          vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(wrap_title(task, pw + 0.4, 10), fontsize=10)
+        ax.set_xticks(xticks)
+        ax.set_yticks(yticks)
+        ax.tick_params(labelsize=7, length=2, pad=1.5)
+        if is_bottom_row(i, n, ncols):
+            ax.set_xlabel("Head", fontsize=9)
+        if i % ncols == 0:
+            ax.set_ylabel("Layer", fontsize=9)
+    cbar = fig.colorbar(image, ax=axes, shrink=0.85 if nrows > 1 else 1.0, aspect=30 if nrows > 1 else 20,
+                        pad=0.02)
+    cbar.set_label(COLORBAR_LABEL, fontsize=10)
+    cbar.ax.tick_params(labelsize=8)
+    fig.suptitle(_default_title(scores, absolute) if title is None else title, fontsize=12)
+    return fig
+
+
+def heatmap_grid(scores: Any, path: str | os.PathLike, *, title: str | None = None, ncols: int | None = None,
+                 absolute: bool = False) -> list[Path]:
+    """Draw one [layer x head] heatmap per task and save it as PNG and PDF.
+
+    Each panel is titled with the task name, has heads on the x axis and layers on the y axis (layer 0 at the
+    bottom), integer ticks (thinned on large grids) and the ``viridis`` colour map. All panels share one colour
+    scale and one colour bar labelled "Heads Importance". 1 task gives one panel, 2..4 tasks one row,
+    5..8 tasks 2 rows x 4 columns, more tasks rows of 4 (``ncols`` overrides the number of columns).
+
+    Args:
+        scores: a ``HeadScores`` (or anything with ``values`` [T, L, H], ``tasks``, ``method``, ``model``).
+        path: where to write; ``.png`` / ``.pdf`` suffixes are stripped and both files are written.
+        title: the figure title; by default the method and the model.
+        ncols: number of panel columns (default: see above).
+        absolute: show ``|values|`` instead of the signed values (e.g. for ``taylor``).
+
+    Returns:
+        The written paths, ``[<stem>.png, <stem>.pdf]``.
+    """
+    fig = build_heatmap_figure(scores, title=title, ncols=ncols, absolute=absolute)
+    return save_figure(fig, path)

@@ -1,0 +1,68 @@
+"""Reading what the report draws: values, standard errors, counts and an ablation map from duck-typed inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def as_array(x: Any, name: str) -> np.ndarray:
+    """A float64 numpy copy of a tensor / array-like."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be [tasks, layers, heads], got shape {tuple(arr.shape)}")
+    return arr
+
+
+def task_values(scores: Any) -> np.ndarray:
+    vals = as_array(scores.values, "scores.values")
+    if vals.shape[0] == 0:
+        raise ValueError("scores has no tasks to report")
+    if len(scores.tasks) != vals.shape[0]:
+        raise ValueError(f"scores has {len(scores.tasks)} task names but {vals.shape[0]} rows of values")
+    return vals
+
+
+def stderr_values(scores: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    se = getattr(scores, "stderr", None)
+    if se is None:
+        return None
+    se = as_array(se, "scores.stderr")
+    if se.shape != shape:
+        raise ValueError(f"scores.stderr has shape {se.shape} but values have shape {shape}")
+    return se
+
+
+def task_counts(scores: Any) -> list[int] | None:
+    counts = getattr(scores, "counts", None)
+    if counts is None:
+        return None
+    if hasattr(counts, "tolist"):
+        counts = counts.tolist()
+    return [int(c) for c in counts]
+
+
+def ablation_values(scores: Any, ablation: Any) -> np.ndarray:
+    """The ablation map as [T, L, H] in the task order of ``scores``; ValueError when they do not match."""
+    vals = task_values(scores)
+    abl_tasks = getattr(ablation, "tasks", None)
+    attr = getattr(ablation, "values", None)  # a HeadScores; torch.Tensor.values is a method, not data
+    abl = as_array(ablation if attr is None or callable(attr) else attr, "ablation values")
+    if abl.shape[1:] != vals.shape[1:]:
+        raise ValueError(f"ablation is {abl.shape[1]} layers x {abl.shape[2]} heads but scores are "
+                         f"{vals.shape[1]} layers x {vals.shape[2]} heads")
+    if abl_tasks is not None:
+        abl_tasks = list(abl_tasks)
+        if len(abl_tasks) != abl.shape[0]:
+            raise ValueError(f"ablation has {len(abl_tasks)} task names but {abl.shape[0]} rows of values")
+        tasks = list(scores.tasks)
+        if abl_tasks != tasks:
+            if sorted(abl_tasks) != sorted(tasks) or len(set(tasks)) != len(tasks):
+                raise ValueError(f"scores and ablation have different tasks: {tasks} vs {abl_tasks}")
+            abl = abl[[abl_tasks.index(t) for t in tasks]]  # same tasks in another order
+    elif abl.shape[0] != vals.shape[0]:
+        raise ValueError(f"ablation has {abl.shape[0]} tasks but scores have {vals.shape[0]}")
+    return abl

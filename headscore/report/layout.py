@@ -1,0 +1,66 @@
+"""Panel grids shared by the heatmap and scatter figures: rows and columns, panel sizes, ticks, titles."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def grid_shape(n: int, ncols: int | None = None) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels: 1 -> 1x1, 2..4 -> one row, 5..8 -> 2x4, more -> 4 columns."""
+    if n < 1:
+        raise ValueError("need at least one panel")
+    if ncols is None:
+        ncols = n if n <= 4 else 4
+    if ncols < 1:
+        raise ValueError(f"ncols must be at least 1, got {ncols}")
+    ncols = min(ncols, n)
+    return math.ceil(n / ncols), ncols
+
+
+def tick_positions(n: int, inches: float, spacing: float | None = None) -> np.ndarray:
+    """Integer ticks 0, s, 2s, ... with s in 1, 2, 5, 10, ... so that labels are ``spacing`` inches apart or more.
+
+    The default spacing suits 7-point labels side by side (it grows with the number of digits).
+    """
+    if spacing is None:
+        spacing = 0.09 + 0.06 * len(str(max(n - 1, 0)))
+    max_ticks = max(2, int(inches / spacing))
+    step = 1
+    for base in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000):
+        step = base
+        if math.ceil(n / base) <= max_ticks:
+            break
+    return np.arange(0, n, step)
+
+
+def panel_size(num_layers: int, num_heads: int) -> tuple[float, float]:
+    """(width, height) of one heatmap panel in inches, following the grid's aspect (clamped to 1:2 .. 2:1)."""
+    ratio = min(max(num_layers / max(num_heads, 1), 0.5), 2.0)  # height / width
+    longest = 3.0
+    return (longest / ratio, longest) if ratio >= 1 else (longest, longest * ratio)
+
+
+def wrap_title(title: str, width_in: float, fontsize: float) -> str:
+    chars = max(8, int(width_in * 72 / (0.55 * fontsize)))
+    return textwrap.fill(str(title), chars, max_lines=2, placeholder="...")
+
+
+def axes_grid(fig: Figure, n: int, nrows: int, ncols: int, box_aspect: float | None) -> list:
+    """The ``n`` used axes of an nrows x ncols grid (row-major); unused cells stay empty."""
+    gs = fig.add_gridspec(nrows, ncols)
+    axes = []
+    for i in range(n):
+        ax = fig.add_subplot(gs[i // ncols, i % ncols])
+        if box_aspect is not None:
+            ax.set_box_aspect(box_aspect)
+        axes.append(ax)
+    return axes
+
+
+def is_bottom_row(i: int, n: int, ncols: int) -> bool:
+    """True when panel ``i`` has no panel below it (it carries the x label)."""
+    return i + ncols >= n

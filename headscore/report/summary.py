@@ -1,0 +1,101 @@
+"""The Markdown summary: model, method, examples per task, agreement with ablation, top-k heads per task."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..text import markdown_text
+from .inputs import ablation_values, stderr_values, task_counts, task_values
+
+
+def _md(text: Any) -> str:
+    """Make user text (task and model names) literal Markdown, safe inside a table cell."""
+    return markdown_text(text)
+
+
+def _num(x: float, digits: int = 4) -> str:
+    return "nan" if not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def _comparison_row(entry: Any) -> dict[str, float]:
+    if hasattr(entry, "as_dict"):
+        entry = entry.as_dict()
+    if not isinstance(entry, Mapping):
+        entry = {key: getattr(entry, key) for key in ("spearman", "kendall", "topk_overlap")}
+    return {key: float(entry[key]) for key in ("spearman", "kendall", "topk_overlap")}
+
+
+def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
+                     comparison: Mapping[str, Any] | None = None, images: Sequence[str] = ()) -> str:
+    """A Markdown report: model, method and examples per task; per task the top-k heads; agreement table.
+
+    Heads are ranked by value, largest first (for signed methods such as ``taylor`` the largest positive
+    value is the most important). Each row gives rank, layer, head, ``score ± stderr`` and, when
+    ``ablation`` is given, the measured ablation value of that head.
+
+    Args:
+        scores: a ``HeadScores`` (or look-alike).
+        k: heads listed per task (at most L x H).
+        ablation: optional ablation result (see :func:`scatter_vs_ablation`) to show next to each head.
+        comparison: optional ``{task: {"spearman": ..., "kendall": ..., "topk_overlap": ...}}`` (values may
+            also be objects with those attributes, e.g. ``headscore.compare.Agreement``), shown as a table.
+        images: relative paths of images to embed after the header (e.g. ``["heatmaps.png"]``).
+    """
+    vals = task_values(scores)
+    n, num_layers, num_heads = vals.shape
+    se = stderr_values(scores, vals.shape)
+    abl = None if ablation is None else ablation_values(scores, ablation)
+    counts = task_counts(scores)
+    k = max(1, min(int(k), num_layers * num_heads))
+
+    lines = [f"# Head importance: {_md(scores.model)}", "",
+             f"- **Model:** {_md(scores.model)}",
+             f"- **Method:** {_md(scores.method)}",
+             f"- **Grid:** {num_layers} layers x {num_heads} heads",
+             f"- **Tasks:** {n}"]
+    if counts is not None:
+        if len(set(counts)) == 1:
+            lines.append(f"- **Examples per task:** {counts[0]}")
+        else:
+            lines.append("- **Examples per task:** " + ", ".join(
+                f"{_md(t)}: {c}" for t, c in zip(scores.tasks, counts, strict=True)))
+    lines.append("")
+    for img in images:
+        lines += [f"![{Path(img).stem}]({img})", ""]
+
+    if comparison:
+        lines += ["## Agreement with ablation", "",
+                  "| Task | Spearman | Kendall | Top-k overlap |", "|---|---:|---:|---:|"]
+        for task, entry in comparison.items():
+            row = _comparison_row(entry)
+            lines.append(f"| {_md(task)} | {row['spearman']:.3f} | {row['kendall']:.3f} | "
+                         f"{row['topk_overlap']:.2f} |")
+        lines.append("")
+
+    lines += [f"## Top {k} heads per task", ""]
+    for i, task in enumerate(scores.tasks):
+        flat = vals[i].ravel()
+        order = np.argsort(-np.nan_to_num(flat, nan=-np.inf), kind="stable")[:k]
+        heading = f"### {_md(task)}"
+        if counts is not None:
+            heading += f" ({counts[i]} examples)"
+        header = "| Rank | Layer | Head | Score ± stderr |"
+        rule = "|---:|---:|---:|---:|"
+        if abl is not None:
+            header += " Ablation |"
+            rule += "---:|"
+        lines += [heading, "", header, rule]
+        for rank, idx in enumerate(order, start=1):
+            layer, head = divmod(int(idx), num_heads)
+            cell = _num(flat[idx]) if se is None else f"{_num(flat[idx])} ± {_num(se[i, layer, head], 2)}"
+            row = f"| {rank} | {layer} | {head} | {cell} |"
+            if abl is not None:
+                row += f" {_num(abl[i, layer, head])} |"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)

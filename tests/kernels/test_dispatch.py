@@ -1,0 +1,74 @@
+"""headscore.kernels.dispatch: which calls the fused kernel serves (the rest falls back to the wrapper)."""
+
+import pytest
+import torch
+
+from headscore.kernels.dispatch import fused_gated_attention, kernel_available, key_padding_mask
+
+
+def causal_padding_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A transformers-style boolean mask [B, 1, T, T]: causal and key padding."""
+    t = keep.shape[1]
+    return (torch.ones(t, t, dtype=torch.bool).tril()[None] & keep[:, None, :])[:, None]
+
+
+def test_key_padding_mask_recognises_causal_plus_padding():
+    keep = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    ok, pad = key_padding_mask(causal_padding_mask(keep), 4, 4)
+    assert ok and torch.equal(pad, keep)
+    ok, pad = key_padding_mask(causal_padding_mask(torch.ones(2, 4, dtype=torch.bool)), 4, 4)
+    assert ok and pad is None  # nothing padded: no mask needed
+    assert key_padding_mask(None, 4, 4) == (True, None)
+
+
+@pytest.mark.parametrize("bad", ["sliding", "float", "cross", "packed"])
+def test_key_padding_mask_refuses_other_masks(bad):
+    mask = causal_padding_mask(torch.ones(1, 5, dtype=torch.bool))
+    if bad == "sliding":
+        mask = mask & torch.ones(5, 5, dtype=torch.bool).triu(-1)
+    elif bad == "float":
+        mask = mask.float()
+    elif bad == "packed":  # two documents in one row: block-diagonal
+        mask = mask.clone()
+        mask[..., 3:, :3] = False
+    q_len = 4 if bad == "cross" else 5
+    assert key_padding_mask(mask, q_len, 5) == (False, None)
+
+
+class Attn(torch.nn.Module):
+    layer_idx = 0
+    is_causal = True
+
+
+@pytest.mark.parametrize("why", ["not wanted", "cpu default", "observed", "dropout", "softcap", "sliding_window",
+                                 "float64", "no layer_idx", "not causal", "one query", "custom mask"])
+def test_calls_the_kernel_cannot_serve_fall_back(why):
+    """Each of these returns None before any kernel runs (so this needs no GPU and no interpreter)."""
+    q = torch.randn(1, 2, 4, 8)
+    kw = dict(gates=None, baseline=None, wanted=True, observed=False)
+    module, mask = Attn(), None
+    if why == "not wanted":
+        kw["wanted"] = False
+    elif why == "cpu default":
+        kw["wanted"] = None
+    elif why == "observed":
+        kw["observed"] = True
+    elif why == "dropout":
+        kw["dropout"] = 0.1
+    elif why in ("softcap", "sliding_window"):
+        kw[why] = 4
+    elif why == "float64":
+        q = q.double()
+    elif why == "no layer_idx":
+        module = torch.nn.Module()
+    elif why == "not causal":
+        module.is_causal = False
+    elif why == "one query":
+        q = q[:, :, :1]
+    elif why == "custom mask":
+        mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)  # bidirectional: not causal
+    assert fused_gated_attention(module, q, q, q, mask, **kw) is None
+
+
+def test_kernel_available_only_on_cuda():
+    assert not kernel_available(torch.device("cpu"))

@@ -1,0 +1,62 @@
+"""headscore.compat: the one door to transformers' private attributes, and its version check."""
+
+import pytest
+from tiny import tiny_model
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+import headscore
+from headscore import compat
+from headscore.errors import UnsupportedModelError
+
+
+def test_private_attributes_still_exist():
+    """Fails on a transformers release that renamed what compat reads (then only compat needs fixing)."""
+    lm = tiny_model("llama", attn="sdpa")
+    assert isinstance(AttentionInterface._global_mapping, dict)
+    assert isinstance(AttentionMaskInterface._global_mapping, dict)
+    assert "sdpa" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    assert compat.can_route_attention(lm.model)
+    assert compat.attention_implementation(lm.model) == "sdpa"
+    assert compat.attention_function("sdpa") is ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert callable(compat.eager_attention(lm.model.model.layers[0].self_attn))
+
+
+def test_register_and_unregister_leave_no_trace():
+    before = set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping)
+    compat.register_attention("headscore_test_key", lambda *a, **k: None, masks_like="sdpa")
+    assert "headscore_test_key" in AttentionInterface._global_mapping
+    assert AttentionMaskInterface._global_mapping["headscore_test_key"] is \
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+    compat.unregister_attention("headscore_test_key")
+    compat.unregister_attention("headscore_test_key")  # twice is fine
+    assert (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping)) == before
+
+
+def test_force_attention_implementation():
+    lm = tiny_model("llama", attn="sdpa")
+    compat.force_attention_implementation(lm.model, "eager")
+    assert compat.attention_implementation(lm.model) == "eager"
+
+
+@pytest.mark.parametrize("version,ok", [("5.0.0", True), ("5.24.0", True), ("5.1.0.dev0", True), ("6.0.0rc1", True),
+                                        ("4.57.1", False), ("4.0", False)])
+def test_version_check(version, ok):
+    if ok:
+        compat.check_transformers(version)
+    else:
+        with pytest.raises(UnsupportedModelError, match=r"transformers>=5\.0.*this is transformers " + version):
+            compat.check_transformers(version)
+
+
+def test_patch_refuses_an_old_transformers(monkeypatch):
+    """The check runs before anything is registered: a too-old transformers gets one clear error."""
+    monkeypatch.setattr(compat, "installed_version", lambda name: "4.46.0")
+    lm = tiny_model("llama")
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    keys = set(AttentionInterface._global_mapping)
+    with pytest.raises(UnsupportedModelError, match="needs transformers>=5.0"), headscore.patch(lm.model):
+        pass
+    assert set(AttentionInterface._global_mapping) == keys
+    assert compat.attention_implementation(lm.model) == "sdpa"
+    assert [p.requires_grad for p in lm.model.parameters()] == flags
