@@ -27,7 +27,7 @@ demo: $(STAMP)
 	mkdir -p $(OUT)
 	$(VENV)/bin/headscore score --method taylor --out $(OUT)/taylor.hs --export $(OUT)/taylor.csv
 	$(VENV)/bin/headscore report $(OUT)/taylor.hs --out $(OUT)/report
-	@echo "demo done: open $(OUT)/report/heatmaps.png and $(OUT)/report/summary.md"
+	@echo "demo done: open $(OUT)/report/index.html (interactive), $(OUT)/report/heatmaps.png and $(OUT)/report/summary.md"
 
 # Ground truth for the demo: real zero ablation of all 270 heads on VALIDATE_EXAMPLES examples per task
 # (about a minute per example on 2 CPU cores), compared with taylor scores on the same examples.

@@ -190,14 +190,16 @@ def test_write_report(tmp_path):
     abl = FakeScores(s.values + 0.1, s.stderr, s.counts, list(s.tasks), "ablation-zero")
     paths = report.write_report(s, tmp_path / "out", ablation=abl, k=3,
                                 comparison={"task 0": {"spearman": 1.0, "kendall": 1.0, "topk_overlap": 1.0}})
-    assert set(paths) == {"heatmaps_png", "heatmaps_pdf", "scatter_png", "scatter_pdf", "summary"}
+    assert set(paths) == {"heatmaps_png", "heatmaps_pdf", "scatter_png", "scatter_pdf", "summary", "html"}
     assert paths["heatmaps_png"].read_bytes()[:8] == PNG_MAGIC
     assert paths["scatter_pdf"].read_bytes()[:5] == PDF_MAGIC
     summary = paths["summary"].read_text()
     assert "(heatmaps.png)" in summary and "(scatter.png)" in summary
     only = report.write_report(make_scores(1, 2, 2), tmp_path / "plain")
-    assert set(only) == {"heatmaps_png", "heatmaps_pdf", "summary"}
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["heatmaps.pdf", "heatmaps.png", "summary.md"]
+    assert set(only) == {"heatmaps_png", "heatmaps_pdf", "summary", "html"}
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["heatmaps.pdf", "heatmaps.png", "index.html",
+                                                                      "summary.md"]
+    assert set(p.name for p in (tmp_path / "out").iterdir()) == set(report.REPORT_FILES)
 
 
 def test_backend_untouched():

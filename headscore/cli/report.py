@@ -15,9 +15,12 @@ from .common import at_least, check_command_outputs
 
 def register(sub) -> dict[str, Callable]:
     """Add ``report``."""
-    r = sub.add_parser("report", help="heatmap grid, scatter vs ablation and a Markdown summary")
+    r = sub.add_parser("report", help="heatmap grid, scatter vs ablation, a Markdown summary and an interactive "
+                                      "page (index.html)")
     r.add_argument("scores")
     r.add_argument("--ablation", default=None, help="ablation scores file to compare against")
+    r.add_argument("--compare", default=None, metavar="OTHER",
+                   help="another scores file (e.g. another method): its agreement table goes into index.html")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--k", type=at_least(1), default=10, help="top heads listed per task")
     return {"report": cmd_report}
@@ -26,18 +29,27 @@ def register(sub) -> dict[str, Callable]:
 def cmd_report(args: argparse.Namespace) -> None:
     """``headscore report SCORES --out DIR``."""
     check_command_outputs(args, dirs=[OutputDir("--out", args.out, REPORT_FILES)],
-                          inputs=[("SCORES", args.scores), ("--ablation", args.ablation)])
+                          inputs=[("SCORES", args.scores), ("--ablation", args.ablation), ("--compare", args.compare)])
     scores = HeadScores.load(args.scores)
     ablation = HeadScores.load(args.ablation) if args.ablation else None
-    comparison = None
+    other = HeadScores.load(args.compare) if args.compare else None
+    comparison = other_comparison = None
     if ablation is not None:
         common = [t for t in scores.tasks if t in ablation.tasks]
         if not common:
             raise HeadscoreError("the scores and the ablation file have no task in common")
         scores, ablation = scores.select(common), ablation.select(common)
         comparison = {t: ag.as_dict() for t, ag in compare(scores, ablation, k=args.k).items()}
+    if other is not None:
+        common = [t for t in scores.tasks if t in other.tasks]
+        if not common:
+            raise HeadscoreError("the scores and the --compare file have no task in common")
+        other_comparison = {t: ag.as_dict() for t, ag in compare(scores.select(common), other.select(common),
+                                                                 k=args.k).items()}
     try:
-        paths = write_report(scores, args.out, ablation=ablation, comparison=comparison, k=args.k)
+        paths = write_report(scores, args.out, ablation=ablation, comparison=comparison, k=args.k,
+                             other_comparison=other_comparison,
+                             other_name=f"{other.method} ({args.compare})" if other is not None else "")
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
     for name, path in paths.items():

@@ -11,7 +11,8 @@ the caller's matplotlib backend is left alone. Files are written atomically (tem
 by :func:`headscore.figures.save_figure`.
 
 One module per job: :mod:`.inputs` (reading duck-typed scores), :mod:`.layout` (panel grids),
-:mod:`.heatmaps`, :mod:`.scatter`, :mod:`.summary`; :func:`write_report` is here.
+:mod:`.heatmaps`, :mod:`.scatter`, :mod:`.summary`, :mod:`.html` (the interactive page);
+:func:`write_report` is here.
 
 The functions are duck-typed: ``scores`` needs ``values`` and ``stderr`` ([T, L, H] tensors or arrays),
 ``counts`` ([T]), ``tasks``, ``method`` and ``model``; ``ablation`` is such an object or a bare [T, L, H] array.
@@ -26,28 +27,32 @@ from typing import Any
 
 from ..results import atomic_write
 from .heatmaps import COLORBAR_LABEL, heatmap_grid
+from .html import html_page
 from .inputs import ablation_values
 from .layout import grid_shape
 from .scatter import scatter_vs_ablation
 from .summary import markdown_summary
 
-__all__ = ["COLORBAR_LABEL", "REPORT_FILES", "grid_shape", "heatmap_grid", "markdown_summary", "scatter_vs_ablation",
-           "write_report"]
+__all__ = ["COLORBAR_LABEL", "REPORT_FILES", "grid_shape", "heatmap_grid", "html_page", "markdown_summary",
+           "scatter_vs_ablation", "write_report"]
 
-REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "summary.md")
+REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "summary.md", "index.html")
 """The files :func:`write_report` may write into its directory."""
 
 
 def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = None,
-                 comparison: Mapping[str, Any] | None = None, k: int = 10) -> dict[str, Path]:
+                 comparison: Mapping[str, Any] | None = None, k: int = 10,
+                 other_comparison: Mapping[str, Any] | None = None, other_name: str = "") -> dict[str, Path]:
     """Write a full report into ``out_dir`` (created if needed).
 
     Files: ``heatmaps.png`` / ``heatmaps.pdf`` (:func:`heatmap_grid`), ``scatter.png`` / ``scatter.pdf``
-    when ``ablation`` is given (:func:`scatter_vs_ablation`) and ``summary.md`` (:func:`markdown_summary`,
-    linking the heatmap image, and the scatter when drawn).
+    when ``ablation`` is given (:func:`scatter_vs_ablation`), ``summary.md`` (:func:`markdown_summary`,
+    linking the heatmap image, and the scatter when drawn) and ``index.html`` (:func:`html_page`: the
+    interactive page, self-contained, with the agreement with ``ablation`` and, as ``other_comparison``,
+    with another scores file called ``other_name``).
 
     Returns:
-        ``{"heatmaps_png", "heatmaps_pdf", ["scatter_png", "scatter_pdf",] "summary"}`` -> path.
+        ``{"heatmaps_png", "heatmaps_pdf", ["scatter_png", "scatter_pdf",] "summary", "html"}`` -> path.
 
     Raises:
         ValueError: ``ablation`` does not match ``scores`` (checked before anything is written).
@@ -64,4 +69,7 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
         images.append("scatter.png")
     text = markdown_summary(scores, k=k, ablation=ablation, comparison=comparison, images=images)
     paths["summary"] = atomic_write(out / "summary.md", text.encode("utf-8"))
+    page = html_page(scores, ablation=ablation, comparison=comparison, other_comparison=other_comparison,
+                     other_name=other_name, png=png.read_bytes())
+    paths["html"] = atomic_write(out / "index.html", page.encode("utf-8"))
     return paths

@@ -1,0 +1,308 @@
+"""``index.html``: one self-contained interactive page of a scores file, for a browser, offline.
+
+The page holds the per-task heatmap grid (x = head, y = layer, viridis, one colour scale; hover a cell for
+its task, layer, head, score, standard error, rank and ablation value), a detail view for the clicked head
+(its score on every task with error bars; with an ablation file, the task's score-vs-ablation scatter with
+the head highlighted), the agreement tables, the provenance and the static PNG grid as a fallback.
+
+Plots are drawn by Bokeh with its JavaScript inlined (``Resources(mode="inline")``): no request leaves the
+page. Bokeh rather than plotly: its inline bundle is about 2 MB where plotly's single bundle is 4.8 MB, which
+alone would nearly fill the page's 5 MB budget, and its hover and tap tools and ``CustomJS`` callbacks cover
+the interactions with a few lines of glue.
+
+A small script writes what BokehJS really rendered (the panel views it built and the data under a known
+cell's tooltip) into ``<pre id="render-check">`` and any script error into ``<pre id="js-errors">``, so a
+headless browser's DOM dump can check the page (``tests/test_html_report.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from bokeh.embed import components
+from bokeh.layouts import column, gridplot, row
+from bokeh.models import (
+    ColorBar,
+    ColumnDataSource,
+    CustomJS,
+    FactorRange,
+    FixedTicker,
+    HoverTool,
+    LinearColorMapper,
+    Whisker,
+)
+from bokeh.palettes import Viridis256
+from bokeh.plotting import figure
+from bokeh.resources import Resources
+
+from .heatmaps import COLORBAR_LABEL
+from .inputs import ablation_values, stderr_values, task_counts, task_values
+from .layout import grid_shape, panel_size, tick_positions
+
+__all__ = ["html_page"]
+
+_PX_PER_INCH = 90
+_BOKEH_JS = Resources(mode="inline", components=["bokeh"])  # plots only: no widgets, tables, WebGL or MathJax
+
+_CLICK_JS = """
+const i = cb_obj.indices[0];
+if (i === undefined) return;
+const own = srcs[t].data, l = own.layer[i], h = own.head[i];
+const tasks = [], v = [], lo = [], hi = [];
+for (const s of srcs) {
+  const d = s.data, x = d.value[i], e = d.stderr[i];
+  tasks.push(d.task[i]); v.push(x); lo.push(x - e); hi.push(x + e);
+}
+bar_src.data = {task: tasks, value: v, lo: lo, hi: hi};
+bar_fig.title.text = `Head L${l}.H${h}: score on every task (bars: score, whiskers: +- stderr)`;
+if (sc_src !== null) {
+  sc_src.data = {x: own.value, y: own.ablation};
+  hl_src.data = {x: [own.value[i]], y: [own.ablation[i]]};
+  sc_fig.title.text = `${own.task[i]}: score vs ablation, one point per head (L${l}.H${h} in red)`;
+}
+"""
+
+_ERRORS_JS = """
+<script>
+(function () {
+  var pending = [];
+  function record(msg) {
+    var el = document.getElementById("js-errors");
+    if (el) { el.textContent += msg + "\\n"; el.hidden = false; } else { pending.push(msg); }
+  }
+  window.addEventListener("error", function (e) { record("error: " + e.message); });
+  window.addEventListener("unhandledrejection", function (e) { record("unhandled rejection: " + e.reason); });
+  var original = console.error;
+  console.error = function () {
+    record("console.error: " + Array.prototype.join.call(arguments, " "));
+    original.apply(console, arguments);
+  };
+  document.addEventListener("DOMContentLoaded", function () { pending.forEach(record); pending = []; });
+})();
+</script>
+"""
+
+_CHECK_JS = """
+<script>
+(function () {
+  var expected = %(expected)s, known = %(known)s;
+  function check(tries) {
+    var B = window.Bokeh, out = {panels: [], hover: null, tooltips: []};
+    if (B && B.index) {
+      var views = Array.from(B.index.all_views());
+      views.forEach(function (v) {
+        var name = v.model && v.model.name;
+        if (name && name.indexOf("panel:") === 0) out.panels.push(name.slice(6));
+        if (name === "panel:" + known.task) {
+          var data = v.model.renderers[0].data_source.data, i = known.index;
+          out.hover = {task: data.task[i], layer: data.layer[i], head: data.head[i], value: data.value[i],
+                       stderr: data.stderr[i], rank: data.rank[i]};
+          v.model.toolbar.tools.forEach(function (tool) {
+            if (tool.tooltips) out.tooltips = tool.tooltips.map(function (t) { return t[0]; });
+          });
+        }
+      });
+    }
+    if (out.panels.length < expected && tries > 0) { setTimeout(function () { check(tries - 1); }, 100); return; }
+    document.getElementById("render-check").textContent = JSON.stringify(out);
+  }
+  document.addEventListener("DOMContentLoaded", function () { check(100); });
+})();
+</script>
+"""
+
+
+def _ranks(vals: np.ndarray) -> np.ndarray:
+    """Rank of each cell within its task, 1 = largest value; NaN cells rank last."""
+    flat = vals.reshape(vals.shape[0], -1)
+    order = np.argsort(-np.nan_to_num(flat, nan=-np.inf), axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    rows = np.arange(flat.shape[0])[:, None]
+    ranks[rows, order] = np.arange(1, flat.shape[1] + 1)[None, :]
+    return ranks.reshape(vals.shape)
+
+
+def _script_json(obj: Any) -> str:
+    """JSON that is safe inside a <script> element: no user text can close the element or open a comment."""
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _agreement_table(title: str, comparison: Mapping[str, Any]) -> str:
+    rows = []
+    for task, entry in comparison.items():
+        d = entry.as_dict() if hasattr(entry, "as_dict") else dict(entry)
+        cells = "".join(f"<td>{float(d[key]):.3f}</td>" for key in ("spearman", "kendall", "topk_overlap"))
+        rows.append(f"<tr><th scope='row'>{html.escape(str(task))}</th>{cells}</tr>")
+    return (f"<h2>{html.escape(title)}</h2><table class='agreement'><thead><tr><th>Task</th><th>Spearman</th>"
+            f"<th>Kendall</th><th>Top-k overlap</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _provenance(scores: Any, counts: list[int] | None) -> str:
+    items = [("Model", scores.model), ("Method", scores.method),
+             ("Grid", f"{scores.values.shape[1]} layers x {scores.values.shape[2]} heads")]
+    if getattr(scores, "data_hash", ""):
+        items.append(("Data hash", scores.data_hash))
+    if counts is not None:
+        items.append(("Examples per task", ", ".join(f"{t}: {c}" for t, c in zip(scores.tasks, counts, strict=True))))
+    extra = getattr(scores, "extra", None) or {}
+    if "seconds" in extra:
+        items.append(("Time", f"{float(extra['seconds']):.1f} s"))
+    versions = getattr(scores, "versions", None) or {}
+    if versions:
+        items.append(("Versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))))
+    return "<h2>Provenance</h2><dl class='provenance'>" + "".join(
+        f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items) + "</dl>"
+
+
+def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarray | None, ncols: int | None):
+    n, num_layers, num_heads = vals.shape
+    nrows, ncols = grid_shape(n, ncols)
+    pw, ph = panel_size(num_layers, num_heads)
+    width, height = max(int(pw * _PX_PER_INCH), 150) + 60, int(ph * _PX_PER_INCH) + 70
+    xticks, yticks = tick_positions(num_heads, pw), tick_positions(num_layers, ph, spacing=0.22)
+    finite = vals[np.isfinite(vals)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    mapper = LinearColorMapper(palette=Viridis256, low=low, high=high, nan_color="#dddddd")
+    ranks = _ranks(vals)
+    layer, head = np.divmod(np.arange(num_layers * num_heads), num_heads)
+    se = np.full_like(vals, np.nan) if se is None else se
+    task_names = [str(t) for t in scores.tasks]
+
+    # the detail view opens on task 0's top head; a click on any cell replaces it (_CLICK_JS)
+    start_task, start_index = 0, int(np.argmin(ranks[0].ravel()))
+    sl, sh = divmod(start_index, num_heads)
+    v0, e0 = vals[:, sl, sh], se[:, sl, sh]
+    bar_src = ColumnDataSource({"task": task_names, "value": v0, "lo": v0 - e0, "hi": v0 + e0})
+    bar_fig = figure(x_range=FactorRange(*task_names), height=300, width=max(500, 70 * n),
+                     title=f"Head L{sl}.H{sh}: score on every task (bars: score, whiskers: +- stderr)",
+                     toolbar_location=None, name="detail-bars")
+    bar_fig.vbar(x="task", top="value", width=0.7, source=bar_src, color="#3b528b")
+    bar_fig.add_layout(Whisker(base="task", lower="lo", upper="hi", source=bar_src))
+    bar_fig.xaxis.major_label_orientation = 0.6
+    bar_fig.yaxis.axis_label = f"Score ({scores.method})"
+    detail = [bar_fig]
+    sc_src = hl_src = sc_fig = None
+    if abl is not None:
+        sc_src = ColumnDataSource({"x": vals[start_task].ravel(), "y": abl[start_task].ravel()})
+        hl_src = ColumnDataSource({"x": [vals[start_task, sl, sh]], "y": [abl[start_task, sl, sh]]})
+        sc_fig = figure(height=360, width=420, toolbar_location=None, name="detail-scatter",
+                        title=f"{scores.tasks[start_task]}: score vs ablation, one point per head "
+                              f"(L{sl}.H{sh} in red)")
+        sc_fig.scatter("x", "y", source=sc_src, size=6, alpha=0.6, color="#3b528b")
+        sc_fig.scatter("x", "y", source=hl_src, size=12, color="#d62728")
+        sc_fig.xaxis.axis_label = f"Score ({scores.method})"
+        sc_fig.yaxis.axis_label = "Ablation loss increase"
+        detail.append(sc_fig)
+
+    tooltips = [("task", "@task"), ("layer", "@layer"), ("head", "@head"), ("score", "@value{0.0000}"),
+                ("stderr", "@stderr{0.0000}"), ("rank", "@rank")]
+    if abl is not None:
+        tooltips.append(("ablation", "@ablation{0.0000}"))
+    panels, sources = [], []
+    for t, task in enumerate(scores.tasks):
+        cols = {"head": head, "layer": layer, "value": vals[t].ravel(), "stderr": se[t].ravel(),
+                "rank": ranks[t].ravel(), "task": [str(task)] * len(head)}
+        if abl is not None:
+            cols["ablation"] = abl[t].ravel()
+        src = ColumnDataSource(cols)
+        p = figure(title=str(task), x_range=(-0.5, num_heads - 0.5), y_range=(-0.5, num_layers - 0.5),
+                   width=width, height=height,
+                   tools="tap,reset", toolbar_location=None, name=f"panel:{task}")
+        p.rect("head", "layer", 1, 1, source=src, fill_color={"field": "value", "transform": mapper},
+               line_color=None)
+        p.add_tools(HoverTool(tooltips=tooltips))
+        p.grid.visible = False
+        p.xaxis.ticker = FixedTicker(ticks=[int(x) for x in xticks])
+        p.yaxis.ticker = FixedTicker(ticks=[int(y) for y in yticks])
+        p.axis.minor_tick_line_color = None
+        p.title.text_font_size = "10pt"
+        p.xaxis.axis_label = "Head" if t + ncols >= n else None
+        p.yaxis.axis_label = "Layer" if t % ncols == 0 else None
+        panels.append(p)
+        sources.append(src)
+    for t, src in enumerate(sources):  # every panel's source, passed by reference: the data is in the page once
+        src.selected.js_on_change("indices", CustomJS(
+            args=dict(srcs=sources, t=t, bar_src=bar_src, bar_fig=bar_fig, sc_src=sc_src, hl_src=hl_src,
+                      sc_fig=sc_fig), code=_CLICK_JS))
+    # the shared colour bar in a plot of its own, beside the grid (an invisible glyph keeps Bokeh's checks quiet)
+    bar_plot = figure(width=110, height=min(height * nrows, 2 * height), toolbar_location=None,
+                      outline_line_color=None, name="colorbar")
+    bar_plot.rect(x=[0], y=[0], width=0, height=0, alpha=0)
+    bar_plot.axis.visible = False
+    bar_plot.grid.visible = False
+    bar_plot.add_layout(ColorBar(color_mapper=mapper, title=COLORBAR_LABEL, width=14), "left")
+    grid = row(gridplot(panels, ncols=ncols, toolbar_location=None), bar_plot)
+    return grid, column(*detail), {"task": str(scores.tasks[start_task]), "index": start_index}
+
+
+def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any] | None = None,
+              other_comparison: Mapping[str, Any] | None = None, other_name: str = "",
+              png: bytes | None = None, ncols: int | None = None) -> str:
+    """The self-contained interactive report of ``scores`` as an HTML string.
+
+    Args:
+        scores: a ``HeadScores`` (or look-alike, see :mod:`headscore.report`).
+        ablation: optional ablation result (as for :func:`headscore.report.scatter_vs_ablation`): hover
+            shows each head's ablation value, and a click draws the task's score-vs-ablation scatter.
+        comparison: agreement with the ablation per task (``{task: Agreement or dict}``).
+        other_comparison, other_name: agreement with another scores file (``headscore report --compare``).
+        png: the static heatmap grid (PNG bytes), embedded as a fallback.
+        ncols: panel columns (default as in the PNG grid).
+    """
+    vals = task_values(scores)
+    se = stderr_values(scores, vals.shape)
+    abl = None if ablation is None else ablation_values(scores, ablation)
+    counts = task_counts(scores)
+    grid, detail, known = _figures(scores, vals, se, abl, ncols)
+    script, (grid_div, detail_div) = components((grid, detail))
+    tables = ""
+    if comparison:
+        tables += _agreement_table("Agreement with ablation", comparison)
+    if other_comparison:
+        tables += _agreement_table(f"Agreement with {other_name or 'the other scores file'}", other_comparison)
+    fallback = ""
+    if png is not None:
+        fallback = ("<details><summary>Static grid (PNG)</summary><img alt='heatmap grid' style='max-width:100%' "
+                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></details>")
+    title = f"Head importance ({scores.method}) - {scores.model}"
+    check = _CHECK_JS % {"expected": len(scores.tasks), "known": _script_json(known)}
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+{_ERRORS_JS}
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table.agreement {{ border-collapse: collapse; margin-bottom: 1em; }}
+table.agreement td, table.agreement th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+table.agreement th[scope=row] {{ text-align: left; }}
+dl.provenance dt {{ font-weight: bold; }}
+dl.provenance dd {{ margin: 0 0 0.4em 1em; }}
+pre#js-errors {{ color: #b00; }}
+</style>
+{_BOKEH_JS.render_js()}
+{script}
+{check}
+</head>
+<body>
+<pre id="js-errors" hidden></pre>
+<h1>{html.escape(title)}</h1>
+<p>Hover a cell for its layer, head, score, standard error and rank; click it to see that head on every task.</p>
+{grid_div}
+<h2>Selected head</h2>
+{detail_div}
+{tables}
+{_provenance(scores, counts)}
+{fallback}
+<pre id="render-check" hidden></pre>
+</body>
+</html>
+"""

@@ -1,0 +1,141 @@
+"""index.html: self-contained, small enough, and really rendered by a headless Chromium without network.
+
+The browser tests need Debian's ``chromium``. When it is missing they try ``apt-get install chromium``
+(as root, where apt-get exists) and otherwise skip, saying why.
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from headscore.compare import compare
+from headscore.report import html_page, write_report
+from headscore.results import HeadScores
+
+NO_NETWORK = ["--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
+
+
+def make_scores(tasks: int, layers: int, heads: int, seed: int = 0, names: list[str] | None = None,
+                method: str = "taylor") -> HeadScores:
+    g = torch.Generator().manual_seed(seed)
+    return HeadScores(values=torch.randn(tasks, layers, heads, generator=g, dtype=torch.float64),
+                      stderr=torch.rand(tasks, layers, heads, generator=g, dtype=torch.float64) * 0.1,
+                      counts=torch.full((tasks,), 12, dtype=torch.int64),
+                      tasks=names or [f"task {i}" for i in range(tasks)], method=method, model="random-model",
+                      data_hash="abc123", extra={"seconds": 1.5})
+
+
+def external_references(page: str) -> list[str]:
+    """src= / href= attributes of the page's elements that point anywhere but into the page itself.
+
+    Script bodies are left out: BokehJS carries a MathJax loader with a CDN address that runs only for
+    LaTeX labels, which the report never draws (the browser test renders with the network blocked)."""
+    markup = re.sub(r"<script[^>]*>.*?</script>", "<script></script>", page, flags=re.S)
+    return [m for m in re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", markup)
+            if not m.startswith(("data:", "#"))]
+
+
+def test_page_is_self_contained_and_escapes_names():
+    names = ["<script>alert(1)</script>", "Math & logic"]
+    s = make_scores(2, 4, 3, names=names)
+    page = html_page(s, comparison={n: {"spearman": 0.5, "kendall": 0.4, "topk_overlap": 0.3} for n in names},
+                     png=b"\x89PNG fake")
+    assert external_references(page) == []
+    assert names[0] not in page  # nowhere raw: not in the markup, not in any script's data
+    assert html_lib.escape(names[0]) in page and "Math &amp; logic" in page
+    assert "data:image/png;base64," in page  # the static fallback, inline
+    assert "Agreement with ablation" in page and "0.500" in page
+
+
+def test_page_for_32x32_with_8_tasks_stays_small():
+    s = make_scores(8, 32, 32, seed=1)
+    page = html_page(s, ablation=make_scores(8, 32, 32, seed=2, method="ablation-zero"))
+    size = len(page.encode("utf-8"))
+    assert size < 5 * 2**20, f"{size / 2**20:.2f} MiB"
+
+
+def test_report_compare_table(tmp_path):
+    a, b = make_scores(3, 5, 4, seed=3), make_scores(3, 5, 4, seed=4, method="fisher")
+    paths = write_report(a, tmp_path / "r", other_comparison=compare(a, b), other_name="fisher (b.hs)")
+    page = paths["html"].read_text()
+    assert "Agreement with fisher (b.hs)" in page
+    for task in a.tasks:
+        assert f"<th scope='row'>{task}</th>" in page
+
+
+# ------------------------------------------------------------------------------------------- the browser
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = _chromium()
+    if path is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        for step in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
+                     ["apt-get", "install", "-y", "-q", "chromium"]):  # the package lists may be empty at first
+            subprocess.run(step, capture_output=True, timeout=900)
+            path = _chromium()
+            if path:
+                break
+    if path is None:
+        pytest.skip("no chromium: install Debian's package (apt-get install chromium) to run the browser tests")
+    return path
+
+
+def render(chromium: str, page: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *NO_NETWORK,
+           "--virtual-time-budget=15000", *flags, page.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def pre(dom: str, ident: str) -> str:
+    m = re.search(rf'<pre id="{ident}"[^>]*>(.*?)</pre>', dom, re.S)
+    assert m, f"no <pre id={ident}> in the rendered DOM"
+    return html_lib.unescape(m.group(1))
+
+
+def test_page_renders_in_chromium(chromium, tmp_path):
+    """Every task panel is a rendered Bokeh view, a known cell's hover data is right, no script error."""
+    s = make_scores(5, 6, 4, seed=5, names=["alpha", "beta", "gamma & co", "delta", "epsilon"])
+    abl = make_scores(5, 6, 4, seed=6, names=list(s.tasks), method="ablation-zero")
+    paths = write_report(s, tmp_path / "rep", ablation=abl, comparison=compare(s, abl))
+    done = render(chromium, paths["html"], "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    assert pre(dom, "js-errors").strip() == "", pre(dom, "js-errors")
+    check = json.loads(pre(dom, "render-check"))
+    assert check["panels"] == list(s.tasks)
+    top = int(s.values[0].flatten().argmax())  # the cell the page reports: task 0's top head
+    layer, head = divmod(top, 4)
+    hover = check["hover"]
+    assert (hover["task"], hover["layer"], hover["head"], hover["rank"]) == ("alpha", layer, head, 1)
+    assert hover["value"] == pytest.approx(float(s.values[0, layer, head]), rel=1e-12)
+    assert hover["stderr"] == pytest.approx(float(s.stderr[0, layer, head]), rel=1e-12)
+    assert check["tooltips"] == ["task", "layer", "head", "score", "stderr", "rank", "ablation"]
+    table = re.search(r"<table class=\"agreement\">.*?</table>", dom, re.S)
+    assert table and all(f">{html_lib.escape(t)}</th>" in table.group(0) for t in s.tasks)
+
+
+def test_screenshot_shows_the_grid(chromium, tmp_path):
+    s = make_scores(8, 30, 9, seed=7)
+    paths = write_report(s, tmp_path / "rep")
+    shot = tmp_path / "shot.png"
+    done = render(chromium, paths["html"], f"--screenshot={shot}", "--window-size=1400,1200")
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
