@@ -8,7 +8,7 @@ OUT ?= out/demo
 VALIDATE_EXAMPLES ?= 1
 STAMP := $(VENV)/.headscore-installed
 
-.PHONY: demo validate test lint clean
+.PHONY: demo validate test lint clean gpu-check gpu-check-smoke
 
 $(STAMP): pyproject.toml Makefile
 	@# Reuse a CUDA build of torch that the system Python already has; otherwise take the CPU build.
@@ -40,6 +40,15 @@ validate: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# One GPU verification run on a CUDA machine (kernel tests, TFLOP/s vs SDPA, end to end), into $(GPU_OUT);
+# gpu-check-smoke runs every stage at tiny shapes on a CPU (as CI does). OUT=DIR overrides GPU_OUT.
+GPU_OUT ?= $(if $(filter command line environment,$(origin OUT)),$(OUT),out/gpu-check)
+gpu-check: $(STAMP)
+	bash benchmarks/gpu_check.sh $(GPU_OUT)
+
+gpu-check-smoke: $(STAMP)
+	bash benchmarks/gpu_check.sh $(GPU_OUT) --device cpu --smoke
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

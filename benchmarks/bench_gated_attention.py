@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,12 +45,35 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement (do_bench)")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-gate-grad", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/gated_attention.csv", help="CSV path")
-    return p.parse_args(argv)
+    p.add_argument("--out", default="benchmarks/results/gated_attention.csv", help="CSV path (and a .png/.pdf plot)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes, also on a CPU (kernels through TRITON_INTERPRET=1): checks the script runs")
+    p.add_argument("--plot-only", default=None, metavar="CSV", help="only draw the plot of an earlier run's CSV")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seq_lens, args.head_dims, args.total_tokens, args.model_dim = "32", "16", 64, 32
+    return args
+
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def bench(fn, warmup, rep):
-    """Median milliseconds of fn() (triton.testing.do_bench: CUDA events, L2 flushed between runs)."""
+    """Median milliseconds of fn() (triton.testing.do_bench: CUDA events, L2 flushed between runs; on a CPU,
+    for --smoke, the median of 3 wall-clock runs)."""
+    if not CUDA:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
@@ -62,10 +87,10 @@ def attn_flops(B, H, T, S, D, causal):
 def try_bench(fn, args):
     try:
         fn()  # compile / first call outside the timing
-        torch.cuda.synchronize()
+        sync()
         return bench(fn, args.warmup, args.rep), ""
     except Exception as exc:  # backend not available for this shape/GPU, OOM, ...
-        torch.cuda.synchronize()
+        sync()
         return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
@@ -78,11 +103,11 @@ def attention_config_rows(args, dev_name, B, H, HKV, T, D):
     dtype = getattr(torch, args.dtype)
     causal = not args.no_causal
     torch.manual_seed(0)
-    q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(B, HKV, T, D, device="cuda", dtype=dtype, requires_grad=True)
-    v = torch.randn(B, HKV, T, D, device="cuda", dtype=dtype, requires_grad=True)
-    gate = torch.rand(B, H, device="cuda", dtype=torch.float32, requires_grad=True)
-    dout = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+    q = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, HKV, T, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, HKV, T, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    gate = torch.rand(B, H, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    dout = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype)
     leaves = [q, k, v, gate]
     gqa = HKV != H
 
@@ -135,7 +160,8 @@ def attention_rows(args, dev_name):
         for T in [int(x) for x in args.seq_lens.split(",")]:
             B = max(1, args.total_tokens // T)
             rows += attention_config_rows(args, dev_name, B, H, HKV, T, D)
-            torch.cuda.empty_cache()
+            if CUDA:
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -148,9 +174,9 @@ def gate_grad_rows(args, dev_name):
     H = max(1, args.model_dim // D)
     for T in [int(x) for x in args.seq_lens.split(",")]:
         B = max(1, args.total_tokens // T)
-        o = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
-        dy = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
-        base = torch.randn(H, D, device="cuda")
+        o = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
+        dy = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype)
+        base = torch.randn(H, D, device=DEVICE)
         nbytes = 2 * o.numel() * o.element_size()
         impls = [("gate_grad (triton)", gate_grad), ("gate_grad_torch", gate_grad_torch)]
         for name, fn in impls:
@@ -174,7 +200,10 @@ def print_row(r):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.plot_only:
+        print(f"wrote {', '.join(map(str, plot(args.plot_only)))}")
+        return 0
+    if not CUDA and not args.smoke:
         print("bench_gated_attention.py needs a CUDA GPU (torch.cuda.is_available() is False; "
               f"torch {torch.__version__}, CUDA build: {torch.version.cuda}). Nothing was measured.", file=sys.stderr)
         return 2
@@ -183,7 +212,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_gated_attention.py needs triton (pip install triton).", file=sys.stderr)
         return 2
-    dev_name = torch.cuda.get_device_name()
+    dev_name = torch.cuda.get_device_name() if CUDA else "cpu (smoke)"
     print(f"device: {dev_name} | torch {torch.__version__} | triton {sys.modules['triton'].__version__} | "
           f"dtype {args.dtype} | causal {not args.no_causal} | total tokens {args.total_tokens}")
     rows = []
@@ -202,7 +231,38 @@ def main(argv=None) -> int:
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else v) for k, v in r.items()})
     print(f"wrote {len(rows)} rows to {out}")
+    if not args.skip_attention:
+        print(f"wrote {', '.join(map(str, plot(out)))}")
     return 0
+
+
+def plot(csv_path) -> list[Path]:
+    """TFLOP/s against sequence length per implementation (forward; forward + backward), next to the CSV."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from headscore.figures import save_figure
+
+    with open(csv_path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["kind"] == "attention"]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, title in zip(axes, ("fwd_tflops", "fwd_bwd_tflops"), ("forward", "forward + backward"), strict=True):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            for d in sorted({int(r["D"]) for r in rows}):
+                pts = sorted((int(r["T"]), float(r[key] or "nan")) for r in rows
+                             if r["impl"] == impl and int(r["D"]) == d)
+                ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=f"{impl}, D={d}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T (batch x T fixed)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s")
+    axes[1].legend(fontsize=8)
+    device = rows[0]["device"] if rows else "?"
+    fig.suptitle(f"Gated attention vs SDPA, {rows[0]['dtype'] if rows else ''}, causal - {device}")
+    return save_figure(fig, Path(csv_path).with_suffix(""))
 
 
 if __name__ == "__main__":
