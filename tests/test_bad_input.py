@@ -303,7 +303,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, tasks, delay):
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"exit {proc.returncode}: {err}"
     assert err == "headscore: interrupted\n"
     assert not (tmp_path / "s.hs").exists()
 

@@ -11,9 +11,12 @@ torch) inside its error handling, so that Ctrl-C at any moment, imports included
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from ..errors import HeadscoreError
 from ..text import printable
@@ -64,3 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("headscore: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def run() -> NoReturn:
+    """The ``headscore`` console command: :func:`main`, then exit with its code.
+
+    After Ctrl-C the process ends at once (``os._exit``), without interpreter finalization: an interrupt
+    can land while a model or a tokenizer is half built, and finalizers of such objects must not get
+    the last word on the exit status (130). Every ``finally`` block has already run by then.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)

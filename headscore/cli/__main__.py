@@ -1,7 +1,5 @@
 """``python -m headscore.cli`` (e.g. under torchrun): the ``headscore`` command."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()
