@@ -38,10 +38,7 @@ from tiny import ByteTokenizer  # noqa: E402
 import headscore  # noqa: E402
 from headscore import bench  # noqa: E402
 from headscore.compare import spearman  # noqa: E402
-from headscore.data.examples import Example  # noqa: E402
-from headscore.loss import example_losses  # noqa: E402
 from headscore.models import LoadedModel  # noqa: E402
-from headscore.prepared import prepare  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -95,23 +92,6 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
     return statistics.median(times), peak_bytes() - base, out
 
 
-def floor_fn(lm: LoadedModel, exs: list[Example], batch_size: int):
-    """The plain forward + backward with the same loss as taylor, gradients to the embeddings' output only."""
-    prep = prepare(lm, exs)
-    model = lm.model
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-
-    def run():
-        hook = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        try:
-            for batch in prep.batches(batch_size, progress=False):
-                example_losses(model, batch).sum().backward()
-        finally:
-            hook.remove()
-    return run
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
@@ -144,7 +124,8 @@ def main(argv=None) -> int:
 
     print(f"{res['device']} | torch {torch.__version__} | {L} layers x {H} heads, T={args.seq_len}, "
           f"{args.examples} examples, batch {args.batch_size}", flush=True)
-    sec, peak, _ = timed(floor_fn(lm, exs, args.batch_size), args.repeats)
+    ctx = bench.Context(lm, exs, batch_size=args.batch_size, sample_heads=args.sample_heads)
+    sec, peak, _ = timed(lambda: bench.run_floor(ctx), args.repeats)  # same loss as taylor, input grads only
     record("floor (fwd+bwd, input grads)", sec, peak)
     scores = {}
     for kernel in (True, False):
@@ -160,7 +141,6 @@ def main(argv=None) -> int:
     res["kernel_on_vs_off"] = {"spearman": agree, "max_abs_diff": diff, "max_abs": scale}
     print(f"  kernel on vs off: spearman {agree}, max |diff| {diff:.3g} of max |score| {scale:.3g}", flush=True)
 
-    ctx = bench.Context(lm, exs, batch_size=args.batch_size, sample_heads=args.sample_heads)
     base = reset_peak()
     out = bench.sampled_ablation(ctx, "sequential")  # the bench's head sample and extrapolation
     sync()

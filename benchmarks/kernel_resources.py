@@ -31,6 +31,13 @@ MODEL_DTYPE_ARGS = {"Q", "K", "V", "Out", "A", "DO", "DQ", "DK", "DV"}
 FP32_ARGS = {"Gate", "Base", "Lse", "Delta", "DGatePart", "DBasePart"}
 
 
+def _block_d(head_dim: int) -> int:
+    """BLOCK_D as the launchers compute it (head dim rounded up to a power of 2, at least 16)."""
+    from headscore.kernels._compat import next_pow2
+
+    return max(16, next_pow2(head_dim))
+
+
 def _module():
     return importlib.import_module("headscore.kernels.gated_attention")
 
@@ -65,7 +72,7 @@ def kept_configs(kernel: str, head_dim: int, dtype: str) -> list[tuple[int, int,
         def element_size(self):
             return DTYPES[dtype][1]
 
-    kept = ga._prune_configs(configs, {"Q": _Q()}, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()))
+    kept = ga._prune_configs(configs, {"Q": _Q()}, BLOCK_D=_block_d(head_dim))
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
 
@@ -78,7 +85,7 @@ def compile_one(job: tuple) -> dict:
 
     ga = _module()
     fn = ga._CONFIGS[kernel][0]
-    const = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), CAUSAL=True, HAS_MASK=True,
+    const = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=True, HAS_MASK=True,
                  DOT_PREC="ieee" if dtype == "fp32" else "tf32", EMU_BF16=False, BLOCK_M=bm, BLOCK_N=bn)
     if kernel == "fwd":
         const["HAS_BASE"] = True

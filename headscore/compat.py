@@ -18,30 +18,19 @@ from collections.abc import Callable
 from importlib.metadata import version as installed_version
 
 import torch
+from packaging.version import Version
 
 from .errors import UnsupportedModelError
 
-MIN_TRANSFORMERS = (5, 0)
+MIN_TRANSFORMERS = "5.0"
 """Oldest transformers whose private attention attributes match what this module reads (pyproject: >=5.0)."""
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) if not piece.isdigit() else piece
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break
-    return tuple(parts)
 
 
 def check_transformers(version: str | None = None) -> None:
     """Raise UnsupportedModelError if transformers (or ``version``) is older than MIN_TRANSFORMERS."""
     version = version or installed_version("transformers")
-    if _version_tuple(version) < MIN_TRANSFORMERS:
-        need = ".".join(map(str, MIN_TRANSFORMERS))
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        need = MIN_TRANSFORMERS
         raise UnsupportedModelError(
             f"headscore needs transformers>={need} (its attention registry); this is transformers {version}: "
             f"pip install 'transformers>={need},<6'")

@@ -44,6 +44,16 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
     return -(logp * mask).sum(1) / mask.sum(1)
 
 
+def finite_losses(loss: torch.Tensor, example_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``loss`` [B] itself, or NonFiniteLoss naming (once each) the examples of its inf/NaN rows.
+
+    ``example_index`` [B] is each row's example; ``dtype`` the logits' (for the half-precision hint)."""
+    bad = ~torch.isfinite(loss)
+    if bad.any():
+        raise NonFiniteLoss(list(dict.fromkeys(example_index[bad.to(example_index.device)].tolist())), dtype)
+    return loss
+
+
 def _target_span(batch: Batch) -> tuple[int, int]:
     """Logit positions [start, end) that predict the batch's target tokens (logits at p predict p + 1)."""
     positions = batch.target_mask.any(0).nonzero().flatten()
@@ -58,9 +68,7 @@ def losses_from_logits(logits: torch.Tensor, batch: Batch, *, span_only: bool = 
         logits = logits[:, start:end]
     labels = batch.input_ids[:, start + 1:end + 1]
     loss = target_nll(logits, labels, batch.target_mask[:, start + 1:end + 1])
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(batch.example_index[~torch.isfinite(loss)].tolist(), logits.dtype)
-    return loss
+    return finite_losses(loss, batch.example_index, logits.dtype)
 
 
 def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HeadscoreError
-from ..loss import NonFiniteLoss, target_nll
+from ..loss import finite_losses, target_nll
 from ..methods.ablation import head_set_gates
 from ..patch import HeadGates, head_layout, patch
 from ..prepared import prepare
@@ -80,9 +80,8 @@ def evaluate_settings(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequ
         if n > 1:  # teacher-forced target tokens on a copy of the prompt's cache
             forced = model(input_ids=target[:, :-1], use_cache=True, **{key: copy.deepcopy(cache)}).logits
             logits = torch.cat([logits, forced], dim=1)
-        loss = target_nll(logits, target, torch.ones_like(target))
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLoss([index], logits.dtype)
+        loss = finite_losses(target_nll(logits, target, torch.ones_like(target)), torch.full((k,), index),
+                             logits.dtype)
         tokens = [first.argmax(-1)]
         for _ in range(n - 1):
             step = model(input_ids=tokens[-1][:, None], use_cache=True, **{key: cache}).logits[:, -1]

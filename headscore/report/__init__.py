@@ -27,7 +27,6 @@ from typing import Any
 
 from ..results import atomic_write
 from .heatmaps import COLORBAR_LABEL, heatmap_grid
-from .html import html_page
 from .inputs import ablation_values
 from .layout import grid_shape
 from .scatter import scatter_vs_ablation
@@ -69,7 +68,18 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
         images.append("scatter.png")
     text = markdown_summary(scores, k=k, ablation=ablation, comparison=comparison, images=images)
     paths["summary"] = atomic_write(out / "summary.md", text.encode("utf-8"))
+    from .html import html_page  # Bokeh takes about 0.6 s to import: only when a page is written
+
     page = html_page(scores, ablation=ablation, comparison=comparison, other_comparison=other_comparison,
                      other_name=other_name, png=png.read_bytes())
     paths["html"] = atomic_write(out / "index.html", page.encode("utf-8"))
     return paths
+
+
+def __getattr__(name: str):
+    """``html_page`` loads Bokeh on first use, so that importing the report (and the CLI) stays fast."""
+    if name == "html_page":
+        from .html import html_page
+
+        return html_page
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,7 +41,7 @@ from bokeh.plotting import figure
 from bokeh.resources import Resources
 
 from .heatmaps import COLORBAR_LABEL
-from .inputs import ablation_values, stderr_values, task_counts, task_values
+from .inputs import ablation_values, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
 
 __all__ = ["html_page"]
@@ -120,7 +120,7 @@ _CHECK_JS = """
 def _ranks(vals: np.ndarray) -> np.ndarray:
     """Rank of each cell within its task, 1 = largest value; NaN cells rank last."""
     flat = vals.reshape(vals.shape[0], -1)
-    order = np.argsort(-np.nan_to_num(flat, nan=-np.inf), axis=1, kind="stable")
+    order = head_order(flat)
     ranks = np.empty_like(order)
     rows = np.arange(flat.shape[0])[:, None]
     ranks[rows, order] = np.arange(1, flat.shape[1] + 1)[None, :]

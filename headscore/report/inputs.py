@@ -66,3 +66,9 @@ def ablation_values(scores: Any, ablation: Any) -> np.ndarray:
     elif abl.shape[0] != vals.shape[0]:
         raise ValueError(f"ablation has {abl.shape[0]} tasks but scores have {vals.shape[0]}")
     return abl
+
+
+def head_order(values: np.ndarray) -> np.ndarray:
+    """Flat head indices of each task's map, most important first: along the last axis of ``values``
+    ([..., L*H]), descending, NaN last, ties in index order. The one ranking the summary and the page use."""
+    return np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=-1, kind="stable")

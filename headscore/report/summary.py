@@ -7,10 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..text import markdown_text
-from .inputs import ablation_values, stderr_values, task_counts, task_values
+from .inputs import ablation_values, head_order, stderr_values, task_counts, task_values
 
 
 def _md(text: Any) -> str:
@@ -80,7 +78,7 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
     lines += [f"## Top {k} heads per task", ""]
     for i, task in enumerate(scores.tasks):
         flat = vals[i].ravel()
-        order = np.argsort(-np.nan_to_num(flat, nan=-np.inf), kind="stable")[:k]
+        order = head_order(flat)[:k]
         heading = f"### {_md(task)}"
         if counts is not None:
             heading += f" ({counts[i]} examples)"
