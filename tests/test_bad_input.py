@@ -7,6 +7,7 @@ and must end with exit code 2, one line on stderr, and every file as it was (has
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -293,14 +294,30 @@ def test_counts_that_must_be_positive(tmp_path, capsys, tasks):
 # ---------------------------------------------------------------------------------------------- 8 Ctrl-C
 
 
-@pytest.mark.parametrize("delay", [0.3, 3.0])
-def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, tasks, delay):
-    """SIGINT while torch and transformers import (0.3 s) and later, while the model loads or scores."""
+def wait_until_mapped(proc: subprocess.Popen, library: str, timeout: float = 60.0) -> None:
+    """Wait until ``proc`` has mapped ``library`` (an import of it is under way), polling /proc/PID/maps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            if library in Path(f"/proc/{proc.pid}/maps").read_text():
+                return
+        time.sleep(0.005)
+    pytest.fail(f"the command never loaded {library}")
+
+
+@pytest.mark.parametrize("moment", ["importing", "working"])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, tasks, moment):
+    """SIGINT while torch imports (as soon as libtorch is mapped: the command's own code is running, not the
+    interpreter's start-up, which a fixed delay could not tell apart on a loaded machine) and 3 s in, while
+    the model loads or scores."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "headscore.cli", "score", "--tasks", str(tasks), "--out",
                              str(tmp_path / "s.hs"), "--no-progress"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, text=True)
-    time.sleep(delay)
+    if moment == "importing":
+        wait_until_mapped(proc, "libtorch")
+    else:
+        time.sleep(3.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"exit {proc.returncode}: {err}"
