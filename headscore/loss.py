@@ -71,15 +71,56 @@ def losses_from_logits(logits: torch.Tensor, batch: Batch, *, span_only: bool = 
     return finite_losses(loss, batch.example_index, logits.dtype)
 
 
+def target_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's target tokens, packed to the left: (positions predicting them, labels, mask), each [B, P].
+
+    P is the most target tokens of any row; entries past a row's own count repeat its first position
+    and are masked out.
+    """
+    tm = batch.target_mask
+    counts = tm.sum(1)
+    width = int(counts.max())
+    tokens = torch.argsort((~tm).to(torch.int8), dim=1, stable=True)[:, :width]  # target positions first, in order
+    mask = torch.arange(width, device=tm.device)[None] < counts[:, None]
+    tokens = torch.where(mask, tokens, tokens[:, :1])
+    return tokens - 1, batch.input_ids.gather(1, tokens), mask
+
+
 def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean target NLL of each row of ``batch`` [B] (float32, or float64 for a float64 model).
 
-    Only the logits of the positions that predict target tokens are computed when the
-    model supports ``logits_to_keep``. Raises HeadscoreError on a non-finite loss.
+    Only the logits of the positions that predict target tokens are computed: the hidden states
+    that reach the model's output embedding are gathered to each row's own target positions (a
+    forward pre-hook on ``get_output_embeddings()``; anything the family applies to the logits
+    afterwards, such as soft-capping, works on any shape). A family whose head does not take them
+    that way gets the logits of the span of target positions instead (``logits_to_keep``) and is
+    remembered. Raises HeadscoreError on a non-finite loss.
     """
     start, end = _target_span(batch)
     keep = torch.arange(start, end, device=batch.input_ids.device)
     kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(model, "_headscore_gather_head", True):
+        positions, labels, mask = target_positions(batch)
+        offset = start if kwargs else 0
+
+        def gather(module, args):
+            if not args:
+                return None
+            h = args[0]
+            idx = (positions - offset).to(h.device)
+            return (h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), *args[1:])
+
+        handle = head.register_forward_pre_hook(gather)
+        try:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                           **kwargs).logits
+        finally:
+            handle.remove()
+        if tuple(logits.shape[:2]) == tuple(positions.shape):
+            return finite_losses(target_nll(logits, labels.to(logits.device), mask.to(logits.device)),
+                                 batch.example_index, logits.dtype)
+        model._headscore_gather_head = False  # the head saw other inputs: use the span from now on
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                    **kwargs).logits
     return losses_from_logits(logits, batch, span_only=bool(kwargs))

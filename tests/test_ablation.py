@@ -1,10 +1,16 @@
-"""Ablation: batched equals sequential, and both equal an independent hook-based ablation."""
+"""Ablation: prefix reuse, batched and naive modes agree, and all equal an independent hook-based ablation."""
+
+import warnings
 
 import pytest
 import torch
-from tiny import random_examples, tiny_model
+import transformers
+from tiny import VOCAB, ByteTokenizer, random_examples, tiny_model
 
 import headscore
+from headscore.methods import ablation
+from headscore.models import LoadedModel
+from headscore.patch import patch
 
 pytestmark = pytest.mark.numerics
 
@@ -41,10 +47,129 @@ def test_batched_equals_sequential(family, kv_heads, batch_size):
     examples = random_examples(8)
     kw = dict(batch_size=batch_size, progress=False)
     batched = headscore.ablate(lm, examples, mode="batched", rows_per_pass=16, **kw)
+    prefix = headscore.ablate(lm, examples, mode="prefix", rows_per_pass=16, **kw)
     sequential = headscore.ablate(lm, examples, mode="sequential", **kw)
     assert batched.method == "ablation-zero"
+    assert prefix.extra["mode"] == "prefix" and sequential.extra["mode"] == "naive"
     assert batched.values.abs().max() > 1e-3
     torch.testing.assert_close(batched.values, sequential.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(prefix.values, sequential.values, rtol=0, atol=1e-5)
+
+
+def tiny_gpt2(layers: int = 3, heads: int = 4, seed: int = 0) -> LoadedModel:
+    """GPT-2 keeps its layers in ``transformer.h`` and its attention in ``attn.c_proj``: no Llama names."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=heads * 8, n_layer=layers, n_head=heads,
+                                     n_positions=256, pad_token_id=0, bos_token_id=1, eos_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return LoadedModel(model.double().eval(), ByteTokenizer(), "tiny-gpt2")
+
+
+PREFIX_CASES = [("llama", 2, 3), ("qwen2", 1, 4), ("qwen3", 2, 5), ("mistral", 4, 2), ("gemma2", 2, 3),
+                ("gpt2", 4, 3)]
+
+
+def _float64_model(family, kv_heads):
+    if family == "gpt2":
+        return tiny_gpt2(layers=4)
+    return tiny_model(family, kv_heads=kv_heads, layers=4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family,kv_heads,batch_size", PREFIX_CASES)
+def test_prefix_reuse_equals_naive_sweep_float64(family, kv_heads, batch_size):
+    """Every head, zero and mean baselines, padded batches, GQA and MQA: prefix reuse equals the plain sweep."""
+    lm = _float64_model(family, kv_heads)
+    examples = random_examples(7, seed=3)
+    kw = dict(batch_size=batch_size, progress=False)
+    for baseline in ("zero", "mean"):
+        naive = headscore.ablate(lm, examples, mode="naive", baseline=baseline, **kw)
+        prefix = headscore.ablate(lm, examples, mode="prefix", baseline=baseline, rows_per_pass=7, **kw)
+        assert prefix.extra["mode"] == "prefix"
+        assert naive.values.abs().max() > 1e-2
+        torch.testing.assert_close(prefix.values, naive.values, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_reuse_any_gate_rows(family):
+    """Rows that change several layers, gates above 1 and a custom baseline: each row's own first changed
+    layer decides what is replayed."""
+    lm = _float64_model(family, 2)
+    examples = random_examples(5, seed=4)
+    prep = headscore.prepare(lm, examples)
+    g = torch.Generator().manual_seed(0)
+    with patch(lm.model) as heads:
+        layout = heads.layout
+        rows = torch.ones(12, layout.num_layers, layout.num_heads, dtype=torch.float64)
+        for r in range(11):  # row 11 changes nothing: all its layers are replayed
+            layer = r % layout.num_layers
+            rows[r, layer:] = torch.where(torch.rand(layout.num_layers - layer, layout.num_heads, generator=g) < 0.3,
+                                          torch.rand(layout.num_layers - layer, layout.num_heads, generator=g) * 3,
+                                          1.0)
+            rows[r, layer, r % layout.num_heads] = 2.5
+        base = torch.randn(layout.num_layers, layout.num_heads, layout.head_dim, generator=g, dtype=torch.float64)
+        for batch in prep.batches(3, progress=False):
+            naive = ablation.gated_losses(lm.model, heads, batch, rows, base, mode="naive")
+            prefix = ablation.gated_losses(lm.model, heads, batch, rows, base, mode="prefix", max_rows=9)
+            torch.testing.assert_close(prefix, naive, rtol=1e-6, atol=1e-9)
+            clean = ablation.clean_losses(lm.model, heads, batch)
+            torch.testing.assert_close(prefix[11], clean, rtol=1e-6, atol=1e-9)
+    assert ablation.first_changed_layer(rows).tolist() == [r % layout.num_layers for r in range(11)] + [
+        layout.num_layers]
+
+
+def test_prefix_passes_group_rows_by_first_changed_layer():
+    rows = ablation.single_head_gates(3, 9)
+    passes = ablation._passes(rows, 8, prefix=True)
+    assert [(len(idx), depth) for idx, depth in passes] == [(5, 0), (4, 0), (5, 1), (4, 1), (5, 2), (4, 2)]
+    assert sorted(torch.cat([idx for idx, _ in passes]).tolist()) == list(range(27))
+    assert [len(idx) for idx, _ in ablation._passes(rows, 8, prefix=False)] == [8, 8, 8, 3]
+
+
+def test_prefix_reuse_falls_back_when_layers_pass_hidden_state():
+    """A model whose layers share state outside their outputs (here: the last layer reads how many layers ran
+    in this forward pass) cannot be replayed: the first batch's check sees it, warns, and the ablation runs
+    batched, correctly."""
+    lm = tiny_model("llama", layers=3, dtype=torch.float64)
+    layers = lm.model.model.layers
+    calls = {"n": 0}
+    lm.model.model.register_forward_pre_hook(lambda module, args: calls.update(n=0))
+
+    def counting(layer, last):
+        forward = layer.forward
+
+        def run(*args, **kwargs):
+            calls["n"] += 1
+            out = forward(*args, **kwargs)
+            return out + 0.1 * calls["n"] if last else out
+        return run
+
+    for i, layer in enumerate(layers):
+        layer.forward = counting(layer, i == len(layers) - 1)
+    examples = random_examples(4)
+    with pytest.warns(UserWarning, match="does not reproduce the full pass"):
+        got = headscore.ablate(lm, examples, mode="prefix", batch_size=4, progress=False)
+    assert got.extra["mode"] == "batched"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = headscore.ablate(lm, examples, mode="batched", batch_size=4, progress=False)
+    torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
+
+
+def test_prefix_reuse_falls_back_without_decoder_layers(monkeypatch):
+    lm = tiny_model("llama", layers=2, dtype=torch.float64)
+    monkeypatch.setattr(ablation, "decoder_layers", lambda model, n: None)
+    with pytest.warns(UserWarning, match="no ModuleList of decoder layers"):
+        got = headscore.ablate(lm, random_examples(3), batch_size=3, progress=False)
+    assert got.extra["mode"] == "batched"
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(headscore.HeadscoreError, match="unknown ablation mode 'fast'; choose one of prefix"):
+        headscore.ablate(tiny_model("llama", layers=1), random_examples(2), mode="fast", progress=False)
 
 
 def test_ablation_matches_hooked_reference_zero_and_mean():

@@ -5,7 +5,8 @@ sample and the one timed sampled-ablation sweep.
 - ``floor``: a plain forward + backward pass with input gradients only (the embeddings' output requires
   grad, no weight gradients): the least any gradient method can cost;
 - ``taylor``: :func:`headscore.score` (one forward + one backward pass per batch);
-- ``ablate-batched`` / ``ablate-sequential``: :func:`headscore.ablate`, the ground truth; the sequential
+- ``ablate-prefix`` / ``ablate-batched`` / ``ablate-sequential``: :func:`headscore.ablate` in its three modes,
+  the ground truth; the sequential
   (naive, one forward pass per head) sweep may be timed on a sample of heads and extrapolated to all
   L*H heads (marked ``extrapolated``);
 - ``hooks-attribution``: gradient x activation at each ``o_proj`` input, collected with plain torch
@@ -149,12 +150,22 @@ def run_taylor(ctx: Context) -> Output:
                         max_examples=ctx.max_examples, progress=False))
 
 
+def full_ablation(ctx: Context, mode: str) -> Output:
+    """headscore.ablate over every head in ``mode`` (on the head sample when ``ctx.full_ablation`` is off)."""
+    if not ctx.full_ablation:
+        return sampled_ablation(ctx, mode)
+    return Output(ablate(ctx.lm, ctx.examples, mode=mode, batch_size=ctx.batch_size,
+                         rows_per_pass=ctx.rows_per_pass, max_examples=ctx.max_examples, progress=False))
+
+
+def run_ablate_prefix(ctx: Context) -> Output:
+    """headscore.ablate(mode='prefix'): batched, and layers below each ablated head run once per batch."""
+    return full_ablation(ctx, "prefix")
+
+
 def run_ablate_batched(ctx: Context) -> Output:
     """headscore.ablate(mode='batched'): every head, rows of one pass carry different gates."""
-    if not ctx.full_ablation:
-        return sampled_ablation(ctx, "batched")
-    return Output(ablate(ctx.lm, ctx.examples, mode="batched", batch_size=ctx.batch_size,
-                         rows_per_pass=ctx.rows_per_pass, max_examples=ctx.max_examples, progress=False))
+    return full_ablation(ctx, "batched")
 
 
 def sampled_ablation(ctx: Context, mode: str) -> Output:
@@ -231,6 +242,7 @@ def run_hooks_attribution(ctx: Context) -> Output:
 BUILTIN: dict[str, Method] = {
     "floor": run_floor,
     "taylor": run_taylor,
+    "ablate-prefix": run_ablate_prefix,
     "ablate-batched": run_ablate_batched,
     "ablate-sequential": run_ablate_sequential,
     "hooks-attribution": run_hooks_attribution,

@@ -7,13 +7,14 @@ from ..errors import HeadscoreError
 from .methods import BUILTIN, Method
 from .peers import PEERS, unavailable
 
-DEFAULT_METHODS = ("floor", "taylor", "ablate-batched", "ablate-sequential", "hooks-attribution",
+DEFAULT_METHODS = ("floor", "taylor", "ablate-prefix", "ablate-batched", "ablate-sequential", "hooks-attribution",
                    "nnsight-attribution", "tl-attribution", "tl-ablation")
-HEAVY = frozenset({"ablate-batched"})  # timed once (no warm-up, no repeats): minutes on a CPU
+HEAVY = frozenset({"ablate-prefix", "ablate-batched"})  # timed once (no warm-up, no repeats): minutes on a CPU
 
 LABELS = {
     "floor": "forward+backward, input grads only (floor)",
     "taylor": "headscore taylor, all heads (one pass)",
+    "ablate-prefix": "headscore ablation, prefix reuse (default)",
     "ablate-batched": "headscore ablation, batched",
     "ablate-sequential": "headscore ablation, sequential (naive)",
     "hooks-attribution": "grad x act via torch hooks on o_proj",

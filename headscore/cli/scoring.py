@@ -43,8 +43,12 @@ def register(sub) -> dict[str, Callable]:
     a = sub.add_parser("ablate", help="ground truth: the loss increase when each head (or a set) is ablated")
     add_model_args(a)
     a.add_argument("--baseline", default="zero", choices=BASELINES)
-    a.add_argument("--mode", default="batched", choices=list(ABLATION_MODES))
-    a.add_argument("--rows-per-pass", type=at_least(1), default=64, help="rows per forward pass in batched mode")
+    a.add_argument("--mode", default="prefix", choices=list(ABLATION_MODES),
+                   help="prefix (default): layers below an ablated head run once per batch, about half the cost "
+                        "of batched; batched: one pass carries many ablations; naive (= sequential): one pass per "
+                        "head. All give the same numbers.")
+    a.add_argument("--rows-per-pass", type=at_least(1), default=64,
+                   help="rows per forward pass in prefix and batched mode (default 64)")
     a.add_argument("--heads", default=None,
                    help="ablate this set of heads at once instead of each head: 'LAYER.HEAD,LAYER.HEAD,...'")
     a.add_argument("--gate", type=float, default=0.0, help="with --heads: the gate value (0 ablates, 2 doubles)")

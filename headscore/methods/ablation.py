@@ -1,12 +1,21 @@
 """Ablation ground truth: the real loss change when heads are set to their baseline.
 
-Batched mode gives each row of one forward pass its own gate vector (the batch tiled
-once per ablated head); sequential mode runs one forward pass per head, the naive
-baseline that batched mode must equal.
+Three modes compute the same numbers:
+
+- ``prefix`` (default): rows are grouped by the first layer whose gates they change; layers
+  below it are the same as in a run with every gate at 1, so they run once per batch
+  (:mod:`headscore.methods.prefix`) and each pass runs only the layers from there on. Ablating
+  each head of an L-layer model once costs about (L + 1) / 2L of ``batched``.
+- ``batched``: each row of one forward pass carries its own gate vector (the batch tiled
+  once per gate row), every layer runs for every row.
+- ``naive`` (alias ``sequential``): one forward pass of the batch per gate row, the plain
+  sweep the others must equal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -14,8 +23,10 @@ import torch
 from ..data.batching import Batch
 from ..loss import example_losses
 from ..patch import HeadGates
+from .prefix import PrefixReplay, decoder_layers
 
-ABLATION_MODES = ("batched", "sequential")
+ABLATION_MODES = ("prefix", "batched", "naive", "sequential")
+"""Accepted ``mode`` names; ``sequential`` is another name for ``naive``."""
 
 
 def single_head_gates(num_layers: int, num_heads: int, value: float = 0.0) -> torch.Tensor:
@@ -37,32 +48,105 @@ def head_set_gates(heads_to_change: list[tuple[int, int]], num_layers: int, num_
     return row
 
 
+def check_mode(mode: str) -> str:
+    """The canonical name of an ablation mode (``sequential`` -> ``naive``); ValueError for an unknown one."""
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}; choose one of {', '.join(ABLATION_MODES[:3])}")
+    return "naive" if mode == "sequential" else mode
+
+
+def first_changed_layer(gate_rows: torch.Tensor) -> torch.Tensor:
+    """[K] for gate rows [K, L, H]: the first layer with a gate other than 1 (L for a row that changes none)."""
+    changed = (gate_rows != 1).any(-1)
+    num_layers = gate_rows.shape[1]
+    first = torch.where(changed, torch.arange(num_layers), num_layers)
+    return first.min(-1).values
+
+
+def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool) -> list[tuple[torch.Tensor, int]]:
+    """(row indices, layers to skip) of each forward pass: consecutive rows, or with ``prefix`` rows
+    grouped by their first changed layer (each pass skips the layers below it), each group split
+    into the fewest passes of at most ``per_pass`` rows, of equal size (9 rows at 8 a pass: 5 + 4)."""
+    k = gate_rows.shape[0]
+    if not prefix:
+        return [(torch.arange(s, min(s + per_pass, k)), 0) for s in range(0, k, per_pass)]
+    first = first_changed_layer(gate_rows.cpu())
+    out = []
+    for depth in first.unique().tolist():
+        idx = (first == depth).nonzero().flatten()
+        n = -(-len(idx) // per_pass)  # as few passes as the limit allows, of (nearly) equal size
+        out += [(part, int(depth)) for part in torch.tensor_split(idx, n)]
+    return out
+
+
 @torch.no_grad()
 def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_rows: torch.Tensor,
-                 baseline: torch.Tensor | None = None, *, mode: str = "batched",
+                 baseline: torch.Tensor | None = None, *, mode: str = "prefix",
                  max_rows: int = 64, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
     """Loss of every example under every gate row: [K, B] for ``gate_rows`` [K, L, H].
 
-    ``batched`` packs as many (gate row, example) pairs into one forward pass as ``max_rows``
-    allows; ``sequential`` runs one forward pass of the batch per gate row. ``on_pass(n)`` is
-    called after each forward pass with the number of gate rows it covered (for progress bars).
+    ``batched`` and ``prefix`` pack as many (gate row, example) pairs into one forward pass as
+    ``max_rows`` allows; ``prefix`` also skips the layers below each pass's first changed gate
+    (after one recording pass of the batch with every gate at 1), and falls back to ``batched``
+    for a model whose decoder layers it cannot find. ``naive`` runs one forward pass of the batch
+    per gate row. ``on_pass(n)`` is called after each pass with the number of gate rows it covered.
     """
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"unknown ablation mode {mode!r}; choose {' or '.join(ABLATION_MODES)}")
+    mode = check_mode(mode)
     k, b = gate_rows.shape[0], batch.size
+    num_layers = heads.layout.num_layers
     dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
     gate_rows = gate_rows.to(batch.input_ids.device, dtype)
-    per_pass = 1 if mode == "sequential" else max(1, max_rows // b)
+    replay = None
+    if mode == "prefix":
+        layers = decoder_layers(model, num_layers)
+        if layers is not None:
+            replay = PrefixReplay(layers)
+            with replay.recording(), heads.using(torch.ones_like(gate_rows[:1]), baseline):
+                example_losses(model, batch)
+    per_pass = 1 if mode == "naive" else max(1, max_rows // b)
     out = torch.empty(k, b, dtype=torch.float64)
-    for start in range(0, k, per_pass):
-        chunk = gate_rows[start:start + per_pass]
-        n = chunk.shape[0]
+    for idx, depth in _passes(gate_rows, per_pass, replay is not None):
+        n = len(idx)
         rows = batch.tile(n) if n > 1 else batch
-        with heads.using(chunk.repeat_interleave(b, 0), baseline):
-            out[start:start + n] = example_losses(model, rows).view(n, b).cpu()
+        skip = replay.skipping(depth, n) if replay is not None else contextlib.nullcontext()
+        with skip, heads.using(gate_rows[idx.to(gate_rows.device)].repeat_interleave(b, 0), baseline):
+            out[idx] = example_losses(model, rows).view(n, b).cpu().double()
         if on_pass is not None:
             on_pass(n)
     return out
+
+
+@torch.no_grad()
+def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
+                       baseline: torch.Tensor | None = None) -> bool:
+    """Whether ``prefix`` mode reproduces a full forward pass on this model: the loss of one row that
+    changes a head of the last layer (every layer below replayed), against the same row run in full.
+
+    False, with a warning saying why, for a model whose decoder layers are not found or whose layers
+    pass state other than their outputs (the replayed loss then differs beyond rounding).
+    """
+    layout = heads.layout
+    if decoder_layers(model, layout.num_layers) is None:
+        warnings.warn(f"{type(model).__name__}: no ModuleList of decoder layers found; prefix reuse is off "
+                      "(ablation runs in batched mode)", stacklevel=2)
+        return False
+    row = torch.ones(1, layout.num_layers, layout.num_heads, dtype=torch.float64)
+    row[0, -1, 0] = 0.0
+    try:
+        replayed = gated_losses(model, heads, batch, row, baseline, mode="prefix")
+    except Exception as exc:  # noqa: BLE001 - any failure of the replay means: do not use it
+        warnings.warn(f"{type(model).__name__}: prefix reuse failed ({exc}); ablation runs in batched mode",
+                      stacklevel=2)
+        return False
+    full = gated_losses(model, heads, batch, row, baseline, mode="batched")
+    dtype = next(model.parameters()).dtype
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    if torch.allclose(replayed, full, rtol=tol, atol=tol):
+        return True
+    warnings.warn(f"{type(model).__name__}: replaying the layers below a changed head does not reproduce the "
+                  f"full pass (loss {replayed.flatten()[0]:.6g} vs {full.flatten()[0]:.6g}); ablation runs in "
+                  "batched mode", stacklevel=2)
+    return False
 
 
 @torch.no_grad()

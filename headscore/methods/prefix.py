@@ -1,0 +1,111 @@
+"""Prefix reuse for exact ablation: layers before a row's first changed gate are not run again.
+
+A gate row that changes heads of layer l (and none earlier) leaves layers 0 .. l-1 exactly as
+in a run with every gate at 1. :class:`PrefixReplay` records, once per batch, each decoder
+layer's output under all-ones gates; a later forward pass of the batch tiled ``copies`` times
+then skips layers < ``depth``: each returns its recorded output, tiled. Only layers >= ``depth``
+and the model's head (final norm, logits) run.
+
+Finding the decoder layers needs no per-family code: they are the ``ModuleList`` whose i-th
+entry holds the attention module with ``layer_idx == i`` for every layer. Families that pass
+state between layers other than the returned hidden states would break the replay; the
+ablation checks one replayed row against a full pass before trusting it
+(:func:`headscore.methods.ablation.prefix_reuse_works`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def decoder_layers(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module] | None:
+    """The model's decoder layers in order, or None when no ``ModuleList`` holds them one attention each."""
+    for module in model.modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) != num_layers:
+            continue
+        if all(_holds_layer(layer, i) for i, layer in enumerate(module)):
+            return list(module)
+    return None
+
+
+def _holds_layer(layer: torch.nn.Module, index: int) -> bool:
+    ids = {getattr(m, "layer_idx", None) for m in layer.modules()} - {None}
+    return ids == {index}
+
+
+def _tile(output, copies: int):
+    """A layer's output with every batch-first tensor repeated ``copies`` times (row c * B + b = row b)."""
+    if copies == 1:
+        return output
+    if isinstance(output, torch.Tensor):
+        return output.repeat(copies, *([1] * (output.dim() - 1)))
+    if isinstance(output, (tuple, list)):
+        items = [_tile(o, copies) for o in output]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    return output
+
+
+class PrefixReplay:
+    """Record each decoder layer's output once; replay it to skip the layers below a depth.
+
+    Use :meth:`recording` around the forward pass that runs with every gate at 1, then
+    :meth:`skipping` around each pass whose rows change no gate below ``depth``.
+    """
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        self.layers = layers
+        self.outputs: list | None = None
+
+    @property
+    def num_layers(self) -> int:
+        """How many decoder layers the replay covers."""
+        return len(self.layers)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep every decoder layer's output of the forward pass run inside the block."""
+        outputs: list = [None] * len(self.layers)
+
+        def keep(i):
+            def hook(module, args, output):
+                outputs[i] = output
+            return hook
+
+        handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if any(o is None for o in outputs):
+            raise RuntimeError("a decoder layer did not run in the recorded pass")
+        self.outputs = outputs
+
+    @contextlib.contextmanager
+    def skipping(self, depth: int, copies: int) -> Iterator[None]:
+        """Inside the block, layers < ``depth`` do no work: each returns its recorded output tiled ``copies``
+        times (a copy, not a computation), so whatever the model does between layers sees what it would."""
+        if self.outputs is None:
+            raise RuntimeError("PrefixReplay.skipping before a recorded pass")
+        depth = min(depth, len(self.layers))
+        if depth <= 0:
+            yield
+            return
+        saved = [(layer, layer.__dict__.get("forward")) for layer in self.layers[:depth]]
+
+        def replay(output):
+            return lambda *args, **kwargs: _tile(output, copies)
+
+        for (layer, _), output in zip(saved, self.outputs, strict=False):
+            layer.forward = replay(output)
+        try:
+            yield
+        finally:
+            for layer, previous in saved:
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous
