@@ -6,23 +6,49 @@ from collections.abc import Sequence
 
 import torch
 
+MAX_KEPT_VALUES = 2**25
+"""Per-example values an accumulator keeps at most (float32: 128 MiB); beyond, it keeps only the sums."""
+
 
 class TaskAccumulator:
     """Running count, sum and sum of squares per (task, layer, head).
 
     ``add(task_index [B], values [B, L, H])`` adds one value per example; ``mean`` and
     ``stderr`` read the result. Sums are float64 on the CPU whatever the model's dtype.
+    With ``keep_examples`` it also keeps every example's values (float32; :attr:`examples`, in the
+    order of the ``example_index`` given to :meth:`add`, else in the order added), for bootstrap
+    intervals over examples, until they would exceed
+    :data:`MAX_KEPT_VALUES` numbers; then it drops them and keeps only the sums.
     """
 
-    def __init__(self, tasks: Sequence[str], num_layers: int, num_heads: int):
+    def __init__(self, tasks: Sequence[str], num_layers: int, num_heads: int, *, keep_examples: bool = False):
         self.tasks = list(tasks)
         shape = (len(self.tasks), num_layers, num_heads)
         self.count = torch.zeros(len(self.tasks), dtype=torch.int64)
         self.sum = torch.zeros(shape, dtype=torch.float64)
         self.sumsq = torch.zeros(shape, dtype=torch.float64)
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = [] if keep_examples else None
 
-    def add(self, task_index: torch.Tensor, values: torch.Tensor) -> None:
-        """Add per-example values [B, L, H] for examples of tasks ``task_index`` [B]."""
+    @property
+    def examples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Kept per-example values [N, L, H] (float32) and their task indices [N], or None."""
+        if self._kept is None:
+            return None
+        if not self._kept:
+            return torch.zeros(0, *self.sum.shape[1:]), torch.zeros(0, dtype=torch.int64)
+        values, tasks = torch.cat([v for v, _, _ in self._kept]), torch.cat([t for _, t, _ in self._kept])
+        if all(e is not None for _, _, e in self._kept):
+            order = torch.cat([e for _, _, e in self._kept]).argsort(stable=True)
+            values, tasks = values[order], tasks[order]
+        return values, tasks
+
+    def drop_examples(self) -> None:
+        """Stop keeping per-example values (the sums stay)."""
+        self._kept = None
+
+    def add(self, task_index: torch.Tensor, values: torch.Tensor, example_index: torch.Tensor | None = None) -> None:
+        """Add per-example values [B, L, H] for examples of tasks ``task_index`` [B] (``example_index`` [B]:
+        their positions in the run, which order the kept examples)."""
         idx = task_index.detach().cpu().long()
         v = values.detach().to("cpu", torch.float64)
         if v.shape[1:] != self.sum.shape[1:] or v.shape[0] != idx.shape[0]:
@@ -31,6 +57,12 @@ class TaskAccumulator:
         self.count.index_add_(0, idx, torch.ones_like(idx))
         self.sum.index_add_(0, idx, v)
         self.sumsq.index_add_(0, idx, v * v)
+        if self._kept is not None:
+            if int(self.count.sum()) * v[0].numel() > MAX_KEPT_VALUES:
+                self._kept = None
+            else:
+                order = None if example_index is None else example_index.detach().cpu().long().clone()
+                self._kept.append((v.float(), idx.clone(), order))
 
     def merge(self, other: TaskAccumulator) -> None:
         """Add another accumulator's sums (same tasks and shape) into this one."""
@@ -39,6 +71,10 @@ class TaskAccumulator:
         self.count += other.count
         self.sum += other.sum
         self.sumsq += other.sumsq
+        if self._kept is not None and other._kept is not None:
+            self._kept.extend(other._kept)
+        else:
+            self._kept = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -54,10 +90,22 @@ class TaskAccumulator:
         return torch.sqrt(var / n)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that reproduce this accumulator (for checkpoints and all-reduce)."""
-        return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
+        """Tensors that reproduce this accumulator (for checkpoints): the sums, and the kept examples."""
+        state = {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
+        kept = self.examples
+        if kept is not None:
+            state["example_values"], state["example_tasks"] = kept
+            if all(e is not None for _, _, e in self._kept):
+                state["example_order"] = torch.cat([e for _, _, e in self._kept] or [torch.zeros(0, dtype=torch.int64)]
+                                                   ).sort().values
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore sums saved by :meth:`state_dict`."""
+        """Restore what :meth:`state_dict` saved (a state without kept examples stops keeping them)."""
         for key in ("count", "sum", "sumsq"):
             getattr(self, key).copy_(state[key])
+        if self._kept is not None:
+            has = "example_values" in state and "example_tasks" in state
+            order = state.get("example_order")
+            self._kept = [(state["example_values"].float(), state["example_tasks"].long(),
+                           None if order is None else order.long())] if has else None

@@ -73,6 +73,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             state = {k: fh.get_tensor(k) for k in ("count", "sum", "sumsq")}
+            state.update({k: fh.get_tensor(k) for k in ("example_values", "example_tasks", "example_order")
+                          if k in fh.keys()})
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
         return state, int(meta["done"]), int(meta["total"]), json.loads(meta["fingerprint"])

@@ -96,10 +96,13 @@ def _reduce_device() -> torch.device:
 def all_reduce_accumulator(acc: TaskAccumulator) -> TaskAccumulator:
     """Sum ``acc``'s count, sum and sum of squares over all ranks, in place (one float64 all-reduce).
 
-    Every rank must call it with accumulators of the same tasks and shape. Returns ``acc``.
+    Every rank must call it with accumulators of the same tasks and shape. Returns ``acc``. Per-example
+    values (``keep_examples``) are not gathered: a multi-process run drops them (its scores have no
+    bootstrap intervals).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return acc
+    acc.drop_examples()
     flat = torch.cat([acc.count.to(torch.float64), acc.sum.flatten(), acc.sumsq.flatten()])
     # a header with the shape guards against ranks that disagree on tasks or model
     header = torch.tensor([float(len(acc.tasks)), *acc.sum.shape[1:]], dtype=torch.float64)

@@ -27,7 +27,8 @@ class NonFiniteLoss(HeadscoreError):
         return NonFiniteLoss(self.indices, self.dtype, [examples[i].describe(i) for i in self.indices])
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (remembered on the model)."""
     cached = getattr(model, "_headscore_logits_to_keep", None)
     if cached is None:
         cached = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -98,15 +99,16 @@ def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """
     start, end = _target_span(batch)
     keep = torch.arange(start, end, device=batch.input_ids.device)
-    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(model, "_headscore_gather_head", True):
         positions, labels, mask = target_positions(batch)
         offset = start if kwargs else 0
+        width = end - start if kwargs else batch.input_ids.shape[1]
 
         def gather(module, args):
-            if not args:
-                return None
+            if not args or args[0].dim() != 3 or args[0].shape[1] != width:
+                return None  # not the hidden states we expect: leave them, and the check below falls back
             h = args[0]
             idx = (positions - offset).to(h.device)
             return (h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), *args[1:])
@@ -128,5 +130,5 @@ def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 def run_forward(model: torch.nn.Module, batch: Batch) -> None:
     """A forward pass for its side effects (observers), computing as few logits as the model allows."""
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)

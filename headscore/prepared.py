@@ -43,9 +43,12 @@ class Prepared:
             yield batch.to(device)
 
     def result(self, acc: TaskAccumulator, method: str, **extra) -> HeadScores:
-        """Wrap accumulated values as HeadScores with this run's provenance."""
+        """Wrap accumulated values as HeadScores with this run's provenance (and the per-example values
+        when the accumulator kept them)."""
+        kept = acc.examples
         return HeadScores(acc.mean, acc.stderr, acc.count.clone(), list(self.tasks), method, self.lm.name,
-                          self.data_hash, extra=extra)
+                          self.data_hash, extra=extra, example_values=None if kept is None else kept[0],
+                          example_tasks=None if kept is None else kept[1])
 
     @contextlib.contextmanager
     def naming_examples(self) -> Iterator[None]:
@@ -55,10 +58,10 @@ class Prepared:
         except NonFiniteLoss as exc:
             raise exc.named(self.examples) from None
 
-    def accumulator(self) -> TaskAccumulator:
-        """An empty per-task accumulator over this model's heads."""
+    def accumulator(self, *, keep_examples: bool = True) -> TaskAccumulator:
+        """An empty per-task accumulator over this model's heads (keeping per-example values unless told)."""
         layout = head_layout(self.lm.model)
-        return TaskAccumulator(self.tasks, layout.num_layers, layout.num_heads)
+        return TaskAccumulator(self.tasks, layout.num_layers, layout.num_heads, keep_examples=keep_examples)
 
 
 def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import threading
@@ -79,6 +80,21 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def _examples_problem(values: torch.Tensor | None, tasks: torch.Tensor | None, shape: tuple[int, ...]) -> str:
+    """Why per-example values do not fit maps of ``shape`` [T, L, H] ('' when they do or are absent)."""
+    if values is None and tasks is None:
+        return ""
+    if values is None or tasks is None:
+        return "example_values and example_tasks come together"
+    if values.dim() != 3 or tuple(values.shape[1:]) != shape[1:] or not values.is_floating_point():
+        return f"example_values must be float [N, {shape[1]}, {shape[2]}], got {values.dtype} {list(values.shape)}"
+    if tasks.shape != (values.shape[0],) or tasks.is_floating_point():
+        return f"example_tasks must be integers, one per example, got {tasks.dtype} {list(tasks.shape)}"
+    if len(tasks) and (int(tasks.min()) < 0 or int(tasks.max()) >= shape[0]):
+        return "example_tasks must index the task rows"
+    return ""
+
+
 @dataclass
 class HeadScores:
     """Importance of every attention head for every task.
@@ -95,6 +111,9 @@ class HeadScores:
         data_hash: hash of the examples (see :func:`data_hash`).
         versions: library versions that produced it.
         extra: free-form metadata (JSON-serialisable).
+        example_values: optional float32 [N, L, H], each example's own value (what ``values``
+            averages by task), kept for bootstrap intervals over examples.
+        example_tasks: int64 [N], each kept example's row in ``tasks`` (with ``example_values``).
     """
 
     values: torch.Tensor
@@ -106,6 +125,8 @@ class HeadScores:
     data_hash: str = ""
     versions: dict[str, str] = field(default_factory=library_versions)
     extra: dict = field(default_factory=dict)
+    example_values: torch.Tensor | None = None
+    example_tasks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.values.dim() != 3:
@@ -114,6 +135,14 @@ class HeadScores:
             raise ValueError("stderr must have the shape of values")
         if len(self.tasks) != self.values.shape[0] or self.counts.shape != (len(self.tasks),):
             raise ValueError("tasks and counts must have one entry per row of values")
+        problem = _examples_problem(self.example_values, self.example_tasks, tuple(self.values.shape))
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def has_examples(self) -> bool:
+        """Whether per-example values are kept (bootstrap intervals over examples are possible)."""
+        return self.example_values is not None
 
     @property
     def num_layers(self) -> int:
@@ -134,16 +163,23 @@ class HeadScores:
 
     def top_k(self, k: int = 10, task: str | None = None) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest value as (layer, head, value), for one task or the mean over tasks."""
-        grid = self.values.mean(0) if task is None else self.task(task)
+        grid = (self.values.mean(0) if task is None else self.task(task)).flatten()
         k = min(k, grid.numel())
-        vals, idx = torch.topk(grid.flatten(), k)
-        return [(int(i) // self.num_heads, int(i) % self.num_heads, float(v)) for v, i in zip(vals, idx, strict=True)]
+        ranked = torch.where(torch.isnan(grid), torch.tensor(-math.inf, dtype=grid.dtype), grid)  # NaN last
+        idx = torch.topk(ranked, k).indices
+        return [(int(i) // self.num_heads, int(i) % self.num_heads, float(grid[i])) for i in idx]
 
     def select(self, tasks: Sequence[str]) -> HeadScores:
         """A copy restricted to ``tasks`` (in that order)."""
         rows = [self.tasks.index(t) for t in tasks]
+        ex_values = ex_tasks = None
+        if self.example_values is not None:
+            new_row = torch.full((len(self.tasks),), -1, dtype=torch.int64)
+            new_row[rows] = torch.arange(len(rows))
+            keep = new_row[self.example_tasks] >= 0
+            ex_values, ex_tasks = self.example_values[keep], new_row[self.example_tasks[keep]]
         return HeadScores(self.values[rows], self.stderr[rows], self.counts[rows], list(tasks), self.method,
-                          self.model, self.data_hash, dict(self.versions), dict(self.extra))
+                          self.model, self.data_hash, dict(self.versions), dict(self.extra), ex_values, ex_tasks)
 
     def _metadata(self) -> dict[str, str]:
         return {"format": f"headscore/{FORMAT_VERSION}", "tasks": json.dumps(self.tasks), "method": self.method,
@@ -154,6 +190,9 @@ class HeadScores:
         """Write everything to one safetensors file (atomically); :meth:`load` reads it back exactly."""
         tensors = {"values": self.values.contiguous(), "stderr": self.stderr.contiguous(),
                    "counts": self.counts.contiguous()}
+        if self.example_values is not None:
+            tensors["example_values"] = self.example_values.contiguous()
+            tensors["example_tasks"] = self.example_tasks.contiguous()
         return atomic_write(path, save(tensors, metadata=self._metadata()))
 
     @classmethod
@@ -168,7 +207,8 @@ class HeadScores:
                 missing = [k for k in ("values", "stderr", "counts") if k not in fh.keys()]
                 if missing and meta.get("format", "").startswith("headscore/"):
                     raise HeadscoreError(f"{path}: broken scores file (no tensor {', '.join(missing)})")
-                tensors = {k: fh.get_tensor(k) for k in ("values", "stderr", "counts") if k not in missing}
+                tensors = {k: fh.get_tensor(k) for k in ("values", "stderr", "counts", "example_values",
+                                                         "example_tasks") if k in fh.keys()}
         except HeadscoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
@@ -211,8 +251,12 @@ class HeadScores:
             raise fail(f"counts must be integers, one per task row, got {counts.dtype} {list(counts.shape)}")
         if len(tasks) != values.shape[0]:
             raise fail(f"{len(tasks)} task names for {values.shape[0]} rows of values")
+        ex_values, ex_tasks = tensors.get("example_values"), tensors.get("example_tasks")
+        problem = _examples_problem(ex_values, ex_tasks, tuple(values.shape))
+        if problem:
+            raise fail(problem)
         return cls(values, stderr, counts, tasks, meta["method"], meta["model"], meta.get("data_hash", ""),
-                   fields["versions"], fields["extra"])
+                   fields["versions"], fields["extra"], ex_values, ex_tasks)
 
     def to_rows(self) -> list[dict]:
         """One dict per (task, layer, head): task, layer, head, value, stderr, count."""

@@ -157,12 +157,28 @@ def test_reproduction_tiny(tmp_path):
     assert rep.probe.tasks == ["Retrieval", "Math Calculation", "Inference"]  # the study's order
     assert set(rep.probe_vs_ablation) == set(rep.taylor_vs_ablation) == set(rep.probe.tasks)
     assert set(rep.same_examples_vs_ablation) == set(rep.probe.tasks)
-    assert len(rep.interventions.rows) == 3 and rep.counts["train"] + rep.counts["test"] == 36
+    assert rep.counts["train"] + rep.counts["test"] == 36 and rep.counts["ablation"] == 9  # 3 per function
+    # three sources of top-k heads, one table row per (function, source), each with intervals and a p-value
+    assert rep.interventions.sources == ["probe", "taylor", "specificity"] and len(rep.interventions.rows) == 9
+    assert all(len(r["own_dloss_ci"]) == 2 and 0 < r["p_own_vs_random"] <= 1 for r in rep.interventions.rows)
+    assert set(rep.methods_compared["differences"]) == {"probe - taylor", "probe - specificity",
+                                                        "taylor - specificity"}
+    assert rep.specificity.method == "specificity-taylor" and rep.specificity.tasks == rep.taylor.tasks
+    for agree in (rep.probe_vs_ablation, rep.taylor_vs_ablation, rep.same_examples_vs_ablation):
+        for a in agree.values():
+            assert a["spearman_ci"][0] <= a["spearman"] <= a["spearman_ci"][1]
+    for m in ("probe", "taylor"):
+        for t, (low, high) in rep.sparsity_ci[m].items():
+            assert low <= rep.sparsity[m][t] <= high
+        assert set(rep.stability_ci[m]) == set(rep.stability[m])
     text = rep.markdown()  # figures and files: written in the slow test (matplotlib is slow here)
     for name in ("grid_probe.png", "grid_taylor.png", "grid_ablation.png", "scatter_probe.png", "jaccard_probe.png",
-                 "layer_profiles.png", "Held-out accuracy", "| Inference |"):
+                 "layer_profiles.png", "Held-out accuracy", "| Inference |", "grid_specificity.png",
+                 "Which map picks heads that matter?", "| taylor - specificity |", "bootstrap intervals"):
         assert name in text
-    assert rep.summary()["counts"]["examples"] == 36
+    summary = rep.summary()
+    assert summary["counts"]["examples"] == 36 and summary["options"]["resamples"] == 1000
+    assert summary["interventions"]["per_example"]["sets"][0] == "clean"
 
 
 @pytest.mark.slow  # 4.5 min on one CPU thread, mostly the head-by-head ablation of 2 examples
@@ -181,7 +197,7 @@ def test_reproduction_on_real_cogqa(tmp_path):
     report = rep.write(tmp_path)
     for name in ("grid_probe.png", "grid_taylor.png", "grid_ablation.png", "scatter_taylor.png", "jaccard_taylor.png",
                  "jaccard_taylor.pdf", "layer_profiles.png", "layer_profiles.pdf", "probe.hs", "summary.json",
-                 "interventions.md"):
+                 "interventions.md", "grid_specificity.png", "specificity.hs"):
         assert (tmp_path / name).is_file()
     assert {p.name for p in tmp_path.iterdir()} <= set(REPRODUCTION_FILES)  # what the CLI checks before writing
     assert "![probe](grid_probe.png)" in report.read_text()

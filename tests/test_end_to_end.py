@@ -1,5 +1,6 @@
 """The CLI on the embedded SmolLM2-135M model, and the README's Python example."""
 
+import json
 import re
 from pathlib import Path
 
@@ -38,14 +39,21 @@ def test_cli_score_ablate_compare_report(tmp_path, capsys):
     assert main(["score", "--out", str(scores), *common]) == 0
     assert main(["ablate", "--out", str(truth), *common]) == 0
     capsys.readouterr()
-    assert main(["compare", str(scores), str(truth)]) == 0
+    assert main(["compare", str(scores), str(truth), "--json", str(tmp_path / "agree.json"), "--resamples",
+                 "200"]) == 0
     out = capsys.readouterr().out
+    assert "95% bootstrap intervals over examples (200 resamples, seed 0; paired: same examples)" in out
     assert main(["report", str(scores), "--ablation", str(truth), "--out", str(report)]) == 0
     s, t = headscore.HeadScores.load(scores), headscore.HeadScores.load(truth)
     assert s.values.shape == t.values.shape == (2, 30, 9) and t.method == "ablation-zero"
     assert s.data_hash == t.data_hash
-    rho = [float(x) for x in re.findall(r"^\S.*?\s(-?\d\.\d{3})\s+-?\d\.\d{3}\s+\d\.\d{2}$", out, re.M)]
+    table = json.loads((tmp_path / "agree.json").read_text())
+    rho = [row["spearman"] for row in table.values()]
     assert len(rho) == 2 and min(rho) > 0.5, out  # measured 0.82 and 0.87 on this data
+    for row in table.values():
+        low, high = row["spearman_ci"]
+        assert -1 <= low < high <= 1 and row["paired"] and row["resamples"] == 200
+        assert f"{row['spearman']:.3f} [{low:.3f}, {high:.3f}]" in out
     for name in ("heatmaps.png", "heatmaps.pdf", "scatter.png", "summary.md"):
         assert (report / name).stat().st_size > 1000
 

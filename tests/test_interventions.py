@@ -1,10 +1,13 @@
 """Interventions: loss changes equal ablate_heads, greedy exact match equals a hand-rolled generate loop."""
 
+import math
+
 import pytest
 import torch
 from tiny import ByteTokenizer, random_examples, tiny_model
 
 import headscore
+from headscore import stats
 from headscore.cogqa.interventions import intervene, random_head_sets
 from headscore.data.examples import Example
 
@@ -119,3 +122,67 @@ def test_cli_errors_and_arguments(tmp_path, capsys):
                                  "--ablation-per-function", "0"])
     assert args.max_per_function == 4 and args.ablation_per_function == 0 and args.k == 5
     assert _parser().parse_args(["score", "--method", "probe", "--out", "x.hs"]).method == "probe"
+
+
+def test_several_sources_partial_measurement_and_intervals(setup):
+    """Three sources share the random sets; a function's sets are measured on its own examples and on the first
+    example of every other function only; every figure gets an interval and a permutation p-value."""
+    lm, examples, scores = setup
+    other = headscore.HeadScores(-scores.values, scores.stderr, scores.counts, scores.tasks, "negated", scores.model)
+    res = intervene(lm, examples, {"taylor": scores, "negated": other}, k=2, seeds=(0, 1, 2), scale=2.0,
+                    others_per_function=1, resamples=200, progress=False)
+    assert res.sources == ["taylor", "negated"]
+    assert "ablate:negated:alpha" in res.head_sets and "scale:taylor:alpha" in res.head_sets
+    assert "scale:negated:alpha" not in res.head_sets  # amplification: first source only
+    names = ["clean", *res.head_sets]
+    first_of = {t: next(i for i, ex in enumerate(examples) if ex.task == t) for t in ("alpha", "beta", "gamma")}
+    row = res.change[names.index("ablate:negated:alpha")]
+    for i, ex in enumerate(examples):
+        measured = ex.task == "alpha" or i == first_of[ex.task]
+        assert bool(torch.isfinite(row[i])) == measured, (i, ex.task)
+    assert torch.isfinite(res.change[names.index("random:1")]).all()
+    # greedy answers are decoded for a function's own examples only
+    assert math.isnan(res.accuracy["ablate:negated:alpha"]["beta"])
+    assert not math.isnan(res.accuracy["ablate:negated:alpha"]["alpha"])
+    # the measured changes equal ablate_heads on those examples
+    heads = res.head_sets["ablate:negated:alpha"]
+    ref = headscore.ablate_heads(lm, [examples[first_of["beta"]]], heads, batch_size=4, progress=False)
+    assert float(row[first_of["beta"]]) == pytest.approx(ref["beta"].delta, abs=1e-9)
+    assert res.delta["ablate:negated:alpha"]["beta"] == pytest.approx(ref["beta"].delta, abs=1e-9)
+    table = {(r["function"], r["source"]): r for r in res.rows}
+    assert len(table) == 6
+    r = table["alpha", "negated"]
+    own = row[[i for i, ex in enumerate(examples) if ex.task == "alpha"]]
+    rnd = torch.stack([res.change[names.index(f"random:{s}")] for s in (0, 1, 2)]).mean(0)
+    rnd = rnd[[i for i, ex in enumerate(examples) if ex.task == "alpha"]]
+    assert r["own_dloss"] == pytest.approx(float(own.mean()))
+    assert r["others_dloss"] == pytest.approx((float(row[first_of["beta"]]) + float(row[first_of["gamma"]])) / 2)
+    assert r["selectivity"] == pytest.approx(r["own_dloss"] - r["others_dloss"])
+    assert r["own_dloss_ci"][0] <= r["own_dloss"] <= r["own_dloss_ci"][1]
+    assert r["p_own_vs_random"] == pytest.approx(stats.sign_flip_pvalue(own - rnd))
+    summary = res.source_summary()
+    mean_own = sum(table[f, "negated"]["own_dloss"] for f in ("alpha", "beta", "gamma")) / 3
+    assert summary["sources"]["negated"]["own"]["value"] == pytest.approx(mean_own)
+    diff = summary["differences"]["taylor - negated"]["selectivity"]["value"]
+    assert diff == pytest.approx(summary["sources"]["taylor"]["selectivity"]["value"]
+                                 - summary["sources"]["negated"]["selectivity"]["value"])
+    md = res.to_markdown()
+    assert "| alpha | negated |" in md and "[" in md and "sign-flip" in md
+
+
+def test_loss_only_settings_equal_the_decoding_path(setup):
+    """Sets measured on other functions' examples skip greedy decoding: the same loss from one forward pass."""
+    from headscore.cogqa.interventions import evaluate_settings, setting_losses
+
+    lm, examples, _ = setup
+    rows = torch.ones(3, 3, 4, dtype=torch.float64)
+    rows[1, 0, 1] = 0.0
+    rows[2, 2, :2] = 2.0
+    tok = lm.tokenizer
+    with headscore.patch(lm.model) as heads:
+        for ex in examples[:3]:
+            prompt = tok(ex.prompt)["input_ids"]
+            target = tok(ex.target, add_special_tokens=False)["input_ids"]
+            want, _ = evaluate_settings(lm.model, heads, prompt, target, rows)
+            got = setting_losses(lm.model, heads, prompt, target, rows)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -183,6 +183,13 @@ def test_markdown_ablation_and_comparison():
     assert f"| 1 | {layer} | {head} |" in text and f"{float(abl.values[0, layer, head]):.4g} |" in text
     # k larger than the grid is capped
     assert report.markdown_summary(s, k=100).count("\n| 9 |") == 2
+    # intervals over examples, where the comparison has them
+    comparison["task 0"].update(spearman_ci=[0.85, 0.95], topk_overlap_ci=[0.3, 0.7], level=0.9, resamples=500,
+                                paired=True)
+    text = report.markdown_summary(s, k=2, comparison=comparison)
+    assert "| task 0 | 0.912 [0.850, 0.950] | 0.800 | 0.50 [0.30, 0.70] |" in text
+    assert "90% bootstrap intervals over examples (500 resamples, paired" in text
+    assert "| task 1 | -0.100 | -0.050 | 0.00 |" in text
 
 
 def test_write_report(tmp_path):

@@ -32,6 +32,58 @@ def test_save_load_exact(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_example_values_round_trip_select_and_checks(tmp_path):
+    s = _scores()
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(12, 5, 4, generator=g)
+    tasks = torch.tensor([0, 1, 2] * 4)
+    s = HeadScores(s.values, s.stderr, s.counts, s.tasks, s.method, s.model, s.data_hash, example_values=values,
+                   example_tasks=tasks)
+    back = HeadScores.load(s.save(tmp_path / "x.hs"))
+    assert back.has_examples and torch.equal(back.example_values, values) and torch.equal(back.example_tasks, tasks)
+    sub = s.select(["task 2", "task 0"])
+    assert torch.equal(sub.example_values, values[tasks != 1])
+    assert sub.example_tasks.tolist() == [1, 0] * 4  # rows of the selected order
+    assert not _scores().has_examples and not HeadScores.load(_scores().save(tmp_path / "y.hs")).has_examples
+    for bad_values, bad_tasks, message in ((values[:, :2], tasks, "example_values must be"),
+                                           (values, tasks[:5], "example_tasks must be"),
+                                           (values, tasks + 3, "index the task rows"),
+                                           (values, None, "come together")):
+        with pytest.raises(ValueError, match=message):
+            HeadScores(s.values, s.stderr, s.counts, s.tasks, "m", "x", example_values=bad_values,
+                       example_tasks=bad_tasks)
+
+
+def test_score_and_ablate_keep_each_examples_value():
+    """Row i of example_values is example i's own value: scoring it alone gives the same map."""
+    from tiny import random_examples, tiny_model
+
+    lm = tiny_model("llama", dtype=torch.float64, layers=2)
+    examples = random_examples(7)
+    for run in (lambda ex: headscore.score(lm, ex, batch_size=3, progress=False),
+                lambda ex: headscore.ablate(lm, ex, batch_size=3, progress=False)):
+        full = run(examples)
+        assert full.example_values.shape == (7, 2, 4) and full.example_values.dtype == torch.float32
+        assert full.example_tasks.tolist() == [full.tasks.index(ex.task) for ex in examples]
+        for i in (0, 4):
+            alone = run([examples[i]])
+            torch.testing.assert_close(full.example_values[i].double(), alone.values[0], rtol=1e-6, atol=1e-7)
+        for t in range(len(full.tasks)):  # float32 storage: relative error 2^-24 per value
+            torch.testing.assert_close(full.example_values[full.example_tasks == t].double().mean(0),
+                                       full.values[t], rtol=1e-6, atol=1e-7)
+
+
+def test_accumulator_stops_keeping_examples_beyond_the_cap(monkeypatch):
+    import headscore.accumulate as accumulate
+
+    monkeypatch.setattr(accumulate, "MAX_KEPT_VALUES", 50)
+    acc = TaskAccumulator(["a"], 2, 3, keep_examples=True)
+    acc.add(torch.zeros(8, dtype=torch.long), torch.randn(8, 2, 3))
+    assert acc.examples[0].shape == (8, 2, 3)
+    acc.add(torch.zeros(1, dtype=torch.long), torch.randn(1, 2, 3))  # 9 * 6 = 54 values > 50
+    assert acc.examples is None and int(acc.count[0]) == 9
+
+
 def test_load_rejects_other_files(tmp_path):
     bad = tmp_path / "bad.hs"
     bad.write_bytes(b"not a scores file")

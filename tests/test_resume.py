@@ -175,6 +175,8 @@ def test_resume_from_every_batch_equals_uninterrupted(tmp_path, method):
         resumed = headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), resume=True,
                                   progress=False)
         assert torch.equal(resumed.values, full.values) and torch.equal(resumed.counts, full.counts)
+        assert torch.equal(resumed.example_values, full.example_values)  # kept across the checkpoint, in order
+        assert torch.equal(resumed.example_tasks, full.example_tasks)
         again = headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), resume=True,
                                 progress=False)  # a finished checkpoint: the result at once
         assert torch.equal(again.values, full.values)

@@ -7,14 +7,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cogqa import REPRODUCTION_FILES, fmt_cell, intervene, reproduce_cogqa
+from ..cogqa import REPRODUCTION_FILES, intervene, reproduce_cogqa
+from ..cogqa.reproduce import ci_cell, interval_cell
 from ..data.examples import limit_per_task
 from ..errors import HeadscoreError
 from ..models import load_model
 from ..output_paths import OutputDir
 from ..results import HeadScores
 from ..text import printable
-from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks
+from .common import add_interval_args, add_model_args, at_least, check_command_outputs, load_model_and_tasks
 
 
 def register(sub) -> dict[str, Callable]:
@@ -26,6 +27,7 @@ def register(sub) -> dict[str, Callable]:
     i.add_argument("--seeds", type=at_least(0), default=3, help="random k-head control sets (default 3)")
     i.add_argument("--scale", type=float, default=2.0, help="gate of the amplification rows (default 2.0)")
     i.add_argument("--out", default=None, help="write the table as Markdown (.md) and JSON (.json) next to it")
+    add_interval_args(i)
 
     r = sub.add_parser("reproduce-cogqa", help="the CogQA 'Cognitive Mirrors' head maps, checked by ablation")
     r.add_argument("path", help="the CogQA JSON file")
@@ -35,13 +37,17 @@ def register(sub) -> dict[str, Callable]:
                    help="sub-questions per function for probe and taylor (default 40; 0 = all)")
     r.add_argument("--gradient-per-function", type=at_least(0), default=0,
                    help="of those, examples per function for the taylor scores (default 0 = all)")
-    r.add_argument("--ablation-per-function", type=at_least(0), default=1,
-                   help="shortest examples per function ablated head by head (default 1; 0 = skip)")
-    r.add_argument("--intervention-per-function", type=at_least(-1), default=5,
-                   help="held-out examples per function for the interventions (default 5; 0 = skip; -1 = all)")
+    r.add_argument("--ablation-per-function", type=at_least(0), default=3,
+                   help="shortest examples per function ablated head by head (default 3; 0 = skip)")
+    r.add_argument("--intervention-per-function", type=at_least(-1), default=10,
+                   help="examples per function for the interventions, from questions no map saw (default 10; "
+                        "0 = skip; -1 = all)")
+    r.add_argument("--others-per-function", type=at_least(-1), default=2,
+                   help="examples of each other function a function's head sets are measured on "
+                        "(default 2; -1 = all)")
     r.add_argument("--k", type=at_least(1), default=5, help="heads per intervention set (default 5)")
-    r.add_argument("--seeds", type=at_least(0), default=3, help="random k-head control sets (default 3)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seeds", type=at_least(0), default=5, help="random k-head control sets (default 5)")
+    add_interval_args(r)  # --seed also seeds the example sampling, the split and the probe
     r.add_argument("--train-fraction", type=float, default=0.8)
     r.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
     return {"intervene": cmd_intervene, "reproduce-cogqa": cmd_reproduce_cogqa}
@@ -55,7 +61,7 @@ def cmd_intervene(args: argparse.Namespace) -> None:
     scores = HeadScores.load(args.scores)
     lm, examples = load_model_and_tasks(args)
     result = intervene(lm, limit_per_task(examples, args.max_examples), scores, k=args.k, seeds=range(args.seeds),
-                       scale=args.scale, progress=not args.no_progress)
+                       scale=args.scale, resamples=args.resamples, level=args.level, progress=not args.no_progress)
     print(result.to_markdown())
     if stem is not None:
         result.to_markdown_file(stem.with_suffix(".md"))
@@ -76,16 +82,25 @@ def cmd_reproduce_cogqa(args: argparse.Namespace) -> None:
                           gradient_per_function=args.gradient_per_function or None,
                           ablation_per_function=args.ablation_per_function,
                           intervention_per_function=None if ivn < 0 else ivn, k=args.k, seeds=range(args.seeds),
+                          others_per_function=None if args.others_per_function < 0 else args.others_per_function,
+                          resamples=args.resamples, level=args.level,
                           train_fraction=args.train_fraction, seed=args.seed, batch_size=args.batch_size,
                           chat_template=args.chat_template, progress=not args.no_progress)
     report = rep.write(args.out)
     p = rep.probe.extra
     print(f"probe held-out accuracy {p['probe_accuracy']:.3f} (chance {p['chance_accuracy']:.3f}); "
           f"{rep.counts['examples']} examples; {time.perf_counter() - start:.0f}s")
+    if rep.ablation is not None:
+        print(f"Spearman vs ablation, {args.level:.0%} bootstrap intervals over examples ({args.resamples} "
+              "resamples; * = interval excludes 0):")
     for t in rep.probe.tasks:
-        a, b = rep.probe_vs_ablation.get(t, {}), rep.taylor_vs_ablation.get(t, {})
-        c = rep.same_examples_vs_ablation.get(t, {})
-        print(f"  {printable(t):<24} spearman vs ablation: probe {fmt_cell(a.get('spearman'), '+.3f')}, "
-              f"taylor {fmt_cell(b.get('spearman'), '+.3f')}, taylor on the ablated examples "
-              f"{fmt_cell(c.get('spearman'), '+.3f')}")
+        cells = [ci_cell(a.get("spearman"), a.get("spearman_ci"), "+.3f") for a in (
+            rep.probe_vs_ablation.get(t, {}), rep.taylor_vs_ablation.get(t, {}),
+            rep.same_examples_vs_ablation.get(t, {}))]
+        if rep.ablation is not None:
+            print(f"  {printable(t):<24} probe {cells[0]}, taylor {cells[1]}, taylor on the ablated examples "
+                  f"{cells[2]}")
+    for src, v in rep.methods_compared.get("sources", {}).items():
+        print(f"  interventions, top-{args.k} by {src:<12} own dloss {interval_cell(v['own'])}, "
+              f"selectivity {interval_cell(v['selectivity'])}")
     print(f"-> {report}")

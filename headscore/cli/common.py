@@ -31,6 +31,31 @@ def at_least(minimum: int):
     return parse
 
 
+def confidence_level(text: str) -> float:
+    """An argparse type: a confidence level strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def add_interval_args(parser: argparse.ArgumentParser) -> None:
+    """``--resamples``, ``--level`` and ``--seed`` of the bootstrap intervals over examples."""
+    parser.add_argument("--resamples", type=at_least(0), default=1000,
+                        help="bootstrap resamples of the examples for the intervals (default 1000; 0 = none)")
+    parser.add_argument("--level", type=confidence_level, default=0.95,
+                        help="confidence level of the intervals (default 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+
+
+def interval_options(args: argparse.Namespace) -> dict:
+    """The keyword options of :func:`headscore.intervals.agreement_table` from :func:`add_interval_args`."""
+    return {"resamples": args.resamples, "level": args.level, "seed": args.seed}
+
+
 def add_task_args(parser: argparse.ArgumentParser) -> None:
     """``--tasks`` and ``--max-examples``."""
     parser.add_argument("--tasks", default="builtin",

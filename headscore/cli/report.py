@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from ..compare import compare
 from ..errors import HeadscoreError
+from ..intervals import agreement_table
 from ..output_paths import OutputDir
 from ..report import REPORT_FILES, write_report
 from ..results import HeadScores
-from .common import at_least, check_command_outputs
+from .common import add_interval_args, at_least, check_command_outputs, interval_options
 
 
 def register(sub) -> dict[str, Callable]:
@@ -23,6 +23,7 @@ def register(sub) -> dict[str, Callable]:
                    help="another scores file (e.g. another method): its agreement table goes into index.html")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--k", type=at_least(1), default=10, help="top heads listed per task")
+    add_interval_args(r)
     return {"report": cmd_report}
 
 
@@ -39,13 +40,13 @@ def cmd_report(args: argparse.Namespace) -> None:
         if not common:
             raise HeadscoreError("the scores and the ablation file have no task in common")
         scores, ablation = scores.select(common), ablation.select(common)
-        comparison = {t: ag.as_dict() for t, ag in compare(scores, ablation, k=args.k).items()}
+        comparison = agreement_table(scores, ablation, args.k, **interval_options(args))
     if other is not None:
         common = [t for t in scores.tasks if t in other.tasks]
         if not common:
             raise HeadscoreError("the scores and the --compare file have no task in common")
-        other_comparison = {t: ag.as_dict() for t, ag in compare(scores.select(common), other.select(common),
-                                                                 k=args.k).items()}
+        other_comparison = agreement_table(scores.select(common), other.select(common), args.k,
+                                           **interval_options(args))
     try:
         paths = write_report(scores, args.out, ablation=ablation, comparison=comparison, k=args.k,
                              other_comparison=other_comparison,

@@ -4,7 +4,9 @@
   :class:`Reproduction` report;
 * :mod:`headscore.cogqa.interventions`: :func:`intervene`, each function's top-k heads ablated and
   amplified against random heads;
-* :mod:`headscore.cogqa.findings`: sparsity, layer profiles, Jaccard overlap, split-half stability.
+* :mod:`headscore.cogqa.findings`: sparsity, layer profiles, Jaccard overlap, split-half stability,
+  specificity;
+* :mod:`headscore.cogqa.uncertainty`: bootstrap intervals of the map-level figures.
 
 Loading the CogQA file stays in :mod:`headscore.data.cogqa`; the probe scorer is
 :mod:`headscore.methods.probe`.
@@ -16,12 +18,13 @@ from .interventions import InterventionResult, intervene
 from .reproduce import (
     REPRODUCTION_FILES,
     Reproduction,
-    fmt_cell,
+    ci_cell,
+    interval_cell,
     per_example_taylor,
     reproduce_cogqa,
     scores_from_values,
     shortest_per_function,
 )
 
-__all__ = ["REPRODUCTION_FILES", "InterventionResult", "Reproduction", "fmt_cell", "intervene", "per_example_taylor",
-           "reproduce_cogqa", "scores_from_values", "shortest_per_function"]
+__all__ = ["REPRODUCTION_FILES", "InterventionResult", "Reproduction", "ci_cell", "intervene", "interval_cell",
+           "per_example_taylor", "reproduce_cogqa", "scores_from_values", "shortest_per_function"]

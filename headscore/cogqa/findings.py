@@ -1,4 +1,5 @@
-"""Summaries of head maps: sparsity, layer profiles, overlap of top heads between tasks, split-half stability.
+"""Summaries of head maps: sparsity, layer profiles, overlap of top heads between tasks, split-half stability,
+and specificity (a task's map against the other tasks' maps).
 
 The figures are drawn on :class:`matplotlib.figure.Figure` with an Agg canvas (never ``pyplot``) and written
 as PNG and PDF by :func:`headscore.figures.save_figure`, like every other headscore figure.
@@ -22,13 +23,38 @@ def sparsity(scores: HeadScores, share: float = 0.05) -> dict[str, float]:
 
     A uniform map gives about ``share``; a map concentrated on a few heads gives close to 1.
     """
-    out = {}
-    for t, task in enumerate(scores.tasks):
-        v = scores.values[t].abs().flatten()
-        n = max(1, math.ceil(share * v.numel()))
-        total = float(v.sum())
-        out[task] = float(torch.topk(v, n).values.sum()) / total if total > 0 else math.nan
-    return out
+    return {task: sparsity_of(scores.values[t], share) for t, task in enumerate(scores.tasks)}
+
+
+def sparsity_of(head_map: torch.Tensor, share: float = 0.05) -> float:
+    """Share of one map's total |value| held by its top ``share`` of heads (NaN for an all-zero map)."""
+    v = head_map.abs().flatten()
+    n = max(1, math.ceil(share * v.numel()))
+    total = float(v.sum())
+    return float(torch.topk(v, n).values.sum()) / total if total > 0 else math.nan
+
+
+def specificity(scores: HeadScores) -> HeadScores:
+    """Each task's map against the others': (value - mean of the other tasks' values) / pooled standard error.
+
+    For task t and head (l, h): ``z = (v_t - mean_o v_o) / sqrt(se_t^2 + sum_o se_o^2 / (T - 1)^2)``
+    over the other tasks o, from the map's per-task means and standard errors (independent examples
+    per task). Large z: the head matters for t more than for the other tasks, by z standard errors;
+    a head that matters for every task scores near 0. NaN where the pooled standard error is 0
+    (tasks with a single example). Method ``specificity-<method>``; ``stderr`` is all ones (z is
+    already in units of its own standard error).
+    """
+    t = len(scores.tasks)
+    if t < 2:
+        raise ValueError("specificity needs at least two tasks")
+    v, se2 = scores.values, scores.stderr.square()
+    others_mean = (v.sum(0, keepdim=True) - v) / (t - 1)
+    others_var = (se2.sum(0, keepdim=True) - se2) / (t - 1) ** 2
+    pooled = (se2 + others_var).sqrt()
+    z = torch.where(pooled > 0, (v - others_mean) / pooled.clamp_min(1e-300), torch.full_like(v, math.nan))
+    return HeadScores(z, torch.ones_like(z), scores.counts.clone(), list(scores.tasks),
+                      f"specificity-{scores.method}", scores.model, scores.data_hash,
+                      extra={"of": scores.method, "unit": "pooled standard errors"})
 
 
 def layer_profile(scores: HeadScores, *, absolute: bool = True) -> torch.Tensor:

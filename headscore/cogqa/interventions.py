@@ -20,15 +20,16 @@ import inspect
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import stats
 from ..errors import HeadscoreError
-from ..loss import finite_losses, target_nll
+from ..loss import accepts_logits_to_keep, finite_losses, target_nll
 from ..methods.ablation import head_set_gates
 from ..patch import HeadGates, head_layout, patch
 from ..prepared import prepare
@@ -89,14 +90,36 @@ def evaluate_settings(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequ
     return loss.double().cpu(), torch.stack(tokens, 1).cpu()
 
 
+@torch.no_grad()
+def setting_losses(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequence[int], target_ids: Sequence[int],
+                   gate_rows: torch.Tensor, *, index: int = 0) -> torch.Tensor:
+    """The target loss [K] of :func:`evaluate_settings` without greedy decoding: one forward pass of the
+    prompt and the target (no cache), for settings whose accuracy is not needed."""
+    device = next(model.parameters()).device
+    k, n = gate_rows.shape[0], len(target_ids)
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    ids = torch.tensor([list(prompt_ids) + list(target_ids)[:-1]], device=device).expand(k, -1)
+    target = torch.tensor(list(target_ids), device=device).expand(k, -1)
+    kwargs = {"logits_to_keep": n} if accepts_logits_to_keep(model) else {}
+    with heads.using(gate_rows.to(device, dtype), None):
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits[:, -n:]
+    loss = finite_losses(target_nll(logits, target, torch.ones_like(target)), torch.full((k,), index), logits.dtype)
+    return loss.double().cpu()
+
+
 @dataclass
 class InterventionResult:
     """Loss changes and greedy exact-match accuracies of every head set on every function.
 
     ``delta[s][g]`` is the mean loss change on function g's examples when the set ``s`` is
-    changed; ``accuracy[s][g]`` the exact-match accuracy there (``"clean"`` is the unmodified
-    model). Sets are ``ablate:<f>`` (f's top-k at gate 0), ``scale:<f>`` (f's top-k at gate
-    ``scale``) and ``random:<seed>`` (k random heads at gate 0).
+    changed (NaN where the set was not measured on g); ``accuracy[s][g]`` the exact-match accuracy
+    there (``"clean"`` is the unmodified model; NaN where greedy answers were not decoded: with
+    ``others_per_function`` a function's sets are decoded on its own examples only). Sets are ``ablate:<f>`` (f's top-k at gate 0),
+    ``scale:<f>`` (f's top-k at gate ``scale``) and ``random:<seed>`` (k random heads at gate 0);
+    with several score sources the first two are ``ablate:<source>:<f>`` and ``scale:<source>:<f>``.
+    ``rows`` is the table: one row per (function, source) with bootstrap intervals over examples
+    (``*_ci``: [low, high] at ``level``) and a sign-flip permutation p-value of own-set vs
+    random-set damage (``p_own_vs_random``).
     """
 
     functions: list[str]
@@ -109,31 +132,114 @@ class InterventionResult:
     delta: dict[str, dict[str, float]]
     accuracy: dict[str, dict[str, float]]
     rows: list[dict] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    level: float = stats.LEVEL
+    resamples: int = stats.RESAMPLES
+    others_per_function: int | None = None
+    change: torch.Tensor | None = None  # [1 + sets, N] per-example loss change (row 0: clean); NaN: not measured
+    example_tasks: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """Plain data (JSON-serialisable)."""
-        return {"functions": self.functions, "k": self.k, "scale": self.scale, "seeds": self.seeds,
-                "source": self.source, "head_sets": {s: [list(h) for h in v] for s, v in self.head_sets.items()},
-                "counts": self.counts, "delta": self.delta, "accuracy": self.accuracy, "table": self.rows}
+        out = {"functions": self.functions, "k": self.k, "scale": self.scale, "seeds": self.seeds,
+               "source": self.source, "sources": self.sources or [self.source],
+               "head_sets": {s: [list(h) for h in v] for s, v in self.head_sets.items()},
+               "counts": self.counts, "delta": self.delta, "accuracy": self.accuracy,
+               "confidence_level": self.level, "bootstrap_resamples": self.resamples,
+               "others_per_function": self.others_per_function, "table": self.rows}
+        if self.change is not None:
+            out["per_example"] = {"sets": ["clean", *self.head_sets], "tasks": self.example_tasks,
+                                  "loss_change": [[None if not math.isfinite(x) else x for x in row]
+                                                  for row in self.change.tolist()]}
+        return out
+
+    def source_summary(self, *, seed: int = stats.SEED) -> dict:
+        """Per score source, and per pair of sources, the mean over functions of own-function damage,
+        damage to the other functions and selectivity (own - others), with bootstrap intervals that
+        resample examples within each function (the same draws for every source, so differences
+        between sources are paired)."""
+        if self.change is None:
+            raise ValueError("no per-example changes kept")
+        sources = self.sources or [self.source]
+        multi = len(sources) > 1
+        groups = [torch.tensor([i for i, t in enumerate(self.example_tasks) if t == f], dtype=torch.long)
+                  for f in self.functions]
+        names = ["clean", *self.head_sets]
+        n_fn, n_ex = len(self.functions), self.change.shape[1]
+        member = torch.zeros(n_fn, n_ex, dtype=torch.float64)  # [function, example]: one-hot membership
+        for g, idx in enumerate(groups):
+            member[g, idx] = 1.0
+        rows = {src: self.change[[names.index(_set_name("ablate", src, f, multi)) for f in self.functions]]
+                for src in sources}  # [set owner f, example]: NaN where not measured
+        off_diagonal = ~torch.eye(n_fn, dtype=torch.bool)
+
+        def figures(src: str, picks) -> tuple[float, float]:
+            weight = torch.zeros(n_ex, dtype=torch.float64)  # how often each example was drawn
+            for g, pick in enumerate(picks):
+                weight.index_add_(0, groups[g][pick], torch.ones(len(pick), dtype=torch.float64))
+            m = rows[src]
+            seen = torch.isfinite(m).double() * weight
+            total = torch.nan_to_num(m) * seen @ member.T  # [f, g]: weighted sum of set f's changes on g
+            count = seen @ member.T
+            means = torch.where(count > 0, total / count.clamp_min(1e-300), torch.nan)  # [f, g]
+            own = means.diagonal()
+            others = torch.where(off_diagonal, means, torch.nan).nanmean(1)
+            return _nanmean(own), _nanmean(others)
+
+        def stat(src: str, what: str, other: str | None = None):
+            def f(*picks):
+                own, oth = figures(src, picks)
+                value = {"own": own, "others": oth, "selectivity": own - oth}[what]
+                if other is None:
+                    return value
+                own_b, oth_b = figures(other, picks)
+                return value - {"own": own_b, "others": oth_b, "selectivity": own_b - oth_b}[what]
+            return f
+
+        sizes = [len(g) for g in groups]
+        opts = {"resamples": self.resamples, "level": self.level, "seed": seed}
+        out: dict = {"sources": {}, "differences": {}}
+        for src in sources:
+            out["sources"][src] = {w: stats.bootstrap(stat(src, w), sizes, **opts).as_dict()
+                                   for w in ("own", "others", "selectivity")}
+            out["sources"][src]["significant_functions"] = sum(
+                1 for r in self.rows if r["source"] == src and r["p_own_vs_random"] < 0.05)
+        for i, a in enumerate(sources):
+            for b in sources[i + 1:]:
+                out["differences"][f"{a} - {b}"] = {w: stats.bootstrap(stat(a, w, b), sizes, **opts).as_dict()
+                                                    for w in ("own", "others", "selectivity")}
+        return out
 
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`as_dict` as JSON (atomically)."""
         return atomic_write(path, json.dumps(self.as_dict(), indent=1).encode())
 
     def to_markdown(self) -> str:
-        """The study-style table: one row per function, own vs other functions vs random heads."""
-        head = ("| function | n | clean acc | own dloss | others dloss | random dloss (mean +- sd) | own/random | "
-                "own acc | others acc | random acc | x{s} own dloss | x{s} own acc |").format(s=f"{self.scale:g}")
-        lines = [f"Top-{self.k} heads by {self.source}; random: {len(self.seeds)} sets of {self.k} heads "
-                 "from all heads. dloss = mean loss change (nats/token) vs the unmodified model; acc = greedy "
-                 "exact match.", "", head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+        """The study-style table: one row per function (and source), own vs other functions vs random heads."""
+        multi = len(self.sources) > 1
+        pct = f"{self.level:.0%}"
+        others = ("all their examples" if self.others_per_function is None
+                  else f"{self.others_per_function} example(s) of each other function")
+        lines = [f"Top-{self.k} heads by {', '.join(self.sources or [self.source])}; random: {len(self.seeds)} "
+                 f"sets of {self.k} heads from all heads. dloss = mean loss change (nats/token) vs the unmodified "
+                 f"model, with {pct} bootstrap intervals over examples ({self.resamples} resamples); others = the "
+                 f"set's change on the other functions ({others}); selectivity = own - others; p = one-sided "
+                 "sign-flip permutation p-value that the own set hurts more than the random sets (paired by "
+                 "example); * = significant at the 5% level (p < 0.05, or an interval that excludes 0); "
+                 "acc = greedy exact match.", ""]
+        head = ["function", *(["heads by"] if multi else []), "n", "clean acc", "own dloss", "others dloss",
+                "selectivity", "random dloss", "own/random", "p", "own acc", "random acc"]
+        if math.isfinite(self.scale):
+            head += [f"x{self.scale:g} own dloss"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
         for r in self.rows:
-            lines.append(
-                f"| {markdown_text(r['function'])} | {r['n']} | {r['clean_acc']:.2f} | {r['own_dloss']:+.3f} | "
-                f"{r['others_dloss']:+.3f} | {r['random_dloss']:+.3f} +- {r['random_dloss_sd']:.3f} | "
-                f"{_fmt_ratio(r['own_over_random'])} | {r['own_acc']:.2f} | {r['others_acc']:.2f} | "
-                f"{r['random_acc']:.2f} +- {r['random_acc_sd']:.2f} | {r['scale_own_dloss']:+.3f} | "
-                f"{r['scale_own_acc']:.2f} |")
+            cells = [markdown_text(r["function"]), *([r["source"]] if multi else []), str(r["n"]),
+                     f"{r['clean_acc']:.2f}", _ci_cell(r, "own_dloss"), _ci_cell(r, "others_dloss"),
+                     _ci_cell(r, "selectivity"), _ci_cell(r, "random_dloss"), _ci_cell(r, "own_over_random", ".2f"),
+                     _p_cell(r["p_own_vs_random"]), f"{r['own_acc']:.2f}", f"{r['random_acc']:.2f}"]
+            if math.isfinite(self.scale):
+                cells.append(_ci_cell(r, "scale_own_dloss") if "scale_own_dloss_ci" in r else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def to_markdown_file(self, path: str | Path) -> Path:
@@ -141,91 +247,187 @@ class InterventionResult:
         return atomic_write(path, self.to_markdown().encode())
 
 
-def _fmt_ratio(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{x:.2f}"
+def _ci_cell(row: dict, key: str, spec: str = "+.3f") -> str:
+    return stats.format_interval(row.get(key, math.nan), row.get(f"{key}_ci"), spec, star=key != "own_over_random")
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+def _p_cell(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:.3f}{'*' if p < 0.05 else ''}"
 
 
-def intervene(model, examples, scores: HeadScores, *, k: int = 5, seeds: Sequence[int] = (0, 1, 2),
-              scale: float | None = 2.0, functions: Sequence[str] | None = None, progress: bool = True,
-              ) -> InterventionResult:
+def _interval(iv: stats.Interval) -> list[float]:
+    return [iv.low, iv.high]
+
+
+def _set_name(kind: str, source: str, function: str, multi: bool) -> str:
+    return f"{kind}:{source}:{function}" if multi else f"{kind}:{function}"
+
+
+def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *, k: int = 5,
+              seeds: Sequence[int] = (0, 1, 2), scale: float | None = 2.0, functions: Sequence[str] | None = None,
+              others_per_function: int | None = None, resamples: int = stats.RESAMPLES,
+              level: float = stats.LEVEL, progress: bool = True) -> InterventionResult:
     """Ablate and amplify each function's top-k heads (by ``scores``) and k random heads; measure all functions.
 
     Args:
         model: a LoadedModel or a model name.
         examples: evaluation examples (held out from whatever made ``scores``), any mix of functions.
-        scores: HeadScores whose per-task maps pick the top-k heads.
+        scores: HeadScores whose per-task maps pick the top-k heads, or several by name
+            (``{"probe": ..., "taylor": ...}``): each source's top-k sets are measured against the same
+            random sets; amplification (``scale``) is measured for the first source only.
         k: heads per set.
         seeds: one random k-head control set per seed.
         scale: gate for the amplification rows (None: no amplification).
         functions: the functions to intervene on (default: tasks in both ``scores`` and ``examples``).
+        others_per_function: measure each function's sets on only this many examples of every other
+            function (the first ones, loss only, no greedy decoding; None: all, decoded). Own-function
+            and random sets are always measured and decoded on every example. Cost per example is one
+            row per set it is measured with.
+        resamples, level: bootstrap resamples and confidence level of the intervals.
     """
+    sources = dict(scores) if isinstance(scores, Mapping) else {scores.method: scores}
+    if not sources:
+        raise HeadscoreError("no scores to pick heads from")
+    multi = len(sources) > 1
     prep = prepare(model, examples)
     lm = prep.lm
     layout = head_layout(lm.model)
-    if (scores.num_layers, scores.num_heads) != (layout.num_layers, layout.num_heads):
-        raise HeadscoreError(f"scores are {scores.num_layers}x{scores.num_heads} heads, the model has "
-                             f"{layout.num_layers}x{layout.num_heads}")
-    functions = [t for t in prep.tasks if t in scores.tasks] if functions is None else list(functions)
-    missing = [f for f in functions if f not in scores.tasks or f not in prep.tasks]
+    for name, s in sources.items():
+        if (s.num_layers, s.num_heads) != (layout.num_layers, layout.num_heads):
+            raise HeadscoreError(f"{name} scores are {s.num_layers}x{s.num_heads} heads, the model has "
+                                 f"{layout.num_layers}x{layout.num_heads}")
+    common = [t for t in prep.tasks if all(t in s.tasks for s in sources.values())]
+    functions = common if functions is None else list(functions)
+    missing = [f for f in functions if f not in common]
     if missing or not functions:
         raise HeadscoreError(f"no scores or no examples for: {', '.join(missing) or 'any function'}")
     seeds = list(seeds)
     sets: dict[str, list[tuple[int, int]]] = {}
     gates: dict[str, float] = {}
-    for f in functions:
-        top = [(layer, head) for layer, head, _ in scores.top_k(k, f)]
-        sets[f"ablate:{f}"], gates[f"ablate:{f}"] = top, 0.0
-        if scale is not None:
-            sets[f"scale:{f}"], gates[f"scale:{f}"] = top, float(scale)
-    for s, heads_ in zip(seeds, random_head_sets(layout.num_layers, layout.num_heads, k, seeds), strict=True):
-        sets[f"random:{s}"], gates[f"random:{s}"] = heads_, 0.0
+    owner: dict[str, str] = {}
+    for i, (source, s) in enumerate(sources.items()):
+        for f in functions:
+            top = [(layer, head) for layer, head, _ in s.top_k(k, f)]
+            name = _set_name("ablate", source, f, multi)
+            sets[name], gates[name], owner[name] = top, 0.0, f
+            if scale is not None and i == 0:
+                name = _set_name("scale", source, f, multi)
+                sets[name], gates[name], owner[name] = top, float(scale), f
+    for s_, heads_ in zip(seeds, random_head_sets(layout.num_layers, layout.num_heads, k, seeds), strict=True):
+        sets[f"random:{s_}"], gates[f"random:{s_}"] = heads_, 0.0
     names = ["clean", *sets]
     rows = torch.cat([head_set_gates([], layout.num_layers, layout.num_heads)]
                      + [head_set_gates(sets[name], layout.num_layers, layout.num_heads, gates[name])
                         for name in names[1:]])
 
-    loss = torch.empty(len(names), len(prep.examples), dtype=torch.float64)
-    correct = torch.zeros(len(names), len(prep.examples), dtype=torch.bool)
+    n_ex = len(prep.examples)
+    task_rows = {t: [i for i, ex in enumerate(prep.examples) if ex.task == t] for t in prep.tasks}
+    sampled = {t: set(idx if others_per_function is None else idx[:others_per_function])
+               for t, idx in task_rows.items()}
+    need = torch.ones(len(names), n_ex, dtype=torch.bool)
+    for r, name in enumerate(names):
+        if name in owner:
+            need[r] = torch.tensor([ex.task == owner[name] or i in sampled[ex.task]
+                                    for i, ex in enumerate(prep.examples)])
+    # greedy decoding (for accuracy) everywhere, or, when the other functions are sampled to save time,
+    # where the table reports it: clean, random and own-function sets (the samples need the loss only)
+    decoded = torch.ones_like(need)
+    for r, name in enumerate(names):
+        if name in owner and others_per_function is not None:
+            decoded[r] = torch.tensor([ex.task == owner[name] for ex in prep.examples])
+    loss = torch.full((len(names), n_ex), math.nan, dtype=torch.float64)
+    correct = torch.zeros(len(names), n_ex, dtype=torch.bool)
     bar = tqdm(prep.tokenized, desc="interventions", unit="example", disable=not progress, leave=False)
     with patch(lm.model) as heads, prep.naming_examples():
         for item in bar:
             ids = list(item.ids)
             prompt, target = ids[:-item.num_target], ids[-item.num_target:]
-            ex_loss, tokens = evaluate_settings(lm.model, heads, prompt, target, rows, index=item.index)
-            loss[:, item.index] = ex_loss
+            which = (need[:, item.index] & decoded[:, item.index]).nonzero().flatten()
+            ex_loss, tokens = evaluate_settings(lm.model, heads, prompt, target, rows[which], index=item.index)
+            loss[which, item.index] = ex_loss
             want = prep.examples[item.index].target.strip()
-            for r in range(len(names)):
-                toks = tokens[r].tolist()
+            for j, r in enumerate(which.tolist()):
+                toks = tokens[j].tolist()
                 text = _decode(lm.tokenizer, toks)
                 correct[r, item.index] = (toks == target) if text is None else (text.strip() == want)
+            loss_only = (need[:, item.index] & ~decoded[:, item.index]).nonzero().flatten()
+            if len(loss_only):
+                loss[loss_only, item.index] = setting_losses(lm.model, heads, prompt, target, rows[loss_only],
+                                                             index=item.index)
 
-    task_rows = {t: [i for i, ex in enumerate(prep.examples) if ex.task == t] for t in prep.tasks}
-    delta = {name: {t: float((loss[r, idx] - loss[0, idx]).mean()) for t, idx in task_rows.items()}
+    change = loss - loss[0:1]  # [S, N]: NaN where a set was not measured
+    delta = {name: {t: _nanmean(change[r, idx]) for t, idx in task_rows.items()}
              for r, name in enumerate(names) if r > 0}
-    accuracy = {name: {t: float(correct[r, idx].double().mean()) for t, idx in task_rows.items()}
-                for r, name in enumerate(names)}
+    measured = need & decoded
+    accuracy = {name: {t: float(correct[r, idx][measured[r, idx]].double().mean()) if measured[r, idx].any()
+                       else math.nan for t, idx in task_rows.items()} for r, name in enumerate(names)}
+    row_of = {name: r for r, name in enumerate(names)}
+    random_rows = [row_of[f"random:{s_}"] for s_ in seeds]
+    opts = {"resamples": resamples, "level": level}
     table = []
-    for f in functions:
-        others = [t for t in functions if t != f]
-        own = delta[f"ablate:{f}"][f]
-        rnd, rnd_sd = _mean_sd([delta[f"random:{s}"][f] for s in seeds]) if seeds else (math.nan, math.nan)
-        racc, racc_sd = _mean_sd([accuracy[f"random:{s}"][f] for s in seeds]) if seeds else (math.nan, math.nan)
-        table.append({
-            "function": f, "n": len(task_rows[f]), "heads": [list(h) for h in sets[f"ablate:{f}"]],
-            "clean_acc": accuracy["clean"][f], "own_dloss": own,
-            "others_dloss": _mean_sd([delta[f"ablate:{f}"][t] for t in others])[0] if others else math.nan,
-            "random_dloss": rnd, "random_dloss_sd": rnd_sd,
-            "own_over_random": own / rnd if rnd != 0.0 and math.isfinite(rnd) else math.nan,
-            "own_acc": accuracy[f"ablate:{f}"][f],
-            "others_acc": _mean_sd([accuracy[f"ablate:{f}"][t] for t in others])[0] if others else math.nan,
-            "random_acc": racc, "random_acc_sd": racc_sd,
-            "scale_own_dloss": delta[f"scale:{f}"][f] if scale is not None else math.nan,
-            "scale_own_acc": accuracy[f"scale:{f}"][f] if scale is not None else math.nan,
-        })
-    return InterventionResult(functions, k, float(scale) if scale is not None else math.nan, seeds, scores.method,
-                              sets, {t: len(v) for t, v in task_rows.items()}, delta, accuracy, table)
+    for source in sources:
+        for f in functions:
+            own_idx = task_rows[f]
+            others = [t for t in functions if t != f]
+            other_idx = [i for t in others for i in task_rows[t] if i in sampled[t]]
+            a = row_of[_set_name("ablate", source, f, multi)]
+            own = change[a, own_idx]
+            rnd = change[random_rows][:, own_idx].mean(0) if random_rows else torch.full_like(own, math.nan)
+            oth = change[a, other_idx]
+            fn_of = torch.tensor([i for i, t in enumerate(others) for j in task_rows[t] if j in sampled[t]],
+                                 dtype=torch.long)
+
+            n_others = len(others)
+
+            def others_mean(i, oth=oth, fn_of=fn_of, n=n_others):  # mean over functions of their means
+                return _function_mean(oth[i], fn_of[i], n)
+
+            row = {"function": f, "source": source, "n": len(own_idx), "heads": [list(h) for h in sets[
+                _set_name("ablate", source, f, multi)]], "clean_acc": accuracy["clean"][f],
+                "own_acc": accuracy[names[a]][f],
+                "random_acc": _nanmean(torch.tensor([accuracy[names[r]][f] for r in random_rows]))}
+            figures = {
+                "own_dloss": stats.bootstrap(lambda i, v=own: float(v[i].mean()), [len(own)], **opts),
+                "random_dloss": stats.bootstrap(lambda i, v=rnd: float(v[i].mean()), [len(rnd)], **opts),
+                "own_over_random": stats.bootstrap(lambda i, o=own, q=rnd: _ratio(o[i].mean(), q[i].mean()),
+                                                   [len(own)], **opts),
+                "others_dloss": stats.bootstrap(others_mean, [len(oth)], **opts) if others else None,
+                "selectivity": stats.bootstrap(lambda i, j, o=own: float(o[i].mean()) - others_mean(j),
+                                               [len(own), len(oth)], **opts) if others else None,
+            }
+            if scale is not None and source == next(iter(sources)):
+                sc = change[row_of[_set_name("scale", source, f, multi)], own_idx]
+                figures["scale_own_dloss"] = stats.bootstrap(lambda i, v=sc: float(v[i].mean()), [len(sc)], **opts)
+                row["scale_own_acc"] = accuracy[_set_name("scale", source, f, multi)][f]
+            for key, iv in figures.items():
+                row[key] = iv.value if iv is not None else math.nan
+                row[f"{key}_ci"] = _interval(iv) if iv is not None else [math.nan, math.nan]
+            row["random_dloss_sd"] = float(torch.tensor([delta[names[r]][f] for r in random_rows]).std()) \
+                if len(random_rows) > 1 else 0.0
+            row["p_own_vs_random"] = stats.sign_flip_pvalue(own - rnd) if random_rows else math.nan
+            table.append(row)
+    first = next(iter(sources.values()))
+    return InterventionResult(functions, k, float(scale) if scale is not None else math.nan, seeds,
+                              first.method if not multi else ", ".join(sources), sets,
+                              {t: len(v) for t, v in task_rows.items()}, delta, accuracy, table,
+                              sources=list(sources), level=level, resamples=resamples,
+                              others_per_function=others_per_function, change=change,
+                              example_tasks=[ex.task for ex in prep.examples])
+
+
+def _nanmean(v: torch.Tensor) -> float:
+    v = v[torch.isfinite(v)]
+    return float(v.mean()) if len(v) else math.nan
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = float(a), float(b)
+    return a / b if b != 0.0 and math.isfinite(b) else math.nan
+
+
+def _function_mean(values: torch.Tensor, function_of: torch.Tensor, n: int) -> float:
+    """Mean over functions of each function's mean of ``values`` (functions given by ``function_of``)."""
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, function_of, values.double())
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, function_of, torch.ones_like(values.double()))
+    present = counts > 0
+    return float((sums[present] / counts[present]).mean()) if present.any() else math.nan

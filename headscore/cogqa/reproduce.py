@@ -8,18 +8,23 @@
    pass, probe trained on the train split, held-out accuracy vs the majority class;
 3. gradient maps (``taylor``) on the same examples, kept per example so split-half maps are free;
 4. zero ablation of every head on ``ablation_per_function`` examples per function (the shortest
-   ones, to bound the cost: 1 + L * H forward passes per example) as the ground truth, and
+   ones, to bound the cost; prefix reuse, :mod:`headscore.methods.prefix`) as the ground truth, and
    Spearman / top-k overlap of probe vs ablation and taylor vs ablation per function;
-5. interventions (:mod:`headscore.cogqa.interventions`) on held-out examples: each function's top-k
-   probe heads ablated and doubled vs k random heads;
-6. findings (:mod:`headscore.cogqa.findings`): sparsity, layer profiles, Jaccard overlap, split-half
+5. the specificity map (:func:`headscore.cogqa.findings.specificity`): each function's taylor map
+   against the others', in pooled standard errors;
+6. interventions (:mod:`headscore.cogqa.interventions`) on examples of questions no map saw: each function's top-k
+   heads by the probe, taylor and specificity maps ablated (the probe's also doubled) vs random
+   k-head sets, with a permutation p-value per function and a comparison of the three sources;
+7. findings (:mod:`headscore.cogqa.findings`): sparsity, layer profiles, Jaccard overlap, split-half
    stability; and :meth:`Reproduction.write` puts it all in one Markdown report with figures.
+
+Every per-function figure carries a bootstrap interval over examples (:mod:`headscore.stats`,
+:mod:`headscore.cogqa.uncertainty`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ..api import ablate
+from .. import stats
+from ..api import ablation_values
 from ..compare import compare
 from ..data.cogqa import (
     COGQA_FUNCTIONS,
@@ -38,15 +44,18 @@ from ..data.cogqa import (
     split_indices_by_question,
 )
 from ..errors import HeadscoreError
+from ..intervals import ExampleMaps, agreement_intervals
 from ..methods.gradient import gate_gradients
-from ..methods.probe import collect_activations, probe_scores
+from ..methods.probe import collect_activations, probe_scores_with_values
 from ..models import LoadedModel, load_model
 from ..patch import patch
 from ..prepared import prepare
 from ..results import HeadScores, atomic_write
-from .findings import jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity
+from ..text import markdown_text
+from .findings import jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity, specificity
 from .findings import stability as split_half_stability
 from .interventions import InterventionResult, intervene
+from .uncertainty import sparsity_intervals, stability_intervals
 
 
 def per_example_taylor(prep, batch_size: int = 8, *, progress: bool = True) -> torch.Tensor:
@@ -78,6 +87,7 @@ REPRODUCTION_FILES = tuple(
     + [f"{kind}_{m}.{ext}" for kind, methods in (("grid", ("probe", "taylor", "ablation")),
                                                   ("scatter", ("probe", "taylor")), ("jaccard", ("probe", "taylor")))
        for m in methods for ext in ("png", "pdf")]
+    + ["grid_specificity.png", "grid_specificity.pdf", "specificity.hs"]
     + ["layer_profiles.png", "layer_profiles.pdf", "interventions.json", "interventions.md", "summary.json",
        "report.md"])
 """The files :meth:`Reproduction.write` may write into its directory."""
@@ -96,7 +106,13 @@ def shortest_per_function(examples, n: int) -> list:
 
 @dataclass
 class Reproduction:
-    """Everything :func:`reproduce_cogqa` measured."""
+    """Everything :func:`reproduce_cogqa` measured.
+
+    Agreement dicts map a function to ``{"spearman", "kendall", "topk_overlap", "k"}`` plus
+    ``"spearman_ci"`` and ``"topk_overlap_ci"`` ([low, high] bootstrap intervals over examples at
+    ``options["level"]``); ``sparsity_ci`` and ``stability_ci`` hold the intervals of ``sparsity``
+    and ``stability`` the same way.
+    """
 
     model: str
     options: dict
@@ -112,6 +128,10 @@ class Reproduction:
     jaccard: dict
     stability: dict
     timings: dict = field(default_factory=dict)
+    sparsity_ci: dict = field(default_factory=dict)
+    stability_ci: dict = field(default_factory=dict)
+    specificity: HeadScores | None = None
+    methods_compared: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """The figures as plain data."""
@@ -121,9 +141,19 @@ class Reproduction:
                 "train_accuracy": self.probe.extra.get("train_accuracy"),
                 "probe_vs_ablation": self.probe_vs_ablation, "taylor_vs_ablation": self.taylor_vs_ablation,
                 "taylor_same_examples_vs_ablation": self.same_examples_vs_ablation,
-                "sparsity": self.sparsity, "jaccard": {m: v.tolist() for m, v in self.jaccard.items()},
-                "stability": self.stability, "timings": self.timings,
+                "sparsity": self.sparsity, "sparsity_ci": self.sparsity_ci,
+                "jaccard": {m: v.tolist() for m, v in self.jaccard.items()},
+                "stability": self.stability, "stability_ci": self.stability_ci,
+                "specificity_top": self.specificity_top(), "methods_compared": self.methods_compared,
+                "timings": self.timings,
                 "interventions": self.interventions.as_dict() if self.interventions else None}
+
+    def specificity_top(self, n: int = 5) -> dict:
+        """Per function: its ``n`` most specific heads, ``[layer, head, z]``."""
+        if self.specificity is None:
+            return {}
+        return {t: [[layer, head, round(z, 3)] for layer, head, z in self.specificity.top_k(n, t)]
+                for t in self.specificity.tasks}
 
     def write(self, out_dir: str | Path) -> Path:
         """Scores files, figures, ``summary.json`` and ``report.md`` into ``out_dir``; returns the report path."""
@@ -138,6 +168,10 @@ class Reproduction:
         for name, s in maps.items():
             s.save(out / f"{name}.hs")
             heatmap_grid(s, out / f"grid_{name}", title=f"{name}: {self.model} on CogQA")
+        if self.specificity is not None:
+            self.specificity.save(out / "specificity.hs")
+            heatmap_grid(self.specificity, out / "grid_specificity",
+                         title=f"specificity of taylor (z vs the other functions): {self.model} on CogQA")
         if self.ablation is not None:
             for name in ("probe", "taylor"):
                 scatter_vs_ablation(maps[name], self.ablation, out / f"scatter_{name}")
@@ -151,6 +185,9 @@ class Reproduction:
         atomic_write(out / "summary.json", json.dumps(self.summary(), indent=1, default=str).encode())
         return atomic_write(out / "report.md", self.markdown().encode())
 
+    def _level(self) -> str:
+        return f"{self.options.get('level', stats.LEVEL):.0%}"
+
     def markdown(self) -> str:
         """The report text (figures referenced by relative file names)."""
         o, c, p = self.options, self.counts, self.probe.extra
@@ -160,7 +197,14 @@ class Reproduction:
                  "split by main question: "
                  f"{c['train']} train / {c['test']} held-out. Ablation on {c['ablation']} examples "
                  f"({o['ablation_per_function']} shortest per function); interventions on {c['intervention']} "
-                 "held-out examples.", "",
+                 "examples of questions no map saw.", "",
+                 f"**Uncertainty.** Brackets are {self._level()} bootstrap intervals over examples "
+                 f"({o.get('resamples', stats.RESAMPLES)} resamples, seed {o['seed']}; heads are never resampled). "
+                 "Maps made from different examples are resampled independently, maps of the same examples "
+                 "together; the probe is trained once and held fixed (its interval covers the examples its "
+                 "importance averages, not retraining). A figure marked * differs from 0 at that level "
+                 "(its interval excludes 0); unmarked figures are not distinguishable from 0 with these examples.",
+                 "",
                  "## Probe", "",
                  f"Held-out accuracy **{p['probe_accuracy']:.3f}** vs chance: majority class of the training "
                  f"split {p['chance_accuracy']:.3f}, uniform {1 / len(self.probe.tasks):.3f}; training accuracy "
@@ -170,13 +214,24 @@ class Reproduction:
         for name in ("probe", "taylor", "ablation"):
             if name != "ablation" or self.ablation is not None:
                 lines += [f"### {name}", "", f"![{name}](grid_{name}.png)", ""]
+        if self.specificity is not None:
+            lines += ["### specificity (taylor)", "",
+                      "Each function's taylor map against the other functions': (value - mean of the others' "
+                      "values) / pooled standard error. Heads that matter for every function score near 0; "
+                      "a head with z > 2 matters for this function more than for the others by more than two "
+                      "standard errors.", "", "![specificity](grid_specificity.png)", "",
+                      "| function | most specific heads (layer.head: z) | heads with z > 2 |", "|---|---|---|"]
+            for t, top in self.specificity_top().items():
+                over = int((self.specificity.task(t) > 2).sum())
+                lines.append(f"| {markdown_text(t)} | " + ", ".join(f"L{a}.H{b}: {z:+.1f}" for a, b, z in top)
+                             + f" | {over} |")
+            lines.append("")
         if self.ablation is not None:
             k = o["overlap_k"]
             lines += ["## Agreement with ablation", "",
                       "Spearman and top-k overlap of each map with the zero-ablation map. The ablation map averages "
-                      f"{o['ablation_per_function']} example(s) per function, the probe and taylor maps all of theirs, "
-                      "so with few ablated examples the map columns reflect how much single examples differ as much "
-                      "as the methods; *taylor, same examples* is taylor on exactly the ablated examples, the direct "
+                      f"{o['ablation_per_function']} example(s) per function, the probe and taylor maps all of theirs; "
+                      "*taylor, same examples* is taylor on exactly the ablated examples, the direct "
                       "check of the gradient estimate.", "",
                       f"| function | probe Spearman | probe top-{k} | taylor Spearman | taylor top-{k} | "
                       f"taylor, same examples: Spearman | top-{k} |", "|---|---|---|---|---|---|---|"]
@@ -184,48 +239,99 @@ class Reproduction:
                 cells = []
                 for agree in (self.probe_vs_ablation, self.taylor_vs_ablation, self.same_examples_vs_ablation):
                     a = agree.get(t, {})
-                    cells += [fmt_cell(a.get("spearman"), "+.3f"), fmt_cell(a.get("topk_overlap"), ".2f")]
-                lines.append(f"| {t} | " + " | ".join(cells) + " |")
+                    cells += [ci_cell(a.get("spearman"), a.get("spearman_ci"), "+.3f"),
+                              ci_cell(a.get("topk_overlap"), a.get("topk_overlap_ci"), ".2f", star=False)]
+                lines.append(f"| {markdown_text(t)} | " + " | ".join(cells) + " |")
             lines += ["", "![probe vs ablation](scatter_probe.png)", "", "![taylor vs ablation](scatter_taylor.png)",
                       ""]
-        lines += ["## Findings", "", "Sparsity: share of total |importance| in the top 5% of heads. Stability: "
-                  "Spearman between maps computed on two halves of the questions.", "",
+        lines += ["## Findings", "", "Sparsity: share of total |importance| in the top 5% of heads (a flat map "
+                  "gives 0.05). Stability: Spearman between maps computed on two halves of the questions.", "",
                   "| function | probe sparsity | taylor sparsity | probe stability | taylor stability |",
                   "|---|---|---|---|---|"]
         for t in self.probe.tasks:
-            lines.append(f"| {t} | {fmt_cell(self.sparsity['probe'].get(t), '.3f')} | "
-                         f"{fmt_cell(self.sparsity['taylor'].get(t), '.3f')} | "
-                         f"{fmt_cell(self.stability.get('probe', {}).get(t), '+.3f')} | "
-                         f"{fmt_cell(self.stability.get('taylor', {}).get(t), '+.3f')} |")
+            cells = [ci_cell(self.sparsity[m].get(t), self.sparsity_ci.get(m, {}).get(t), ".3f", star=False)
+                     for m in ("probe", "taylor")]
+            cells += [ci_cell(self.stability.get(m, {}).get(t), self.stability_ci.get(m, {}).get(t), "+.3f")
+                      for m in ("probe", "taylor")]
+            lines.append(f"| {markdown_text(t)} | " + " | ".join(cells) + " |")
         lines += ["", "![Jaccard probe](jaccard_probe.png) ![Jaccard taylor](jaccard_taylor.png)", "",
                   "![layer profiles](layer_profiles.png)", ""]
         if self.interventions is not None:
             lines += ["## Interventions", "", self.interventions.to_markdown()]
+            if self.methods_compared:
+                lines += self._methods_markdown()
         lines += ["## Timings (s)", "", ", ".join(f"{k}: {v:.0f}" for k, v in self.timings.items()), ""]
         return "\n".join(lines)
 
+    def _methods_markdown(self) -> list[str]:
+        mc = self.methods_compared
+        lines = ["### Which map picks heads that matter?", "",
+                 f"Mean over functions of each source's top-{self.options['k']} sets: damage to the own function, "
+                 "damage to the other functions, selectivity (own - others); functions whose own set beats the "
+                 f"random sets at p < 0.05. {self._level()} intervals resample examples within each function, "
+                 "the same draws for every source (differences are paired).", "",
+                 "| heads by | own dloss | others dloss | selectivity | functions with p < 0.05 |",
+                 "|---|---|---|---|---|"]
+        for src, v in mc["sources"].items():
+            cells = " | ".join(interval_cell(v[w]) for w in ("own", "others", "selectivity"))
+            lines.append(f"| {src} | {cells} | {v['significant_functions']} of {len(self.interventions.functions)} |")
+        lines += ["", "| difference | own dloss | others dloss | selectivity |", "|---|---|---|---|"]
+        for pair, v in mc["differences"].items():
+            lines.append(f"| {pair} | " + " | ".join(interval_cell(v[w]) for w in ("own", "others", "selectivity"))
+                         + " |")
+        return lines + [""]
+
+
+def interval_cell(d: dict, spec: str = "+.3f") -> str:
+    """:func:`ci_cell` of an interval as plain data (``Interval.as_dict``)."""
+    return ci_cell(d["value"], [d["low"], d["high"]], spec)
+
+
+def ci_cell(value: float | None, ci: Sequence[float] | None, spec: str, *, star: bool = True) -> str:
+    """A report cell: ``value [low, high]``, starred when the interval excludes 0 (``star``)."""
+    return stats.format_interval(value, ci, spec, star=star)
+
+
+def _with_intervals(agree: dict, intervals: dict) -> dict:
+    """Agreement dicts with ``<figure>_ci`` [low, high] added from ``intervals``."""
+    out = {}
+    for t, a in agree.items():
+        a = dict(a)
+        for fig, iv in intervals.get(t, {}).items():
+            a[f"{fig}_ci"] = [iv.low, iv.high]
+        out[t] = a
+    return out
+
 
 def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 40,
-                    gradient_per_function: int | None = None, ablation_per_function: int = 1,
-                    intervention_per_function: int | None = 5, k: int = 5, overlap_k: int = 10,
-                    seeds: Sequence[int] = (0, 1, 2), scale: float | None = 2.0, train_fraction: float = 0.8,
+                    gradient_per_function: int | None = None, ablation_per_function: int = 3,
+                    intervention_per_function: int | None = 10, k: int = 5, overlap_k: int = 10,
+                    seeds: Sequence[int] = tuple(range(5)), scale: float | None = 2.0, train_fraction: float = 0.8,
                     seed: int = 0, batch_size: int = 8, min_examples: int = 10, chat_template: bool = False,
-                    functions: Sequence[str] | None = None, stability: bool = True, progress: bool = True,
+                    functions: Sequence[str] | None = None, stability: bool = True, others_per_function: int | None = 2,
+                    resamples: int = stats.RESAMPLES, level: float = stats.LEVEL, progress: bool = True,
                     **probe_options) -> Reproduction:
     """Run the whole reproduction (see the module docstring); ``None`` for a per-function limit means all.
 
     ``gradient_per_function`` limits the taylor scores to a (seeded) subset of those examples
     (default: all of them; the backward pass makes them ~4x the cost of the probe's forward pass).
     ``ablation_per_function=0`` skips ablation, ``intervention_per_function=0`` the interventions;
-    ``functions`` keeps only those labels. Extra keyword options go to
+    ``functions`` keeps only those labels. The interventions run on examples of main questions that none
+    of the maps saw (the held-out split when every question is used), and compare the top-``k`` heads
+    of the probe, taylor and specificity maps against ``len(seeds)`` random sets; each function's sets
+    are measured on ``others_per_function`` examples of every other function (None: all). ``resamples`` and ``level``
+    set the bootstrap intervals. Extra keyword options go to
     :func:`headscore.methods.probe.train_probe` (``epochs``, ``proj_dim``, ``hidden``, ``shared``, ...).
     """
     timings: dict[str, float] = {}
+    boot = {"resamples": resamples, "level": level, "seed": seed}
     tick = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model)
-    examples = load_cogqa(path, min_examples=min_examples, chat_template=lm.tokenizer if chat_template else None,
-                          functions=functions)
-    examples = sample_per_function(examples, max_per_function, seed)
+    everything = load_cogqa(path, min_examples=min_examples, chat_template=lm.tokenizer if chat_template else None,
+                            functions=functions)
+    examples = sample_per_function(everything, max_per_function, seed)
+    used = {ex.question_id for ex in examples}
+    unseen = [ex for ex in everything if ex.question_id not in used]  # questions no map has seen
     train, test = split_by_question(examples, train_fraction, seed)
     prep = prepare(lm, examples)
     if len(prep.tasks) < 2:
@@ -234,8 +340,9 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
 
     tick = time.perf_counter()
     acts = collect_activations(prep, batch_size, progress=progress)
-    probe = probe_scores(lm, examples, train_fraction=train_fraction, seed=seed, activations=acts, progress=progress,
-                         **probe_options)
+    probe, probe_values = probe_scores_with_values(lm, examples, train_fraction=train_fraction, seed=seed,
+                                                   activations=acts, progress=progress, **probe_options)
+    probe_maps = ExampleMaps.of(probe_values, examples, probe.tasks)
     timings["probe"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -243,42 +350,60 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     gprep = prep if len(grad_examples) == len(examples) else prepare(lm, grad_examples)
     per_ex = per_example_taylor(gprep, batch_size, progress=progress)
     taylor = scores_from_values(gprep, per_ex, range(len(grad_examples)), "taylor", batch_size=batch_size)
+    taylor_maps = ExampleMaps.of(per_ex, grad_examples, gprep.tasks)
     timings["taylor"] = time.perf_counter() - tick
 
     stab: dict[str, dict] = {}
+    stab_ci: dict[str, dict] = {}
     if stability:
         tick = time.perf_counter()
         halves = []
         for idx in split_indices_by_question(question_ids(examples), 0.5, seed + 1):
             sub = [examples[i] for i in idx]
-            halves.append(probe_scores(lm, sub, train_fraction=train_fraction, seed=seed, activations=acts[idx],
-                                       progress=False, **probe_options))
-        stab["probe"] = split_half_stability(halves[0], halves[1], overlap_k)
+            halves.append(probe_scores_with_values(lm, sub, train_fraction=train_fraction, seed=seed,
+                                                   activations=acts[idx], progress=False, **probe_options))
+        stab["probe"] = split_half_stability(halves[0][0], halves[1][0], overlap_k)
+        stab_ci["probe"] = stability_intervals(*(ExampleMaps.of(v, [examples[i] for i in idx], s.tasks)
+                                                 for (s, v), idx in zip(halves, split_indices_by_question(
+                                                     question_ids(examples), 0.5, seed + 1), strict=True)), **boot)
         ga, gb = split_indices_by_question(question_ids(grad_examples), 0.5, seed + 1)
         stab["taylor"] = split_half_stability(scores_from_values(gprep, per_ex, ga, "taylor"),
                                               scores_from_values(gprep, per_ex, gb, "taylor"), overlap_k)
+        stab_ci["taylor"] = stability_intervals(taylor_maps.subset(ga), taylor_maps.subset(gb), **boot)
+        stab_ci = {m: {t: [iv.low, iv.high] for t, iv in v.items()} for m, v in stab_ci.items()}
         timings["stability"] = time.perf_counter() - tick
 
-    ablation, pva, tva, sva, abl_examples = None, {}, {}, {}, []
+    ablation, pva, tva, sva, abl_examples, abl_mode = None, {}, {}, {}, [], None
     if ablation_per_function > 0:
         tick = time.perf_counter()
         abl_examples = shortest_per_function(examples, ablation_per_function)
-        ablation = _ordered(ablate(lm, abl_examples, batch_size=batch_size, progress=progress))
         aprep = prepare(lm, abl_examples)
-        same = scores_from_values(aprep, per_example_taylor(aprep, batch_size, progress=False),
-                                  range(len(abl_examples)), "taylor")
+        abl_values, abl_mode = ablation_values(aprep, batch_size=batch_size, progress=progress)
+        ablation = _ordered(scores_from_values(aprep, abl_values, range(len(abl_examples)), "ablation-zero",
+                                               batch_size=batch_size))
+        abl_maps = ExampleMaps.of(abl_values, abl_examples, aprep.tasks)
+        same_values = per_example_taylor(aprep, batch_size, progress=False)
+        same = scores_from_values(aprep, same_values, range(len(abl_examples)), "taylor")
         pva, tva, sva = ({t: a.as_dict() for t, a in compare(_ordered(s), ablation, overlap_k).items()}
                          for s in (probe, taylor, same))
+        pva = _with_intervals(pva, agreement_intervals(probe_maps, abl_maps, overlap_k, **boot))
+        tva = _with_intervals(tva, agreement_intervals(taylor_maps, abl_maps, overlap_k, **boot))
+        sva = _with_intervals(sva, agreement_intervals(ExampleMaps.of(same_values, abl_examples, aprep.tasks),
+                                                       abl_maps, overlap_k, paired=True, **boot))
         timings["ablation"] = time.perf_counter() - tick
 
     probe, taylor = _ordered(probe), _ordered(taylor)
-    result_iv, iv_examples = None, []
+    spec = specificity(taylor)
+    result_iv, iv_examples, compared = None, [], {}
     if intervention_per_function is None or intervention_per_function > 0:
         tick = time.perf_counter()
-        iv_examples = sample_per_function(test, intervention_per_function, seed)
+        iv_examples = sample_per_function(unseen or test, intervention_per_function, seed)
         present = {ex.task for ex in iv_examples}
-        result_iv = intervene(lm, iv_examples, probe, k=k, seeds=seeds, scale=scale, progress=progress,
-                              functions=[t for t in probe.tasks if t in present])
+        result_iv = intervene(lm, iv_examples, {"probe": probe, "taylor": taylor, "specificity": spec}, k=k,
+                              seeds=seeds, scale=scale, progress=progress,
+                              functions=[t for t in probe.tasks if t in present],
+                              others_per_function=others_per_function, resamples=resamples, level=level)
+        compared = result_iv.source_summary(seed=seed) if len(result_iv.functions) > 1 else {}
         timings["interventions"] = time.perf_counter() - tick
 
     counts = {"examples": len(examples), "gradient": len(grad_examples),
@@ -290,14 +415,14 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
                "intervention_per_function": intervention_per_function, "k": k, "overlap_k": overlap_k,
                "seeds": list(seeds), "scale": scale, "train_fraction": train_fraction, "seed": seed,
                "batch_size": batch_size, "min_examples": min_examples, "chat_template": chat_template,
-               "threads": torch.get_num_threads(), **probe_options}
+               "others_per_function": others_per_function, "resamples": resamples, "level": level,
+               "ablation_mode": abl_mode, "threads": torch.get_num_threads(), **probe_options}
     timings["total"] = sum(timings.values())
     maps = {"probe": probe, "taylor": taylor}
+    example_maps = {"probe": probe_maps, "taylor": taylor_maps}
+    sparsity_ci = {m: {t: [iv.low, iv.high] for t, iv in sparsity_intervals(v, **boot).items()}
+                   for m, v in example_maps.items()}
     return Reproduction(lm.name, options, counts, probe, taylor, ablation, pva, tva, sva, result_iv,
                         {m: sparsity(s) for m, s in maps.items()},
-                        {m: jaccard_matrix(s, overlap_k) for m, s in maps.items()}, stab, timings)
-
-
-def fmt_cell(value: float | None, spec: str) -> str:
-    """A table cell: ``value`` formatted, or ``n/a`` when missing or undefined (NaN)."""
-    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+                        {m: jaccard_matrix(s, overlap_k) for m, s in maps.items()}, stab, timings,
+                        sparsity_ci=sparsity_ci, stability_ci=stab_ci, specificity=spec, methods_compared=compared)

@@ -174,6 +174,24 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
                  progress: bool = True, **probe_options):
     """Probe importance of every head for every task, with held-out accuracy: HeadScores, method ``probe``.
 
+    The scores of :func:`probe_scores_with_values` (same arguments) without the per-example values.
+    """
+    return probe_scores_with_values(model, examples, train_fraction=train_fraction, seed=seed,
+                                    batch_size=batch_size, positions=positions, importance_on=importance_on,
+                                    activations=activations, progress=progress, **probe_options)[0]
+
+
+def probe_scores_with_values(model, examples, *, train_fraction: float = 0.8, seed: int = 0, batch_size: int = 8,
+                             positions: str = "target", importance_on: str = "all",
+                             activations: torch.Tensor | None = None, progress: bool = True,
+                             **probe_options) -> tuple:
+    """Probe importance of every head for every task, with held-out accuracy, and the per-example values.
+
+    Returns ``(scores, values)``: HeadScores (method ``probe``) and the trained probe's per-example
+    gradient x activation, float64 [N, L, H] for every example in input order (the scores average
+    the ``importance_on`` rows of it by task), so figures of the map can be bootstrapped over
+    examples with the probe held fixed.
+
     Examples with a ``question_id`` (CogQA) are split by main question
     (:func:`headscore.data.cogqa.split_indices_by_question`), others example by example; ``train_fraction``
     of them train the probe. ``importance_on`` picks the examples the importance is averaged over:
@@ -196,12 +214,14 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
     _check_split(prep.tasks, labels, train_idx, test_idx)
     fit = train_probe(acts, labels, train_idx, test_idx, num_classes=len(prep.tasks), seed=seed, **probe_options)
     rows = {"all": order, "train": train_idx, "test": test_idx}[importance_on]
-    acc = probe_importance(fit.probe, acts[rows], labels[rows], prep.tasks)
+    values = probe_gradients(fit.probe, acts, labels).double()
+    acc = TaskAccumulator(prep.tasks, acts.shape[1], acts.shape[2], keep_examples=True)
+    acc.add(labels[rows], values[rows], torch.as_tensor(rows))
     return prep.result(acc, "probe", probe_accuracy=fit.test_accuracy, chance_accuracy=fit.chance_accuracy,
                        train_accuracy=fit.train_accuracy, num_train=fit.num_train, num_test=fit.num_test,
                        positions=positions, importance_on=importance_on, seed=seed, train_fraction=train_fraction,
                        seconds=time.perf_counter() - start, batch_size=batch_size,
-                       **{k: v for k, v in probe_options.items() if isinstance(v, int | float | str | bool)})
+                       **{k: v for k, v in probe_options.items() if isinstance(v, int | float | str | bool)}), values
 
 
 def _check_split(tasks: Sequence[str], labels: torch.Tensor, train_idx: Sequence[int],

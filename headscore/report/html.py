@@ -43,6 +43,7 @@ from bokeh.resources import Resources
 from .heatmaps import COLORBAR_LABEL
 from .inputs import ablation_values, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
+from .summary import comparison_cells, interval_note
 
 __all__ = ["html_page"]
 
@@ -135,10 +136,12 @@ def _script_json(obj: Any) -> str:
 def _agreement_table(title: str, comparison: Mapping[str, Any]) -> str:
     rows = []
     for task, entry in comparison.items():
-        d = entry.as_dict() if hasattr(entry, "as_dict") else dict(entry)
-        cells = "".join(f"<td>{float(d[key]):.3f}</td>" for key in ("spearman", "kendall", "topk_overlap"))
-        rows.append(f"<tr><th scope='row'>{html.escape(str(task))}</th>{cells}</tr>")
-    return (f"<h2>{html.escape(title)}</h2><table class='agreement'><thead><tr><th>Task</th><th>Spearman</th>"
+        cells = comparison_cells(entry)
+        tds = "".join(f"<td>{html.escape(cells[key])}</td>" for key in ("spearman", "kendall", "topk_overlap"))
+        rows.append(f"<tr><th scope='row'>{html.escape(str(task))}</th>{tds}</tr>")
+    note = interval_note(comparison)
+    return (f"<h2>{html.escape(title)}</h2>" + (f"<p class='note'>{html.escape(note)}</p>" if note else "")
+            + "<table class='agreement'><thead><tr><th>Task</th><th>Spearman</th>"
             f"<th>Kendall</th><th>Top-k overlap</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..stats import format_interval
 from ..text import markdown_text
 from .inputs import ablation_values, head_order, stderr_values, task_counts, task_values
 
@@ -20,12 +21,25 @@ def _num(x: float, digits: int = 4) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.{digits}g}"
 
 
-def _comparison_row(entry: Any) -> dict[str, float]:
+def comparison_cells(entry: Any) -> dict[str, str]:
+    """An agreement entry (dict or object with ``spearman``, ``kendall``, ``topk_overlap``, optional
+    ``spearman_ci`` / ``topk_overlap_ci``) as table cells, with its intervals where it has them."""
     if hasattr(entry, "as_dict"):
         entry = entry.as_dict()
     if not isinstance(entry, Mapping):
         entry = {key: getattr(entry, key) for key in ("spearman", "kendall", "topk_overlap")}
-    return {key: float(entry[key]) for key in ("spearman", "kendall", "topk_overlap")}
+    return {key: format_interval(float(entry[key]), entry.get(f"{key}_ci"), spec)
+            for key, spec in (("spearman", ".3f"), ("kendall", ".3f"), ("topk_overlap", ".2f"))}
+
+
+def interval_note(comparison: Mapping[str, Any]) -> str:
+    """What the brackets in an agreement table mean ('' when it has none)."""
+    for entry in comparison.values():
+        if isinstance(entry, Mapping) and "spearman_ci" in entry:
+            return (f"Brackets: {entry.get('level', 0.95):.0%} bootstrap intervals over examples "
+                    f"({entry.get('resamples', '?')} resamples, "
+                    f"{'paired: the same examples' if entry.get('paired') else 'each file resampled on its own'}).")
+    return ""
 
 
 def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
@@ -67,12 +81,12 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
         lines += [f"![{Path(img).stem}]({img})", ""]
 
     if comparison:
-        lines += ["## Agreement with ablation", "",
+        note = interval_note(comparison)
+        lines += ["## Agreement with ablation", "", *([note, ""] if note else []),
                   "| Task | Spearman | Kendall | Top-k overlap |", "|---|---:|---:|---:|"]
         for task, entry in comparison.items():
-            row = _comparison_row(entry)
-            lines.append(f"| {_md(task)} | {row['spearman']:.3f} | {row['kendall']:.3f} | "
-                         f"{row['topk_overlap']:.2f} |")
+            row = comparison_cells(entry)
+            lines.append(f"| {_md(task)} | {row['spearman']} | {row['kendall']} | {row['topk_overlap']} |")
         lines.append("")
 
     lines += [f"## Top {k} heads per task", ""]

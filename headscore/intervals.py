@@ -1,0 +1,117 @@
+"""Bootstrap intervals of per-task map agreement, from per-example values.
+
+A task's map is the mean of its examples' values (:class:`ExampleMaps`: taylor's -dL/dg, ablation's
+loss changes, the probe's gradient x activation with the trained probe held fixed). The intervals
+resample those examples (:func:`headscore.stats.bootstrap`) within each task: independently for maps
+made from different examples, jointly (``paired``) for maps of the same examples. Heads are never
+resampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import stats
+from .compare import compare, spearman, topk_overlap
+from .results import HeadScores
+
+
+@dataclass(frozen=True)
+class ExampleMaps:
+    """Per-example head values [N, L, H] and each example's task (index into ``tasks``)."""
+
+    values: torch.Tensor
+    labels: torch.Tensor
+    tasks: list[str]
+
+    @classmethod
+    def from_scores(cls, scores: HeadScores) -> ExampleMaps | None:
+        """The per-example values a HeadScores kept (None when it kept none)."""
+        if scores.example_values is None:
+            return None
+        return cls(scores.example_values.double(), scores.example_tasks.long(), list(scores.tasks))
+
+    @classmethod
+    def of(cls, values: torch.Tensor, examples: Sequence, tasks: Sequence[str]) -> ExampleMaps:
+        """From values in the order of ``examples`` (objects with a ``task``)."""
+        labels = torch.tensor([list(tasks).index(ex.task) for ex in examples], dtype=torch.long)
+        return cls(values.double(), labels, list(tasks))
+
+    def subset(self, rows: Sequence[int]) -> ExampleMaps:
+        """The maps of the examples at ``rows``."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return ExampleMaps(self.values[idx], self.labels[idx], self.tasks)
+
+    def rows(self, task: str) -> torch.Tensor:
+        """Positions of ``task``'s examples (empty for a task this set has none of)."""
+        if task not in self.tasks:
+            return torch.zeros(0, dtype=torch.long)
+        return (self.labels == self.tasks.index(task)).nonzero().flatten()
+
+    def mean(self, task: str, pick: torch.Tensor | None = None) -> torch.Tensor:
+        """The task's map [L, H]: mean over its examples (``pick`` indexes into :meth:`rows`)."""
+        rows = self.rows(task)
+        return self.values[rows if pick is None else rows[pick]].mean(0)
+
+
+def agreement_intervals(a: ExampleMaps, b: ExampleMaps, k: int, *, paired: bool = False,
+                        resamples: int = stats.RESAMPLES, level: float = stats.LEVEL,
+                        seed: int = stats.SEED) -> dict[str, dict[str, stats.Interval]]:
+    """Per common task: Spearman and top-k overlap of ``a``'s map against ``b``'s, with intervals.
+
+    ``paired``: both are maps of the same examples (in the same order), resampled together.
+    """
+    out = {}
+    for task in a.tasks:
+        na, nb = len(a.rows(task)), len(b.rows(task))
+        if na == 0 or nb == 0:
+            continue
+        if paired:
+            if na != nb:
+                raise ValueError(f"paired maps need the same examples; {task!r} has {na} and {nb}")
+            sizes = [na]
+
+            def maps(i, task=task):
+                return a.mean(task, i), b.mean(task, i)
+        else:
+            sizes = [na, nb]
+
+            def maps(i, j, task=task):
+                return a.mean(task, i), b.mean(task, j)
+
+        def rho(*i, maps=maps):
+            x, y = maps(*i)
+            return spearman(x.flatten().numpy(), y.flatten().numpy())
+
+        def top(*i, maps=maps):
+            x, y = maps(*i)
+            return topk_overlap(x, y, k)
+
+        opts = {"resamples": resamples, "level": level, "seed": seed}
+        out[task] = {"spearman": stats.bootstrap(rho, sizes, **opts),
+                     "topk_overlap": stats.bootstrap(top, sizes, **opts)}
+    return out
+
+
+def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int = stats.RESAMPLES,
+                    level: float = stats.LEVEL, seed: int = stats.SEED) -> dict[str, dict]:
+    """Per common task, :func:`headscore.compare.compare`'s figures as plain data, plus ``spearman_ci`` and
+    ``topk_overlap_ci`` ([low, high]) when both results kept per-example values.
+
+    Results of the same examples (equal ``data_hash``) are resampled together (paired), others
+    independently. Each entry also says ``level``, ``resamples`` and ``paired``.
+    """
+    table = {t: ag.as_dict() for t, ag in compare(a, b, k).items()}
+    ma, mb = ExampleMaps.from_scores(a), ExampleMaps.from_scores(b)
+    if ma is None or mb is None or resamples < 1:
+        return table
+    paired = bool(a.data_hash) and a.data_hash == b.data_hash and len(ma.labels) == len(mb.labels)
+    intervals = agreement_intervals(ma, mb, k, paired=paired, resamples=resamples, level=level, seed=seed)
+    for task, row in table.items():
+        for name, iv in intervals.get(task, {}).items():
+            row[f"{name}_ci"] = [iv.low, iv.high]
+        row.update(level=level, resamples=resamples, paired=paired)
+    return table
