@@ -311,9 +311,12 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, tasks, moment):
     interpreter's start-up, which a fixed delay could not tell apart on a loaded machine) and 3 s in, while
     the model loads or scores."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a suite started in the background (`cmd &` in a script) runs with SIGINT ignored, and children inherit
+    # that: the command gets Ctrl-C's default disposition back, as a terminal would give it
     proc = subprocess.Popen([sys.executable, "-m", "headscore.cli", "score", "--tasks", str(tasks), "--out",
                              str(tmp_path / "s.hs"), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
+                            stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if moment == "importing":
         wait_until_mapped(proc, "libtorch")
     else:

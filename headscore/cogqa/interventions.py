@@ -114,9 +114,10 @@ class InterventionResult:
     ``delta[s][g]`` is the mean loss change on function g's examples when the set ``s`` is
     changed (NaN where the set was not measured on g); ``accuracy[s][g]`` the exact-match accuracy
     there (``"clean"`` is the unmodified model; NaN where greedy answers were not decoded: with
-    ``others_per_function`` a function's sets are decoded on its own examples only). Sets are ``ablate:<f>`` (f's top-k at gate 0),
-    ``scale:<f>`` (f's top-k at gate ``scale``) and ``random:<seed>`` (k random heads at gate 0);
-    with several score sources the first two are ``ablate:<source>:<f>`` and ``scale:<source>:<f>``.
+    ``others_per_function`` a function's sets are decoded on its own examples only). Sets are
+    ``ablate:<f>`` (f's top-k at gate 0), ``scale:<f>`` (f's top-k at gate ``scale``) and
+    ``random:<seed>`` (k random heads at gate 0); with several score sources the first two are
+    ``ablate:<source>:<f>`` and ``scale:<source>:<f>``.
     ``rows`` is the table: one row per (function, source) with bootstrap intervals over examples
     (``*_ci``: [low, high] at ``level``) and a sign-flip permutation p-value of own-set vs
     random-set damage (``p_own_vs_random``).

@@ -170,8 +170,9 @@ class Reproduction:
             heatmap_grid(s, out / f"grid_{name}", title=f"{name}: {self.model} on CogQA")
         if self.specificity is not None:
             self.specificity.save(out / "specificity.hs")
-            heatmap_grid(self.specificity, out / "grid_specificity",
-                         title=f"specificity of taylor (z vs the other functions): {self.model} on CogQA")
+            heatmap_grid(self.specificity, out / "grid_specificity", diverging=True,
+                         label="z: standard errors above the other functions' mean",
+                         title=f"specificity of taylor: each function vs the others ({self.model} on CogQA)")
         if self.ablation is not None:
             for name in ("probe", "taylor"):
                 scatter_vs_ablation(maps[name], self.ablation, out / f"scatter_{name}")

@@ -16,6 +16,7 @@ from .layout import axes_grid, grid_shape, is_bottom_row, panel_size, tick_posit
 
 COLORBAR_LABEL = "Heads Importance"
 _CMAP = "viridis"
+_DIVERGING = "RdBu_r"
 
 
 def _default_title(scores: Any, absolute: bool) -> str:
@@ -24,7 +25,7 @@ def _default_title(scores: Any, absolute: bool) -> str:
 
 
 def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | None = None,
-                          absolute: bool = False) -> Figure:
+                          absolute: bool = False, label: str = COLORBAR_LABEL, diverging: bool = False) -> Figure:
     """The heatmap grid as a matplotlib Figure (Agg canvas attached); see :func:`heatmap_grid`."""
     vals = task_values(scores)
     if absolute:
@@ -37,14 +38,17 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
     FigureCanvasAgg(fig)
     finite = vals[np.isfinite(vals)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if diverging:  # a signed quantity: one colour per sign, white at 0
+        vmax = max(abs(vmin), abs(vmax))
+        vmin = -vmax
     if vmin == vmax:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     xticks, yticks = tick_positions(num_heads, pw), tick_positions(num_layers, ph, spacing=0.22)
     axes = axes_grid(fig, n, nrows, ncols, ph / pw)
     image = None
     for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
-        image = ax.imshow(np.ma.masked_invalid(vals[i]), origin="lower", aspect="auto", cmap=_CMAP,
-                          vmin=vmin, vmax=vmax, interpolation="nearest")
+        image = ax.imshow(np.ma.masked_invalid(vals[i]), origin="lower", aspect="auto",
+                          cmap=_DIVERGING if diverging else _CMAP, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(wrap_title(task, pw + 0.4, 10), fontsize=10)
         ax.set_xticks(xticks)
         ax.set_yticks(yticks)
@@ -55,14 +59,14 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
             ax.set_ylabel("Layer", fontsize=9)
     cbar = fig.colorbar(image, ax=axes, shrink=0.85 if nrows > 1 else 1.0, aspect=30 if nrows > 1 else 20,
                         pad=0.02)
-    cbar.set_label(COLORBAR_LABEL, fontsize=10)
+    cbar.set_label(label, fontsize=10)
     cbar.ax.tick_params(labelsize=8)
     fig.suptitle(_default_title(scores, absolute) if title is None else title, fontsize=12)
     return fig
 
 
 def heatmap_grid(scores: Any, path: str | os.PathLike, *, title: str | None = None, ncols: int | None = None,
-                 absolute: bool = False) -> list[Path]:
+                 absolute: bool = False, label: str = COLORBAR_LABEL, diverging: bool = False) -> list[Path]:
     """Draw one [layer x head] heatmap per task and save it as PNG and PDF.
 
     Each panel is titled with the task name, has heads on the x axis and layers on the y axis (layer 0 at the
@@ -76,9 +80,13 @@ def heatmap_grid(scores: Any, path: str | os.PathLike, *, title: str | None = No
         title: the figure title; by default the method and the model.
         ncols: number of panel columns (default: see above).
         absolute: show ``|values|`` instead of the signed values (e.g. for ``taylor``).
+        label: the colour bar's label.
+        diverging: a colour scale symmetric about 0 (``RdBu_r``: red positive, blue negative), for
+            signed quantities such as specificity z-scores.
 
     Returns:
         The written paths, ``[<stem>.png, <stem>.pdf]``.
     """
-    fig = build_heatmap_figure(scores, title=title, ncols=ncols, absolute=absolute)
+    fig = build_heatmap_figure(scores, title=title, ncols=ncols, absolute=absolute, label=label,
+                               diverging=diverging)
     return save_figure(fig, path)
