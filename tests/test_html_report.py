@@ -54,6 +54,12 @@ def test_page_is_self_contained_and_escapes_names():
     assert html_lib.escape(names[0]) in page and "Math &amp; logic" in page
     assert "data:image/png;base64," in page  # the static fallback, inline
     assert "Agreement with ablation" in page and "0.500" in page
+    # intervals over examples, where the comparison has them
+    with_ci = {n: {"spearman": 0.5, "kendall": 0.4, "topk_overlap": 0.3, "spearman_ci": [0.2, 0.7],
+                   "topk_overlap_ci": [0.1, 0.6], "level": 0.95, "resamples": 1000, "paired": False} for n in names}
+    page = html_page(s, comparison=with_ci)
+    assert "<td>0.500 [0.200, 0.700]</td>" in page and "<td>0.30 [0.10, 0.60]</td>" in page
+    assert "95% bootstrap intervals over examples (1000 resamples, each file resampled on its own)" in page
 
 
 def test_page_for_32x32_with_8_tasks_stays_small():

@@ -121,6 +121,11 @@ def test_cli_errors_and_arguments(tmp_path, capsys):
     args = _parser().parse_args(["reproduce-cogqa", "f.json", "--out", "d", "--max-per-function", "4",
                                  "--ablation-per-function", "0"])
     assert args.max_per_function == 4 and args.ablation_per_function == 0 and args.k == 5
+    assert (args.others_per_function, args.seeds, args.resamples, args.level) == (2, 5, 1000, 0.95)
+    args = _parser().parse_args(["intervene", "--scores", "s.hs", "--others-per-function", "1"])
+    assert args.others_per_function == 1 and args.resamples == 1000
+    assert main(["reproduce-cogqa", "f.json", "--out", str(tmp_path / "o"), "--level", "1.5"]) == 2
+    assert "must be between 0 and 1" in capsys.readouterr().err
     assert _parser().parse_args(["score", "--method", "probe", "--out", "x.hs"]).method == "probe"
 
 

@@ -26,6 +26,8 @@ def register(sub) -> dict[str, Callable]:
     i.add_argument("--k", type=at_least(1), default=5, help="heads per set (default 5)")
     i.add_argument("--seeds", type=at_least(0), default=3, help="random k-head control sets (default 3)")
     i.add_argument("--scale", type=float, default=2.0, help="gate of the amplification rows (default 2.0)")
+    i.add_argument("--others-per-function", type=at_least(-1), default=-1,
+                   help="examples of each other task a task's head set is measured on (default -1 = all)")
     i.add_argument("--out", default=None, help="write the table as Markdown (.md) and JSON (.json) next to it")
     add_interval_args(i)
 
@@ -61,7 +63,8 @@ def cmd_intervene(args: argparse.Namespace) -> None:
     scores = HeadScores.load(args.scores)
     lm, examples = load_model_and_tasks(args)
     result = intervene(lm, limit_per_task(examples, args.max_examples), scores, k=args.k, seeds=range(args.seeds),
-                       scale=args.scale, resamples=args.resamples, level=args.level, progress=not args.no_progress)
+                       scale=args.scale, resamples=args.resamples, level=args.level, progress=not args.no_progress,
+                       others_per_function=None if args.others_per_function < 0 else args.others_per_function)
     print(result.to_markdown())
     if stem is not None:
         result.to_markdown_file(stem.with_suffix(".md"))
