@@ -457,3 +457,27 @@ def test_docs_table_matches_the_cases():
     assert set(rows) == set(CASES)
     for case, words in CASES.items():
         assert words.replace("|", "\\|") in rows[case], case
+
+
+def test_interrupt_wrapped_by_python_is_still_an_interrupt(monkeypatch, capsys):
+    """Python 3.11 turns a KeyboardInterrupt raised in ``__set_name__`` (Ctrl-C while an import defines a
+    dataclass) into a RuntimeError caused by it: still one line and exit 130; other errors are not hidden."""
+    import headscore.cli as cli
+
+    class InterruptedField:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    def interrupted_import():
+        type("Late", (), {"field": InterruptedField()})  # what an interrupted class definition does
+
+    monkeypatch.setattr(cli, "build_parser", interrupted_import)
+    assert cli.main([]) == 130
+    assert capsys.readouterr().err == "headscore: interrupted\n"
+
+    def real_bug():
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(cli, "build_parser", real_bug)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        cli.main([])

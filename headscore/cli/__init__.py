@@ -66,7 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headscore: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not _caused_by_interrupt(exc):
+            raise
+        print("headscore: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` wraps a KeyboardInterrupt: Python 3.11 turns one raised inside ``__set_name__``
+    (Ctrl-C while a dataclass is being defined, i.e. during an import) into a RuntimeError caused by it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def run() -> NoReturn:
