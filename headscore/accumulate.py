@@ -32,15 +32,21 @@ class TaskAccumulator:
     @property
     def examples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Kept per-example values [N, L, H] (float32) and their task indices [N], or None."""
+        kept = self._joined()
+        return None if kept is None else kept[:2]
+
+    def _joined(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The kept values, task indices and example indices (None unless every add gave them), ordered
+        by example index where known."""
         if self._kept is None:
             return None
         if not self._kept:
-            return torch.zeros(0, *self.sum.shape[1:]), torch.zeros(0, dtype=torch.int64)
+            return torch.zeros(0, *self.sum.shape[1:]), torch.zeros(0, dtype=torch.int64), None
         values, tasks = torch.cat([v for v, _, _ in self._kept]), torch.cat([t for _, t, _ in self._kept])
-        if all(e is not None for _, _, e in self._kept):
-            order = torch.cat([e for _, _, e in self._kept]).argsort(stable=True)
-            values, tasks = values[order], tasks[order]
-        return values, tasks
+        if any(e is None for _, _, e in self._kept):
+            return values, tasks, None
+        index, order = torch.cat([e for _, _, e in self._kept]).sort(stable=True)
+        return values[order], tasks[order], index
 
     def drop_examples(self) -> None:
         """Stop keeping per-example values (the sums stay)."""
@@ -92,12 +98,11 @@ class TaskAccumulator:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that reproduce this accumulator (for checkpoints): the sums, and the kept examples."""
         state = {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
-        kept = self.examples
+        kept = self._joined()
         if kept is not None:
-            state["example_values"], state["example_tasks"] = kept
-            if all(e is not None for _, _, e in self._kept):
-                state["example_order"] = torch.cat([e for _, _, e in self._kept] or [torch.zeros(0, dtype=torch.int64)]
-                                                   ).sort().values
+            state["example_values"], state["example_tasks"] = kept[:2]
+            if kept[2] is not None:
+                state["example_order"] = kept[2]
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

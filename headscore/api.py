@@ -30,7 +30,7 @@ from .patch import HeadGates, head_layout, patch
 from .prepared import ModelLike, Prepared, prepare
 from .results import HeadScores
 
-__all__ = ["score", "ablate", "ablation_values", "ablate_heads", "mean_baseline", "compare", "load_model", "Prepared",
+__all__ = ["score", "ablate", "ablate_heads", "mean_baseline", "compare", "load_model", "Prepared",
            "prepare", "METHODS", "BASELINES"]
 
 METHODS = GRADIENT_METHODS
@@ -131,44 +131,18 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
     Returns:
         HeadScores whose value at (task, l, h) is the mean over the task's examples of
         loss(head l, h ablated) - loss(clean); method ``ablation-zero`` or ``ablation-mean``;
-        ``extra["mode"]`` is the mode that ran.
+        ``extra["mode"]`` is the mode that ran; ``example_values`` each example's own changes.
     """
-    _check_batch_size(batch_size)
-    _checked_mode(mode)
-    prep = prepare(model, examples, max_examples=max_examples)
-    start = time.perf_counter()
-    acc, _, mode = _ablate(prep, baseline, mode, batch_size, rows_per_pass, progress)
-    name = baseline if isinstance(baseline, str) else "custom"
-    return prep.result(acc, f"ablation-{name}", seconds=time.perf_counter() - start, mode=mode,
-                       batch_size=batch_size)
-
-
-def _checked_mode(mode: str) -> str:
     try:
-        return check_mode(mode)
+        mode = check_mode(mode)
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
-
-
-def ablation_values(prep: Prepared, *, baseline: str | torch.Tensor = "zero", mode: str = "prefix",
-                    batch_size: int = 8, rows_per_pass: int = 64, progress: bool = True) -> tuple[torch.Tensor, str]:
-    """Per-example ablation effects and the mode that ran (``prefix`` may fall back to ``batched``).
-
-    The values are float64 [N, L, H] in ``prep.examples`` order: the loss change of each example when
-    each head alone is ablated (what :func:`ablate` averages by task; same options)."""
     _check_batch_size(batch_size)
-    _, values, ran = _ablate(prep, baseline, mode, batch_size, rows_per_pass, progress)
-    return values, ran
-
-
-def _ablate(prep: Prepared, baseline: str | torch.Tensor, mode: str, batch_size: int, rows_per_pass: int,
-            progress: bool) -> tuple[TaskAccumulator, torch.Tensor, str]:
-    """Every head of every example ablated: the per-task accumulator, per-example values, the mode that ran."""
-    mode = _checked_mode(mode)
+    prep = prepare(model, examples, max_examples=max_examples)
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
-    values = torch.zeros(len(prep.examples), layout.num_layers, layout.num_heads, dtype=torch.float64)
+    start = time.perf_counter()
     # one forward pass covers a few heads: count (example, head) ablations, not batches
     bar = tqdm(total=len(prep.examples) * rows.shape[0], desc=f"ablate ({mode})", unit="ablation",
                disable=not progress, leave=False)
@@ -182,8 +156,9 @@ def _ablate(prep: Prepared, baseline: str | torch.Tensor, mode: str, batch_size:
                                    on_pass=lambda n, size=batch.size: bar.update(n * size))
             delta = (ablated - clean[None]).T.reshape(batch.size, layout.num_layers, layout.num_heads)
             acc.add(batch.task_index, delta, batch.example_index)
-            values[batch.example_index.cpu()] = delta
-    return acc, values, mode
+    name = baseline if isinstance(baseline, str) else "custom"
+    return prep.result(acc, f"ablation-{name}", seconds=time.perf_counter() - start, mode=mode,
+                       batch_size=batch_size)
 
 
 @dataclass(frozen=True)

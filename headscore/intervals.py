@@ -58,9 +58,10 @@ class ExampleMaps:
 
 
 def agreement_intervals(a: ExampleMaps, b: ExampleMaps, k: int, *, paired: bool = False,
-                        resamples: int = stats.RESAMPLES, level: float = stats.LEVEL,
-                        seed: int = stats.SEED) -> dict[str, dict[str, stats.Interval]]:
-    """Per common task: Spearman and top-k overlap of ``a``'s map against ``b``'s, with intervals.
+                        figures: Sequence[str] = ("spearman", "topk_overlap"), resamples: int = stats.RESAMPLES,
+                        level: float = stats.LEVEL, seed: int = stats.SEED) -> dict[str, dict[str, stats.Interval]]:
+    """Per common task: Spearman and top-k overlap (the ``figures`` asked for) of ``a``'s map against
+    ``b``'s, with intervals.
 
     ``paired``: both are maps of the same examples (in the same order), resampled together.
     """
@@ -91,8 +92,8 @@ def agreement_intervals(a: ExampleMaps, b: ExampleMaps, k: int, *, paired: bool 
             return topk_overlap(x, y, k)
 
         opts = {"resamples": resamples, "level": level, "seed": seed}
-        out[task] = {"spearman": stats.bootstrap(rho, sizes, **opts),
-                     "topk_overlap": stats.bootstrap(top, sizes, **opts)}
+        statistic = {"spearman": rho, "topk_overlap": top}
+        out[task] = {name: stats.bootstrap(statistic[name], sizes, **opts) for name in figures}
     return out
 
 

@@ -96,11 +96,10 @@ def cmd_reproduce_cogqa(args: argparse.Namespace) -> None:
     if rep.ablation is not None:
         print(f"Spearman vs ablation, {args.level:.0%} bootstrap intervals over examples ({args.resamples} "
               "resamples; * = interval excludes 0):")
-    for t in rep.probe.tasks:
-        cells = [ci_cell(a.get("spearman"), a.get("spearman_ci"), "+.3f") for a in (
-            rep.probe_vs_ablation.get(t, {}), rep.taylor_vs_ablation.get(t, {}),
-            rep.same_examples_vs_ablation.get(t, {}))]
-        if rep.ablation is not None:
+        for t in rep.probe.tasks:
+            cells = [ci_cell(a.get("spearman"), a.get("spearman_ci"), "+.3f") for a in (
+                rep.probe_vs_ablation.get(t, {}), rep.taylor_vs_ablation.get(t, {}),
+                rep.same_examples_vs_ablation.get(t, {}))]
             print(f"  {printable(t):<24} probe {cells[0]}, taylor {cells[1]}, taylor on the ablated examples "
                   f"{cells[2]}")
     for src, v in rep.methods_compared.get("sources", {}).items():

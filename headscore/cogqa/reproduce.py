@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import stats
-from ..api import ablation_values
+from ..api import ablate
 from ..compare import compare
 from ..data.cogqa import (
     COGQA_FUNCTIONS,
@@ -46,7 +46,7 @@ from ..data.cogqa import (
 from ..errors import HeadscoreError
 from ..intervals import ExampleMaps, agreement_intervals
 from ..methods.gradient import gate_gradients
-from ..methods.probe import collect_activations, probe_scores_with_values
+from ..methods.probe import collect_activations, probe_scores
 from ..models import LoadedModel, load_model
 from ..patch import patch
 from ..prepared import prepare
@@ -341,9 +341,8 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
 
     tick = time.perf_counter()
     acts = collect_activations(prep, batch_size, progress=progress)
-    probe, probe_values = probe_scores_with_values(lm, examples, train_fraction=train_fraction, seed=seed,
-                                                   activations=acts, progress=progress, **probe_options)
-    probe_maps = ExampleMaps.of(probe_values, examples, probe.tasks)
+    probe = probe_scores(lm, examples, train_fraction=train_fraction, seed=seed, activations=acts, progress=progress,
+                         **probe_options)
     timings["probe"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -361,12 +360,10 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
         halves = []
         for idx in split_indices_by_question(question_ids(examples), 0.5, seed + 1):
             sub = [examples[i] for i in idx]
-            halves.append(probe_scores_with_values(lm, sub, train_fraction=train_fraction, seed=seed,
-                                                   activations=acts[idx], progress=False, **probe_options))
-        stab["probe"] = split_half_stability(halves[0][0], halves[1][0], overlap_k)
-        stab_ci["probe"] = stability_intervals(*(ExampleMaps.of(v, [examples[i] for i in idx], s.tasks)
-                                                 for (s, v), idx in zip(halves, split_indices_by_question(
-                                                     question_ids(examples), 0.5, seed + 1), strict=True)), **boot)
+            halves.append(probe_scores(lm, sub, train_fraction=train_fraction, seed=seed, activations=acts[idx],
+                                       progress=False, **probe_options))
+        stab["probe"] = split_half_stability(halves[0], halves[1], overlap_k)
+        stab_ci["probe"] = stability_intervals(*(ExampleMaps.from_scores(h) for h in halves), **boot)
         ga, gb = split_indices_by_question(question_ids(grad_examples), 0.5, seed + 1)
         stab["taylor"] = split_half_stability(scores_from_values(gprep, per_ex, ga, "taylor"),
                                               scores_from_values(gprep, per_ex, gb, "taylor"), overlap_k)
@@ -374,20 +371,18 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
         stab_ci = {m: {t: [iv.low, iv.high] for t, iv in v.items()} for m, v in stab_ci.items()}
         timings["stability"] = time.perf_counter() - tick
 
-    ablation, pva, tva, sva, abl_examples, abl_mode = None, {}, {}, {}, [], None
+    ablation, pva, tva, sva, abl_examples = None, {}, {}, {}, []
     if ablation_per_function > 0:
         tick = time.perf_counter()
         abl_examples = shortest_per_function(examples, ablation_per_function)
+        ablation = _ordered(ablate(lm, abl_examples, batch_size=batch_size, progress=progress))
+        abl_maps = ExampleMaps.from_scores(ablation)
         aprep = prepare(lm, abl_examples)
-        abl_values, abl_mode = ablation_values(aprep, batch_size=batch_size, progress=progress)
-        ablation = _ordered(scores_from_values(aprep, abl_values, range(len(abl_examples)), "ablation-zero",
-                                               batch_size=batch_size))
-        abl_maps = ExampleMaps.of(abl_values, abl_examples, aprep.tasks)
         same_values = per_example_taylor(aprep, batch_size, progress=False)
         same = scores_from_values(aprep, same_values, range(len(abl_examples)), "taylor")
         pva, tva, sva = ({t: a.as_dict() for t, a in compare(_ordered(s), ablation, overlap_k).items()}
                          for s in (probe, taylor, same))
-        pva = _with_intervals(pva, agreement_intervals(probe_maps, abl_maps, overlap_k, **boot))
+        pva = _with_intervals(pva, agreement_intervals(ExampleMaps.from_scores(probe), abl_maps, overlap_k, **boot))
         tva = _with_intervals(tva, agreement_intervals(taylor_maps, abl_maps, overlap_k, **boot))
         sva = _with_intervals(sva, agreement_intervals(ExampleMaps.of(same_values, abl_examples, aprep.tasks),
                                                        abl_maps, overlap_k, paired=True, **boot))
@@ -417,10 +412,11 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
                "seeds": list(seeds), "scale": scale, "train_fraction": train_fraction, "seed": seed,
                "batch_size": batch_size, "min_examples": min_examples, "chat_template": chat_template,
                "others_per_function": others_per_function, "resamples": resamples, "level": level,
-               "ablation_mode": abl_mode, "threads": torch.get_num_threads(), **probe_options}
+               "ablation_mode": ablation.extra["mode"] if ablation is not None else None,
+               "threads": torch.get_num_threads(), **probe_options}
     timings["total"] = sum(timings.values())
     maps = {"probe": probe, "taylor": taylor}
-    example_maps = {"probe": probe_maps, "taylor": taylor_maps}
+    example_maps = {"probe": ExampleMaps.from_scores(probe), "taylor": taylor_maps}
     sparsity_ci = {m: {t: [iv.low, iv.high] for t, iv in sparsity_intervals(v, **boot).items()}
                    for m, v in example_maps.items()}
     return Reproduction(lm.name, options, counts, probe, taylor, ablation, pva, tva, sva, result_iv,

@@ -23,5 +23,5 @@ def sparsity_intervals(maps: ExampleMaps, share: float = 0.05, *, resamples: int
 def stability_intervals(half_a: ExampleMaps, half_b: ExampleMaps, *, resamples: int = stats.RESAMPLES,
                         level: float = stats.LEVEL, seed: int = stats.SEED) -> dict[str, stats.Interval]:
     """Per task: Spearman between the maps of two disjoint halves of the examples, with an interval."""
-    return {t: v["spearman"] for t, v in agreement_intervals(half_a, half_b, 1, resamples=resamples, level=level,
-                                                              seed=seed).items()}
+    return {t: v["spearman"] for t, v in agreement_intervals(half_a, half_b, 1, figures=("spearman",),
+                                                              resamples=resamples, level=level, seed=seed).items()}

@@ -59,11 +59,6 @@ class PrefixReplay:
         self.layers = layers
         self.outputs: list | None = None
 
-    @property
-    def num_layers(self) -> int:
-        """How many decoder layers the replay covers."""
-        return len(self.layers)
-
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Keep every decoder layer's output of the forward pass run inside the block."""

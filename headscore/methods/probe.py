@@ -161,11 +161,12 @@ def probe_gradients(probe: HeadProbe, acts: torch.Tensor, labels: torch.Tensor) 
 
 
 def probe_importance(probe: HeadProbe, acts: torch.Tensor, labels: torch.Tensor,
-                     tasks: Sequence[str]) -> TaskAccumulator:
-    """Gradient x activation per head, accumulated by class: mean and stderr [C, L, H]."""
+                     tasks: Sequence[str], example_index: torch.Tensor | None = None) -> TaskAccumulator:
+    """Gradient x activation per head, accumulated by class: mean and stderr [C, L, H], and each example's
+    value (kept in the order of ``example_index``, the examples' positions in the run, when given)."""
     values = probe_gradients(probe, acts, labels)
-    acc = TaskAccumulator(tasks, acts.shape[1], acts.shape[2])
-    acc.add(labels, values)
+    acc = TaskAccumulator(tasks, acts.shape[1], acts.shape[2], keep_examples=True)
+    acc.add(labels, values, example_index)
     return acc
 
 
@@ -174,29 +175,14 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
                  progress: bool = True, **probe_options):
     """Probe importance of every head for every task, with held-out accuracy: HeadScores, method ``probe``.
 
-    The scores of :func:`probe_scores_with_values` (same arguments) without the per-example values.
-    """
-    return probe_scores_with_values(model, examples, train_fraction=train_fraction, seed=seed,
-                                    batch_size=batch_size, positions=positions, importance_on=importance_on,
-                                    activations=activations, progress=progress, **probe_options)[0]
-
-
-def probe_scores_with_values(model, examples, *, train_fraction: float = 0.8, seed: int = 0, batch_size: int = 8,
-                             positions: str = "target", importance_on: str = "all",
-                             activations: torch.Tensor | None = None, progress: bool = True,
-                             **probe_options) -> tuple:
-    """Probe importance of every head for every task, with held-out accuracy, and the per-example values.
-
-    Returns ``(scores, values)``: HeadScores (method ``probe``) and the trained probe's per-example
-    gradient x activation, float64 [N, L, H] for every example in input order (the scores average
-    the ``importance_on`` rows of it by task), so figures of the map can be bootstrapped over
-    examples with the probe held fixed.
-
     Examples with a ``question_id`` (CogQA) are split by main question
     (:func:`headscore.data.cogqa.split_indices_by_question`), others example by example; ``train_fraction``
     of them train the probe. ``importance_on`` picks the examples the importance is averaged over:
     ``all``, ``train`` or ``test``. ``activations`` skips the forward pass (from
     :func:`collect_activations` on the same examples). Other options go to :func:`train_probe`.
+    The scores keep each of those examples' own value (``example_values``: the trained probe's
+    gradient x activation), so figures of the map can be bootstrapped over examples with the probe
+    held fixed.
     """
     if importance_on not in ("all", "train", "test"):
         raise HeadscoreError(f"importance_on must be all, train or test, got {importance_on!r}")
@@ -214,14 +200,12 @@ def probe_scores_with_values(model, examples, *, train_fraction: float = 0.8, se
     _check_split(prep.tasks, labels, train_idx, test_idx)
     fit = train_probe(acts, labels, train_idx, test_idx, num_classes=len(prep.tasks), seed=seed, **probe_options)
     rows = {"all": order, "train": train_idx, "test": test_idx}[importance_on]
-    values = probe_gradients(fit.probe, acts, labels).double()
-    acc = TaskAccumulator(prep.tasks, acts.shape[1], acts.shape[2], keep_examples=True)
-    acc.add(labels[rows], values[rows], torch.as_tensor(rows))
+    acc = probe_importance(fit.probe, acts[rows], labels[rows], prep.tasks, example_index=torch.as_tensor(rows))
     return prep.result(acc, "probe", probe_accuracy=fit.test_accuracy, chance_accuracy=fit.chance_accuracy,
                        train_accuracy=fit.train_accuracy, num_train=fit.num_train, num_test=fit.num_test,
                        positions=positions, importance_on=importance_on, seed=seed, train_fraction=train_fraction,
                        seconds=time.perf_counter() - start, batch_size=batch_size,
-                       **{k: v for k, v in probe_options.items() if isinstance(v, int | float | str | bool)}), values
+                       **{k: v for k, v in probe_options.items() if isinstance(v, int | float | str | bool)})
 
 
 def _check_split(tasks: Sequence[str], labels: torch.Tensor, train_idx: Sequence[int],
