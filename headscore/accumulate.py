@@ -14,16 +14,18 @@ class TaskAccumulator:
     """Running count, sum and sum of squares per (task, layer, head).
 
     ``add(task_index [B], values [B, L, H])`` adds one value per example; ``mean`` and
-    ``stderr`` read the result. Sums are float64 on the CPU whatever the model's dtype.
+    ``stderr`` read the result. With ``positions=P`` the values are per position, [B, L, H, P].
+    Sums are float64 on the CPU whatever the model's dtype.
     With ``keep_examples`` it also keeps every example's values (float32; :attr:`examples`, in the
     order of the ``example_index`` given to :meth:`add`, else in the order added), for bootstrap
     intervals over examples, until they would exceed
     :data:`MAX_KEPT_VALUES` numbers; then it drops them and keeps only the sums.
     """
 
-    def __init__(self, tasks: Sequence[str], num_layers: int, num_heads: int, *, keep_examples: bool = False):
+    def __init__(self, tasks: Sequence[str], num_layers: int, num_heads: int, *, positions: int | None = None,
+                 keep_examples: bool = False):
         self.tasks = list(tasks)
-        shape = (len(self.tasks), num_layers, num_heads)
+        shape = (len(self.tasks), num_layers, num_heads) + (() if positions is None else (positions,))
         self.count = torch.zeros(len(self.tasks), dtype=torch.int64)
         self.sum = torch.zeros(shape, dtype=torch.float64)
         self.sumsq = torch.zeros(shape, dtype=torch.float64)
@@ -85,13 +87,16 @@ class TaskAccumulator:
     @property
     def mean(self) -> torch.Tensor:
         """Mean per task [T, L, H] (NaN for a task with no examples)."""
-        n = self.count.to(torch.float64)[:, None, None]
-        return self.sum / n
+        return self.sum / self._n()
+
+    def _n(self) -> torch.Tensor:
+        """The counts as float64, shaped to broadcast against the sums."""
+        return self.count.to(torch.float64).view(-1, *[1] * (self.sum.dim() - 1))
 
     @property
     def stderr(self) -> torch.Tensor:
         """Standard error of the mean per task [T, L, H] (unbiased variance; NaN below 2 examples)."""
-        n = self.count.to(torch.float64)[:, None, None]
+        n = self._n()
         var = (self.sumsq - self.sum * self.sum / n).clamp_min(0) / (n - 1)
         return torch.sqrt(var / n)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -15,18 +15,21 @@ from .compare import compare
 from .data.batching import num_batches
 from .data.examples import Example
 from .errors import HeadscoreError
+from .loss import Metric, MetricFn, resolve_metric
 from .methods.ablation import (
     check_mode,
     clean_losses,
     gated_losses,
     head_set_gates,
+    position_gates,
     prefix_reuse_works,
     single_head_gates,
 )
-from .methods.baseline import mean_head_outputs
+from .methods.baseline import corrupt_head_outputs, mean_head_outputs
 from .methods.gradient import GRADIENT_METHODS, NEEDS_MEAN_BASELINE, gate_gradients, score_values
 from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
+from .positions import PositionLayout
 from .prepared import ModelLike, Prepared, prepare
 from .results import HeadScores
 
@@ -34,7 +37,10 @@ __all__ = ["score", "ablate", "ablate_heads", "mean_baseline", "compare", "load_
            "prepare", "METHODS", "BASELINES"]
 
 METHODS = GRADIENT_METHODS
-BASELINES = ("zero", "mean")
+BASELINES = ("zero", "mean", "corrupt")
+"""Baselines by name: zero ablation, the head's mean output, its output on the corrupted prompt."""
+
+MetricLike = str | Metric | MetricFn | None
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -42,9 +48,31 @@ def _check_batch_size(batch_size: int) -> None:
         raise HeadscoreError(f"batch size must be at least 1, got {batch_size}")
 
 
+def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor | None) -> None:
+    """Refuse a metric or baseline the examples cannot serve, naming the first example that lacks it."""
+    needs = [("foil", "the logit-diff metric")] if metric.needs_foil else []
+    if isinstance(baseline, str) and baseline == "corrupt":
+        needs.append(("corrupt", "baseline 'corrupt'"))
+    for name, what in needs:
+        for i, ex in enumerate(prep.examples):
+            if getattr(ex, name) is None:
+                raise HeadscoreError(f"{what} needs a {name!r} field in every example; {ex.describe(i)} has none")
+
+
+def _baseline_name(baseline: str | torch.Tensor | None) -> str:
+    return "zero" if baseline is None else baseline if isinstance(baseline, str) else "custom"
+
+
+def _batch_baseline(model: torch.nn.Module, heads: HeadGates, batch, static: torch.Tensor | None,
+                    corrupt: bool) -> torch.Tensor | None:
+    """The baseline for one batch: the heads' outputs on its corrupted prompts, or the run's fixed one."""
+    return corrupt_head_outputs(model, heads, batch) if corrupt else static
+
+
 def _baseline_tensor(prep: Prepared, heads: HeadGates, baseline: str | torch.Tensor | None, batch_size: int,
                      progress: bool) -> torch.Tensor | None:
-    if baseline is None or (isinstance(baseline, str) and baseline == "zero"):
+    """The run's fixed [L, H, D] baseline (None for zero, and for ``corrupt``, which is made per batch)."""
+    if baseline is None or (isinstance(baseline, str) and baseline in ("zero", "corrupt")):
         return None
     if isinstance(baseline, torch.Tensor):
         layout = heads.layout
@@ -66,9 +94,25 @@ def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] 
         return _baseline_tensor(prep, heads, "mean", batch_size, progress).cpu()
 
 
+def _gradient_method_name(method: str, baseline: str | torch.Tensor | None) -> str:
+    """What a gradient score is called: ``taylor`` against zero, ``atp-mean``/``atp-corrupt`` for taylor
+    against the mean or the corrupted run, ``abs-corrupt`` etc. for the others."""
+    name = "mean" if method in NEEDS_MEAN_BASELINE and baseline is None else _baseline_name(baseline)
+    if name == "zero":
+        return method
+    return f"atp-{name}" if method in ("taylor", "atp-mean") else f"{method}-{name}"
+
+
+def _with_positions(result: HeadScores, layout: PositionLayout, acc: TaskAccumulator,
+                    counts: torch.Tensor) -> HeadScores:
+    return replace(result, positions=layout.names, position_values=acc.mean, position_stderr=acc.stderr,
+                   position_counts=counts)
+
+
 def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
           method: str = "taylor", batch_size: int = 8, max_examples: int | None = None,
-          baseline: torch.Tensor | None = None, progress: bool = True, kernel: bool | None = None,
+          baseline: str | torch.Tensor | None = None, metric: MetricLike = "nll", per_position: bool = False,
+          progress: bool = True, kernel: bool | None = None,
           checkpoint: str | None = None, checkpoint_every: int = 0, resume: bool = False,
           distributed: bool | None = None) -> HeadScores:
     """Score every head for every task from one forward and one backward pass per batch.
@@ -79,8 +123,18 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
         method: ``taylor`` (default), ``abs``, ``fisher`` or ``atp-mean``.
         batch_size: examples per forward/backward pass.
         max_examples: at most this many examples per task.
-        baseline: for ``atp-mean``, a precomputed [L, H, D] mean baseline (else one extra
-            forward-only pass computes it from the same examples).
+        baseline: the value a head is compared against: ``zero`` (default; ``mean`` for
+            ``atp-mean``), ``mean`` (its mean output, one extra forward-only pass), ``corrupt``
+            (its output on each example's corrupted prompt, per position, one extra forward-only
+            pass per batch: with ``taylor`` this is attribution patching, AtP), or a precomputed
+            [L, H, D] tensor. The result's method says which (``atp-mean``, ``atp-corrupt``, ...).
+        metric: what the loss is (:mod:`headscore.loss`): ``nll`` (default), ``logit-diff`` (needs a
+            foil per example), ``prob``, or a callable ``metric(logits [B, T, V], batch) -> [B]``
+            taken as a loss (or a :class:`headscore.loss.Metric`). For every metric larger = the head
+            matters more (taylor estimates the metric's loss increase when the head is changed).
+        per_position: also keep each token's term of the gate gradient: ``positions`` and
+            ``position_values`` [T, L, H, P] in the result, positions aligned from the end of each
+            prompt (:mod:`headscore.positions`). Not with ``checkpoint``, nor distributed.
         progress: show progress bars.
         kernel: use the fused Triton attention kernel (see :func:`headscore.patch`); None = on CUDA.
         checkpoint: file for resumable runs (see :mod:`headscore.checkpoint`); written every
@@ -95,70 +149,132 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     """
     if method not in GRADIENT_METHODS:
         raise HeadscoreError(f"unknown method {method!r}; choose one of {', '.join(GRADIENT_METHODS)}")
+    if method in NEEDS_MEAN_BASELINE and isinstance(baseline, str) and baseline != "mean":
+        raise HeadscoreError(f"method {method} uses the mean baseline; for baseline {baseline!r} use taylor")
+    if isinstance(baseline, str) and baseline not in BASELINES:
+        raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
     _check_batch_size(batch_size)
+    metric = resolve_metric(metric)
     prep = prepare(model, examples, max_examples=max_examples)
+    _check_inputs(prep, metric, baseline)
+    if per_position and checkpoint is not None:
+        raise HeadscoreError("per-position scores are not checkpointed; drop the checkpoint or per_position")
+    name = _gradient_method_name(method, baseline)
     acc = prep.accumulator()
     ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
-                        batch_size=batch_size, baseline=None if baseline is None else tensor_hash(baseline))
+                        batch_size=batch_size,
+                        baseline=baseline if baseline is None or isinstance(baseline, str) else tensor_hash(baseline),
+                        **({} if metric.name == "nll" else {"metric": metric.name}))
     run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
                      every=checkpoint_every, resume=resume, distributed=distributed)
+    if per_position and run.world > 1:
+        raise HeadscoreError("per-position scores are not reduced across processes; run them in one process")
+    layout = PositionLayout.of(prep.tokenized) if per_position else None
+    pos_acc = pos_counts = None
+    if layout is not None:
+        shape = head_layout(prep.lm.model)
+        pos_acc = TaskAccumulator(prep.tasks, shape.num_layers, shape.num_heads, positions=layout.width)
+        pos_counts = torch.zeros(len(prep.tasks), layout.width, dtype=torch.int64)
+    corrupt = baseline == "corrupt"
     start = time.perf_counter()
     with patch(prep.lm.model, kernel=kernel) as heads, prep.naming_examples():
-        base = None
-        if method in NEEDS_MEAN_BASELINE and run.done < run.total:
-            base = _baseline_tensor(prep, heads, "mean" if baseline is None else baseline, batch_size, progress)
-        for batch in run.batches(prep.batches(batch_size, desc=f"score ({method})", progress=progress)):
-            _, grad = gate_gradients(prep.lm.model, heads, batch, base)
+        static = None
+        if (method in NEEDS_MEAN_BASELINE or baseline is not None) and not corrupt and run.done < run.total:
+            static = _baseline_tensor(prep, heads, "mean" if baseline is None else baseline, batch_size, progress)
+        for batch in run.batches(prep.batches(batch_size, desc=f"score ({name})", progress=progress)):
+            base = _batch_baseline(prep.lm.model, heads, batch, static, corrupt)
+            _, grad = gate_gradients(prep.lm.model, heads, batch, base, metric=metric, per_position=per_position)
+            if layout is not None:
+                pos_acc.add(batch.task_index, score_values(method, layout.to_named(grad, batch)))
+                pos_counts.index_add_(0, batch.task_index.cpu(), layout.present(batch).long().cpu())
+                grad = grad.sum(2)
             acc.add(batch.task_index, score_values(method, grad), batch.example_index)
         run.finish()
-    return prep.result(acc, method, seconds=time.perf_counter() - start, batch_size=batch_size, **run.extra)
+    result = prep.result(acc, name, seconds=time.perf_counter() - start, batch_size=batch_size,
+                         metric=metric.name, baseline=_baseline_name(baseline if name != "atp-mean" else "mean"),
+                         **run.extra)
+    return result if layout is None else _with_positions(result, layout, pos_acc, pos_counts)
 
 
 def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
            baseline: str | torch.Tensor = "zero", mode: str = "prefix", batch_size: int = 8,
-           rows_per_pass: int = 64, max_examples: int | None = None, progress: bool = True) -> HeadScores:
-    """Ablate every head, one at a time, and measure each task's mean loss increase.
+           rows_per_pass: int = 64, max_examples: int | None = None, metric: MetricLike = "nll",
+           per_position: bool = False, progress: bool = True) -> HeadScores:
+    """Ablate (or patch) every head, one at a time, and measure each task's mean change in the metric.
 
     Args:
         baseline: ``zero`` (gate 0), ``mean`` (the head's mean output; one extra forward-only
-            pass) or an explicit [L, H, D] tensor.
+            pass), ``corrupt`` (activation patching: the head's output on the example's corrupted
+            prompt, at every position, replaces its clean output; one extra forward-only pass per
+            batch) or an explicit [L, H, D] tensor.
         mode: ``prefix`` (default: like ``batched``, and the layers below each ablated head run
             once per batch instead of once per head, about half the cost; checked against a full
             pass on the first batch, ``batched`` where that fails), ``batched`` (rows of one
             forward pass carry different gate vectors, up to ``rows_per_pass`` rows) or ``naive``
             (alias ``sequential``: one forward pass per head). All give the same numbers.
+        metric: as in :func:`score` (``nll``, ``logit-diff``, ``prob`` or a callable).
+        per_position: also patch each (head, position) on its own (one row per layer, head and
+            token of the batch: T times the work) into ``position_values`` [T, L, H, P], positions
+            named as in :func:`score`.
 
     Returns:
         HeadScores whose value at (task, l, h) is the mean over the task's examples of
-        loss(head l, h ablated) - loss(clean); method ``ablation-zero`` or ``ablation-mean``;
+        loss(head l, h changed) - loss(clean) under the metric (larger = matters more); method
+        ``ablation-zero``, ``ablation-mean`` or ``ablation-corrupt`` (activation patching);
         ``extra["mode"]`` is the mode that ran; ``example_values`` each example's own changes.
     """
     try:
         mode = check_mode(mode)
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
+    if isinstance(baseline, str) and baseline not in BASELINES:
+        raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
     _check_batch_size(batch_size)
+    metric = resolve_metric(metric)
     prep = prepare(model, examples, max_examples=max_examples)
+    _check_inputs(prep, metric, baseline)
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
+    positions = PositionLayout.of(prep.tokenized) if per_position else None
+    pos_acc = pos_counts = None
+    total = len(prep.examples) * rows.shape[0]
+    if positions is not None:
+        pos_acc = TaskAccumulator(prep.tasks, layout.num_layers, layout.num_heads, positions=positions.width)
+        pos_counts = torch.zeros(len(prep.tasks), positions.width, dtype=torch.int64)
+        lengths = sorted(len(it.ids) for it in prep.tokenized)  # make_batches groups examples by length
+        total += sum(max(lengths[s:s + batch_size]) * len(lengths[s:s + batch_size])
+                     for s in range(0, len(lengths), batch_size)) * rows.shape[0]
+    corrupt = baseline == "corrupt"
     start = time.perf_counter()
     # one forward pass covers a few heads: count (example, head) ablations, not batches
-    bar = tqdm(total=len(prep.examples) * rows.shape[0], desc=f"ablate ({mode})", unit="ablation",
-               disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=f"ablate ({mode})", unit="ablation", disable=not progress, leave=False)
     with patch(prep.lm.model) as heads, bar, prep.naming_examples():
-        base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
+        static = _baseline_tensor(prep, heads, baseline, batch_size, progress)
+        model = prep.lm.model
         for i, batch in enumerate(prep.batches(batch_size, progress=False)):
-            if i == 0 and mode == "prefix" and not prefix_reuse_works(prep.lm.model, heads, batch, base):
+            base = _batch_baseline(model, heads, batch, static, corrupt)
+            if i == 0 and mode == "prefix" and not prefix_reuse_works(model, heads, batch, base, metric):
                 mode = "batched"
-            clean = clean_losses(prep.lm.model, heads, batch)
-            ablated = gated_losses(prep.lm.model, heads, batch, rows, base, mode=mode, max_rows=rows_per_pass,
-                                   on_pass=lambda n, size=batch.size: bar.update(n * size))
-            delta = (ablated - clean[None]).T.reshape(batch.size, layout.num_layers, layout.num_heads)
+            clean = clean_losses(model, heads, batch, metric)
+
+            def changed(gate_rows: torch.Tensor, batch=batch, base=base, mode=mode, clean=clean) -> torch.Tensor:
+                """Each gate row's change of every example's loss: [K, B]."""
+                return gated_losses(model, heads, batch, gate_rows, base, mode=mode, max_rows=rows_per_pass,
+                                    metric=metric, on_pass=lambda n: bar.update(n * batch.size)) - clean[None]
+
+            delta = changed(rows).T.reshape(batch.size, layout.num_layers, layout.num_heads)
             acc.add(batch.task_index, delta, batch.example_index)
-    name = baseline if isinstance(baseline, str) else "custom"
-    return prep.result(acc, f"ablation-{name}", seconds=time.perf_counter() - start, mode=mode,
-                       batch_size=batch_size)
+            if positions is not None:
+                width = batch.input_ids.shape[1]
+                per = torch.stack([changed(position_gates(layer, layout.num_layers, layout.num_heads, width))
+                                   .T.reshape(batch.size, layout.num_heads, width)
+                                   for layer in range(layout.num_layers)], 1)  # [B, L, H, T]
+                pos_acc.add(batch.task_index, positions.to_named(per.transpose(2, 3), batch))
+                pos_counts.index_add_(0, batch.task_index.cpu(), positions.present(batch).long().cpu())
+    result = prep.result(acc, f"ablation-{_baseline_name(baseline)}", seconds=time.perf_counter() - start,
+                         mode=mode, batch_size=batch_size, metric=metric.name)
+    return result if positions is None else _with_positions(result, positions, pos_acc, pos_counts)
 
 
 @dataclass(frozen=True)
@@ -173,13 +289,17 @@ class SetEffect:
 
 def ablate_heads(model: ModelLike, examples: Sequence[Example] | None, heads_to_change: Sequence[tuple[int, int]],
                  *, baseline: str | torch.Tensor = "zero", gate: float = 0.0, batch_size: int = 8,
-                 max_examples: int | None = None, progress: bool = True) -> dict[str, SetEffect]:
-    """Set all listed (layer, head) gates to ``gate`` at once (0 = ablate, >1 = amplify).
+                 max_examples: int | None = None, metric: MetricLike = "nll",
+                 progress: bool = True) -> dict[str, SetEffect]:
+    """Set all listed (layer, head) gates to ``gate`` at once (0 = ablate, >1 = amplify); ``baseline`` and
+    ``metric`` as in :func:`ablate`.
 
-    Returns, per task, the mean loss change over its examples against the unmodified model.
+    Returns, per task, the mean change of the metric's loss over its examples against the unmodified model.
     """
     _check_batch_size(batch_size)
+    metric = resolve_metric(metric)
     prep = prepare(model, examples, max_examples=max_examples)
+    _check_inputs(prep, metric, baseline)
     layout = head_layout(prep.lm.model)
     try:
         row = head_set_gates(list(heads_to_change), layout.num_layers, layout.num_heads, gate)
@@ -188,10 +308,11 @@ def ablate_heads(model: ModelLike, examples: Sequence[Example] | None, heads_to_
     delta_acc = TaskAccumulator(prep.tasks, 1, 1)
     clean_acc = TaskAccumulator(prep.tasks, 1, 1)
     with patch(prep.lm.model) as heads, prep.naming_examples():
-        base = _baseline_tensor(prep, heads, baseline, batch_size, progress)
+        static = _baseline_tensor(prep, heads, baseline, batch_size, progress)
         for batch in prep.batches(batch_size, desc="ablate set", progress=progress):
-            clean = clean_losses(prep.lm.model, heads, batch)
-            changed = gated_losses(prep.lm.model, heads, batch, row, base, mode="naive")[0]
+            base = _batch_baseline(prep.lm.model, heads, batch, static, baseline == "corrupt")
+            clean = clean_losses(prep.lm.model, heads, batch, metric)
+            changed = gated_losses(prep.lm.model, heads, batch, row, base, mode="naive", metric=metric)[0]
             delta_acc.add(batch.task_index, (changed - clean).view(-1, 1, 1))
             clean_acc.add(batch.task_index, clean.view(-1, 1, 1))
     return {t: SetEffect(float(delta_acc.mean[i]), float(delta_acc.stderr[i]), float(clean_acc.mean[i]),

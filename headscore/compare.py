@@ -63,3 +63,57 @@ def compare(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:
     if not common:
         raise HeadscoreError(f"no task in common: {a.tasks} vs {b.tasks}")
     return {t: agreement(a.task(t), b.task(t), k) for t in common}
+
+
+def _common_positions(a: HeadScores, b: HeadScores) -> list[str]:
+    if not (a.has_positions and b.has_positions):
+        raise HeadscoreError("both files need per-position maps (score/ablate with --per-position)")
+    names = [p for p in a.positions if p in b.positions]
+    if not names:
+        raise HeadscoreError(f"no position in common: {a.positions} vs {b.positions}")
+    return names
+
+
+def compare_positions(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:
+    """Agreement per task of two per-position maps over every (layer, head, position) that both files
+    name and where the task has examples with a token in both (top-k over those entries)."""
+    if a.values.shape[1:] != b.values.shape[1:]:
+        raise HeadscoreError(f"cannot compare maps of {a.num_layers}x{a.num_heads} and "
+                             f"{b.num_layers}x{b.num_heads} heads")
+    names = _common_positions(a, b)
+    ia = [a.positions.index(p) for p in names]
+    ib = [b.positions.index(p) for p in names]
+    out = {}
+    for task in (t for t in a.tasks if t in b.tasks):
+        ta, tb = a.tasks.index(task), b.tasks.index(task)
+        present = (a.position_counts[ta, ia] > 0) & (b.position_counts[tb, ib] > 0)
+        cols_a, cols_b = torch.tensor(ia)[present], torch.tensor(ib)[present]
+        out[task] = agreement(a.position_values[ta][..., cols_a], b.position_values[tb][..., cols_b], k)
+    if not out:
+        raise HeadscoreError(f"no task in common: {a.tasks} vs {b.tasks}")
+    return out
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A head where two maps differ most: its values in each and the difference a - b."""
+
+    layer: int
+    head: int
+    a: float
+    b: float
+
+    @property
+    def difference(self) -> float:
+        """a - b."""
+        return self.a - self.b
+
+
+def largest_differences(a: HeadScores, b: HeadScores, task: str, n: int = 5) -> list[Miss]:
+    """The ``n`` heads of ``task`` with the largest |a - b| (e.g. where a first-order estimate misses its
+    ground truth), largest first."""
+    diff = (a.task(task) - b.task(task)).abs().flatten()
+    idx = torch.topk(torch.nan_to_num(diff, nan=-1.0), min(n, diff.numel())).indices
+    heads = a.num_heads
+    return [Miss(int(i) // heads, int(i) % heads, float(a.task(task).flatten()[i]), float(b.task(task).flatten()[i]))
+            for i in idx]

@@ -1,9 +1,24 @@
-"""Per-example loss: mean negative log-likelihood of the target tokens."""
+"""Per-example loss under a metric: target NLL (default), logit difference, probability, or a callable.
+
+Every metric is used as a loss, oriented so that larger = worse for the model; a head's score (and
+its ablation or patching effect) is the metric's loss with the head changed minus the clean one, so
+larger = the head matters more for the metric:
+
+- ``nll``: mean negative log-likelihood of the target tokens; a score is an increase in NLL (nats).
+- ``logit-diff``: ``-(logit[target] - logit[foil])`` for the first tokens of target and foil at the
+  answer position (the last prompt token); a score is the drop in logit difference.
+- ``prob``: ``-p(target)`` of the target's first token at the answer position; a score is the drop
+  in probability.
+- a callable ``metric(logits, batch) -> [B]`` on the full logits [B, T, V] (positions of the padded
+  batch; ``batch.target_mask`` marks target tokens): taken as a loss (larger = worse); wrap a
+  higher-is-better metric as ``Metric("name", fn, higher_is_better=True)``.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +40,86 @@ class NonFiniteLoss(HeadscoreError):
     def named(self, examples: Sequence) -> NonFiniteLoss:
         """The same error, naming the examples by their source (``Example.describe``)."""
         return NonFiniteLoss(self.indices, self.dtype, [examples[i].describe(i) for i in self.indices])
+
+
+METRICS = ("nll", "logit-diff", "prob")
+"""Built-in metric names."""
+
+MetricFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+"""A user's metric: ``fn(logits [B, T, V], batch) -> [B]``."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a run measures per example.
+
+    Attributes:
+        name: a built-in name (:data:`METRICS`) or the user's name for ``fn``.
+        fn: for a user's metric, ``fn(logits [B, T, V], batch) -> [B]`` (None for a built-in).
+        higher_is_better: ``fn`` grows when the model does better (it is then negated into a loss).
+    """
+
+    name: str
+    fn: MetricFn | None = None
+    higher_is_better: bool = False
+
+    @property
+    def needs_foil(self) -> bool:
+        """Whether every example must have a foil."""
+        return self.fn is None and self.name == "logit-diff"
+
+    def describe(self) -> str:
+        """What a positive score means under this metric (for docs, reports and help)."""
+        return {"nll": "increase in target NLL (nats/token)",
+                "logit-diff": "drop in logit difference (target - foil) at the answer position",
+                "prob": "drop in the target's probability at the answer position"}.get(
+            self.name, f"increase in {self.name}" + (" (negated: higher is better)" if self.higher_is_better else ""))
+
+
+NLL = Metric("nll")
+
+
+def resolve_metric(metric: str | Metric | MetricFn | None) -> Metric:
+    """A :class:`Metric` from a built-in name, a Metric, or a callable (a loss); None = ``nll``."""
+    if metric is None:
+        return NLL
+    if isinstance(metric, Metric):
+        if metric.fn is None and metric.name not in METRICS:
+            raise HeadscoreError(f"unknown metric {metric.name!r}; choose one of {', '.join(METRICS)} or pass a "
+                                 "callable")
+        return metric
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise HeadscoreError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)} or pass a callable")
+        return Metric(metric)
+    if callable(metric):
+        return Metric(getattr(metric, "__name__", "custom"), metric)
+    raise HeadscoreError(f"metric must be a name ({', '.join(METRICS)}), a Metric or a callable, got "
+                         f"{type(metric).__name__}")
+
+
+def _builtin_loss(metric: Metric, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                  batch: Batch) -> torch.Tensor:
+    """A built-in metric's loss [B] from the logits at each row's target-predicting positions [B, P, V]
+    (column 0 is the answer position), their labels and mask [B, P]."""
+    if metric.name == "nll":
+        return target_nll(logits, labels, mask)
+    answer = logits[:, 0].to(torch.promote_types(logits.dtype, torch.float32))
+    target = labels[:, 0].to(answer.device)
+    if metric.name == "prob":
+        return -torch.softmax(answer, -1).gather(1, target[:, None]).squeeze(1)
+    if batch.foil_ids is None:
+        raise HeadscoreError("the logit-diff metric needs a foil for every example")
+    rows = torch.arange(answer.shape[0], device=answer.device)
+    return -(answer[rows, target] - answer[rows, batch.foil_ids.to(answer.device)])
+
+
+def _custom_loss(metric: Metric, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    value = metric.fn(logits, batch)
+    if not isinstance(value, torch.Tensor) or value.shape != (batch.size,) or not value.is_floating_point():
+        got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise HeadscoreError(f"metric {metric.name!r} must return a float tensor [B] = [{batch.size}], got {got}")
+    return -value if metric.higher_is_better else value
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -87,16 +182,21 @@ def target_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return tokens - 1, batch.input_ids.gather(1, tokens), mask
 
 
-def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean target NLL of each row of ``batch`` [B] (float32, or float64 for a float64 model).
+def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -> torch.Tensor:
+    """Each row's loss under ``metric`` [B] (default: mean target NLL; float32, or float64 for a float64
+    model); see the module docstring for the metrics.
 
-    Only the logits of the positions that predict target tokens are computed: the hidden states
+    For a built-in metric only the logits of the positions that predict target tokens are computed: the hidden states
     that reach the model's output embedding are gathered to each row's own target positions (a
     forward pre-hook on ``get_output_embeddings()``; anything the family applies to the logits
     afterwards, such as soft-capping, works on any shape). A family whose head does not take them
     that way gets the logits of the span of target positions instead (``logits_to_keep``) and is
-    remembered. Raises HeadscoreError on a non-finite loss.
+    remembered. A user's metric gets the logits of every position. Raises HeadscoreError on a
+    non-finite loss.
     """
+    if metric.fn is not None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return finite_losses(_custom_loss(metric, logits, batch), batch.example_index, logits.dtype)
     start, end = _target_span(batch)
     keep = torch.arange(start, end, device=batch.input_ids.device)
     kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
@@ -120,12 +220,18 @@ def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         finally:
             handle.remove()
         if tuple(logits.shape[:2]) == tuple(positions.shape):
-            return finite_losses(target_nll(logits, labels.to(logits.device), mask.to(logits.device)),
-                                 batch.example_index, logits.dtype)
+            return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device),
+                                               batch), batch.example_index, logits.dtype)
         model._headscore_gather_head = False  # the head saw other inputs: use the span from now on
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                    **kwargs).logits
-    return losses_from_logits(logits, batch, span_only=bool(kwargs))
+    if metric.name == "nll":
+        return losses_from_logits(logits, batch, span_only=bool(kwargs))
+    positions, labels, mask = target_positions(batch)
+    idx = (positions - (start if kwargs else 0)).to(logits.device)
+    logits = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+    return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device), batch),
+                         batch.example_index, logits.dtype)
 
 
 def run_forward(model: torch.nn.Module, batch: Batch) -> None:

@@ -65,9 +65,12 @@ class HeadGates:
     Attributes:
         layout: layers, heads and head dim of the model.
         gates: None (every head passes unchanged) or a float tensor [B, L, H] or [1, L, H];
-            row b gates example row b of the next forward pass. Set it with ``requires_grad``
-            to get dL/dg from ``torch.autograd.grad``.
-        baseline: None (ablation to zero) or [L, H, D], the value a head takes at gate 0.
+            row b gates example row b of the next forward pass; or per position [B, L, T, H]
+            (T = the batch's sequence length). Set it with ``requires_grad`` to get dL/dg from
+            ``torch.autograd.grad``.
+        baseline: None (ablation to zero), [L, H, D] (the value a head takes at gate 0), or per
+            example and position [L, B0, T, H, D] (e.g. the heads' outputs on corrupted prompts);
+            a batch of k * B0 rows (a tiled batch) uses it for each copy.
         observers: callables that see each layer's pre-gate output (forward pass only).
     """
 
@@ -78,9 +81,11 @@ class HeadGates:
     kernel_calls: int = 0
 
     def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A gate tensor [rows, L, H] of ones (the unmodified model); float32 unless ``dtype`` says."""
-        g = torch.ones(rows, self.layout.num_layers, self.layout.num_heads, device=device, dtype=dtype)
+             dtype: torch.dtype = torch.float32, positions: int | None = None) -> torch.Tensor:
+        """A gate tensor [rows, L, H] of ones (the unmodified model), or per position [rows, L, positions, H];
+        float32 unless ``dtype`` says."""
+        middle = () if positions is None else (positions,)
+        g = torch.ones(rows, self.layout.num_layers, *middle, self.layout.num_heads, device=device, dtype=dtype)
         return g.requires_grad_(requires_grad)
 
     @contextlib.contextmanager
@@ -113,6 +118,10 @@ class HeadGates:
         if g.shape[0] not in (1, out.shape[0]):
             raise ValueError(f"gates have {g.shape[0]} rows but the batch has {out.shape[0]}")
         m = None if self.baseline is None else self.baseline[layer_idx]
+        if m is not None and m.dim() == 4 and m.shape[0] != out.shape[0]:
+            if out.shape[0] % m.shape[0]:
+                raise ValueError(f"a per-example baseline of {m.shape[0]} rows for a batch of {out.shape[0]}")
+            m = m.repeat(out.shape[0] // m.shape[0], 1, 1, 1)
         return apply_gate(out, g.to(out.device), None if m is None else m.to(out.device))
 
 

@@ -32,7 +32,7 @@ class Prepared:
     @property
     def data_hash(self) -> str:
         """Hash of the examples."""
-        return data_hash((ex.prompt, ex.target, ex.task) for ex in self.examples)
+        return data_hash(ex.hash_row() for ex in self.examples)
 
     def batches(self, batch_size: int, *, desc: str = "", progress: bool = True) -> Iterator[Batch]:
         """Tokenised batches on the model's device, with a progress bar."""

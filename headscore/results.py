@@ -95,6 +95,29 @@ def _examples_problem(values: torch.Tensor | None, tasks: torch.Tensor | None, s
     return ""
 
 
+def _positions_problem(names: list[str] | None, values: torch.Tensor | None, stderr: torch.Tensor | None,
+                       counts: torch.Tensor | None, shape: tuple[int, ...]) -> str:
+    """Why per-position maps do not fit maps of ``shape`` [T, L, H] ('' when they do or are absent)."""
+    given = [x is not None for x in (names, values, stderr, counts)]
+    if not any(given):
+        return ""
+    if not all(given):
+        return "positions, position_values, position_stderr and position_counts come together"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        return "positions must be distinct strings"
+    want = (*shape, len(names))
+    if tuple(values.shape) != want or not values.is_floating_point():
+        return f"position_values must be float {list(want)}, got {values.dtype} {list(values.shape)}"
+    if stderr.shape != values.shape:
+        return f"position_stderr is {list(stderr.shape)}, position_values {list(values.shape)}"
+    if tuple(counts.shape) != (shape[0], len(names)) or counts.is_floating_point():
+        return f"position_counts must be integers [tasks, positions], got {counts.dtype} {list(counts.shape)}"
+    return ""
+
+
+_POSITION_TENSORS = ("position_values", "position_stderr", "position_counts")
+
+
 @dataclass
 class HeadScores:
     """Importance of every attention head for every task.
@@ -114,6 +137,12 @@ class HeadScores:
         example_values: optional float32 [N, L, H], each example's own value (what ``values``
             averages by task), kept for bootstrap intervals over examples.
         example_tasks: int64 [N], each kept example's row in ``tasks`` (with ``example_values``).
+        positions: for per-position maps, the position names (see :mod:`headscore.positions`:
+            ``end`` = the last prompt token, ``end-1`` the one before, ``end+1`` the first target token).
+        position_values: float64 [T, L, H, P], each head's value at each position (mean over the
+            task's examples; summed over positions it is ``values``).
+        position_stderr: float64 [T, L, H, P], standard errors of ``position_values``.
+        position_counts: int64 [T, P], how many of the task's examples have a token at each position.
     """
 
     values: torch.Tensor
@@ -127,6 +156,10 @@ class HeadScores:
     extra: dict = field(default_factory=dict)
     example_values: torch.Tensor | None = None
     example_tasks: torch.Tensor | None = None
+    positions: list[str] | None = None
+    position_values: torch.Tensor | None = None
+    position_stderr: torch.Tensor | None = None
+    position_counts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.values.dim() != 3:
@@ -135,9 +168,25 @@ class HeadScores:
             raise ValueError("stderr must have the shape of values")
         if len(self.tasks) != self.values.shape[0] or self.counts.shape != (len(self.tasks),):
             raise ValueError("tasks and counts must have one entry per row of values")
-        problem = _examples_problem(self.example_values, self.example_tasks, tuple(self.values.shape))
+        problem = _examples_problem(self.example_values, self.example_tasks, tuple(self.values.shape)) or \
+            _positions_problem(self.positions, self.position_values, self.position_stderr, self.position_counts,
+                               tuple(self.values.shape))
         if problem:
             raise ValueError(problem)
+
+    @property
+    def has_positions(self) -> bool:
+        """Whether per-position maps are present."""
+        return self.positions is not None
+
+    def position_map(self, name: str) -> torch.Tensor:
+        """The [L, H, P] per-position map of one task (HeadscoreError without per-position maps)."""
+        if self.position_values is None:
+            raise HeadscoreError("these scores have no per-position maps (score with per_position=True)")
+        try:
+            return self.position_values[self.tasks.index(name)]
+        except ValueError:
+            raise HeadscoreError(f"no task {name!r}; tasks are {', '.join(self.tasks)}") from None
 
     @property
     def has_examples(self) -> bool:
@@ -178,13 +227,19 @@ class HeadScores:
             new_row[rows] = torch.arange(len(rows))
             keep = new_row[self.example_tasks] >= 0
             ex_values, ex_tasks = self.example_values[keep], new_row[self.example_tasks[keep]]
+        pos = (None,) * 4 if self.positions is None else (
+            list(self.positions), self.position_values[rows], self.position_stderr[rows], self.position_counts[rows])
         return HeadScores(self.values[rows], self.stderr[rows], self.counts[rows], list(tasks), self.method,
-                          self.model, self.data_hash, dict(self.versions), dict(self.extra), ex_values, ex_tasks)
+                          self.model, self.data_hash, dict(self.versions), dict(self.extra), ex_values, ex_tasks,
+                          *pos)
 
     def _metadata(self) -> dict[str, str]:
-        return {"format": f"headscore/{FORMAT_VERSION}", "tasks": json.dumps(self.tasks), "method": self.method,
+        meta = {"format": f"headscore/{FORMAT_VERSION}", "tasks": json.dumps(self.tasks), "method": self.method,
                 "model": self.model, "data_hash": self.data_hash, "versions": json.dumps(self.versions),
                 "extra": json.dumps(self.extra)}
+        if self.positions is not None:
+            meta["positions"] = json.dumps(self.positions)
+        return meta
 
     def save(self, path: str | Path) -> Path:
         """Write everything to one safetensors file (atomically); :meth:`load` reads it back exactly."""
@@ -193,6 +248,9 @@ class HeadScores:
         if self.example_values is not None:
             tensors["example_values"] = self.example_values.contiguous()
             tensors["example_tasks"] = self.example_tasks.contiguous()
+        if self.positions is not None:
+            for key in _POSITION_TENSORS:
+                tensors[key] = getattr(self, key).contiguous()
         return atomic_write(path, save(tensors, metadata=self._metadata()))
 
     @classmethod
@@ -208,7 +266,7 @@ class HeadScores:
                 if missing and meta.get("format", "").startswith("headscore/"):
                     raise HeadscoreError(f"{path}: broken scores file (no tensor {', '.join(missing)})")
                 tensors = {k: fh.get_tensor(k) for k in ("values", "stderr", "counts", "example_values",
-                                                         "example_tasks") if k in fh.keys()}
+                                                         "example_tasks", *_POSITION_TENSORS) if k in fh.keys()}
         except HeadscoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
@@ -223,7 +281,8 @@ class HeadScores:
             return HeadscoreError(f"{path}: broken scores file ({reason})")
 
         fields: dict[str, object] = {}
-        for key, kind, required in (("tasks", list, True), ("versions", dict, False), ("extra", dict, False)):
+        for key, kind, required in (("tasks", list, True), ("versions", dict, False), ("extra", dict, False),
+                                    ("positions", list, False)):
             if key not in meta:
                 if required:
                     raise fail(f"no {key!r} in its metadata")
@@ -253,10 +312,13 @@ class HeadScores:
             raise fail(f"{len(tasks)} task names for {values.shape[0]} rows of values")
         ex_values, ex_tasks = tensors.get("example_values"), tensors.get("example_tasks")
         problem = _examples_problem(ex_values, ex_tasks, tuple(values.shape))
+        names = fields["positions"] if "positions" in meta else None
+        pos = [tensors.get(k) for k in _POSITION_TENSORS]
+        problem = problem or _positions_problem(names, *pos, tuple(values.shape))
         if problem:
             raise fail(problem)
         return cls(values, stderr, counts, tasks, meta["method"], meta["model"], meta.get("data_hash", ""),
-                   fields["versions"], fields["extra"], ex_values, ex_tasks)
+                   fields["versions"], fields["extra"], ex_values, ex_tasks, names, *pos)
 
     def to_rows(self) -> list[dict]:
         """One dict per (task, layer, head): task, layer, head, value, stderr, count."""

@@ -6,6 +6,7 @@ import argparse
 import json
 from collections.abc import Callable
 
+from ..compare import compare_positions, largest_differences
 from ..intervals import agreement_table
 from ..results import HeadScores, atomic_write
 from ..stats import format_interval
@@ -20,6 +21,9 @@ def register(sub) -> dict[str, Callable]:
     c.add_argument("b")
     c.add_argument("--k", type=at_least(1), default=10, help="top-k size (default 10)")
     c.add_argument("--json", default=None, help="also write the table as JSON")
+    c.add_argument("--misses", type=at_least(0), default=0, metavar="N",
+                   help="also list, per task, the N heads where A and B differ most (e.g. where a first-order "
+                        "estimate misses real ablation)")
     add_interval_args(c)
     return {"compare": cmd_compare}
 
@@ -42,5 +46,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
     for task, row in table.items():
         print(f"{printable(task):<28} {format_interval(row['spearman'], row.get('spearman_ci')):>24} "
               f"{row['kendall']:>8.3f} {format_interval(row['topk_overlap'], row.get('topk_overlap_ci'), '.2f'):>18}")
+    metrics = {s.extra.get("metric", "nll") for s in (a, b)}
+    if len(metrics) > 1:
+        print(f"note: the files measure different metrics ({' vs '.join(sorted(metrics))})")
+    doc: dict = table
+    if a.has_positions and b.has_positions:
+        positions = compare_positions(a, b, args.k)
+        print(f"per (head, position): {'task':<28} {'spearman':>8} {'kendall':>8} {'top-' + str(args.k):>7}")
+        for task, agree in positions.items():
+            print(f"{'':<22}{printable(task):<28} {agree.spearman:>8.3f} {agree.kendall:>8.3f} "
+                  f"{agree.topk_overlap:>7.2f}")
+        doc = {**table, "_positions": {t: g.as_dict() for t, g in positions.items()}}
+    if args.misses:
+        print("largest |A - B| (layer.head: A, B)")
+        for task in table:
+            misses = largest_differences(a, b, task, args.misses)
+            print(f"  {printable(task)}: " + ", ".join(f"{m.layer}.{m.head}: {m.a:+.3g}, {m.b:+.3g}" for m in misses))
     if args.json:
-        atomic_write(args.json, json.dumps(table, indent=1).encode())
+        atomic_write(args.json, json.dumps(doc, indent=1).encode())

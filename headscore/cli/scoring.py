@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -15,11 +16,38 @@ from ..checkpoint import checkpoint_path
 from ..data.examples import limit_per_task
 from ..distributed import env_world_size, init
 from ..errors import HeadscoreError
+from ..loss import METRICS
 from ..methods.ablation import ABLATION_MODES
 from ..methods.probe import probe_scores
 from ..results import atomic_write
 from ..text import printable
 from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks, save_scores
+
+METRIC_HELP = ("what the loss is: nll (default: target NLL), logit-diff (logit of the target's first token minus "
+               "the foil's at the answer position; needs 'foil' in every example), prob (the target's probability); "
+               "larger scores = the head matters more for it")
+POSITION_HELP = ("also keep each token's share of every head's score: positions named from the end of each prompt "
+                 "(end = last prompt token, end-1, ..., end+1 = first target token)")
+
+
+def _add_counterfactual_args(parser: argparse.ArgumentParser, baseline_default: str | None) -> None:
+    parser.add_argument("--baseline", default=baseline_default, choices=BASELINES,
+                        help="what a head is compared against: zero, mean (its mean output) or corrupt (its output on "
+                             "each example's 'corrupt' prompt, per position: attribution / activation patching)"
+                             + ("" if baseline_default else "; default zero (mean for atp-mean)"))
+    parser.add_argument("--metric", default="nll", choices=METRICS, help=METRIC_HELP)
+    parser.add_argument("--per-position", action="store_true", help=POSITION_HELP)
+
+
+def _announce_alignment(examples, args: argparse.Namespace, tokenizer) -> None:
+    """One line on how per-position maps line up prompts of different token lengths (stderr)."""
+    if not args.per_position:
+        return
+    lengths = {len(tokenizer(ex.prompt)["input_ids"]) for ex in limit_per_task(examples, args.max_examples)}
+    if len(lengths) > 1:
+        print(f"per-position: prompts of {min(lengths)} to {max(lengths)} tokens are aligned at their last token "
+              "('end'); a task's value at a position averages over all its examples, 0 for one without a token "
+              "there (position_counts says how many have one)", file=sys.stderr)
 
 
 def register(sub) -> dict[str, Callable]:
@@ -28,6 +56,7 @@ def register(sub) -> dict[str, Callable]:
     add_model_args(s)
     s.add_argument("--method", default="taylor", choices=[*METHODS, "probe"],
                    help="gradient scorer, or 'probe' (the CogQA study's probe; needs 2+ tasks)")
+    _add_counterfactual_args(s, None)
     s.add_argument("--out", required=True, help="output scores file (.hs)")
     s.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
     s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
@@ -42,7 +71,7 @@ def register(sub) -> dict[str, Callable]:
 
     a = sub.add_parser("ablate", help="ground truth: the loss increase when each head (or a set) is ablated")
     add_model_args(a)
-    a.add_argument("--baseline", default="zero", choices=BASELINES)
+    _add_counterfactual_args(a, "zero")
     a.add_argument("--mode", default="prefix", choices=list(ABLATION_MODES),
                    help="prefix (default): layers below an ablated head run once per batch, about half the cost "
                         "of batched; batched: one pass carries many ablations; naive (= sequential): one pass per "
@@ -92,6 +121,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     uses_checkpoint = args.checkpoint or args.checkpoint_every or args.resume
     if args.method == "probe" and (uses_checkpoint or _wants_distributed(args)):
         raise HeadscoreError("--method probe supports neither --distributed nor checkpoints")
+    if args.method == "probe" and (args.baseline or args.metric != "nll" or args.per_position):
+        raise HeadscoreError("--method probe takes no --baseline, --metric or --per-position")
+    if args.per_position and (uses_checkpoint or _wants_distributed(args)):
+        raise HeadscoreError("--per-position supports neither --distributed nor checkpoints")
     if uses_checkpoint and not args.checkpoint:
         args.checkpoint = f"{args.out}.ckpt"
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export),
@@ -107,7 +140,9 @@ def cmd_score(args: argparse.Namespace) -> None:
               f"(chance {result.extra['chance_accuracy']:.3f})")
         save_scores(result, args.out, args.export)
         return
+    _announce_alignment(examples, args, lm.tokenizer)
     result = score(lm, examples, method=args.method, batch_size=args.batch_size, max_examples=args.max_examples,
+                   baseline=args.baseline, metric=args.metric, per_position=args.per_position,
                    progress=progress and rank == 0, kernel=kernel, checkpoint=args.checkpoint,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=world > 1)
     if rank == 0:
@@ -134,11 +169,13 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     heads = parse_heads(args.heads) if args.heads else None
     if heads is not None and args.export:
         raise HeadscoreError("--export needs the per-head map; with --heads, --out writes the table as JSON")
+    if heads is not None and args.per_position:
+        raise HeadscoreError("--per-position patches each head on its own; it does not go with --heads")
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export)])
     lm, examples = load_model_and_tasks(args)
     progress = not args.no_progress
     if heads is not None:
-        effects = ablate_heads(lm, examples, heads, baseline=args.baseline, gate=args.gate,
+        effects = ablate_heads(lm, examples, heads, baseline=args.baseline, gate=args.gate, metric=args.metric,
                                batch_size=args.batch_size, max_examples=args.max_examples, progress=progress)
         print(f"{'task':<28} {'n':>4} {'clean loss':>11} {'change':>10} {'stderr':>9}")
         for task, eff in effects.items():
@@ -147,7 +184,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         if args.out:
             atomic_write(args.out, json.dumps({t: vars(e) for t, e in effects.items()}, indent=1).encode())
         return
+    _announce_alignment(examples, args, lm.tokenizer)
     result = ablate(lm, examples, baseline=args.baseline, mode=args.mode, batch_size=args.batch_size,
-                    rows_per_pass=args.rows_per_pass, max_examples=args.max_examples, progress=progress)
+                    rows_per_pass=args.rows_per_pass, max_examples=args.max_examples, metric=args.metric,
+                    per_position=args.per_position, progress=progress)
     save_scores(result, args.out, args.export)
 

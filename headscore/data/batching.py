@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -14,12 +14,23 @@ from .examples import Example
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Token ids of prompt + target; the last ``num_target`` ids are the target."""
+    """Token ids of prompt + target; the last ``num_target`` ids are the target.
+
+    ``corrupt_ids`` (when the example has a corrupted prompt) are the corrupted prompt's ids + the same
+    target ids, as long as ``ids``; ``foil_id`` is the first token of the example's foil (else None).
+    """
 
     ids: tuple[int, ...]
     num_target: int
     task_index: int
     index: int
+    corrupt_ids: tuple[int, ...] | None = None
+    foil_id: int | None = None
+
+    @property
+    def prompt_length(self) -> int:
+        """Number of prompt tokens."""
+        return len(self.ids) - self.num_target
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,9 @@ class Batch:
         target_mask: [B, T] True where the token is a target token (predicted from position t-1).
         task_index: [B] index of each row's task in the run's task list.
         example_index: [B] position of each row's example in the input list.
+        corrupt_ids: [B, T] the corrupted prompts + targets, padded like ``input_ids`` (None unless
+            every example of the batch has a corrupted prompt).
+        foil_ids: [B] first token of each row's foil (None unless every example has a foil).
     """
 
     input_ids: torch.Tensor
@@ -39,32 +53,50 @@ class Batch:
     target_mask: torch.Tensor
     task_index: torch.Tensor
     example_index: torch.Tensor
+    corrupt_ids: torch.Tensor | None = None
+    foil_ids: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         """Number of rows."""
         return int(self.input_ids.shape[0])
 
+    def _map(self, fn) -> Batch:
+        """The batch with ``fn`` applied to each of its tensors."""
+        changed = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            changed[f.name] = None if t is None else fn(t)
+        return replace(self, **changed)
+
     def to(self, device: torch.device | str) -> Batch:
         """The batch on ``device``."""
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.target_mask,
-                                               self.task_index, self.example_index)))
+        return self._map(lambda t: t.to(device))
 
     def tile(self, copies: int) -> Batch:
         """The batch repeated ``copies`` times: row ``c * B + b`` is row ``b`` of copy ``c``."""
-        def rep(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat(copies, *([1] * (t.dim() - 1)))
-        return replace(self, input_ids=rep(self.input_ids), attention_mask=rep(self.attention_mask),
-                       target_mask=rep(self.target_mask), task_index=rep(self.task_index),
-                       example_index=rep(self.example_index))
+        return self._map(lambda t: t.repeat(copies, *([1] * (t.dim() - 1))))
+
+    @property
+    def prompt_lengths(self) -> torch.Tensor:
+        """[B] number of prompt tokens of each row (the tokens before its first target token)."""
+        return self.target_mask.int().argmax(1)
+
+    def corrupted(self) -> Batch:
+        """The same batch with the corrupted prompts as its input (ValueError if it has none)."""
+        if self.corrupt_ids is None:
+            raise ValueError("the batch has no corrupted prompts")
+        return replace(self, input_ids=self.corrupt_ids)
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[str], *,
                       max_length: int | None = None) -> list[TokenizedExample]:
-    """Tokenise each prompt (with the tokenizer's special tokens) and target (without) and join them.
+    """Tokenise each prompt (with the tokenizer's special tokens) and target (without) and join them;
+    likewise an example's corrupted prompt (with the same target), and the first token of its foil.
 
-    Raises HeadscoreError for a target that tokenises to nothing or a sequence longer than
-    ``max_length`` (the model's context).
+    Raises HeadscoreError for a target that tokenises to nothing, a sequence longer than
+    ``max_length`` (the model's context), a corrupted prompt of another token length than the
+    prompt, or a foil whose first token is the target's.
     """
     task_of = {t: i for i, t in enumerate(tasks)}
     out = []
@@ -79,7 +111,22 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
         ids = tuple(prompt) + tuple(target)
         if max_length is not None and len(ids) > max_length:
             raise HeadscoreError(f"{where} has {len(ids)} tokens; the model allows {max_length}")
-        out.append(TokenizedExample(ids, len(target), task_of[ex.task], i))
+        corrupt = foil = None
+        if ex.corrupt is not None:
+            corrupt_prompt = tokenizer(ex.corrupt, add_special_tokens=True)["input_ids"]
+            if len(corrupt_prompt) != len(prompt):
+                raise HeadscoreError(f"{where}: the corrupted prompt has {len(corrupt_prompt)} tokens, the prompt "
+                                     f"{len(prompt)}; they must have the same length")
+            corrupt = tuple(corrupt_prompt) + tuple(target)
+        if ex.foil is not None:
+            foil_tokens = tokenizer(ex.foil, add_special_tokens=False)["input_ids"]
+            if not foil_tokens:
+                raise HeadscoreError(f"{where}: foil {ex.foil!r} has no tokens")
+            if foil_tokens[0] == target[0]:
+                raise HeadscoreError(f"{where}: foil {ex.foil!r} starts with the same token as the target "
+                                     f"{ex.target!r}; a logit difference between them is always 0")
+            foil = foil_tokens[0]
+        out.append(TokenizedExample(ids, len(target), task_of[ex.task], i, corrupt, foil))
     return out
 
 
@@ -89,13 +136,17 @@ def collate(items: Sequence[TokenizedExample], pad_id: int) -> Batch:
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), width), dtype=torch.long)
     tmask = torch.zeros((len(items), width), dtype=torch.bool)
+    corrupt = ids.clone() if all(it.corrupt_ids is not None for it in items) else None
     for r, it in enumerate(items):
         n = len(it.ids)
         ids[r, :n] = torch.tensor(it.ids)
         attn[r, :n] = 1
         tmask[r, n - it.num_target:n] = True
+        if corrupt is not None:
+            corrupt[r, :n] = torch.tensor(it.corrupt_ids)
+    foils = torch.tensor([it.foil_id for it in items]) if all(it.foil_id is not None for it in items) else None
     return Batch(ids, attn, tmask, torch.tensor([it.task_index for it in items]),
-                 torch.tensor([it.index for it in items]))
+                 torch.tensor([it.index for it in items]), corrupt, foils)
 
 
 def make_batches(items: Sequence[TokenizedExample], batch_size: int, pad_id: int) -> Iterator[Batch]:

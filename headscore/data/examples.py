@@ -1,4 +1,4 @@
-"""Task examples: (prompt, target, task), and the JSONL loader."""
+"""Task examples: (prompt, target, task), optionally a corrupted prompt and a foil, and the JSONL loader."""
 
 from __future__ import annotations
 
@@ -12,19 +12,29 @@ from ..errors import HeadscoreError
 from .text_files import read_utf8
 
 REQUIRED_FIELDS = ("prompt", "target", "task")
+OPTIONAL_FIELDS = ("corrupt", "foil")
+"""JSONL fields an example may have beyond :data:`REQUIRED_FIELDS` (strings when present)."""
 
 
 @dataclass(frozen=True)
 class Example:
-    """One scored example: the loss is the mean NLL of ``target``'s tokens given ``prompt``.
+    """One scored example: by default the loss is the mean NLL of ``target``'s tokens given ``prompt``.
 
-    ``where`` (keyword only, optional) says where the example came from, e.g. ``tasks.jsonl:12``;
-    errors about the example name it. It takes no part in equality or the data hash.
+    Keyword-only, optional:
+
+    - ``corrupt``: a corrupted version of the prompt with the same number of tokens (e.g. other
+      names), whose head outputs are the baseline of ``baseline="corrupt"`` (attribution patching
+      and activation patching);
+    - ``foil``: a wrong answer, for contrastive metrics (``metric="logit-diff"``);
+    - ``where`` says where the example came from, e.g. ``tasks.jsonl:12``; errors about the example
+      name it. It takes no part in equality or the data hash.
     """
 
     prompt: str
     target: str
     task: str
+    corrupt: str | None = field(default=None, kw_only=True)
+    foil: str | None = field(default=None, kw_only=True)
     where: str | None = field(default=None, kw_only=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -32,6 +42,18 @@ class Example:
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise HeadscoreError(f"Example {name} must be a string, got {type(value).__name__} {value!r:.40}")
+        for name in OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise HeadscoreError(f"Example {name} must be a string or None, got {type(value).__name__} "
+                                     f"{value!r:.40}")
+
+    def hash_row(self) -> tuple[str, ...]:
+        """What the data hash covers: prompt, target and task, and corrupt and foil where given."""
+        row = (self.prompt, self.target, self.task)
+        if self.corrupt is None and self.foil is None:
+            return row  # the hash of a plain example is what it was before these fields existed
+        return (*row, self.corrupt or "", self.foil or "")
 
     def describe(self, index: int) -> str:
         """How errors name this example: its source location, else its position in the input."""
@@ -51,6 +73,8 @@ def validate_examples(examples: Sequence[Example], *, source: str = "examples") 
             raise HeadscoreError(f"{where}: empty target")
         if not ex.task.strip():
             raise HeadscoreError(f"{where}: empty task")
+        if ex.foil is not None and ex.foil.strip() == ex.target.strip():
+            raise HeadscoreError(f"{where}: foil {ex.foil!r} equals the target")
     return examples
 
 
@@ -65,7 +89,8 @@ def _example_from_record(record: object, where: str) -> Example:
     missing = [k for k in REQUIRED_FIELDS if k not in record]
     if missing:
         raise HeadscoreError(f"{where}: missing field(s) {', '.join(missing)}")
-    values = {k: record[k] for k in REQUIRED_FIELDS}
+    values = {k: record[k] for k in REQUIRED_FIELDS if k in record}
+    values.update({k: record[k] for k in OPTIONAL_FIELDS if record.get(k) is not None})  # null = absent
     for k, v in values.items():
         if not isinstance(v, str):
             raise HeadscoreError(f"{where}: field {k!r} must be a string, got {type(v).__name__}")
@@ -73,11 +98,15 @@ def _example_from_record(record: object, where: str) -> Example:
         raise HeadscoreError(f"{where}: empty target")
     if not values["task"].strip():
         raise HeadscoreError(f"{where}: empty task")
+    if "foil" in values and values["foil"].strip() == values["target"].strip():
+        raise HeadscoreError(f"{where}: foil {values['foil']!r} equals the target")
     return Example(**values, where=where)
 
 
 def load_jsonl(path: str | Path) -> list[Example]:
-    """Read examples from a JSON Lines file: one ``{"prompt", "target", "task"}`` object per line.
+    """Read examples from a JSON Lines file: one ``{"prompt", "target", "task"}`` object per line,
+    optionally with ``"corrupt"`` (a corrupted prompt of the same token length) and ``"foil"``
+    (a wrong answer).
 
     The file must be UTF-8 (a byte-order mark is allowed). Blank lines are skipped. Errors
     name the file and line number, and so do later errors about an example (``Example.where``).
@@ -102,7 +131,9 @@ def save_jsonl(examples: Iterable[Example], path: str | Path) -> None:
     """Write examples as JSON Lines (the format :func:`load_jsonl` reads)."""
     with Path(path).open("w", encoding="utf-8") as fh:
         for ex in examples:
-            fh.write(json.dumps({"prompt": ex.prompt, "target": ex.target, "task": ex.task}) + "\n")
+            record = {"prompt": ex.prompt, "target": ex.target, "task": ex.task}
+            record.update({k: getattr(ex, k) for k in OPTIONAL_FIELDS if getattr(ex, k) is not None})
+            fh.write(json.dumps(record) + "\n")
 
 
 def limit_per_task(examples: Sequence[Example], max_examples: int | None) -> list[Example]:

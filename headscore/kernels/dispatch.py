@@ -52,6 +52,7 @@ def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         module, query, key, value, attention_mask, dropout, scaling, kwargs: the arguments transformers
             passes an attention function (query [B, H, T, D], key/value [B, Hkv, S, D]).
         gates: the patch's gates [B or 1, L, H] (None: all ones); baseline: [L, H, D] or None.
+            Per-position gates [B, L, T, H] and per-token baselines [L, B, T, H, D] are not served.
         wanted: the caller's ``kernel`` choice (None: wherever :func:`kernel_available`).
         observed: observers want the pre-gate output, which the kernel does not produce.
     """
@@ -60,6 +61,8 @@ def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if not wanted or observed or dropout or kwargs.get("softcap") or kwargs.get("sliding_window"):
         return None
     if query.dtype not in _DTYPES:
+        return None
+    if (gates is not None and gates.dim() != 3) or (baseline is not None and baseline.dim() != 3):
         return None
     layer = getattr(module, "layer_idx", None)
     if layer is None or not (getattr(module, "is_causal", True) and query.shape[2] > 1):

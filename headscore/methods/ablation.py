@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..data.batching import Batch
-from ..loss import example_losses
+from ..loss import NLL, Metric, example_losses
 from ..patch import HeadGates
 from .prefix import PrefixReplay, decoder_layers
 
@@ -48,6 +48,17 @@ def head_set_gates(heads_to_change: list[tuple[int, int]], num_layers: int, num_
     return row
 
 
+def position_gates(layer: int, num_layers: int, num_heads: int, positions: int, value: float = 0.0) -> torch.Tensor:
+    """Per-position gate rows [H * T, L, T, H] for one layer: row h * T + t is all ones except ``value`` at
+    (``layer``, t, h), i.e. head h changed at token t only."""
+    n = num_heads * positions
+    rows = torch.ones(n, num_layers, positions, num_heads, dtype=torch.float32)
+    h = torch.arange(n) // positions
+    t = torch.arange(n) % positions
+    rows[torch.arange(n), layer, t, h] = value
+    return rows
+
+
 def check_mode(mode: str) -> str:
     """The canonical name of an ablation mode (``sequential`` -> ``naive``); ValueError for an unknown one."""
     if mode not in ABLATION_MODES:
@@ -56,8 +67,9 @@ def check_mode(mode: str) -> str:
 
 
 def first_changed_layer(gate_rows: torch.Tensor) -> torch.Tensor:
-    """[K] for gate rows [K, L, H]: the first layer with a gate other than 1 (L for a row that changes none)."""
-    changed = (gate_rows != 1).any(-1)
+    """[K] for gate rows [K, L, H] (or per position [K, L, T, H]): the first layer with a gate other than 1
+    (L for a row that changes none)."""
+    changed = (gate_rows != 1).flatten(2).any(-1)
     num_layers = gate_rows.shape[1]
     first = torch.where(changed, torch.arange(num_layers), num_layers)
     return first.min(-1).values
@@ -82,8 +94,10 @@ def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool) -> list[tuple[
 @torch.no_grad()
 def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_rows: torch.Tensor,
                  baseline: torch.Tensor | None = None, *, mode: str = "prefix",
-                 max_rows: int = 64, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Loss of every example under every gate row: [K, B] for ``gate_rows`` [K, L, H].
+                 max_rows: int = 64, on_pass: Callable[[int], None] | None = None,
+                 metric: Metric = NLL) -> torch.Tensor:
+    """Loss of every example under every gate row: [K, B] for ``gate_rows`` [K, L, H] (or per position
+    [K, L, T, H]); ``baseline`` [L, H, D] or per example [L, B, T, H, D]; the loss is ``metric``'s.
 
     ``batched`` and ``prefix`` pack as many (gate row, example) pairs into one forward pass as
     ``max_rows`` allows; ``prefix`` also skips the layers below each pass's first changed gate
@@ -102,7 +116,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
         if layers is not None:
             replay = PrefixReplay(layers)
             with replay.recording(), heads.using(torch.ones_like(gate_rows[:1]), baseline):
-                example_losses(model, batch)
+                example_losses(model, batch, metric)
     per_pass = 1 if mode == "naive" else max(1, max_rows // b)
     out = torch.empty(k, b, dtype=torch.float64)
     for idx, depth in _passes(gate_rows, per_pass, replay is not None):
@@ -110,7 +124,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
         rows = batch.tile(n) if n > 1 else batch
         skip = replay.skipping(depth, n) if replay is not None else contextlib.nullcontext()
         with skip, heads.using(gate_rows[idx.to(gate_rows.device)].repeat_interleave(b, 0), baseline):
-            out[idx] = example_losses(model, rows).view(n, b).cpu().double()
+            out[idx] = example_losses(model, rows, metric).view(n, b).cpu().double()
         if on_pass is not None:
             on_pass(n)
     return out
@@ -118,7 +132,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
 
 @torch.no_grad()
 def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
-                       baseline: torch.Tensor | None = None) -> bool:
+                       baseline: torch.Tensor | None = None, metric: Metric = NLL) -> bool:
     """Whether ``prefix`` mode reproduces a full forward pass on this model: the loss of one row that
     changes a head of the last layer (every layer below replayed), against the same row run in full.
 
@@ -133,12 +147,12 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
     row = torch.ones(1, layout.num_layers, layout.num_heads, dtype=torch.float64)
     row[0, -1, 0] = 0.0
     try:
-        replayed = gated_losses(model, heads, batch, row, baseline, mode="prefix")
+        replayed = gated_losses(model, heads, batch, row, baseline, mode="prefix", metric=metric)
     except Exception as exc:  # noqa: BLE001 - any failure of the replay means: do not use it
         warnings.warn(f"{type(model).__name__}: prefix reuse failed ({exc}); ablation runs in batched mode",
                       stacklevel=2)
         return False
-    full = gated_losses(model, heads, batch, row, baseline, mode="batched")
+    full = gated_losses(model, heads, batch, row, baseline, mode="batched", metric=metric)
     dtype = next(model.parameters()).dtype
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
     if torch.allclose(replayed, full, rtol=tol, atol=tol):
@@ -150,7 +164,7 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
 
 
 @torch.no_grad()
-def clean_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch) -> torch.Tensor:
+def clean_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, metric: Metric = NLL) -> torch.Tensor:
     """Loss of every example with all heads on: [B]."""
     with heads.using(None, None):
-        return example_losses(model, batch).cpu().double()
+        return example_losses(model, batch, metric).cpu().double()

@@ -1,4 +1,5 @@
-"""Each head's mean output (the baseline of mean ablation), from one forward-only pass."""
+"""Baselines a head takes at gate 0: its mean output (mean ablation), or its output on the corrupted
+prompt (activation patching), each from one forward-only pass."""
 
 from __future__ import annotations
 
@@ -31,3 +32,25 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
             tokens += int(mask.sum())
             run_forward(model, batch)
     return (sums / max(tokens, 1)).to(torch.float32)
+
+
+@torch.no_grad()
+def corrupt_head_outputs(model: torch.nn.Module, heads: HeadGates, batch: Batch) -> torch.Tensor:
+    """Every head's output on the batch's corrupted prompts, per example and position: [L, B, T, H, D]
+    in the model's dtype (the per-token baseline of ``baseline="corrupt"``; one forward-only pass).
+
+    The corrupted sequences have the clean ones' lengths, so position t of row b lines up with the
+    clean run's. Raises ValueError for a batch without corrupted prompts.
+    """
+    corrupted = batch.corrupted()
+    outputs: list[torch.Tensor | None] = [None] * heads.layout.num_layers
+
+    def observe(layer: int, out: torch.Tensor) -> None:
+        outputs[layer] = out.detach().clone()
+
+    with heads.observing(observe), heads.using(None, None):
+        run_forward(model, corrupted)
+    missing = [i for i, o in enumerate(outputs) if o is None]
+    if missing:
+        raise ValueError(f"no attention output seen for layer(s) {missing[:5]} on the corrupted run")
+    return torch.stack(outputs)

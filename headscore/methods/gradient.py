@@ -5,6 +5,10 @@
 - ``fisher``: (dL/dg)^2 (Kwon et al. 2022);
 - ``atp-mean``: -dL/dg with the head's mean output as the baseline (attribution patching
   against mean ablation).
+
+With the heads' outputs on a corrupted prompt as the baseline (per example and position), -dL/dg
+is attribution patching (AtP) against activation patching. L is the per-example loss of a metric
+(:mod:`headscore.loss`); with ``per_position`` the gradient keeps each token's term.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..data.batching import Batch
-from ..loss import example_losses
+from ..loss import NLL, Metric, example_losses
 from ..patch import HeadGates
 
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -28,17 +32,22 @@ NEEDS_MEAN_BASELINE = frozenset({"atp-mean"})
 
 
 def gate_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
-                   baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example loss [B] and gate gradient dL_b/dg[b, l, h] [B, L, H] for one batch.
+                   baseline: torch.Tensor | None = None, *, metric: Metric = NLL,
+                   per_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example loss [B] and gate gradient dL_b/dg[b, l, h] [B, L, H] for one batch (with
+    ``per_position``, each token's term: [B, L, T, H], which sums over T to the former).
 
-    The model must be patched (``heads`` from :func:`headscore.patch`); the backward pass
-    reaches only the gates, so no weight gradients are computed.
+    ``baseline`` is [L, H, D] or per example and position [L, B, T, H, D]. The model must be patched
+    (``heads`` from :func:`headscore.patch`); the backward pass reaches only the gates, so no
+    weight gradients are computed.
     """
     # float32 gates (float64 for a float64 model): the gradient is reduced in that precision.
     dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
-    gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True, dtype=dtype)
+    positions = batch.input_ids.shape[1] if per_position else None
+    gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True, dtype=dtype,
+                       positions=positions)
     with heads.using(gates, baseline):
-        loss = example_losses(model, batch)
+        loss = example_losses(model, batch, metric)
     (grad,) = torch.autograd.grad(loss.sum(), gates)
     return loss.detach(), grad
 

@@ -3,6 +3,7 @@
 * :func:`heatmap_grid`: one [layer x head] heatmap per task on a shared colour scale, with one colour bar
   labelled "Heads Importance" (the layout of the CogQA "Cognitive Mirrors" figure), as PNG and PDF.
 * :func:`scatter_vs_ablation`: per task, score against measured ablation loss increase, with Spearman's rho.
+* :func:`position_heatmaps`: for per-position scores, each task's top heads against token positions.
 * :func:`markdown_summary`: top-k heads per task and the agreement with ablation, as Markdown.
 * :func:`write_report`: all of the above into one folder.
 
@@ -29,13 +30,15 @@ from ..results import atomic_write
 from .heatmaps import COLORBAR_LABEL, heatmap_grid
 from .inputs import ablation_values
 from .layout import grid_shape
+from .positions import position_heatmaps
 from .scatter import scatter_vs_ablation
 from .summary import markdown_summary
 
 __all__ = ["COLORBAR_LABEL", "REPORT_FILES", "grid_shape", "heatmap_grid", "html_page", "markdown_summary",
-           "scatter_vs_ablation", "write_report"]
+           "position_heatmaps", "scatter_vs_ablation", "write_report"]
 
-REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "summary.md", "index.html")
+REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "positions.png", "positions.pdf",
+                "summary.md", "index.html")
 """The files :func:`write_report` may write into its directory."""
 
 
@@ -45,7 +48,8 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
     """Write a full report into ``out_dir`` (created if needed).
 
     Files: ``heatmaps.png`` / ``heatmaps.pdf`` (:func:`heatmap_grid`), ``scatter.png`` / ``scatter.pdf``
-    when ``ablation`` is given (:func:`scatter_vs_ablation`), ``summary.md`` (:func:`markdown_summary`,
+    when ``ablation`` is given (:func:`scatter_vs_ablation`), ``positions.png`` / ``positions.pdf`` when the
+    scores have per-position maps (:func:`position_heatmaps`), ``summary.md`` (:func:`markdown_summary`,
     linking the heatmap image, and the scatter when drawn) and ``index.html`` (:func:`html_page`: the
     interactive page, self-contained, with the agreement with ``ablation`` and, as ``other_comparison``,
     with another scores file called ``other_name``).
@@ -66,6 +70,9 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
     if ablation is not None:
         paths["scatter_png"], paths["scatter_pdf"] = scatter_vs_ablation(scores, ablation, out / "scatter")
         images.append("scatter.png")
+    if getattr(scores, "positions", None) is not None:
+        paths["positions_png"], paths["positions_pdf"] = position_heatmaps(scores, out / "positions", k=k)
+        images.append("positions.png")
     text = markdown_summary(scores, k=k, ablation=ablation, comparison=comparison, images=images)
     paths["summary"] = atomic_write(out / "summary.md", text.encode("utf-8"))
     from .html import html_page  # Bokeh takes about 0.6 s to import: only when a page is written

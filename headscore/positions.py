@@ -1,0 +1,76 @@
+"""Named token positions for per-position maps: each token aligned from the end of its prompt.
+
+A per-position map keeps, for every head, the term of each token t of the gate gradient,
+``<O_t - m_t, dY_t>``, instead of only its sum. Examples of one run may have prompts and targets of
+different lengths, so positions are named relative to the last prompt token (the answer position):
+``end`` is the last prompt token, ``end-1`` the one before, ``end+1`` the first target token, and
+so on. The last target token is left out (its output changes no prediction). An example has no
+token at a position beyond its own prompt or target: its term there is 0 (nothing was there), and
+a task's map there is the mean over all its examples of those terms, so summed over positions a
+map equals the head's ordinary score. :attr:`PositionLayout.names` lists the positions of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .data.batching import Batch, TokenizedExample
+
+
+def position_name(offset: int) -> str:
+    """``end`` for 0, ``end-3`` for -3, ``end+1`` for 1."""
+    return "end" if offset == 0 else f"end{offset:+d}"
+
+
+@dataclass(frozen=True)
+class PositionLayout:
+    """The named positions of a run: ``before`` prompt tokens before the last, ``after`` target tokens after it.
+
+    Column ``c`` of a per-position map is offset ``c - before`` from the last prompt token.
+    """
+
+    before: int
+    after: int
+
+    @classmethod
+    def of(cls, items: Sequence[TokenizedExample]) -> PositionLayout:
+        """The layout covering every example's prompt and every target token but the last."""
+        return cls(max(it.prompt_length - 1 for it in items), max(it.num_target - 1 for it in items))
+
+    @property
+    def width(self) -> int:
+        """Number of named positions (P)."""
+        return self.before + 1 + self.after
+
+    @property
+    def names(self) -> list[str]:
+        """Position names, column by column."""
+        return [position_name(c - self.before) for c in range(self.width)]
+
+    def columns(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each row and batch position, its column (``index`` [B, T]) and whether it is a named
+        position of that row (``valid`` [B, T]: a prompt token or a target token but the last)."""
+        t = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+        prompt = batch.prompt_lengths[:, None]
+        length = batch.attention_mask.sum(1, keepdim=True)
+        offset = t[None] - (prompt - 1)
+        valid = (t[None] < length - 1) & (offset >= -self.before) & (offset <= self.after)
+        return (offset + self.before).clamp(0, self.width - 1), valid
+
+    def to_named(self, values: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-position values in batch positions [B, L, T, H] -> named positions [B, L, H, P] (0 where a
+        row has no token)."""
+        index, valid = self.columns(batch)
+        b, layers, t, heads = values.shape
+        out = values.new_zeros(b, layers, heads, self.width)
+        src = (values * valid[:, None, :, None].to(values.dtype)).permute(0, 1, 3, 2)  # [B, L, H, T]
+        return out.scatter_add_(3, index[:, None, None, :].expand(b, layers, heads, t).to(values.device), src)
+
+    def present(self, batch: Batch) -> torch.Tensor:
+        """[B, P] whether each row has a token at each named position."""
+        index, valid = self.columns(batch)
+        out = torch.zeros(batch.size, self.width, dtype=torch.int64, device=index.device)
+        return out.scatter_add_(1, index, valid.long()) > 0
