@@ -26,6 +26,7 @@ _EXPORTS = {
     "data.cogqa": ("load_cogqa", "split_by_question"),
     "data.examples": ("Example", "load_jsonl"),
     "errors": ("HeadscoreError", "UnsupportedModelError"),
+    "loss": ("METRICS", "Metric"),
     "models": ("DEFAULT_MODEL", "LoadedModel", "load_model"),
     "patch": ("HeadGates", "patch"),
     "results": ("HeadScores",),
@@ -35,7 +36,7 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreCallback",
-    "HeadscoreError", "LoadedModel", "METHODS", "SetEffect", "Tracker", "UnsupportedModelError", "ablate",
+    "HeadscoreError", "LoadedModel", "METHODS", "METRICS", "Metric", "SetEffect", "Tracker", "UnsupportedModelError", "ablate",
     "ablate_heads", "builtin_suite", "compare", "load_cogqa", "load_jsonl", "load_model", "mean_baseline", "patch",
     "prepare", "score", "split_by_question", "track",
 ]
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .data.cogqa import load_cogqa, split_by_question
     from .data.examples import Example, load_jsonl
     from .errors import HeadscoreError, UnsupportedModelError
+    from .loss import METRICS, Metric
     from .models import DEFAULT_MODEL, LoadedModel, load_model
     from .patch import HeadGates, patch
     from .prepared import prepare

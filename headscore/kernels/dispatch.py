@@ -52,7 +52,9 @@ def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         module, query, key, value, attention_mask, dropout, scaling, kwargs: the arguments transformers
             passes an attention function (query [B, H, T, D], key/value [B, Hkv, S, D]).
         gates: the patch's gates [B or 1, L, H] (None: all ones); baseline: [L, H, D] or None.
-            Per-position gates [B, L, T, H] and per-token baselines [L, B, T, H, D] are not served.
+            Per-position gates [B, L, T, H] are served when they have one value per head (as for
+            scoring: all ones; the kernel then gives the gradient per position); per-token baselines
+            [L, B, T, H, D] (the corrupted run) are not.
         wanted: the caller's ``kernel`` choice (None: wherever :func:`kernel_available`).
         observed: observers want the pre-gate output, which the kernel does not produce.
     """
@@ -62,7 +64,7 @@ def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return None
     if query.dtype not in _DTYPES:
         return None
-    if (gates is not None and gates.dim() != 3) or (baseline is not None and baseline.dim() != 3):
+    if baseline is not None and baseline.dim() != 3:
         return None
     layer = getattr(module, "layer_idx", None)
     if layer is None or not (getattr(module, "is_causal", True) and query.shape[2] > 1):
@@ -74,7 +76,13 @@ def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     gate = torch.ones(b, h, device=query.device) if gates is None else gates[:, layer]
     if gate.shape[0] not in (1, b):
         raise ValueError(f"gates have {gate.shape[0]} rows but the batch has {b}")
+    if gate.dim() == 3:  # per position [B, T, H]: served when every position has its head's value
+        if gate.shape[1] != query.shape[2] or not torch.equal(gate, gate[:, :1].expand_as(gate)):
+            return None
+        gate = gate.transpose(1, 2).expand(b, -1, -1)  # [B, H, T]: the kernel's gradient is per position
+    else:
+        gate = gate.expand(b, h)
     base = None if baseline is None else baseline[layer].to(query.device)
-    out = gated_attention(query, key, value, gate.expand(b, h).to(query.device), base, causal=True,
-                          key_padding_mask=padding, scale=scaling)
+    out = gated_attention(query, key, value, gate.to(query.device), base, causal=True, key_padding_mask=padding,
+                          scale=scaling)
     return out.transpose(1, 2).contiguous()

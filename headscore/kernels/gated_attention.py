@@ -8,6 +8,7 @@ Backward (flash-attention-2 style), with dA = g * dOut:
     preprocess (one read of A and dOut per query block):
         Delta[t]   = rowsum(dA * A)[t] = g * <A_t, dOut_t>
         dgate[b,h] = sum_t <A_t - m, dOut_t>                  (float32, per-block partials, summed)
+        dgate[b,h,t] = <A_t - m, dOut_t>                      (per position: the terms, written out)
         dbase[h]   = sum_{b,t} (1 - g[b,h]) * dOut_t          (only when the baseline needs a gradient)
     dK, dV by key block (looping over the query heads of a GQA group, so no atomics),
     dQ by query block, recomputing P = exp2(q k^T * scale * log2(e) - lse).
@@ -164,12 +165,12 @@ def _gattn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _gattn_bwd_preprocess_kernel(
-    A, DO, Gate, Base, Delta, DGatePart, DBasePart,
+    A, DO, Gate, Base, Delta, DGatePart, DBasePart, DGateRows,
     stride_ab, stride_ah, stride_at, stride_ad,
     stride_gb, stride_gh, stride_gt, stride_gd,
     H, T, NUM_M,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_BASE: tl.constexpr, BASE_GRAD: tl.constexpr,
+    HAS_BASE: tl.constexpr, BASE_GRAD: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -194,12 +195,17 @@ def _gattn_bwd_preprocess_kernel(
     if HAS_BASE:
         base = tl.load(Base + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
         centred = tl.where(msk, a - base[None, :], 0.0)
-        dg = tl.sum(tl.sum(centred * do, 1), 0)
+        rows = tl.sum(centred * do, 1)  # <A_t - m, dOut_t>
+        dg = tl.sum(rows, 0)
+        if ROWS:
+            tl.store(DGateRows + pid_bh.to(tl.int64) * T + offs_m, rows, mask=m_ok)
         if BASE_GRAD:
             col = tl.sum(do, 0)  # rows outside T were loaded as 0
             tl.store(DBasePart + part * HEAD_DIM + offs_d, (1.0 - g) * col, mask=d_ok)
     else:
         dg = tl.sum(r, 0)
+        if ROWS:
+            tl.store(DGateRows + pid_bh.to(tl.int64) * T + offs_m, r, mask=m_ok)
     tl.store(DGatePart + part, dg)
 
 
@@ -449,7 +455,7 @@ def _forward(q, k, v, gate2d, base, mask_u8, causal, scale):
     return out, a, lse
 
 
-def _backward(dout, q, k, v, a, lse, gate2d, base, mask_u8, causal, scale, need_qkv, base_grad):
+def _backward(dout, q, k, v, a, lse, gate2d, base, mask_u8, causal, scale, need_qkv, base_grad, rows=False):
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     dev = q.device
@@ -461,14 +467,15 @@ def _backward(dout, q, k, v, a, lse, gate2d, base, mask_u8, causal, scale, need_
     delta = alloc((B, H, T), dtype=torch.float32, device=dev)
     dgate_part = alloc((B, H, num_m), dtype=torch.float32, device=dev)
     dbase_part = alloc((B, H, num_m, D), dtype=torch.float32, device=dev) if base_grad else delta
+    dgate_rows = alloc((B, H, T), dtype=torch.float32, device=dev) if rows else delta
     _gattn_bwd_preprocess_kernel[(num_m, B * H)](
-        a, dout, gate2d, base if base is not None else gate2d, delta, dgate_part, dbase_part,
+        a, dout, gate2d, base if base is not None else gate2d, delta, dgate_part, dbase_part, dgate_rows,
         *a.stride(), *dout.stride(),
         H, T, num_m,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm, HAS_BASE=base is not None, BASE_GRAD=bool(base_grad),
-        **({} if interp else {"num_warps": 4}),
+        ROWS=bool(rows), **({} if interp else {"num_warps": 4}),
     )
-    dgate = dgate_part.sum(-1)
+    dgate = dgate_rows if rows else dgate_part.sum(-1)  # per position: the terms; else their sum
     dbase = dbase_part.sum((0, 2)) if base_grad else None
     if not need_qkv:
         return None, None, None, dgate, dbase
@@ -507,7 +514,9 @@ class _GatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, baseline, key_padding_mask, causal, scale):  # type: ignore[override]
         B, H = q.shape[0], q.shape[1]
-        gate2d = gate.detach().to(torch.float32).reshape(-1 if gate.dim() == 2 else 1, H).expand(B, H).contiguous()
+        per_head = gate[..., 0] if gate.dim() == 3 else gate  # a per-position gate is the same at every t
+        gate2d = per_head.detach().to(torch.float32).reshape(-1 if per_head.dim() == 2 else 1, H).expand(B, H)
+        gate2d = gate2d.contiguous()
         base = None if baseline is None else baseline.detach().to(torch.float32).contiguous()
         mask_u8 = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
         out, a, lse = _forward(q, k, v, gate2d, base, mask_u8, causal, scale)
@@ -523,7 +532,8 @@ class _GatedAttentionFunction(torch.autograd.Function):
         need_qkv = any(ctx.needs_input_grad[:3])
         base_grad = base is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dgate, dbase = _backward(
-            dout, q, k, v, a, lse, gate2d, base, mask_u8, ctx.causal, ctx.scale, need_qkv, base_grad)
+            dout, q, k, v, a, lse, gate2d, base, mask_u8, ctx.causal, ctx.scale, need_qkv, base_grad,
+            rows=len(ctx.gate_shape) == 3 and ctx.needs_input_grad[3])
         if ctx.needs_input_grad[3]:
             if len(ctx.gate_shape) == 1:
                 dgate = dgate.sum(0)
@@ -560,8 +570,13 @@ def _validate(q, k, v, gate, baseline, key_padding_mask):
     if not gate.is_floating_point():
         raise ValueError(f"gate must be a floating tensor; got {gate.dtype}")
     if not ((gate.dim() == 1 and gate.shape[0] == H) or (gate.dim() == 2 and gate.shape[1] == H
-                                                          and gate.shape[0] in (1, B))):
-        raise ValueError(f"gate must be [B, Hq] = [{B}, {H}], [1, {H}] or [{H}]; got {tuple(gate.shape)}")
+                                                          and gate.shape[0] in (1, B))
+            or (gate.dim() == 3 and tuple(gate.shape[1:]) == (H, T) and gate.shape[0] in (1, B))):
+        raise ValueError(f"gate must be [B, Hq] = [{B}, {H}], [1, {H}], [{H}] or per position [B, Hq, T]; "
+                         f"got {tuple(gate.shape)}")
+    if gate.dim() == 3 and not torch.equal(gate, gate[..., :1].expand_as(gate)):
+        raise ValueError("a per-position gate [B, Hq, T] must have one value per head (the kernel gates heads; "
+                         "it gives the gradient per position)")
     if baseline is not None and tuple(baseline.shape) != (H, D):
         raise ValueError(f"baseline must be [Hq, D] = [{H}, {D}]; got {tuple(baseline.shape)}")
     if key_padding_mask is not None:
@@ -583,7 +598,9 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
             K/V are never repeated in memory).
         gate: [B, Hq], [1, Hq] or [Hq] (float32 recommended). Its gradient, sum_t <A - m, dOut>, is
             accumulated in float32 and returned with the gate's shape and dtype (summed over the batch
-            when the gate was shared).
+            when the gate was shared). A per-position gate [B, Hq, T] (or [1, Hq, T]) with the same
+            value at every position gets the gradient per position, <A_t - m, dOut_t> (the terms of
+            that sum, written out by the backward's preprocessing step).
         baseline: optional [Hq, D] value a head outputs when its gate is 0 (None = zeros).
         causal: bottom-right aligned causal mask: query i attends key j iff j <= i + (S - T)
             (same as transformers / SDPA with a KV cache; the usual causal mask when T == S).

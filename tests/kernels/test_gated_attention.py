@@ -323,3 +323,40 @@ def test_gpu_head_dims(D, seed):
             ek, et = max_err(g, r), max_err(lo, r)
             assert ek <= FACTOR * et + ATOL[torch.bfloat16], f"D={D} {nm}: {ek:.3e} vs {et:.3e} (seed={seed})"
 
+
+
+@pytest.mark.parametrize("with_base,pad", [(True, "mixed"), (False, None)], ids=["base-pad", "nobase"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_per_position_gate_gradient(with_base, pad, dtype, seed):
+    """A per-position gate [B, Hq, T] (one value per head) gets <A_t - m, dOut_t> per position from the
+    preprocessing step; its sum over t is the per-head gradient, and q/k/v gradients are unchanged."""
+    B, Hq, Hkv, T, D = 2, 4, 2, 37, 32
+    inputs, kpm, dout = make_inputs(seed, B, Hq, Hkv, T, T, D, dtype, with_base=with_base, pad=pad)
+    q, k, v, gate, base = inputs
+    per_pos = gate.detach()[:, :, None].expand(B, Hq, T).clone().requires_grad_()
+    per_head = run_kernel([q, k, v, gate, base], dout, True, kpm, 1 / math.sqrt(D))
+    got = run_kernel([q, k, v, per_pos, base], dout, True, kpm, 1 / math.sqrt(D))
+    assert got[4].shape == (B, Hq, T)
+    # float64 reference of the per-position terms: the reference attention with a per-position gate
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    g64 = per_pos.detach().double().requires_grad_()
+    m64 = None if base is None else base.detach().double()
+    a = reference(*leaves, torch.ones(B, Hq, dtype=torch.float64), None, True, kpm, 1 / math.sqrt(D), torch.float64)
+    m = 0.0 if m64 is None else m64[None, :, None, :]
+    out64 = m + g64[..., None] * (a - m)
+    out64.backward(dout.double())
+    terms = g64.grad
+    scale = terms.abs().max().item()
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * scale  # the terms reduce dOut of the input dtype in fp32
+    assert max_err(got[4], terms) <= tol, (max_err(got[4], terms), tol)
+    assert torch.allclose(got[4].double().sum(-1), per_head[4].double(), rtol=1e-5, atol=1e-5 * scale)
+    for i in (0, 1, 2, 3):  # out, dq, dk, dv: the same kernels ran
+        assert torch.equal(got[i], per_head[i]), i
+
+
+def test_per_position_gate_must_be_one_value_per_head():
+    inputs, _, _ = make_inputs(0, 1, 2, 2, 8, 8, 16, torch.float32)
+    q, k, v, gate, base = (x.detach() for x in inputs)
+    varying = torch.rand(1, 2, 8)
+    with pytest.raises(ValueError, match="one value per head"):
+        gated_attention(q, k, v, varying, base)

@@ -41,3 +41,27 @@ def test_kernel_really_runs_and_ablation_is_exact():
         plain = lm.model(input_ids=ids).logits
         assert heads.kernel_calls == 0
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_per_position_scores_through_the_kernel():
+    """score(per_position=True) is served by the kernel (all-ones per-position gates) and equals the wrapper's
+    per-position maps; per-position ablation rows (a gate changed at one token) fall back to the wrapper."""
+    lm = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=16)
+    examples = random_examples(6)
+    kw = {"per_position": True, "batch_size": 3, "progress": False, "metric": "prob"}
+    with_kernel = headscore.score(lm, examples, kernel=True, **kw)
+    without = headscore.score(lm, examples, kernel=False, **kw)
+    scale = without.position_values.abs().max()
+    assert scale > 1e-4
+    rel = (with_kernel.position_values - without.position_values).abs().max() / scale
+    assert rel < 1e-4, f"relative difference {rel:.2e}"
+    ids = torch.randint(2, 90, (2, 9))
+    with headscore.patch(lm.model, kernel=True) as heads, torch.no_grad():
+        with heads.using(heads.ones(2, positions=9)):
+            lm.model(input_ids=ids)
+        assert heads.kernel_calls == 2
+        one_token = heads.ones(2, positions=9)
+        one_token[:, 1, 4, 2] = 0.0
+        with heads.using(one_token):
+            lm.model(input_ids=ids)
+        assert heads.kernel_calls == 2 + 1  # layer 0 is uniform, layer 1 falls back

@@ -1,0 +1,147 @@
+"""Attribution patching (AtP) against real activation patching on the built-in IOI suite, side by side.
+
+For each metric (logit-diff, nll, prob): AtP (``score --baseline corrupt``) and activation patching
+(``ablate --baseline corrupt``, every head at all positions) on the same examples; per task and metric
+Spearman and top-10 overlap, and the heads where first-order misses most (largest |AtP - patching|).
+Per position: AtP and patching of one (head, position) at a time on a subset, compared the same way.
+Time: the plain forward+backward (no gates; backward to the input embeddings), taylor against zero, and
+AtP against the corrupted run (median of ``--repeats`` after a warm-up); patching per head and per
+(head, position) on the subset, timed once each, with their ratio.
+
+    python benchmarks/counterfactual.py --max-examples 4 --positions-examples 2 \\
+        --out benchmarks/results/ioi-counterfactual
+
+Writes ``counterfactual.json`` and the score files (``atp-<metric>.hs``, ``patch-<metric>.hs``, and
+``*-positions.hs``) into ``--out``, which must not hold anything else of value (files are replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import headscore
+from headscore.bench import machine_info
+from headscore.compare import compare, compare_positions, largest_differences
+from headscore.data.examples import limit_per_task
+from headscore.data.tasks import load_tasks
+from headscore.loss import example_losses, resolve_metric
+from headscore.results import atomic_write, library_versions
+
+METRICS = ("logit-diff", "nll", "prob")
+
+
+def timed(fn, *args, **kwargs):
+    """(result, wall seconds) of one call."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    """Median wall seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = [timed(fn)[1] for _ in range(repeats)]
+    return statistics.median(times), times
+
+
+def plain_forward_backward(lm, examples, batch_size: int, metric: str) -> None:
+    """The floor: forward and backward of the metric's loss to the input embeddings, weights frozen, no gates."""
+    prep = headscore.prepare(lm, examples)
+    model, m = lm.model, resolve_metric(metric)
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for batch in prep.batches(batch_size, progress=False):
+            example_losses(model, batch, m).sum().backward()
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def agreement_rows(atp, patch, k: int = 10, misses: int = 5) -> dict:
+    """Per task: Spearman, top-k overlap and the largest misses of AtP against patching."""
+    rows = {}
+    for task, agree in compare(atp, patch, k).items():
+        rows[task] = {**agree.as_dict(), "misses": [
+            {"layer": m.layer, "head": m.head, "atp": m.a, "patching": m.b} for m in
+            largest_differences(atp, patch, task, misses)]}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=headscore.models.DEFAULT_MODEL)
+    parser.add_argument("--max-examples", type=int, default=4, help="IOI examples per task (5 tasks)")
+    parser.add_argument("--positions-examples", type=int, default=2,
+                        help="examples of the first task for the per-position comparison")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = headscore.load_model(args.model)
+    examples = limit_per_task(load_tasks("ioi"), args.max_examples)
+    subset = limit_per_task([e for e in examples if e.task == examples[0].task], args.positions_examples)
+    kw = {"batch_size": args.batch_size, "progress": False}
+    doc: dict = {"model": lm.name, "examples": len(examples), "tasks": sorted({e.task for e in examples}),
+                 "machine": machine_info(), "platform": platform.platform(), "versions": library_versions(),
+                 "torch_threads": torch.get_num_threads(), "command": "python benchmarks/counterfactual.py "
+                 f"--max-examples {args.max_examples} --positions-examples {args.positions_examples} "
+                 f"--batch-size {args.batch_size} --repeats {args.repeats} --out {args.out}"}
+
+    # time: the floor, taylor (zero baseline) and AtP against the corrupted run, on the same examples
+    floor, floor_all = median_time(lambda: plain_forward_backward(lm, examples, args.batch_size, "logit-diff"),
+                                   args.repeats)
+    taylor, taylor_all = median_time(lambda: headscore.score(lm, examples, metric="logit-diff", **kw), args.repeats)
+    atp, atp_all = median_time(lambda: headscore.score(lm, examples, metric="logit-diff", baseline="corrupt", **kw),
+                               args.repeats)
+    doc["time"] = {"floor_s": floor, "taylor_s": taylor, "atp_corrupt_s": atp, "atp_over_floor": atp / floor,
+                   "taylor_over_floor": taylor / floor, "runs": {"floor": floor_all, "taylor": taylor_all,
+                                                                  "atp": atp_all}}
+    print(f"floor {floor:.2f} s, taylor {taylor:.2f} s, AtP (corrupt) {atp:.2f} s: {atp / floor:.2f}x the floor",
+          flush=True)
+
+    doc["metrics"] = {}
+    for metric in METRICS:
+        atp_scores = headscore.score(lm, examples, metric=metric, baseline="corrupt", **kw)
+        patch_scores, seconds = timed(headscore.ablate, lm, examples, metric=metric, baseline="corrupt", **kw)
+        atp_scores.save(out / f"atp-{metric}.hs")
+        patch_scores.save(out / f"patch-{metric}.hs")
+        doc["metrics"][metric] = {"patching_s": seconds, "mode": patch_scores.extra["mode"],
+                                  "tasks": agreement_rows(atp_scores, patch_scores)}
+        mean_rho = statistics.mean(r["spearman"] for r in doc["metrics"][metric]["tasks"].values())
+        print(f"{metric}: patching {seconds:.1f} s; mean Spearman(AtP, patching) {mean_rho:.3f}", flush=True)
+
+    # per position, on a subset: AtP and patching of each (head, position); whole-head patching timed beside
+    pos_atp = headscore.score(lm, subset, metric="logit-diff", baseline="corrupt", per_position=True, **kw)
+    pos_patch, t_pos = timed(headscore.ablate, lm, subset, metric="logit-diff", baseline="corrupt",
+                             per_position=True, **kw)
+    _, t_head = timed(headscore.ablate, lm, subset, metric="logit-diff", baseline="corrupt", **kw)
+    pos_atp.save(out / "atp-logit-diff-positions.hs")
+    pos_patch.save(out / "patch-logit-diff-positions.hs")
+    agree = compare_positions(pos_atp, pos_patch)
+    # the per-position run also patches whole heads: its extra cost is the per-position part
+    doc["positions"] = {"examples": len(subset), "task": subset[0].task, "positions": pos_atp.positions,
+                        "per_head_s": t_head, "per_head_and_position_s": t_pos,
+                        "ratio": t_pos / t_head, "agreement": {t: a.as_dict() for t, a in agree.items()}}
+    print(f"per position ({len(subset)} examples of {subset[0].task}): per head {t_head:.1f} s, per head and "
+          f"position {t_pos:.1f} s ({t_pos / t_head:.1f}x); Spearman {next(iter(agree.values())).spearman:.3f}")
+    atomic_write(out / "counterfactual.json", json.dumps(doc, indent=1).encode())
+
+
+if __name__ == "__main__":
+    main()
