@@ -36,9 +36,9 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreCallback",
-    "HeadscoreError", "LoadedModel", "METHODS", "METRICS", "Metric", "SetEffect", "Tracker", "UnsupportedModelError", "ablate",
-    "ablate_heads", "builtin_suite", "compare", "load_cogqa", "load_jsonl", "load_model", "mean_baseline", "patch",
-    "prepare", "score", "split_by_question", "track",
+    "HeadscoreError", "LoadedModel", "METHODS", "METRICS", "Metric", "SetEffect", "Tracker",
+    "UnsupportedModelError", "ablate", "ablate_heads", "builtin_suite", "compare", "load_cogqa", "load_jsonl",
+    "load_model", "mean_baseline", "patch", "prepare", "score", "split_by_question", "track",
 ]
 assert sorted(__all__) == sorted(_WHERE), "every export is listed once"
 __version__ = "0.1.0"
