@@ -87,8 +87,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--parts", default="timing,metrics,positions,figures",
+                        help="which parts to run (comma-separated); a part's results replace its section of an "
+                             "existing counterfactual.json in --out")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -97,13 +101,29 @@ def main() -> None:
     examples = limit_per_task(load_tasks("ioi"), args.max_examples)
     subset = limit_per_task([e for e in examples if e.task == examples[0].task], args.positions_examples)
     kw = {"batch_size": args.batch_size, "progress": False}
-    doc: dict = {"model": lm.name, "examples": len(examples), "tasks": sorted({e.task for e in examples}),
-                 "machine": machine_info(), "platform": platform.platform(), "versions": library_versions(),
-                 "torch_threads": torch.get_num_threads(), "command": "python benchmarks/counterfactual.py "
-                 f"--max-examples {args.max_examples} --positions-examples {args.positions_examples} "
-                 f"--batch-size {args.batch_size} --repeats {args.repeats} --out {args.out}"}
+    previous = out / "counterfactual.json"
+    doc: dict = json.loads(previous.read_text()) if previous.is_file() else {}
+    doc.update({"model": lm.name, "examples": len(examples), "tasks": sorted({e.task for e in examples}),
+                "platform": platform.platform(), "versions": library_versions(),
+                 "torch_threads": torch.get_num_threads()})
+    command = ("python benchmarks/counterfactual.py " f"--max-examples {args.max_examples} --positions-examples "
+               f"{args.positions_examples} --batch-size {args.batch_size} --repeats {args.repeats} --threads "
+               f"{torch.get_num_threads()} --parts {','.join(sorted(parts))} --out {args.out}")
+    doc.setdefault("commands", {}).update({part: command for part in parts})
+    doc.setdefault("machines", {}).update({part: machine_info() for part in parts})
+    if "timing" in parts:
+        timing(doc, lm, examples, args, kw)
+    if "metrics" in parts:
+        metrics(doc, lm, examples, out, kw)
+    if "positions" in parts:
+        positions(doc, lm, subset, out, kw)
+    if "figures" in parts:
+        figures(lm, subset, out)
+    atomic_write(out / "counterfactual.json", json.dumps(doc, indent=1).encode())
 
-    # time: the floor, taylor (zero baseline) and AtP against the corrupted run, on the same examples
+
+def timing(doc: dict, lm, examples, args, kw: dict) -> None:
+    """The floor, taylor and AtP against the corrupted run, timed on the same examples."""
     floor, floor_all = median_time(lambda: plain_forward_backward(lm, examples, args.batch_size, "logit-diff"),
                                    args.repeats)
     taylor, taylor_all = median_time(lambda: headscore.score(lm, examples, metric="logit-diff", **kw), args.repeats)
@@ -115,6 +135,11 @@ def main() -> None:
     print(f"floor {floor:.2f} s, taylor {taylor:.2f} s, AtP (corrupt) {atp:.2f} s: {atp / floor:.2f}x the floor",
           flush=True)
 
+    doc["time"]["threads"] = torch.get_num_threads()
+
+
+def metrics(doc: dict, lm, examples, out: Path, kw: dict) -> None:
+    """AtP against activation patching per metric."""
     doc["metrics"] = {}
     for metric in METRICS:
         atp_scores = headscore.score(lm, examples, metric=metric, baseline="corrupt", **kw)
@@ -126,7 +151,10 @@ def main() -> None:
         mean_rho = statistics.mean(r["spearman"] for r in doc["metrics"][metric]["tasks"].values())
         print(f"{metric}: patching {seconds:.1f} s; mean Spearman(AtP, patching) {mean_rho:.3f}", flush=True)
 
-    # per position, on a subset: AtP and patching of each (head, position); whole-head patching timed beside
+
+
+def positions(doc: dict, lm, subset, out: Path, kw: dict) -> None:
+    """Per position, on a subset: AtP and patching of each (head, position); whole-head patching timed beside."""
     pos_atp = headscore.score(lm, subset, metric="logit-diff", baseline="corrupt", per_position=True, **kw)
     pos_patch, t_pos = timed(headscore.ablate, lm, subset, metric="logit-diff", baseline="corrupt",
                              per_position=True, **kw)
@@ -140,7 +168,22 @@ def main() -> None:
                         "ratio": t_pos / t_head, "agreement": {t: a.as_dict() for t, a in agree.items()}}
     print(f"per position ({len(subset)} examples of {subset[0].task}): per head {t_head:.1f} s, per head and "
           f"position {t_pos:.1f} s ({t_pos / t_head:.1f}x); Spearman {next(iter(agree.values())).spearman:.3f}")
-    atomic_write(out / "counterfactual.json", json.dumps(doc, indent=1).encode())
+
+
+def figures(lm, subset, out: Path) -> None:
+    """The pictures of docs/counterfactual.md from the score files of the other parts: the report of AtP against
+    patching (logit-diff), and the per-position maps of both, labelled with the tokens of the first example."""
+    from headscore.report import position_heatmaps, write_report
+
+    atp, patch = (headscore.HeadScores.load(out / f"{kind}-logit-diff.hs") for kind in ("atp", "patch"))
+    write_report(atp, out / "report", ablation=patch)
+    pos = {kind: headscore.HeadScores.load(out / f"{kind}-logit-diff-positions.hs") for kind in ("atp", "patch")}
+    example = headscore.prepare(lm, subset[:1]).tokenized[0]
+    # the subset's examples have one length: the shown positions are this example's tokens but the last
+    tokens = {subset[0].task: [lm.tokenizer.decode([i]) for i in example.ids[:-1]]}
+    for kind, title in (("atp", "AtP, one pass"), ("patch", "Activation patching, a pass per head and token")):
+        position_heatmaps(pos[kind], out / f"positions-{kind}", k=12, tokens=tokens,
+                          title=f"{title}\ndrop in logit difference, top 12 heads, {lm.name}")
 
 
 if __name__ == "__main__":

@@ -340,10 +340,14 @@ class HeadScores:
         return atomic_write(path, buf.getvalue().encode())
 
     def to_json(self, path: str | Path) -> Path:
-        """Write metadata and nested [task][layer][head] values as JSON (atomically)."""
+        """Write metadata and nested [task][layer][head] values as JSON (atomically); per-position maps too
+        ([task][layer][head][position], with the position names and counts) when present."""
         doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
                "versions": self.versions, "extra": self.extra, "counts": self.counts.tolist(),
                "values": self.values.tolist(), "stderr": self.stderr.tolist()}
+        if self.positions is not None:
+            doc.update(positions=self.positions, position_values=self.position_values.tolist(),
+                       position_stderr=self.position_stderr.tolist(), position_counts=self.position_counts.tolist())
         return atomic_write(path, json.dumps(doc, indent=1).encode())
 
     def export(self, path: str | Path) -> Path:

@@ -12,6 +12,7 @@ rounding and far below any real bug.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -237,6 +238,9 @@ def test_positions_sum_to_scores_and_survive_a_file(tmp_path):
     assert back.positions == scores.positions
     for key in ("position_values", "position_stderr", "position_counts"):
         assert torch.equal(getattr(back, key), getattr(scores, key)), key
+    doc = json.loads(back.to_json(tmp_path / "s.json").read_text())
+    assert doc["positions"] == scores.positions and torch.tensor(doc["position_values"]).shape == \
+        scores.position_values.shape
     one = back.select([back.tasks[1]])
     assert torch.equal(one.position_values[0], scores.position_values[1])
     assert torch.equal(one.position_map(back.tasks[1]), scores.position_values[1])

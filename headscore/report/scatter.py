@@ -16,6 +16,16 @@ from .inputs import ablation_values, task_values
 from .layout import axes_grid, grid_shape, is_bottom_row, wrap_title
 
 
+def _truth_label(ablation: Any) -> str:
+    """The y axis: the ground truth's quantity (a metric other than NLL, activation patching, say so)."""
+    extra = getattr(ablation, "extra", None) or {}
+    metric = extra.get("metric", "nll")
+    what = "Patching" if getattr(ablation, "method", "") == "ablation-corrupt" else "Ablation"
+    change = {"nll": "loss increase", "logit-diff": "logit-diff drop", "prob": "probability drop"}.get(
+        metric, f"{metric} increase")
+    return f"{what} {change}"
+
+
 def build_scatter_figure(scores: Any, ablation: Any, *, title: str | None = None,
                           ncols: int | None = None) -> Figure:
     """Score-vs-ablation scatter as a matplotlib Figure (Agg canvas attached); see :func:`scatter_vs_ablation`."""
@@ -43,7 +53,7 @@ def build_scatter_figure(scores: Any, ablation: Any, *, title: str | None = None
         if is_bottom_row(i, n, ncols):
             ax.set_xlabel(f"Score ({scores.method})", fontsize=9)
         if i % ncols == 0:
-            ax.set_ylabel("Ablation loss increase", fontsize=9)
+            ax.set_ylabel(_truth_label(ablation), fontsize=9)
     default = f"Score ({scores.method}) vs ablation, one point per head - {scores.model}"
     fig.suptitle(default if title is None else title, fontsize=12)
     return fig
