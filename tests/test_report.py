@@ -206,7 +206,30 @@ def test_write_report(tmp_path):
     assert set(only) == {"heatmaps_png", "heatmaps_pdf", "summary", "html"}
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["heatmaps.pdf", "heatmaps.png", "index.html",
                                                                       "summary.md"]
+    positions = {"positions.png", "positions.pdf"}
+    assert set(p.name for p in (tmp_path / "out").iterdir()) == set(report.REPORT_FILES) - positions
+
+
+def test_write_report_with_per_position_scores(tmp_path):
+    """Scores with per-position maps also get positions.png/pdf (each task's top heads by position), linked
+    from summary.md; together with the ablation scatter that is every file the report may write."""
+    s = make_scores(2, 4, 4)
+    s.positions = ["end-2", "end-1", "end", "end+1"]
+    g = torch.Generator().manual_seed(1)
+    s.position_values = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    s.position_counts = torch.tensor([[3, 3, 3, 0], [1, 3, 3, 2]])
+    abl = FakeScores(s.values + 0.1, s.stderr, s.counts, list(s.tasks), "ablation-zero")
+    paths = report.write_report(s, tmp_path / "out", ablation=abl, k=3)
+    assert paths["positions_png"].read_bytes()[:8] == PNG_MAGIC
+    assert "(positions.png)" in paths["summary"].read_text()
     assert set(p.name for p in (tmp_path / "out").iterdir()) == set(report.REPORT_FILES)
+    fig = report.positions.build_position_figure(s, k=3)
+    panels = _panels(fig)
+    assert len(panels) == 2
+    first = panels[0].images[0].get_array()
+    assert first.shape == (3, 3)  # 3 heads; task 0 has no token at end+1, so 3 positions
+    top = report.positions.top_heads(s.values[0].numpy(), 3)[0]
+    assert first[0, 0] == s.position_values[0, top[0], top[1], 0]
 
 
 def test_backend_untouched():

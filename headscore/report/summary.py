@@ -70,6 +70,12 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
              f"- **Method:** {_md(scores.method)}",
              f"- **Grid:** {num_layers} layers x {num_heads} heads",
              f"- **Tasks:** {n}"]
+    extra = getattr(scores, "extra", None) or {}
+    if "metric" in extra:
+        from ..loss import Metric
+
+        lines.insert(-2, f"- **Metric:** {_md(extra['metric'])} (a positive score: "
+                         f"{_md(Metric(extra['metric']).describe())})")
     if counts is not None:
         if len(set(counts)) == 1:
             lines.append(f"- **Examples per task:** {counts[0]}")
