@@ -191,7 +191,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
             acc.add(batch.task_index, score_values(method, grad), batch.example_index)
         run.finish()
     result = prep.result(acc, name, seconds=time.perf_counter() - start, batch_size=batch_size,
-                         metric=metric.name, baseline=_baseline_name(baseline if name != "atp-mean" else "mean"),
+                         metric=metric.name, metric_meaning=metric.describe(),
+                         baseline=_baseline_name(baseline if name != "atp-mean" else "mean"),
                          **run.extra)
     return result if layout is None else _with_positions(result, layout, pos_acc, pos_counts)
 
@@ -273,7 +274,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
                 pos_acc.add(batch.task_index, positions.to_named(per.transpose(2, 3), batch))
                 pos_counts.index_add_(0, batch.task_index.cpu(), positions.present(batch).long().cpu())
     result = prep.result(acc, f"ablation-{_baseline_name(baseline)}", seconds=time.perf_counter() - start,
-                         mode=mode, batch_size=batch_size, metric=metric.name)
+                         mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=metric.describe())
     return result if positions is None else _with_positions(result, positions, pos_acc, pos_counts)
 
 

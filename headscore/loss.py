@@ -73,7 +73,7 @@ class Metric:
         return {"nll": "increase in target NLL (nats/token)",
                 "logit-diff": "drop in logit difference (target - foil) at the answer position",
                 "prob": "drop in the target's probability at the answer position"}.get(
-            self.name, f"increase in {self.name}" + (" (negated: higher is better)" if self.higher_is_better else ""))
+            self.name, f"{'drop' if self.higher_is_better else 'increase'} in {self.name}")
 
 
 NLL = Metric("nll")

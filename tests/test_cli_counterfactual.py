@@ -59,6 +59,8 @@ def test_score_and_ablate_with_a_metric_and_the_corrupt_baseline(tmp_path, capsy
     code, _, err = run(capsys, "report", tmp_path / "s.hs", "--out", tmp_path / "report")
     assert code == 0, err
     assert (tmp_path / "report" / "positions.png").stat().st_size > 10_000
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "**Metric:** logit-diff (a positive score: drop in logit difference" in summary
 
 
 def _edit(index: int, **changes):

@@ -222,7 +222,7 @@ def test_callable_metric_equals_builtin_and_orientation():
     builtin = headscore.score(lm, examples, baseline="corrupt", metric="logit-diff", progress=False)
     custom = headscore.score(lm, examples, baseline="corrupt", metric=Metric("ld", logit_diff, higher_is_better=True),
                              progress=False)
-    assert custom.extra["metric"] == "ld"
+    assert custom.extra["metric"] == "ld" and custom.extra["metric_meaning"] == "drop in ld"
     close(custom.values, builtin.values, "callable metric")
     as_loss = headscore.score(lm, examples, baseline="corrupt", metric=lambda lg, b: -logit_diff(lg, b),
                               progress=False)

@@ -72,10 +72,9 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
              f"- **Tasks:** {n}"]
     extra = getattr(scores, "extra", None) or {}
     if "metric" in extra:
-        from ..loss import Metric
-
-        lines.insert(-2, f"- **Metric:** {_md(extra['metric'])} (a positive score: "
-                         f"{_md(Metric(extra['metric']).describe())})")
+        meaning = extra.get("metric_meaning")
+        lines.insert(-2, f"- **Metric:** {_md(extra['metric'])}" + (f" (a positive score: {_md(meaning)})"
+                                                                    if meaning else ""))
     if counts is not None:
         if len(set(counts)) == 1:
             lines.append(f"- **Examples per task:** {counts[0]}")
