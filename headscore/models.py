@@ -229,8 +229,23 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     return name, True
 
 
+_NO_SDPA = "does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention"
+
+
+def _from_pretrained(auto, path, *, attn_implementation: str | None, **kwargs):
+    """``auto.from_pretrained`` with ``attn_implementation``; None = SDPA, else eager where the family has no
+    SDPA attention (transformers refuses such a request with a ValueError that says so)."""
+    try:
+        return auto.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation or "sdpa",
+                                    **kwargs)
+    except ValueError as exc:
+        if attn_implementation is not None or _NO_SDPA not in str(exc):
+            raise
+    return auto.from_pretrained(path, local_files_only=True, attn_implementation="eager", **kwargs)
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
-               attn_implementation: str = "sdpa", device_map: str | dict | None = None,
+               attn_implementation: str | None = None, device_map: str | dict | None = None,
                progress: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer for scoring, in eval mode.
 
@@ -239,7 +254,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
             already in the local Hugging Face cache (no download is attempted).
         device: torch device string.
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
-        attn_implementation: the attention the gate wraps (``sdpa`` or ``eager``).
+        attn_implementation: the attention the gate wraps (``sdpa`` or ``eager``); None (default):
+            ``sdpa``, or ``eager`` for a family that has no SDPA attention (GPT-OSS, for one).
         device_map: accelerate's placement for a model larger than one device (``"auto"``, or a
             dict of module name -> device); ``device`` is then ignored. Gates follow each
             layer's device; inputs go to the device of the first parameter (the embeddings).
@@ -258,8 +274,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             placement = {} if device_map is None else {"device_map": device_map}
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
-                                                         attn_implementation=attn_implementation, **placement)
+            model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype],
+                                     attn_implementation=attn_implementation, **placement)
         except HeadscoreError:
             raise
         except (OSError, ValueError) as exc:

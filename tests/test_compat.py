@@ -1,6 +1,7 @@
 """headscore.compat: the one door to transformers' private attributes, and its version check."""
 
 import pytest
+import torch
 from tiny import tiny_model
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -60,3 +61,34 @@ def test_patch_refuses_an_old_transformers(monkeypatch):
     assert set(AttentionInterface._global_mapping) == keys
     assert compat.attention_implementation(lm.model) == "sdpa"
     assert [p.requires_grad for p in lm.model.parameters()] == flags
+
+
+def test_family_without_sdpa_loads_with_eager(tmp_path):
+    """GPT-OSS has no SDPA attention: load_model falls back to eager (an explicit 'sdpa' still fails with one
+    clear line), and the model is gated: exact ablation of every head equals the prefix-reuse result."""
+    import transformers
+    from tiny_saved import char_tokenizer
+
+    from headscore.errors import HeadscoreError
+
+    tok = char_tokenizer()
+    config = transformers.GptOssConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=0, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default",
+                                                                              "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    transformers.GptOssForCausalLM(config).save_pretrained(tmp_path / "gpt-oss")
+    tok.save_pretrained(tmp_path / "gpt-oss")
+    lm = headscore.load_model(str(tmp_path / "gpt-oss"), progress=False)
+    assert lm.model.config._attn_implementation == "eager"
+    with pytest.raises(HeadscoreError, match="scaled_dot_product_attention"):
+        headscore.load_model(str(tmp_path / "gpt-oss"), attn_implementation="sdpa", progress=False)
+    examples = [headscore.Example("When Ann and Bob went out, Bob gave it to ", "Ann", "t"),
+                headscore.Example("Then Cy and Di sat, Di read to ", "Cy", "t")]
+    scores = headscore.score(lm, examples, progress=False)
+    assert scores.values.abs().max() > 0
+    naive = headscore.ablate(lm, examples, mode="naive", progress=False)
+    prefix = headscore.ablate(lm, examples, progress=False)
+    torch.testing.assert_close(prefix.values, naive.values, rtol=1e-4, atol=1e-5)
