@@ -253,7 +253,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         name: ``smollm2-135m`` (embedded), a local transformers model directory, or a hub id
             already in the local Hugging Face cache (no download is attempted).
         device: torch device string.
-        dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64`` (mixture-of-experts layers then run
+            their experts one by one: transformers' grouped matmul has no float64).
         attn_implementation: the attention the gate wraps (``sdpa`` or ``eager``); None (default):
             ``sdpa``, or ``eager`` for a family that has no SDPA attention (GPT-OSS, for one).
         device_map: accelerate's placement for a model larger than one device (``"auto"``, or a
@@ -274,6 +275,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             placement = {} if device_map is None else {"device_map": device_map}
+            if dtype == "float64":  # mixture-of-experts layers: the grouped matmul has no float64, the loop has
+                placement["experts_implementation"] = "eager"
             model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype],
                                      attn_implementation=attn_implementation, **placement)
         except HeadscoreError:

@@ -92,3 +92,30 @@ def test_family_without_sdpa_loads_with_eager(tmp_path):
     naive = headscore.ablate(lm, examples, mode="naive", progress=False)
     prefix = headscore.ablate(lm, examples, progress=False)
     torch.testing.assert_close(prefix.values, naive.values, rtol=1e-4, atol=1e-5)
+
+
+def test_mixture_of_experts_in_float64(tmp_path):
+    """Qwen3-MoE in float64: the experts' grouped matmul has no float64, so load_model runs them one by one;
+    the scores equal the float32 model's to float32 precision."""
+    import transformers
+    from tiny_saved import char_tokenizer
+
+    tok = char_tokenizer()
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    examples = [headscore.Example("When Ann and Bob went out, Bob gave it to ", "Ann", "t")]
+    s64 = headscore.score(headscore.load_model(str(tmp_path / "moe"), dtype="float64", progress=False), examples,
+                          progress=False)
+    s32 = headscore.score(headscore.load_model(str(tmp_path / "moe"), progress=False), examples, progress=False)
+    assert s64.values.abs().max() > 1e-3
+    torch.testing.assert_close(s32.values, s64.values, rtol=1e-3, atol=1e-4 * float(s64.values.abs().max()))
