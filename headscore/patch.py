@@ -42,7 +42,8 @@ class HeadLayout:
 
 
 def head_layout(model: torch.nn.Module) -> HeadLayout:
-    """Read the attention layout of a transformers model from its (text) config."""
+    """Read the attention layout of a transformers model from its (text) config (``head_dim`` is the width
+    of a head's output, the value head dim where it differs from the query/key one)."""
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; pass a PreTrainedModel")
@@ -53,7 +54,9 @@ def head_layout(model: torch.nn.Module) -> HeadLayout:
     except AttributeError as exc:
         raise UnsupportedModelError(
             f"{type(model).__name__}: config lacks num_hidden_layers/num_attention_heads") from exc
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    # a head's output is as wide as its values: multi-head latent attention (DeepSeek-V3) has v_head_dim
+    # apart from the query/key head_dim
+    head_dim = getattr(text, "v_head_dim", None) or getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     return HeadLayout(layers, heads, int(head_dim), int(kv_heads))
 

@@ -119,3 +119,49 @@ def test_mixture_of_experts_in_float64(tmp_path):
     s32 = headscore.score(headscore.load_model(str(tmp_path / "moe"), progress=False), examples, progress=False)
     assert s64.values.abs().max() > 1e-3
     torch.testing.assert_close(s32.values, s64.values, rtol=1e-3, atol=1e-4 * float(s64.values.abs().max()))
+
+
+def test_latent_attention_value_head_dim(tmp_path):
+    """DeepSeek-V3 (multi-head latent attention): a head's output is v_head_dim wide (6 here), not the
+    query/key head_dim; the layout, the mean baseline and mean ablation follow the real width. The mean
+    baseline equals the mean of the o_proj inputs recorded by a hook (float64)."""
+    import transformers
+    from tiny_saved import char_tokenizer
+
+    from headscore.patch import head_layout
+
+    tok = char_tokenizer()
+    config = transformers.DeepseekV3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8,
+        v_head_dim=6, n_group=1, topk_group=1, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+        eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "dsv3")
+    tok.save_pretrained(tmp_path / "dsv3")
+    lm = headscore.load_model(str(tmp_path / "dsv3"), dtype="float64", progress=False)
+    assert head_layout(lm.model).head_dim == 6
+    examples = [headscore.Example("When Ann and Bob went out, Bob gave it to ", "Ann", "t"),
+                headscore.Example("Then Cy and Di sat, Di read to ", "Cy", "t")]
+    mean = headscore.mean_baseline(lm, examples, progress=False)
+    assert mean.shape == (2, 4, 6)
+    seen = [[], []]
+    layers = lm.model.model.layers
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda m, args, i=i: seen[i].append(args[0][0].view(-1, 4, 6))) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ex in examples:
+                target = lm.tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+                ids = lm.tokenizer(ex.prompt)["input_ids"] + target
+                lm.model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    want = torch.stack([torch.cat(s).mean(0) for s in seen]).float()
+    torch.testing.assert_close(mean, want, rtol=1e-5, atol=1e-6)
+    naive = headscore.ablate(lm, examples, baseline="mean", mode="naive", progress=False)
+    prefix = headscore.ablate(lm, examples, baseline="mean", progress=False)
+    assert naive.values.abs().max() > 0
+    torch.testing.assert_close(prefix.values, naive.values, rtol=1e-6, atol=1e-9)

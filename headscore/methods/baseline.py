@@ -19,19 +19,23 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
     The sums are kept in float64; memory is O(L * H * D) whatever the data size.
     """
     layout = heads.layout
-    sums = torch.zeros(layout.num_layers, layout.num_heads, layout.head_dim, dtype=torch.float64)
+    sums: list[torch.Tensor | None] = [None] * layout.num_layers  # shaped by what each layer outputs
     tokens = 0
     mask: torch.Tensor | None = None
 
     def observe(layer: int, out: torch.Tensor) -> None:
-        sums[layer] += torch.einsum("bt,bthd->hd", mask.to(torch.float64), out.to(torch.float64)).cpu()
+        total = torch.einsum("bt,bthd->hd", mask.to(out.device, torch.float64), out.to(torch.float64)).cpu()
+        sums[layer] = total if sums[layer] is None else sums[layer] + total
 
     with heads.observing(observe), heads.using(None, None):
         for batch in batches:
             mask = batch.attention_mask
             tokens += int(mask.sum())
             run_forward(model, batch)
-    return (sums / max(tokens, 1)).to(torch.float32)
+    missing = [i for i, x in enumerate(sums) if x is None]
+    if missing:
+        raise ValueError(f"no attention output seen for layer(s) {missing[:5]}")
+    return (torch.stack(sums) / max(tokens, 1)).to(torch.float32)
 
 
 @torch.no_grad()
