@@ -63,87 +63,102 @@ def test_patch_refuses_an_old_transformers(monkeypatch):
     assert [p.requires_grad for p in lm.model.parameters()] == flags
 
 
+EXAMPLES = [("When Ann and Bob went out, Bob gave it to ", "Ann"), ("Then Cy and Di sat, Di read to ", "Cy")]
+
+
+def _examples():
+    return [headscore.Example(prompt, target, "t") for prompt, target in EXAMPLES]
+
+
 def test_family_without_sdpa_loads_with_eager(tmp_path):
     """GPT-OSS has no SDPA attention: load_model falls back to eager (an explicit 'sdpa' still fails with one
     clear line), and the model is gated: exact ablation of every head equals the prefix-reuse result."""
-    import transformers
-    from tiny_saved import char_tokenizer
+    from tiny_saved import save_tiny_family
 
     from headscore.errors import HeadscoreError
 
-    tok = char_tokenizer()
-    config = transformers.GptOssConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=0, sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default",
-                                                                              "rope_theta": 10000.0})
-    torch.manual_seed(0)
-    transformers.GptOssForCausalLM(config).save_pretrained(tmp_path / "gpt-oss")
-    tok.save_pretrained(tmp_path / "gpt-oss")
-    lm = headscore.load_model(str(tmp_path / "gpt-oss"), progress=False)
+    path = str(save_tiny_family(tmp_path / "gpt-oss", "gpt-oss"))
+    lm = headscore.load_model(path, progress=False)
     assert lm.model.config._attn_implementation == "eager"
     with pytest.raises(HeadscoreError, match="scaled_dot_product_attention"):
-        headscore.load_model(str(tmp_path / "gpt-oss"), attn_implementation="sdpa", progress=False)
-    examples = [headscore.Example("When Ann and Bob went out, Bob gave it to ", "Ann", "t"),
-                headscore.Example("Then Cy and Di sat, Di read to ", "Cy", "t")]
-    scores = headscore.score(lm, examples, progress=False)
-    assert scores.values.abs().max() > 0
-    naive = headscore.ablate(lm, examples, mode="naive", progress=False)
-    prefix = headscore.ablate(lm, examples, progress=False)
+        headscore.load_model(path, attn_implementation="sdpa", progress=False)
+    naive = headscore.ablate(lm, _examples(), mode="naive", progress=False)
+    prefix = headscore.ablate(lm, _examples(), progress=False)
+    assert naive.values.abs().max() > 0
     torch.testing.assert_close(prefix.values, naive.values, rtol=1e-4, atol=1e-5)
 
 
 def test_mixture_of_experts_in_float64(tmp_path):
     """Qwen3-MoE in float64: the experts' grouped matmul has no float64, so load_model runs them one by one;
     the scores equal the float32 model's to float32 precision."""
-    import transformers
-    from tiny_saved import char_tokenizer
+    from tiny_saved import save_tiny_family
 
-    tok = char_tokenizer()
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(tmp_path / "moe")
-    tok.save_pretrained(tmp_path / "moe")
-    examples = [headscore.Example("When Ann and Bob went out, Bob gave it to ", "Ann", "t")]
-    s64 = headscore.score(headscore.load_model(str(tmp_path / "moe"), dtype="float64", progress=False), examples,
-                          progress=False)
-    s32 = headscore.score(headscore.load_model(str(tmp_path / "moe"), progress=False), examples, progress=False)
+    path = str(save_tiny_family(tmp_path / "moe", "qwen3-moe"))
+    s64 = headscore.score(headscore.load_model(path, dtype="float64", progress=False), _examples(), progress=False)
+    s32 = headscore.score(headscore.load_model(path, progress=False), _examples(), progress=False)
     assert s64.values.abs().max() > 1e-3
     torch.testing.assert_close(s32.values, s64.values, rtol=1e-3, atol=1e-4 * float(s64.values.abs().max()))
+
+
+def _o_proj_reference(lm, example, heads: int) -> torch.Tensor:
+    """dL/dg [L, H] for one unpadded example, the gate put on each head's slice of the o_proj input by a hook."""
+    layers = lm.model.model.layers
+    gates = torch.ones(len(layers), heads, dtype=torch.float64, requires_grad=True)
+
+    def hook(module, args, i):
+        x = args[0]
+        return ((x.view(*x.shape[:-1], heads, -1) * gates[i][:, None]).view_as(x),)
+
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: hook(m, a, i))
+               for i, layer in enumerate(layers)]
+    prompt = lm.tokenizer(example.prompt)["input_ids"]
+    target = lm.tokenizer(example.target, add_special_tokens=False)["input_ids"]
+    try:
+        logits = lm.model(input_ids=torch.tensor([prompt + target])).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    logp = torch.log_softmax(logits.double(), -1)
+    loss = -torch.stack([logp[len(prompt) - 1 + i, t] for i, t in enumerate(target)]).mean()
+    return torch.autograd.grad(loss, gates)[0]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["gpt-oss", "qwen3-moe", "deepseek-v3"])
+def test_gate_gradient_of_quirky_families(tmp_path, family):
+    """Float64 gate gradients (attention sinks, experts, latent attention) equal a hook on each layer's own
+    o_proj. headscore's batch is padded, the reference runs each example alone, both through the same float64
+    model: 1e-9 of the largest gradient is far above what reordered float64 sums change (observed ~1e-17)
+    and far below a swapped head or layer."""
+    from tiny_saved import save_tiny_family
+
+    from headscore.methods.gradient import gate_gradients
+
+    lm = headscore.load_model(str(save_tiny_family(tmp_path / family, family)), dtype="float64", progress=False)
+    examples = _examples()
+    prep = headscore.prepare(lm, examples)
+    with headscore.patch(lm.model) as heads:
+        batch = next(prep.batches(2, progress=False))
+        assert (batch.attention_mask == 0).any(), "the test needs a padded batch"
+        _, grad = gate_gradients(lm.model, heads, batch)
+    got = grad[batch.example_index.argsort()]
+    want = torch.stack([_o_proj_reference(lm, ex, 4) for ex in examples])
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * float(want.abs().max()))
 
 
 def test_latent_attention_value_head_dim(tmp_path):
     """DeepSeek-V3 (multi-head latent attention): a head's output is v_head_dim wide (6 here), not the
     query/key head_dim; the layout, the mean baseline and mean ablation follow the real width. The mean
     baseline equals the mean of the o_proj inputs recorded by a hook (float64)."""
-    import transformers
-    from tiny_saved import char_tokenizer
+    from tiny_saved import save_tiny_family
 
     from headscore.patch import head_layout
 
-    tok = char_tokenizer()
-    config = transformers.DeepseekV3Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8,
-        v_head_dim=6, n_group=1, topk_group=1, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-        eos_token_id=0)
-    torch.manual_seed(0)
-    transformers.DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "dsv3")
-    tok.save_pretrained(tmp_path / "dsv3")
-    lm = headscore.load_model(str(tmp_path / "dsv3"), dtype="float64", progress=False)
+    lm = headscore.load_model(str(save_tiny_family(tmp_path / "dsv3", "deepseek-v3")), dtype="float64",
+                              progress=False)
     assert head_layout(lm.model).head_dim == 6
-    examples = [headscore.Example("When Ann and Bob went out, Bob gave it to ", "Ann", "t"),
-                headscore.Example("Then Cy and Di sat, Di read to ", "Cy", "t")]
+    examples = _examples()
     mean = headscore.mean_baseline(lm, examples, progress=False)
     assert mean.shape == (2, 4, 6)
     seen = [[], []]

@@ -44,3 +44,43 @@ def save_tiny_model(path: str | Path, *, layers: int = 3, heads: int = 4, seed: 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _tiny_config(family: str, vocab: int):
+    """A tiny config of a family whose quirks the engine must follow (experts, sinks, latent attention)."""
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=0)
+    if family == "gpt-oss":  # attention sinks, a sliding-window layer, experts; no SDPA attention
+        return transformers.GptOssConfig(
+            **common, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "qwen3-moe":  # experts (grouped matmul)
+        return transformers.Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
+                                           num_experts=4, num_experts_per_tok=2)
+    if family == "deepseek-v3":  # multi-head latent attention: value head dim 6, query/key 4 + 8; experts
+        return transformers.DeepseekV3Config(
+            **common, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4,
+            qk_nope_head_dim=8, v_head_dim=6, n_group=1, topk_group=1)
+    raise ValueError(f"no tiny config for {family!r}")
+
+
+TINY_FAMILIES = ("gpt-oss", "qwen3-moe", "deepseek-v3")
+
+
+def save_tiny_family(path: str | Path, family: str, *, seed: int = 0) -> Path:
+    """Write a random-weight tiny model of ``family`` (one of :data:`TINY_FAMILIES`) with the character
+    tokenizer to ``path``; weights drawn larger than the default init, so heads matter."""
+    path = Path(path)
+    tokenizer = char_tokenizer()
+    config = _tiny_config(family, len(tokenizer))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
