@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .accumulate import TaskAccumulator
 from .checkpoint import ScoringRun, fingerprint, tensor_hash
 from .compare import compare
-from .data.batching import num_batches
+from .data.batching import batch_cells, num_batches
 from .data.examples import Example
 from .errors import HeadscoreError
 from .loss import Metric, MetricFn, resolve_metric
@@ -29,7 +29,7 @@ from .methods.baseline import corrupt_head_outputs, mean_head_outputs
 from .methods.gradient import GRADIENT_METHODS, NEEDS_MEAN_BASELINE, gate_gradients, score_values
 from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
-from .positions import PositionLayout
+from .positions import PositionMaps
 from .prepared import ModelLike, Prepared, prepare
 from .results import HeadScores
 
@@ -103,10 +103,9 @@ def _gradient_method_name(method: str, baseline: str | torch.Tensor | None) -> s
     return f"atp-{name}" if method in ("taylor", "atp-mean") else f"{method}-{name}"
 
 
-def _with_positions(result: HeadScores, layout: PositionLayout, acc: TaskAccumulator,
-                    counts: torch.Tensor) -> HeadScores:
-    return replace(result, positions=layout.names, position_values=acc.mean, position_stderr=acc.stderr,
-                   position_counts=counts)
+def _position_maps(prep: Prepared) -> PositionMaps:
+    layout = head_layout(prep.lm.model)
+    return PositionMaps(prep.tokenized, prep.tasks, layout.num_layers, layout.num_heads)
 
 
 def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
@@ -169,24 +168,18 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
                      every=checkpoint_every, resume=resume, distributed=distributed)
     if per_position and run.world > 1:
         raise HeadscoreError("per-position scores are not reduced across processes; run them in one process")
-    layout = PositionLayout.of(prep.tokenized) if per_position else None
-    pos_acc = pos_counts = None
-    if layout is not None:
-        shape = head_layout(prep.lm.model)
-        pos_acc = TaskAccumulator(prep.tasks, shape.num_layers, shape.num_heads, positions=layout.width)
-        pos_counts = torch.zeros(len(prep.tasks), layout.width, dtype=torch.int64)
-    corrupt = baseline == "corrupt"
+    maps = _position_maps(prep) if per_position else None
     start = time.perf_counter()
     with patch(prep.lm.model, kernel=kernel) as heads, prep.naming_examples():
         static = None
-        if (method in NEEDS_MEAN_BASELINE or baseline is not None) and not corrupt and run.done < run.total:
-            static = _baseline_tensor(prep, heads, "mean" if baseline is None else baseline, batch_size, progress)
+        if run.done < run.total:
+            wanted = "mean" if baseline is None and method in NEEDS_MEAN_BASELINE else baseline
+            static = _baseline_tensor(prep, heads, wanted, batch_size, progress)
         for batch in run.batches(prep.batches(batch_size, desc=f"score ({name})", progress=progress)):
-            base = _batch_baseline(prep.lm.model, heads, batch, static, corrupt)
+            base = _batch_baseline(prep.lm.model, heads, batch, static, baseline == "corrupt")
             _, grad = gate_gradients(prep.lm.model, heads, batch, base, metric=metric, per_position=per_position)
-            if layout is not None:
-                pos_acc.add(batch.task_index, score_values(method, layout.to_named(grad, batch)))
-                pos_counts.index_add_(0, batch.task_index.cpu(), layout.present(batch).long().cpu())
+            if maps is not None:
+                maps.add(batch, score_values(method, grad))
                 grad = grad.sum(2)
             acc.add(batch.task_index, score_values(method, grad), batch.example_index)
         run.finish()
@@ -194,7 +187,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
                          metric=metric.name, metric_meaning=metric.describe(),
                          baseline=_baseline_name(baseline if name != "atp-mean" else "mean"),
                          **run.extra)
-    return result if layout is None else _with_positions(result, layout, pos_acc, pos_counts)
+    return result if maps is None else maps.attach(result)
 
 
 def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
@@ -237,16 +230,10 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
-    positions = PositionLayout.of(prep.tokenized) if per_position else None
-    pos_acc = pos_counts = None
+    maps = _position_maps(prep) if per_position else None
     total = len(prep.examples) * rows.shape[0]
-    if positions is not None:
-        pos_acc = TaskAccumulator(prep.tasks, layout.num_layers, layout.num_heads, positions=positions.width)
-        pos_counts = torch.zeros(len(prep.tasks), positions.width, dtype=torch.int64)
-        lengths = sorted(len(it.ids) for it in prep.tokenized)  # make_batches groups examples by length
-        total += sum(max(lengths[s:s + batch_size]) * len(lengths[s:s + batch_size])
-                     for s in range(0, len(lengths), batch_size)) * rows.shape[0]
-    corrupt = baseline == "corrupt"
+    if maps is not None:  # and one row per head and token of each batch
+        total += batch_cells(prep.tokenized, batch_size) * rows.shape[0]
     start = time.perf_counter()
     # one forward pass covers a few heads: count (example, head) ablations, not batches
     bar = tqdm(total=total, desc=f"ablate ({mode})", unit="ablation", disable=not progress, leave=False)
@@ -254,7 +241,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
         static = _baseline_tensor(prep, heads, baseline, batch_size, progress)
         model = prep.lm.model
         for i, batch in enumerate(prep.batches(batch_size, progress=False)):
-            base = _batch_baseline(model, heads, batch, static, corrupt)
+            base = _batch_baseline(model, heads, batch, static, baseline == "corrupt")
             if i == 0 and mode == "prefix" and not prefix_reuse_works(model, heads, batch, base, metric):
                 mode = "batched"
             clean = clean_losses(model, heads, batch, metric)
@@ -266,16 +253,15 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
 
             delta = changed(rows).T.reshape(batch.size, layout.num_layers, layout.num_heads)
             acc.add(batch.task_index, delta, batch.example_index)
-            if positions is not None:
+            if maps is not None:
                 width = batch.input_ids.shape[1]
                 per = torch.stack([changed(position_gates(layer, layout.num_layers, layout.num_heads, width))
                                    .T.reshape(batch.size, layout.num_heads, width)
                                    for layer in range(layout.num_layers)], 1)  # [B, L, H, T]
-                pos_acc.add(batch.task_index, positions.to_named(per.transpose(2, 3), batch))
-                pos_counts.index_add_(0, batch.task_index.cpu(), positions.present(batch).long().cpu())
+                maps.add(batch, per.transpose(2, 3))
     result = prep.result(acc, f"ablation-{_baseline_name(baseline)}", seconds=time.perf_counter() - start,
                          mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=metric.describe())
-    return result if positions is None else _with_positions(result, positions, pos_acc, pos_counts)
+    return result if maps is None else maps.attach(result)
 
 
 @dataclass(frozen=True)

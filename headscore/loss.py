@@ -182,6 +182,12 @@ def target_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return tokens - 1, batch.input_ids.gather(1, tokens), mask
 
 
+def _at_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, T, C] at each row's positions ``index`` [B, P]: [B, P, C]."""
+    index = index.to(x.device)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -> torch.Tensor:
     """Each row's loss under ``metric`` [B] (default: mean target NLL; float32, or float64 for a float64
     model); see the module docstring for the metrics.
@@ -209,9 +215,7 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
         def gather(module, args):
             if not args or args[0].dim() != 3 or args[0].shape[1] != width:
                 return None  # not the hidden states we expect: leave them, and the check below falls back
-            h = args[0]
-            idx = (positions - offset).to(h.device)
-            return (h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), *args[1:])
+            return (_at_positions(args[0], positions - offset), *args[1:])
 
         handle = head.register_forward_pre_hook(gather)
         try:
@@ -228,8 +232,7 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
     if metric.name == "nll":
         return losses_from_logits(logits, batch, span_only=bool(kwargs))
     positions, labels, mask = target_positions(batch)
-    idx = (positions - (start if kwargs else 0)).to(logits.device)
-    logits = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+    logits = _at_positions(logits, positions - (start if kwargs else 0))
     return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device), batch),
                          batch.example_index, logits.dtype)
 

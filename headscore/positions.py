@@ -12,11 +12,13 @@ map equals the head's ordinary score. :attr:`PositionLayout.names` lists the pos
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .accumulate import TaskAccumulator
 from .data.batching import Batch, TokenizedExample
 
 
@@ -74,3 +76,32 @@ class PositionLayout:
         index, valid = self.columns(batch)
         out = torch.zeros(batch.size, self.width, dtype=torch.int64, device=index.device)
         return out.scatter_add_(1, index, valid.long()) > 0
+
+
+class PositionMaps:
+    """A run's per-position maps: per task, the mean and standard error of each (layer, head, position)
+    value, and how many examples have a token at each position.
+
+    ``add(batch, values)`` takes values in the batch's positions [B, L, T, H]; ``attach(scores)`` returns
+    the scores with ``positions``, ``position_values``, ``position_stderr`` and ``position_counts``.
+    """
+
+    def __init__(self, items: Sequence[TokenizedExample], tasks: Sequence[str], num_layers: int, num_heads: int):
+        self.layout = PositionLayout.of(items)
+        lengths = {it.prompt_length for it in items}
+        if len(lengths) > 1:
+            warnings.warn(f"per-position: prompts of {min(lengths)} to {max(lengths)} tokens are aligned at their "
+                          "last token ('end'); a task's value at a position averages over all its examples, 0 for "
+                          "one without a token there (position_counts says how many have one)", stacklevel=4)
+        self.acc = TaskAccumulator(tasks, num_layers, num_heads, positions=self.layout.width)
+        self.counts = torch.zeros(len(tasks), self.layout.width, dtype=torch.int64)
+
+    def add(self, batch: Batch, values: torch.Tensor) -> None:
+        """Add one batch's values [B, L, T, H] (T = the batch's positions)."""
+        self.acc.add(batch.task_index, self.layout.to_named(values, batch))
+        self.counts.index_add_(0, batch.task_index.cpu(), self.layout.present(batch).long().cpu())
+
+    def attach(self, scores):
+        """``scores`` (a HeadScores) with these maps."""
+        return replace(scores, positions=self.layout.names, position_values=self.acc.mean,
+                       position_stderr=self.acc.stderr, position_counts=self.counts)

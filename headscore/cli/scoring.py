@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable
 
 import torch
@@ -37,17 +36,6 @@ def _add_counterfactual_args(parser: argparse.ArgumentParser, baseline_default: 
                              + ("" if baseline_default else "; default zero (mean for atp-mean)"))
     parser.add_argument("--metric", default="nll", choices=METRICS, help=METRIC_HELP)
     parser.add_argument("--per-position", action="store_true", help=POSITION_HELP)
-
-
-def _announce_alignment(examples, args: argparse.Namespace, tokenizer) -> None:
-    """One line on how per-position maps line up prompts of different token lengths (stderr)."""
-    if not args.per_position:
-        return
-    lengths = {len(tokenizer(ex.prompt)["input_ids"]) for ex in limit_per_task(examples, args.max_examples)}
-    if len(lengths) > 1:
-        print(f"per-position: prompts of {min(lengths)} to {max(lengths)} tokens are aligned at their last token "
-              "('end'); a task's value at a position averages over all its examples, 0 for one without a token "
-              "there (position_counts says how many have one)", file=sys.stderr)
 
 
 def register(sub) -> dict[str, Callable]:
@@ -140,7 +128,6 @@ def cmd_score(args: argparse.Namespace) -> None:
               f"(chance {result.extra['chance_accuracy']:.3f})")
         save_scores(result, args.out, args.export)
         return
-    _announce_alignment(examples, args, lm.tokenizer)
     result = score(lm, examples, method=args.method, batch_size=args.batch_size, max_examples=args.max_examples,
                    baseline=args.baseline, metric=args.metric, per_position=args.per_position,
                    progress=progress and rank == 0, kernel=kernel, checkpoint=args.checkpoint,
@@ -184,7 +171,6 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         if args.out:
             atomic_write(args.out, json.dumps({t: vars(e) for t, e in effects.items()}, indent=1).encode())
         return
-    _announce_alignment(examples, args, lm.tokenizer)
     result = ablate(lm, examples, baseline=args.baseline, mode=args.mode, batch_size=args.batch_size,
                     rows_per_pass=args.rows_per_pass, max_examples=args.max_examples, metric=args.metric,
                     per_position=args.per_position, progress=progress)

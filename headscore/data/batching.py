@@ -149,13 +149,24 @@ def collate(items: Sequence[TokenizedExample], pad_id: int) -> Batch:
                  torch.tensor([it.index for it in items]), corrupt, foils)
 
 
-def make_batches(items: Sequence[TokenizedExample], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Batches of at most ``batch_size`` rows, grouped by length to keep padding small."""
+def _grouped(items: Sequence[TokenizedExample], batch_size: int) -> Iterator[Sequence[TokenizedExample]]:
+    """The examples of each batch: at most ``batch_size``, grouped by length to keep padding small."""
     if batch_size < 1:
         raise HeadscoreError(f"batch size must be at least 1, got {batch_size}")
     ordered = sorted(items, key=lambda it: (len(it.ids), it.index))
     for start in range(0, len(ordered), batch_size):
-        yield collate(ordered[start:start + batch_size], pad_id)
+        yield ordered[start:start + batch_size]
+
+
+def make_batches(items: Sequence[TokenizedExample], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Batches of at most ``batch_size`` rows, grouped by length to keep padding small."""
+    for group in _grouped(items, batch_size):
+        yield collate(group, pad_id)
+
+
+def batch_cells(items: Sequence[TokenizedExample], batch_size: int) -> int:
+    """Rows x width summed over the batches :func:`make_batches` makes (token slots, padding included)."""
+    return sum(len(group) * max(len(it.ids) for it in group) for group in _grouped(items, batch_size))
 
 
 def num_batches(num_items: int, batch_size: int) -> int:

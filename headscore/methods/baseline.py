@@ -12,6 +12,14 @@ from ..loss import run_forward
 from ..patch import HeadGates
 
 
+def _stacked(per_layer: list[torch.Tensor | None], where: str) -> torch.Tensor:
+    """One tensor per layer, stacked; ValueError naming the layers whose attention output never came."""
+    missing = [i for i, x in enumerate(per_layer) if x is None]
+    if missing:
+        raise ValueError(f"no attention output seen for layer(s) {missing[:5]}{where}")
+    return torch.stack(per_layer)
+
+
 @torch.no_grad()
 def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterable[Batch]) -> torch.Tensor:
     """Mean of every head's output over all real (non-padding) tokens: float32 [L, H, D].
@@ -32,10 +40,7 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
             mask = batch.attention_mask
             tokens += int(mask.sum())
             run_forward(model, batch)
-    missing = [i for i, x in enumerate(sums) if x is None]
-    if missing:
-        raise ValueError(f"no attention output seen for layer(s) {missing[:5]}")
-    return (torch.stack(sums) / max(tokens, 1)).to(torch.float32)
+    return (_stacked(sums, "") / max(tokens, 1)).to(torch.float32)
 
 
 @torch.no_grad()
@@ -54,7 +59,4 @@ def corrupt_head_outputs(model: torch.nn.Module, heads: HeadGates, batch: Batch)
 
     with heads.observing(observe), heads.using(None, None):
         run_forward(model, corrupted)
-    missing = [i for i, o in enumerate(outputs) if o is None]
-    if missing:
-        raise ValueError(f"no attention output seen for layer(s) {missing[:5]} on the corrupted run")
-    return torch.stack(outputs)
+    return _stacked(outputs, " on the corrupted run")
