@@ -12,15 +12,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..figures import save_figure
+from .inputs import head_order
 from .layout import axes_grid, grid_shape, wrap_title
 
 POSITION_LABEL = "score at position"
 
 
 def top_heads(values: np.ndarray, k: int) -> list[tuple[int, int]]:
-    """The ``k`` heads of an [L, H] map with the largest |value| (NaN last), largest first."""
-    flat = np.nan_to_num(np.abs(values).ravel(), nan=-1.0)
-    order = np.argsort(-flat, kind="stable")[:min(k, flat.size)]
+    """The ``k`` heads of an [L, H] map with the largest |value| (NaN last), largest first: the report's one
+    ranking (:func:`.inputs.head_order`) of the magnitudes."""
+    order = head_order(np.abs(values).ravel())[:k]
     return [(int(i) // values.shape[1], int(i) % values.shape[1]) for i in order]
 
 
@@ -53,8 +54,7 @@ def build_position_figure(scores: Any, *, k: int = 10, tasks: Sequence[str] | No
         names = [scores.positions[c] for c in cols]
         if tokens is not None and task in tokens:
             words = list(tokens[task])
-            names = [f"{w!r}"[1:-1] + f"  {p}" if i < len(words) else p for i, (p, w) in
-                     enumerate(zip(names, words + [""] * len(names), strict=False))]
+            names = [f"{words[i]!r}"[1:-1] + f"  {p}" if i < len(words) else p for i, p in enumerate(names)]
         ax.set_xticks(range(len(cols)), names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(heads)), [f"L{layer}.H{head}" for layer, head in heads], fontsize=7)
         ax.set_title(wrap_title(task, pw, 10), fontsize=10)
