@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 import headscore
-from headscore.bench import machine_info
+from headscore.bench import floor_pass, machine_info
 from headscore.compare import compare, compare_positions, largest_differences
 from headscore.data.examples import limit_per_task
 from headscore.data.tasks import load_tasks
-from headscore.loss import example_losses, resolve_metric
+from headscore.loss import resolve_metric
 from headscore.results import atomic_write, library_versions
 
 METRICS = ("logit-diff", "nll", "prob")
@@ -44,28 +44,16 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    """Median wall seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = [timed(fn)[1] for _ in range(repeats)]
-    return statistics.median(times), times
-
-
-def plain_forward_backward(lm, examples, batch_size: int, metric: str) -> None:
-    """The floor: forward and backward of the metric's loss to the input embeddings, weights frozen, no gates."""
-    prep = headscore.prepare(lm, examples)
-    model, m = lm.model, resolve_metric(metric)
-    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for batch in prep.batches(batch_size, progress=False):
-            example_losses(model, batch, m).sum().backward()
-    finally:
-        handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+def interleaved_times(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each function over ``repeats`` rounds after one warm-up round; within a round the
+    functions run back to back, so a slow spell of a shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn)[1])
+    return times
 
 
 def agreement_rows(atp, patch, k: int = 10, misses: int = 5) -> dict:
@@ -86,6 +74,8 @@ def main() -> None:
                         help="examples of the first task for the per-position comparison")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timing-examples", type=int, default=None,
+                        help="IOI examples per task for the timing part (default: --max-examples)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--parts", default="timing,metrics,positions,figures",
                         help="which parts to run (comma-separated); a part's results replace its section of an "
@@ -107,12 +97,13 @@ def main() -> None:
                 "platform": platform.platform(), "versions": library_versions(),
                  "torch_threads": torch.get_num_threads()})
     command = ("python benchmarks/counterfactual.py " f"--max-examples {args.max_examples} --positions-examples "
-               f"{args.positions_examples} --batch-size {args.batch_size} --repeats {args.repeats} --threads "
+               f"{args.positions_examples} --timing-examples {args.timing_examples or args.max_examples} --batch-size "
+               f"{args.batch_size} --repeats {args.repeats} --threads "
                f"{torch.get_num_threads()} --parts {','.join(sorted(parts))} --out {args.out}")
     doc.setdefault("commands", {}).update({part: command for part in parts})
     doc.setdefault("machines", {}).update({part: machine_info() for part in parts})
     if "timing" in parts:
-        timing(doc, lm, examples, args, kw)
+        timing(doc, lm, limit_per_task(load_tasks("ioi"), args.timing_examples or args.max_examples), args, kw)
     if "metrics" in parts:
         metrics(doc, lm, examples, out, kw)
     if "positions" in parts:
@@ -123,19 +114,26 @@ def main() -> None:
 
 
 def timing(doc: dict, lm, examples, args, kw: dict) -> None:
-    """The floor, taylor and AtP against the corrupted run, timed on the same examples."""
-    floor, floor_all = median_time(lambda: plain_forward_backward(lm, examples, args.batch_size, "logit-diff"),
-                                   args.repeats)
-    taylor, taylor_all = median_time(lambda: headscore.score(lm, examples, metric="logit-diff", **kw), args.repeats)
-    atp, atp_all = median_time(lambda: headscore.score(lm, examples, metric="logit-diff", baseline="corrupt", **kw),
-                               args.repeats)
-    doc["time"] = {"floor_s": floor, "taylor_s": taylor, "atp_corrupt_s": atp, "atp_over_floor": atp / floor,
-                   "taylor_over_floor": taylor / floor, "runs": {"floor": floor_all, "taylor": taylor_all,
-                                                                  "atp": atp_all}}
-    print(f"floor {floor:.2f} s, taylor {taylor:.2f} s, AtP (corrupt) {atp:.2f} s: {atp / floor:.2f}x the floor",
-          flush=True)
+    """The floor, taylor and AtP against the corrupted run, timed on the same examples in interleaved rounds;
+    the ratios are medians of the per-round ratios."""
+    times = interleaved_times({
+        # the floor: forward and backward to the input embeddings, no gates (tokenising included, as in score)
+        "floor": lambda: floor_pass(lm.model, headscore.prepare(lm, examples).batches(args.batch_size, progress=False),
+                                    resolve_metric("logit-diff")),
+        "taylor": lambda: headscore.score(lm, examples, metric="logit-diff", **kw),
+        "atp": lambda: headscore.score(lm, examples, metric="logit-diff", baseline="corrupt", **kw),
+    }, args.repeats)
+    median = {name: statistics.median(t) for name, t in times.items()}
 
-    doc["time"]["threads"] = torch.get_num_threads()
+    def ratio(name: str) -> float:
+        return statistics.median(x / f for x, f in zip(times[name], times["floor"], strict=True))
+
+    doc["time"] = {"examples": len(examples), "floor_s": median["floor"], "taylor_s": median["taylor"],
+                   "atp_corrupt_s": median["atp"], "atp_over_floor": ratio("atp"),
+                   "taylor_over_floor": ratio("taylor"), "runs": times, "threads": torch.get_num_threads()}
+    print(f"{len(examples)} examples: floor {median['floor']:.2f} s, taylor {median['taylor']:.2f} s, AtP (corrupt) "
+          f"{median['atp']:.2f} s; per-round ratios: taylor {ratio('taylor'):.2f}x, AtP {ratio('atp'):.2f}x the floor",
+          flush=True)
 
 
 def metrics(doc: dict, lm, examples, out: Path, kw: dict) -> None:

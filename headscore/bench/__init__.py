@@ -32,6 +32,7 @@ from .methods import (
     Method,
     Output,
     attribution_from_acts,
+    floor_pass,
     head_sample,
     losses_from_logits,
     o_proj_modules,
@@ -50,7 +51,7 @@ from .tables import Row, format_table, machine_info, versions, write_outputs
 
 __all__ = [
     "BUILTIN", "DEFAULT_METHODS", "HEAVY", "LABELS", "PEERS", "Context", "Method", "Output", "Row",
-    "attribution_from_acts", "format_table", "head_sample", "losses_from_logits", "machine_info",
+    "attribution_from_acts", "floor_pass", "format_table", "head_sample", "losses_from_logits", "machine_info",
     "measure_memory_here", "measure_memory_subprocess", "nnsight_attribution", "o_proj_modules", "resolve",
     "run_ablate_batched", "run_ablate_sequential", "run_bench", "run_floor", "run_hooks_attribution", "run_taylor",
     "sampled_ablation", "sampled_batched", "timed_head_sweep", "tl_ablation", "tl_attribution", "unavailable",

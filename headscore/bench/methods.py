@@ -16,7 +16,7 @@ sample and the one timed sampled-ablation sweep.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +25,7 @@ from ..accumulate import TaskAccumulator
 from ..api import ablate, score
 from ..data.batching import Batch
 from ..errors import HeadscoreError
-from ..loss import example_losses, losses_from_logits
+from ..loss import NLL, Metric, example_losses, losses_from_logits
 from ..methods.ablation import clean_losses, gated_losses, single_head_gates
 from ..models import LoadedModel
 from ..patch import head_layout, patch
@@ -128,20 +128,25 @@ def timed_head_sweep(ctx: Context, sample: list[int], clean: Callable[[Batch], t
 
 def run_floor(ctx: Context) -> Output:
     """Forward + backward to the embeddings' output only (weights frozen): the cost floor."""
-    model = ctx.lm.model
+    floor_pass(ctx.lm.model, ctx.prep.batches(ctx.batch_size, progress=False))
+    return Output()
+
+
+def floor_pass(model: torch.nn.Module, batches: Iterable[Batch], metric: Metric = NLL) -> None:
+    """The cost floor: forward and backward of ``metric``'s loss to the input embeddings' output only, no
+    gates, weights frozen (their ``requires_grad`` restored after)."""
     emb = model.get_input_embeddings()
     handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        for batch in ctx.prep.batches(ctx.batch_size, progress=False):
-            example_losses(model, batch).sum().backward()
+        for batch in batches:
+            example_losses(model, batch, metric).sum().backward()
     finally:
         handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    return Output()
 
 
 def run_taylor(ctx: Context) -> Output:
