@@ -27,6 +27,7 @@ _EXPORTS = {
     "data.examples": ("Example", "load_jsonl"),
     "errors": ("HeadscoreError", "UnsupportedModelError"),
     "loss": ("METRICS", "Metric"),
+    "model_check": ("check_model",),
     "models": ("DEFAULT_MODEL", "LoadedModel", "load_model"),
     "patch": ("HeadGates", "patch"),
     "results": ("HeadScores",),
@@ -37,7 +38,8 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreCallback",
     "HeadscoreError", "LoadedModel", "METHODS", "METRICS", "Metric", "SetEffect", "Tracker",
-    "UnsupportedModelError", "ablate", "ablate_heads", "builtin_suite", "compare", "load_cogqa", "load_jsonl",
+    "UnsupportedModelError", "ablate", "ablate_heads", "builtin_suite", "check_model", "compare", "load_cogqa",
+    "load_jsonl",
     "load_model", "mean_baseline", "patch", "prepare", "score", "split_by_question", "track",
 ]
 assert sorted(__all__) == sorted(_WHERE), "every export is listed once"
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .data.examples import Example, load_jsonl
     from .errors import HeadscoreError, UnsupportedModelError
     from .loss import METRICS, Metric
+    from .model_check import check_model
     from .models import DEFAULT_MODEL, LoadedModel, load_model
     from .patch import HeadGates, patch
     from .prepared import prepare

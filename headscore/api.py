@@ -50,6 +50,13 @@ def _check_batch_size(batch_size: int) -> None:
 
 def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor | None) -> None:
     """Refuse a metric or baseline the examples cannot serve, naming the first example that lacks it."""
+    if prep.examples[0].label is not None:
+        if metric.name != "nll" or metric.fn is not None:
+            raise HeadscoreError(f"a sequence classifier is scored on its own loss from the labels; metric "
+                                 f"{metric.name!r} is for a causal LM's target tokens")
+        if isinstance(baseline, str) and baseline == "corrupt":
+            raise HeadscoreError("baseline 'corrupt' needs prompt/target examples with a corrupted prompt; "
+                                 "labelled examples have none")
     needs = [("foil", "the logit-diff metric")] if metric.needs_foil else []
     if isinstance(baseline, str) and baseline == "corrupt":
         needs.append(("corrupt", "baseline 'corrupt'"))
@@ -57,6 +64,15 @@ def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor |
         for i, ex in enumerate(prep.examples):
             if getattr(ex, name) is None:
                 raise HeadscoreError(f"{what} needs a {name!r} field in every example; {ex.describe(i)} has none")
+
+
+LABEL_LOSS_MEANING = "increase in the classifier's own loss on the label (cross-entropy in nats; squared error " \
+    "for a regression head)"
+
+
+def _meaning(prep: Prepared, metric: Metric) -> str:
+    """What a positive score means: the metric's meaning, or the classifier's loss for labelled examples."""
+    return LABEL_LOSS_MEANING if prep.examples[0].label is not None else metric.describe()
 
 
 def _baseline_name(baseline: str | torch.Tensor | None) -> str:
@@ -104,6 +120,9 @@ def _gradient_method_name(method: str, baseline: str | torch.Tensor | None) -> s
 
 
 def _position_maps(prep: Prepared) -> PositionMaps:
+    if prep.examples[0].label is not None:
+        raise HeadscoreError("per-position scores are for a causal LM's prompts; a sequence classifier's labelled "
+                             "examples have no answer position")
     layout = head_layout(prep.lm.model)
     return PositionMaps(prep.tokenized, prep.tasks, layout.num_layers, layout.num_heads)
 
@@ -184,7 +203,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
             acc.add(batch.task_index, score_values(method, grad), batch.example_index)
         run.finish()
     result = prep.result(acc, name, seconds=time.perf_counter() - start, batch_size=batch_size,
-                         metric=metric.name, metric_meaning=metric.describe(),
+                         metric=metric.name, metric_meaning=_meaning(prep, metric),
                          baseline=_baseline_name(baseline if name != "atp-mean" else "mean"),
                          **run.extra)
     return result if maps is None else maps.attach(result)
@@ -260,7 +279,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
                                    for layer in range(layout.num_layers)], 1)  # [B, L, H, T]
                 maps.add(batch, per.transpose(2, 3))
     result = prep.result(acc, f"ablation-{_baseline_name(baseline)}", seconds=time.perf_counter() - start,
-                         mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=metric.describe())
+                         mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=_meaning(prep, metric))
     return result if maps is None else maps.attach(result)
 
 

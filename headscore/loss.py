@@ -188,6 +188,33 @@ def _at_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def classifier_losses(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    """Each row's share of a sequence classifier's own loss [B], as its ``forward(labels=...)`` defines it:
+    squared error for a regression head (one output, or ``problem_type="regression"``), else cross-entropy
+    (float32, float64 for a float64 model). Multi-label heads are refused."""
+    problem = getattr(config, "problem_type", None)
+    labels = labels.to(logits.device)
+    if problem == "multi_label_classification":
+        raise HeadscoreError("multi-label classifiers are not supported (one label per example); set the model's "
+                             "problem_type to single_label_classification or regression")
+    dtype = torch.promote_types(torch.float32, logits.dtype)
+    if problem == "regression" or logits.shape[-1] == 1:
+        return (logits.to(dtype).squeeze(-1) - labels.to(dtype)).square().view(len(labels), -1).mean(1)
+    if labels.is_floating_point():
+        raise HeadscoreError(f"a classifier with {logits.shape[-1]} classes needs integer labels, got floats")
+    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]:
+        raise HeadscoreError(f"labels must be class indices 0..{logits.shape[-1] - 1}; got {int(labels.min())}.."
+                             f"{int(labels.max())}")
+    return torch.nn.functional.cross_entropy(logits.to(dtype), labels, reduction="none")
+
+
+def _in_model_dtype(logits: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """Logits in a float64 model's dtype: some families return ``logits.float()``, and the loss of a float64
+    model is float64 (the cast back changes no value; it keeps the softmax and its gradient exact)."""
+    dtype = next(model.parameters()).dtype
+    return logits.to(dtype) if dtype == torch.float64 and logits.dtype != dtype else logits
+
+
 def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -> torch.Tensor:
     """Each row's loss under ``metric`` [B] (default: mean target NLL; float32, or float64 for a float64
     model); see the module docstring for the metrics.
@@ -197,11 +224,16 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
     forward pre-hook on ``get_output_embeddings()``; anything the family applies to the logits
     afterwards, such as soft-capping, works on any shape). A family whose head does not take them
     that way gets the logits of the span of target positions instead (``logits_to_keep``) and is
-    remembered. A user's metric gets the logits of every position. Raises HeadscoreError on a
-    non-finite loss.
+    remembered. A user's metric gets the logits of every position. A batch with labels (a sequence
+    classifier's examples) gets :func:`classifier_losses`. Raises HeadscoreError on a non-finite loss.
     """
+    if batch.labels is not None:
+        logits = _in_model_dtype(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, model)
+        return finite_losses(classifier_losses(logits, batch.labels, model.config), batch.example_index,
+                             logits.dtype)
     if metric.fn is not None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = _in_model_dtype(
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits, model)
         return finite_losses(_custom_loss(metric, logits, batch), batch.example_index, logits.dtype)
     start, end = _target_span(batch)
     keep = torch.arange(start, end, device=batch.input_ids.device)
@@ -219,16 +251,16 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
 
         handle = head.register_forward_pre_hook(gather)
         try:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                           **kwargs).logits
+            logits = _in_model_dtype(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                           use_cache=False, **kwargs).logits, model)
         finally:
             handle.remove()
         if tuple(logits.shape[:2]) == tuple(positions.shape):
             return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device),
                                                batch), batch.example_index, logits.dtype)
         model._headscore_gather_head = False  # the head saw other inputs: use the span from now on
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   **kwargs).logits
+    logits = _in_model_dtype(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                                   **kwargs).logits, model)
     if metric.name == "nll":
         return losses_from_logits(logits, batch, span_only=bool(kwargs))
     positions, labels, mask = target_positions(batch)

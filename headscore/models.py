@@ -244,10 +244,27 @@ def _from_pretrained(auto, path, *, attn_implementation: str | None, **kwargs):
     return auto.from_pretrained(path, local_files_only=True, attn_implementation="eager", **kwargs)
 
 
+def is_sequence_classifier(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a sequence classifier (``...ForSequenceClassification``: scored on labels)."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _saved_as_classifier(path: str) -> bool:
+    """Whether the config at ``path`` names a sequence-classification architecture."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return False  # the loader below reports it
+    return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
                attn_implementation: str | None = None, device_map: str | dict | None = None,
                progress: bool = True) -> LoadedModel:
-    """Load a causal LM and its tokenizer for scoring, in eval mode.
+    """Load a causal LM (or a sequence classifier, when its config names a ``...ForSequenceClassification``
+    architecture: BERT, ModernBERT, ...) and its tokenizer for scoring, in eval mode.
 
     Args:
         name: ``smollm2-135m`` (embedded), a local transformers model directory, or a hub id
@@ -268,7 +285,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise HeadscoreError(f"device {device!r} is not available here ({str(exc).splitlines()[0]})") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     with _progress_bars(progress):
         path, hub_only = resolve_model_path(name)
@@ -277,7 +294,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
             placement = {} if device_map is None else {"device_map": device_map}
             if dtype == "float64":  # mixture-of-experts layers: the grouped matmul has no float64, the loop has
                 placement["experts_implementation"] = "eager"
-            model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype],
+            auto = AutoModelForSequenceClassification if _saved_as_classifier(path) else AutoModelForCausalLM
+            model = _from_pretrained(auto, path, dtype=DTYPES[dtype],
                                      attn_implementation=attn_implementation, **placement)
         except HeadscoreError:
             raise

@@ -33,32 +33,68 @@ Observer = Callable[[int, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """How many layers, heads per layer and head dimensions a model has."""
+    """How many layers, heads per layer and head dimensions a model has.
+
+    ``head_dim`` is the widest head; ``head_dims`` has each layer's own width where they differ (per-layer
+    configs, e.g. Gemma 4's wider global layers), else None. A baseline is [L, H, head_dim], each layer's
+    narrower heads taking the first entries.
+    """
 
     num_layers: int
     num_heads: int
     head_dim: int
     num_kv_heads: int
+    head_dims: tuple[int, ...] | None = None
+
+    def dim_of(self, layer: int) -> int:
+        """The width of layer ``layer``'s heads."""
+        return self.head_dim if self.head_dims is None else self.head_dims[layer]
+
+
+def _value_head_dim(config, heads: int) -> int:
+    # a head's output is as wide as its values: multi-head latent attention (DeepSeek-V3) has v_head_dim
+    # apart from the query/key head_dim
+    return int(getattr(config, "v_head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def head_layout(model: torch.nn.Module) -> HeadLayout:
     """Read the attention layout of a transformers model from its (text) config (``head_dim`` is the width
-    of a head's output, the value head dim where it differs from the query/key one)."""
+    of a head's output, the value head dim where it differs from the query/key one). A heterogeneous config
+    (per-layer attributes) is read layer by layer; per-layer head counts raise UnsupportedModelError."""
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; pass a PreTrainedModel")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "is_heterogeneous", False):
+        return _per_layer_layout(model, text)
     try:
-        layers = int(text.num_hidden_layers)
-        heads = int(text.num_attention_heads)
+        # the decoder's counts where an encoder-decoder family's config has both (BART-style causal LMs)
+        layers = int(getattr(text, "decoder_layers", None) or text.num_hidden_layers)
+        heads = int(getattr(text, "decoder_attention_heads", None) or text.num_attention_heads)
     except AttributeError as exc:
         raise UnsupportedModelError(
             f"{type(model).__name__}: config lacks num_hidden_layers/num_attention_heads") from exc
-    # a head's output is as wide as its values: multi-head latent attention (DeepSeek-V3) has v_head_dim
-    # apart from the query/key head_dim
-    head_dim = getattr(text, "v_head_dim", None) or getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_layer = getattr(text, "num_attention_heads_per_layer", None)  # Laguna's per-layer head counts
+    if per_layer:
+        if len(set(per_layer)) > 1:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has a different number of attention heads per layer "
+                f"({sorted(set(per_layer))}); headscore's gates and maps are layers x heads")
+        heads = int(per_layer[0])
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return HeadLayout(layers, heads, int(head_dim), int(kv_heads))
+    return HeadLayout(layers, heads, _value_head_dim(text, heads), int(kv_heads))
+
+
+def _per_layer_layout(model: torch.nn.Module, text) -> HeadLayout:
+    layers = [text.per_layer_config[i] for i in range(int(text.num_hidden_layers))]
+    heads = [int(c.num_attention_heads) for c in layers]
+    if len(set(heads)) > 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has a different number of attention heads per layer ({sorted(set(heads))}); "
+            "headscore's gates and maps are layers x heads")
+    dims = tuple(_value_head_dim(c, heads[0]) for c in layers)
+    kv = max(int(getattr(c, "num_key_value_heads", None) or heads[0]) for c in layers)
+    return HeadLayout(len(layers), heads[0], max(dims), kv, dims if len(set(dims)) > 1 else None)
 
 
 @dataclass
@@ -118,9 +154,16 @@ class HeadGates:
         if self.gates is None:
             return out
         g = self.gates[:, layer_idx]
+        if out.shape[-2] != self.layout.num_heads:
+            raise UnsupportedModelError(
+                f"layer {layer_idx}'s attention outputs {out.shape[-2]} heads x {out.shape[-1]}, the config says "
+                f"{self.layout.num_heads} x {self.layout.dim_of(layer_idx)}; headscore reads the head layout from "
+                "the config")
         if g.shape[0] not in (1, out.shape[0]):
             raise ValueError(f"gates have {g.shape[0]} rows but the batch has {out.shape[0]}")
         m = None if self.baseline is None else self.baseline[layer_idx]
+        if m is not None and self.layout.head_dims is not None:
+            m = m[..., :out.shape[-1]]  # per-layer head widths: the baseline is padded to the widest
         if m is not None and m.dim() == 4 and m.shape[0] != out.shape[0]:
             if out.shape[0] % m.shape[0]:
                 raise ValueError(f"a per-example baseline of {m.shape[0]} rows for a batch of {out.shape[0]}")

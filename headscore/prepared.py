@@ -6,14 +6,16 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from .accumulate import TaskAccumulator
-from .data.batching import Batch, make_batches, num_batches, tokenize_examples
+from .data.batching import Batch, collate, make_batches, num_batches, tokenize_examples
 from .data.builtin import builtin_suite
 from .data.examples import Example, limit_per_task, task_names, validate_examples
+from .errors import HeadscoreError, UnsupportedModelError
 from .loss import NonFiniteLoss
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import DEFAULT_MODEL, LoadedModel, is_sequence_classifier, load_model
 from .patch import head_layout
 from .results import HeadScores, data_hash
 
@@ -73,6 +75,31 @@ def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None
     lm = load_model(model) if isinstance(model, str) else model
     examples = builtin_suite() if examples is None else validate_examples(examples)
     examples = limit_per_task(examples, max_examples)
+    labelled = examples[0].label is not None
+    if labelled != is_sequence_classifier(lm.model):
+        kind = type(lm.model).__name__
+        raise HeadscoreError(
+            f"{kind} is a sequence classifier: its examples are {{text, label, task}}" if not labelled else
+            f"labelled examples (text, label) need a sequence classifier (...ForSequenceClassification); {kind} "
+            "is not one")
     tasks = task_names(examples)
     tokenized = tokenize_examples(examples, lm.tokenizer, tasks, max_length=lm.max_length)
+    check_separable(lm.model, collate(tokenized[:1], lm.pad_id).to(lm.device))
     return Prepared(lm, examples, tasks, tokenized)
+
+
+def check_separable(model: torch.nn.Module, batch: Batch) -> None:
+    """Raise UnsupportedModelError when ``model``'s heads cannot be gated one by one (head outputs mixed
+    before the output projection, a layer's attention run twice per pass, no attention through the
+    registry); one forward pass on ``batch``, once per model (the answer is remembered on it)."""
+    from .model_check import separability_problem
+
+    problem = model.__dict__.get(_SEPARABLE_ATTR, False)
+    if problem is False:
+        problem = separability_problem(model, batch)
+        model.__dict__[_SEPARABLE_ATTR] = problem
+    if problem is not None:
+        raise UnsupportedModelError(f"{type(model).__name__}: {problem}")
+
+
+_SEPARABLE_ATTR = "_headscore_separability_problem"

@@ -63,10 +63,19 @@ def _tiny_config(family: str, vocab: int):
             **common, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
             n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4,
             qk_nope_head_dim=8, v_head_dim=6, n_group=1, topk_group=1)
+    if family == "bert":  # encoder, sequence classifier of 3 classes
+        return transformers.BertConfig(**{**common, "num_hidden_layers": 2}, num_labels=3, type_vocab_size=1)
+    if family == "modernbert":  # encoder with alternating global / local (sliding) attention, 3 classes
+        return transformers.ModernBertConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=0, cls_token_id=1,
+            sep_token_id=0, local_attention=4, global_attn_every_n_layers=2, num_labels=3)
     raise ValueError(f"no tiny config for {family!r}")
 
 
-TINY_FAMILIES = ("gpt-oss", "qwen3-moe", "deepseek-v3")
+TINY_FAMILIES = ("gpt-oss", "qwen3-moe", "deepseek-v3", "bert", "modernbert")
+CLASSIFIERS = {"bert": "BertForSequenceClassification", "modernbert": "ModernBertForSequenceClassification"}
+"""Families saved as sequence classifiers (scored on labelled examples)."""
 
 
 def save_tiny_family(path: str | Path, family: str, *, seed: int = 0) -> Path:
@@ -76,7 +85,10 @@ def save_tiny_family(path: str | Path, family: str, *, seed: int = 0) -> Path:
     tokenizer = char_tokenizer()
     config = _tiny_config(family, len(tokenizer))
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    if family in CLASSIFIERS:
+        model = getattr(transformers, CLASSIFIERS[family])(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

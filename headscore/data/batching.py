@@ -26,6 +26,7 @@ class TokenizedExample:
     index: int
     corrupt_ids: tuple[int, ...] | None = None
     foil_id: int | None = None
+    label: int | float | None = None
 
     @property
     def prompt_length(self) -> int:
@@ -46,6 +47,7 @@ class Batch:
         corrupt_ids: [B, T] the corrupted prompts + targets, padded like ``input_ids`` (None unless
             every example of the batch has a corrupted prompt).
         foil_ids: [B] first token of each row's foil (None unless every example has a foil).
+        labels: [B] labels of a sequence classifier's examples (long: classes; float: regression), else None.
     """
 
     input_ids: torch.Tensor
@@ -55,6 +57,7 @@ class Batch:
     example_index: torch.Tensor
     corrupt_ids: torch.Tensor | None = None
     foil_ids: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -102,8 +105,13 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
     out = []
     for i, ex in enumerate(examples):
         prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-        target = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
         where = f"{ex.describe(i)} ({printable(ex.task)})"
+        if ex.label is not None:
+            if max_length is not None and len(prompt) > max_length:
+                raise HeadscoreError(f"{where} has {len(prompt)} tokens; the model allows {max_length}")
+            out.append(TokenizedExample(tuple(prompt), 0, task_of[ex.task], i, label=ex.label))
+            continue
+        target = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
         if not target:
             raise HeadscoreError(f"{where}: target {ex.target!r} has no tokens")
         if not prompt:
@@ -141,12 +149,14 @@ def collate(items: Sequence[TokenizedExample], pad_id: int) -> Batch:
         n = len(it.ids)
         ids[r, :n] = torch.tensor(it.ids)
         attn[r, :n] = 1
-        tmask[r, n - it.num_target:n] = True
+        if it.num_target:
+            tmask[r, n - it.num_target:n] = True
         if corrupt is not None:
             corrupt[r, :n] = torch.tensor(it.corrupt_ids)
     foils = torch.tensor([it.foil_id for it in items]) if all(it.foil_id is not None for it in items) else None
+    labels = torch.tensor([it.label for it in items]) if all(it.label is not None for it in items) else None
     return Batch(ids, attn, tmask, torch.tensor([it.task_index for it in items]),
-                 torch.tensor([it.index for it in items]), corrupt, foils)
+                 torch.tensor([it.index for it in items]), corrupt, foils, labels)
 
 
 def _grouped(items: Sequence[TokenizedExample], batch_size: int) -> Iterator[Sequence[TokenizedExample]]:

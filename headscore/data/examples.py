@@ -14,6 +14,8 @@ from .text_files import read_utf8
 REQUIRED_FIELDS = ("prompt", "target", "task")
 OPTIONAL_FIELDS = ("corrupt", "foil")
 """JSONL fields an example may have beyond :data:`REQUIRED_FIELDS` (strings when present)."""
+LABELLED_FIELDS = ("text", "label", "task")
+"""JSONL fields of an example for a sequence classifier (an encoder such as BERT): text, its label, task."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class Example:
       names), whose head outputs are the baseline of ``baseline="corrupt"`` (attribution patching
       and activation patching);
     - ``foil``: a wrong answer, for contrastive metrics (``metric="logit-diff"``);
+    - ``label``: for a sequence classifier (BERT, ModernBERT, ...): the class index (an int; a float for a
+      regression head) of ``prompt``, the text; ``target`` is then empty and the loss is the classifier's
+      own loss on the label. :meth:`labelled` builds one;
     - ``where`` says where the example came from, e.g. ``tasks.jsonl:12``; errors about the example
       name it. It takes no part in equality or the data hash.
     """
@@ -35,6 +40,7 @@ class Example:
     task: str
     corrupt: str | None = field(default=None, kw_only=True)
     foil: str | None = field(default=None, kw_only=True)
+    label: int | float | None = field(default=None, kw_only=True)
     where: str | None = field(default=None, kw_only=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,10 +53,30 @@ class Example:
             if value is not None and not isinstance(value, str):
                 raise HeadscoreError(f"Example {name} must be a string or None, got {type(value).__name__} "
                                      f"{value!r:.40}")
+        if self.label is not None:
+            if isinstance(self.label, bool) or not isinstance(self.label, (int, float)):
+                raise HeadscoreError(f"Example label must be an int (a class) or a float (regression), got "
+                                     f"{type(self.label).__name__} {self.label!r:.40}")
+            if self.target or self.corrupt is not None or self.foil is not None:
+                raise HeadscoreError("a labelled Example (for a sequence classifier) has text, label and task "
+                                     "only: no target, corrupt or foil")
+
+    @classmethod
+    def labelled(cls, text: str, label: int | float, task: str, *, where: str | None = None) -> Example:
+        """An example for a sequence classifier: ``text`` with its ``label`` (class index, or a float target
+        of a regression head)."""
+        return cls(text, "", task, label=label, where=where)
+
+    @property
+    def text(self) -> str:
+        """The prompt, as a sequence classifier's examples call it."""
+        return self.prompt
 
     def hash_row(self) -> tuple[str, ...]:
         """What the data hash covers: prompt, target and task, and corrupt and foil where given."""
         row = (self.prompt, self.target, self.task)
+        if self.label is not None:
+            return (*row, f"label={self.label!r}")
         if self.corrupt is None and self.foil is None:
             return row  # the hash of a plain example is what it was before these fields existed
         return (*row, self.corrupt or "", self.foil or "")
@@ -61,15 +87,24 @@ class Example:
 
 
 def validate_examples(examples: Sequence[Example], *, source: str = "examples") -> list[Example]:
-    """Check that there is data and that every example has a non-empty target and task."""
+    """Check that there is data, that every example has a non-empty target (or a label) and task, and that
+    labelled and prompt/target examples are not mixed."""
     examples = list(examples)
     if not examples:
         raise HeadscoreError(f"{source}: no examples")
+    kinds = set()
     for i, ex in enumerate(examples):
         if not isinstance(ex, Example):
             raise HeadscoreError(f"{source}: item {i} is {type(ex).__name__}, expected headscore.Example")
         where = ex.where or f"{source}: example {i}"
-        if not ex.target.strip():
+        kinds.add(ex.label is not None)
+        if len(kinds) > 1:
+            raise HeadscoreError(f"{where}: labelled examples (text, label) and prompt/target examples cannot be "
+                                 "mixed in one run")
+        if ex.label is not None:
+            if not ex.prompt.strip():
+                raise HeadscoreError(f"{where}: empty text")
+        elif not ex.target.strip():
             raise HeadscoreError(f"{where}: empty target")
         if not ex.task.strip():
             raise HeadscoreError(f"{where}: empty task")
@@ -83,9 +118,33 @@ def task_names(examples: Iterable[Example]) -> list[str]:
     return list(dict.fromkeys(ex.task for ex in examples))
 
 
+def _labelled_from_record(record: dict, where: str) -> Example:
+    missing = [k for k in LABELLED_FIELDS if k not in record]
+    if missing:
+        raise HeadscoreError(f"{where}: missing field(s) {', '.join(missing)}")
+    extra = sorted(k for k in ("prompt", "target", *OPTIONAL_FIELDS) if record.get(k) is not None)
+    if extra:
+        raise HeadscoreError(f"{where}: a text/label example has no {', '.join(extra)}")
+    text, label, task = record["text"], record["label"], record["task"]
+    for k, v in (("text", text), ("task", task)):
+        if not isinstance(v, str):
+            raise HeadscoreError(f"{where}: field {k!r} must be a string, got {type(v).__name__}")
+    if isinstance(label, bool) or not isinstance(label, (int, float)):
+        raise HeadscoreError(f"{where}: field 'label' must be a number (a class index, or a float for regression), "
+                             f"got {type(label).__name__}")
+    if not text.strip():
+        raise HeadscoreError(f"{where}: empty text")
+    if not task.strip():
+        raise HeadscoreError(f"{where}: empty task")
+    return Example.labelled(text, label, task, where=where)
+
+
 def _example_from_record(record: object, where: str) -> Example:
     if not isinstance(record, dict):
-        raise HeadscoreError(f"{where}: expected a JSON object with {', '.join(REQUIRED_FIELDS)}")
+        raise HeadscoreError(f"{where}: expected a JSON object with {', '.join(REQUIRED_FIELDS)} (or "
+                             f"{', '.join(LABELLED_FIELDS)})")
+    if record.get("label") is not None or ("text" in record and "prompt" not in record):  # null = absent
+        return _labelled_from_record(record, where)
     missing = [k for k in REQUIRED_FIELDS if k not in record]
     if missing:
         raise HeadscoreError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -106,7 +165,7 @@ def _example_from_record(record: object, where: str) -> Example:
 def load_jsonl(path: str | Path) -> list[Example]:
     """Read examples from a JSON Lines file: one ``{"prompt", "target", "task"}`` object per line,
     optionally with ``"corrupt"`` (a corrupted prompt of the same token length) and ``"foil"``
-    (a wrong answer).
+    (a wrong answer); or, for a sequence classifier, ``{"text", "label", "task"}`` objects.
 
     The file must be UTF-8 (a byte-order mark is allowed). Blank lines are skipped. Errors
     name the file and line number, and so do later errors about an example (``Example.where``).
@@ -131,6 +190,9 @@ def save_jsonl(examples: Iterable[Example], path: str | Path) -> None:
     """Write examples as JSON Lines (the format :func:`load_jsonl` reads)."""
     with Path(path).open("w", encoding="utf-8") as fh:
         for ex in examples:
+            if ex.label is not None:
+                fh.write(json.dumps({"text": ex.prompt, "label": ex.label, "task": ex.task}) + "\n")
+                continue
             record = {"prompt": ex.prompt, "target": ex.target, "task": ex.task}
             record.update({k: getattr(ex, k) for k in OPTIONAL_FIELDS if getattr(ex, k) is not None})
             fh.write(json.dumps(record) + "\n")

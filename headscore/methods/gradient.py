@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..data.batching import Batch
+from ..errors import HeadscoreError
 from ..loss import NLL, Metric, example_losses
 from ..patch import HeadGates
 
@@ -49,6 +50,13 @@ def gate_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
     with heads.using(gates, baseline):
         loss = example_losses(model, batch, metric)
     (grad,) = torch.autograd.grad(loss.sum(), gates)
+    bad = ~torch.isfinite(grad.flatten(1)).all(1)
+    if bad.any():
+        rows = batch.example_index[bad.cpu()].tolist()
+        raise HeadscoreError(
+            f"non-finite gate gradients for example(s) {rows[:5]} although their loss is finite: the model's "
+            "attention gives NaN on padded positions (eager attention with a sliding window longer padding than "
+            "the window, as ModernBERT's); use attn_implementation='sdpa' or batch_size=1")
     return loss.detach(), grad
 
 

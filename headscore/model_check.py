@@ -1,0 +1,478 @@
+"""Check, before a long run, that headscore gates a model's heads correctly: ``check_model(model)``.
+
+For each attention implementation the model can run (eager, sdpa, flex_attention), on a small padded
+batch of random tokens in the model's own dtype (float64 makes the comparisons exact to rounding):
+
+1. ``patch()`` is transparent: with every gate open the logits equal the unpatched model's bitwise, every
+   layer that runs attention reports heads of the configured layout, and on exit the parameters, the
+   attention implementation and the logits are as before (bitwise);
+2. the output projection of each attention layer is found from the model, not assumed to be ``o_proj``:
+   the first module with a weight matrix that runs after the layer's attention function and consumes a
+   tensor of ``heads x head_dim`` features;
+3. headscore's gate gradients dL/dg equal an independent reference: the unpatched model, each example run
+   alone, a forward pre-hook multiplying each head's slice of that projection's input by a gate;
+4. batched and prefix-reuse ablation of every head equal the reference zeroing each head's slice there.
+
+A model that cannot be gated gets status ``refused`` with the reason (no registry, no ``layer_idx``, no
+attention layer through the registry, head outputs changed before the projection); a mismatch gets
+``failing`` with the measured error. Nothing here knows a model family by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from . import compat
+from .data.batching import TokenizedExample, collate
+from .errors import HeadscoreError, UnsupportedModelError
+from .methods.ablation import gated_losses, single_head_gates
+from .methods.gradient import gate_gradients
+from .models import is_sequence_classifier
+from .patch import HeadLayout, head_layout, patch
+
+IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+"""Attention implementations :func:`check_model` tries, in order."""
+
+SUPPORTED, FORWARD_ONLY, REFUSED, FAILING, UNAVAILABLE = (
+    "supported", "forward-only", "refused", "failing", "unavailable")
+
+PADDING_TOLERANCE = 1e-6
+"""Relative change of a row's loss that padding may cause: families run softmax in float32 even in a float64
+model (eager attention), and a padded row's float32 softmax sums in another order (eps32 = 6e-8 per step)."""
+
+
+@dataclass
+class ImplementationCheck:
+    """The outcome of the checks for one attention implementation.
+
+    Attributes:
+        implementation: ``eager``, ``sdpa`` or ``flex_attention``.
+        status: ``supported`` (every check passed), ``forward-only`` (every check but the gate
+            gradients passed, which this device cannot compute: FlexAttention has no CPU backward),
+            ``refused`` (headscore cannot gate this model; ``reason`` says why), ``failing`` (a check
+            disagreed; ``reason`` has the error) or ``unavailable`` (the model does not run this
+            implementation).
+        reason: one line; empty when supported.
+        attention_layers: layers whose attention went through the registry (of ``layers``).
+        layers: the model's decoder layers (``num_hidden_layers``).
+        output_projection: the module consuming the head outputs, as a path with ``*`` for the layer.
+        gradient_error: max |headscore - reference| of the gate gradients over the largest |reference|.
+        ablation_error: the same for every head's ablated loss (batched and prefix modes).
+        padding_error: the same for each row's loss in the padded batch against the row run alone.
+    """
+
+    implementation: str
+    status: str
+    reason: str = ""
+    attention_layers: int = 0
+    layers: int = 0
+    output_projection: str = ""
+    gradient_error: float | None = None
+    ablation_error: float | None = None
+    padding_error: float | None = None
+
+    def to_dict(self) -> dict:
+        """The check as plain JSON-able values."""
+        return asdict(self)
+
+
+@dataclass
+class _Observed:
+    """What one patched forward pass showed: each attention layer's output and the call order of modules."""
+
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    calls: list[tuple[str, object]] = field(default_factory=list)
+
+
+def random_batch(vocab_size: int, lengths: Sequence[int] = (9, 6), *, targets: int = 2, seed: int = 0,
+                 avoid: Sequence[int] = (), num_labels: int | None = None):
+    """A right-padded :class:`~headscore.data.batching.Batch` of random tokens (ids from 3 up, none of
+    ``avoid``): one example per length, the last ``targets`` tokens of each its target; with ``num_labels``,
+    labelled examples of a sequence classifier instead (random classes; float labels for one output)."""
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([i for i in range(3, max(4, vocab_size)) if i not in set(avoid)])
+    items = []
+    for i, n in enumerate(lengths):
+        ids = tuple(allowed[torch.randint(len(allowed), (n,), generator=gen)].tolist())
+        if num_labels is None:
+            items.append(TokenizedExample(ids, targets, 0, i))
+        else:
+            label = float(torch.randn((), generator=gen)) if num_labels == 1 else \
+                int(torch.randint(num_labels, (), generator=gen))
+            items.append(TokenizedExample(ids, 0, 0, i, label=label))
+    return collate(items, pad_id=0)
+
+
+def _logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    cache = {} if is_sequence_classifier(model) else {"use_cache": False}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **cache).logits
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@contextlib.contextmanager
+def _call_log(model: torch.nn.Module, log: list) -> Iterator[None]:
+    """Append ``("module", (name, input))`` to ``log`` for each call of a module with a weight matrix."""
+    handles = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not list(module.children()):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: log.append(("module", (name, args[0] if args else None)))))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _windows(calls: list[tuple[str, object]]) -> dict[int, list[tuple[str, torch.Tensor]]]:
+    """For each attention layer, the (module name, input) of the weight-matrix modules called after its
+    attention and before the next layer's (first call of each module only)."""
+    windows: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    current = None
+    for kind, payload in calls:
+        if kind == "attention":
+            current = windows.setdefault(payload, [])
+        elif current is not None and isinstance(payload[1], torch.Tensor) and \
+                payload[0] not in {n for n, _ in current}:
+            current.append(payload)
+    return windows
+
+
+def find_output_projections(calls: list[tuple[str, object]], outputs: dict[int, torch.Tensor]
+                            ) -> tuple[dict[int, str], dict[int, bool]]:
+    """For each attention layer, the module that consumes its head outputs unchanged (the first called after
+    the attention whose input equals them), else the first one fed ``heads x head_dim`` features, and
+    whether the input was the head outputs unchanged."""
+    found, direct = {}, {}
+    for layer, window in _windows(calls).items():
+        out = outputs[layer]
+        fits = [(name, x) for name, x in window if x.shape[-1] == out.shape[-2] * out.shape[-1]
+                and x.numel() == out.numel()]
+        same = [name for name, x in fits if torch.equal(x.reshape(out.shape), out)]
+        if same:
+            found[layer], direct[layer] = same[0], True
+        elif fits:
+            found[layer], direct[layer] = fits[0][0], False
+    return found, direct
+
+
+def _pattern(names: dict[int, str]) -> str:
+    """``model.layers.*.self_attn.o_proj`` from the per-layer names (the layer index replaced by ``*``)."""
+    patterns = set()
+    for layer, name in names.items():
+        parts = name.split(".")
+        patterns.add(".".join("*" if p == str(layer) else p for p in parts))
+    return " | ".join(sorted(patterns))
+
+
+@contextlib.contextmanager
+def _gated_projections(model: torch.nn.Module, projections: dict[int, str], heads: int,
+                       gates: torch.Tensor) -> Iterator[None]:
+    """Multiply head h's slice of layer l's projection input in row b by ``gates[b, l, h]`` (forward
+    pre-hooks)."""
+    modules = dict(model.named_modules())
+
+    def hook(args, layer):
+        # [B, T, H * D]; a padded position can be NaN (a window over padding only), reaching no loss: 0 here
+        x = torch.nan_to_num(args[0], nan=0.0, posinf=0.0, neginf=0.0)
+        g = gates[:, layer].to(x.dtype)  # [B, H]
+        return ((x.unflatten(-1, (heads, -1)) * g[:, None, :, None]).flatten(-2), *args[1:])
+
+    handles = [modules[name].register_forward_pre_hook(lambda m, args, layer=layer: hook(args, layer))
+               for layer, name in projections.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def reference_losses(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Mean target NLL [B] of each row (float64 log-softmax of every logit of the padded batch); for a
+    sequence classifier's batch, each row's cross-entropy on its label (squared error for one output)."""
+    if batch.labels is not None:
+        logits = _logits(model, batch.input_ids, batch.attention_mask).double()
+        if logits.shape[-1] == 1:
+            return (logits[:, 0] - batch.labels.double()).square()
+        return -torch.log_softmax(logits, -1).gather(1, batch.labels[:, None]).squeeze(1)
+    logp = torch.log_softmax(_logits(model, batch.input_ids, batch.attention_mask).double(), -1)
+    rows, cols = batch.target_mask.nonzero(as_tuple=True)
+    nll = -logp[rows, cols - 1, batch.input_ids[rows, cols]]
+    total = torch.zeros(batch.size, dtype=torch.float64).index_add(0, rows, nll)
+    return total / batch.target_mask.sum(1)
+
+
+def alone_losses(model: torch.nn.Module, batch) -> torch.Tensor:
+    """:func:`reference_losses` with each row run alone, without padding."""
+    out = []
+    for b in range(batch.size):
+        n = int(batch.attention_mask[b].sum())
+        row = replace(batch, input_ids=batch.input_ids[b:b + 1, :n], attention_mask=batch.attention_mask[b:b + 1, :n],
+                      target_mask=batch.target_mask[b:b + 1, :n],
+                      labels=None if batch.labels is None else batch.labels[b:b + 1])
+        out.append(reference_losses(model, row))
+    return torch.cat(out)
+
+
+def reference_gate_gradients(model: torch.nn.Module, batch, projections: dict[int, str], layout: HeadLayout
+                             ) -> torch.Tensor:
+    """dL_b/dg [B, L, H] from per-row gates multiplied into each projection's input (the same padded batch)."""
+    gates = torch.ones(batch.size, layout.num_layers, layout.num_heads, dtype=torch.float64, requires_grad=True)
+    with _gated_projections(model, projections, layout.num_heads, gates):
+        loss = reference_losses(model, batch)
+    return torch.autograd.grad(loss.sum(), gates)[0]
+
+
+@torch.no_grad()
+def reference_ablation(model: torch.nn.Module, batch, projections: dict[int, str], layout: HeadLayout
+                       ) -> torch.Tensor:
+    """Loss [L*H, B] with head (l, h) zeroed in its projection's input."""
+    rows = single_head_gates(layout.num_layers, layout.num_heads)
+    out = torch.empty(len(rows), batch.size, dtype=torch.float64)
+    for k, gates in enumerate(rows):
+        with _gated_projections(model, projections, layout.num_heads, gates.expand(batch.size, -1, -1)):
+            out[k] = reference_losses(model, batch)
+    return out
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = float(want.abs().max())
+    return float((got.double() - want.double()).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+LINEARITY_TOLERANCE = 1e-3
+"""How far a projection input may be from half its value when its layer's gates are 0.5 (a transform linear
+in the head outputs gives exactly half; a norm over the heads gives the same input)."""
+
+
+def _separability(model: torch.nn.Module, heads, seen: _Observed, batch
+                  ) -> tuple[dict[int, str], str | None]:
+    """Why the head outputs of ``model`` cannot be gated one by one, or None: a layer whose head outputs
+    no module consumes, or one whose output projection gets them through a transform that is not linear in
+    them (gate 0.5 on the layer must halve the projection's input; an elementwise output gate passes, a
+    norm over all heads does not). Runs inside ``patch`` (``heads``); returns the projections found too."""
+    runs = [layer for kind, layer in seen.calls if kind == "attention"]
+    repeated = sorted({layer for layer in runs if runs.count(layer) > 1})
+    if repeated:
+        return {}, (f"the attention of layer(s) {repeated} runs more than once per forward pass (looped, "
+                    "recurrent or differential attention): one gate per head and layer cannot tell the runs apart")
+    projections, direct = find_output_projections(seen.calls, seen.outputs)
+    missing = sorted(set(seen.outputs) - set(projections))
+    if missing:
+        return projections, f"no module consumes the head outputs of layer(s) {missing} as heads x head_dim features"
+    windows = _windows(seen.calls)
+    modules = dict(model.named_modules())
+    for layer in sorted(layer for layer, same in direct.items() if not same):
+        out = seen.outputs[layer]
+        fits = {name: x for name, x in windows[layer] if x.shape[-1] == out.shape[-2] * out.shape[-1]
+                and x.numel() == out.numel()}
+        got: dict[str, torch.Tensor] = {}
+        handles = [modules[name].register_forward_pre_hook(
+            lambda m, args, name=name, got=got: got.setdefault(name, args[0].detach().clone())) for name in fits]
+        gates = heads.ones(1, dtype=torch.promote_types(torch.float32, full_dtype(model)))
+        gates[:, layer] = 0.5
+        try:
+            with torch.no_grad(), heads.using(gates):
+                _logits(model, batch.input_ids, batch.attention_mask)
+        finally:
+            for h in handles:
+                h.remove()
+        # the consumer is the first module whose input follows the gate; it must follow it linearly
+        consumer = next((name for name, x in fits.items() if name in got and not torch.equal(got[name], x)), None)
+        if consumer is None:
+            return projections, f"no module consumes the head outputs of layer {layer} as heads x head_dim features"
+        projections[layer] = consumer
+        full = fits[consumer]
+        if float((got[consumer] - 0.5 * full).abs().max()) > LINEARITY_TOLERANCE * float(full.abs().max()):
+            return projections, (
+                f"head outputs are mixed before the output projection ({_pattern(projections)}, layer {layer}: "
+                "halving the layer's heads does not halve its input), so one head cannot be removed alone")
+    return projections, None
+
+
+def full_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's parameters."""
+    return next(model.parameters()).dtype
+
+
+def separability_problem(model: torch.nn.Module, batch) -> str | None:
+    """Why ``model``'s heads cannot be gated one by one (see :func:`_separability`), or None; one forward pass
+    on ``batch`` (one more per layer whose projection input is not its head outputs unchanged)."""
+    with patch(model, kernel=False, freeze=False) as heads:
+        seen = _observe(model, heads, batch)
+        if not seen.outputs:
+            return "no attention layer called transformers' attention registry"
+        return _separability(model, heads, seen, batch)[1]
+
+
+def _set_implementation(model: torch.nn.Module, implementation: str) -> str | None:
+    """Switch ``model`` to ``implementation``; the reason it cannot, or None."""
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError, NotImplementedError, KeyError) as exc:
+        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _observe(model: torch.nn.Module, heads, batch) -> _Observed:
+    seen = _Observed()
+
+    def observer(layer: int, out: torch.Tensor) -> None:
+        seen.outputs[layer] = out.detach().clone()
+        seen.calls.append(("attention", layer))
+
+    with torch.no_grad(), heads.observing(observer), _call_log(model, seen.calls):
+        _logits(model, batch.input_ids, batch.attention_mask)
+    return seen
+
+
+def check_implementation(model: torch.nn.Module, implementation: str, *, batch=None,
+                         tolerance: float | None = None) -> ImplementationCheck:
+    """Run the checks of the module docstring on ``model`` with one attention implementation.
+
+    ``tolerance`` bounds the relative gradient and ablation errors (default 1e-9 for a float64 model,
+    1e-4 for float32, 2e-2 for 16-bit); ``batch`` defaults to :func:`random_batch` of the model's vocab.
+    """
+    dtype = next(model.parameters()).dtype
+    tol = tolerance if tolerance is not None else {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    result = ImplementationCheck(implementation, FAILING)
+    why = _set_implementation(model, implementation)
+    if why is not None:
+        result.status, result.reason = UNAVAILABLE, why
+        return result
+    try:
+        layout = head_layout(model)
+    except UnsupportedModelError as exc:
+        result.status, result.reason = REFUSED, str(exc)
+        return result
+    result.layers = layout.num_layers
+    if batch is None:
+        text = model.config.get_text_config()
+        labels = int(model.config.num_labels) if is_sequence_classifier(model) else None
+        batch = random_batch(int(getattr(text, "vocab_size", 64) or 64), avoid=_special_ids(model.config),
+                             num_labels=labels)
+    batch = batch.to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        return _run_checks(model, implementation, batch, layout, tol, result)
+    finally:
+        model.train(was_training)
+
+
+def _special_ids(config) -> list[int]:
+    """Token ids a config reserves (image, audio, ... tokens), which random text must avoid."""
+    ids = []
+    for cfg in (config, config.get_text_config()):
+        for key, value in vars(cfg).items():
+            if key.endswith(("_token_id", "_token_index")) and isinstance(value, int):
+                ids.append(value)
+    return ids
+
+
+def _run_checks(model, implementation, batch, layout, tol, result):
+    backward = not (implementation == "flex_attention" and batch.input_ids.device.type == "cpu")
+    before = _snapshot(model)
+    with torch.no_grad():
+        clean = _logits(model, batch.input_ids, batch.attention_mask)
+    try:
+        with patch(model, kernel=False) as heads:
+            with torch.no_grad():
+                inside = _logits(model, batch.input_ids, batch.attention_mask)
+            seen = _observe(model, heads, batch)
+            if not seen.outputs:
+                result.status = REFUSED
+                result.reason = "no attention layer called the attention registry"
+                return result
+            result.attention_layers = len(seen.outputs)
+            wrong = {layer: tuple(o.shape[-2:]) for layer, o in seen.outputs.items()
+                     if tuple(o.shape[-2:]) != (layout.num_heads, layout.dim_of(layer))}
+            if wrong:
+                layer, shape = next(iter(wrong.items()))
+                result.status = REFUSED  # as scoring does (HeadGates refuses a layer of another layout)
+                result.reason = (f"layer {layer}'s attention outputs heads x dims {shape}, the config says "
+                                 f"{layout.num_heads} x {layout.dim_of(layer)}")
+                return result
+            projections, problem = _separability(model, heads, seen, batch)
+            result.output_projection = _pattern(projections)
+            if problem is not None:
+                result.status, result.reason = REFUSED, problem
+                return result
+            grad = gate_gradients(model, heads, batch)[1] if backward else None
+            gate_rows = single_head_gates(layout.num_layers, layout.num_heads)
+            # torch 2.13's compiled CPU FlexAttention indexes out of bounds from 8 tiled rows of 9 tokens on
+            rows = 64 if backward else 4
+            batched = gated_losses(model, heads, batch, gate_rows, mode="batched", max_rows=rows)
+            prefix = gated_losses(model, heads, batch, gate_rows, mode="prefix", max_rows=rows)
+    except HeadscoreError as exc:  # headscore refuses (UnsupportedModelError, non-finite gradients): it says why
+        result.status, result.reason = REFUSED, str(exc)
+        return result
+    with torch.no_grad():
+        after = _logits(model, batch.input_ids, batch.attention_mask)
+    if not torch.equal(inside, clean):
+        result.reason = f"patched model with open gates differs: max |diff| {float((inside - clean).abs().max()):.3g}"
+        return result
+    if not (torch.equal(after, clean) and _same_state(model, before)
+            and compat.attention_implementation(model) == implementation):
+        result.reason = "the model is not restored bitwise after patch()"
+        return result
+    if backward:
+        want = reference_gate_gradients(model, batch, projections, layout)
+        result.gradient_error = _relative(grad, want)
+    want_loss = reference_ablation(model, batch, projections, layout)
+    result.ablation_error = max(_relative(batched, want_loss), _relative(prefix, want_loss))
+    with torch.no_grad():
+        padded, alone = reference_losses(model, batch), alone_losses(model, batch)
+    result.padding_error = _relative(padded, alone)
+    if backward and not float(want.abs().max()) > 0:
+        result.reason = "the reference gate gradients are all zero"
+    elif backward and result.gradient_error > tol:
+        result.reason = f"gate gradients differ from the reference by {result.gradient_error:.3g} (relative)"
+    elif result.ablation_error > tol:
+        result.reason = f"ablated losses differ from the reference by {result.ablation_error:.3g} (relative)"
+    elif result.padding_error > max(tol, PADDING_TOLERANCE):
+        result.reason = (f"padding changes the loss of the other rows by {result.padding_error:.3g} (relative): "
+                         "batches of different lengths are not exact")
+    elif not backward:
+        result.status = FORWARD_ONLY
+        result.reason = "gate gradients not checked: FlexAttention has no backward pass on a CPU"
+    else:
+        result.status = SUPPORTED
+    return result
+
+
+def _flex_needs_float32(model: torch.nn.Module, implementation: str) -> bool:
+    """FlexAttention compiles no float64 kernel for a CPU: such a model is checked in float32."""
+    p = next(model.parameters())
+    return implementation == "flex_attention" and p.device.type == "cpu" and p.dtype == torch.float64
+
+
+def check_model(model: torch.nn.Module, implementations: Sequence[str] = IMPLEMENTATIONS, *, batch=None,
+                tolerance: float | None = None) -> list[ImplementationCheck]:
+    """Check every implementation of ``implementations`` (see :func:`check_implementation`); the model's
+    own implementation is set again afterwards. On a CPU a float64 model's flex_attention check runs on a
+    float32 copy (FlexAttention has no float64 CPU kernel), with float32's tolerance."""
+    original = compat.attention_implementation(model)
+    results = []
+    try:
+        for name in implementations:
+            target = copy.deepcopy(model).float() if _flex_needs_float32(model, name) else model
+            results.append(check_implementation(target, name, batch=batch, tolerance=tolerance))
+    finally:
+        if original is not None and compat.attention_implementation(model) != original:
+            _set_implementation(model, original)
+    return results
