@@ -124,7 +124,8 @@ def _position_maps(prep: Prepared) -> PositionMaps:
         raise HeadscoreError("per-position scores are for a causal LM's prompts; a sequence classifier's labelled "
                              "examples have no answer position")
     layout = head_layout(prep.lm.model)
-    return PositionMaps(prep.tokenized, prep.tasks, layout.num_layers, layout.num_heads)
+    return PositionMaps(prep.tokenized, prep.tasks, layout.num_layers, layout.num_heads,
+                        absent=None if layout.heads_per_layer is None else layout.absent_heads())
 
 
 def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -29,11 +30,16 @@ class Agreement:
 
 
 def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
-    """Share of the ``k`` largest entries of ``a`` that are among the ``k`` largest of ``b``."""
+    """Share of the ``k`` largest entries of ``a`` that are among the ``k`` largest of ``b`` (NaN entries,
+    heads a layer does not have, rank last)."""
     k = min(k, a.numel())
-    top_a = set(torch.topk(a.flatten(), k).indices.tolist())
-    top_b = set(torch.topk(b.flatten(), k).indices.tolist())
+    top_a = set(torch.topk(_nan_last(a.flatten()), k).indices.tolist())
+    top_b = set(torch.topk(_nan_last(b.flatten()), k).indices.tolist())
     return len(top_a & top_b) / k
+
+
+def _nan_last(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x.double(), nan=-math.inf)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -50,7 +56,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> Agreement:
     """Spearman, Kendall (tau-b) and top-k overlap of two maps of equal shape."""
     x, y = a.flatten().double().numpy(), b.flatten().double().numpy()
-    return Agreement(spearman(x, y), float(stats.kendalltau(x, y).statistic), topk_overlap(a, b, k),
+    ok = np.isfinite(x) & np.isfinite(y)  # heads both maps have
+    return Agreement(spearman(x, y), float(stats.kendalltau(x[ok], y[ok]).statistic), topk_overlap(a, b, k),
                      min(k, a.numel()))
 
 

@@ -180,16 +180,17 @@ def _pattern(names: dict[int, str]) -> str:
 
 
 @contextlib.contextmanager
-def _gated_projections(model: torch.nn.Module, projections: dict[int, str], heads: int,
+def _gated_projections(model: torch.nn.Module, projections: dict[int, str], layout: HeadLayout,
                        gates: torch.Tensor) -> Iterator[None]:
     """Multiply head h's slice of layer l's projection input in row b by ``gates[b, l, h]`` (forward
-    pre-hooks)."""
+    pre-hooks; a layer with fewer heads takes the first gates)."""
     modules = dict(model.named_modules())
 
     def hook(args, layer):
         # [B, T, H * D]; a padded position can be NaN (a window over padding only), reaching no loss: 0 here
         x = torch.nan_to_num(args[0], nan=0.0, posinf=0.0, neginf=0.0)
-        g = gates[:, layer].to(x.dtype)  # [B, H]
+        heads = layout.heads_of(layer)
+        g = gates[:, layer, :heads].to(x.dtype)  # [B, H_l]
         return ((x.unflatten(-1, (heads, -1)) * g[:, None, :, None]).flatten(-2), *args[1:])
 
     handles = [modules[name].register_forward_pre_hook(lambda m, args, layer=layer: hook(args, layer))
@@ -232,7 +233,7 @@ def reference_gate_gradients(model: torch.nn.Module, batch, projections: dict[in
                              ) -> torch.Tensor:
     """dL_b/dg [B, L, H] from per-row gates multiplied into each projection's input (the same padded batch)."""
     gates = torch.ones(batch.size, layout.num_layers, layout.num_heads, dtype=torch.float64, requires_grad=True)
-    with _gated_projections(model, projections, layout.num_heads, gates):
+    with _gated_projections(model, projections, layout, gates):
         loss = reference_losses(model, batch)
     return torch.autograd.grad(loss.sum(), gates)[0]
 
@@ -244,7 +245,7 @@ def reference_ablation(model: torch.nn.Module, batch, projections: dict[int, str
     rows = single_head_gates(layout.num_layers, layout.num_heads)
     out = torch.empty(len(rows), batch.size, dtype=torch.float64)
     for k, gates in enumerate(rows):
-        with _gated_projections(model, projections, layout.num_heads, gates.expand(batch.size, -1, -1)):
+        with _gated_projections(model, projections, layout, gates.expand(batch.size, -1, -1)):
             out[k] = reference_losses(model, batch)
     return out
 
@@ -387,8 +388,14 @@ def _special_ids(config) -> list[int]:
 def _run_checks(model, implementation, batch, layout, tol, result):
     backward = not (implementation == "flex_attention" and batch.input_ids.device.type == "cpu")
     before = _snapshot(model)
-    with torch.no_grad():
-        clean = _logits(model, batch.input_ids, batch.attention_mask)
+    try:
+        with torch.no_grad():
+            clean = _logits(model, batch.input_ids, batch.attention_mask)
+    except Exception as exc:  # noqa: BLE001 - the model itself, unpatched, does not run this way here
+        result.status = UNAVAILABLE
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        result.reason = f"the unpatched model fails with {implementation} here: {type(exc).__name__}: {first}"
+        return result
     try:
         with patch(model, kernel=False) as heads:
             with torch.no_grad():
@@ -400,12 +407,12 @@ def _run_checks(model, implementation, batch, layout, tol, result):
                 return result
             result.attention_layers = len(seen.outputs)
             wrong = {layer: tuple(o.shape[-2:]) for layer, o in seen.outputs.items()
-                     if tuple(o.shape[-2:]) != (layout.num_heads, layout.dim_of(layer))}
+                     if tuple(o.shape[-2:]) != (layout.heads_of(layer), layout.dim_of(layer))}
             if wrong:
                 layer, shape = next(iter(wrong.items()))
                 result.status = REFUSED  # as scoring does (HeadGates refuses a layer of another layout)
                 result.reason = (f"layer {layer}'s attention outputs heads x dims {shape}, the config says "
-                                 f"{layout.num_heads} x {layout.dim_of(layer)}")
+                                 f"{layout.heads_of(layer)} x {layout.dim_of(layer)}")
                 return result
             projections, problem = _separability(model, heads, seen, batch)
             result.output_projection = _pattern(projections)

@@ -35,9 +35,11 @@ Observer = Callable[[int, torch.Tensor], None]
 class HeadLayout:
     """How many layers, heads per layer and head dimensions a model has.
 
-    ``head_dim`` is the widest head; ``head_dims`` has each layer's own width where they differ (per-layer
-    configs, e.g. Gemma 4's wider global layers), else None. A baseline is [L, H, head_dim], each layer's
-    narrower heads taking the first entries.
+    ``num_heads`` and ``head_dim`` are the most heads of any layer and the widest head; ``heads_per_layer``
+    and ``head_dims`` have each layer's own counts where layers differ (per-layer configs: Gemma 4's wider
+    global heads, Dots3's or Laguna's head counts), else None. Gates are [.., L, num_heads] and baselines
+    [L, num_heads, head_dim]: a layer with fewer or narrower heads takes the first entries, and its absent
+    heads are NaN in the maps (see :func:`mark_absent_heads`).
     """
 
     num_layers: int
@@ -45,10 +47,27 @@ class HeadLayout:
     head_dim: int
     num_kv_heads: int
     head_dims: tuple[int, ...] | None = None
+    heads_per_layer: tuple[int, ...] | None = None
 
     def dim_of(self, layer: int) -> int:
         """The width of layer ``layer``'s heads."""
         return self.head_dim if self.head_dims is None else self.head_dims[layer]
+
+    def heads_of(self, layer: int) -> int:
+        """How many heads layer ``layer`` has."""
+        return self.num_heads if self.heads_per_layer is None else self.heads_per_layer[layer]
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer has the same heads (count and width)."""
+        return self.head_dims is None and self.heads_per_layer is None
+
+    def absent_heads(self) -> torch.Tensor:
+        """[L, H] True where a layer has no such head (beyond its own count)."""
+        mask = torch.zeros(self.num_layers, self.num_heads, dtype=torch.bool)
+        for layer in range(self.num_layers):
+            mask[layer, self.heads_of(layer):] = True
+        return mask
 
 
 def _value_head_dim(config, heads: int) -> int:
@@ -74,27 +93,23 @@ def head_layout(model: torch.nn.Module) -> HeadLayout:
     except AttributeError as exc:
         raise UnsupportedModelError(
             f"{type(model).__name__}: config lacks num_hidden_layers/num_attention_heads") from exc
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     per_layer = getattr(text, "num_attention_heads_per_layer", None)  # Laguna's per-layer head counts
+    if per_layer and len(set(per_layer)) > 1:
+        counts = tuple(int(h) for h in per_layer)
+        return HeadLayout(layers, max(counts), _value_head_dim(text, heads), kv_heads, heads_per_layer=counts)
     if per_layer:
-        if len(set(per_layer)) > 1:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has a different number of attention heads per layer "
-                f"({sorted(set(per_layer))}); headscore's gates and maps are layers x heads")
         heads = int(per_layer[0])
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return HeadLayout(layers, heads, _value_head_dim(text, heads), int(kv_heads))
+    return HeadLayout(layers, heads, _value_head_dim(text, heads), kv_heads)
 
 
 def _per_layer_layout(model: torch.nn.Module, text) -> HeadLayout:
     layers = [text.per_layer_config[i] for i in range(int(text.num_hidden_layers))]
-    heads = [int(c.num_attention_heads) for c in layers]
-    if len(set(heads)) > 1:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has a different number of attention heads per layer ({sorted(set(heads))}); "
-            "headscore's gates and maps are layers x heads")
-    dims = tuple(_value_head_dim(c, heads[0]) for c in layers)
-    kv = max(int(getattr(c, "num_key_value_heads", None) or heads[0]) for c in layers)
-    return HeadLayout(len(layers), heads[0], max(dims), kv, dims if len(set(dims)) > 1 else None)
+    heads = tuple(int(c.num_attention_heads) for c in layers)
+    dims = tuple(_value_head_dim(c, h) for c, h in zip(layers, heads, strict=True))
+    kv = max(int(getattr(c, "num_key_value_heads", None) or h) for c, h in zip(layers, heads, strict=True))
+    return HeadLayout(len(layers), max(heads), max(dims), kv, dims if len(set(dims)) > 1 else None,
+                      heads if len(set(heads)) > 1 else None)
 
 
 @dataclass
@@ -154,21 +169,32 @@ class HeadGates:
         if self.gates is None:
             return out
         g = self.gates[:, layer_idx]
-        if out.shape[-2] != self.layout.num_heads:
+        layout = self.layout
+        if out.shape[-2] != layout.heads_of(layer_idx):
             raise UnsupportedModelError(
                 f"layer {layer_idx}'s attention outputs {out.shape[-2]} heads x {out.shape[-1]}, the config says "
-                f"{self.layout.num_heads} x {self.layout.dim_of(layer_idx)}; headscore reads the head layout from "
+                f"{layout.heads_of(layer_idx)} x {layout.dim_of(layer_idx)}; headscore reads the head layout from "
                 "the config")
+        if layout.heads_per_layer is not None:
+            g = g[..., :out.shape[-2]]  # a layer with fewer heads: the first gates of the row
         if g.shape[0] not in (1, out.shape[0]):
             raise ValueError(f"gates have {g.shape[0]} rows but the batch has {out.shape[0]}")
         m = None if self.baseline is None else self.baseline[layer_idx]
-        if m is not None and self.layout.head_dims is not None:
-            m = m[..., :out.shape[-1]]  # per-layer head widths: the baseline is padded to the widest
+        if m is not None and not layout.uniform:
+            m = m[..., :out.shape[-2], :out.shape[-1]]  # per-layer heads: the baseline is padded to the largest
         if m is not None and m.dim() == 4 and m.shape[0] != out.shape[0]:
             if out.shape[0] % m.shape[0]:
                 raise ValueError(f"a per-example baseline of {m.shape[0]} rows for a batch of {out.shape[0]}")
             m = m.repeat(out.shape[0] // m.shape[0], 1, 1, 1)
         return apply_gate(out, g.to(out.device), None if m is None else m.to(out.device))
+
+
+def mark_absent_heads(values: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
+    """``values`` [..., L, H] with NaN where a layer has no such head (a per-layer head count); unchanged
+    for a model whose layers all have every head."""
+    if layout.heads_per_layer is None:
+        return values
+    return values.masked_fill(layout.absent_heads().to(values.device), float("nan"))
 
 
 def _check_patchable(model: torch.nn.Module) -> str:
@@ -214,7 +240,7 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     inner = compat.attention_function(original)
 
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if not args:
+        if not args and state.layout.uniform:  # the kernel takes one head count and width for every layer
             out = dispatch.fused_gated_attention(module, query, key, value, attention_mask, gates=state.gates,
                                                  baseline=state.baseline, wanted=kernel,
                                                  observed=bool(state.observers), **kwargs)

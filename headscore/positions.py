@@ -86,8 +86,10 @@ class PositionMaps:
     the scores with ``positions``, ``position_values``, ``position_stderr`` and ``position_counts``.
     """
 
-    def __init__(self, items: Sequence[TokenizedExample], tasks: Sequence[str], num_layers: int, num_heads: int):
+    def __init__(self, items: Sequence[TokenizedExample], tasks: Sequence[str], num_layers: int, num_heads: int,
+                 *, absent: torch.Tensor | None = None):
         self.layout = PositionLayout.of(items)
+        self.absent = absent  # [L, H] heads a layer does not have (per-layer head counts): NaN in the maps
         lengths = {it.prompt_length for it in items}
         if len(lengths) > 1:
             warnings.warn(f"per-position: prompts of {min(lengths)} to {max(lengths)} tokens are aligned at their "
@@ -103,5 +105,9 @@ class PositionMaps:
 
     def attach(self, scores):
         """``scores`` (a HeadScores) with these maps."""
-        return replace(scores, positions=self.layout.names, position_values=self.acc.mean,
-                       position_stderr=self.acc.stderr, position_counts=self.counts)
+        mean, stderr = self.acc.mean, self.acc.stderr
+        if self.absent is not None:
+            mean = mean.masked_fill(self.absent[..., None], float("nan"))
+            stderr = stderr.masked_fill(self.absent[..., None], float("nan"))
+        return replace(scores, positions=self.layout.names, position_values=mean, position_stderr=stderr,
+                       position_counts=self.counts)

@@ -16,7 +16,7 @@ from .data.examples import Example, limit_per_task, task_names, validate_example
 from .errors import HeadscoreError, UnsupportedModelError
 from .loss import NonFiniteLoss
 from .models import DEFAULT_MODEL, LoadedModel, is_sequence_classifier, load_model
-from .patch import head_layout
+from .patch import head_layout, mark_absent_heads
 from .results import HeadScores, data_hash
 
 ModelLike = LoadedModel | str
@@ -46,10 +46,12 @@ class Prepared:
 
     def result(self, acc: TaskAccumulator, method: str, **extra) -> HeadScores:
         """Wrap accumulated values as HeadScores with this run's provenance (and the per-example values
-        when the accumulator kept them)."""
+        when the accumulator kept them); heads a layer does not have (per-layer head counts) are NaN."""
         kept = acc.examples
-        return HeadScores(acc.mean, acc.stderr, acc.count.clone(), list(self.tasks), method, self.lm.name,
-                          self.data_hash, extra=extra, example_values=None if kept is None else kept[0],
+        layout = head_layout(self.lm.model)
+        return HeadScores(mark_absent_heads(acc.mean, layout), mark_absent_heads(acc.stderr, layout),
+                          acc.count.clone(), list(self.tasks), method, self.lm.name, self.data_hash, extra=extra,
+                          example_values=None if kept is None else mark_absent_heads(kept[0], layout),
                           example_tasks=None if kept is None else kept[1])
 
     @contextlib.contextmanager

@@ -39,7 +39,7 @@ import torch
 
 from .accumulate import TaskAccumulator
 from .errors import HeadscoreError
-from .patch import HeadGates, patch
+from .patch import HeadGates, mark_absent_heads, patch
 from .results import HeadScores
 
 __all__ = ["Tracker", "track", "HeadscoreCallback", "TRACKED_METHODS"]
@@ -231,7 +231,9 @@ class Tracker:
         acc = self.accumulator(method)
         name = model_name or getattr(getattr(self.model, "config", None), "_name_or_path", "") or \
             type(self.model).__name__
-        return HeadScores(acc.mean, acc.stderr, acc.count.clone(), list(self.tasks), method, str(name),
+        layout = self.heads.layout
+        return HeadScores(mark_absent_heads(acc.mean, layout), mark_absent_heads(acc.stderr, layout),
+                          acc.count.clone(), list(self.tasks), method, str(name),
                           extra={"source": "track", "forwards": self.forwards, "steps": self.steps,
                                  "ema": self.ema_decay})
 

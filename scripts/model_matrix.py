@@ -10,7 +10,7 @@ sliding windows and chunks, sinks, soft-capping, experts, every distinct layer t
 float64 with random weights, and :func:`headscore.model_check.check_model` runs for eager and sdpa, and
 flex_attention for the CI families (``--flex``; compiling FlexAttention for a CPU takes 5-40 s a model).
 The results go to a JSON file and the markdown table in ``docs/models.md``; the full sweep takes about
-5 minutes on 2 CPU cores.
+10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -131,16 +131,24 @@ def _shrink(config_class, default, *, text: bool, extra: dict | None = None):
             continue  # not a tower (DBRX's attention and FFN settings): the defaults fit
         sub = _shrink(type(sub_default), sub_default, text=is_text)
         kwargs[key] = sub.to_dict() if not is_text else sub
+    for key in extra or {}:  # an override wins over the shrink's value under another name (attribute_map)
+        for alias, target in amap.items():
+            if target == key:
+                kwargs.pop(alias, None)
     kwargs.update(extra or {})
     return config_class(**kwargs)
 
 
 _MAMBA = {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_chunk_size": 8}
 OVERRIDES: dict[str, dict] = {
-    "bamba": _MAMBA, "falcon_h1": {**_MAMBA, "mamba_d_ssm": 64}, "granitemoehybrid": _MAMBA,
+    # hybrids whose default config has no attention layer among the first few: one mamba, one attention layer
+    "bamba": {**_MAMBA, "attn_layer_indices": [1]}, "falcon_h1": {**_MAMBA, "mamba_d_ssm": 64},
+    "granitemoehybrid": {**_MAMBA, "layer_types": ["linear_attention", "full_attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "mamba2": {"num_heads": 4, "head_dim": 16, "state_size": 8, "chunk_size": 8},
     "reformer": {"is_decoder": True}, "xlnet": {"d_head": 8}, "zaya": {"num_experts_per_tok": 1},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "laguna": {"num_attention_heads_per_layer": [HEADS, HEADS // 2]},  # keep its quirk: per-layer head counts
     "deepseek_v2": {"topk_group": 1, "n_group": 1, "topk_method": "greedy", "num_experts_per_tok": 2},
 }
 """Per-family settings the generic shrink cannot guess (mamba sizes that must divide, a flag)."""
@@ -205,10 +213,9 @@ NOT_TEXT_LMS = {
 
 
 def _float64_unsupported(checks: list[dict]) -> bool:
-    """Every implementation died inside the model on a float64 op (the family builds float32 tensors)."""
-    runnable = [c for c in checks if c["status"] != "unavailable"]
-    return bool(runnable) and all(c["status"] == "failing" and c["reason"].startswith("RuntimeError") and
-                                  ("Double" in c["reason"] or "float" in c["reason"]) for c in runnable)
+    """No implementation ran, and the unpatched model died on a float64 op (the family makes float32 tensors)."""
+    return bool(checks) and all(c["status"] in ("unavailable", "failing") for c in checks) and any(
+        "RuntimeError" in c["reason"] and ("Double" in c["reason"] or "float" in c["reason"]) for c in checks)
 
 
 def check_family(model_type: str, implementations: list[str]) -> dict:
@@ -239,7 +246,7 @@ def check_family(model_type: str, implementations: list[str]) -> dict:
 
 
 CI_SUBSET = ("gpt2", "gpt_neox", "phi3", "gemma3", "olmo2", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4",
-             "bert-classifier", "modernbert-classifier", "mllama", "gemma4_text")
+             "bert-classifier", "modernbert-classifier", "mllama", "gemma4_text", "laguna")
 """The families CI checks (tests/test_model_matrix.py): every quirk the engine must follow."""
 
 FLEX_DEFAULT = CI_SUBSET
@@ -293,16 +300,18 @@ def markdown(rows: list[dict], *, versions: str, seconds: float, command: str) -
         "",
         "Each family of transformers' `MODEL_FOR_CAUSAL_LM_MAPPING` (plus the BERT and ModernBERT sequence "
         "classifiers) is built tiny from its own config class (2-4 layers of 4 heads, the family's quirks kept) "
-        "in float64 with random weights, and `headscore.model_check.check_model` runs for each attention "
+        "in float64 with random weights, and `headscore.check_model` runs for each attention "
         "implementation: `patch()` transparent and restored bitwise; gate gradients equal a float64 reference "
         "gating each head's slice of the family's own output projection (found from the model); batched and "
         "prefix-reuse ablation of every head equal the reference; padding changes no row's loss. Check your own "
         "model the same way: `python -c \"import headscore; lm = headscore.load_model('DIR', dtype='float64'); "
         "print(headscore.check_model(lm.model))\"`.",
         "",
-        "Status: **yes** = every check passed; **forward only** = every check but the gate gradients passed "
+        "Status: **yes** = every check passed; **FAILING** = a check disagreed (a bug, with the error); "
+        "**forward only** = every check but the gate gradients passed "
         "(FlexAttention has no backward on a CPU); **refused** = headscore raises `UnsupportedModelError` with "
-        "the reason; **-** = the family does not run that implementation; **not run** = skipped (flex_attention "
+        "the reason; **-** = the family does not run that implementation (or not on a CPU: the notes say); "
+        "**not run** = skipped (flex_attention "
         "compiles for 5-40 s a model on a CPU: by default only the CI families run it, `--flex all` runs every "
         "one); **not built** = the sweep could not build a tiny config of the family (the family itself is not "
         "refused: its real checkpoints may work; check them with `check_model`); **n/a** = the family's causal LM "
@@ -351,12 +360,20 @@ def main(argv: list[str] | None = None) -> int:
                              "'none' or a comma-separated list")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--markdown", type=Path, help="write the table here (docs/models.md)")
+    parser.add_argument("--from-json", type=Path, help="write --markdown from the rows of an earlier --json run "
+                                                       "instead of checking again")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     # flex_attention compiles for each model: keep compiling instead of falling back after 8 models
     dynamo = importlib.import_module("torch._dynamo")
     dynamo.config.recompile_limit = 10_000
     dynamo.config.accumulated_recompile_limit = 100_000
+    if args.from_json:
+        if not args.markdown:
+            raise SystemExit("--from-json needs --markdown")
+        rows = json.loads(args.from_json.read_text())
+        _write_markdown(args, rows, sum(r["seconds"] for r in rows))
+        return 0
     families = _families(args.families.split(",") if args.families else None)
     impls = args.implementations.split(",")
     flex = {"ci": set(FLEX_DEFAULT), "all": set(families), "none": set()}.get(args.flex, set(args.flex.split(",")))
@@ -382,13 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.markdown:
-        import transformers
-
-        versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
-        command = "python scripts/model_matrix.py --markdown docs/models.md" + (
-            f" --flex {args.flex}" if args.flex != "ci" else "")
-        args.markdown.write_text(markdown(rows, versions=versions, seconds=seconds, command=command))
+        _write_markdown(args, rows, seconds)
     return 0
+
+
+def _write_markdown(args: argparse.Namespace, rows: list[dict], seconds: float) -> None:
+    import transformers
+
+    versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
+    command = "python scripts/model_matrix.py --markdown docs/models.md" + (
+        f" --flex {args.flex}" if args.flex != "ci" else "")
+    args.markdown.write_text(markdown(rows, versions=versions, seconds=seconds, command=command))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,48 @@ def test_per_layer_head_widths(one_thread):
     torch.testing.assert_close(prefix.values, naive.values, rtol=1e-9, atol=1e-12)
 
 
+def test_per_layer_head_counts(tmp_path, one_thread):
+    """Laguna with 4 heads in layer 0 and 2 in layer 1: gates and maps are [2, 4]; the heads layer 1 does not
+    have are NaN in every map (scores, ablation, per position), rank last, and leave the agreement of two
+    maps to the heads both have; the report draws them blank."""
+    from tiny_saved import char_tokenizer
+
+    from headscore.patch import head_layout
+
+    model = _build("laguna")
+    model.set_attn_implementation("sdpa")  # float64 throughout (eager's softmax runs in float32)
+    layout = head_layout(model)
+    assert layout.heads_per_layer == (4, 2) and layout.num_heads == 4
+    lm = headscore.LoadedModel(model, char_tokenizer(), "tiny-laguna")
+    two = [*EXAMPLES, headscore.Example("Then Cy and Di sat, Di read to", " Cy", "t")]  # a standard error
+    s = headscore.score(lm, two, progress=False, per_position=True)
+    a = headscore.ablate(lm, two, progress=False)
+    n = headscore.ablate(lm, two, mode="naive", progress=False)
+    for values in (s.values, s.stderr, a.values, s.example_values):
+        assert values[..., 1, 2:].isnan().all() and values[..., 0, :].isfinite().all()
+        assert values[..., 1, :2].isfinite().all()
+    assert s.position_values[:, 1, 2:].isnan().all() and s.position_values[:, 0].isfinite().all()
+    # Laguna rounds its norms, router logits and output gate to float32 even in a float64 model, so batches of
+    # another composition differ by float32 roundings (eps32 = 6e-8 per step): float32's tolerance
+    torch.testing.assert_close(a.values, n.values, rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert all((layer, head) != (1, 2) and (layer, head) != (1, 3) for layer, head, _ in a.top_k(6))
+    agreement = headscore.compare(s, a)["t"]
+    assert -1 <= agreement.spearman <= 1 and -1 <= agreement.kendall <= 1 and agreement.topk_overlap >= 0
+    mean = headscore.mean_baseline(lm, EXAMPLES, progress=False)
+    assert mean.shape == (2, 4, 8) and (mean[1, 2:] == 0).all() and (mean[1, :2] != 0).any()
+    from headscore.report import write_report
+
+    paths = write_report(s, tmp_path / "report", ablation=a)
+    assert paths["heatmaps_png"].is_file() and (tmp_path / "report" / "index.html").is_file()
+
+
+def test_implementation_the_model_itself_cannot_run(one_thread):
+    """GPT-OSS's sinks have no CPU FlexAttention: the unpatched model fails, so the implementation is
+    unavailable here (not a headscore failure), with torch's reason."""
+    (r,) = check_model(_build("gpt_oss"), ["flex_attention"])
+    assert r.status == UNAVAILABLE and "the unpatched model fails" in r.reason and "sinks" in r.reason
+
+
 def test_output_projection_is_found_not_assumed(one_thread):
     """GPT-2's heads feed ``c_proj`` (a Conv1D), not an ``o_proj``."""
     (r,) = check_model(_build("gpt2"), ["eager"])
@@ -105,7 +147,6 @@ EXAMPLES = [headscore.Example("When Ann and Bob went out, Bob gave it to", " Ann
     ("bitnet", "head outputs are mixed before the output projection"),  # a norm over all heads before o_proj
     ("diffllama", "runs more than once per forward pass"),  # differential attention: two softmaxes per layer
     ("bloom", "does not route attention through transformers' AttentionInterface"),
-    ("dots3_note_text", "different number of attention heads per layer"),  # per-layer config: 4 and 64 heads
 ])
 def test_unseparable_families_are_refused(family, message, one_thread):
     """check_model says refused, and scoring raises UnsupportedModelError with the same reason, before any work."""
@@ -127,6 +168,10 @@ def test_markdown_matrix(tmp_path, one_thread):
     assert "| gpt2 | GPT2LMHeadModel | yes | yes | not run | `transformer.h.*.attn.c_proj` |" in text
     assert "| bitnet |" in text and "refused" in text and "mixed before the output projection" in text
     assert "Totals: 1 supported, 1 refused." in text
+    again = tmp_path / "again.md"  # the table again from the JSON, without checking again
+    assert model_matrix.main(["--from-json", str(out_json), "--markdown", str(again)]) == 0
+    assert [line for line in again.read_text().splitlines() if line.startswith("| ")] == \
+        [line for line in text.splitlines() if line.startswith("| ")]
 
 
 def test_matrix_refuses_a_missing_output_folder(tmp_path):

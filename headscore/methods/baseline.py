@@ -13,13 +13,14 @@ from ..patch import HeadGates
 
 
 def _stacked(per_layer: list[torch.Tensor | None], where: str) -> torch.Tensor:
-    """One tensor per layer, stacked (narrower heads zero-padded to the widest, as a per-layer-config model's
-    layout says); ValueError naming the layers whose attention output never came."""
+    """One tensor per layer, stacked (fewer or narrower heads zero-padded to the largest layer's, as a
+    per-layer-config model's layout says); ValueError naming the layers whose attention output never came."""
     missing = [i for i, x in enumerate(per_layer) if x is None]
     if missing:
         raise ValueError(f"no attention output seen for layer(s) {missing[:5]}{where}")
-    width = max(x.shape[-1] for x in per_layer)
-    return torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in per_layer])
+    heads, width = max(x.shape[-2] for x in per_layer), max(x.shape[-1] for x in per_layer)
+    return torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[-1], 0, heads - x.shape[-2]))
+                        for x in per_layer])
 
 
 @torch.no_grad()

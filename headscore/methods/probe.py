@@ -52,7 +52,8 @@ def collect_activations(prep, batch_size: int = 8, *, positions: str = "target",
 
     def observe(layer: int, out: torch.Tensor) -> None:
         w = state["weights"].to(out.dtype)
-        acts[state["rows"], layer] = torch.einsum("bt,bthd->bhd", w, out).to("cpu", torch.float32)
+        h, d = out.shape[-2:]  # a layer with fewer or narrower heads fills the first entries (per-layer configs)
+        acts[state["rows"], layer, :h, :d] = torch.einsum("bt,bthd->bhd", w, out).to("cpu", torch.float32)
 
     with patch(model) as heads:
         layout = heads.layout

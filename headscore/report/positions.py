@@ -20,8 +20,10 @@ POSITION_LABEL = "score at position"
 
 def top_heads(values: np.ndarray, k: int) -> list[tuple[int, int]]:
     """The ``k`` heads of an [L, H] map with the largest |value| (NaN last), largest first: the report's one
-    ranking (:func:`.inputs.head_order`) of the magnitudes."""
-    order = head_order(np.abs(values).ravel())[:k]
+    ranking (:func:`.inputs.head_order`) of the magnitudes. Heads whose value is NaN (a layer without such a
+    head) are left out."""
+    flat = np.abs(values).ravel()
+    order = [i for i in head_order(flat) if np.isfinite(flat[i])][:k]
     return [(int(i) // values.shape[1], int(i) % values.shape[1]) for i in order]
 
 
