@@ -50,7 +50,7 @@ def _check_batch_size(batch_size: int) -> None:
 
 def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor | None) -> None:
     """Refuse a metric or baseline the examples cannot serve, naming the first example that lacks it."""
-    if prep.examples[0].label is not None:
+    if prep.labelled:
         if metric.name != "nll" or metric.fn is not None:
             raise HeadscoreError(f"a sequence classifier is scored on its own loss from the labels; metric "
                                  f"{metric.name!r} is for a causal LM's target tokens")
@@ -72,7 +72,7 @@ LABEL_LOSS_MEANING = "increase in the classifier's own loss on the label (cross-
 
 def _meaning(prep: Prepared, metric: Metric) -> str:
     """What a positive score means: the metric's meaning, or the classifier's loss for labelled examples."""
-    return LABEL_LOSS_MEANING if prep.examples[0].label is not None else metric.describe()
+    return LABEL_LOSS_MEANING if prep.labelled else metric.describe()
 
 
 def _baseline_name(baseline: str | torch.Tensor | None) -> str:
@@ -120,12 +120,10 @@ def _gradient_method_name(method: str, baseline: str | torch.Tensor | None) -> s
 
 
 def _position_maps(prep: Prepared) -> PositionMaps:
-    if prep.examples[0].label is not None:
+    if prep.labelled:
         raise HeadscoreError("per-position scores are for a causal LM's prompts; a sequence classifier's labelled "
                              "examples have no answer position")
-    layout = head_layout(prep.lm.model)
-    return PositionMaps(prep.tokenized, prep.tasks, layout.num_layers, layout.num_heads,
-                        absent=None if layout.heads_per_layer is None else layout.absent_heads())
+    return PositionMaps(prep.tokenized, prep.tasks, head_layout(prep.lm.model))
 
 
 def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,

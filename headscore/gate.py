@@ -8,8 +8,7 @@ head's output on a corrupted prompt). The gate gradient is
     dL/dg[b, h] = sum_t < O[b, t, h, :] - m[..., h, :], dY[b, t, h, :] >
 
 (for per-position gates the term of each t on its own), accumulated in float32 whatever the
-dtype of O, so a bfloat16 model still gets accurate scores. Non-finite entries of O (padded positions
-whose attention saw only masked keys) count as 0: their dY is 0.
+dtype of O, so a bfloat16 model still gets accurate scores.
 """
 
 from __future__ import annotations
@@ -49,9 +48,6 @@ class _GateFunction(torch.autograd.Function):
         acc = torch.promote_types(out.dtype, torch.float32)  # reduce in float32 at least
         if ctx.needs_input_grad[1]:
             centred = out.to(acc) if baseline is None else out.to(acc) - _baseline_view(baseline).to(acc)
-            # a padded position can hold NaN (an encoder's sliding window over padding only: every key masked);
-            # its dY is 0 and it reaches no loss, but 0 * NaN would poison the sum
-            centred = torch.nan_to_num(centred, nan=0.0, posinf=0.0, neginf=0.0)
             d_gate = torch.einsum("bthd,bthd->bh" if gate.dim() == 2 else "bthd,bthd->bth", centred, dy.to(acc))
             if gate.shape[0] == 1 and out.shape[0] != 1:
                 d_gate = d_gate.sum(0, keepdim=True)

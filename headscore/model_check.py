@@ -138,9 +138,11 @@ def _call_log(model: torch.nn.Module, log: list) -> Iterator[None]:
             h.remove()
 
 
-def _windows(calls: list[tuple[str, object]]) -> dict[int, list[tuple[str, torch.Tensor]]]:
+def _candidates(calls: list[tuple[str, object]], outputs: dict[int, torch.Tensor]
+                ) -> dict[int, list[tuple[str, torch.Tensor]]]:
     """For each attention layer, the (module name, input) of the weight-matrix modules called after its
-    attention and before the next layer's (first call of each module only)."""
+    attention and before the next layer's (first call of each module) that are fed ``heads x head_dim``
+    features: the candidates for its output projection, in call order."""
     windows: dict[int, list[tuple[str, torch.Tensor]]] = {}
     current = None
     for kind, payload in calls:
@@ -149,19 +151,21 @@ def _windows(calls: list[tuple[str, object]]) -> dict[int, list[tuple[str, torch
         elif current is not None and isinstance(payload[1], torch.Tensor) and \
                 payload[0] not in {n for n, _ in current}:
             current.append(payload)
-    return windows
+    out = {}
+    for layer, window in windows.items():
+        shape = outputs[layer].shape
+        out[layer] = [(name, x) for name, x in window if x.shape[-1] == shape[-2] * shape[-1]
+                      and x.numel() == outputs[layer].numel()]
+    return out
 
 
-def find_output_projections(calls: list[tuple[str, object]], outputs: dict[int, torch.Tensor]
-                            ) -> tuple[dict[int, str], dict[int, bool]]:
-    """For each attention layer, the module that consumes its head outputs unchanged (the first called after
-    the attention whose input equals them), else the first one fed ``heads x head_dim`` features, and
-    whether the input was the head outputs unchanged."""
+def find_output_projections(candidates: dict[int, list[tuple[str, torch.Tensor]]],
+                            outputs: dict[int, torch.Tensor]) -> tuple[dict[int, str], dict[int, bool]]:
+    """For each attention layer, the candidate (:func:`_candidates`) whose input equals its head outputs,
+    else the first candidate, and whether the input was the head outputs unchanged."""
     found, direct = {}, {}
-    for layer, window in _windows(calls).items():
+    for layer, fits in candidates.items():
         out = outputs[layer]
-        fits = [(name, x) for name, x in window if x.shape[-1] == out.shape[-2] * out.shape[-1]
-                and x.numel() == out.numel()]
         same = [name for name, x in fits if torch.equal(x.reshape(out.shape), out)]
         if same:
             found[layer], direct[layer] = same[0], True
@@ -187,8 +191,7 @@ def _gated_projections(model: torch.nn.Module, projections: dict[int, str], layo
     modules = dict(model.named_modules())
 
     def hook(args, layer):
-        # [B, T, H * D]; a padded position can be NaN (a window over padding only), reaching no loss: 0 here
-        x = torch.nan_to_num(args[0], nan=0.0, posinf=0.0, neginf=0.0)
+        x = args[0]  # [B, T, H * D]
         heads = layout.heads_of(layer)
         g = gates[:, layer, :heads].to(x.dtype)  # [B, H_l]
         return ((x.unflatten(-1, (heads, -1)) * g[:, None, :, None]).flatten(-2), *args[1:])
@@ -271,20 +274,18 @@ def _separability(model: torch.nn.Module, heads, seen: _Observed, batch
     if repeated:
         return {}, (f"the attention of layer(s) {repeated} runs more than once per forward pass (looped, "
                     "recurrent or differential attention): one gate per head and layer cannot tell the runs apart")
-    projections, direct = find_output_projections(seen.calls, seen.outputs)
+    candidates = _candidates(seen.calls, seen.outputs)
+    projections, direct = find_output_projections(candidates, seen.outputs)
     missing = sorted(set(seen.outputs) - set(projections))
     if missing:
         return projections, f"no module consumes the head outputs of layer(s) {missing} as heads x head_dim features"
-    windows = _windows(seen.calls)
     modules = dict(model.named_modules())
     for layer in sorted(layer for layer, same in direct.items() if not same):
-        out = seen.outputs[layer]
-        fits = {name: x for name, x in windows[layer] if x.shape[-1] == out.shape[-2] * out.shape[-1]
-                and x.numel() == out.numel()}
+        fits = dict(candidates[layer])
         got: dict[str, torch.Tensor] = {}
         handles = [modules[name].register_forward_pre_hook(
             lambda m, args, name=name, got=got: got.setdefault(name, args[0].detach().clone())) for name in fits]
-        gates = heads.ones(1, dtype=torch.promote_types(torch.float32, full_dtype(model)))
+        gates = heads.ones(1, dtype=torch.promote_types(torch.float32, _dtype(model)))
         gates[:, layer] = 0.5
         try:
             with torch.no_grad(), heads.using(gates):
@@ -305,7 +306,7 @@ def _separability(model: torch.nn.Module, heads, seen: _Observed, batch
     return projections, None
 
 
-def full_dtype(model: torch.nn.Module) -> torch.dtype:
+def _dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of the model's parameters."""
     return next(model.parameters()).dtype
 
@@ -348,7 +349,7 @@ def check_implementation(model: torch.nn.Module, implementation: str, *, batch=N
     ``tolerance`` bounds the relative gradient and ablation errors (default 1e-9 for a float64 model,
     1e-4 for float32, 2e-2 for 16-bit); ``batch`` defaults to :func:`random_batch` of the model's vocab.
     """
-    dtype = next(model.parameters()).dtype
+    dtype = _dtype(model)
     tol = tolerance if tolerance is not None else {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
     result = ImplementationCheck(implementation, FAILING)
     why = _set_implementation(model, implementation)

@@ -244,9 +244,13 @@ def _from_pretrained(auto, path, *, attn_implementation: str | None, **kwargs):
     return auto.from_pretrained(path, local_files_only=True, attn_implementation="eager", **kwargs)
 
 
+_CLASSIFIER = "ForSequenceClassification"
+"""How transformers names the class of a sequence classifier (``BertForSequenceClassification``)."""
+
+
 def is_sequence_classifier(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a sequence classifier (``...ForSequenceClassification``: scored on labels)."""
-    return type(model).__name__.endswith("ForSequenceClassification")
+    return type(model).__name__.endswith(_CLASSIFIER)
 
 
 def _saved_as_classifier(path: str) -> bool:
@@ -257,7 +261,7 @@ def _saved_as_classifier(path: str) -> bool:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         return False  # the loader below reports it
-    return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+    return any(a.endswith(_CLASSIFIER) for a in (getattr(config, "architectures", None) or []))
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",

@@ -79,7 +79,7 @@ def _value_head_dim(config, heads: int) -> int:
 def head_layout(model: torch.nn.Module) -> HeadLayout:
     """Read the attention layout of a transformers model from its (text) config (``head_dim`` is the width
     of a head's output, the value head dim where it differs from the query/key one). A heterogeneous config
-    (per-layer attributes) is read layer by layer; per-layer head counts raise UnsupportedModelError."""
+    (per-layer attributes) or a per-layer head-count list is read layer by layer (see :class:`HeadLayout`)."""
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; pass a PreTrainedModel")

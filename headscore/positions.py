@@ -15,11 +15,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from .accumulate import TaskAccumulator
 from .data.batching import Batch, TokenizedExample
+
+if TYPE_CHECKING:
+    from .patch import HeadLayout
 
 
 def position_name(offset: int) -> str:
@@ -86,16 +90,16 @@ class PositionMaps:
     the scores with ``positions``, ``position_values``, ``position_stderr`` and ``position_counts``.
     """
 
-    def __init__(self, items: Sequence[TokenizedExample], tasks: Sequence[str], num_layers: int, num_heads: int,
-                 *, absent: torch.Tensor | None = None):
+    def __init__(self, items: Sequence[TokenizedExample], tasks: Sequence[str], heads: HeadLayout):
         self.layout = PositionLayout.of(items)
-        self.absent = absent  # [L, H] heads a layer does not have (per-layer head counts): NaN in the maps
+        # [L, H] heads a layer does not have (per-layer head counts): NaN in the maps
+        self.absent = None if heads.heads_per_layer is None else heads.absent_heads()
         lengths = {it.prompt_length for it in items}
         if len(lengths) > 1:
             warnings.warn(f"per-position: prompts of {min(lengths)} to {max(lengths)} tokens are aligned at their "
                           "last token ('end'); a task's value at a position averages over all its examples, 0 for "
                           "one without a token there (position_counts says how many have one)", stacklevel=4)
-        self.acc = TaskAccumulator(tasks, num_layers, num_heads, positions=self.layout.width)
+        self.acc = TaskAccumulator(tasks, heads.num_layers, heads.num_heads, positions=self.layout.width)
         self.counts = torch.zeros(len(tasks), self.layout.width, dtype=torch.int64)
 
     def add(self, batch: Batch, values: torch.Tensor) -> None:

@@ -32,6 +32,11 @@ class Prepared:
     tokenized: list
 
     @property
+    def labelled(self) -> bool:
+        """Whether the examples are a sequence classifier's (text, label) rather than prompt/target."""
+        return self.examples[0].label is not None
+
+    @property
     def data_hash(self) -> str:
         """Hash of the examples."""
         return data_hash(ex.hash_row() for ex in self.examples)

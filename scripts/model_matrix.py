@@ -273,6 +273,12 @@ def family_status(row: dict) -> str:
     return "unavailable"
 
 
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    """How many families have each :func:`family_status`, in :data:`STATUS_ORDER`."""
+    statuses = [family_status(row) for row in rows]
+    return {word: statuses.count(word) for word in STATUS_ORDER if word in statuses}
+
+
 def _reason(row: dict) -> str:
     if row.get("not_applicable"):
         return row["not_applicable"]
@@ -289,9 +295,7 @@ def _reason(row: dict) -> str:
 
 def markdown(rows: list[dict], *, versions: str, seconds: float, command: str) -> str:
     """The compatibility table of ``docs/models.md``."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[family_status(row)] = counts.get(family_status(row), 0) + 1
+    counts = status_counts(rows)
     lines = [
         "# Model compatibility (generated)",
         "",
@@ -318,7 +322,7 @@ def markdown(rows: list[dict], *, versions: str, seconds: float, command: str) -
         "does not run on token ids alone (audio codebooks, drafting heads). A family that cannot run in float64 "
         "is checked in float32 (tolerance 1e-4), as its notes say.",
         "",
-        "Totals: " + ", ".join(f"{counts[w]} {w}" for w in STATUS_ORDER if w in counts) + ".",
+        "Totals: " + ", ".join(f"{n} {word}" for word, n in counts.items()) + ".",
         "",
         "| family | class | eager | sdpa | flex_attention | output projection | notes |",
         "|---|---|---|---|---|---|---|",
@@ -392,9 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             if c["status"] not in ("supported",) and c.get("reason"):
                 print(f"    {c['implementation']}: {c['reason']}", flush=True)
     seconds = time.perf_counter() - start
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[family_status(row)] = counts.get(family_status(row), 0) + 1
+    counts = status_counts(rows)
     print(f"{len(families)} families in {seconds:.0f} s: {counts}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

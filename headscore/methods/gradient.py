@@ -55,8 +55,8 @@ def gate_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
         rows = batch.example_index[bad.cpu()].tolist()
         raise HeadscoreError(
             f"non-finite gate gradients for example(s) {rows[:5]} although their loss is finite: the model's "
-            "attention gives NaN on padded positions (eager attention with a sliding window longer padding than "
-            "the window, as ModernBERT's); use attn_implementation='sdpa' or batch_size=1")
+            "attention gives NaN on padded positions, which its backward pass spreads (eager attention whose "
+            "sliding window holds only padding, as ModernBERT's); use attn_implementation='sdpa' or batch_size=1")
     return loss.detach(), grad
 
 
