@@ -8,7 +8,7 @@ OUT ?= out/demo
 VALIDATE_EXAMPLES ?= 1
 STAMP := $(VENV)/.headscore-installed
 
-.PHONY: demo validate test lint clean gpu-check gpu-check-smoke
+.PHONY: demo validate test lint clean gpu-check gpu-check-smoke kernel-check
 
 $(STAMP): pyproject.toml Makefile
 	@# Reuse a CUDA build of torch that the system Python already has; otherwise take the CPU build.
@@ -49,6 +49,11 @@ gpu-check: $(STAMP)
 
 gpu-check-smoke: $(STAMP)
 	bash benchmarks/gpu_check.sh $(GPU_OUT) --device cpu --smoke
+
+# Compile every kernel config for sm_80 and sm_90 on this CPU (no GPU) and rewrite docs/kernel-resources.md;
+# fails if one spills registers or needs more shared memory than the target has (CI runs the same check).
+kernel-check: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m headscore.kernels.resources --markdown docs/kernel-resources.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,11 @@ head's output on a corrupted prompt). The gate gradient is
 
 (for per-position gates the term of each t on its own), accumulated in float32 whatever the
 dtype of O, so a bfloat16 model still gets accurate scores.
+
+Memory: only the gate's own gradient needs O, so O is kept only when the gate requires a gradient. It is
+not copied: with SDPA it is a view of the output that SDPA's backward keeps anyway (torch's SDPA kernels lay
+their output out like the query, a [B, H, T, D] view of [B, T, H, D] in transformers' attention modules, so
+the ``transpose(1, 2).contiguous()`` before o_proj is a view; tests/test_memory.py checks it on a model).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class _GateFunction(torch.autograd.Function):
         else:
             m = _baseline_view(baseline).to(out.dtype)
             y = m + g * (out - m)
-        ctx.save_for_backward(out, gate, baseline)
+        # O is only needed for the gate's own gradient
+        ctx.save_for_backward(out if ctx.needs_input_grad[1] else None, gate, baseline)
         return y
 
     @staticmethod
@@ -45,11 +51,11 @@ class _GateFunction(torch.autograd.Function):
         g = _gate_view(gate)
         if ctx.needs_input_grad[0]:
             d_out = dy * g.to(dy.dtype)
-        acc = torch.promote_types(out.dtype, torch.float32)  # reduce in float32 at least
+        acc = torch.promote_types(dy.dtype, torch.float32)  # reduce in float32 at least (dy has O's dtype)
         if ctx.needs_input_grad[1]:
             centred = out.to(acc) if baseline is None else out.to(acc) - _baseline_view(baseline).to(acc)
             d_gate = torch.einsum("bthd,bthd->bh" if gate.dim() == 2 else "bthd,bthd->bth", centred, dy.to(acc))
-            if gate.shape[0] == 1 and out.shape[0] != 1:
+            if gate.shape[0] == 1 and dy.shape[0] != 1:
                 d_gate = d_gate.sum(0, keepdim=True)
             d_gate = d_gate.to(gate.dtype)
         if baseline is not None and ctx.needs_input_grad[2]:

@@ -347,7 +347,8 @@ def check_implementation(model: torch.nn.Module, implementation: str, *, batch=N
     """Run the checks of the module docstring on ``model`` with one attention implementation.
 
     ``tolerance`` bounds the relative gradient and ablation errors (default 1e-9 for a float64 model,
-    1e-4 for float32, 2e-2 for 16-bit); ``batch`` defaults to :func:`random_batch` of the model's vocab.
+    1e-4 for float32, 2e-2 for 16-bit; ablation, which runs rows in other batch shapes than the reference, at
+    least :data:`PADDING_TOLERANCE`, as padding); ``batch`` defaults to :func:`random_batch` of the model's vocab.
     """
     dtype = _dtype(model)
     tol = tolerance if tolerance is not None else {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
@@ -450,7 +451,10 @@ def _run_checks(model, implementation, batch, layout, tol, result):
         result.reason = "the reference gate gradients are all zero"
     elif backward and result.gradient_error > tol:
         result.reason = f"gate gradients differ from the reference by {result.gradient_error:.3g} (relative)"
-    elif result.ablation_error > tol:
+    elif result.ablation_error > max(tol, PADDING_TOLERANCE):
+        # batched and prefix ablation run a row in other batch shapes than the reference does, as padding does:
+        # through a family's float32 steps (eager softmax, a router) they agree to float32's rounding, not
+        # float64's (seen: Laguna 4.8e-9 eager and 9.1e-9 sdpa on an AVX-512 CPU, below 1e-9 on AVX2)
         result.reason = f"ablated losses differ from the reference by {result.ablation_error:.3g} (relative)"
     elif result.padding_error > max(tol, PADDING_TOLERANCE):
         result.reason = (f"padding changes the loss of the other rows by {result.padding_error:.3g} (relative): "

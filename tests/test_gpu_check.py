@@ -23,12 +23,16 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "all stages passed" in done.stdout
-    for name in ("env.txt", "kernel-tests.log", "attention-bench.log", "e2e.log", "gated_attention.png",
-                 "gated_attention.pdf"):
+    for name in ("env.txt", "kernel-tests.log", "attention-bench.log", "e2e.log", "smollm2.log",
+                 "gated_attention.png", "gated_attention.pdf"):
         assert (out / name).stat().st_size > 0, name
     with open(out / "gated_attention.csv", newline="") as fh:
         impls = {r["impl"] for r in csv.DictReader(fh)}
     assert {"gated-attn (triton)", "sdpa+gate (unfused)", "gate_grad (triton)"} <= impls
     e2e = json.loads((out / "gpu_e2e.json").read_text())
-    assert {"floor (fwd+bwd, input grads)", "taylor kernel=on", "taylor kernel=off"} <= set(e2e["rows"])
+    assert {"floor (fwd+bwd, input grads)", "taylor kernel=on", "taylor kernel=off", "ablation batched (extrapolated)",
+            "ablation sequential (extrapolated)"} <= set(e2e["rows"])
     assert min(e2e["kernel_on_vs_off"]["spearman"].values()) > 0.99
+    smol = json.loads((out / "gpu_smollm2.json").read_text())
+    assert smol["passed"] and set(smol["compare"]) == {"kernel=off", "kernel=on"}
+    assert all(len(r["spearman"]) == 3 for r in smol["compare"].values())  # the smoke run's three tasks

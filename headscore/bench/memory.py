@@ -3,7 +3,11 @@
 On the CPU, the RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) of a fresh
 subprocess per method (``python -m headscore.bench --memory-worker NAME --worker-args JSON``, see
 :func:`worker_main`), measured on its second run: the first one pages in the memory-mapped weights, a
-cost common to all. On CUDA, ``torch.cuda.max_memory_allocated`` in process.
+cost common to all. The worker runs with glibc's malloc told to map every block of 64 KiB or more on its
+own and to keep one arena (:data:`MALLOC_ENV`), so a freed tensor leaves the RSS at once and the high-water
+mark is the peak of live memory: with malloc's defaults, freed blocks linger in per-thread arenas and the
+same run of SmolLM2's floor read 686 and 733 MiB (taylor 725 and 737); with these settings 566 and 566
+(taylor 561 and 561). On CUDA, ``torch.cuda.max_memory_allocated`` in process.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +30,8 @@ from .methods import Context, Method, Output, sampled_ablation
 from .registry import resolve
 
 MARKER = "HEADSCORE_MEMORY "  # the worker's result line on stdout
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
+"""glibc malloc settings of the memory worker (a variable the caller set wins): see the module docstring."""
 
 
 def _proc_status(key: str) -> float | None:
@@ -104,7 +111,7 @@ def measure_memory_subprocess(name: str, args: dict, timeout: float) -> tuple[fl
     (``args``: :func:`worker_args`), and how it was read (or why it could not be)."""
     cmd = [sys.executable, "-m", __package__, "--memory-worker", name, "--worker-args", json.dumps(args)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**MALLOC_ENV, **os.environ})
     except subprocess.TimeoutExpired:
         return None, f"memory worker timed out after {timeout:.0f}s"
     for line in reversed(proc.stdout.splitlines()):
@@ -131,4 +138,6 @@ def worker_main(name: str, args: dict) -> None:
     fn = memory_fn(name, fn)
     fn(ctx)  # warm-up: pages in the (memory-mapped) weights and one-off caches, which every method would pay
     mib, how = measure_memory_here(fn, ctx)
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        how += ", malloc: mmap from 64 KiB, one arena"
     print(MARKER + json.dumps({"mib": mib, "how": how}), flush=True)

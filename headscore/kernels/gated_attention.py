@@ -3,9 +3,14 @@
     A   = softmax(q k^T * scale) v                          (per query head; online softmax)
     out = m + g * (A - m)                                   (g: [B, Hq] gate, m: [Hq, D] baseline or 0)
 
+Memory: the forward keeps what flash attention keeps, q, k, v, out and the log-sum-exp lse, plus the
+[B, Hq] gate (and the [Hq, D] baseline); out is written [B, T, Hq, D], the layout o_proj reads, so the
+caller's ``out.transpose(1, 2).contiguous()`` is a view of the same tensor. A is never stored.
+
 Backward (flash-attention-2 style), with dA = g * dOut:
 
-    preprocess (one read of A and dOut per query block):
+    preprocess (one read of dOut, and of out or a recomputation of A, per query block):
+        A          = out where g == 1 (scoring); elsewhere sum_n P_n V_n, P recomputed from q, k and lse
         Delta[t]   = rowsum(dA * A)[t] = g * <A_t, dOut_t>
         dgate[b,h] = sum_t <A_t - m, dOut_t>                  (float32, per-block partials, summed)
         dgate[b,h,t] = <A_t - m, dOut_t>                      (per position: the terms, written out)
@@ -25,14 +30,18 @@ Masking conventions
 The layout follows the Triton fused-attention tutorial and Liger-Kernel ops files: @triton.jit kernels,
 small launchers picking block sizes and grids, one autograd.Function and a functional wrapper.
 Under ``TRITON_INTERPRET=1`` (CPU) a single small block configuration is used; on a GPU the forward,
-dK/dV and dQ kernels are autotuned over a short config list.
+dK/dV and dQ kernels are autotuned over the configs of ``headscore.kernels.configs``, each of which was
+compiled for the target without spills (``python -m headscore.kernels.resources``).
 """
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
 from ._compat import alloc, check_device, is_interpreted, next_pow2, require_triton, tl, triton
+from .configs import all_configs, kept
 
 __all__ = ["gated_attention"]
 
@@ -44,7 +53,6 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # blocks in the short sequences the tests use).
 _INTERP_BLOCK_M = 32
 _INTERP_BLOCK_N = 32
-_PRE_BLOCK_M_GPU = 64
 
 
 
@@ -72,12 +80,24 @@ def _cast(x, DTYPE: tl.constexpr, EMU_BF16: tl.constexpr):
         return x.to(DTYPE)
 
 
+@triton.jit
+def _allowed(offs_m, m_ok, cols, n_ok, shift, MaskRow, stride_ms, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """[M, N] True where query row offs_m may attend key cols (in range, causal, not padding)."""
+    allow = n_ok[None, :] & m_ok[:, None]
+    if CAUSAL:
+        allow = allow & (cols[None, :] <= offs_m[:, None] + shift)
+    if HAS_MASK:
+        keep = tl.load(MaskRow + cols * stride_ms, mask=n_ok, other=0)
+        allow = allow & (keep[None, :] != 0)
+    return allow
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _gattn_fwd_kernel(
-    Q, K, V, Gate, Base, Mask, Out, A, Lse,
+    Q, K, V, Gate, Base, Mask, Out, Lse,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -122,12 +142,7 @@ def _gattn_fwd_kernel(
         kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         qk = _dot(q, kt, DOT_PREC, EMU_BF16) * qk_scale
-        allow = n_ok[None, :] & m_ok[:, None]
-        if CAUSAL:
-            allow = allow & (cols[None, :] <= offs_m[:, None] + shift)
-        if HAS_MASK:
-            keep = tl.load(Mask + b * stride_mb + cols * stride_ms, mask=n_ok, other=0)
-            allow = allow & (keep[None, :] != 0)
+        allow = _allowed(offs_m, m_ok, cols, n_ok, shift, Mask + b * stride_mb, stride_ms, CAUSAL, HAS_MASK)
         qk = tl.where(allow, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows that have seen no allowed key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
@@ -155,57 +170,91 @@ def _gattn_fwd_kernel(
 
     o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     o_mask = m_ok[:, None] & d_ok[None, :]
-    tl.store(A + o_off, _cast(a, A.dtype.element_ty, EMU_BF16), mask=o_mask)
     tl.store(Out + o_off, _cast(out, Out.dtype.element_ty, EMU_BF16), mask=o_mask)
     tl.store(Lse + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backward: preprocess (Delta, dgate, dbaseline partials from one read of A and dOut)
+# Backward: preprocess (Delta, dgate, dbaseline partials). A is not kept: where the gate is 1 (scoring),
+# out = A; elsewhere A is recomputed from q, k, v and the saved lse (P is already normalised).
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _gattn_bwd_preprocess_kernel(
-    A, DO, Gate, Base, Delta, DGatePart, DBasePart, DGateRows,
-    stride_ab, stride_ah, stride_at, stride_ad,
+    Q, K, V, Mask, Out, DO, Lse, Gate, Base, Delta, DGatePart, DBasePart, DGateRows,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
     stride_gb, stride_gh, stride_gt, stride_gd,
-    H, T, NUM_M,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_BASE: tl.constexpr, BASE_GRAD: tl.constexpr, ROWS: tl.constexpr,
+    stride_mb, stride_ms,
+    H, T, S, GROUP, qk_scale, NUM_M,
+    T_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BASE: tl.constexpr, BASE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, DOT_PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < T
     msk = m_ok[:, None] & d_ok[None, :]
 
-    a = tl.load(A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_at + offs_d[None, :] * stride_ad,
-                mask=msk, other=0.0).to(tl.float32)
+    g = tl.load(Gate + bh)
+    if g == 1.0:  # out = m + 1 * (A - m) = A
+        a = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                    mask=msk, other=0.0).to(tl.float32)
+    else:  # A = sum_n P_n V_n with P = exp2(q k^T * scale * log2(e) - lse), as the dQ kernel recomputes it
+        hk = h // GROUP
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=msk, other=0.0)
+        lse = tl.load(Lse + bh * T + offs_m, mask=m_ok, other=float("inf"))
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        offs_n = tl.arange(0, BLOCK_N)
+        a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        shift = S - T
+        if CAUSAL:
+            hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + shift)
+        else:
+            hi = S
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            n_ok = cols < S
+            kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            qk = _dot(q, kt, DOT_PREC, EMU_BF16) * qk_scale
+            allow = _allowed(offs_m, m_ok, cols, n_ok, shift, Mask + b * stride_mb, stride_ms, CAUSAL, HAS_MASK)
+            p = tl.where(allow, tl.math.exp2(qk - lse[:, None]), 0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            a += _dot(_cast(p, v.dtype, EMU_BF16), v, DOT_PREC, EMU_BF16)
+
     do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gd,
                  mask=msk, other=0.0).to(tl.float32)
-    g = tl.load(Gate + b * H + h)
-
     r = tl.sum(a * do, 1)  # <A_t, dOut_t>
-    tl.store(Delta + pid_bh.to(tl.int64) * T + offs_m, g * r, mask=m_ok)  # rowsum(dA * A), dA = g * dOut
+    tl.store(Delta + bh * T + offs_m, g * r, mask=m_ok)  # rowsum(dA * A), dA = g * dOut
 
-    part = pid_bh.to(tl.int64) * NUM_M + pid_m
+    part = bh * NUM_M + pid_m
     if HAS_BASE:
         base = tl.load(Base + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
         centred = tl.where(msk, a - base[None, :], 0.0)
         rows = tl.sum(centred * do, 1)  # <A_t - m, dOut_t>
         dg = tl.sum(rows, 0)
         if ROWS:
-            tl.store(DGateRows + pid_bh.to(tl.int64) * T + offs_m, rows, mask=m_ok)
+            tl.store(DGateRows + bh * T + offs_m, rows, mask=m_ok)
         if BASE_GRAD:
             col = tl.sum(do, 0)  # rows outside T were loaded as 0
             tl.store(DBasePart + part * HEAD_DIM + offs_d, (1.0 - g) * col, mask=d_ok)
     else:
         dg = tl.sum(r, 0)
         if ROWS:
-            tl.store(DGateRows + pid_bh.to(tl.int64) * T + offs_m, r, mask=m_ok)
+            tl.store(DGateRows + bh * T + offs_m, r, mask=m_ok)
     tl.store(DGatePart + part, dg)
 
 
@@ -347,12 +396,7 @@ def _gattn_bwd_dq_kernel(
         kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_ks, mask=dn_mask, other=0.0)
         vt = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :] * stride_vs, mask=dn_mask, other=0.0)
         qk = _dot(q, kt, DOT_PREC, EMU_BF16) * qk_scale
-        allow = n_ok[None, :] & m_ok[:, None]
-        if CAUSAL:
-            allow = allow & (cols[None, :] <= offs_m[:, None] + shift)
-        if HAS_MASK:
-            keep = tl.load(Mask + b * stride_mb + cols * stride_ms, mask=n_ok, other=0)
-            allow = allow & (keep[None, :] != 0)
+        allow = _allowed(offs_m, m_ok, cols, n_ok, shift, Mask + b * stride_mb, stride_ms, CAUSAL, HAS_MASK)
         p = tl.where(allow, tl.math.exp2(qk - lse[:, None]), 0.0)
         dp = g * _dot(do, vt, DOT_PREC, EMU_BF16)
         ds = p * (dp - delta[:, None])
@@ -364,58 +408,71 @@ def _gattn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# GPU autotuning (short lists; never used under the interpreter)
+# Launching: the interpreter runs one small block configuration; a GPU runs the configs of
+# headscore.kernels.configs (autotuned where there are several), chosen per target, head width and dtype.
 # ----------------------------------------------------------------------------------------------------
+_KERNELS = {"fwd": _gattn_fwd_kernel, "pre": _gattn_bwd_preprocess_kernel, "dkdv": _gattn_bwd_dkdv_kernel,
+            "dq": _gattn_bwd_dq_kernel}
 _TUNED: dict = {}
+_RECORDING: list | None = None
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel
-_CONFIGS = {
-    "fwd": (_gattn_fwd_kernel, [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]),
-    "dkdv": (_gattn_bwd_dkdv_kernel, [(32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)]),
-    "dq": (_gattn_bwd_dq_kernel, [(128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)]),
-}
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list[tuple[str, object, tuple, dict]]]:
+    """Within the block, launchers record ``(name, kernel, args, meta)`` instead of running a kernel.
+
+    For the compile check (``headscore.kernels.resources``): it gets the exact arguments, and so the
+    exact specialisation, that a real call would launch each kernel with, from CPU tensors."""
+    global _RECORDING
+    previous, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else (0, 0)
 
 
 def _tuned(name: str):
-    """Autotuned wrapper of a kernel, built lazily so that importing needs neither a GPU nor configs."""
+    """Autotuned wrapper of a kernel over every config it may use, pruned per call to those that fit."""
     if name not in _TUNED:
-        fn, table = _CONFIGS[name]
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in table]
-        _TUNED[name] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "T_BUCKET"],
-                                       prune_configs_by={"early_config_prune": _prune_configs})(fn)
+        table = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                 for m, n, w, st in all_configs(name)]
+        _TUNED[name] = triton.autotune(configs=table, key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "T_BUCKET"],
+                                       prune_configs_by={"early_config_prune": _prune_configs(name)})(_KERNELS[name])
     return _TUNED[name]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep the shared-memory / register footprint in budget for wide rows (large D, float32 inputs).
-
-    Bytes per tile row = BLOCK_D (D rounded up to a power of 2) * element size. Up to 256 (bf16/fp16
-    D <= 128, fp32 D <= 64) all configs are kept; above that only tiles up to 64 x 64, with at most
-    2 pipeline stages (1 from 1024 bytes).
-    """
-    head_dim = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    q = named_args.get("Q")
-    elt = q.element_size() if hasattr(q, "element_size") else 2
-    row_bytes = head_dim * elt
-    if row_bytes <= 256:
-        return configs
-    max_stages = 2 if row_bytes < 1024 else 1
-    out, seen = [], set()
-    for c in sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]):
-        if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64 and out:
-            continue
-        key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, min(c.num_stages, max_stages))
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=key[3]))
-    return out
+def _prune_configs(name: str):
+    def prune(candidates, named_args, **kwargs):
+        q = named_args["Q"]
+        keep = set(kept(name, kwargs["BLOCK_D"], q.element_size(), _capability(q)))
+        return [c for c in candidates if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    return prune
 
 
-def _launch(name: str, kernel, grid_fn, args: tuple, meta: dict):
-    """Run a kernel: fixed small blocks under the interpreter, the autotuned wrapper on a GPU."""
-    if is_interpreted(kernel):
-        cfg = {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N}
-        kernel[grid_fn(cfg)](*args, **meta, **cfg)
+def _block(name: str, q: torch.Tensor, block_d: int) -> dict[str, int]:
+    """The config of a kernel that is not autotuned (the preprocessing step): the first checked one on a GPU
+    (blocks, warps, stages), the interpreter's blocks on a CPU (and while recording: the compile check sets
+    its own)."""
+    if is_interpreted(_KERNELS[name]) or _RECORDING is not None:
+        return {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N}
+    m, n, warps, stages = kept(name, block_d, q.element_size(), _capability(q))[0]
+    return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
+
+
+def _launch(name: str, grid_fn, args: tuple, meta: dict):
+    """Run a kernel: fixed small blocks under the interpreter, the configs of ``configs`` on a GPU."""
+    kernel = _KERNELS[name]
+    if _RECORDING is not None:
+        _RECORDING.append((name, kernel, args, dict(meta)))
+    elif is_interpreted(kernel):
+        cfg = {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N, **meta}
+        kernel[grid_fn(cfg)](*args, **cfg)
+    elif "BLOCK_M" in meta:  # a fixed config (the preprocessing step, from _block)
+        kernel[grid_fn(meta)](*args, **meta)
     else:
         _tuned(name)[grid_fn](*args, **meta)
 
@@ -439,41 +496,48 @@ def _t_bucket(n: int) -> int:
 def _forward(q, k, v, gate2d, base, mask_u8, causal, scale):
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
-    out = alloc((B, H, T, D), dtype=q.dtype, device=q.device)
-    a = alloc((B, H, T, D), dtype=q.dtype, device=q.device)
+    # out is stored [B, T, H, D] (what o_proj reads) and handed out as a [B, H, T, D] view, so the caller's
+    # transpose(1, 2).contiguous() copies nothing and the one tensor is also what the backward keeps
+    out = alloc((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = alloc((B, H, T), dtype=torch.float32, device=q.device)
     mask_arg = mask_u8 if mask_u8 is not None else q
     m_strides = (mask_u8.stride(0), mask_u8.stride(1)) if mask_u8 is not None else (0, 0)
     args = (
-        q, k, v, gate2d, base if base is not None else gate2d, mask_arg, out, a, lse,
+        q, k, v, gate2d, base if base is not None else gate2d, mask_arg, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
         H, T, S, H // HKV, scale * _LOG2E, _t_bucket(max(T, S)),
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), CAUSAL=bool(causal), HAS_MASK=mask_u8 is not None,
                 HAS_BASE=base is not None, DOT_PREC=_dot_prec(q.dtype), EMU_BF16=_emu_bf16(q.dtype))
-    _launch("fwd", _gattn_fwd_kernel, lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H), args, meta)
-    return out, a, lse
+    _launch("fwd", lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H), args, meta)
+    return out, lse
 
 
-def _backward(dout, q, k, v, a, lse, gate2d, base, mask_u8, causal, scale, need_qkv, base_grad, rows=False):
+def _backward(dout, q, k, v, out, lse, gate2d, base, mask_u8, causal, scale, need_qkv, base_grad, rows=False):
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     dev = q.device
     block_d = max(16, next_pow2(D))
-    interp = is_interpreted(_gattn_bwd_preprocess_kernel)
-    pre_bm = _INTERP_BLOCK_M if interp else _PRE_BLOCK_M_GPU
-    num_m = triton.cdiv(T, pre_bm)
+    mask_arg = mask_u8 if mask_u8 is not None else q
+    m_strides = (mask_u8.stride(0), mask_u8.stride(1)) if mask_u8 is not None else (0, 0)
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_MASK=mask_u8 is not None,
+                DOT_PREC=_dot_prec(q.dtype), EMU_BF16=_emu_bf16(q.dtype))
+    qk_scale = scale * _LOG2E
+    tb = _t_bucket(max(T, S))
 
+    pre = _block("pre", q, block_d)
+    num_m = triton.cdiv(T, pre["BLOCK_M"])
     delta = alloc((B, H, T), dtype=torch.float32, device=dev)
     dgate_part = alloc((B, H, num_m), dtype=torch.float32, device=dev)
     dbase_part = alloc((B, H, num_m, D), dtype=torch.float32, device=dev) if base_grad else delta
     dgate_rows = alloc((B, H, T), dtype=torch.float32, device=dev) if rows else delta
-    _gattn_bwd_preprocess_kernel[(num_m, B * H)](
-        a, dout, gate2d, base if base is not None else gate2d, delta, dgate_part, dbase_part, dgate_rows,
-        *a.stride(), *dout.stride(),
-        H, T, num_m,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_bm, HAS_BASE=base is not None, BASE_GRAD=bool(base_grad),
-        ROWS=bool(rows), **({} if interp else {"num_warps": 4}),
+    _launch(
+        "pre", lambda META: (num_m, B * H),
+        (q, k, v, mask_arg, out, dout, lse, gate2d, base if base is not None else gate2d, delta, dgate_part,
+         dbase_part, dgate_rows,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *m_strides,
+         H, T, S, H // HKV, qk_scale, num_m, tb),
+        {**meta, **pre, "HAS_BASE": base is not None, "BASE_GRAD": bool(base_grad), "ROWS": bool(rows)},
     )
     dgate = dgate_rows if rows else dgate_part.sum(-1)  # per position: the terms; else their sum
     dbase = dbase_part.sum((0, 2)) if base_grad else None
@@ -484,21 +548,15 @@ def _backward(dout, q, k, v, a, lse, gate2d, base, mask_u8, causal, scale, need_
     dk = alloc(k.shape, dtype=k.dtype, device=dev)
     dv = alloc(v.shape, dtype=v.dtype, device=dev)
     assert dk.stride() == dv.stride()
-    mask_arg = mask_u8 if mask_u8 is not None else q
-    m_strides = (mask_u8.stride(0), mask_u8.stride(1)) if mask_u8 is not None else (0, 0)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_MASK=mask_u8 is not None,
-                DOT_PREC=_dot_prec(q.dtype), EMU_BF16=_emu_bf16(q.dtype))
-    qk_scale = scale * _LOG2E
-    tb = _t_bucket(max(T, S))
     _launch(
-        "dkdv", _gattn_bwd_dkdv_kernel, lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV),
+        "dkdv", lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV),
         (q, k, v, gate2d, mask_arg, dout, lse, delta, dk, dv,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *m_strides,
          H, HKV, T, S, H // HKV, qk_scale, scale, tb),
         meta,
     )
     _launch(
-        "dq", _gattn_bwd_dq_kernel, lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H),
+        "dq", lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H),
         (q, k, v, gate2d, mask_arg, dout, lse, delta, dq,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides,
          H, T, S, H // HKV, qk_scale, scale, tb),
@@ -519,8 +577,8 @@ class _GatedAttentionFunction(torch.autograd.Function):
         gate2d = gate2d.contiguous()
         base = None if baseline is None else baseline.detach().to(torch.float32).contiguous()
         mask_u8 = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
-        out, a, lse = _forward(q, k, v, gate2d, base, mask_u8, causal, scale)
-        ctx.save_for_backward(q, k, v, a, lse, gate2d, base, mask_u8)
+        out, lse = _forward(q, k, v, gate2d, base, mask_u8, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, gate2d, base, mask_u8)  # flash attention's own + O(B * H)
         ctx.causal, ctx.scale = causal, scale
         ctx.gate_shape, ctx.gate_dtype = gate.shape, gate.dtype
         ctx.base_dtype = None if baseline is None else baseline.dtype
@@ -528,11 +586,11 @@ class _GatedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, a, lse, gate2d, base, mask_u8 = ctx.saved_tensors
+        q, k, v, out, lse, gate2d, base, mask_u8 = ctx.saved_tensors
         need_qkv = any(ctx.needs_input_grad[:3])
         base_grad = base is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dgate, dbase = _backward(
-            dout, q, k, v, a, lse, gate2d, base, mask_u8, ctx.causal, ctx.scale, need_qkv, base_grad,
+            dout, q, k, v, out, lse, gate2d, base, mask_u8, ctx.causal, ctx.scale, need_qkv, base_grad,
             rows=len(ctx.gate_shape) == 3 and ctx.needs_input_grad[3])
         if ctx.needs_input_grad[3]:
             if len(ctx.gate_shape) == 1:

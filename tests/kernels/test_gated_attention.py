@@ -94,6 +94,7 @@ def make_inputs(seed, B, Hq, Hkv, T, S, D, dtype, *, gate_kind="bh", with_base=T
     gshape = (B, Hq) if gate_kind == "bh" else (Hq,)
     gate = (torch.rand(*gshape, generator=gen) * 2.0 - 0.5).to(device)  # rows differ, some negative
     gate.view(-1)[0] = 0.0  # one ablated head
+    gate.view(-1)[-1] = 1.0  # one head as in scoring: its backward reads out instead of recomputing A
     gate.requires_grad_()
     base = rn(Hq, D, s=0.5).requires_grad_() if with_base else None
     kpm = None
@@ -228,6 +229,44 @@ def test_noncontiguous_inputs_and_custom_scale(seed):
             assert max_err(g, r) < 1e-4, f"{nm}: {max_err(g, r):.2e} (seed={seed})"
 
 
+def _saved_beyond(fn, *own):
+    """Run ``fn``; the bytes of every distinct storage autograd keeps for the backward, other than the
+    storages of ``own`` (inputs) and of the output: what the operation adds to the memory held until backward."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    for t in (*own, out):
+        saved.pop(t.untyped_storage().data_ptr(), None)
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("pad", [None, "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+def test_keeps_no_memory_beyond_flash_attention(dtype, pad, seed):
+    """Between forward and backward the kernel keeps q, k, v, out and lse (what flash attention keeps; here
+    torch's own SDPA flash kernel is the measure) plus the [B, Hq] gate and [Hq, D] baseline in float32:
+    no pre-gate output A, no copy of out. Its output is laid out [B, T, Hq, D], so the caller's
+    transpose(1, 2).contiguous() (transformers' attention functions do it) copies nothing."""
+    B, Hq, Hkv, T, D = 2, 4, 2, 48, 32
+    inputs, kpm, _ = make_inputs(seed, B, Hq, Hkv, T, T, D, dtype, pad=pad)
+    q, k, v, gate, base = inputs
+    out, extra = _saved_beyond(lambda: gated_attention(q, k, v, gate, base, causal=True, key_padding_mask=kpm),
+                               q, k, v, gate, base, *(() if kpm is None else (kpm,)))
+    _, flash = _saved_beyond(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True), q, k, v)
+    lse = 4 * B * Hq * T
+    assert flash >= lse, f"torch's flash attention keeps its lse ({flash} B saved beyond q, k, v, out)"
+    bound = flash + 4 * B * Hq + 4 * Hq * D  # + gate and baseline in float32
+    assert extra <= bound, f"the kernel keeps {extra} B beyond q, k, v, out; flash attention {flash} B (seed={seed})"
+    flat = out.transpose(1, 2).contiguous()
+    assert flat.data_ptr() == out.data_ptr(), "out must be stored [B, T, H, D]: the caller's contiguous() copies"
+
+
 def test_poisoned_buffers_are_really_poisoned():
     """The debug mode the other tests rely on really fills kernel buffers with NaN."""
     from headscore.kernels._compat import alloc
@@ -323,6 +362,44 @@ def test_gpu_head_dims(D, seed):
             ek, et = max_err(g, r), max_err(lo, r)
             assert ek <= FACTOR * et + ATOL[torch.bfloat16], f"D={D} {nm}: {ek:.3e} vs {et:.3e} (seed={seed})"
 
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_peak_memory_equals_flash_attention(seed):
+    """fwd + bwd of the kernel (gate gradient wanted) against torch's SDPA flash backend without a gate, same
+    q, k, v: peak memory above the inputs within 2% + 1 MiB (the kernel's own [B, Hq, T] float32 buffers are
+    a few MiB at these shapes; an extra [B, Hq, T, D] would be 64 MiB)."""
+    B, H, T, D = 2, 32, 4096, 128
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    gate = torch.ones(B, H, device="cuda", requires_grad=True)
+    dout = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def peak(fn):
+        fn()  # compile / autotune first
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    def fused():
+        out = gated_attention(q, k, v, gate, causal=True)
+        out.backward(dout)
+        for x in (q, k, v, gate):
+            x.grad = None
+
+    def flash():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(dout)
+        for x in (q, k, v):
+            x.grad = None
+
+    ours, theirs = peak(fused), peak(flash)
+    print(f"peak above inputs: kernel {ours / 2**20:.1f} MiB, SDPA flash {theirs / 2**20:.1f} MiB")
+    assert ours <= 1.02 * theirs + 2**20, f"kernel {ours / 2**20:.1f} MiB vs flash {theirs / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize("with_base,pad", [(True, "mixed"), (False, None)], ids=["base-pad", "nobase"])
