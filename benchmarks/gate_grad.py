@@ -14,7 +14,7 @@ the PyTorch expression on a GPU (see benchmarks/RESULTS.md), and for its tests
 
 import torch
 
-from headscore.kernels._compat import alloc, check_device, is_interpreted, next_pow2, require_triton, tl, triton
+from headscore.kernels._compat import alloc, block_d, check_device, is_interpreted, require_triton, tl, triton
 
 __all__ = ["gate_grad", "gate_grad_torch"]
 
@@ -92,8 +92,8 @@ def gate_grad(o: torch.Tensor, dy: torch.Tensor, baseline: torch.Tensor | None =
     if B * H == 0:
         return torch.zeros(B, H, dtype=torch.float32, device=o.device)
     interp = is_interpreted(_gate_grad_kernel)
-    block_d = max(16, next_pow2(D))
-    block_t = _INTERP_BLOCK_T if interp else max(8, min(64, 8192 // block_d))
+    width = block_d(D)
+    block_t = _INTERP_BLOCK_T if interp else max(8, min(64, 8192 // width))
     n_blocks = max(1, triton.cdiv(T, block_t))
     if num_splits is None:
         if interp:
@@ -110,7 +110,7 @@ def gate_grad(o: torch.Tensor, dy: torch.Tensor, baseline: torch.Tensor | None =
         o, dy, base if base is not None else part, part,
         *o.stride(), *dy.stride(),
         H, T, rows, num_splits,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, HAS_BASE=base is not None,
+        HEAD_DIM=D, BLOCK_D=width, BLOCK_T=block_t, HAS_BASE=base is not None,
         **({} if interp else {"num_warps": 4}),
     )
     return part.sum(-1)

@@ -78,3 +78,9 @@ def alloc(shape, *, dtype, device) -> torch.Tensor:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def block_d(head_dim: int) -> int:
+    """The tile width a kernel gives a head of ``head_dim``: rounded up to a power of two, at least 16 (tl.dot's
+    smallest)."""
+    return max(16, next_pow2(head_dim))

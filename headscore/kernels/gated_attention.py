@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ._compat import alloc, check_device, is_interpreted, next_pow2, require_triton, tl, triton
+from ._compat import alloc, block_d, check_device, is_interpreted, next_pow2, require_triton, tl, triton
 from .configs import all_configs, kept
 
 __all__ = ["gated_attention"]
@@ -453,13 +453,13 @@ def _prune_configs(name: str):
     return prune
 
 
-def _block(name: str, q: torch.Tensor, block_d: int) -> dict[str, int]:
+def _block(name: str, q: torch.Tensor, width: int) -> dict[str, int]:
     """The config of a kernel that is not autotuned (the preprocessing step): the first checked one on a GPU
     (blocks, warps, stages), the interpreter's blocks on a CPU (and while recording: the compile check sets
     its own)."""
     if is_interpreted(_KERNELS[name]) or _RECORDING is not None:
         return {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N}
-    m, n, warps, stages = kept(name, block_d, q.element_size(), _capability(q))[0]
+    m, n, warps, stages = kept(name, width, q.element_size(), _capability(q))[0]
     return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
 
 
@@ -507,7 +507,7 @@ def _forward(q, k, v, gate2d, base, mask_u8, causal, scale):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
         H, T, S, H // HKV, scale * _LOG2E, _t_bucket(max(T, S)),
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), CAUSAL=bool(causal), HAS_MASK=mask_u8 is not None,
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_MASK=mask_u8 is not None,
                 HAS_BASE=base is not None, DOT_PREC=_dot_prec(q.dtype), EMU_BF16=_emu_bf16(q.dtype))
     _launch("fwd", lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H), args, meta)
     return out, lse
@@ -517,15 +517,15 @@ def _backward(dout, q, k, v, out, lse, gate2d, base, mask_u8, causal, scale, nee
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     dev = q.device
-    block_d = max(16, next_pow2(D))
+    width = block_d(D)
     mask_arg = mask_u8 if mask_u8 is not None else q
     m_strides = (mask_u8.stride(0), mask_u8.stride(1)) if mask_u8 is not None else (0, 0)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_MASK=mask_u8 is not None,
+    meta = dict(HEAD_DIM=D, BLOCK_D=width, CAUSAL=bool(causal), HAS_MASK=mask_u8 is not None,
                 DOT_PREC=_dot_prec(q.dtype), EMU_BF16=_emu_bf16(q.dtype))
     qk_scale = scale * _LOG2E
     tb = _t_bucket(max(T, S))
 
-    pre = _block("pre", q, block_d)
+    pre = _block("pre", q, width)
     num_m = triton.cdiv(T, pre["BLOCK_M"])
     delta = alloc((B, H, T), dtype=torch.float32, device=dev)
     dgate_part = alloc((B, H, num_m), dtype=torch.float32, device=dev)

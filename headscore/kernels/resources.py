@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import configs
+from ._compat import block_d
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,12 +69,6 @@ CANDIDATES: dict[str, list[configs.Config]] = {
 def _attention():
     # the module, not the function that headscore.kernels exports under the same name
     return importlib.import_module("headscore.kernels.gated_attention")
-
-
-def _block_d(head_dim: int) -> int:
-    from ._compat import next_pow2
-
-    return max(16, next_pow2(head_dim))
 
 
 def recorded_calls(head_dim: int, dtype: torch.dtype, shape: str) -> dict[str, tuple[tuple, dict]]:
@@ -174,9 +169,9 @@ def jobs(kernels: Iterable[str], head_dims: Iterable[int], dtypes: Iterable[str]
                         if explore:
                             limit = 1.5 * configs.SHARED_LIMIT[target]
                             cfgs = [c for c in CANDIDATES[name]
-                                    if estimated_shared(name, c, _block_d(d), elt) <= limit]
+                                    if estimated_shared(name, c, block_d(d), elt) <= limit]
                         else:
-                            cfgs = configs.kept(name, _block_d(d), elt, configs.TARGETS[target])
+                            cfgs = configs.kept(name, block_d(d), elt, configs.TARGETS[target])
                         out += [(name, args, meta, c, target, d, dt, shape) for c in cfgs]
     return out
 
@@ -249,7 +244,7 @@ def explored_table(rows: list[dict]) -> str:
               r["stages"]) for r in rows if not clean(r)}
     table: dict[tuple, list] = {}
     for r in rows:
-        key = (r["kernel"], r["target"], _block_d(r["D"]), DTYPES[r["dtype"]].itemsize)
+        key = (r["kernel"], r["target"], block_d(r["D"]), DTYPES[r["dtype"]].itemsize)
         config = (r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"])
         table.setdefault(key, [])
         if (*key[:2], r["D"], key[3], *config) not in dirty and config not in table[key]:
