@@ -1,6 +1,7 @@
 # `make demo`: set up .venv and score every head of the embedded SmolLM2-135M on the built-in suite.
 # `make validate`: check those scores against real ablation on a subset.
-# `make test`: set up .venv and run the tests.
+# `make test`: set up .venv and run the fast tier of the tests (minutes); `make test-slow`: the slow tier
+# (SmolLM2, the real CogQA data, the kernel compile check, FlexAttention, the browser, ...); CI runs both.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ OUT ?= out/demo
 VALIDATE_EXAMPLES ?= 1
 STAMP := $(VENV)/.headscore-installed
 
-.PHONY: demo validate test lint clean gpu-check gpu-check-smoke kernel-check
+.PHONY: demo validate test test-slow test-fuzz-long lint clean gpu-check gpu-check-smoke kernel-check
 
 $(STAMP): pyproject.toml Makefile
 	@# Reuse a CUDA build of torch that the system Python already has; otherwise take the CPU build.
@@ -38,8 +39,23 @@ validate: $(STAMP)
 	$(VENV)/bin/headscore compare $(OUT)/taylor-subset.hs $(OUT)/ablation.hs
 	$(VENV)/bin/headscore report $(OUT)/taylor-subset.hs --ablation $(OUT)/ablation.hs --out $(OUT)/validate
 
+# A tier of the tests (a pytest -m expression), printing its ten slowest tests; a tier that selects no test
+# (pytest's exit code 5) passes, saying so. PYTEST_ARGS adds options (e.g. PYTEST_ARGS="-x tests/test_cli.py").
+define pytest_tier
+	$(PY) -m pytest -q --durations=10 -m $(1) $(PYTEST_ARGS) || { status=$$?; \
+		if [ $$status -eq 5 ]; then echo "no tests in this tier ($(1))"; else exit $$status; fi; }
+endef
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(call pytest_tier,"not slow")
+
+test-slow: $(STAMP)
+	$(call pytest_tier,slow)
+
+# The fuzz suite with thousands of generated inputs per reader and for the command line (CI runs it with a
+# bounded count in the fast tier).
+test-fuzz-long: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py
 
 # One GPU verification run on a CUDA machine (kernel tests, TFLOP/s vs SDPA, end to end), into $(GPU_OUT);
 # gpu-check-smoke runs every stage at tiny shapes on a CPU (as CI does). OUT=DIR overrides GPU_OUT.

@@ -32,7 +32,8 @@ from headscore.compare import compare, compare_positions, largest_differences
 from headscore.data.examples import limit_per_task
 from headscore.data.tasks import load_tasks
 from headscore.loss import resolve_metric
-from headscore.results import atomic_write, library_versions
+from headscore.output_files import atomic_write
+from headscore.results import library_versions
 
 METRICS = ("logit-diff", "nll", "prob")
 

@@ -20,7 +20,8 @@ import torch
 import headscore
 from headscore import bench
 from headscore.data.tasks import load_tasks
-from headscore.results import atomic_write, library_versions
+from headscore.output_files import atomic_write
+from headscore.results import library_versions
 
 
 def timed(fn, *args, **kwargs):

@@ -43,9 +43,19 @@ BASELINES = ("zero", "mean", "corrupt")
 MetricLike = str | Metric | MetricFn | None
 
 
-def _check_batch_size(batch_size: int) -> None:
+def _begin(model: ModelLike, examples: Sequence[Example] | None, *, max_examples: int | None, batch_size: int,
+           metric: MetricLike, baseline: str | torch.Tensor | None) -> tuple[Prepared, Metric]:
+    """Every entry point's prologue: refuse an unknown baseline name or a batch size below 1, resolve the
+    metric, prepare the model and examples (which refuses unseparable heads) and refuse a metric or baseline
+    the examples cannot serve, all before any scoring work."""
+    if isinstance(baseline, str) and baseline not in BASELINES:
+        raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
     if batch_size < 1:
         raise HeadscoreError(f"batch size must be at least 1, got {batch_size}")
+    metric = resolve_metric(metric)
+    prep = prepare(model, examples, max_examples=max_examples)
+    _check_inputs(prep, metric, baseline)
+    return prep, metric
 
 
 def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor | None) -> None:
@@ -105,7 +115,8 @@ def _baseline_tensor(prep: Prepared, heads: HeadGates, baseline: str | torch.Ten
 def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
                   batch_size: int = 8, max_examples: int | None = None, progress: bool = True) -> torch.Tensor:
     """Each head's mean output over the examples' tokens: [L, H, D] float32 (one forward-only pass)."""
-    prep = prepare(model, examples, max_examples=max_examples)
+    prep, _ = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric="nll",
+                     baseline="mean")
     with patch(prep.lm.model) as heads:
         return _baseline_tensor(prep, heads, "mean", batch_size, progress).cpu()
 
@@ -168,12 +179,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
         raise HeadscoreError(f"unknown method {method!r}; choose one of {', '.join(GRADIENT_METHODS)}")
     if method in NEEDS_MEAN_BASELINE and isinstance(baseline, str) and baseline != "mean":
         raise HeadscoreError(f"method {method} uses the mean baseline; for baseline {baseline!r} use taylor")
-    if isinstance(baseline, str) and baseline not in BASELINES:
-        raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
-    _check_batch_size(batch_size)
-    metric = resolve_metric(metric)
-    prep = prepare(model, examples, max_examples=max_examples)
-    _check_inputs(prep, metric, baseline)
+    prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
+                          baseline=baseline)
     if per_position and checkpoint is not None:
         raise HeadscoreError("per-position scores are not checkpointed; drop the checkpoint or per_position")
     name = _gradient_method_name(method, baseline)
@@ -239,12 +246,8 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
         mode = check_mode(mode)
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
-    if isinstance(baseline, str) and baseline not in BASELINES:
-        raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
-    _check_batch_size(batch_size)
-    metric = resolve_metric(metric)
-    prep = prepare(model, examples, max_examples=max_examples)
-    _check_inputs(prep, metric, baseline)
+    prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
+                          baseline=baseline)
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
@@ -301,10 +304,8 @@ def ablate_heads(model: ModelLike, examples: Sequence[Example] | None, heads_to_
 
     Returns, per task, the mean change of the metric's loss over its examples against the unmodified model.
     """
-    _check_batch_size(batch_size)
-    metric = resolve_metric(metric)
-    prep = prepare(model, examples, max_examples=max_examples)
-    _check_inputs(prep, metric, baseline)
+    prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
+                          baseline=baseline)
     layout = head_layout(prep.lm.model)
     try:
         row = head_set_gates(list(heads_to_change), layout.num_layers, layout.num_heads, gate)

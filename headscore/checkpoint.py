@@ -6,10 +6,11 @@ name, method, data hash, task list, batch size, number of batches, baseline, ran
 size). Resuming with a different fingerprint is refused with a :class:`CheckpointMismatch`
 naming the fields that differ; resuming a finished checkpoint returns its result at once.
 
-Writes go through :func:`headscore.results.atomic_write` (temporary file + rename), so a
+Writes go through :func:`headscore.output_files.atomic_write` (temporary file + rename), so a
 run killed at any moment leaves either the previous checkpoint or the new one, never a
-half-written file. In a distributed run every rank keeps its own file (``PATH.rankR``) with
-its local (not yet all-reduced) sums.
+half-written file; each file carries a checksum (:mod:`headscore.checksum`), verified on
+resume. In a distributed run every rank keeps its own file (``PATH.rankR``) with its local
+(not yet all-reduced) sums.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 
 from .accumulate import TaskAccumulator
+from .checksum import checksummed, read_checked
 from .distributed import all_reduce_accumulator, rank_and_world
 from .errors import HeadscoreError
-from .results import atomic_write
+from .output_files import atomic_write
 
 FORMAT = "headscore-checkpoint/1"
 T = TypeVar("T")
@@ -64,17 +64,15 @@ def save_checkpoint(path: str | Path, acc: TaskAccumulator, done: int, total: in
     meta = {"format": FORMAT, "done": str(done), "total": str(total), "fingerprint": json.dumps(print_),
             "tasks": json.dumps(acc.tasks)}
     tensors = {k: v.contiguous() for k, v in acc.state_dict().items()}
-    return atomic_write(path, save(tensors, metadata=meta))
+    return atomic_write(path, checksummed(tensors, meta))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int, dict[str, str]]:
     """(accumulator state, batches done, total batches, fingerprint) from a checkpoint file."""
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in ("count", "sum", "sumsq")}
-            state.update({k: fh.get_tensor(k) for k in ("example_values", "example_tasks", "example_order")
-                          if k in fh.keys()})
+        meta, tensors = read_checked(path)
+        state = {k: tensors[k] for k in ("count", "sum", "sumsq")}
+        state.update({k: tensors[k] for k in ("example_values", "example_tasks", "example_order") if k in tensors})
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
         return state, int(meta["done"]), int(meta["total"]), json.loads(meta["fingerprint"])

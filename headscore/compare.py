@@ -61,8 +61,33 @@ def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> Agreement:
                      min(k, a.numel()))
 
 
+def require_finite(scores: HeadScores, name: str) -> None:
+    """HeadscoreError naming ``name``, the task and the head where ``scores`` holds +inf or -inf (a ranking would
+    put such a head first or last while the correlations leave it out). NaN is allowed: it marks a head that
+    its layer does not have (models with per-layer head counts)."""
+    def first_inf(tensor: torch.Tensor, tasks_of_rows) -> tuple[str, int, int, float] | None:
+        bad = torch.isinf(tensor).nonzero()
+        if not len(bad):
+            return None
+        row, layer, head = (int(i) for i in bad[0][:3])
+        return scores.tasks[tasks_of_rows(row)], layer, head, float(tensor[tuple(bad[0])])
+
+    found = first_inf(scores.values, lambda row: row)
+    if found is None and scores.example_values is not None:
+        found = first_inf(scores.example_values, lambda row: int(scores.example_tasks[row]))
+    if found is None and scores.position_values is not None:
+        found = first_inf(scores.position_values, lambda row: row)
+    if found is not None:
+        task, layer, head, value = found
+        raise HeadscoreError(f"{name}: head L{layer}.H{head} of task {task!r} has the score {value}; scores must be "
+                             "finite (NaN only marks a head its layer does not have)")
+
+
 def compare(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:
-    """Agreement per task between two results over their common tasks (in ``a``'s order)."""
+    """Agreement per task between two results over their common tasks (in ``a``'s order); HeadscoreError if
+    either holds an infinite score (:func:`require_finite`)."""
+    require_finite(a, "A")
+    require_finite(b, "B")
     if a.values.shape[1:] != b.values.shape[1:]:
         raise HeadscoreError(f"cannot compare maps of {a.num_layers}x{a.num_heads} and "
                              f"{b.num_layers}x{b.num_heads} heads")
@@ -84,6 +109,8 @@ def _common_positions(a: HeadScores, b: HeadScores) -> list[str]:
 def compare_positions(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:
     """Agreement per task of two per-position maps over every (layer, head, position) that both files
     name and where the task has examples with a token in both (top-k over those entries)."""
+    require_finite(a, "A")
+    require_finite(b, "B")
     if a.values.shape[1:] != b.values.shape[1:]:
         raise HeadscoreError(f"cannot compare maps of {a.num_layers}x{a.num_heads} and "
                              f"{b.num_layers}x{b.num_heads} heads")

@@ -15,7 +15,8 @@ batch of random tokens in the model's own dtype (float64 makes the comparisons e
 
 A model that cannot be gated gets status ``refused`` with the reason (no registry, no ``layer_idx``, no
 attention layer through the registry, head outputs changed before the projection); a mismatch gets
-``failing`` with the measured error. Nothing here knows a model family by name.
+``failing`` with the measured error. Nothing here knows a model family by name. Finding the projections and
+refusing unseparable heads is :mod:`headscore.separability`, the guard every ``prepare()`` runs too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -34,6 +35,7 @@ from .methods.ablation import gated_losses, single_head_gates
 from .methods.gradient import gate_gradients
 from .models import is_sequence_classifier
 from .patch import HeadLayout, head_layout, patch
+from .separability import model_logits, observe, parameter_dtype, projection_pattern, separability
 
 IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 """Attention implementations :func:`check_model` tries, in order."""
@@ -81,14 +83,6 @@ class ImplementationCheck:
         return asdict(self)
 
 
-@dataclass
-class _Observed:
-    """What one patched forward pass showed: each attention layer's output and the call order of modules."""
-
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    calls: list[tuple[str, object]] = field(default_factory=list)
-
-
 def random_batch(vocab_size: int, lengths: Sequence[int] = (9, 6), *, targets: int = 2, seed: int = 0,
                  avoid: Sequence[int] = (), num_labels: int | None = None):
     """A right-padded :class:`~headscore.data.batching.Batch` of random tokens (ids from 3 up, none of
@@ -108,11 +102,6 @@ def random_batch(vocab_size: int, lengths: Sequence[int] = (9, 6), *, targets: i
     return collate(items, pad_id=0)
 
 
-def _logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    cache = {} if is_sequence_classifier(model) else {"use_cache": False}
-    return model(input_ids=input_ids, attention_mask=attention_mask, **cache).logits
-
-
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -120,67 +109,6 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
     after = model.state_dict()
     return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
-
-
-@contextlib.contextmanager
-def _call_log(model: torch.nn.Module, log: list) -> Iterator[None]:
-    """Append ``("module", (name, input))`` to ``log`` for each call of a module with a weight matrix."""
-    handles = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not list(module.children()):
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: log.append(("module", (name, args[0] if args else None)))))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _candidates(calls: list[tuple[str, object]], outputs: dict[int, torch.Tensor]
-                ) -> dict[int, list[tuple[str, torch.Tensor]]]:
-    """For each attention layer, the (module name, input) of the weight-matrix modules called after its
-    attention and before the next layer's (first call of each module) that are fed ``heads x head_dim``
-    features: the candidates for its output projection, in call order."""
-    windows: dict[int, list[tuple[str, torch.Tensor]]] = {}
-    current = None
-    for kind, payload in calls:
-        if kind == "attention":
-            current = windows.setdefault(payload, [])
-        elif current is not None and isinstance(payload[1], torch.Tensor) and \
-                payload[0] not in {n for n, _ in current}:
-            current.append(payload)
-    out = {}
-    for layer, window in windows.items():
-        shape = outputs[layer].shape
-        out[layer] = [(name, x) for name, x in window if x.shape[-1] == shape[-2] * shape[-1]
-                      and x.numel() == outputs[layer].numel()]
-    return out
-
-
-def find_output_projections(candidates: dict[int, list[tuple[str, torch.Tensor]]],
-                            outputs: dict[int, torch.Tensor]) -> tuple[dict[int, str], dict[int, bool]]:
-    """For each attention layer, the candidate (:func:`_candidates`) whose input equals its head outputs,
-    else the first candidate, and whether the input was the head outputs unchanged."""
-    found, direct = {}, {}
-    for layer, fits in candidates.items():
-        out = outputs[layer]
-        same = [name for name, x in fits if torch.equal(x.reshape(out.shape), out)]
-        if same:
-            found[layer], direct[layer] = same[0], True
-        elif fits:
-            found[layer], direct[layer] = fits[0][0], False
-    return found, direct
-
-
-def _pattern(names: dict[int, str]) -> str:
-    """``model.layers.*.self_attn.o_proj`` from the per-layer names (the layer index replaced by ``*``)."""
-    patterns = set()
-    for layer, name in names.items():
-        parts = name.split(".")
-        patterns.add(".".join("*" if p == str(layer) else p for p in parts))
-    return " | ".join(sorted(patterns))
 
 
 @contextlib.contextmanager
@@ -209,11 +137,11 @@ def reference_losses(model: torch.nn.Module, batch) -> torch.Tensor:
     """Mean target NLL [B] of each row (float64 log-softmax of every logit of the padded batch); for a
     sequence classifier's batch, each row's cross-entropy on its label (squared error for one output)."""
     if batch.labels is not None:
-        logits = _logits(model, batch.input_ids, batch.attention_mask).double()
+        logits = model_logits(model, batch.input_ids, batch.attention_mask).double()
         if logits.shape[-1] == 1:
             return (logits[:, 0] - batch.labels.double()).square()
         return -torch.log_softmax(logits, -1).gather(1, batch.labels[:, None]).squeeze(1)
-    logp = torch.log_softmax(_logits(model, batch.input_ids, batch.attention_mask).double(), -1)
+    logp = torch.log_softmax(model_logits(model, batch.input_ids, batch.attention_mask).double(), -1)
     rows, cols = batch.target_mask.nonzero(as_tuple=True)
     nll = -logp[rows, cols - 1, batch.input_ids[rows, cols]]
     total = torch.zeros(batch.size, dtype=torch.float64).index_add(0, rows, nll)
@@ -258,69 +186,6 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max()) / (scale if scale > 0 else 1.0)
 
 
-LINEARITY_TOLERANCE = 1e-3
-"""How far a projection input may be from half its value when its layer's gates are 0.5 (a transform linear
-in the head outputs gives exactly half; a norm over the heads gives the same input)."""
-
-
-def _separability(model: torch.nn.Module, heads, seen: _Observed, batch
-                  ) -> tuple[dict[int, str], str | None]:
-    """Why the head outputs of ``model`` cannot be gated one by one, or None: a layer whose head outputs
-    no module consumes, or one whose output projection gets them through a transform that is not linear in
-    them (gate 0.5 on the layer must halve the projection's input; an elementwise output gate passes, a
-    norm over all heads does not). Runs inside ``patch`` (``heads``); returns the projections found too."""
-    runs = [layer for kind, layer in seen.calls if kind == "attention"]
-    repeated = sorted({layer for layer in runs if runs.count(layer) > 1})
-    if repeated:
-        return {}, (f"the attention of layer(s) {repeated} runs more than once per forward pass (looped, "
-                    "recurrent or differential attention): one gate per head and layer cannot tell the runs apart")
-    candidates = _candidates(seen.calls, seen.outputs)
-    projections, direct = find_output_projections(candidates, seen.outputs)
-    missing = sorted(set(seen.outputs) - set(projections))
-    if missing:
-        return projections, f"no module consumes the head outputs of layer(s) {missing} as heads x head_dim features"
-    modules = dict(model.named_modules())
-    for layer in sorted(layer for layer, same in direct.items() if not same):
-        fits = dict(candidates[layer])
-        got: dict[str, torch.Tensor] = {}
-        handles = [modules[name].register_forward_pre_hook(
-            lambda m, args, name=name, got=got: got.setdefault(name, args[0].detach().clone())) for name in fits]
-        gates = heads.ones(1, dtype=torch.promote_types(torch.float32, _dtype(model)))
-        gates[:, layer] = 0.5
-        try:
-            with torch.no_grad(), heads.using(gates):
-                _logits(model, batch.input_ids, batch.attention_mask)
-        finally:
-            for h in handles:
-                h.remove()
-        # the consumer is the first module whose input follows the gate; it must follow it linearly
-        consumer = next((name for name, x in fits.items() if name in got and not torch.equal(got[name], x)), None)
-        if consumer is None:
-            return projections, f"no module consumes the head outputs of layer {layer} as heads x head_dim features"
-        projections[layer] = consumer
-        full = fits[consumer]
-        if float((got[consumer] - 0.5 * full).abs().max()) > LINEARITY_TOLERANCE * float(full.abs().max()):
-            return projections, (
-                f"head outputs are mixed before the output projection ({_pattern(projections)}, layer {layer}: "
-                "halving the layer's heads does not halve its input), so one head cannot be removed alone")
-    return projections, None
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of the model's parameters."""
-    return next(model.parameters()).dtype
-
-
-def separability_problem(model: torch.nn.Module, batch) -> str | None:
-    """Why ``model``'s heads cannot be gated one by one (see :func:`_separability`), or None; one forward pass
-    on ``batch`` (one more per layer whose projection input is not its head outputs unchanged)."""
-    with patch(model, kernel=False, freeze=False) as heads:
-        seen = _observe(model, heads, batch)
-        if not seen.outputs:
-            return "no attention layer called transformers' attention registry"
-        return _separability(model, heads, seen, batch)[1]
-
-
 def _set_implementation(model: torch.nn.Module, implementation: str) -> str | None:
     """Switch ``model`` to ``implementation``; the reason it cannot, or None."""
     try:
@@ -328,18 +193,6 @@ def _set_implementation(model: torch.nn.Module, implementation: str) -> str | No
     except (ValueError, ImportError, NotImplementedError, KeyError) as exc:
         return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return None
-
-
-def _observe(model: torch.nn.Module, heads, batch) -> _Observed:
-    seen = _Observed()
-
-    def observer(layer: int, out: torch.Tensor) -> None:
-        seen.outputs[layer] = out.detach().clone()
-        seen.calls.append(("attention", layer))
-
-    with torch.no_grad(), heads.observing(observer), _call_log(model, seen.calls):
-        _logits(model, batch.input_ids, batch.attention_mask)
-    return seen
 
 
 def check_implementation(model: torch.nn.Module, implementation: str, *, batch=None,
@@ -350,7 +203,7 @@ def check_implementation(model: torch.nn.Module, implementation: str, *, batch=N
     1e-4 for float32, 2e-2 for 16-bit; ablation, which runs rows in other batch shapes than the reference, at
     least :data:`PADDING_TOLERANCE`, as padding); ``batch`` defaults to :func:`random_batch` of the model's vocab.
     """
-    dtype = _dtype(model)
+    dtype = parameter_dtype(model)
     tol = tolerance if tolerance is not None else {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
     result = ImplementationCheck(implementation, FAILING)
     why = _set_implementation(model, implementation)
@@ -392,7 +245,7 @@ def _run_checks(model, implementation, batch, layout, tol, result):
     before = _snapshot(model)
     try:
         with torch.no_grad():
-            clean = _logits(model, batch.input_ids, batch.attention_mask)
+            clean = model_logits(model, batch.input_ids, batch.attention_mask)
     except Exception as exc:  # noqa: BLE001 - the model itself, unpatched, does not run this way here
         result.status = UNAVAILABLE
         first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -401,8 +254,8 @@ def _run_checks(model, implementation, batch, layout, tol, result):
     try:
         with patch(model, kernel=False) as heads:
             with torch.no_grad():
-                inside = _logits(model, batch.input_ids, batch.attention_mask)
-            seen = _observe(model, heads, batch)
+                inside = model_logits(model, batch.input_ids, batch.attention_mask)
+            seen = observe(model, heads, batch)
             if not seen.outputs:
                 result.status = REFUSED
                 result.reason = "no attention layer called the attention registry"
@@ -416,8 +269,8 @@ def _run_checks(model, implementation, batch, layout, tol, result):
                 result.reason = (f"layer {layer}'s attention outputs heads x dims {shape}, the config says "
                                  f"{layout.heads_of(layer)} x {layout.dim_of(layer)}")
                 return result
-            projections, problem = _separability(model, heads, seen, batch)
-            result.output_projection = _pattern(projections)
+            projections, problem = separability(model, heads, seen, batch)
+            result.output_projection = projection_pattern(projections)
             if problem is not None:
                 result.status, result.reason = REFUSED, problem
                 return result
@@ -431,7 +284,7 @@ def _run_checks(model, implementation, batch, layout, tol, result):
         result.status, result.reason = REFUSED, str(exc)
         return result
     with torch.no_grad():
-        after = _logits(model, batch.input_ids, batch.attention_mask)
+        after = model_logits(model, batch.input_ids, batch.attention_mask)
     if not torch.equal(inside, clean):
         result.reason = f"patched model with open gates differs: max |diff| {float((inside - clean).abs().max()):.3g}"
         return result

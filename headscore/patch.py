@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import compat
-from .errors import UnsupportedModelError
+from .errors import HeadscoreError, UnsupportedModelError
 from .gate import apply_gate
 
 _counter = itertools.count()
@@ -236,6 +236,11 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     from .kernels import dispatch  # imports triton (about 0.4 s): only once a model is patched
 
     original = _check_patchable(model)
+    if kernel:
+        param = next(model.parameters(), None)
+        why = dispatch.kernel_unavailable(param.device if param is not None else "cpu")
+        if why:
+            raise HeadscoreError(f"kernel=True: {why}")
     state = HeadGates(head_layout(model))
     inner = compat.attention_function(original)
 

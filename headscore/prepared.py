@@ -18,6 +18,7 @@ from .loss import NonFiniteLoss
 from .models import DEFAULT_MODEL, LoadedModel, is_sequence_classifier, load_model
 from .patch import head_layout, mark_absent_heads
 from .results import HeadScores, data_hash
+from .separability import separability_problem
 
 ModelLike = LoadedModel | str
 
@@ -99,8 +100,6 @@ def check_separable(model: torch.nn.Module, batch: Batch) -> None:
     """Raise UnsupportedModelError when ``model``'s heads cannot be gated one by one (head outputs mixed
     before the output projection, a layer's attention run twice per pass, no attention through the
     registry); one forward pass on ``batch``, once per model (the answer is remembered on it)."""
-    from .model_check import separability_problem
-
     problem = model.__dict__.get(_SEPARABLE_ATTR, False)
     if problem is False:
         problem = separability_problem(model, batch)

@@ -7,18 +7,15 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 
+from .checksum import ChecksumError, checksummed, read_checked
 from .errors import HeadscoreError
+from .output_files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -45,39 +42,22 @@ def data_hash(rows: Iterable[tuple[str, ...]]) -> str:
     return h.hexdigest()[:16]
 
 
-_UMASK_LOCK = threading.Lock()
-
-
-def current_umask() -> int:
-    """The process's file-creation mask (read without changing it for longer than two system calls)."""
-    with _UMASK_LOCK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """The mode ``open``/``mkdir`` would give a new file (0o666) or directory (0o777) under the umask."""
-    return (0o777 if directory else 0o666) & ~current_umask()
-
-
-def atomic_write(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file.
-
-    The file gets the mode a plain ``open(path, "w")`` would give it (the umask is respected).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _has_lone_surrogate(value: object) -> bool:
+    """Whether a JSON-like value holds a string with a lone surrogate (JSON allows it; UTF-8 cannot write it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _examples_problem(values: torch.Tensor | None, tasks: torch.Tensor | None, shape: tuple[int, ...]) -> str:
@@ -168,6 +148,8 @@ class HeadScores:
             raise ValueError("stderr must have the shape of values")
         if len(self.tasks) != self.values.shape[0] or self.counts.shape != (len(self.tasks),):
             raise ValueError("tasks and counts must have one entry per row of values")
+        if _has_lone_surrogate(self.tasks):
+            raise ValueError("task names must be valid text (one holds a lone surrogate, \\ud800-\\udfff)")
         problem = _examples_problem(self.example_values, self.example_tasks, tuple(self.values.shape)) or \
             _positions_problem(self.positions, self.position_values, self.position_stderr, self.position_counts,
                                tuple(self.values.shape))
@@ -212,6 +194,8 @@ class HeadScores:
 
     def top_k(self, k: int = 10, task: str | None = None) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest value as (layer, head, value), for one task or the mean over tasks."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise HeadscoreError(f"top_k needs k >= 1 (a whole number), got {k!r}")
         grid = (self.values.mean(0) if task is None else self.task(task)).flatten()
         k = min(k, grid.numel())
         ranked = torch.where(torch.isnan(grid), torch.tensor(-math.inf, dtype=grid.dtype), grid)  # NaN last
@@ -241,8 +225,8 @@ class HeadScores:
             meta["positions"] = json.dumps(self.positions)
         return meta
 
-    def save(self, path: str | Path) -> Path:
-        """Write everything to one safetensors file (atomically); :meth:`load` reads it back exactly."""
+    def to_bytes(self) -> bytes:
+        """The scores file's bytes: safetensors with the metadata and a checksum (see :mod:`headscore.checksum`)."""
         tensors = {"values": self.values.contiguous(), "stderr": self.stderr.contiguous(),
                    "counts": self.counts.contiguous()}
         if self.example_values is not None:
@@ -251,28 +235,34 @@ class HeadScores:
         if self.positions is not None:
             for key in _POSITION_TENSORS:
                 tensors[key] = getattr(self, key).contiguous()
-        return atomic_write(path, save(tensors, metadata=self._metadata()))
+        return checksummed(tensors, self._metadata())
+
+    def save(self, path: str | Path) -> Path:
+        """Write everything to one safetensors file (atomically); :meth:`load` reads it back exactly."""
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> HeadScores:
-        """Read a file written by :meth:`save`; HeadscoreError (naming the file and the problem) otherwise."""
+        """Read a file written by :meth:`save`; HeadscoreError (naming the file and the problem) otherwise.
+
+        The file's checksum is verified (files written before checksums existed load without one).
+        """
         path = Path(path)
-        if not path.is_file():
-            raise HeadscoreError(f"{path}: no such file")
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                missing = [k for k in ("values", "stderr", "counts") if k not in fh.keys()]
-                if missing and meta.get("format", "").startswith("headscore/"):
-                    raise HeadscoreError(f"{path}: broken scores file (no tensor {', '.join(missing)})")
-                tensors = {k: fh.get_tensor(k) for k in ("values", "stderr", "counts", "example_values",
-                                                         "example_tasks", *_POSITION_TENSORS) if k in fh.keys()}
-        except HeadscoreError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
-            raise HeadscoreError(f"{path}: not a headscore scores file ({str(exc).splitlines()[0]})") from None
+            if path.is_dir():
+                raise HeadscoreError(f"{path} is a directory, not a scores file")
+            meta, tensors = read_checked(path)
+        except ChecksumError as exc:
+            raise HeadscoreError(f"{path}: not a headscore scores file, or a damaged one ({exc})") from None
+        except FileNotFoundError:
+            raise HeadscoreError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise HeadscoreError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
         if not meta.get("format", "").startswith("headscore/"):
             raise HeadscoreError(f"{path}: not a headscore scores file")
+        missing = [k for k in ("values", "stderr", "counts") if k not in tensors]
+        if missing:
+            raise HeadscoreError(f"{path}: broken scores file (no tensor {', '.join(missing)})")
         return cls._from_file(path, meta, tensors)
 
     @classmethod
@@ -292,14 +282,20 @@ class HeadScores:
                 fields[key] = json.loads(meta[key])
             except json.JSONDecodeError:
                 raise fail(f"metadata {key!r} is not JSON") from None
+            except RecursionError:
+                raise fail(f"metadata {key!r} is JSON nested too deep") from None
             if not isinstance(fields[key], kind):
                 raise fail(f"metadata {key!r} is not a JSON {kind.__name__}")
-        tasks = fields["tasks"]
-        if not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
-            raise fail("'tasks' must be distinct strings")
         for key in ("method", "model"):
             if key not in meta:
                 raise fail(f"no {key!r} in its metadata")
+        bad_text = next((key for key in ("tasks", "positions", "extra", "versions", "method", "model")
+                         if _has_lone_surrogate(fields.get(key, meta.get(key)))), None)
+        if bad_text:
+            raise fail(f"metadata {bad_text!r} holds a lone surrogate (\\ud800-\\udfff), which is no valid text")
+        tasks = fields["tasks"]
+        if not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+            raise fail("'tasks' must be distinct strings")
         values, stderr, counts = tensors["values"], tensors["stderr"], tensors["counts"]
         if values.dim() != 3 or not values.is_floating_point():
             raise fail(f"values must be a float [tasks, layers, heads] tensor, got {values.dtype} "
@@ -308,6 +304,8 @@ class HeadScores:
             raise fail(f"stderr is {list(stderr.shape)}, values {list(values.shape)}")
         if counts.shape != (values.shape[0],) or counts.is_floating_point():
             raise fail(f"counts must be integers, one per task row, got {counts.dtype} {list(counts.shape)}")
+        if len(counts) and int(counts.min()) < 0:
+            raise fail(f"counts must not be negative, got {int(counts.min())}")
         if len(tasks) != values.shape[0]:
             raise fail(f"{len(tasks)} task names for {values.shape[0]} rows of values")
         ex_values, ex_tasks = tensors.get("example_values"), tensors.get("example_tasks")
@@ -333,28 +331,36 @@ class HeadScores:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write :meth:`to_rows` as CSV (atomically)."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["task", "layer", "head", "value", "stderr", "count"])
-        writer.writeheader()
-        writer.writerows(self.to_rows())
-        return atomic_write(path, buf.getvalue().encode())
+        return atomic_write(path, self.export_bytes(".csv"))
 
     def to_json(self, path: str | Path) -> Path:
         """Write metadata and nested [task][layer][head] values as JSON (atomically); per-position maps too
         ([task][layer][head][position], with the position names and counts) when present."""
-        doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
-               "versions": self.versions, "extra": self.extra, "counts": self.counts.tolist(),
-               "values": self.values.tolist(), "stderr": self.stderr.tolist()}
-        if self.positions is not None:
-            doc.update(positions=self.positions, position_values=self.position_values.tolist(),
-                       position_stderr=self.position_stderr.tolist(), position_counts=self.position_counts.tolist())
-        return atomic_write(path, json.dumps(doc, indent=1).encode())
+        return atomic_write(path, self.export_bytes(".json"))
+
+    def export_bytes(self, suffix: str) -> bytes:
+        """The bytes :meth:`export` writes for a file name ending in ``suffix`` (``.csv`` or ``.json``)."""
+        suffix = suffix.lower()
+        if suffix == ".csv":
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=["task", "layer", "head", "value", "stderr", "count"])
+            writer.writeheader()
+            writer.writerows(self.to_rows())
+            return buf.getvalue().encode()
+        if suffix == ".json":
+            doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
+                   "versions": self.versions, "extra": self.extra, "counts": self.counts.tolist(),
+                   "values": self.values.tolist(), "stderr": self.stderr.tolist()}
+            if self.positions is not None:
+                doc.update(positions=self.positions, position_values=self.position_values.tolist(),
+                           position_stderr=self.position_stderr.tolist(),
+                           position_counts=self.position_counts.tolist())
+            return json.dumps(doc, indent=1).encode()
+        raise HeadscoreError(f"export needs a .csv or .json file name, not {suffix or 'no suffix'}")
 
     def export(self, path: str | Path) -> Path:
         """Write CSV or JSON by the file's suffix."""
         suffix = Path(path).suffix.lower()
-        if suffix == ".csv":
-            return self.to_csv(path)
-        if suffix == ".json":
-            return self.to_json(path)
-        raise HeadscoreError(f"{path}: export needs a .csv or .json file name")
+        if suffix not in (".csv", ".json"):
+            raise HeadscoreError(f"{path}: export needs a .csv or .json file name")
+        return atomic_write(path, self.export_bytes(suffix))

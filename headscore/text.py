@@ -9,14 +9,15 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#!|~])")
 
 
 def printable(text: object) -> str:
-    """``text`` with every control or format character (newlines, terminal escapes, bidi marks) escaped.
+    """``text`` with every control or format character (newlines, terminal escapes, bidi marks) and every lone
+    surrogate (which no UTF-8 stream can write) escaped.
 
     ``"a\\nb"`` becomes ``a\\\\nb`` (a backslash and an n): one line, and nothing a terminal
     interprets. Ordinary characters, accented letters included, are kept.
     """
     out = []
     for ch in str(text):
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):  # Cs: a lone surrogate cannot be encoded
             out.append(ch.encode("unicode_escape").decode("ascii"))
         else:
             out.append(ch)

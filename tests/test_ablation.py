@@ -41,7 +41,8 @@ def hooked_loss(model, tokenizer, ex, zero_heads, num_heads, baseline=None):
     return -torch.stack([logp[len(p) - 1 + i, tok] for i, tok in enumerate(t)]).mean()
 
 
-@pytest.mark.parametrize("family,kv_heads,batch_size", [("llama", 2, 3), ("qwen2", 1, 4), ("mistral", 4, 5)])
+@pytest.mark.parametrize("family,kv_heads,batch_size", [pytest.param("llama", 2, 3, marks=pytest.mark.slow),
+                                                         ("qwen2", 1, 4), ("mistral", 4, 5)])
 def test_batched_equals_sequential(family, kv_heads, batch_size):
     lm = tiny_model(family, kv_heads=kv_heads)
     examples = random_examples(8)
@@ -69,8 +70,10 @@ def tiny_gpt2(layers: int = 3, heads: int = 4, seed: int = 0) -> LoadedModel:
     return LoadedModel(model.double().eval(), ByteTokenizer(), "tiny-gpt2")
 
 
-PREFIX_CASES = [("llama", 2, 3), ("qwen2", 1, 4), ("qwen3", 2, 5), ("mistral", 4, 2), ("gemma2", 2, 3),
-                ("gpt2", 4, 3)]
+# qwen2 (MQA) and qwen3 in the fast tier; the rest (30-80 s each in a shared CI run) in the slow one
+PREFIX_CASES = [("qwen2", 1, 4), ("qwen3", 2, 5)] + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in [("llama", 2, 3), ("mistral", 4, 2), ("gemma2", 2, 3),
+                                                             ("gpt2", 4, 3)]]
 
 
 def _float64_model(family, kv_heads):
@@ -172,6 +175,7 @@ def test_unknown_mode_is_a_clear_error():
         headscore.ablate(tiny_model("llama", layers=1), random_examples(2), mode="fast", progress=False)
 
 
+@pytest.mark.slow  # 60 s in a shared CI run: every head against a hooked reference, twice
 def test_ablation_matches_hooked_reference_zero_and_mean():
     lm = tiny_model("llama", dtype=torch.float64)
     examples = random_examples(6)

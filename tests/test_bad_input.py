@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +60,30 @@ CASES = {
     "non-finite-loss": "non-finite loss (inf or NaN) for ",
     "example-wrong-types": "Example prompt must be a string, got int",
     "example-none": "Example prompt must be a string, got NoneType",
+    # issue 23, part 2: the input side
+    "kernel-on-without-cuda": "--kernel on: the fused",
+    "tasks-lone-surrogate": ":1: field 'task' has a lone surrogate (\\ud800 at character 4)",
+    "cogqa-lone-surrogate": "sub-question 0: field 'answer' has a lone surrogate",
+    "cache-is-a-file": "is not a directory; set HEADSCORE_CACHE to a directory",
+    "tasks-nested-deep": ":2: JSON nested too deeply",
+    "cogqa-nested-deep": ":3: JSON nested too deeply",
+    "tasks-long-number": ":1: a number of more than 4300 digits",
+    "tasks-line-too-long": ":1: line longer than 1 MiB",
+    "label-not-finite": ":1: label must be a finite number, got nan",
+    "device-meta": "argument --device: device 'meta' holds shapes but no data",
+    "device-unavailable": "argument --device: device 'cuda:99' is not available here: ",
+    "seed-too-large": "argument --seed: must be a whole number from 0 to 9223372036854775807",
+    "threads-0": "argument --threads: must be at least 1, got 0",
+    "threads-negative": "argument --threads: must be at least 1, got -1",
+    "gate-inf": "argument --gate: must be a finite number, got inf",
+    "gate-nan": "argument --gate: must be a finite number, got nan",
+    "scale-nan": "argument --scale: must be a finite number, got nan",
+    "train-fraction-1": "argument --train-fraction: must be between 0 and 1, got 1",
+    "model-without-tokenizer": "has no tokenizer: none of tokenizer.json",
+    "compare-infinite-score": "head L0.H1 of task 'a' has the score inf",
+    "tasks-directory": "is a directory; give a JSON Lines file",
+    "tasks-dev-null": "/dev/null: no examples",
+    "bench-tasks-pipe": "is not a regular file (a pipe?), and --memory subprocess reads it again",
 }
 
 
@@ -333,7 +358,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, tasks, moment):
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_result_files_respect_the_umask(tmp_path, umask, mode):
-    from headscore.results import atomic_write
+    from headscore.output_files import atomic_write
 
     old = os.umask(umask)
     try:
@@ -454,8 +479,11 @@ def test_docs_table_matches_the_cases():
         m = re.match(r"\|\s*`([a-z0-9-]+)`\s*\|(.*)\|(.*)\|\s*$", line)
         if m:
             rows[m.group(1)] = m.group(3)
-    assert set(rows) == set(CASES)
-    for case, words in CASES.items():
+    from test_output_safety import OUTPUT_CASES
+
+    cases = {**CASES, **OUTPUT_CASES}
+    assert set(rows) == set(cases)
+    for case, words in cases.items():
         assert words.replace("|", "\\|") in rows[case], case
 
 
@@ -481,3 +509,213 @@ def test_interrupt_wrapped_by_python_is_still_an_interrupt(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", real_bug)
     with pytest.raises(RuntimeError, match="a real bug"):
         cli.main([])
+
+
+# ------------------------------------------------------------------------- issue 23, part 2: input side
+
+
+def test_kernel_on_without_cuda_is_refused_before_the_model_loads(tmp_path, capsys, tasks, monkeypatch):
+    pytest.importorskip("triton")
+    from headscore.kernels import dispatch
+
+    # what a user without TRITON_INTERPRET has (the kernel tests set it for the whole session)
+    monkeypatch.setattr(dispatch, "is_interpreted", lambda kernel: False)
+    refused(capsys, "kernel-on-without-cuda", ["score", "--model", tmp_path / "never-loaded", "--tasks", tasks,
+                                               "--out", tmp_path / "s.hs", "--kernel", "on"], tmp_path)
+    assert dispatch.kernel_unavailable("cuda") is None
+    monkeypatch.setattr(dispatch, "is_interpreted", lambda kernel: True)  # the interpreter runs it on the CPU
+    assert dispatch.kernel_unavailable("cpu") is None
+    assert dispatch.kernel_unavailable("meta") is not None
+
+
+def test_lone_surrogates_are_refused_at_the_door(tmp_path, capsys):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "p", "target": " x", "task": "geo\\ud800"}\n', encoding="utf-8")  # valid JSON
+    refused(capsys, "tasks-lone-surrogate", ["score", "--tasks", path, "--out", tmp_path / "s.hs"], tmp_path)
+    for field in ("prompt", "target", "corrupt", "foil"):
+        path.write_text(json.dumps({**GOOD, field: "a\ud800b"}) + "\n", encoding="utf-8")
+        with pytest.raises(headscore.HeadscoreError, match=f":1: field '{field}' has a lone surrogate"):
+            headscore.load_jsonl(path)
+    path.write_text(json.dumps({**GOOD, "prompt": "a \U0001F600"}) + "\n")  # a pair, escaped by json.dumps: fine
+    assert headscore.load_jsonl(path)[0].prompt == "a \U0001F600"
+    with pytest.raises(headscore.HeadscoreError, match="Example task has a lone surrogate"):
+        headscore.Example("p", " x", "geo\udc00")
+    cogqa = tmp_path / "c.json"
+    cogqa.write_text(json.dumps([{"question": "Q", "generated": [
+        {"subquestion": "s", "answer": "a\ud800", "cognitive_skill": "Retrieval"}]}]))
+    refused(capsys, "cogqa-lone-surrogate", ["score", "--tasks", f"cogqa:{cogqa}", "--out", tmp_path / "s.hs"],
+            tmp_path)
+
+
+def test_cache_that_is_a_file(tmp_path, capsys, tasks, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.write_text("not a directory")
+    monkeypatch.setenv("HEADSCORE_CACHE", str(cache))
+    refused(capsys, "cache-is-a-file", ["score", "--tasks", tasks, "--out", tmp_path / "s.hs"], tmp_path)
+    monkeypatch.setenv("HEADSCORE_CACHE", str(cache / "below"))
+    err = refused(capsys, "cache-is-a-file", ["score", "--tasks", tasks, "--out", tmp_path / "s.hs"], tmp_path)
+    assert f"is inside {cache}" in err
+
+
+def test_json_nested_too_deep_or_numbers_too_long(tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "\n")
+    refused(capsys, "tasks-nested-deep", ["score", "--tasks", deep, "--out", tmp_path / "s.hs"], tmp_path)
+    cogqa = tmp_path / "deep.json"
+    cogqa.write_text('[\n {"question": "Q",\n  "generated": ' + "[" * 100_000 + "\n]")
+    refused(capsys, "cogqa-nested-deep", ["score", "--tasks", f"cogqa:{cogqa}", "--out", tmp_path / "s.hs"], tmp_path)
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "p", "target": " x", "task": ' + "1" * 5000 + "}\n")
+    refused(capsys, "tasks-long-number", ["score", "--tasks", long, "--out", tmp_path / "s.hs"], tmp_path)
+
+
+def test_an_over_long_line_is_refused_in_bounded_memory(tmp_path, capsys):
+    import tracemalloc
+
+    from headscore.data.text_files import MAX_LINE_BYTES
+
+    path = tmp_path / "huge.jsonl"
+    with path.open("w") as fh:  # 20 MiB on one line
+        fh.write('{"prompt": "')
+        for _ in range(20):
+            fh.write("x" * (1 << 20))
+        fh.write('", "target": " x", "task": "t"}\n')
+    refused(capsys, "tasks-line-too-long", ["score", "--tasks", path, "--out", tmp_path / "s.hs"], tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(headscore.HeadscoreError, match="line longer than 1 MiB"):
+            headscore.load_jsonl(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_LINE_BYTES, peak
+    ok = tmp_path / "ok.jsonl"  # a line of just under the limit is read
+    ok.write_text(json.dumps({**GOOD, "prompt": "x" * (MAX_LINE_BYTES - 100)}) + "\n")
+    assert len(headscore.load_jsonl(ok)[0].prompt) == MAX_LINE_BYTES - 100
+
+
+def test_non_finite_label(tmp_path, capsys, model_dir):
+    path = tmp_path / "l.jsonl"
+    path.write_text('{"text": "p", "label": NaN, "task": "t"}\n')
+    refused(capsys, "label-not-finite", ["score", "--model", model_dir, "--tasks", path, "--out", tmp_path / "s.hs"],
+            tmp_path)
+
+
+def test_bad_numbers_and_devices_are_refused_by_the_parser(tmp_path, capsys, tasks):
+    a = scores_file(tmp_path / "a.hs")
+    out = ["--out", tmp_path / "s.hs"]
+    refused(capsys, "device-meta", ["score", "--tasks", tasks, *out, "--device", "meta"], tmp_path)
+    refused(capsys, "device-unavailable", ["score", "--tasks", tasks, *out, "--device", "cuda:99"], tmp_path)
+    refused(capsys, "seed-too-large", ["compare", a, a, "--seed", str(10**23)], tmp_path)
+    refused(capsys, "seed-too-large", ["report", a, "--out", tmp_path / "r", "--seed", "-1"], tmp_path)
+    refused(capsys, "seed-too-large", ["intervene", "--scores", a, "--tasks", tasks, "--seed", str(2**63)], tmp_path)
+    refused(capsys, "threads-0", ["bench", "--tasks", tasks, "--threads", "0"], tmp_path)
+    refused(capsys, "threads-negative", ["bench", "--tasks", tasks, "--threads", "-1"], tmp_path)
+    refused(capsys, "gate-inf", ["ablate", "--tasks", tasks, "--heads", "3.1", "--gate", "inf"], tmp_path)
+    refused(capsys, "gate-nan", ["ablate", "--tasks", tasks, "--heads", "3.1", "--gate", "nan"], tmp_path)
+    refused(capsys, "scale-nan", ["intervene", "--scores", a, "--tasks", tasks, "--scale", "nan"], tmp_path)
+    refused(capsys, "train-fraction-1", ["reproduce-cogqa", tmp_path / "c.json", "--out", tmp_path / "r",
+                                         "--train-fraction", "1"], tmp_path)
+
+
+def test_model_directory_without_tokenizer_files(tmp_path, capsys, tasks, model_dir):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model_dir / name).read_bytes())
+    err = refused(capsys, "model-without-tokenizer", ["score", "--model", bare, "--tasks", tasks, "--out",
+                                                      tmp_path / "s.hs", "--no-progress"], tmp_path)
+    assert f"{bare} has no tokenizer" in err
+
+
+def test_cached_model_without_tokenizer_is_rebuilt_quietly(tmp_path, capsys, tasks, monkeypatch, model_dir):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from headscore import models
+
+    monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "cache" / "models" / "smollm2-135m"
+    target.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer.json":
+            (target / f.name).write_bytes(f.read_bytes())
+    converted = []
+
+    def fake_convert(gguf, out):  # what the real conversion does, quickly: a GGUF progress bar, then the files
+        converted.append(gguf)
+        for _ in gguf_utils.tqdm(range(30), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        for f in model_dir.iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    code = main(["score", "--tasks", str(tasks), "--out", str(tmp_path / "s.hs"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0 and converted and (target / "tokenizer.json").is_file()
+    assert err.startswith("headscore: warning: the cached model") and "tokenizer.json missing" in err
+    assert err.count("\n") == 1, err  # the warning, and no progress bar
+
+
+def test_task_names_are_nfc(tmp_path):
+    path = jsonl(tmp_path / "t.jsonl", {**GOOD, "task": "caf\u00e9", "prompt": "Le cafe\u0301 est"},
+                 {**GOOD, "task": "cafe\u0301"})
+    first, second = headscore.load_jsonl(path)
+    assert first.task == second.task == "caf\u00e9"
+    assert first.prompt == "Le cafe\u0301 est"  # prompts are kept as written
+
+
+def test_compare_refuses_infinite_scores_and_warns_on_different_models(tmp_path, capsys):
+    a = scores_file(tmp_path / "a.hs")
+    s = HeadScores.load(a)
+    s.values[0, 0, 1] = float("inf")
+    inf = tmp_path / "inf.hs"
+    s.save(inf)
+    err = refused(capsys, "compare-infinite-score", ["compare", inf, a], tmp_path)
+    assert str(inf) in err
+    s.values[0, 0, 1] = float("nan")  # a head its layer lacks: fine
+    s.model = "another-model"
+    nan = tmp_path / "nan.hs"
+    s.save(nan)
+    assert main(["compare", str(nan), str(a), "--resamples", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("headscore: warning: the files name different models") and err.count("\n") == 1, err
+
+
+def test_tasks_that_are_no_regular_file(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    refused(capsys, "tasks-directory", ["score", "--tasks", folder, "--out", tmp_path / "s.hs"], tmp_path)
+    refused(capsys, "tasks-dev-null", ["score", "--tasks", "/dev/null", "--out", tmp_path / "s.hs"], tmp_path)
+    fifo = tmp_path / "t.fifo"
+    os.mkfifo(fifo)  # nothing writes to it: the command must not open it
+    refused(capsys, "bench-tasks-pipe", ["bench", "--tasks", fifo], tmp_path)
+
+
+def test_tasks_from_a_pipe_are_read_once(tmp_path, capsys, model_dir):
+    """``--tasks <(cmd)``: a pipe can be read once; a second open would wait forever for a writer, so the
+    writer below lets any later reader go with an empty pipe (which fails the run) instead of hanging."""
+    fifo = tmp_path / "tasks.fifo"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def writer():
+        with open(fifo, "w", encoding="utf-8") as fh:  # waits until the command opens the pipe
+            fh.write(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "task": "other"}) + "\n")
+        while not done.is_set():
+            with contextlib.suppress(OSError):  # ENXIO while no one reads
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        code = main(["score", "--model", str(model_dir), "--tasks", str(fifo), "--out", str(tmp_path / "s.hs"),
+                     "--no-progress"])
+    finally:
+        done.set()
+        with contextlib.suppress(OSError):  # a writer still waiting for its reader goes too
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        thread.join(10)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert HeadScores.load(tmp_path / "s.hs").tasks == ["geo", "other"]

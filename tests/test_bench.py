@@ -183,6 +183,7 @@ def test_cli_bench_rejects_unknown_method(capsys):
     assert "unknown bench method 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 2 min in a shared CI run: a fresh Python worker per method
 def test_cli_bench_measures_memory_in_worker_subprocesses(tmp_path, capsys):
     """End to end: ``headscore bench`` with the default ``--memory subprocess``, whose workers are
     ``python -m headscore.bench --memory-worker ...`` processes."""
@@ -203,6 +204,7 @@ def test_cli_bench_measures_memory_in_worker_subprocesses(tmp_path, capsys):
     assert rows["ablate-sequential"]["status"] == "extrapolated"
 
 
+@pytest.mark.slow  # 40 s in a shared CI run: worker subprocesses
 def test_memory_worker_reports_failure_and_needs_its_options(tmp_path):
     args = {"model": str(tmp_path / "no-model"), "device": "cpu", "dtype": "float32", "tasks": "builtin",
             "batch_size": 2, "max_examples": 1, "rows_per_pass": 8, "sample_heads": 2, "full_ablation": True}

@@ -147,6 +147,7 @@ def test_cli_task_spec(tmp_path):
     assert load_tasks(f"cogqa:{path}") == load_cogqa(path)
 
 
+@pytest.mark.slow  # 2 min in a shared CI run: the whole study (probe, ablation, interventions) on a tiny model
 def test_reproduction_tiny(tmp_path):
     from headscore.cogqa import reproduce_cogqa
 
@@ -213,6 +214,7 @@ def test_reproduction_on_real_cogqa(tmp_path):
           f"{ {t: round(a['spearman'], 3) for t, a in rep.taylor_vs_ablation.items()} }")
 
 
+@pytest.mark.slow  # 40 s in a shared CI run
 def test_reproduction_same_examples_check(tmp_path):
     """When every example is ablated, taylor on "the ablated examples" is the taylor map itself."""
     from headscore.cogqa import reproduce_cogqa

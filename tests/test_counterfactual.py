@@ -172,8 +172,9 @@ def test_atp_and_per_position_match_reference(family, attn, metric):
     close(got.example_values.double(), torch.stack(per_example).sum(-1), f"{family}-{attn} {metric} examples")
 
 
-@pytest.mark.parametrize("metric,mode", [(m, "prefix") for m in METRICS] + [("logit-diff", "batched"),
-                                                                            ("logit-diff", "naive")])
+@pytest.mark.parametrize("metric,mode", [pytest.param(m, "prefix", marks=pytest.mark.slow) if m == "logit-diff"
+                                         else (m, "prefix") for m in METRICS]
+                         + [("logit-diff", "batched"), ("logit-diff", "naive")])
 def test_activation_patching_matches_reference(metric, mode):
     lm = tiny_model("llama", layers=LAYERS, heads=HEADS, kv_heads=2, dtype=torch.float64, seed=4)
     examples = counterfactual_examples(5, seed=2)
@@ -185,7 +186,7 @@ def test_activation_patching_matches_reference(metric, mode):
     close(got.example_values.double(), want, f"{metric} {mode} patching")
 
 
-@pytest.mark.parametrize("metric", ["logit-diff", "nll"])
+@pytest.mark.parametrize("metric", ["logit-diff", pytest.param("nll", marks=pytest.mark.slow)])
 def test_per_position_patching_matches_reference(metric):
     lm = tiny_model("llama", layers=2, heads=HEADS, kv_heads=2, dtype=torch.float64, seed=5)
     examples = counterfactual_examples(3, seed=3)

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton")
 
 
+@pytest.mark.slow  # 5 min in a shared CI run: every stage in subprocesses, SmolLM2 included
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "gpu"
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--device", "cpu", "--smoke"],

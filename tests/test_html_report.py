@@ -116,6 +116,8 @@ def pre(dom: str, ident: str) -> str:
     return html_lib.unescape(m.group(1))
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_page_renders_in_chromium(chromium, tmp_path):
     """Every task panel is a rendered Bokeh view, a known cell's hover data is right, no script error."""
     s = make_scores(5, 6, 4, seed=5, names=["alpha", "beta", "gamma & co", "delta", "epsilon"])
@@ -138,6 +140,8 @@ def test_page_renders_in_chromium(chromium, tmp_path):
     assert table and all(f">{html_lib.escape(t)}</th>" in table.group(0) for t in s.tasks)
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_screenshot_shows_the_grid(chromium, tmp_path):
     s = make_scores(8, 30, 9, seed=7)
     paths = write_report(s, tmp_path / "rep")

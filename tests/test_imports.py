@@ -1,8 +1,10 @@
-"""The package's import graph, read from the source: no cycle, and the library never imports the CLI."""
+"""The package's import graph, read from the source: no cycle, the library never imports the CLI, and every import
+points down the rooms of docs/architecture.md (each module in one of them)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import headscore
@@ -108,3 +110,75 @@ def test_the_library_never_imports_the_cli():
     offenders = {name: sorted(t for t in targets if t == "headscore.cli" or t.startswith("headscore.cli."))
                  for name, targets in graph().items() if not name.startswith("headscore.cli")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def rooms() -> list[list[str]]:
+    """The rooms of docs/architecture.md's table "From the user inward", top to bottom: each a list of module
+    or package names (``headscore.cli``, ``headscore.track``, ...; ``headscore`` for ``__init__.py``).
+    A row names its first path from the repository root (``headscore/track.py``) and the others beside it
+    (``learn_gates.py``); rows outside the package (``benchmarks/``, ``tests/``) are left out."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    section = text.split("## From the user inward", 1)[1].split("\n## ", 1)[0]
+    found = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        paths = re.findall(r"`([^`]+)`", line.split("|")[1])
+        if not paths[0].startswith("headscore/"):
+            continue
+        names = []
+        for path in paths:
+            path = path.removeprefix("headscore/").removesuffix("/").removesuffix(".py")
+            names.append("headscore" if path == "__init__" else "headscore." + path.replace("/", "."))
+        found.append(names)
+    return found
+
+
+def room_of(module: str, order: list[list[str]]) -> int | None:
+    """The index of the room holding ``module`` (a package's room holds its submodules), or None."""
+    for i, names in enumerate(order):
+        if any(module == n or (n != "headscore" and module.startswith(n + ".")) for n in names):
+            return i
+    return None
+
+
+def test_the_rooms_are_read_from_the_architecture_page():
+    order = rooms()
+    assert order[0] == ["headscore.cli"] and order[1] == ["headscore"]
+    assert ["headscore.track", "headscore.learn_gates"] in order
+    assert room_of("headscore.cogqa.probe", order) == order.index(["headscore.cogqa"])
+    assert room_of("headscore.nope", order) is None
+
+
+def test_every_module_has_a_room():
+    order = rooms()
+    homeless = sorted(m for m in modules() if m != "headscore" and room_of(m, order) is None)
+    assert homeless == [], f"modules that no row of {ARCHITECTURE.name}'s table names: {homeless}"
+
+
+def upward_imports(edges: dict[str, set[str]], order: list[list[str]]) -> list[str]:
+    """Every import of ``edges`` whose target's room lies above its importer's room in ``order``."""
+    found = []
+    for name, targets in sorted(edges.items()):
+        for target in sorted(targets):
+            here, there = room_of(name, order), room_of(target, order)
+            if here is not None and there is not None and there < here:
+                found.append(f"{name} -> {target} ({', '.join(order[there])} is above {', '.join(order[here])})")
+    return found
+
+
+def test_imports_point_down_the_documented_order():
+    """A module imports only its own room and the rooms below it in docs/architecture.md's table."""
+    upward = upward_imports(graph(), rooms())
+    assert upward == [], f"imports pointing up {ARCHITECTURE.name}'s list:\n" + "\n".join(upward)
+
+
+def test_the_order_check_catches_an_upward_import():
+    order = [["headscore.api"], ["headscore.methods", "headscore.loss"]]
+    edges = {"headscore.api": {"headscore.methods.gradient"}, "headscore.methods.gradient": {"headscore.loss"},
+             "headscore.methods.probe": {"headscore.api"}}
+    assert upward_imports(edges, order) == [
+        "headscore.methods.probe -> headscore.api (headscore.api is above headscore.methods, headscore.loss)"]

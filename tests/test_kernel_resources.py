@@ -4,10 +4,20 @@ Every config that ``headscore.kernels.configs`` lets a kernel run with is compil
 and sm_90 (no GPU needed) with a real call's specialisation; none may spill registers or need more
 shared memory than the target has. docs/kernel-resources.md is that check's table and must list the
 same compiles. The check itself is shown to fail on a config that spills and on one that overflows.
+
+The two tests that compile are in the slow tier (``make test-slow``; about 7 minutes on 2 cores with an empty
+Triton cache). A passing check's table is kept under ``$HEADSCORE_CACHE/kernel-check/`` (default
+``~/.cache/headscore``), named by a hash of every source in headscore/kernels (the kernels, their configs and
+the check itself) and of Triton's, torch's and Python's versions: an unchanged tree reuses it instead of
+compiling again, and every assertion below still runs on it. A fresh machine (CI) has no such file and
+compiles; ``HEADSCORE_KERNEL_CHECK_CACHE=0`` compiles regardless.
 """
 
+import hashlib
 import os
+import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +47,55 @@ def _rows(text: str) -> dict[tuple, str]:
     return rows
 
 
+def check_key() -> str:
+    """What the compile check's outcome depends on: every source of headscore/kernels, Triton's, torch's and
+    Python's versions and the machine type (the compile itself is deterministic given those)."""
+    import torch
+    import triton
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "headscore" / "kernels").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(f"triton {triton.__version__} torch {torch.__version__} python {sys.version} "
+                  f"{platform.machine()}".encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_check() -> Path | None:
+    """Where a passing check of this exact tree and toolchain is kept (None: caching turned off)."""
+    if os.environ.get("HEADSCORE_KERNEL_CHECK_CACHE", "1").lower() in ("0", "off", "no", "false"):
+        return None
+    base = Path(os.environ.get("HEADSCORE_CACHE") or Path.home() / ".cache" / "headscore")
+    return base / "kernel-check" / f"{check_key()}.md"
+
+
+def _keep(table: Path, cached: Path | None) -> None:
+    """Keep a passing check's table for the next run of the same tree; a cache that cannot be written is
+    only a slower next run."""
+    if cached is None:
+        return
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_name(f".{cached.name}.{os.getpid()}")
+        shutil.copyfile(table, part)
+        os.replace(part, cached)
+    except OSError:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.compile
 def test_every_kept_config_compiles_without_spills_within_shared_memory(tmp_path):
     table = tmp_path / "kernel-resources.md"
-    done = subprocess.run([sys.executable, "-m", "headscore.kernels.resources", "--markdown", str(table),
-                           "--workers", str(os.cpu_count() or 1)], capture_output=True, text=True, env=_env(),
-                          cwd=ROOT, timeout=1800)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    cached = cached_check()
+    if cached is not None and cached.is_file():
+        print(f"the compile check of this tree and toolchain passed before: {cached}")
+        shutil.copyfile(cached, table)
+    else:
+        done = subprocess.run([sys.executable, "-m", "headscore.kernels.resources", "--markdown", str(table),
+                               "--workers", str(os.cpu_count() or 1)], capture_output=True, text=True, env=_env(),
+                              cwd=ROOT, timeout=1800)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = _rows(table.read_text())
     expected = {(k, str(m), str(n), str(w), str(s), str(d), dt, t, shape)
                 for k in configs.KERNELS for d in (16, 32, 64, 128, 256) for dt, elt in (("bf16", 2), ("fp16", 2),
@@ -51,11 +104,14 @@ def test_every_kept_config_compiles_without_spills_within_shared_memory(tmp_path
                 for m, n, w, s in configs.kept(k, d, elt, cap)}
     assert set(rows) == expected
     assert all(cells.rstrip().endswith("| yes") for cells in rows.values())
+    _keep(table, cached)
     assert set(_rows(DOC.read_text())) == expected, (
         "docs/kernel-resources.md is not the check of today's configs: regenerate it with "
         "python -m headscore.kernels.resources --markdown docs/kernel-resources.md")
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 def test_the_check_fails_on_a_spilling_and_an_overflowing_config():
     """Two candidates that the table leaves out: 4 warps on a 128 x 64 forward tile at D = 128 spill on sm_90;
     a 128 x 64 forward tile with 3 stages at D = 256 needs more shared memory (256 KiB) than the H100 has."""

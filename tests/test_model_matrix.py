@@ -57,6 +57,7 @@ def test_family_passes_every_check(family, one_thread):
             assert r.output_projection
 
 
+@pytest.mark.slow  # 80 s in a shared CI run: compiles FlexAttention for the CPU
 def test_flex_attention_forward_checks(one_thread):
     """flex_attention on a CPU: everything but the gradients (no CPU backward), on a float32 copy."""
     model = _build("olmo2")
@@ -124,6 +125,7 @@ def test_per_layer_head_counts(tmp_path, one_thread):
     assert paths["heatmaps_png"].is_file() and (tmp_path / "report" / "index.html").is_file()
 
 
+@pytest.mark.slow  # 20 s in a shared CI run: FlexAttention again
 def test_implementation_the_model_itself_cannot_run(one_thread):
     """GPT-OSS's sinks have no CPU FlexAttention: the unpatched model fails, so the implementation is
     unavailable here (not a headscore failure), with torch's reason."""

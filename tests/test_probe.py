@@ -5,7 +5,7 @@ import torch
 from tiny import random_examples, tiny_model
 
 import headscore
-from headscore.methods.probe import collect_activations, probe_gradients, probe_importance, probe_scores, train_probe
+from headscore.cogqa.probe import collect_activations, probe_gradients, probe_importance, probe_scores, train_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

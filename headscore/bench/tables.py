@@ -4,6 +4,7 @@ machine and library versions they were measured with."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..results import atomic_write, library_versions
+from ..output_files import OutputSet, write_bytes
+from ..results import library_versions
 
 
 @dataclass
@@ -86,16 +88,18 @@ def format_table(doc: dict) -> str:
 
 
 def write_outputs(doc: dict, out_dir: str | Path, stem: str = "bench") -> dict[str, Path]:
-    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
-    atomic_write(paths["json"], json.dumps(doc, indent=1).encode())
+    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``, all or nothing (the
+    directory is replaced whole; it must be new, empty or an earlier bench's)."""
+    names = {"json": f"{stem}.json", "csv": f"{stem}.csv", "md": f"{stem}.md"}
     fields = ["method", "label", "status", "seconds", "peak_mib", "spearman", "note", "memory_how", "times"]
-    with open(paths["csv"], "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in doc["rows"]:
-            w.writerow({**r, "times": " ".join(f"{t:.4f}" for t in r["times"])})
-    atomic_write(paths["md"], (format_table(doc) + "\n").encode())
-    return paths
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in doc["rows"]:
+        w.writerow({**r, "times": " ".join(f"{t:.4f}" for t in r["times"])})
+    with OutputSet() as outputs:
+        out = outputs.directory(out_dir, names.values(), label="bench directory")
+        write_bytes(out / names["json"], json.dumps(doc, indent=1).encode())
+        write_bytes(out / names["csv"], buf.getvalue().encode())
+        write_bytes(out / names["md"], (format_table(doc) + "\n").encode())
+    return {kind: Path(out_dir) / name for kind, name in names.items()}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..bench import DEFAULT_METHODS, Context, format_table, run_bench, worker_args, write_outputs
+from ..data.tasks import task_source
 from ..errors import HeadscoreError
 from ..output_paths import OutputDir
 from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks
@@ -27,23 +28,28 @@ def register(sub) -> dict[str, Callable]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
     add_model_args(p)  # --model, --device, --dtype, --batch-size, --no-progress, --tasks, --max-examples
-    p.add_argument("--rows-per-pass", type=int, default=64, help="rows per forward pass in batched ablation")
+    p.add_argument("--rows-per-pass", type=at_least(1), default=64, help="rows per forward pass in batched ablation")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated subset of {','.join(DEFAULT_METHODS)}")
     p.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds after warm-up (median reported)")
     p.add_argument("--warmup", type=at_least(0), default=1)
-    p.add_argument("--sample-heads", type=int, default=16,
+    p.add_argument("--sample-heads", type=at_least(0), default=16,
                    help="heads timed in the naive sweeps before extrapolating to all heads (0: all heads)")
     p.add_argument("--sample-ablation", action="store_true",
                    help="time batched ablation on the head sample too (extrapolated; no Spearman: for slow CPUs)")
     p.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
                    help="peak memory: a fresh subprocess per method (default), in this process, or off")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=at_least(1), default=None,
+                   help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--out", default=None, help="directory for bench.json, bench.csv and bench.md")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """``headscore bench``."""
+    source = task_source(args.tasks)
+    if args.memory == "subprocess" and source is not None and source.exists() and not source.is_file():
+        raise HeadscoreError(f"--tasks {source} is not a regular file (a pipe?), and --memory subprocess reads it "
+                             "again in each worker: save the tasks to a file, or use --memory inprocess")
     if args.out is not None:
         check_command_outputs(args, dirs=[OutputDir("--out", args.out, BENCH_FILES)])
     run_from_args(args)
@@ -51,7 +57,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def run_from_args(args: argparse.Namespace) -> dict:
     """Run ``headscore bench`` from parsed arguments; prints the table and writes the outputs."""
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:

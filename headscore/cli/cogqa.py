@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,10 +13,19 @@ from ..cogqa.reproduce import ci_cell, interval_cell
 from ..data.examples import limit_per_task
 from ..errors import HeadscoreError
 from ..models import load_model
+from ..output_files import OutputSet
 from ..output_paths import OutputDir
 from ..results import HeadScores
 from ..text import printable
-from .common import add_interval_args, add_model_args, at_least, check_command_outputs, load_model_and_tasks
+from .common import (
+    add_interval_args,
+    add_model_args,
+    at_least,
+    check_command_outputs,
+    finite_float,
+    load_model_and_tasks,
+    open_fraction,
+)
 
 
 def register(sub) -> dict[str, Callable]:
@@ -25,7 +35,7 @@ def register(sub) -> dict[str, Callable]:
     i.add_argument("--scores", required=True, help="scores file (.hs) whose maps pick the top-k heads")
     i.add_argument("--k", type=at_least(1), default=5, help="heads per set (default 5)")
     i.add_argument("--seeds", type=at_least(0), default=3, help="random k-head control sets (default 3)")
-    i.add_argument("--scale", type=float, default=2.0, help="gate of the amplification rows (default 2.0)")
+    i.add_argument("--scale", type=finite_float, default=2.0, help="gate of the amplification rows (default 2.0)")
     i.add_argument("--others-per-function", type=at_least(-1), default=-1,
                    help="examples of each other task a task's head set is measured on (default -1 = all)")
     i.add_argument("--out", default=None, help="write the table as Markdown (.md) and JSON (.json) next to it")
@@ -50,7 +60,8 @@ def register(sub) -> dict[str, Callable]:
     r.add_argument("--k", type=at_least(1), default=5, help="heads per intervention set (default 5)")
     r.add_argument("--seeds", type=at_least(0), default=5, help="random k-head control sets (default 5)")
     add_interval_args(r)  # --seed also seeds the example sampling, the split and the probe
-    r.add_argument("--train-fraction", type=float, default=0.8)
+    r.add_argument("--train-fraction", type=open_fraction, default=0.8,
+                   help="share of the questions the probe trains on (default 0.8; between 0 and 1)")
     r.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
     return {"intervene": cmd_intervene, "reproduce-cogqa": cmd_reproduce_cogqa}
 
@@ -67,15 +78,20 @@ def cmd_intervene(args: argparse.Namespace) -> None:
                        others_per_function=None if args.others_per_function < 0 else args.others_per_function)
     print(result.to_markdown())
     if stem is not None:
-        result.to_markdown_file(stem.with_suffix(".md"))
-        result.to_json(stem.with_suffix(".json"))
+        with OutputSet() as outputs:
+            outputs.write(stem.with_suffix(".md"), result.to_markdown().encode(), label="--out")
+            outputs.write(stem.with_suffix(".json"), json.dumps(result.as_dict(), indent=1).encode(), label="--out")
         print(f"-> {stem.with_suffix('.md')}, {stem.with_suffix('.json')}")
 
 
 def cmd_reproduce_cogqa(args: argparse.Namespace) -> None:
     """``headscore reproduce-cogqa PATH --out DIR``."""
+    if Path(args.path).is_dir():
+        raise HeadscoreError(f"{args.path} is a directory; give a CogQA JSON file")
     if not Path(args.path).is_file():
-        raise HeadscoreError(f"{args.path}: no such CogQA file")
+        raise HeadscoreError(f"{args.path}: no such CogQA file" if not Path(args.path).exists() else
+                             f"{args.path} is not a regular file; reproduce-cogqa reads it several times: save it "
+                             "to a file")
     check_command_outputs(args, dirs=[OutputDir("--out", args.out, REPRODUCTION_FILES)],
                           inputs=[("PATH", args.path)])
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)

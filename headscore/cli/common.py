@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..data.examples import Example
 from ..data.tasks import load_tasks, task_source
 from ..errors import HeadscoreError
-from ..models import DEFAULT_MODEL, DTYPES, EMBEDDED_MODELS, LoadedModel, cache_dir, load_model
+from ..models import DEFAULT_MODEL, DTYPES, EMBEDDED_MODELS, LoadedModel, cache_dir, check_device, load_model
+from ..output_files import OutputSet
 from ..output_paths import OutputDir, check_outputs
 from ..results import HeadScores
 from ..text import printable
@@ -31,6 +33,50 @@ def at_least(minimum: int):
     return parse
 
 
+MAX_SEED = 2**63 - 1
+"""The largest seed every random generator headscore seeds takes (torch's takes 64-bit integers)."""
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, a whole number from 0 to :data:`MAX_SEED`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED} (2**63 - 1), got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (not inf or nan, which would reach the loss as a NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    value = finite_float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device that can hold the model here (see :func:`headscore.models.check_device`),
+    checked before anything loads; the text is kept as given."""
+    try:
+        check_device(text)
+    except HeadscoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def confidence_level(text: str) -> float:
     """An argparse type: a confidence level strictly between 0 and 1."""
     try:
@@ -48,7 +94,7 @@ def add_interval_args(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples of the examples for the intervals (default 1000; 0 = none)")
     parser.add_argument("--level", type=confidence_level, default=0.95,
                         help="confidence level of the intervals (default 0.95)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the resampling (default 0; 0 to 2**63 - 1)")
 
 
 def interval_options(args: argparse.Namespace) -> dict:
@@ -68,7 +114,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, tasks: bool = True) -> No
     """``--model``, ``--device``, ``--dtype``, ``--batch-size``, ``--no-progress`` (and the task options)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"{DEFAULT_MODEL} (embedded, default), a local model directory, or a cached hub id")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--batch-size", type=at_least(1), default=8, help="examples per forward pass (default: 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -117,10 +163,11 @@ def print_top(scores: HeadScores, k: int = 3) -> None:
 
 
 def save_scores(scores: HeadScores, out: str, exports: Sequence[str]) -> None:
-    """Write the scores file and its exports, then say what was written."""
-    scores.save(out)
-    for path in exports:
-        scores.export(path)
+    """Write the scores file and its exports, all or nothing, then say what was written."""
+    with OutputSet() as outputs:
+        outputs.write(out, scores.to_bytes(), label="--out")
+        for path in exports:
+            outputs.write(path, scores.export_bytes(Path(path).suffix), label="--export")
     n = int(scores.counts.sum())
     print(f"{scores.method}: {len(scores.tasks)} tasks, {n} examples, {scores.num_layers}x{scores.num_heads} heads "
           f"in {scores.extra.get('seconds', 0):.1f}s -> {out}")

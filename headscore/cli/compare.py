@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Callable
 
-from ..compare import compare_positions, largest_differences
+from ..compare import compare_positions, largest_differences, require_finite
 from ..intervals import agreement_table
-from ..results import HeadScores, atomic_write
+from ..output_files import atomic_write
+from ..results import HeadScores
 from ..stats import format_interval
 from ..text import printable
 from .common import add_interval_args, at_least, check_command_outputs, interval_options
@@ -32,6 +34,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """``headscore compare A B``."""
     check_command_outputs(args, [("--json", args.json)], inputs=[("A", args.a), ("B", args.b)])
     a, b = HeadScores.load(args.a), HeadScores.load(args.b)
+    require_finite(a, args.a)
+    require_finite(b, args.b)
+    if a.model and b.model and a.model != b.model:
+        warnings.warn(f"the files name different models ({a.model} in {args.a}, {b.model} in {args.b}); "
+                      "their heads need not correspond", stacklevel=1)
     table = agreement_table(a, b, args.k, **interval_options(args))
     print(f"{printable(a.method)} vs {printable(b.method)}")
     first = next(iter(table.values()))

@@ -12,15 +12,15 @@ import torch.distributed as dist
 
 from ..api import BASELINES, METHODS, ablate, ablate_heads, score
 from ..checkpoint import checkpoint_path
+from ..cogqa.probe import probe_scores
 from ..data.examples import limit_per_task
 from ..distributed import env_world_size, init
 from ..errors import HeadscoreError
 from ..loss import METRICS
 from ..methods.ablation import ABLATION_MODES
-from ..methods.probe import probe_scores
-from ..results import atomic_write
+from ..output_files import atomic_write
 from ..text import printable
-from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks, save_scores
+from .common import add_model_args, at_least, check_command_outputs, finite_float, load_model_and_tasks, save_scores
 
 METRIC_HELP = ("what the loss is: nll (default: target NLL), logit-diff (logit of the target's first token minus "
                "the foil's at the answer position; needs 'foil' in every example), prob (the target's probability); "
@@ -68,7 +68,7 @@ def register(sub) -> dict[str, Callable]:
                    help="rows per forward pass in prefix and batched mode (default 64)")
     a.add_argument("--heads", default=None,
                    help="ablate this set of heads at once instead of each head: 'LAYER.HEAD,LAYER.HEAD,...'")
-    a.add_argument("--gate", type=float, default=0.0, help="with --heads: the gate value (0 ablates, 2 doubles)")
+    a.add_argument("--gate", type=finite_float, default=0.0, help="with --heads: the gate value (0 ablates, 2 doubles)")
     a.add_argument("--out", default=None, help="output scores file (.hs); required unless --heads")
     a.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
     return {"score": cmd_score, "ablate": cmd_ablate}
@@ -115,6 +115,12 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise HeadscoreError("--per-position supports neither --distributed nor checkpoints")
     if uses_checkpoint and not args.checkpoint:
         args.checkpoint = f"{args.out}.ckpt"
+    if args.kernel == "on":
+        from ..kernels.dispatch import kernel_unavailable  # imports triton: only when asked for
+
+        problem = kernel_unavailable(args.device)
+        if problem:
+            raise HeadscoreError(f"--kernel on: {problem}; use --kernel auto (the kernel where it can run) or off")
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export),
                                  ("--checkpoint", args.checkpoint)])
     rank, world = _distributed_begin(args)

@@ -6,10 +6,10 @@
   amplified against random heads;
 * :mod:`headscore.cogqa.findings`: sparsity, layer profiles, Jaccard overlap, split-half stability,
   specificity;
-* :mod:`headscore.cogqa.uncertainty`: bootstrap intervals of the map-level figures.
+* :mod:`headscore.cogqa.uncertainty`: bootstrap intervals of the map-level figures;
+* :mod:`headscore.cogqa.probe`: the study's probe scorer (``headscore score --method probe``).
 
-Loading the CogQA file stays in :mod:`headscore.data.cogqa`; the probe scorer is
-:mod:`headscore.methods.probe`.
+Loading the CogQA file stays in :mod:`headscore.data.cogqa` (``--tasks cogqa:PATH`` is one of the task specs).
 """
 
 from __future__ import annotations

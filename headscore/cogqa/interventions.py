@@ -31,9 +31,10 @@ from .. import stats
 from ..errors import HeadscoreError
 from ..loss import accepts_logits_to_keep, finite_losses, target_nll
 from ..methods.ablation import head_set_gates
+from ..output_files import atomic_write
 from ..patch import HeadGates, head_layout, patch
 from ..prepared import prepare
-from ..results import HeadScores, atomic_write
+from ..results import HeadScores
 from ..text import markdown_text
 
 

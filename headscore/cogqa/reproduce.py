@@ -4,7 +4,7 @@
 
 1. loads every sub-question as an example (:func:`headscore.data.cogqa.load_cogqa`), keeps at most
    ``max_per_function`` per function (seeded), and splits by MAIN question into train / held-out;
-2. probe maps (the study's method, :mod:`headscore.methods.probe`): activations from one forward
+2. probe maps (the study's method, :mod:`headscore.cogqa.probe`): activations from one forward
    pass, probe trained on the train split, held-out accuracy vs the majority class;
 3. gradient maps (``taylor``) on the same examples, kept per example so split-half maps are free;
 4. zero ablation of every head on ``ablation_per_function`` examples per function (the shortest
@@ -46,15 +46,16 @@ from ..data.cogqa import (
 from ..errors import HeadscoreError
 from ..intervals import ExampleMaps, agreement_intervals
 from ..methods.gradient import gate_gradients
-from ..methods.probe import collect_activations, probe_scores
 from ..models import LoadedModel, load_model
+from ..output_files import OutputSet, atomic_write
 from ..patch import patch
 from ..prepared import prepare
-from ..results import HeadScores, atomic_write
+from ..results import HeadScores
 from ..text import markdown_text
 from .findings import jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity, specificity
 from .findings import stability as split_half_stability
 from .interventions import InterventionResult, intervene
+from .probe import collect_activations, probe_scores
 from .uncertainty import sparsity_intervals, stability_intervals
 
 
@@ -156,12 +157,16 @@ class Reproduction:
                 for t in self.specificity.tasks}
 
     def write(self, out_dir: str | Path) -> Path:
-        """Scores files, figures, ``summary.json`` and ``report.md`` into ``out_dir``; returns the report path."""
+        """Scores files, figures, ``summary.json`` and ``report.md`` into ``out_dir``, all or nothing (the
+        directory is replaced whole: it must be new, empty or an earlier reproduction); returns the report path."""
+        with OutputSet() as outputs:
+            self._write_files(outputs.directory(out_dir, REPRODUCTION_FILES, label="output directory"))
+        return Path(out_dir) / "report.md"
+
+    def _write_files(self, out: Path) -> None:
         # headscore.report imports matplotlib: on first use, so that importing this module stays fast
         from ..report import heatmap_grid, scatter_vs_ablation
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         maps = {"probe": self.probe, "taylor": self.taylor}
         if self.ablation is not None:
             maps["ablation"] = self.ablation
@@ -184,7 +189,7 @@ class Reproduction:
             self.interventions.to_json(out / "interventions.json")
             self.interventions.to_markdown_file(out / "interventions.md")
         atomic_write(out / "summary.json", json.dumps(self.summary(), indent=1, default=str).encode())
-        return atomic_write(out / "report.md", self.markdown().encode())
+        atomic_write(out / "report.md", self.markdown().encode())
 
     def _level(self) -> str:
         return f"{self.options.get('level', stats.LEVEL):.0%}"
@@ -322,7 +327,7 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     of the probe, taylor and specificity maps against ``len(seeds)`` random sets; each function's sets
     are measured on ``others_per_function`` examples of every other function (None: all). ``resamples`` and ``level``
     set the bootstrap intervals. Extra keyword options go to
-    :func:`headscore.methods.probe.train_probe` (``epochs``, ``proj_dim``, ``hidden``, ``shared``, ...).
+    :func:`headscore.cogqa.probe.train_probe` (``epochs``, ``proj_dim``, ``hidden``, ``shared``, ...).
     """
     timings: dict[str, float] = {}
     boot = {"resamples": resamples, "level": level, "seed": seed}

@@ -29,7 +29,7 @@ split on positions, for anything that can list its items' question ids.
 
 from __future__ import annotations
 
-import json
+import math
 import random
 import warnings
 from collections import Counter
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HeadscoreError
-from .examples import Example, validate_examples
-from .text_files import read_utf8
+from .examples import Example, lone_surrogate, validate_examples
+from .text_files import parse_json, read_utf8
 
 COGQA_FUNCTIONS = ("Retrieval", "Knowledge Recall", "Semantic Understanding", "Syntactic Understanding",
                    "Math Calculation", "Logical Reasoning", "Inference", "Decision-making")
@@ -61,12 +61,11 @@ def unescape(text: object) -> str:
 
 def _read(path: str | Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise HeadscoreError(f"{path} is a directory; give a CogQA JSON file")
+    if not path.exists():
         raise HeadscoreError(f"{path}: no such CogQA file")
-    try:
-        data = json.loads(read_utf8(path))
-    except json.JSONDecodeError as exc:
-        raise HeadscoreError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    data = parse_json(read_utf8(path), path)  # read once: a pipe works
     if not isinstance(data, list) or not data:
         raise HeadscoreError(f"{path}: expected a non-empty JSON list of questions")
     for i, q in enumerate(data):
@@ -76,7 +75,21 @@ def _read(path: str | Path) -> list[dict]:
         for j, sub in enumerate(q["generated"]):
             if not isinstance(sub, dict) or any(k not in sub for k in ("subquestion", "answer", "cognitive_skill")):
                 raise HeadscoreError(f"{where}, sub-question {j}: needs subquestion, answer and cognitive_skill")
+            for k in ("subquestion", "answer", "cognitive_skill"):
+                _check_text(sub[k], f"{where}, sub-question {j}", k)
+        _check_text(q["question"], where, "question")
     return data
+
+
+def _check_text(value: object, where: str, name: str) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, str) and not number:
+        raise HeadscoreError(f"{where}: field {name!r} must be text (or a number), got "
+                             f"{type(value).__name__} {str(value)[:40]}")
+    bad = lone_surrogate(value) if isinstance(value, str) else None
+    if bad:
+        raise HeadscoreError(f"{where}: field {name!r} has a lone surrogate ({bad}), which is not text; fix that "
+                             "\\u escape (a surrogate must come in a pair)")
 
 
 def compose_prompt(question: str, steps: Sequence[tuple[str, str]], subquestion: str, *,

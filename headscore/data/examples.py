@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HeadscoreError
-from .text_files import read_utf8
+from .text_files import parse_json, read_lines
 
 REQUIRED_FIELDS = ("prompt", "target", "task")
 OPTIONAL_FIELDS = ("corrupt", "foil")
 """JSONL fields an example may have beyond :data:`REQUIRED_FIELDS` (strings when present)."""
 LABELLED_FIELDS = ("text", "label", "task")
 """JSONL fields of an example for a sequence classifier (an encoder such as BERT): text, its label, task."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where ``text`` holds a lone surrogate (``"geo\\ud800"`` is valid JSON, but no text: it cannot be
+    written as UTF-8), as ``'\\ud800 at character 4'``; None when it holds none."""
+    m = _SURROGATE.search(text)
+    return None if m is None else f"{m.group().encode('unicode_escape').decode('ascii')} at character {m.start() + 1}"
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,10 @@ class Example:
       own loss on the label. :meth:`labelled` builds one;
     - ``where`` says where the example came from, e.g. ``tasks.jsonl:12``; errors about the example
       name it. It takes no part in equality or the data hash.
+
+    Every text must be valid Unicode (no lone surrogate); ``task`` is normalised to NFC, so that ``café``
+    typed with a combining accent (NFD) and with ``é`` (NFC) name one task. Prompts and targets are kept as
+    they are (the tokenizer sees what was written).
     """
 
     prompt: str
@@ -53,10 +69,23 @@ class Example:
             if value is not None and not isinstance(value, str):
                 raise HeadscoreError(f"Example {name} must be a string or None, got {type(value).__name__} "
                                      f"{value!r:.40}")
+        for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
+            value = getattr(self, name)
+            bad = None if value is None else lone_surrogate(value)
+            if bad:
+                shown = "text" if name == "prompt" and self.label is not None else name
+                if self.where is None:
+                    raise HeadscoreError(f"Example {shown} has a lone surrogate ({bad}), which is not text")
+                raise HeadscoreError(f"{self.where}: field {shown!r} has a lone surrogate ({bad}), which is not "
+                                     "text; fix that \\u escape (a surrogate must come in a pair)")
+        if not unicodedata.is_normalized("NFC", self.task):
+            object.__setattr__(self, "task", unicodedata.normalize("NFC", self.task))
         if self.label is not None:
             if isinstance(self.label, bool) or not isinstance(self.label, (int, float)):
                 raise HeadscoreError(f"Example label must be an int (a class) or a float (regression), got "
                                      f"{type(self.label).__name__} {self.label!r:.40}")
+            if isinstance(self.label, float) and not math.isfinite(self.label):
+                raise HeadscoreError(f"{self.where or 'Example'}: label must be a finite number, got {self.label}")
             if self.target or self.corrupt is not None or self.foil is not None:
                 raise HeadscoreError("a labelled Example (for a sequence classifier) has text, label and task "
                                      "only: no target, corrupt or foil")
@@ -167,22 +196,22 @@ def load_jsonl(path: str | Path) -> list[Example]:
     optionally with ``"corrupt"`` (a corrupted prompt of the same token length) and ``"foil"``
     (a wrong answer); or, for a sequence classifier, ``{"text", "label", "task"}`` objects.
 
-    The file must be UTF-8 (a byte-order mark is allowed). Blank lines are skipped. Errors
+    The file must be UTF-8 (a byte-order mark is allowed), with lines of at most
+    :data:`~headscore.data.text_files.MAX_LINE_BYTES` (1 MiB). Blank lines are skipped. Errors
     name the file and line number, and so do later errors about an example (``Example.where``).
+    The file is read once, start to end: a pipe (``--tasks <(cmd)``) works.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise HeadscoreError(f"{path} is a directory; give a JSON Lines file (one example per line)")
+    if not path.exists():
         raise HeadscoreError(f"{path}: no such file")
     examples = []
-    for lineno, line in enumerate(read_utf8(path).split("\n"), 1):
+    for lineno, line in read_lines(path):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HeadscoreError(f"{where}: malformed JSON ({exc.msg})") from None
-        examples.append(_example_from_record(record, where))
+        record = parse_json(line, path, line=lineno)
+        examples.append(_example_from_record(record, f"{path}:{lineno}"))
     return validate_examples(examples, source=str(path))
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ._compat import triton_available
-from .gated_attention import gated_attention
+from ._compat import is_interpreted, triton_available
+from .gated_attention import _gattn_fwd_kernel, gated_attention
 
-__all__ = ["fused_gated_attention", "kernel_available", "key_padding_mask"]
+__all__ = ["fused_gated_attention", "kernel_available", "kernel_unavailable", "key_padding_mask"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -22,6 +22,21 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def kernel_available(device: torch.device) -> bool:
     """True where the fused Triton kernel can run: a CUDA device and an importable triton."""
     return device.type == "cuda" and triton_available()
+
+
+def kernel_unavailable(device: torch.device | str) -> str | None:
+    """Why the fused kernel cannot run on ``device`` (for ``kernel=True``, checked before a model loads), or
+    None where it can: a CUDA device with Triton, or the CPU under Triton's interpreter (``TRITON_INTERPRET=1``
+    set before triton was first imported: slow, for tests)."""
+    device = torch.device(device)
+    if not triton_available():
+        return "the fused kernel needs Triton, which is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and is_interpreted(_gattn_fwd_kernel):
+        return None
+    return (f"the fused Triton kernel needs a CUDA device, not {device.type} (on a CPU it runs only through "
+            "Triton's interpreter, TRITON_INTERPRET=1 in the environment from the start: slow, for tests)")
 
 
 def key_padding_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> tuple[bool, torch.Tensor | None]:

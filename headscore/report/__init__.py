@@ -8,8 +8,8 @@
 * :func:`write_report`: all of the above into one folder.
 
 Everything is drawn on :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``, so
-the caller's matplotlib backend is left alone. Files are written atomically (temporary file, then a rename)
-by :func:`headscore.figures.save_figure`.
+the caller's matplotlib backend is left alone. A report directory is written all or nothing (built in a
+temporary directory, then swapped in whole: :class:`headscore.output_files.OutputSet`).
 
 One module per job: :mod:`.inputs` (reading duck-typed scores), :mod:`.layout` (panel grids),
 :mod:`.heatmaps`, :mod:`.scatter`, :mod:`.summary`, :mod:`.html` (the interactive page);
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..results import atomic_write
+from ..output_files import OutputSet, atomic_write
 from .heatmaps import COLORBAR_LABEL, heatmap_grid
 from .inputs import ablation_values
 from .layout import grid_shape
@@ -45,7 +45,9 @@ REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "p
 def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = None,
                  comparison: Mapping[str, Any] | None = None, k: int = 10,
                  other_comparison: Mapping[str, Any] | None = None, other_name: str = "") -> dict[str, Path]:
-    """Write a full report into ``out_dir`` (created if needed).
+    """Write a full report into ``out_dir``, all or nothing: the report is built in a temporary directory
+    beside ``out_dir`` and replaces it whole at the end, so a reader never sees files of two reports.
+    ``out_dir`` must be new, empty or an earlier report (holding only :data:`REPORT_FILES`).
 
     Files: ``heatmaps.png`` / ``heatmaps.pdf`` (:func:`heatmap_grid`), ``scatter.png`` / ``scatter.pdf``
     when ``ablation`` is given (:func:`scatter_vs_ablation`), ``positions.png`` / ``positions.pdf`` when the
@@ -59,11 +61,21 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
 
     Raises:
         ValueError: ``ablation`` does not match ``scores`` (checked before anything is written).
+        HeadscoreError: ``out_dir`` holds other files, or cannot be written (``OutputWriteError``:
+            ``out_dir`` is then as it was).
     """
     if ablation is not None:
         ablation_values(scores, ablation)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    with OutputSet() as outputs:
+        out = outputs.directory(final, REPORT_FILES, label="report directory")
+        written = _write_files(scores, out, ablation=ablation, comparison=comparison, k=k,
+                               other_comparison=other_comparison, other_name=other_name)
+    return {name: final / path.name for name, path in written.items()}
+
+
+def _write_files(scores: Any, out: Path, *, ablation: Any, comparison: Mapping[str, Any] | None, k: int,
+                 other_comparison: Mapping[str, Any] | None, other_name: str) -> dict[str, Path]:
     png, pdf = heatmap_grid(scores, out / "heatmaps")
     paths = {"heatmaps_png": png, "heatmaps_pdf": pdf}
     images = ["heatmaps.png"]
