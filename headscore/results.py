@@ -16,6 +16,7 @@ import torch
 from .checksum import ChecksumError, checksummed, read_checked
 from .errors import HeadscoreError
 from .output_files import atomic_write
+from .text import printable
 
 FORMAT_VERSION = 1
 
@@ -258,6 +259,8 @@ class HeadScores:
             raise HeadscoreError(f"{path}: no such file") from None
         except OSError as exc:
             raise HeadscoreError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+        except ValueError:  # a NUL or a lone surrogate in the name: no file can have it
+            raise HeadscoreError(f"{printable(str(path))}: no file can have this name") from None
         if not meta.get("format", "").startswith("headscore/"):
             raise HeadscoreError(f"{path}: not a headscore scores file")
         missing = [k for k in ("values", "stderr", "counts") if k not in tensors]

@@ -32,7 +32,7 @@ from headscore.data.tasks import load_tasks
 from headscore.errors import HeadscoreError
 from headscore.results import HeadScores
 
-settings.register_profile("ci", max_examples=60, deadline=None,
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,  # the same inputs every run
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("long", max_examples=3000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -57,6 +57,14 @@ def _scratch(data: bytes, suffix: str) -> Path:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     return Path(name)
+
+
+def damaged(valid: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
+    """``valid`` with each (offset, byte) of ``edits`` written over it, cut after ``cut`` bytes."""
+    blob = bytearray(valid)
+    for at, byte in edits:
+        blob[at] = byte
+    return bytes(blob[:cut])
 
 
 def accepted_or_refused(fn, *args):
@@ -171,10 +179,7 @@ def _use(scores: HeadScores) -> None:
        cut=st.integers(0, len(VALID_SCORES)))
 def test_scores_file_with_damaged_bytes(edits, cut):
     """With its checksum, a scores file loads only as the very bytes that were written."""
-    blob = bytearray(VALID_SCORES)
-    for at, byte in edits:
-        blob[at] = byte
-    blob = bytes(blob[:cut])
+    blob = damaged(VALID_SCORES, edits, cut)
     path = _scratch(blob, ".hs")
     try:
         loaded = accepted_or_refused(HeadScores.load, path)
@@ -231,10 +236,7 @@ VALID_CHECKPOINT = _valid_checkpoint_bytes()
 @given(edits=st.lists(st.tuples(st.integers(0, len(VALID_CHECKPOINT) - 1), st.integers(0, 255)), max_size=4),
        cut=st.integers(0, len(VALID_CHECKPOINT)))
 def test_checkpoint_with_damaged_bytes(edits, cut):
-    blob = bytearray(VALID_CHECKPOINT)
-    for at, byte in edits:
-        blob[at] = byte
-    path = _scratch(bytes(blob[:cut]), ".ckpt")
+    path = _scratch(damaged(VALID_CHECKPOINT, edits, cut), ".ckpt")
     try:
         accepted_or_refused(load_checkpoint, path)
     finally:
@@ -248,9 +250,10 @@ class ModelWouldLoad(Exception):
     """Raised instead of loading a model: every check before the work has passed."""
 
 
-HOSTILE = ["", "-1", "0", "1", "2", "nan", "inf", "-inf", "1e23", "1.5", "9" * 5000, "0x10", "\u00e9", "\ud800",
-           "a" * 300, "meta", "cuda", "cuda:7", "cpu", "/", "/dev/null", "/proc/self/mem", "nonexistent.hs",
-           "out/", "x.csv", "x.json", "x.txt", "builtin", "ioi", "cogqa:", "cogqa:/nonexistent", "--", "-"]
+HOSTILE = ["", "\x00", "a\x00b", "\udcff", "-1", "0", "1", "2", "nan", "inf", "-inf", "1e23", "1.5", "9" * 5000,
+           "0x10", "\u00e9", "\ud800", "a" * 300, "meta", "cuda", "cuda:7", "cpu", "/", "/dev/null", "/proc/self/mem",
+           "nonexistent.hs", "out/", "x.csv", "x.json", "x.txt", "builtin", "ioi", "cogqa:", "cogqa:/nonexistent",
+           "--", "-"]
 
 OPTIONS = {
     "score": ["--model", "--device", "--dtype", "--batch-size", "--tasks", "--max-examples", "--method",
@@ -337,3 +340,13 @@ def test_cogqa_fields_must_be_text_or_numbers(tmp_path, bad):
     path.write_text(json.dumps([{"question": "Q?", "answer": "A", "generated": [sub]}]))
     with pytest.raises(HeadscoreError, match="question 0, sub-question 0: field 'cognitive_skill' must be text"):
         load_tasks(f"cogqa:{path}")
+
+
+@pytest.mark.parametrize("arg", ["\ud800", "a\x00b"])
+def test_arguments_no_file_name_can_hold(arg, capsys):
+    """Found by the fuzzer: ``compare '\\ud800' x`` raised UnicodeEncodeError from a stat; now one line."""
+    assert main(["compare", arg, "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("headscore: error: argument '") and "holds a NUL or a lone surrogate" in err, err
+    with pytest.raises(HeadscoreError, match="no file can have this name"):
+        HeadScores.load(arg)

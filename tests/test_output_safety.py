@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import test_bad_input
 import torch
 from safetensors.torch import save
-from test_bad_input import GOOD, jsonl, scores_file, snapshot
-from tiny_saved import save_tiny_model
+from test_bad_input import scores_file, snapshot
 
 from headscore.cli import main
 from headscore.errors import HeadscoreError
@@ -53,14 +53,8 @@ OUTPUT_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture
-def tasks(tmp_path) -> Path:
-    return jsonl(tmp_path / "tasks.jsonl", GOOD, {**GOOD, "task": "other"})
+model_dir = test_bad_input.model_dir  # the same fixtures: a tiny saved model, a two-task file
+tasks = test_bad_input.tasks
 
 
 def refused(capsys, case: str, argv: list, *roots: Path) -> str:

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(), _termination_as_exception():
             warnings.showwarning = _one_line_warning
             parser, handlers = build_parser()
-            args = parser.parse_args(argv)
+            args = parser.parse_args(_checked_argv(argv))
             handlers[args.command](args)
     except HeadscoreError as exc:
         print(f"headscore: error: {printable(str(exc).strip()) or type(exc).__name__}", file=sys.stderr)
@@ -104,6 +104,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         return _interrupted(exc)
     return 0
+
+
+def _checked_argv(argv: Sequence[str] | None) -> list[str]:
+    """The arguments, refusing one that no file name or text can hold (a NUL, a lone surrogate: possible only
+    from Python callers; the system's own arguments always encode)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for arg in args:
+        try:
+            ok = "\x00" not in os.fsencode(arg).decode(errors="surrogateescape")
+        except UnicodeEncodeError:
+            ok = False
+        if not ok:
+            raise UsageError(f"argument '{printable(arg)}' holds a NUL or a lone surrogate, which no file name or "
+                             "text can hold")
+    return args
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:

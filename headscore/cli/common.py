@@ -77,22 +77,11 @@ def device_name(text: str) -> str:
     return text
 
 
-def confidence_level(text: str) -> float:
-    """An argparse type: a confidence level strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
 def add_interval_args(parser: argparse.ArgumentParser) -> None:
     """``--resamples``, ``--level`` and ``--seed`` of the bootstrap intervals over examples."""
     parser.add_argument("--resamples", type=at_least(0), default=1000,
                         help="bootstrap resamples of the examples for the intervals (default 1000; 0 = none)")
-    parser.add_argument("--level", type=confidence_level, default=0.95,
+    parser.add_argument("--level", type=open_fraction, default=0.95,
                         help="confidence level of the intervals (default 0.95)")
     parser.add_argument("--seed", type=seed_value, default=0, help="seed of the resampling (default 0; 0 to 2**63 - 1)")
 
