@@ -89,10 +89,13 @@ def new_temp_dir(directory: PathLike) -> Path:
 def resolve_output(path: PathLike, label: str = "output", *, directory: bool = False) -> Path:
     """The absolute path an output named ``path`` is written to: symbolic links followed, as ``open`` does.
 
-    Raises HeadscoreError (one line) for a file name that ends with ``/`` (unless ``directory``), a symbolic
-    link loop, a name longer than the file system allows, or a path through something that is no directory.
+    Raises HeadscoreError (one line) for an empty name, a file name that ends with ``/`` (unless ``directory``),
+    a symbolic link loop, a name longer than the file system allows, or a path through something that is no
+    directory.
     """
     text = os.fspath(path)
+    if not text:
+        raise HeadscoreError(f"{label} is empty; give a {'directory' if directory else 'file'} name")
     if not directory and text.endswith(("/", os.sep)):
         raise HeadscoreError(f"{label} {text} ends with '/', which names a directory; give a file name")
     p = Path(text).expanduser()

@@ -350,3 +350,22 @@ def test_arguments_no_file_name_can_hold(arg, capsys):
     assert err.startswith("headscore: error: argument '") and "holds a NUL or a lone surrogate" in err, err
     with pytest.raises(HeadscoreError, match="no file can have this name"):
         HeadScores.load(arg)
+
+
+@pytest.mark.parametrize("argv", [["intervene", "--scores", "a.hs", "--out", ""],
+                                  ["compare", "a.hs", "a.hs", "--json", ""], ["report", "a.hs", "--out", ""]])
+def test_empty_output_names(argv, workdir, monkeypatch, capsys):
+    """Found by the long fuzz run: ``intervene --out ''`` raised ValueError from ``Path.with_suffix``."""
+    monkeypatch.chdir(workdir)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("headscore: error: ") and err.count("\n") == 1 and ("empty" in err or "names no" in err), err
+
+
+def test_an_os_error_about_a_typed_path_is_one_line(capsys, tmp_path):
+    """Found by the long fuzz run: ``reproduce-cogqa`` with a 300-byte PATH raised ``OSError: File name too
+    long`` from ``Path.is_dir``; an OS error naming a path the user typed is bad input, one line."""
+    long_name = str(tmp_path / ("a" * 300))
+    assert main(["reproduce-cogqa", long_name, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("headscore: error: ") and "File name too long" in err and err.count("\n") == 1, err

@@ -87,14 +87,21 @@ def build_parser() -> tuple[ArgumentParser, dict[str, Callable]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for bad input, 130 when interrupted, 128 + N for
     signal N: 143 after SIGTERM)."""
+    given: list[str] = []
     try:
         with warnings.catch_warnings(), _termination_as_exception():
             warnings.showwarning = _one_line_warning
             parser, handlers = build_parser()
-            args = parser.parse_args(_checked_argv(argv))
+            given = _checked_argv(argv)
+            args = parser.parse_args(given)
             handlers[args.command](args)
     except HeadscoreError as exc:
         print(f"headscore: error: {printable(str(exc).strip()) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        if not _names_a_given_path(exc, given):
+            raise
+        print(f"headscore: error: {printable(exc.filename)}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:
         interrupt = _interrupt_cause(exc)
@@ -119,6 +126,13 @@ def _checked_argv(argv: Sequence[str] | None) -> list[str]:
             raise UsageError(f"argument '{printable(arg)}' holds a NUL or a lone surrogate, which no file name or "
                              "text can hold")
     return args
+
+
+def _names_a_given_path(exc: OSError, given: Sequence[str]) -> bool:
+    """Whether an OSError is about a path the user typed (a name too long, a loop, no permission: bad input,
+    one line), not about a file of headscore's own (a bug: the traceback stays)."""
+    name = exc.filename if isinstance(exc.filename, str) else None
+    return bool(name) and any(name in arg for arg in given)
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:

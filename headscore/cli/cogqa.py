@@ -68,6 +68,8 @@ def register(sub) -> dict[str, Callable]:
 
 def cmd_intervene(args: argparse.Namespace) -> None:
     """``headscore intervene``."""
+    if args.out is not None and not Path(args.out).name:
+        raise HeadscoreError(f"--out {args.out!r} names no file; give a file name (its .md and .json are written)")
     stem = None if args.out is None else Path(args.out).with_suffix("")
     outs = [] if stem is None else [("--out", str(stem.with_suffix(s))) for s in (".md", ".json")]
     check_command_outputs(args, outs, inputs=[("--scores", args.scores)])
