@@ -16,7 +16,7 @@ import torch
 from .checksum import ChecksumError, checksummed, read_checked
 from .errors import HeadscoreError
 from .output_files import atomic_write
-from .text import printable
+from .text import lone_surrogate, printable
 
 FORMAT_VERSION = 1
 
@@ -49,9 +49,7 @@ def _has_lone_surrogate(value: object) -> bool:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
+            if lone_surrogate(item):
                 return True
         elif isinstance(item, dict):
             stack.extend(item.keys())

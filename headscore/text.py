@@ -6,6 +6,14 @@ import re
 import unicodedata
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#!|~])")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where ``text`` holds a lone surrogate (``"geo\\ud800"`` is valid JSON, but no text: it cannot be
+    written as UTF-8), as ``'\\ud800 at character 4'``; None when it holds none."""
+    m = _SURROGATE.search(text)
+    return None if m is None else f"{m.group().encode('unicode_escape').decode('ascii')} at character {m.start() + 1}"
 
 
 def printable(text: object) -> str:

@@ -119,7 +119,7 @@ def _checked_argv(argv: Sequence[str] | None) -> list[str]:
     args = list(sys.argv[1:] if argv is None else argv)
     for arg in args:
         try:
-            ok = "\x00" not in os.fsencode(arg).decode(errors="surrogateescape")
+            ok = b"\x00" not in os.fsencode(arg)  # escaped undecodable bytes from the system encode back
         except UnicodeEncodeError:
             ok = False
         if not ok:

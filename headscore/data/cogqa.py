@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HeadscoreError
-from .examples import Example, lone_surrogate, validate_examples
+from ..text import lone_surrogate
+from .examples import Example, validate_examples
 from .text_files import parse_json, read_utf8
 
 COGQA_FUNCTIONS = ("Retrieval", "Knowledge Recall", "Semantic Understanding", "Syntactic Understanding",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HeadscoreError
+from ..text import lone_surrogate
 from .text_files import parse_json, read_lines
 
 REQUIRED_FIELDS = ("prompt", "target", "task")
@@ -19,16 +19,6 @@ OPTIONAL_FIELDS = ("corrupt", "foil")
 """JSONL fields an example may have beyond :data:`REQUIRED_FIELDS` (strings when present)."""
 LABELLED_FIELDS = ("text", "label", "task")
 """JSONL fields of an example for a sequence classifier (an encoder such as BERT): text, its label, task."""
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def lone_surrogate(text: str) -> str | None:
-    """Where ``text`` holds a lone surrogate (``"geo\\ud800"`` is valid JSON, but no text: it cannot be
-    written as UTF-8), as ``'\\ud800 at character 4'``; None when it holds none."""
-    m = _SURROGATE.search(text)
-    return None if m is None else f"{m.group().encode('unicode_escape').decode('ascii')} at character {m.start() + 1}"
-
 
 @dataclass(frozen=True)
 class Example:
