@@ -130,12 +130,15 @@ def compare_positions(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Ag
 
 @dataclass(frozen=True)
 class Miss:
-    """A head where two maps differ most: its values in each and the difference a - b."""
+    """A head where two maps differ most: its values in each, the difference a - b, and whether each value is
+    exact (``HeadScores.exact``; False where that side has no mask)."""
 
     layer: int
     head: int
     a: float
     b: float
+    a_exact: bool = False
+    b_exact: bool = False
 
     @property
     def difference(self) -> float:
@@ -145,9 +148,25 @@ class Miss:
 
 def largest_differences(a: HeadScores, b: HeadScores, task: str, n: int = 5) -> list[Miss]:
     """The ``n`` heads of ``task`` with the largest |a - b| (e.g. where a first-order estimate misses its
-    ground truth), largest first."""
+    ground truth), largest first, each marked with which of its two values are exact."""
     diff = (a.task(task) - b.task(task)).abs().flatten()
     idx = torch.topk(torch.nan_to_num(diff, nan=-1.0), min(n, diff.numel())).indices
     heads = a.num_heads
-    return [Miss(int(i) // heads, int(i) % heads, float(a.task(task).flatten()[i]), float(b.task(task).flatten()[i]))
+    ea, eb = exact_of_task(a, task), exact_of_task(b, task)
+    return [Miss(int(i) // heads, int(i) % heads, float(a.task(task).flatten()[i]), float(b.task(task).flatten()[i]),
+                 ea is not None and bool(ea[i]), eb is not None and bool(eb[i]))
             for i in idx]
+
+
+def exact_of_task(scores: HeadScores, task: str) -> torch.Tensor | None:
+    """The flat [L*H] exact mask of ``task`` (None when ``scores`` has no mask)."""
+    if scores.exact is None:
+        return None
+    return scores.exact[scores.tasks.index(task)].flatten()
+
+
+def exact_counts(scores: HeadScores, tasks: list[str]) -> dict[str, int] | None:
+    """Per task of ``tasks`` (all in ``scores``), how many heads are exact; None when ``scores`` has no mask."""
+    if scores.exact is None:
+        return None
+    return {t: int(exact_of_task(scores, t).sum()) for t in tasks}

@@ -94,6 +94,15 @@ def _positions_problem(names: list[str] | None, values: torch.Tensor | None, std
     return ""
 
 
+def _exact_problem(exact: torch.Tensor | None, shape: tuple[int, ...]) -> str:
+    """Why an exact mask does not fit maps of ``shape`` [T, L, H] ('' when it does or is absent)."""
+    if exact is None:
+        return ""
+    if tuple(exact.shape) != tuple(shape) or exact.dtype != torch.bool:
+        return f"exact must be a bool mask {list(shape)}, got {exact.dtype} {list(exact.shape)}"
+    return ""
+
+
 _POSITION_TENSORS = ("position_values", "position_stderr", "position_counts")
 
 
@@ -122,6 +131,13 @@ class HeadScores:
             task's examples; summed over positions it is ``values``).
         position_stderr: float64 [T, L, H, P], standard errors of ``position_values``.
         position_counts: int64 [T, P], how many of the task's examples have a token at each position.
+        exact: optional bool [T, L, H]; True where the value is exact (measured by ablation or
+            patching), False where it is an estimate (a verified run: an estimator scores every head,
+            exact ablation then replaces some heads' values). None: no claim either way (every file
+            made before the mask existed, and every ordinary run). :meth:`select` and
+            ``dataclasses.replace`` keep it; maps derived across tasks (e.g.
+            :func:`headscore.cogqa.findings.specificity`) and results rebuilt from accumulators drop
+            it, as no value of theirs is a single head's measurement.
     """
 
     values: torch.Tensor
@@ -139,6 +155,7 @@ class HeadScores:
     position_values: torch.Tensor | None = None
     position_stderr: torch.Tensor | None = None
     position_counts: torch.Tensor | None = None
+    exact: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.values.dim() != 3:
@@ -151,9 +168,19 @@ class HeadScores:
             raise ValueError("task names must be valid text (one holds a lone surrogate, \\ud800-\\udfff)")
         problem = _examples_problem(self.example_values, self.example_tasks, tuple(self.values.shape)) or \
             _positions_problem(self.positions, self.position_values, self.position_stderr, self.position_counts,
-                               tuple(self.values.shape))
+                               tuple(self.values.shape)) or \
+            _exact_problem(self.exact, tuple(self.values.shape))
         if problem:
             raise ValueError(problem)
+
+    @property
+    def has_exact(self) -> bool:
+        """Whether the scores say which values are exact (see ``exact``)."""
+        return self.exact is not None
+
+    def exact_counts(self) -> list[int] | None:
+        """Per task, how many heads have an exact value (None without an ``exact`` mask)."""
+        return None if self.exact is None else [int(n) for n in self.exact.sum((1, 2))]
 
     @property
     def has_positions(self) -> bool:
@@ -214,7 +241,7 @@ class HeadScores:
             list(self.positions), self.position_values[rows], self.position_stderr[rows], self.position_counts[rows])
         return HeadScores(self.values[rows], self.stderr[rows], self.counts[rows], list(tasks), self.method,
                           self.model, self.data_hash, dict(self.versions), dict(self.extra), ex_values, ex_tasks,
-                          *pos)
+                          *pos, exact=None if self.exact is None else self.exact[rows])
 
     def _metadata(self) -> dict[str, str]:
         meta = {"format": f"headscore/{FORMAT_VERSION}", "tasks": json.dumps(self.tasks), "method": self.method,
@@ -234,6 +261,8 @@ class HeadScores:
         if self.positions is not None:
             for key in _POSITION_TENSORS:
                 tensors[key] = getattr(self, key).contiguous()
+        if self.exact is not None:
+            tensors["exact"] = self.exact.contiguous()
         return checksummed(tensors, self._metadata())
 
     def save(self, path: str | Path) -> Path:
@@ -314,20 +343,25 @@ class HeadScores:
         names = fields["positions"] if "positions" in meta else None
         pos = [tensors.get(k) for k in _POSITION_TENSORS]
         problem = problem or _positions_problem(names, *pos, tuple(values.shape))
+        exact = tensors.get("exact")
+        problem = problem or _exact_problem(exact, tuple(values.shape))
         if problem:
             raise fail(problem)
         return cls(values, stderr, counts, tasks, meta["method"], meta["model"], meta.get("data_hash", ""),
-                   fields["versions"], fields["extra"], ex_values, ex_tasks, names, *pos)
+                   fields["versions"], fields["extra"], ex_values, ex_tasks, names, *pos, exact=exact)
 
     def to_rows(self) -> list[dict]:
-        """One dict per (task, layer, head): task, layer, head, value, stderr, count."""
+        """One dict per (task, layer, head): task, layer, head, value, stderr, count, and ``exact`` (a bool)
+        when the scores have an exact mask."""
         rows = []
         for t, name in enumerate(self.tasks):
             for layer in range(self.num_layers):
                 for head in range(self.num_heads):
-                    rows.append({"task": name, "layer": layer, "head": head,
-                                 "value": float(self.values[t, layer, head]),
-                                 "stderr": float(self.stderr[t, layer, head]), "count": int(self.counts[t])})
+                    row = {"task": name, "layer": layer, "head": head, "value": float(self.values[t, layer, head]),
+                           "stderr": float(self.stderr[t, layer, head]), "count": int(self.counts[t])}
+                    if self.exact is not None:
+                        row["exact"] = bool(self.exact[t, layer, head])
+                    rows.append(row)
         return rows
 
     def to_csv(self, path: str | Path) -> Path:
@@ -336,7 +370,8 @@ class HeadScores:
 
     def to_json(self, path: str | Path) -> Path:
         """Write metadata and nested [task][layer][head] values as JSON (atomically); per-position maps too
-        ([task][layer][head][position], with the position names and counts) when present."""
+        ([task][layer][head][position], with the position names and counts) and the ``exact`` mask
+        ([task][layer][head] booleans) when present."""
         return atomic_write(path, self.export_bytes(".json"))
 
     def export_bytes(self, suffix: str) -> bytes:
@@ -344,7 +379,8 @@ class HeadScores:
         suffix = suffix.lower()
         if suffix == ".csv":
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=["task", "layer", "head", "value", "stderr", "count"])
+            columns = ["task", "layer", "head", "value", "stderr", "count"] + (["exact"] if self.has_exact else [])
+            writer = csv.DictWriter(buf, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.to_rows())
             return buf.getvalue().encode()
@@ -356,6 +392,8 @@ class HeadScores:
                 doc.update(positions=self.positions, position_values=self.position_values.tolist(),
                            position_stderr=self.position_stderr.tolist(),
                            position_counts=self.position_counts.tolist())
+            if self.exact is not None:
+                doc["exact"] = self.exact.tolist()
             return json.dumps(doc, indent=1).encode()
         raise HeadscoreError(f"export needs a .csv or .json file name, not {suffix or 'no suffix'}")
 

@@ -7,7 +7,7 @@ import json
 import warnings
 from collections.abc import Callable
 
-from ..compare import compare_positions, largest_differences, require_finite
+from ..compare import compare_positions, exact_counts, largest_differences, require_finite
 from ..intervals import agreement_table
 from ..output_files import atomic_write
 from ..results import HeadScores
@@ -49,10 +49,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
         missing = " and ".join(n for n, s in (("A", a), ("B", b)) if not s.has_examples)
         print(f"no intervals: {missing} kept no per-example values (made before they were kept, or by a "
               "multi-process run)")
-    print(f"{'task':<28} {'spearman':>24} {'kendall':>8} {'top-' + str(args.k):>18}")
+    exact = {side: exact_counts(s, list(table)) for side, s in (("A", a), ("B", b))}
+    shown = [side for side, counts in exact.items() if counts is not None]
+    if shown:
+        print(f"exact A / exact B: heads per task whose value is exact (ablation/patching, not an estimate), of "
+              f"{a.num_layers * a.num_heads}; - = that file has no exact mask")
+    header = f"{'task':<28} {'spearman':>24} {'kendall':>8} {'top-' + str(args.k):>18}"
+    print(header + ("".join(f" {'exact ' + side:>8}" for side in exact) if shown else ""))
     for task, row in table.items():
-        print(f"{printable(task):<28} {format_interval(row['spearman'], row.get('spearman_ci')):>24} "
-              f"{row['kendall']:>8.3f} {format_interval(row['topk_overlap'], row.get('topk_overlap_ci'), '.2f'):>18}")
+        line = (f"{printable(task):<28} {format_interval(row['spearman'], row.get('spearman_ci')):>24} "
+                f"{row['kendall']:>8.3f} {format_interval(row['topk_overlap'], row.get('topk_overlap_ci'), '.2f'):>18}")
+        if shown:
+            line += "".join(f" {'-' if counts is None else counts[task]:>8}" for counts in exact.values())
+        print(line)
     metrics = {s.extra.get("metric", "nll") for s in (a, b)}
     if len(metrics) > 1:
         print(f"note: the files measure different metrics ({' vs '.join(sorted(metrics))})")
@@ -64,10 +73,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
             print(f"{'':<22}{printable(task):<28} {agree.spearman:>8.3f} {agree.kendall:>8.3f} "
                   f"{agree.topk_overlap:>7.2f}")
         doc = {**table, "_positions": {t: g.as_dict() for t, g in positions.items()}}
+    if shown:
+        doc = {**doc, "_exact": {side: counts for side, counts in exact.items() if counts is not None}}
     if args.misses:
-        print("largest |A - B| (layer.head: A, B)")
+        print("largest |A - B| (layer.head: A, B" + ("; * = an exact value)" if shown else ")"))
         for task in table:
             misses = largest_differences(a, b, task, args.misses)
-            print(f"  {printable(task)}: " + ", ".join(f"{m.layer}.{m.head}: {m.a:+.3g}, {m.b:+.3g}" for m in misses))
+            print(f"  {printable(task)}: " + ", ".join(
+                f"{m.layer}.{m.head}: {m.a:+.3g}{'*' if m.a_exact else ''}, {m.b:+.3g}{'*' if m.b_exact else ''}"
+                for m in misses))
     if args.json:
         atomic_write(args.json, json.dumps(doc, indent=1).encode())

@@ -9,14 +9,17 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
 from ..figures import save_figure
-from .inputs import task_values
+from .inputs import exact_mask, task_values
 from .layout import axes_grid, grid_shape, is_bottom_row, panel_size, tick_positions, wrap_title
 
 COLORBAR_LABEL = "Heads Importance"
 _CMAP = "viridis"
 _DIVERGING = "RdBu_r"
+EXACT_NOTE = "outlined: exact (ablation/patching, not an estimate)"
+"""The legend entry of the outlines drawn around exact cells."""
 
 
 def _default_title(scores: Any, absolute: bool) -> str:
@@ -28,11 +31,14 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
                           absolute: bool = False, label: str = COLORBAR_LABEL, diverging: bool = False) -> Figure:
     """The heatmap grid as a matplotlib Figure (Agg canvas attached); see :func:`heatmap_grid`."""
     vals = task_values(scores)
+    exact = exact_mask(scores, vals.shape)
     if absolute:
         vals = np.abs(vals)
     n, num_layers, num_heads = vals.shape
     nrows, ncols = grid_shape(n, ncols)
     pw, ph = panel_size(num_layers, num_heads)
+    # outline width in points: about a tenth of a cell, so small cells keep most of their colour
+    outline = float(np.clip(0.1 * 72 * min(pw / num_heads, ph / num_layers), 0.4, 1.2))
     # Room per panel for the title, tick labels and axis labels; plus the colour bar and the suptitle.
     fig = Figure(figsize=(ncols * (pw + 0.6) + 1.1, nrows * (ph + 0.85) + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -49,6 +55,10 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
     for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
         image = ax.imshow(np.ma.masked_invalid(vals[i]), origin="lower", aspect="auto",
                           cmap=_DIVERGING if diverging else _CMAP, vmin=vmin, vmax=vmax, interpolation="nearest")
+        if exact is not None:
+            for layer, head in zip(*np.nonzero(exact[i]), strict=True):
+                ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black",
+                                       linewidth=outline))
         ax.set_title(wrap_title(task, pw + 0.4, 10), fontsize=10)
         ax.set_xticks(xticks)
         ax.set_yticks(yticks)
@@ -62,6 +72,9 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
     cbar.set_label(label, fontsize=10)
     cbar.ax.tick_params(labelsize=8)
     fig.suptitle(_default_title(scores, absolute) if title is None else title, fontsize=12)
+    if exact is not None and exact.any():
+        fig.legend(handles=[Patch(fill=False, edgecolor="black", linewidth=1.0, label=EXACT_NOTE)],
+                   loc="outside lower center", fontsize=8, frameon=False)
     return fig
 
 
@@ -73,9 +86,12 @@ def heatmap_grid(scores: Any, path: str | os.PathLike, *, title: str | None = No
     bottom), integer ticks (thinned on large grids) and the ``viridis`` colour map. All panels share one colour
     scale and one colour bar labelled "Heads Importance". 1 task gives one panel, 2..4 tasks one row,
     5..8 tasks 2 rows x 4 columns, more tasks rows of 4 (``ncols`` overrides the number of columns).
+    When the scores have an ``exact`` mask, each exact cell gets a thin black outline, and a legend under
+    the grid says what the outlines mean.
 
     Args:
-        scores: a ``HeadScores`` (or anything with ``values`` [T, L, H], ``tasks``, ``method``, ``model``).
+        scores: a ``HeadScores`` (or anything with ``values`` [T, L, H], ``tasks``, ``method``, ``model``;
+            optionally ``exact``, a bool [T, L, H] mask).
         path: where to write; ``.png`` / ``.pdf`` suffixes are stripped and both files are written.
         title: the figure title; by default the method and the model.
         ncols: number of panel columns (default: see above).

@@ -1,7 +1,8 @@
 """``index.html``: one self-contained interactive page of a scores file, for a browser, offline.
 
 The page holds the per-task heatmap grid (x = head, y = layer, viridis, one colour scale; hover a cell for
-its task, layer, head, score, standard error, rank and ablation value), a detail view for the clicked head
+its task, layer, head, score, standard error, rank and ablation value; with an ``exact`` mask, exact cells
+are outlined in black and the hover says ``exact: yes``), a detail view for the clicked head
 (its score on every task with error bars; with an ablation file, the task's score-vs-ablation scatter with
 the head highlighted), the agreement tables, the provenance and the static PNG grid as a fallback.
 
@@ -34,6 +35,7 @@ from bokeh.models import (
     FixedTicker,
     HoverTool,
     LinearColorMapper,
+    TapTool,
     Whisker,
 )
 from bokeh.palettes import Viridis256
@@ -41,7 +43,7 @@ from bokeh.plotting import figure
 from bokeh.resources import Resources
 
 from .heatmaps import COLORBAR_LABEL
-from .inputs import ablation_values, head_order, stderr_values, task_counts, task_values
+from .inputs import ablation_values, exact_mask, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
 from .summary import comparison_cells, interval_note
 
@@ -145,13 +147,16 @@ def _agreement_table(title: str, comparison: Mapping[str, Any]) -> str:
             f"<th>Kendall</th><th>Top-k overlap</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def _provenance(scores: Any, counts: list[int] | None) -> str:
+def _provenance(scores: Any, counts: list[int] | None, exact: np.ndarray | None) -> str:
     items = [("Model", scores.model), ("Method", scores.method),
              ("Grid", f"{scores.values.shape[1]} layers x {scores.values.shape[2]} heads")]
     if getattr(scores, "data_hash", ""):
         items.append(("Data hash", scores.data_hash))
     if counts is not None:
         items.append(("Examples per task", ", ".join(f"{t}: {c}" for t, c in zip(scores.tasks, counts, strict=True))))
+    if exact is not None:
+        items.append((f"Exact heads per task (of {exact[0].size})", ", ".join(
+            f"{t}: {int(m.sum())}" for t, m in zip(scores.tasks, exact, strict=True))))
     extra = getattr(scores, "extra", None) or {}
     if "seconds" in extra:
         items.append(("Time", f"{float(extra['seconds']):.1f} s"))
@@ -162,7 +167,8 @@ def _provenance(scores: Any, counts: list[int] | None) -> str:
         f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items) + "</dl>"
 
 
-def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarray | None, ncols: int | None):
+def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarray | None, ncols: int | None,
+             exact: np.ndarray | None = None):
     n, num_layers, num_heads = vals.shape
     nrows, ncols = grid_shape(n, ncols)
     pw, ph = panel_size(num_layers, num_heads)
@@ -208,19 +214,26 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
                 ("stderr", "@stderr{0.0000}"), ("rank", "@rank")]
     if abl is not None:
         tooltips.append(("ablation", "@ablation{0.0000}"))
+    if exact is not None:
+        tooltips.append(("exact", "@exact"))
     panels, sources = [], []
     for t, task in enumerate(scores.tasks):
         cols = {"head": head, "layer": layer, "value": vals[t].ravel(), "stderr": se[t].ravel(),
                 "rank": ranks[t].ravel(), "task": [str(task)] * len(head)}
         if abl is not None:
             cols["ablation"] = abl[t].ravel()
+        if exact is not None:
+            cols["exact"] = ["yes" if e else "no" for e in exact[t].ravel()]
         src = ColumnDataSource(cols)
         p = figure(title=str(task), x_range=(-0.5, num_heads - 0.5), y_range=(-0.5, num_layers - 0.5),
-                   width=width, height=height,
-                   tools="tap,reset", toolbar_location=None, name=f"panel:{task}")
-        p.rect("head", "layer", 1, 1, source=src, fill_color={"field": "value", "transform": mapper},
-               line_color=None)
-        p.add_tools(HoverTool(tooltips=tooltips))
+                   width=width, height=height, tools="reset", toolbar_location=None, name=f"panel:{task}")
+        cells = p.rect("head", "layer", 1, 1, source=src, fill_color={"field": "value", "transform": mapper},
+                       line_color=None)
+        if exact is not None:  # exact cells outlined; plain lists, so the page's data shows them as written
+            ls, hs = np.nonzero(exact[t])
+            p.rect("head", "layer", 1, 1, source=ColumnDataSource({"head": hs.tolist(), "layer": ls.tolist()}),
+                   fill_color=None, line_color="black", line_width=1.5, name=f"exact:{task}")
+        p.add_tools(TapTool(renderers=[cells]), HoverTool(tooltips=tooltips, renderers=[cells]))
         p.grid.visible = False
         p.xaxis.ticker = FixedTicker(ticks=[int(x) for x in xticks])
         p.yaxis.ticker = FixedTicker(ticks=[int(y) for y in yticks])
@@ -263,7 +276,8 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
     se = stderr_values(scores, vals.shape)
     abl = None if ablation is None else ablation_values(scores, ablation)
     counts = task_counts(scores)
-    grid, detail, known = _figures(scores, vals, se, abl, ncols)
+    exact = exact_mask(scores, vals.shape)
+    grid, detail, known = _figures(scores, vals, se, abl, ncols, exact)
     script, (grid_div, detail_div) = components((grid, detail))
     tables = ""
     if comparison:
@@ -275,6 +289,9 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
         fallback = ("<details><summary>Static grid (PNG)</summary><img alt='heatmap grid' style='max-width:100%' "
                     f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></details>")
     title = f"Head importance ({scores.method}) - {scores.model}"
+    exact_note = "" if exact is None else (
+        "<p class='exact-note'>Outlined cells: exact values (measured by ablation or patching), the others "
+        "estimates; the hover says <code>exact: yes</code> or <code>no</code>.</p>")
     check = _CHECK_JS % {"expected": len(scores.tasks), "known": _script_json(known)}
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -299,11 +316,11 @@ pre#js-errors {{ color: #b00; }}
 <pre id="js-errors" hidden></pre>
 <h1>{html.escape(title)}</h1>
 <p>Hover a cell for its layer, head, score, standard error and rank; click it to see that head on every task.</p>
-{grid_div}
+{exact_note}{grid_div}
 <h2>Selected head</h2>
 {detail_div}
 {tables}
-{_provenance(scores, counts)}
+{_provenance(scores, counts, exact)}
 {fallback}
 <pre id="render-check" hidden></pre>
 </body>

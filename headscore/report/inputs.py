@@ -36,6 +36,20 @@ def stderr_values(scores: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     return se
 
 
+def exact_mask(scores: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The scores' ``exact`` mask as a bool [T, L, H] array (True: an exact value, not an estimate); None when
+    they have none (files made before the mask, ordinary runs, look-alikes without the attribute)."""
+    mask = getattr(scores, "exact", None)
+    if mask is None:
+        return None
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.shape != shape or mask.dtype != np.bool_:
+        raise ValueError(f"scores.exact must be a bool mask of shape {shape}, got {mask.dtype} {mask.shape}")
+    return mask
+
+
 def task_counts(scores: Any) -> list[int] | None:
     counts = getattr(scores, "counts", None)
     if counts is None:

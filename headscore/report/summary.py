@@ -9,7 +9,7 @@ from typing import Any
 
 from ..stats import format_interval
 from ..text import markdown_text
-from .inputs import ablation_values, head_order, stderr_values, task_counts, task_values
+from .inputs import ablation_values, exact_mask, head_order, stderr_values, task_counts, task_values
 
 
 def _md(text: Any) -> str:
@@ -48,7 +48,8 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
 
     Heads are ranked by value, largest first (for signed methods such as ``taylor`` the largest positive
     value is the most important). Each row gives rank, layer, head, ``score ± stderr`` and, when
-    ``ablation`` is given, the measured ablation value of that head.
+    ``ablation`` is given, the measured ablation value of that head. When the scores have an ``exact``
+    mask, the header says how many heads per task are exact and each row says whether its value is.
 
     Args:
         scores: a ``HeadScores`` (or look-alike).
@@ -63,6 +64,7 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
     se = stderr_values(scores, vals.shape)
     abl = None if ablation is None else ablation_values(scores, ablation)
     counts = task_counts(scores)
+    exact = exact_mask(scores, vals.shape)
     k = max(1, min(int(k), num_layers * num_heads))
 
     lines = [f"# Head importance: {_md(scores.model)}", "",
@@ -81,6 +83,10 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
         else:
             lines.append("- **Examples per task:** " + ", ".join(
                 f"{_md(t)}: {c}" for t, c in zip(scores.tasks, counts, strict=True)))
+    if exact is not None:
+        lines.append(f"- **Exact heads per task** (value measured by ablation/patching, not estimated; of "
+                     f"{num_layers * num_heads}): " + ", ".join(
+                         f"{_md(t)}: {int(m.sum())}" for t, m in zip(scores.tasks, exact, strict=True)))
     lines.append("")
     for img in images:
         lines += [f"![{Path(img).stem}]({img})", ""]
@@ -106,6 +112,9 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
         if abl is not None:
             header += " Ablation |"
             rule += "---:|"
+        if exact is not None:
+            header += " Exact |"
+            rule += ":---:|"
         lines += [heading, "", header, rule]
         for rank, idx in enumerate(order, start=1):
             layer, head = divmod(int(idx), num_heads)
@@ -113,6 +122,8 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
             row = f"| {rank} | {layer} | {head} | {cell} |"
             if abl is not None:
                 row += f" {_num(abl[i, layer, head])} |"
+            if exact is not None:
+                row += f" {'yes' if exact[i, layer, head] else 'no'} |"
             lines.append(row)
         lines.append("")
     return "\n".join(lines)
