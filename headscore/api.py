@@ -21,12 +21,23 @@ from .methods.ablation import (
     clean_losses,
     gated_losses,
     head_set_gates,
-    position_gates,
     prefix_reuse_works,
     single_head_gates,
 )
 from .methods.baseline import corrupt_head_outputs, mean_head_outputs
-from .methods.gradient import GRADIENT_METHODS, NEEDS_MEAN_BASELINE, gate_gradients, score_values
+from .methods.gradient import (
+    DEFAULT_IG_FRACTION,
+    DEFAULT_IG_STEPS,
+    GRADIENT_METHODS,
+    NEEDS_MEAN_BASELINE,
+    curvature_estimates,
+    gate_gradients,
+    gradient_passes,
+    integrated_gradients,
+    score_values,
+)
+from .methods.position_patching import position_deltas, position_patching_works
+from .methods.verify import choose_heads, exact_changes, first_order_mass, verify_count, with_exact
 from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
 from .positions import PositionMaps
@@ -142,13 +153,16 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
           baseline: str | torch.Tensor | None = None, metric: MetricLike = "nll", per_position: bool = False,
           progress: bool = True, kernel: bool | None = None,
           checkpoint: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-          distributed: bool | None = None) -> HeadScores:
+          distributed: bool | None = None, steps: int = DEFAULT_IG_STEPS, path_fraction: float = DEFAULT_IG_FRACTION,
+          verify: int | bool | None = None, rows_per_pass: int = 64) -> HeadScores:
     """Score every head for every task from one forward and one backward pass per batch.
 
     Args:
         model: a :class:`LoadedModel` or a name for :func:`load_model`.
         examples: (prompt, target, task) examples; a batch may mix tasks. Default: built-in suite.
-        method: ``taylor`` (default), ``abs``, ``fisher`` or ``atp-mean``.
+        method: ``taylor`` (default), ``abs``, ``fisher``, ``atp-mean``, ``ig`` (integrated gradients along
+            the gate path, ``steps`` passes) or ``curvature`` (taylor plus a Hutchinson estimate of the
+            second-order term, 2 passes); docs/fidelity.md says which to pick.
         batch_size: examples per forward/backward pass.
         max_examples: at most this many examples per task.
         baseline: the value a head is compared against: ``zero`` (default; ``mean`` for
@@ -170,6 +184,15 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
         resume: continue from ``checkpoint`` if it exists (a different run's checkpoint is refused).
         distributed: score this rank's shard and all-reduce (see :mod:`headscore.distributed`);
             None = when a torch.distributed process group with 2+ ranks is initialised.
+        steps: ``ig``'s points along the path (forward + backward passes per batch).
+        path_fraction: ``ig``'s path runs from every gate at 1 to every gate at 1 - ``path_fraction``
+            (1 = the whole way to the baseline).
+        verify: after scoring, measure exactly (ablation, or activation patching with ``corrupt``) the
+            ``verify`` heads per task with the largest |estimate| and as many flagged ones (see
+            :mod:`headscore.methods.verify`); ``True`` = 5% of the heads. Their values replace the estimates
+            and the result's ``exact`` mask marks them. Not with ``abs``/``fisher`` (no exact counterpart),
+            checkpoints or distributed runs.
+        rows_per_pass: with ``verify``, gate rows per forward pass of the exact measurements.
 
     Returns:
         HeadScores [tasks, layers, heads]: the mean over each task's examples of the method's
@@ -179,6 +202,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
         raise HeadscoreError(f"unknown method {method!r}; choose one of {', '.join(GRADIENT_METHODS)}")
     if method in NEEDS_MEAN_BASELINE and isinstance(baseline, str) and baseline != "mean":
         raise HeadscoreError(f"method {method} uses the mean baseline; for baseline {baseline!r} use taylor")
+    _check_estimator(method, steps, path_fraction, per_position, verify, checkpoint, distributed)
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
                           baseline=baseline)
     if per_position and checkpoint is not None:
@@ -188,12 +212,16 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
                         batch_size=batch_size,
                         baseline=baseline if baseline is None or isinstance(baseline, str) else tensor_hash(baseline),
-                        **({} if metric.name == "nll" else {"metric": metric.name}))
+                        **({} if metric.name == "nll" else {"metric": metric.name}),
+                        **({"steps": steps, "path_fraction": path_fraction} if method == "ig" else {}))
     run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
                      every=checkpoint_every, resume=resume, distributed=distributed)
     if per_position and run.world > 1:
         raise HeadscoreError("per-position scores are not reduced across processes; run them in one process")
     maps = _position_maps(prep) if per_position else None
+    layout = head_layout(prep.lm.model)
+    mass = None if verify is None or verify is False else \
+        TaskAccumulator(prep.tasks, layout.num_layers, layout.num_heads)
     start = time.perf_counter()
     with patch(prep.lm.model, kernel=kernel) as heads, prep.naming_examples():
         static = None
@@ -202,17 +230,92 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
             static = _baseline_tensor(prep, heads, wanted, batch_size, progress)
         for batch in run.batches(prep.batches(batch_size, desc=f"score ({name})", progress=progress)):
             base = _batch_baseline(prep.lm.model, heads, batch, static, baseline == "corrupt")
-            _, grad = gate_gradients(prep.lm.model, heads, batch, base, metric=metric, per_position=per_position)
+            values, position_values = _estimate(prep.lm.model, heads, batch, base, method, metric, per_position,
+                                                steps, path_fraction)
             if maps is not None:
-                maps.add(batch, score_values(method, grad))
-                grad = grad.sum(2)
-            acc.add(batch.task_index, score_values(method, grad), batch.example_index)
+                maps.add(batch, position_values)
+            if mass is not None:
+                if position_values is None or method not in ("taylor", "atp-mean"):
+                    _, position_values = gate_gradients(prep.lm.model, heads, batch, base, metric=metric,
+                                                        per_position=True)
+                mass.add(batch.task_index, first_order_mass(position_values))
+            acc.add(batch.task_index, values, batch.example_index)
         run.finish()
-    result = prep.result(acc, name, seconds=time.perf_counter() - start, batch_size=batch_size,
-                         metric=metric.name, metric_meaning=_meaning(prep, metric),
-                         baseline=_baseline_name(baseline if name != "atp-mean" else "mean"),
-                         **run.extra)
+        seconds = time.perf_counter() - start
+        extra = dict(run.extra, passes_per_batch=gradient_passes(method, steps) + (mass is not None))
+        if method == "ig":
+            extra.update(steps=steps, path_fraction=path_fraction)
+        result = prep.result(acc, name, seconds=seconds, batch_size=batch_size,
+                             metric=metric.name, metric_meaning=_meaning(prep, metric),
+                             baseline=_baseline_name(baseline if name != "atp-mean" else "mean"), **extra)
+        if mass is not None:
+            result = _verified(prep, heads, result, mass, verify, static, baseline == "corrupt", metric,
+                               batch_size, rows_per_pass, progress)
     return result if maps is None else maps.attach(result)
+
+
+def _check_estimator(method: str, steps: int, path_fraction: float, per_position: bool,
+                     verify: int | bool | None, checkpoint: str | None, distributed: bool | None) -> None:
+    """Refuse settings an estimator cannot take, before any model work."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise HeadscoreError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if not (isinstance(path_fraction, (int, float)) and 0 < path_fraction <= 1):
+        raise HeadscoreError(f"path_fraction must be in (0, 1], got {path_fraction!r}")
+    if method == "curvature" and per_position:
+        raise HeadscoreError("curvature estimates a whole head's second-order term; it has no per-position maps "
+                             "(use taylor or ig for per_position)")
+    if verify is None or verify is False:
+        return
+    if method in ("abs", "fisher"):
+        raise HeadscoreError(f"verify replaces estimates by exact ablation values; {method} scores have no exact "
+                             "counterpart (use taylor, ig, curvature or atp-mean)")
+    if checkpoint is not None or distributed:
+        raise HeadscoreError("verify runs in one process without checkpoints; drop --checkpoint/--distributed")
+
+
+def _estimate(model: torch.nn.Module, heads: HeadGates, batch, base: torch.Tensor | None, method: str,
+              metric: Metric, per_position: bool, steps: int, fraction: float
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch's per-example values [B, L, H] under ``method`` (and per position [B, L, T, H] if asked)."""
+    if method == "curvature":
+        return curvature_estimates(model, heads, batch, base, metric=metric)[2], None
+    if method == "ig":
+        _, grad = integrated_gradients(model, heads, batch, base, metric=metric, per_position=per_position,
+                                       steps=steps, fraction=fraction)
+    else:
+        _, grad = gate_gradients(model, heads, batch, base, metric=metric, per_position=per_position)
+    if not per_position:
+        return score_values(method, grad), None
+    return score_values(method, grad.sum(2)), score_values(method, grad)
+
+
+def _verified(prep: Prepared, heads: HeadGates, result: HeadScores, mass: TaskAccumulator,
+              verify: int | bool, static: torch.Tensor | None, corrupt: bool, metric: Metric, batch_size: int,
+              rows_per_pass: int, progress: bool) -> HeadScores:
+    """``result`` with each task's top and flagged heads measured exactly (see :mod:`headscore.methods.verify`)."""
+    layout = heads.layout
+    k = verify_count(verify, int((~layout.absent_heads()).sum()))
+    chosen, flagged = {}, {}
+    for t in range(len(prep.tasks)):
+        if int(result.counts[t]) == 0:
+            continue
+        top, flag = choose_heads(result.values[t], mass.mean[t], k, k)
+        chosen[t] = (top | flag).flatten().nonzero().flatten()
+        flagged[t] = int(flag.sum())
+    total = sum(int(result.counts[t]) * len(idx) for t, idx in chosen.items())
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="verify (exact)", unit="ablation", disable=not progress, leave=False)
+    with bar:
+        exact = exact_changes(prep.lm.model, heads, prep.tokenized, chosen, prep.tasks, pad_id=prep.lm.pad_id,
+                              device=prep.lm.device, batch_size=batch_size, rows_per_pass=rows_per_pass,
+                              metric=metric, on_pass=bar.update,
+                              baseline_for=lambda b: _batch_baseline(prep.lm.model, heads, b, static, corrupt))
+    out = with_exact(result, exact)
+    out.extra.update(verify_top=k, verify_flagged={prep.tasks[t]: n for t, n in flagged.items()},
+                     verify_mode=exact.mode, verify_seconds=time.perf_counter() - start,
+                     estimate_seconds=result.extra.get("seconds"))
+    out.extra["seconds"] = out.extra["verify_seconds"] + (result.extra.get("seconds") or 0.0)
+    return out
 
 
 def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
@@ -232,9 +335,12 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
             forward pass carry different gate vectors, up to ``rows_per_pass`` rows) or ``naive``
             (alias ``sequential``: one forward pass per head). All give the same numbers.
         metric: as in :func:`score` (``nll``, ``logit-diff``, ``prob`` or a callable).
-        per_position: also patch each (head, position) on its own (one row per layer, head and
-            token of the batch: T times the work) into ``position_values`` [T, L, H, P], positions
-            named as in :func:`score`.
+        per_position: also patch each (head, position) on its own into ``position_values``
+            [T, L, H, P], positions named as in :func:`score`. Each (layer, head, token) cell runs
+            only the tokens from its own to the last the metric reads and (mode ``prefix``) the layers
+            from its own up, on the clean run's keys and values of the tokens before it
+            (:mod:`headscore.methods.position_patching`); checked against full passes on the first
+            batch, one full pass per cell where that fails (and in mode ``naive``).
 
     Returns:
         HeadScores whose value at (task, l, h) is the mean over the task's examples of
@@ -253,12 +359,14 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
     rows = single_head_gates(layout.num_layers, layout.num_heads)
     maps = _position_maps(prep) if per_position else None
     total = len(prep.examples) * rows.shape[0]
-    if maps is not None:  # and one row per head and token of each batch
-        total += batch_cells(prep.tokenized, batch_size) * rows.shape[0]
     start = time.perf_counter()
     # one forward pass covers a few heads: count (example, head) ablations, not batches
     bar = tqdm(total=total, desc=f"ablate ({mode})", unit="ablation", disable=not progress, leave=False)
-    with patch(prep.lm.model) as heads, bar, prep.naming_examples():
+    # per position: count (example, layer, head, token) cells, padding included
+    cells = tqdm(total=batch_cells(prep.tokenized, batch_size) * rows.shape[0] if maps is not None else 0,
+                 desc="patch positions", unit="cell", disable=not progress or maps is None, leave=False)
+    fast_positions = None
+    with patch(prep.lm.model) as heads, bar, cells, prep.naming_examples():
         static = _baseline_tensor(prep, heads, baseline, batch_size, progress)
         model = prep.lm.model
         for i, batch in enumerate(prep.batches(batch_size, progress=False)):
@@ -274,12 +382,13 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
 
             delta = changed(rows).T.reshape(batch.size, layout.num_layers, layout.num_heads)
             acc.add(batch.task_index, delta, batch.example_index)
-            if maps is not None:
-                width = batch.input_ids.shape[1]
-                per = torch.stack([changed(position_gates(layer, layout.num_layers, layout.num_heads, width))
-                                   .T.reshape(batch.size, layout.num_heads, width)
-                                   for layer in range(layout.num_layers)], 1)  # [B, L, H, T]
-                maps.add(batch, per.transpose(2, 3))
+            if maps is not None:  # only the tokens and layers each cell can change, checked on the first batch
+                if fast_positions is None:
+                    fast_positions = mode == "naive" or position_patching_works(model, heads, batch, base,
+                                                                                metric=metric, mode=mode)
+                maps.add(batch, position_deltas(model, heads, batch, clean, base, metric=metric, mode=mode,
+                                                max_rows=rows_per_pass, fast=fast_positions,
+                                                on_cells=cells.update))  # [B, L, T, H]
     result = prep.result(acc, f"ablation-{_baseline_name(baseline)}", seconds=time.perf_counter() - start,
                          mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=_meaning(prep, metric))
     return result if maps is None else maps.attach(result)

@@ -18,6 +18,7 @@ from ..distributed import env_world_size, init
 from ..errors import HeadscoreError
 from ..loss import METRICS
 from ..methods.ablation import ABLATION_MODES
+from ..methods.gradient import DEFAULT_IG_FRACTION, DEFAULT_IG_STEPS
 from ..output_files import atomic_write
 from ..text import printable
 from .common import add_model_args, at_least, check_command_outputs, finite_float, load_model_and_tasks, save_scores
@@ -45,6 +46,17 @@ def register(sub) -> dict[str, Callable]:
     s.add_argument("--method", default="taylor", choices=[*METHODS, "probe"],
                    help="gradient scorer, or 'probe' (the CogQA study's probe; needs 2+ tasks)")
     _add_counterfactual_args(s, None)
+    s.add_argument("--steps", type=at_least(1), default=DEFAULT_IG_STEPS,
+                   help=f"ig: points along the gate path, one forward + backward each (default {DEFAULT_IG_STEPS})")
+    s.add_argument("--path-fraction", type=finite_float, default=DEFAULT_IG_FRACTION, metavar="F",
+                   help="ig: the path runs from every gate at 1 to 1 - F (1 = all the way to the baseline; "
+                        f"default {DEFAULT_IG_FRACTION}, the best measured: docs/fidelity.md)")
+    s.add_argument("--verify", type=at_least(1), nargs="?", const=True, default=None, metavar="K",
+                   help="then measure exactly (ablation; patching with --baseline corrupt) the K heads per task "
+                        "with the largest |score| and K flagged ones the estimate may underrate; their values "
+                        "replace the estimates and are marked exact (K default: 5%% of the heads)")
+    s.add_argument("--rows-per-pass", type=at_least(1), default=64,
+                   help="with --verify: rows per forward pass of the exact measurements (default 64)")
     s.add_argument("--out", required=True, help="output scores file (.hs)")
     s.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
     s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
@@ -109,8 +121,17 @@ def cmd_score(args: argparse.Namespace) -> None:
     uses_checkpoint = args.checkpoint or args.checkpoint_every or args.resume
     if args.method == "probe" and (uses_checkpoint or _wants_distributed(args)):
         raise HeadscoreError("--method probe supports neither --distributed nor checkpoints")
-    if args.method == "probe" and (args.baseline or args.metric != "nll" or args.per_position):
-        raise HeadscoreError("--method probe takes no --baseline, --metric or --per-position")
+    if args.method == "probe" and (args.baseline or args.metric != "nll" or args.per_position or args.verify):
+        raise HeadscoreError("--method probe takes no --baseline, --metric, --per-position or --verify")
+    if not 0 < args.path_fraction <= 1:
+        raise HeadscoreError(f"--path-fraction must be in (0, 1], got {args.path_fraction}")
+    if args.verify is not None and args.method in ("abs", "fisher"):
+        raise HeadscoreError(f"--verify replaces estimates by exact ablation values; --method {args.method} has no "
+                             "exact counterpart (use taylor, ig, curvature or atp-mean)")
+    if args.verify is not None and (uses_checkpoint or _wants_distributed(args)):
+        raise HeadscoreError("--verify supports neither --distributed nor checkpoints")
+    if args.method == "curvature" and args.per_position:
+        raise HeadscoreError("--method curvature has no per-position maps (use taylor or ig with --per-position)")
     if args.per_position and (uses_checkpoint or _wants_distributed(args)):
         raise HeadscoreError("--per-position supports neither --distributed nor checkpoints")
     if uses_checkpoint and not args.checkpoint:
@@ -137,7 +158,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     result = score(lm, examples, method=args.method, batch_size=args.batch_size, max_examples=args.max_examples,
                    baseline=args.baseline, metric=args.metric, per_position=args.per_position,
                    progress=progress and rank == 0, kernel=kernel, checkpoint=args.checkpoint,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=world > 1)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=world > 1,
+                   steps=args.steps, path_fraction=args.path_fraction, verify=args.verify,
+                   rows_per_pass=args.rows_per_pass)
     if rank == 0:
         save_scores(result, args.out, args.export)
     _distributed_end(args, world)

@@ -1,0 +1,140 @@
+"""Verified mode: estimate every head, then measure the heads that matter (and the doubtful ones) exactly.
+
+Per task, the heads to verify are
+
+- the ``k`` heads with the largest |estimate|, and
+- ``flagged`` more: the heads the estimate may underrate, ranked by their *first-order mass*, the mean
+  over the task's examples of sum_t |<O_t - m_t, dY_t>| (each token's term of the gate gradient taken
+  apart, at every gate = 1). A head whose tokens' terms are large but cancel in the sum (paths that
+  push the loss both ways, the failure GradDrop targets) has a small estimate and a large mass; a
+  head whose effect is first order has both large. On SmolLM2's built-in suite this ranking reaches a
+  task's true top-20 (by exact ablation) much sooner than |taylor| does (benchmarks/RESULTS.md).
+
+The chosen heads of each task are ablated (or patched) one at a time on that task's examples, with
+prefix reuse (:mod:`headscore.methods.ablation`), and their values replace the estimates: the
+result's ``exact`` mask marks them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..accumulate import TaskAccumulator
+from ..data.batching import Batch, TokenizedExample, make_batches
+from ..errors import HeadscoreError
+from ..loss import Metric
+from ..patch import HeadGates
+from ..results import HeadScores
+from .ablation import clean_losses, gated_losses, prefix_reuse_works, single_head_gates
+
+DEFAULT_FRACTION = 0.05
+"""Default ``k``: 5% of the model's heads (rounded up), and as many flagged heads again."""
+
+
+def verify_count(verify: int | bool, num_heads: int) -> int:
+    """How many top heads per task a ``verify`` setting asks for: ``True`` = 5% of ``num_heads`` (rounded up),
+    an int = that many. HeadscoreError for a count below 1 or above the head count."""
+    if isinstance(verify, bool):
+        return max(1, math.ceil(DEFAULT_FRACTION * num_heads))
+    if not isinstance(verify, int):
+        raise HeadscoreError(f"verify takes a number of heads (or True for 5%), got {verify!r}")
+    if not 1 <= verify <= num_heads:
+        raise HeadscoreError(f"verify {verify}: the model has {num_heads} heads; verify between 1 and {num_heads}")
+    return verify
+
+
+def first_order_mass(position_grad: torch.Tensor) -> torch.Tensor:
+    """sum_t |term_t| per example and head: [B, L, H] from per-position gate gradients [B, L, T, H]."""
+    return position_grad.abs().sum(2)
+
+
+def choose_heads(estimate: torch.Tensor, mass: torch.Tensor, k: int, flagged: int) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """For one task's [L, H] estimate and first-order mass: (top, flag) bool masks [L, H]. ``top`` holds the
+    ``k`` heads of largest |estimate|; ``flag`` the ``flagged`` heads of largest mass among the rest. Absent
+    heads (NaN) are never chosen."""
+    flat = estimate.flatten().double()
+    present = ~torch.isnan(flat)
+    order = torch.argsort(torch.where(present, flat.abs(), -math.inf), descending=True, stable=True)
+    top = torch.zeros_like(flat, dtype=torch.bool)
+    top[order[:min(k, int(present.sum()))]] = True
+    rest = torch.where(present & ~top, mass.flatten().double().nan_to_num(0.0), -math.inf)
+    order = torch.argsort(rest, descending=True, stable=True)
+    flag = torch.zeros_like(top)
+    flag[order[:min(flagged, int((present & ~top).sum()))]] = True
+    return top.view(estimate.shape), flag.view(estimate.shape)
+
+
+@dataclass
+class ExactValues:
+    """Exact per-example changes of the chosen heads, by task."""
+
+    heads: dict[int, torch.Tensor]
+    """task row -> flat head indices (l * H + h) measured for it."""
+    accumulators: dict[int, TaskAccumulator]
+    """task row -> accumulator of those heads' changes ([1, n] per example)."""
+    mode: str
+
+
+def exact_changes(model: torch.nn.Module, heads: HeadGates, items: Sequence[TokenizedExample],
+                  chosen: dict[int, torch.Tensor], tasks: Sequence[str], *, pad_id: int, device: torch.device,
+                  batch_size: int, rows_per_pass: int, metric: Metric,
+                  baseline_for: Callable[[Batch], torch.Tensor | None],
+                  on_pass: Callable[[int], None] | None = None) -> ExactValues:
+    """Ablate (or patch) each chosen head on its own, on its task's examples only, with prefix reuse.
+
+    ``chosen`` maps a task row to flat head indices; ``baseline_for(batch)`` gives the batch's baseline
+    (the run's fixed one, or its corrupted-run head outputs). The mode is ``prefix`` unless the check on the
+    first batch fails (then ``batched``), as in :func:`headscore.ablate`.
+    """
+    layout = heads.layout
+    rows_all = single_head_gates(layout.num_layers, layout.num_heads)
+    mode = "prefix"
+    checked = False
+    accs: dict[int, TaskAccumulator] = {}
+    for task_row, flat in chosen.items():
+        if flat.numel() == 0:
+            continue
+        acc = accs[task_row] = TaskAccumulator(list(tasks), 1, flat.numel(), keep_examples=True)
+        mine = [it for it in items if it.task_index == task_row]
+        for batch in make_batches(mine, batch_size, pad_id):
+            batch = batch.to(device)
+            base = baseline_for(batch)
+            if not checked:
+                checked = True
+                if not prefix_reuse_works(model, heads, batch, base, metric):
+                    mode = "batched"
+            clean = clean_losses(model, heads, batch, metric)
+            delta = gated_losses(model, heads, batch, rows_all[flat], base, mode=mode, max_rows=rows_per_pass,
+                                 metric=metric, on_pass=None if on_pass is None else
+                                 (lambda n, b=batch.size: on_pass(n * b))) - clean[None]
+            acc.add(batch.task_index, delta.T.reshape(batch.size, 1, flat.numel()), batch.example_index)
+    return ExactValues(chosen, accs, mode)
+
+
+def with_exact(result: HeadScores, exact: ExactValues) -> HeadScores:
+    """``result`` with each measured head's value, standard error and per-example values replaced by the exact
+    ones, and ``exact`` marking them ([tasks, L, H] bool)."""
+    values, stderr = result.values.clone(), result.stderr.clone()
+    mask = torch.zeros(values.shape, dtype=torch.bool)
+    ex_values = None if result.example_values is None else result.example_values.clone()
+    for task_row, acc in exact.accumulators.items():
+        flat = exact.heads[task_row]
+        values[task_row].view(-1)[flat] = acc.mean[task_row, 0]
+        stderr[task_row].view(-1)[flat] = acc.stderr[task_row, 0]
+        mask[task_row].view(-1)[flat] = True
+        kept = acc.examples
+        if ex_values is not None:
+            rows = (result.example_tasks == task_row).nonzero().flatten()
+            if kept is None or len(rows) != kept[0].shape[0]:
+                ex_values = None  # cannot line the examples up: drop them rather than mix
+            else:
+                block = ex_values[rows].flatten(1)
+                block[:, flat] = kept[0][:, 0].to(block)
+                ex_values[rows] = block.view(-1, *ex_values.shape[1:])
+    return replace(result, values=values, stderr=stderr, exact=mask, example_values=ex_values,
+                   example_tasks=None if ex_values is None else result.example_tasks)
