@@ -25,6 +25,7 @@ _EXPORTS = {
     "data.builtin": ("builtin_suite",),
     "data.cogqa": ("load_cogqa", "split_by_question"),
     "data.examples": ("Example", "load_jsonl"),
+    "data.tables": ("examples_from_table",),
     "errors": ("HeadscoreError", "UnsupportedModelError"),
     "loss": ("METRICS", "Metric"),
     "model_check": ("check_model",),
@@ -38,8 +39,8 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreCallback",
     "HeadscoreError", "LoadedModel", "METHODS", "METRICS", "Metric", "SetEffect", "Tracker",
-    "UnsupportedModelError", "ablate", "ablate_heads", "builtin_suite", "check_model", "compare", "load_cogqa",
-    "load_jsonl",
+    "UnsupportedModelError", "ablate", "ablate_heads", "builtin_suite", "check_model", "compare",
+    "examples_from_table", "load_cogqa", "load_jsonl",
     "load_model", "mean_baseline", "patch", "prepare", "score", "split_by_question", "track",
 ]
 assert sorted(__all__) == sorted(_WHERE), "every export is listed once"
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .data.builtin import builtin_suite
     from .data.cogqa import load_cogqa, split_by_question
     from .data.examples import Example, load_jsonl
+    from .data.tables import examples_from_table
     from .errors import HeadscoreError, UnsupportedModelError
     from .loss import METRICS, Metric
     from .model_check import check_model

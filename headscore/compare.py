@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from scipy import stats
 
 from .errors import HeadscoreError
 from .results import HeadScores
+from .stats import spearman  # here since issue 26 (report/ is below this module); headscore.compare.spearman stays
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,23 @@ class Agreement:
                 "k": self.k}
 
 
+class Agreements(dict[str, Agreement]):
+    """What :func:`compare` returns: task -> :class:`Agreement`, a plain dict that a notebook shows as a table."""
+
+    def _repr_html_(self) -> str:
+        from .display import agreements_html
+
+        return agreements_html(self)
+
+    def to_pandas(self) -> Any:
+        """One row per task: task, spearman, kendall, topk_overlap, k (needs pandas)."""
+        from .frames import require_pandas
+
+        pd = require_pandas("to_pandas")
+        return pd.DataFrame([{"task": t, **a.as_dict()} for t, a in self.items()],
+                            columns=["task", "spearman", "kendall", "topk_overlap", "k"])
+
+
 def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     """Share of the ``k`` largest entries of ``a`` that are among the ``k`` largest of ``b`` (NaN entries,
     heads a layer does not have, rank last)."""
@@ -40,17 +58,6 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
 
 def _nan_last(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x.double(), nan=-math.inf)
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho over the entries finite in both; NaN for fewer than two or a constant input."""
-    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 2:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant input: rho is undefined (NaN), shown as such
-        return float(stats.spearmanr(x[ok], y[ok]).statistic)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> Agreement:
@@ -83,9 +90,9 @@ def require_finite(scores: HeadScores, name: str) -> None:
                              "finite (NaN only marks a head its layer does not have)")
 
 
-def compare(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:
-    """Agreement per task between two results over their common tasks (in ``a``'s order); HeadscoreError if
-    either holds an infinite score (:func:`require_finite`)."""
+def compare(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
+    """Agreement per task between two results over their common tasks (in ``a``'s order), a dict shown as a
+    table in a notebook; HeadscoreError if either holds an infinite score (:func:`require_finite`)."""
     require_finite(a, "A")
     require_finite(b, "B")
     if a.values.shape[1:] != b.values.shape[1:]:
@@ -94,7 +101,7 @@ def compare(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:
     common = [t for t in a.tasks if t in b.tasks]
     if not common:
         raise HeadscoreError(f"no task in common: {a.tasks} vs {b.tasks}")
-    return {t: agreement(a.task(t), b.task(t), k) for t in common}
+    return Agreements({t: agreement(a.task(t), b.task(t), k) for t in common})
 
 
 def _common_positions(a: HeadScores, b: HeadScores) -> list[str]:
@@ -106,7 +113,7 @@ def _common_positions(a: HeadScores, b: HeadScores) -> list[str]:
     return names
 
 
-def compare_positions(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Agreement]:
+def compare_positions(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
     """Agreement per task of two per-position maps over every (layer, head, position) that both files
     name and where the task has examples with a token in both (top-k over those entries)."""
     require_finite(a, "A")
@@ -117,7 +124,7 @@ def compare_positions(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Ag
     names = _common_positions(a, b)
     ia = [a.positions.index(p) for p in names]
     ib = [b.positions.index(p) for p in names]
-    out = {}
+    out = Agreements()
     for task in (t for t in a.tasks if t in b.tasks):
         ta, tb = a.tasks.index(task), b.tasks.index(task)
         present = (a.position_counts[ta, ia] > 0) & (b.position_counts[tb, ib] > 0)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -13,6 +14,7 @@ from .accumulate import TaskAccumulator
 from .data.batching import Batch, collate, make_batches, num_batches, tokenize_examples
 from .data.builtin import builtin_suite
 from .data.examples import Example, limit_per_task, task_names, validate_examples
+from .data.tables import as_examples
 from .errors import HeadscoreError, UnsupportedModelError
 from .loss import NonFiniteLoss
 from .models import DEFAULT_MODEL, LoadedModel, is_sequence_classifier, load_model
@@ -74,12 +76,15 @@ class Prepared:
         return TaskAccumulator(self.tasks, layout.num_layers, layout.num_heads, keep_examples=keep_examples)
 
 
-def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
-            max_examples: int | None = None) -> Prepared:
+def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | Any | None = None, *,
+            max_examples: int | None = None, columns: Mapping[str, str] | None = None) -> Prepared:
     """Load the model (if given by name) and tokenise the examples (default: the built-in suite).
 
-    ``max_examples`` keeps at most that many examples per task.
+    ``examples`` may be a table, a pandas DataFrame or a ``datasets.Dataset`` with one example per row
+    (:func:`headscore.data.tables.examples_from_table`; ``columns`` maps fields to its columns of other names,
+    ``{"prompt": "question"}``). ``max_examples`` keeps at most that many examples per task.
     """
+    examples = as_examples(examples, columns)
     lm = load_model(model) if isinstance(model, str) else model
     examples = builtin_suite() if examples is None else validate_examples(examples)
     examples = limit_per_task(examples, max_examples)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +18,10 @@ from .checksum import ChecksumError, checksummed, read_checked
 from .errors import HeadscoreError
 from .output_files import atomic_write
 from .text import lone_surrogate, printable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 FORMAT_VERSION = 1
 
@@ -242,6 +247,68 @@ class HeadScores:
         return HeadScores(self.values[rows], self.stderr[rows], self.counts[rows], list(tasks), self.method,
                           self.model, self.data_hash, dict(self.versions), dict(self.extra), ex_values, ex_tasks,
                           *pos, exact=None if self.exact is None else self.exact[rows])
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: method, model, shape, examples, exact heads, the heatmap grid (one small PNG per
+        task on one colour scale) and a table of tasks (:func:`headscore.display.scores_html`)."""
+        from .display import scores_html
+
+        return scores_html(self)
+
+    def plot(self, task: str | None = None, ax: Any = None, *, positions: bool = False) -> Figure:
+        """A matplotlib Figure: the heatmap grid of every task (``task=None``), of one task, or that task drawn on
+        the matplotlib axes ``ax`` (with its own colour bar; ``ax.figure`` is returned). ``positions=True``: the
+        head x position maps instead (per-position scores; no ``ax``)."""
+        from .display import plot_scores
+
+        return plot_scores(self, task, ax, positions=positions)
+
+    def to_pandas(self, kind: str = "heads") -> pd.DataFrame:
+        """A long-form pandas DataFrame (needs pandas: ``pip install 'headscore[notebook]'``).
+
+        ``kind="heads"``: one row per task, layer and head: task, layer, head, score, stderr, count, rank (within
+        the task, 1 = largest, NaN last, as :meth:`top_k`), and exact when the scores have an ``exact`` mask.
+        ``"positions"``: one row per task, layer, head and position of the per-position maps: ..., position,
+        score, stderr, count (examples with a token there), rank (within task and position).
+        ``"examples"``: one row per kept example, layer and head: example, task, layer, head, score, rank
+        (within the example). The frame's ``attrs`` hold method, model and data_hash; :meth:`from_pandas`
+        reads a ``"heads"`` frame back.
+        """
+        from . import frames
+
+        if kind == "heads":
+            df = frames.heads_frame(self.values, self.stderr, self.counts, self.tasks, self.exact)
+        elif kind == "positions":
+            if self.positions is None:
+                raise HeadscoreError("these scores have no per-position maps (score with per_position=True)")
+            df = frames.positions_frame(self.position_values, self.position_stderr, self.position_counts,
+                                        self.tasks, self.positions)
+        elif kind == "examples":
+            if self.example_values is None:
+                raise HeadscoreError("these scores keep no per-example values")
+            df = frames.examples_frame(self.example_values, self.example_tasks, self.tasks)
+        else:
+            raise HeadscoreError(f"to_pandas: unknown kind {kind!r}; choose one of {', '.join(frames.KINDS)}")
+        df.attrs.update(method=self.method, model=self.model, data_hash=self.data_hash)
+        return df
+
+    @classmethod
+    def from_pandas(cls, df: pd.DataFrame, *, method: str | None = None, model: str | None = None) -> HeadScores:
+        """Scores from a frame of :meth:`to_pandas` (``kind="heads"``) or one like it: columns task, layer,
+        head, score; optionally stderr (else NaN), count (else 0) and exact. ``method`` and ``model`` default
+        to the frame's ``attrs`` (which :meth:`to_pandas` sets); ``from_pandas(s.to_pandas())`` equals ``s`` in
+        values, stderr, counts, tasks and exact."""
+        from .frames import heads_from_frame
+
+        fields = heads_from_frame(df)
+        attrs = getattr(df, "attrs", {})
+        named = {"method": method if method is not None else attrs.get("method"),
+                 "model": model if model is not None else attrs.get("model")}
+        for key, value in named.items():
+            if not isinstance(value, str):
+                raise HeadscoreError(f"from_pandas needs {key}= (the frame's attrs do not say)")
+        return cls(fields["values"], fields["stderr"], fields["counts"], fields["tasks"], named["method"],
+                   named["model"], str(attrs.get("data_hash", "")), exact=fields["exact"])
 
     def _metadata(self) -> dict[str, str]:
         meta = {"format": f"headscore/{FORMAT_VERSION}", "tasks": json.dumps(self.tasks), "method": self.method,

@@ -19,9 +19,11 @@ sign of each difference is a coin flip; exact for up to 16 examples, Monte Carlo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 RESAMPLES = 1000
@@ -179,3 +181,17 @@ def sign_flip_pvalue(differences: torch.Tensor, *, resamples: int = 10000, seed:
     signs = torch.randint(0, 2, (resamples, n), generator=gen).double() * 2 - 1
     hits = int(((signs * d).mean(1) >= observed - tol).sum())
     return (hits + 1) / (resamples + 1)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho over the entries finite in both; NaN for fewer than two or a constant input (the rank
+    correlation of every agreement figure: :func:`headscore.compare.agreement`, the report's scatter)."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: rho is undefined (NaN), shown as such
+        return float(stats.spearmanr(x[ok], y[ok]).statistic)

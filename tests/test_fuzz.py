@@ -1,9 +1,9 @@
 """Fuzzing every file reader and the command line (issue 23, part 3): generated bad input must end in a
 HeadscoreError (one line, exit 2 on the command line) or be accepted, never in another exception.
 
-Readers: task JSONL, CogQA JSON, scores files (``HeadScores.load``), checkpoints; the command line: every
-command's options with hostile values, run through ``main`` up to the point where the model would load
-(replaced by a sentinel), so every check that runs before work is exercised. Writers are fault-injected in
+Readers: task JSONL, CSV and Parquet, CogQA JSON, scores files (``HeadScores.load``), checkpoints; the command
+line: every command's options with hostile values, run through ``main`` up to the point where the model would
+load (replaced by a sentinel), so every check that runs before work is exercised. Writers are fault-injected in
 ``tests/test_output_safety.py``.
 
 The example count comes from a hypothesis profile: ``ci`` (default, bounded for the fast tier) or ``long``
@@ -122,6 +122,50 @@ def test_task_jsonl_reader(data):
 @given(data=st.binary(max_size=300))
 def test_task_jsonl_reader_on_any_bytes(data):
     path = _scratch(data, ".jsonl")
+    try:
+        accepted_or_refused(load_tasks, str(path))
+    finally:
+        path.unlink()
+
+
+@st.composite
+def csv_files(draw) -> bytes:
+    """A CSV file: a header of task fields (and junk), rows of any text, cells missing or extra, quotes."""
+    header = draw(st.lists(st.sampled_from([*FIELDS, "label", "text", "x"]), min_size=1, max_size=6))
+    rows = [",".join(header)]
+    for _ in range(draw(st.integers(0, 4))):
+        cells = draw(st.lists(any_text | st.sampled_from(["", '"a,b"', '"x\ny"', "1", "nan", '"']), max_size=7))
+        rows.append(",".join(cells))
+    text = "\n".join(rows)
+    return text.encode("utf-8", "surrogatepass") if draw(st.booleans()) else text.encode("utf-8", "replace")
+
+
+@given(data=csv_files())
+def test_task_csv_reader(data):
+    path = _scratch(data, ".csv")
+    try:
+        for ex in accepted_or_refused(load_tasks, str(path)) or []:
+            (ex.prompt + ex.target + ex.task).encode("utf-8")
+    finally:
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def parquet_bytes() -> bytes:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([GOOD, {**GOOD, "task": "other", "foil": " Rome"}]), buf)
+    return buf.getvalue()
+
+
+@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
+       cut=st.integers(0, 10_000))
+def test_task_parquet_reader_on_damaged_files(parquet_bytes, edits, cut):
+    valid = parquet_bytes
+    path = _scratch(damaged(valid, [(at % len(valid), b) for at, b in edits], cut), ".parquet")
     try:
         accepted_or_refused(load_tasks, str(path))
     finally:

@@ -94,8 +94,9 @@ def interval_options(args: argparse.Namespace) -> dict:
 def add_task_args(parser: argparse.ArgumentParser) -> None:
     """``--tasks`` and ``--max-examples``."""
     parser.add_argument("--tasks", default="builtin",
-                        help="examples: 'builtin' (the built-in suite, default), 'cogqa:PATH' (a CogQA JSON "
-                             'file) or a JSONL file of {"prompt", "target", "task"} objects')
+                        help="examples: 'builtin' (the built-in suite, default), 'ioi', 'cogqa:PATH' (a CogQA JSON "
+                             'file), a JSONL file of {"prompt", "target", "task"} objects, or a .csv or .parquet '
+                             "file or a datasets save_to_disk directory with those columns")
     parser.add_argument("--max-examples", type=at_least(1), default=None, help="at most this many examples per task")
 
 

@@ -193,7 +193,8 @@ def load_jsonl(path: str | Path) -> list[Example]:
     """
     path = Path(path)
     if path.is_dir():
-        raise HeadscoreError(f"{path} is a directory; give a JSON Lines file (one example per line)")
+        raise HeadscoreError(f"{path} is a directory; give a JSON Lines file (one example per line), a .csv or "
+                             ".parquet file, or a directory written by datasets' save_to_disk")
     if not path.exists():
         raise HeadscoreError(f"{path}: no such file")
     examples = []

@@ -1,4 +1,5 @@
-"""``load_tasks(spec)``: the examples a user names: ``builtin``, ``ioi``, ``cogqa:PATH`` or a JSONL file."""
+"""``load_tasks(spec)``: the examples a user names: ``builtin``, ``ioi``, ``cogqa:PATH``, a JSONL, CSV or Parquet
+file, or a ``datasets`` directory."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from .builtin import builtin_suite
 from .cogqa import load_cogqa
 from .examples import Example, load_jsonl
 from .ioi import IOI_NAME, ioi_suite
+from .tables import TABLE_SUFFIXES, is_dataset_dir, load_csv, load_dataset_dir, load_parquet
 
 COGQA_PREFIX = "cogqa:"
 
@@ -22,11 +24,18 @@ def task_source(spec: str) -> Path | None:
 def load_tasks(spec: str) -> list[Example]:
     """Examples from ``builtin`` (the built-in suite), ``ioi`` (the built-in indirect-object-identification
     suite with corrupted prompts and foils, :func:`~headscore.data.ioi.ioi_suite`), ``cogqa:PATH`` (a CogQA
-    JSON file) or a JSONL path."""
+    JSON file), a ``.csv`` or ``.parquet`` file or a ``datasets`` directory (``Dataset.save_to_disk``; see
+    :mod:`~headscore.data.tables`), or else a JSON Lines file."""
     if spec == "builtin":
         return builtin_suite()
     if spec == IOI_NAME:
         return ioi_suite()
     if spec.startswith(COGQA_PREFIX):
         return list(load_cogqa(spec[len(COGQA_PREFIX):]))
+    path = Path(spec)
+    if is_dataset_dir(path):
+        return load_dataset_dir(path)
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES and not path.is_dir():
+        return load_csv(path) if suffix == ".csv" else load_parquet(path)
     return load_jsonl(spec)

@@ -27,6 +27,19 @@ def _default_title(scores: Any, absolute: bool) -> str:
     return f"Head importance ({method}) - {scores.model}"
 
 
+def draw_heatmap(ax: Any, values: np.ndarray, exact: np.ndarray | None, *, vmin: float, vmax: float,
+                 diverging: bool = False, outline: float = 1.0) -> Any:
+    """Draw one [L, H] map on ``ax`` (layer 0 at the bottom, NaN blank, exact cells outlined ``outline`` points
+    wide); returns the image, for a colour bar."""
+    image = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto",
+                      cmap=_DIVERGING if diverging else _CMAP, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if exact is not None:
+        for layer, head in zip(*np.nonzero(exact), strict=True):
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black",
+                                   linewidth=outline))
+    return image
+
+
 def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | None = None,
                           absolute: bool = False, label: str = COLORBAR_LABEL, diverging: bool = False) -> Figure:
     """The heatmap grid as a matplotlib Figure (Agg canvas attached); see :func:`heatmap_grid`."""
@@ -53,12 +66,8 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
     axes = axes_grid(fig, n, nrows, ncols, ph / pw)
     image = None
     for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
-        image = ax.imshow(np.ma.masked_invalid(vals[i]), origin="lower", aspect="auto",
-                          cmap=_DIVERGING if diverging else _CMAP, vmin=vmin, vmax=vmax, interpolation="nearest")
-        if exact is not None:
-            for layer, head in zip(*np.nonzero(exact[i]), strict=True):
-                ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black",
-                                       linewidth=outline))
+        image = draw_heatmap(ax, vals[i], None if exact is None else exact[i], vmin=vmin, vmax=vmax,
+                             diverging=diverging, outline=outline)
         ax.set_title(wrap_title(task, pw + 0.4, 10), fontsize=10)
         ax.set_xticks(xticks)
         ax.set_yticks(yticks)

@@ -10,8 +10,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..compare import spearman
 from ..figures import save_figure
+from ..stats import spearman
 from .inputs import ablation_values, task_values
 from .layout import axes_grid, grid_shape, is_bottom_row, wrap_title
 
