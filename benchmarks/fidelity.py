@@ -169,13 +169,16 @@ def pareto(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(doc["settings"])
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.4), squeeze=False)
+    names = list(dict.fromkeys(n for s in settings for n in doc["settings"][s]["methods"]))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    markers = {n: "*" if n == "exact" else "os^Dvp<>h"[i % 9] for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.9), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
         rows = doc["settings"][setting]["methods"]
         for name, row in rows.items():
-            x, y = row["cost"], row["mean"]["spearman"]
-            ax.scatter([x], [y], s=40, marker="*" if name == "exact" else "o", zorder=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -4), fontsize=7)
+            ax.scatter([row["cost"]], [row["mean"]["spearman"]], s=90 if name == "exact" else 45,
+                       marker=markers[name], color=colours[name], edgecolor="black", linewidth=0.5, zorder=3,
+                       label=name)
         ax.set_xscale("log")
         ax.set_xlabel("cost (x taylor: one forward + backward)")
         ax.set_ylabel("mean Spearman with exact, per task")
@@ -183,8 +186,10 @@ def pareto(doc: dict, path: Path) -> None:
         ax.axhline(0.95, color="grey", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
         ax.set_ylim(min(-0.05, min(r["mean"]["spearman"] for r in rows.values()) - 0.05), 1.05)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle(f"Agreement vs cost on {doc['model']} (dashed: target 0.95)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -194,7 +199,7 @@ def markdown(doc: dict) -> str:
     lines = [f"# Fidelity on {doc['model']} ({doc['machine']})", ""]
     for setting, sdoc in doc["settings"].items():
         lines += [f"## {setting}: {sdoc['examples']} examples, {len(sdoc['tasks'])} task(s), metric {sdoc['metric']}, "
-                  f"truth: {sdoc['exact']}", "",
+                  f"truth: {sdoc['exact']}", "", f"    {doc.get('commands', {}).get(setting, '')}", "",
                   "| method | cost (x taylor) | Spearman mean (min) | Pearson mean (min) | top-10 recall | "
                   "top-20 recall mean (min) | sign errors in true top-20 (max) |",
                   "|---|---|---|---|---|---|---|"]
@@ -216,6 +221,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--settings", default="builtin,ioi,induction")
+    p.add_argument("--replot", action="store_true", help="only redraw pareto.png and fidelity.md from fidelity.json")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other settings of an existing fidelity.json (rerun only --settings)")
     p.add_argument("--per-task", type=int, default=2, help="examples per task (induction: examples in all)")
     p.add_argument("--induction-examples", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8)
@@ -226,6 +234,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.replot:
+        doc = json.loads((out / "fidelity.json").read_text())
+        atomic_write(out / "fidelity.md", markdown(doc).encode())
+        pareto(doc, out / "pareto.png")
+        return
     out.mkdir(parents=True, exist_ok=True)
     probe = out / ".writable"
     probe.write_text("")  # fail now, not after an hour of ablation
@@ -233,8 +246,14 @@ def main() -> None:
     lm = headscore.load_model(args.model)
     doc = {"model": lm.name, "machine": f"{platform.processor() or platform.machine()}, "
                                         f"{torch.get_num_threads()} torch threads",
-           "versions": library_versions(), "command": "python benchmarks/fidelity.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None), "settings": {}}
+           "versions": library_versions(), "settings": {}}
+    command = "python benchmarks/fidelity.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if v is not None and v is not False)
+    if args.update and (out / "fidelity.json").exists():
+        doc = json.loads((out / "fidelity.json").read_text())
+    for setting in args.settings.split(","):
+        doc.setdefault("commands", {})[setting] = command
     for setting in args.settings.split(","):
         n = args.induction_examples if setting == "induction" else args.per_task
         doc["settings"][setting] = run_setting(lm, setting, n, args.batch_size, args.repeats, out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +14,7 @@ from .checkpoint import ScoringRun, fingerprint, tensor_hash
 from .compare import compare
 from .data.batching import batch_cells, num_batches
 from .data.examples import Example
+from .data.tables import as_examples
 from .errors import HeadscoreError
 from .loss import Metric, MetricFn, resolve_metric
 from .methods.ablation import (
@@ -154,12 +155,14 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
           progress: bool = True, kernel: bool | None = None,
           checkpoint: str | None = None, checkpoint_every: int = 0, resume: bool = False,
           distributed: bool | None = None, steps: int = DEFAULT_IG_STEPS, path_fraction: float = DEFAULT_IG_FRACTION,
-          verify: int | bool | None = None, rows_per_pass: int = 64) -> HeadScores:
+          verify: int | bool | None = None, rows_per_pass: int = 64,
+          columns: Mapping[str, str] | None = None) -> HeadScores:
     """Score every head for every task from one forward and one backward pass per batch.
 
     Args:
         model: a :class:`LoadedModel` or a name for :func:`load_model`.
-        examples: (prompt, target, task) examples; a batch may mix tasks. Default: built-in suite.
+        examples: (prompt, target, task) examples; a batch may mix tasks. Default: built-in suite. Or a table,
+            a pandas DataFrame or a ``datasets.Dataset`` with one example per row (see ``columns``).
         method: ``taylor`` (default), ``abs``, ``fisher``, ``atp-mean``, ``ig`` (integrated gradients along
             the gate path, ``steps`` passes) or ``curvature`` (taylor plus a Hutchinson estimate of the
             second-order term, 2 passes); docs/fidelity.md says which to pick.
@@ -193,6 +196,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
             and the result's ``exact`` mask marks them. Not with ``abs``/``fisher`` (no exact counterpart),
             checkpoints or distributed runs.
         rows_per_pass: with ``verify``, gate rows per forward pass of the exact measurements.
+        columns: for a table: its columns of fields named otherwise, e.g. ``{"prompt": "question", "target":
+            "answer", "task": "category"}`` (:func:`headscore.data.tables.examples_from_table`).
 
     Returns:
         HeadScores [tasks, layers, heads]: the mean over each task's examples of the method's
@@ -203,6 +208,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     if method in NEEDS_MEAN_BASELINE and isinstance(baseline, str) and baseline != "mean":
         raise HeadscoreError(f"method {method} uses the mean baseline; for baseline {baseline!r} use taylor")
     _check_estimator(method, steps, path_fraction, per_position, verify, checkpoint, distributed)
+    examples = as_examples(examples, columns)
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
                           baseline=baseline)
     if per_position and checkpoint is not None:
@@ -384,8 +390,8 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
             acc.add(batch.task_index, delta, batch.example_index)
             if maps is not None:  # only the tokens and layers each cell can change, checked on the first batch
                 if fast_positions is None:
-                    fast_positions = mode == "naive" or position_patching_works(model, heads, batch, base,
-                                                                                metric=metric, mode=mode)
+                    fast_positions = mode != "naive" and position_patching_works(model, heads, batch, base,
+                                                                                 metric=metric, mode=mode)
                 maps.add(batch, position_deltas(model, heads, batch, clean, base, metric=metric, mode=mode,
                                                 max_rows=rows_per_pass, fast=fast_positions,
                                                 on_cells=cells.update))  # [B, L, T, H]

@@ -84,6 +84,23 @@ CASES = {
     "tasks-directory": "is a directory; give a JSON Lines file",
     "tasks-dev-null": "/dev/null: no examples",
     "bench-tasks-pipe": "is not a regular file (a pipe?), and --memory subprocess reads it again",
+    # issue 24: estimators and verified mode
+    "steps-0": "argument --steps: must be at least 1, got 0",
+    "path-fraction-0": "--path-fraction must be in (0, 1], got 0.0",
+    "verify-0": "argument --verify: must be at least 1, got 0",
+    "verify-too-many": "verify 999: the model has 12 heads; verify between 1 and 12",
+    "verify-without-exact-counterpart": "--method abs has no exact counterpart",
+    # issue 26: tasks from tables, dataframes
+    "table-missing-column": "data.parquet: no column 'prompt'; its columns are question, target, task",
+    "table-null-cell": "data.parquet: row 3, column 'target': empty cell; every example needs a target",
+    "table-not-string": "data.parquet: row 0, column 'prompt': must be a string, got int 7",
+    "table-damaged": "data.parquet: not a Parquet file, or a damaged one (",
+    "csv-cell-count": "data.csv:3: 2 cells, but the header (line 1) names 3 columns",
+    "csv-empty-cell": "data.csv:2, column 'task': empty cell; every example needs a task",
+    "tasks-datasetdict": "holds a DatasetDict (splits test, train); give one split's directory",
+    "columns-unknown-field": "columns: unknown field 'question' (columns maps a field to your column",
+    "to-pandas-without-pandas": "to_pandas needs pandas: pip install 'headscore[notebook]'",
+    "from-pandas-missing-row": "from_pandas: task 'a' has no row for layer 0, head 1; every head needs one row",
 }
 
 
@@ -314,6 +331,57 @@ def test_counts_that_must_be_positive(tmp_path, capsys, tasks):
     refused(capsys, "report-k-0", ["report", a, "--out", tmp_path / "r", "--k", "0"], tmp_path)
     refused(capsys, "rows-per-pass-0", ["ablate", "--tasks", tasks, "--out", tmp_path / "x.hs",
                                         "--rows-per-pass", "0"], tmp_path)
+
+
+def test_estimator_settings(tmp_path, capsys, tasks, model_dir):
+    out = ["--tasks", tasks, "--out", tmp_path / "x.hs"]
+    refused(capsys, "steps-0", ["score", "--method", "ig", "--steps", "0", *out], tmp_path)
+    refused(capsys, "path-fraction-0", ["score", "--method", "ig", "--path-fraction", "0", *out], tmp_path)
+    refused(capsys, "verify-0", ["score", "--verify", "0", *out], tmp_path)
+    refused(capsys, "verify-without-exact-counterpart", ["score", "--method", "abs", "--verify", "3", *out],
+            tmp_path)
+    refused(capsys, "verify-too-many", ["score", "--model", model_dir, "--verify", "999", "--no-progress", *out],
+            tmp_path, model_dir)
+
+
+def test_tables_with_bad_cells(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    parquet = tmp_path / "data.parquet"
+    score = ["score", "--tasks", parquet, "--out", tmp_path / "s.hs"]
+    pq.write_table(pa.table({"question": ["p"], "target": [" x"], "task": ["t"]}), parquet)
+    refused(capsys, "table-missing-column", score, tmp_path)
+    pq.write_table(pa.table({"prompt": ["p"] * 4, "target": [" x", " y", " z", None], "task": ["t"] * 4}), parquet)
+    refused(capsys, "table-null-cell", score, tmp_path)
+    pq.write_table(pa.table({"prompt": [7], "target": [" x"], "task": ["t"]}), parquet)
+    refused(capsys, "table-not-string", score, tmp_path)
+    parquet.write_bytes(b"PAR1 not really")
+    refused(capsys, "table-damaged", score, tmp_path)
+    csv_file = tmp_path / "data.csv"
+    csv_file.write_text("prompt,target,task\np, x,t\np, x\n")
+    refused(capsys, "csv-cell-count", ["score", "--tasks", csv_file, "--out", tmp_path / "s.hs"], tmp_path)
+    csv_file.write_text("prompt,target,task\np, x,\n")
+    refused(capsys, "csv-empty-cell", ["score", "--tasks", csv_file, "--out", tmp_path / "s.hs"], tmp_path)
+    splits = tmp_path / "splits"
+    one = datasets.Dataset.from_list([GOOD])
+    datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(splits))
+    capsys.readouterr()  # datasets' progress bars
+    refused(capsys, "tasks-datasetdict", ["score", "--tasks", splits, "--out", tmp_path / "s.hs"], tmp_path)
+
+
+def test_tables_and_frames_in_python(monkeypatch):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"question": ["p"], "target": [" x"], "task": ["t"]})
+    with pytest.raises(headscore.HeadscoreError, match=re.escape(CASES["columns-unknown-field"])):
+        headscore.score("never-loaded", frame, columns={"question": "prompt"})
+    heads = HeadScores(torch.zeros(1, 1, 3, dtype=torch.float64), torch.zeros(1, 1, 3, dtype=torch.float64),
+                       torch.ones(1, dtype=torch.int64), ["a"], "taylor", "m")
+    with pytest.raises(headscore.HeadscoreError, match=re.escape(CASES["from-pandas-missing-row"])):
+        HeadScores.from_pandas(heads.to_pandas().drop(index=1))  # the row of head 1
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as without pandas installed
+    with pytest.raises(headscore.HeadscoreError, match=re.escape(CASES["to-pandas-without-pandas"])):
+        heads.to_pandas()
 
 
 # ---------------------------------------------------------------------------------------------- 8 Ctrl-C

@@ -75,14 +75,21 @@ def first_changed_layer(gate_rows: torch.Tensor) -> torch.Tensor:
     return first.min(-1).values
 
 
-def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool) -> list[tuple[torch.Tensor, int]]:
+def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool, pack: bool = False
+            ) -> list[tuple[torch.Tensor, int]]:
     """(row indices, layers to skip) of each forward pass: consecutive rows, or with ``prefix`` rows
     grouped by their first changed layer (each pass skips the layers below it), each group split
-    into the fewest passes of at most ``per_pass`` rows, of equal size (9 rows at 8 a pass: 5 + 4)."""
+    into the fewest passes of at most ``per_pass`` rows, of equal size (9 rows at 8 a pass: 5 + 4).
+    With ``pack`` (for a few rows spread over many layers) rows are ordered by their first changed layer
+    and cut into full passes instead, each skipping the layers below its shallowest row: fewer passes,
+    each running a few more layers for some rows."""
     k = gate_rows.shape[0]
     if not prefix:
         return [(torch.arange(s, min(s + per_pass, k)), 0) for s in range(0, k, per_pass)]
     first = first_changed_layer(gate_rows.cpu())
+    if pack:
+        order = torch.argsort(first, stable=True)
+        return [(part, int(first[part].min())) for part in torch.split(order, per_pass)]
     out = []
     for depth in first.unique().tolist():
         idx = (first == depth).nonzero().flatten()
@@ -95,7 +102,7 @@ def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool) -> list[tuple[
 def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_rows: torch.Tensor,
                  baseline: torch.Tensor | None = None, *, mode: str = "prefix",
                  max_rows: int = 64, on_pass: Callable[[int], None] | None = None,
-                 metric: Metric = NLL) -> torch.Tensor:
+                 metric: Metric = NLL, pack: bool = False) -> torch.Tensor:
     """Loss of every example under every gate row: [K, B] for ``gate_rows`` [K, L, H] (or per position
     [K, L, T, H]); ``baseline`` [L, H, D] or per example [L, B, T, H, D]; the loss is ``metric``'s.
 
@@ -104,6 +111,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
     (after one recording pass of the batch with every gate at 1), and falls back to ``batched``
     for a model whose decoder layers it cannot find. ``naive`` runs one forward pass of the batch
     per gate row. ``on_pass(n)`` is called after each pass with the number of gate rows it covered.
+    ``pack``: see :func:`_passes` (the same numbers in fewer passes, for rows spread thinly over the layers).
     """
     mode = check_mode(mode)
     k, b = gate_rows.shape[0], batch.size
@@ -119,7 +127,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
                 example_losses(model, batch, metric)
     per_pass = 1 if mode == "naive" else max(1, max_rows // b)
     out = torch.empty(k, b, dtype=torch.float64)
-    for idx, depth in _passes(gate_rows, per_pass, replay is not None):
+    for idx, depth in _passes(gate_rows, per_pass, replay is not None, pack):
         n = len(idx)
         rows = batch.tile(n) if n > 1 else batch
         skip = replay.skipping(depth, n) if replay is not None else contextlib.nullcontext()

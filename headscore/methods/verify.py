@@ -110,7 +110,7 @@ def exact_changes(model: torch.nn.Module, heads: HeadGates, items: Sequence[Toke
                     mode = "batched"
             clean = clean_losses(model, heads, batch, metric)
             delta = gated_losses(model, heads, batch, rows_all[flat], base, mode=mode, max_rows=rows_per_pass,
-                                 metric=metric, on_pass=None if on_pass is None else
+                                 metric=metric, pack=True, on_pass=None if on_pass is None else
                                  (lambda n, b=batch.size: on_pass(n * b))) - clean[None]
             acc.add(batch.task_index, delta.T.reshape(batch.size, 1, flat.numel()), batch.example_index)
     return ExactValues(chosen, accs, mode)
