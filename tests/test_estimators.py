@@ -66,9 +66,9 @@ def test_ig_with_many_steps_is_the_integral_of_the_path(lm, examples):
     """Against Gauss-Legendre quadrature of the reference gradient (a different rule), and completeness: the
     heads' ig values times the path length sum to the real loss change of moving every gate together."""
     fraction = 0.6
-    scores = headscore.score(lm, examples, method="ig", steps=200, path_fraction=fraction, batch_size=6,
+    scores = headscore.score(lm, examples, method="ig", steps=100, path_fraction=fraction, batch_size=6,
                              progress=False)
-    nodes, weights = np.polynomial.legendre.leggauss(24)
+    nodes, weights = np.polynomial.legendre.leggauss(16)
     alphas = 1 - fraction / 2 * (nodes + 1)
     ref = torch.stack([-sum(w / 2 * reference(lm, ex, torch.full((LAYERS, HEADS), float(a), dtype=torch.float64))[1]
                             for a, w in zip(alphas, weights, strict=True)) for ex in examples])
