@@ -298,11 +298,7 @@ def load_parquet(path: str | Path) -> list[Example]:
         raise HeadscoreError(f"{path}: cannot read it as Parquet ({_one_line(exc)})") from None
     except Exception as exc:  # pyarrow.lib.ArrowInvalid and kin: not Parquet, or damaged
         raise HeadscoreError(f"{path}: not a Parquet file, or a damaged one ({_one_line(exc)})") from None
-    try:
-        columns = _arrow_columns(table)
-    except HeadscoreError as exc:
-        raise HeadscoreError(f"{path}: {exc}") from None
-    return examples_from_columns(columns, source=str(path))
+    return _file_examples(path, _arrow_columns, table)
 
 
 def is_dataset_dir(path: Path) -> bool:
@@ -326,8 +322,13 @@ def load_dataset_dir(path: str | Path) -> list[Example]:
         raise HeadscoreError(f"{path}: cannot load it as a datasets directory ({_one_line(exc)})") from None
     if not isinstance(dataset, datasets.Dataset):
         raise HeadscoreError(f"{path} holds a {type(dataset).__name__}; give one split's directory")
+    return _file_examples(path, table_columns, dataset)
+
+
+def _file_examples(path: Path, read_columns, data) -> list[Example]:
+    """Examples from ``read_columns(data)``, a column problem named with the file ``path``."""
     try:
-        columns = table_columns(dataset)
+        columns = read_columns(data)
     except HeadscoreError as exc:
         raise HeadscoreError(f"{path}: {exc}") from None
     return examples_from_columns(columns, source=str(path))
