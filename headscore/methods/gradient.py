@@ -92,8 +92,9 @@ def integrated_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
                          baseline: torch.Tensor | None = None, *, metric: Metric = NLL, per_position: bool = False,
                          steps: int = DEFAULT_IG_STEPS, fraction: float = DEFAULT_IG_FRACTION
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean loss [B] and the mean gate gradient along the path from every gate at 1 to every gate at
-    1 - ``fraction`` (the midpoints of ``steps`` equal pieces), shaped like :func:`gate_gradients`' one.
+    """Loss [B] at the path's first point and the mean gate gradient along the path from every gate at 1 to
+    every gate at 1 - ``fraction`` (the midpoints of ``steps`` equal pieces), shaped like
+    :func:`gate_gradients`' one.
 
     With ``fraction`` = 1 this is integrated gradients with the baseline as the path's end:
     ``-fraction * mean`` summed over heads is the loss change when every head moves together
@@ -103,15 +104,12 @@ def integrated_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
         raise HeadscoreError(f"ig needs at least 1 step, got {steps}")
     if not 0 < fraction <= 1:
         raise HeadscoreError(f"the path fraction must be in (0, 1], got {fraction}")
-    total = None
-    loss = None
+    loss, total = None, None
     for k in range(steps):
         point = 1.0 - fraction * (k + 0.5) / steps
         step_loss, grad = gate_gradients(model, heads, batch, baseline, metric=metric, per_position=per_position,
                                          at=point)
-        total = grad if total is None else total + grad
-        if k == 0:
-            loss = step_loss
+        loss, total = (step_loss, grad) if total is None else (loss, total + grad)
     return loss, total / steps
 
 
