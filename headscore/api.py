@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 from tqdm.auto import tqdm
@@ -14,7 +15,6 @@ from .checkpoint import ScoringRun, fingerprint, tensor_hash
 from .compare import compare
 from .data.batching import batch_cells, num_batches
 from .data.examples import Example
-from .data.tables import as_examples
 from .errors import HeadscoreError
 from .loss import Metric, MetricFn, resolve_metric
 from .methods.ablation import (
@@ -45,6 +45,14 @@ from .positions import PositionMaps
 from .prepared import ModelLike, Prepared, prepare
 from .results import HeadScores
 
+if TYPE_CHECKING:  # optional dependencies: a table of examples is one of these
+    import datasets
+    import pandas
+
+ExamplesLike: TypeAlias = "Sequence[Example] | pandas.DataFrame | datasets.Dataset | None"
+"""What the entry points take as examples: Examples, a table with one example per row (see ``columns``), or
+None for the built-in suite."""
+
 __all__ = ["score", "ablate", "ablate_heads", "mean_baseline", "compare", "load_model", "Prepared",
            "prepare", "METHODS", "BASELINES"]
 
@@ -55,8 +63,9 @@ BASELINES = ("zero", "mean", "corrupt")
 MetricLike = str | Metric | MetricFn | None
 
 
-def _begin(model: ModelLike, examples: Sequence[Example] | None, *, max_examples: int | None, batch_size: int,
-           metric: MetricLike, baseline: str | torch.Tensor | None) -> tuple[Prepared, Metric]:
+def _begin(model: ModelLike, examples: ExamplesLike, *, max_examples: int | None, batch_size: int,
+           metric: MetricLike, baseline: str | torch.Tensor | None,
+           columns: Mapping[str, str] | None = None) -> tuple[Prepared, Metric]:
     """Every entry point's prologue: refuse an unknown baseline name or a batch size below 1, resolve the
     metric, prepare the model and examples (which refuses unseparable heads) and refuse a metric or baseline
     the examples cannot serve, all before any scoring work."""
@@ -65,7 +74,7 @@ def _begin(model: ModelLike, examples: Sequence[Example] | None, *, max_examples
     if batch_size < 1:
         raise HeadscoreError(f"batch size must be at least 1, got {batch_size}")
     metric = resolve_metric(metric)
-    prep = prepare(model, examples, max_examples=max_examples)
+    prep = prepare(model, examples, max_examples=max_examples, columns=columns)
     _check_inputs(prep, metric, baseline)
     return prep, metric
 
@@ -124,11 +133,13 @@ def _baseline_tensor(prep: Prepared, heads: HeadGates, baseline: str | torch.Ten
     raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
 
 
-def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
-                  batch_size: int = 8, max_examples: int | None = None, progress: bool = True) -> torch.Tensor:
-    """Each head's mean output over the examples' tokens: [L, H, D] float32 (one forward-only pass)."""
+def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
+                  batch_size: int = 8, max_examples: int | None = None, progress: bool = True,
+                  columns: Mapping[str, str] | None = None) -> torch.Tensor:
+    """Each head's mean output over the examples' tokens: [L, H, D] float32 (one forward-only pass);
+    ``examples`` and ``columns`` as in :func:`score`."""
     prep, _ = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric="nll",
-                     baseline="mean")
+                     baseline="mean", columns=columns)
     with patch(prep.lm.model) as heads:
         return _baseline_tensor(prep, heads, "mean", batch_size, progress).cpu()
 
@@ -149,7 +160,7 @@ def _position_maps(prep: Prepared) -> PositionMaps:
     return PositionMaps(prep.tokenized, prep.tasks, head_layout(prep.lm.model))
 
 
-def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
+def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
           method: str = "taylor", batch_size: int = 8, max_examples: int | None = None,
           baseline: str | torch.Tensor | None = None, metric: MetricLike = "nll", per_position: bool = False,
           progress: bool = True, kernel: bool | None = None,
@@ -208,9 +219,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None =
     if method in NEEDS_MEAN_BASELINE and isinstance(baseline, str) and baseline != "mean":
         raise HeadscoreError(f"method {method} uses the mean baseline; for baseline {baseline!r} use taylor")
     _check_estimator(method, steps, path_fraction, per_position, verify, checkpoint, distributed)
-    examples = as_examples(examples, columns)
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                          baseline=baseline)
+                          baseline=baseline, columns=columns)
     if per_position and checkpoint is not None:
         raise HeadscoreError("per-position scores are not checkpointed; drop the checkpoint or per_position")
     name = _gradient_method_name(method, baseline)
@@ -324,13 +334,15 @@ def _verified(prep: Prepared, heads: HeadGates, result: HeadScores, mass: TaskAc
     return out
 
 
-def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None = None, *,
+def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
            baseline: str | torch.Tensor = "zero", mode: str = "prefix", batch_size: int = 8,
            rows_per_pass: int = 64, max_examples: int | None = None, metric: MetricLike = "nll",
-           per_position: bool = False, progress: bool = True) -> HeadScores:
+           per_position: bool = False, progress: bool = True, columns: Mapping[str, str] | None = None
+           ) -> HeadScores:
     """Ablate (or patch) every head, one at a time, and measure each task's mean change in the metric.
 
     Args:
+        examples, columns: as in :func:`score` (Examples, or a table with one example per row).
         baseline: ``zero`` (gate 0), ``mean`` (the head's mean output; one extra forward-only
             pass), ``corrupt`` (activation patching: the head's output on the example's corrupted
             prompt, at every position, replaces its clean output; one extra forward-only pass per
@@ -359,7 +371,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | None 
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                          baseline=baseline)
+                          baseline=baseline, columns=columns)
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
@@ -410,17 +422,17 @@ class SetEffect:
     count: int
 
 
-def ablate_heads(model: ModelLike, examples: Sequence[Example] | None, heads_to_change: Sequence[tuple[int, int]],
+def ablate_heads(model: ModelLike, examples: ExamplesLike, heads_to_change: Sequence[tuple[int, int]],
                  *, baseline: str | torch.Tensor = "zero", gate: float = 0.0, batch_size: int = 8,
                  max_examples: int | None = None, metric: MetricLike = "nll",
-                 progress: bool = True) -> dict[str, SetEffect]:
+                 progress: bool = True, columns: Mapping[str, str] | None = None) -> dict[str, SetEffect]:
     """Set all listed (layer, head) gates to ``gate`` at once (0 = ablate, >1 = amplify); ``baseline`` and
-    ``metric`` as in :func:`ablate`.
+    ``metric`` as in :func:`ablate`, ``examples`` and ``columns`` as in :func:`score`.
 
     Returns, per task, the mean change of the metric's loss over its examples against the unmodified model.
     """
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                          baseline=baseline)
+                          baseline=baseline, columns=columns)
     layout = head_layout(prep.lm.model)
     try:
         row = head_set_gates(list(heads_to_change), layout.num_layers, layout.num_heads, gate)

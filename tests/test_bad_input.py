@@ -97,6 +97,10 @@ CASES = {
     "table-damaged": "data.parquet: not a Parquet file, or a damaged one (",
     "csv-cell-count": "data.csv:3: 2 cells, but the header (line 1) names 3 columns",
     "csv-empty-cell": "data.csv:2, column 'task': empty cell; every example needs a task",
+    "columns-no-such-column": "data.csv: columns maps 'prompt' to 'question', which is no column of the table; "
+                              "its columns are prompt, target, task",
+    "columns-not-a-table": "--columns names the columns of a .csv or .parquet file or a datasets directory; "
+                           "--tasks builtin is none of these",
     "tasks-datasetdict": "holds a DatasetDict (splits test, train); give one split's directory",
     "columns-unknown-field": "columns: unknown field 'question' (columns maps a field to your column",
     "to-pandas-without-pandas": "to_pandas needs pandas: pip install 'headscore[notebook]'",
@@ -363,6 +367,11 @@ def test_tables_with_bad_cells(tmp_path, capsys):
     refused(capsys, "csv-cell-count", ["score", "--tasks", csv_file, "--out", tmp_path / "s.hs"], tmp_path)
     csv_file.write_text("prompt,target,task\np, x,\n")
     refused(capsys, "csv-empty-cell", ["score", "--tasks", csv_file, "--out", tmp_path / "s.hs"], tmp_path)
+    csv_file.write_text("prompt,target,task\np, x,t\n")
+    refused(capsys, "columns-no-such-column", ["score", "--tasks", csv_file, "--columns", "prompt=question",
+                                               "--out", tmp_path / "s.hs"], tmp_path)
+    refused(capsys, "columns-not-a-table", ["score", "--columns", "prompt=question", "--out", tmp_path / "s.hs"],
+            tmp_path)
     splits = tmp_path / "splits"
     one = datasets.Dataset.from_list([GOOD])
     datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(splits))

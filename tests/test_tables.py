@@ -201,3 +201,82 @@ def test_every_source_scores_bitwise_the_same(tmp_path, sources, model_dir, caps
         assert torch.equal(got.stderr, reference.stderr), name
         assert torch.equal(got.example_values, reference.example_values), name
         assert torch.equal(got.counts, reference.counts) and got.data_hash == reference.data_hash, name
+
+
+RENAMES = {"prompt": "question", "target": "answer", "task": "kind"}
+
+
+def renamed_rows(records=RECORDS) -> list[dict]:
+    """The records with three fields under other column names (as a user's own table has them)."""
+    return [{RENAMES.get(k, k): v for k, v in r.items()} for r in rows(records)]
+
+
+def test_files_with_other_column_names_read_with_columns(tmp_path, sources):
+    reference = load_tasks(str(sources["jsonl"]))
+    csv_path = tmp_path / "renamed.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(renamed_rows()[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in renamed_rows())
+    parquet_path = tmp_path / "renamed.parquet"
+    pq.write_table(pa.Table.from_pylist(renamed_rows()), parquet_path)
+    dataset_path = tmp_path / "renamed-dataset"
+    datasets.Dataset.from_list(renamed_rows()).save_to_disk(str(dataset_path))
+    for path in (csv_path, parquet_path, dataset_path):
+        with pytest.raises(HeadscoreError, match=r"no column 'prompt'.*--columns prompt=COLUMN"):
+            load_tasks(str(path))
+        got = load_tasks(str(path), RENAMES)
+        assert [(e.prompt, e.target, e.task, e.corrupt, e.foil) for e in got] == \
+            [(e.prompt, e.target, e.task, e.corrupt, e.foil) for e in reference], path
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("review,stars,task\ngood film,1,s\nfine,0.5,s\n")
+    assert load_tasks(str(labelled), {"text": "review", "label": "stars"}) == \
+        [headscore.Example.labelled("good film", 1, "s"), headscore.Example.labelled("fine", 0.5, "s")]
+    for spec in ("builtin", "ioi", str(sources["jsonl"]), "cogqa:x.csv"):
+        with pytest.raises(HeadscoreError, match="--columns names the columns of a .csv or .parquet file"):
+            load_tasks(spec, RENAMES)
+
+
+@pytest.mark.parametrize("value,words", [
+    ("prompt", "'prompt' is not FIELD=COLUMN"),
+    ("prompt=", "'prompt=' is not FIELD=COLUMN"),
+    ("question=prompt", "unknown field 'question'; the fields are prompt, target, task"),
+    ("prompt=a,prompt=b", "field 'prompt' is named twice"),
+])
+def test_a_bad_columns_flag_is_one_usage_line(value, words, sources, capsys):
+    code = main(["score", "--tasks", str(sources["csv"]), "--columns", value, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"argument --columns: {words}" in err and err.count("\n") <= 2  # usage + one line
+
+
+def test_columns_naming_no_column_of_the_file_exits_2(sources, capsys, tmp_path):
+    code = main(["score", "--tasks", str(sources["csv"]), "--columns", "prompt=question", "--no-progress",
+                 "--out", str(tmp_path / "s.hs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "columns maps 'prompt' to 'question', which is no column of the table" in err
+    assert "\n" not in err
+
+
+def test_columns_on_the_command_line_and_in_ablate(tmp_path, sources, model_dir, capsys):
+    """``--columns`` gives the JSONL file's scores bitwise; ``ablate``/``ablate_heads`` take a table with columns."""
+    renamed = tmp_path / "renamed.parquet"
+    pq.write_table(pa.Table.from_pylist(renamed_rows()), renamed)
+    outs = {}
+    for name, extra in (("jsonl", ["--tasks", str(sources["jsonl"])]),
+                        ("renamed", ["--tasks", str(renamed), "--columns", "prompt=question,target=answer,task=kind"])):
+        outs[name] = tmp_path / f"{name}.hs"
+        assert main(["score", "--model", str(model_dir), *extra, "--out", str(outs[name]), "--no-progress"]) == 0
+    capsys.readouterr()
+    reference, got = HeadScores.load(outs["jsonl"]), HeadScores.load(outs["renamed"])
+    assert got.tasks == reference.tasks and torch.equal(got.values, reference.values)
+    assert got.data_hash == reference.data_hash
+    lm = headscore.load_model(str(model_dir))
+    frame = pd.DataFrame(renamed_rows())
+    truth = headscore.ablate(lm, load_tasks(str(sources["jsonl"])), progress=False)
+    from_frame = headscore.ablate(lm, frame, columns=RENAMES, progress=False)
+    assert torch.equal(from_frame.values, truth.values) and from_frame.tasks == truth.tasks
+    assert bool(truth.values.abs().sum() > 0)
+    sets = headscore.ablate_heads(lm, frame, [(0, 0)], columns=RENAMES, progress=False)
+    assert sets == headscore.ablate_heads(lm, load_tasks(str(sources["jsonl"])), [(0, 0)], progress=False)
+    with pytest.raises(HeadscoreError, match="no column 'prompt'"):
+        headscore.ablate(lm, frame, progress=False)

@@ -18,7 +18,7 @@ def test_the_tutorial_is_stored_without_outputs():
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
-@pytest.mark.slow  # the embedded SmolLM2-135M; about 3 minutes on 2 CPU cores, most of it one ablation
+# the embedded SmolLM2-135M: 30 s alone on 2 CPU cores (one example per task; the ablation of one example is 15 s)
 def test_the_tutorial_runs_and_shows_its_figures(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -98,10 +98,12 @@ def memory_fn(name: str, fn: Method) -> Method:
     return sampled_batched if name == "ablate-batched" else fn
 
 
-def worker_args(ctx: Context, *, model: str, device: str, dtype: str, tasks: str) -> dict:
+def worker_args(ctx: Context, *, model: str, device: str, dtype: str, tasks: str,
+                columns: dict[str, str] | None = None) -> dict:
     """The JSON a memory worker rebuilds ``ctx`` from: the model and task specs as the user gave them
     (``load_model`` and ``load_tasks`` arguments) and the context's settings."""
-    return {"model": model, "device": device, "dtype": dtype, "tasks": tasks, "batch_size": ctx.batch_size,
+    return {"model": model, "device": device, "dtype": dtype, "tasks": tasks, "columns": columns,
+            "batch_size": ctx.batch_size,
             "max_examples": ctx.max_examples, "rows_per_pass": ctx.rows_per_pass,
             "sample_heads": ctx.sample_heads, "full_ablation": ctx.full_ablation}
 
@@ -126,8 +128,8 @@ def worker_main(name: str, args: dict) -> None:
     """The memory worker: load the model and tasks, run method ``name`` once (warm-up), then print its
     measured peak as one ``HEADSCORE_MEMORY {json}`` line."""
     lm = load_model(args["model"], device=args["device"], dtype=args["dtype"])
-    ctx = Context(lm, load_tasks(args["tasks"]), args["batch_size"], args["max_examples"], args["rows_per_pass"],
-                  args["sample_heads"], args.get("full_ablation", True))
+    ctx = Context(lm, load_tasks(args["tasks"], args.get("columns")), args["batch_size"], args["max_examples"],
+                  args["rows_per_pass"], args["sample_heads"], args.get("full_ablation", True))
     ctx.prep  # noqa: B018 - tokenise before measuring
     fn = resolve(name)
     if isinstance(fn, str):

@@ -67,7 +67,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     lm, examples = load_model_and_tasks(args)
     ctx = Context(lm, examples, args.batch_size, args.max_examples, args.rows_per_pass, sample,
                   not args.sample_ablation)
-    worker = worker_args(ctx, model=args.model, device=args.device, dtype=args.dtype, tasks=args.tasks)
+    worker = worker_args(ctx, model=args.model, device=args.device, dtype=args.dtype, tasks=args.tasks,
+                         columns=args.columns)
     doc = run_bench(ctx, methods, repeats=args.repeats, warmup=args.warmup, memory=args.memory,
                     memory_args=worker if args.memory == "subprocess" else None,
                     log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..data.examples import Example
+from ..data.tables import FIELDS
 from ..data.tasks import load_tasks, task_source
 from ..errors import HeadscoreError
 from ..models import DEFAULT_MODEL, DTYPES, EMBEDDED_MODELS, LoadedModel, cache_dir, check_device, load_model
@@ -77,6 +78,22 @@ def device_name(text: str) -> str:
     return text
 
 
+def column_map(text: str) -> dict[str, str]:
+    """An argparse type: ``FIELD=COLUMN[,FIELD=COLUMN...]``, the table's column for each field named otherwise,
+    e.g. ``prompt=question,target=answer``."""
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        field, sep, column = (s.strip() for s in part.partition("="))
+        if not sep or not field or not column:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not FIELD=COLUMN (e.g. prompt=question)")
+        if field not in FIELDS:
+            raise argparse.ArgumentTypeError(f"unknown field {field!r}; the fields are {', '.join(FIELDS)}")
+        if field in mapping:
+            raise argparse.ArgumentTypeError(f"field {field!r} is named twice")
+        mapping[field] = column
+    return mapping
+
+
 def add_interval_args(parser: argparse.ArgumentParser) -> None:
     """``--resamples``, ``--level`` and ``--seed`` of the bootstrap intervals over examples."""
     parser.add_argument("--resamples", type=at_least(0), default=1000,
@@ -97,6 +114,9 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
                         help="examples: 'builtin' (the built-in suite, default), 'ioi', 'cogqa:PATH' (a CogQA JSON "
                              'file), a JSONL file of {"prompt", "target", "task"} objects, or a .csv or .parquet '
                              "file or a datasets save_to_disk directory with those columns")
+    parser.add_argument("--columns", type=column_map, default=None, metavar="FIELD=COLUMN[,...]",
+                        help="for a .csv/.parquet/datasets --tasks: the column of each field named otherwise, e.g. "
+                             "prompt=question,target=answer,task=kind")
     parser.add_argument("--max-examples", type=at_least(1), default=None, help="at most this many examples per task")
 
 
@@ -140,7 +160,7 @@ def check_command_outputs(args: argparse.Namespace, files: Iterable[tuple[str, s
 
 def load_model_and_tasks(args: argparse.Namespace) -> tuple[LoadedModel, list[Example]]:
     """The examples first (bad data fails before a slow model load), then the model."""
-    examples = load_tasks(args.tasks)
+    examples = load_tasks(args.tasks, args.columns)
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
     return lm, examples
 

@@ -147,7 +147,7 @@ def examples_from_columns(columns: Columns, *, source: str, where: Callable[[int
         if not has(field):
             shown = col[field] if col[field] == field else f"{col[field]} (for {field})"
             raise HeadscoreError(f"{source}: no column {shown!r}; its columns are {', '.join(names) or '(none)'}"
-                                 f"{_rename_hint(field) if in_python else ''}")
+                                 f"{_rename_hint(field, in_python)}")
         value = cell(field, i)
         if value is None:
             raise HeadscoreError(f"{where(i)}, column {col[field]!r}: empty cell; every example needs a {field}")
@@ -179,8 +179,10 @@ def examples_from_columns(columns: Columns, *, source: str, where: Callable[[int
     return validate_examples(examples, source=source)
 
 
-def _rename_hint(field: str) -> str:
-    return f" (name yours with columns={{{field!r}: 'your column'}})"
+def _rename_hint(field: str, in_python: bool) -> str:
+    if in_python:
+        return f" (name yours with columns={{{field!r}: 'your column'}})"
+    return f" (name yours with --columns {field}=COLUMN, or columns= in Python)"
 
 
 def _checked(value: object, field: str, kind: str, where: str) -> object:
@@ -239,10 +241,11 @@ def _csv_label(text: str, where: str) -> int | float:
                              f"regression), got {text!r:.40}") from None
 
 
-def load_csv(path: str | Path) -> list[Example]:
+def load_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Example]:
     """Examples from a CSV file (UTF-8, comma-separated, a header row naming the columns; quoted cells may
     span lines). An empty cell is an empty (null) cell; cells of a ``label`` column are numbers. Errors name
-    the line a row starts on: ``data.csv:4, column 'target': empty cell; every example needs a target``."""
+    the line a row starts on: ``data.csv:4, column 'target': empty cell; every example needs a target``.
+    ``columns`` maps fields to columns of other names, as in :func:`examples_from_table`."""
     path = Path(path)
     text = read_utf8(path)
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -270,13 +273,13 @@ def load_csv(path: str | Path) -> list[Example]:
     dupes = sorted({n for n in header if header.count(n) > 1})
     if dupes:
         raise HeadscoreError(f"{path}:1: column {dupes[0]!r} appears more than once in the header")
-    columns: Columns = {}
+    table: Columns = {}
     for j, name in enumerate(header):
         cells: list = [row[j] if row[j] != "" else None for row in rows]
-        if name == "label":
+        if name == (columns or {}).get("label", "label"):
             cells = [None if c is None else _csv_label(c, f"{path}:{s}") for c, s in zip(cells, starts, strict=True)]
-        columns[name] = cells
-    return examples_from_columns(columns, source=str(path), where=lambda i: f"{path}:{starts[i]}")
+        table[name] = cells
+    return examples_from_columns(table, source=str(path), where=lambda i: f"{path}:{starts[i]}", mapping=columns)
 
 
 def _import(module: str, what: str) -> Any:
@@ -286,8 +289,9 @@ def _import(module: str, what: str) -> Any:
         raise HeadscoreError(f"{what} needs {module.split('.')[0]}: {INSTALL_HINT}") from None
 
 
-def load_parquet(path: str | Path) -> list[Example]:
-    """Examples from a Parquet file (read with pyarrow); errors name the row (from 0) and the column."""
+def load_parquet(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Example]:
+    """Examples from a Parquet file (read with pyarrow); errors name the row (from 0) and the column.
+    ``columns`` as in :func:`load_csv`."""
     path = Path(path)
     if not path.exists():
         raise HeadscoreError(f"{path}: no such file")
@@ -298,7 +302,7 @@ def load_parquet(path: str | Path) -> list[Example]:
         raise HeadscoreError(f"{path}: cannot read it as Parquet ({_one_line(exc)})") from None
     except Exception as exc:  # pyarrow.lib.ArrowInvalid and kin: not Parquet, or damaged
         raise HeadscoreError(f"{path}: not a Parquet file, or a damaged one ({_one_line(exc)})") from None
-    return _file_examples(path, _arrow_columns, table)
+    return _file_examples(path, _arrow_columns, table, columns)
 
 
 def is_dataset_dir(path: Path) -> bool:
@@ -307,9 +311,9 @@ def is_dataset_dir(path: Path) -> bool:
                                  ("state.json", "dataset_info.json", "dataset_dict.json"))
 
 
-def load_dataset_dir(path: str | Path) -> list[Example]:
+def load_dataset_dir(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Example]:
     """Examples from a ``datasets`` directory (``Dataset.save_to_disk``); a DatasetDict's directory holds one
-    directory per split: give one of those."""
+    directory per split: give one of those. ``columns`` as in :func:`load_csv`."""
     path = Path(path)
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if p.is_dir())
@@ -322,16 +326,16 @@ def load_dataset_dir(path: str | Path) -> list[Example]:
         raise HeadscoreError(f"{path}: cannot load it as a datasets directory ({_one_line(exc)})") from None
     if not isinstance(dataset, datasets.Dataset):
         raise HeadscoreError(f"{path} holds a {type(dataset).__name__}; give one split's directory")
-    return _file_examples(path, table_columns, dataset)
+    return _file_examples(path, table_columns, dataset, columns)
 
 
-def _file_examples(path: Path, read_columns, data) -> list[Example]:
+def _file_examples(path: Path, read_columns, data, columns: Mapping[str, str] | None) -> list[Example]:
     """Examples from ``read_columns(data)``, a column problem named with the file ``path``."""
     try:
-        columns = read_columns(data)
+        table = read_columns(data)
     except HeadscoreError as exc:
         raise HeadscoreError(f"{path}: {exc}") from None
-    return examples_from_columns(columns, source=str(path))
+    return examples_from_columns(table, source=str(path), mapping=columns)
 
 
 def _one_line(exc: BaseException) -> str:

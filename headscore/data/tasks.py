@@ -3,8 +3,10 @@ file, or a ``datasets`` directory."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
+from ..errors import HeadscoreError
 from .builtin import builtin_suite
 from .cogqa import load_cogqa
 from .examples import Example, load_jsonl
@@ -21,21 +23,29 @@ def task_source(spec: str) -> Path | None:
     return Path(spec[len(COGQA_PREFIX):] if spec.startswith(COGQA_PREFIX) else spec)
 
 
-def load_tasks(spec: str) -> list[Example]:
+def load_tasks(spec: str, columns: Mapping[str, str] | None = None) -> list[Example]:
     """Examples from ``builtin`` (the built-in suite), ``ioi`` (the built-in indirect-object-identification
     suite with corrupted prompts and foils, :func:`~headscore.data.ioi.ioi_suite`), ``cogqa:PATH`` (a CogQA
     JSON file), a ``.csv`` or ``.parquet`` file or a ``datasets`` directory (``Dataset.save_to_disk``; see
-    :mod:`~headscore.data.tables`), or else a JSON Lines file."""
+    :mod:`~headscore.data.tables`), or else a JSON Lines file.
+
+    ``columns`` maps fields to a table's columns of other names (``{"prompt": "question"}``); only for a
+    CSV, Parquet or ``datasets`` source (HeadscoreError for the others)."""
+    path = Path(spec)
+    special = spec in ("builtin", IOI_NAME) or spec.startswith(COGQA_PREFIX)
+    table = not special and (is_dataset_dir(path) or (path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir()))
+    if columns is not None and not table:
+        raise HeadscoreError(f"--columns names the columns of a .csv or .parquet file or a datasets directory; "
+                             f"--tasks {spec} is none of these")
     if spec == "builtin":
         return builtin_suite()
     if spec == IOI_NAME:
         return ioi_suite()
     if spec.startswith(COGQA_PREFIX):
         return list(load_cogqa(spec[len(COGQA_PREFIX):]))
-    path = Path(spec)
     if is_dataset_dir(path):
-        return load_dataset_dir(path)
+        return load_dataset_dir(path, columns)
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES and not path.is_dir():
-        return load_csv(path) if suffix == ".csv" else load_parquet(path)
+        return load_csv(path, columns) if suffix == ".csv" else load_parquet(path, columns)
     return load_jsonl(spec)
