@@ -1,0 +1,270 @@
+"""Edge attribution patching: every edge's first-order score from one clean forward and one backward.
+
+score(u -> v) = sum over tokens of < a_u(baseline) - a_u(clean), dL/dx_v >, x_v being v's own copy of its
+residual input (before its norm): the first-order change of the loss when only v sees u's baseline output.
+
+How it stays in the memory the backward already holds: no d_model vector per upstream node is kept. The
+forward keeps each layer's head outputs z [B, T, H, D] (the output projection's input, which the backward
+keeps anyway), the MLP outputs and the layer inputs. During the backward, as soon as layer l's readers have
+their gradients (the query, key and value projections' outputs and the MLP's normed input), they are taken
+back through their weights and the norm's Jacobian to v's residual input, g_v [B, T, n_l, d], and contracted
+with every earlier writer: a head's contribution W_o[:, h] dz_h is recomputed there from dz and the output
+projection's weights, one layer pair at a time (a transient [B, T, H, d]), then dropped. Extra memory: one
+layer's g_v and one layer's recomputed contributions, plus the per-example scores [B, U, V].
+
+Summed over every downstream node, a head's edge scores equal its taylor (attribution patching) node score:
+a check :func:`edge_attributions` returns the gate gradient for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.batching import Batch
+from ..errors import UnsupportedModelError
+from ..loss import NLL, Metric, example_losses, run_forward
+from ..patch import HeadGates
+from .residual import Projection, ResidualModel, layer_input, module_output
+
+
+@dataclass
+class WriterOutputs:
+    """Every upstream node's output on one batch: the stream the first layer receives ``emb`` [B, T, d],
+    head outputs ``heads[l]`` [B, T, H, D] (before the output projection), MLP outputs ``mlp[l]`` [B, T, d]."""
+
+    emb: torch.Tensor | None = None
+    heads: list[torch.Tensor | None] = field(default_factory=list)
+    mlp: list[torch.Tensor | None] = field(default_factory=list)
+    leaf: torch.Tensor | None = None
+
+    def minus(self, other: WriterOutputs) -> WriterOutputs:
+        """``self - other``, node by node."""
+        return WriterOutputs(self.emb - other.emb, [a - b for a, b in zip(self.heads, other.heads, strict=True)],
+                             [a - b for a, b in zip(self.mlp, other.mlp, strict=True)])
+
+    def zeros_like(self) -> WriterOutputs:
+        """Every output zero (the zero baseline)."""
+        return WriterOutputs(torch.zeros_like(self.emb), [torch.zeros_like(z) for z in self.heads],
+                             [torch.zeros_like(m) for m in self.mlp])
+
+    def complete(self) -> bool:
+        """Whether every node's output was seen."""
+        return self.emb is not None and all(z is not None for z in self.heads) and \
+            all(m is not None for m in self.mlp)
+
+
+@contextlib.contextmanager
+def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False) -> Iterator[WriterOutputs]:
+    """Record every upstream node's output (detached) in the forward passes inside the block; ``leaf``
+    makes the first layer's input a leaf that requires grad, so a backward reaches every reader."""
+    num_layers = rm.graph.num_layers
+    out = WriterOutputs(None, [None] * num_layers, [None] * num_layers)
+
+    def first(module, args, kwargs):
+        x = layer_input(args, kwargs)
+        out.emb = x.detach()
+        if not leaf:
+            return None
+        x = out.leaf = x.detach().requires_grad_(True)
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    def observe(layer: int, z: torch.Tensor) -> None:
+        out.heads[layer] = z.detach()
+
+    handles = [rm.layers[0].block.register_forward_pre_hook(first, with_kwargs=True)]
+    for i, lm in enumerate(rm.layers):
+        handles.append(lm.mlp.register_forward_hook(
+            lambda module, args, o, i=i: out.mlp.__setitem__(i, module_output(o).detach())))
+    try:
+        with heads.observing(observe):
+            yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def norm_vjp(norm: torch.nn.Module, x: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
+    """The norm's Jacobian at ``x`` [B, T, d] transposed, applied to each of ``cotangent`` [B, T, n, d]'s
+    n vectors: [B, T, n, d] (the norm works on the last dimension, so the n copies run as one batch)."""
+    with torch.enable_grad():
+        xe = x.detach().unsqueeze(2).expand_as(cotangent).contiguous().requires_grad_(True)
+        # forward(), not the module call: the module's own hooks (ours among them) stay out of it
+        (grad,) = torch.autograd.grad(norm.forward(xe), xe, cotangent)
+    return grad
+
+
+def reader_cotangents(proj: Projection, grad: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """A projection's output gradient [B, T, out] taken back to its input, reader by reader: (the readers'
+    offsets, [B, T, readers, d])."""
+    offsets = [o for o, _ in proj.readers]
+    cols = torch.stack([c for _, c in proj.readers]).to(grad.device)  # [R, D]
+    return offsets, torch.einsum("btrk,rkd->btrd", grad[..., cols], proj.weight[cols].to(grad.dtype))
+
+
+class _EdgeBackward:
+    """The backward hooks of :func:`edge_attributions`: each layer's reader gradients, contracted with the
+    writers before them as soon as the layer's last one arrives."""
+
+    def __init__(self, rm: ResidualModel, delta: WriterOutputs, scores: torch.Tensor):
+        self.rm, self.delta, self.scores = rm, delta, scores
+        n = rm.graph.num_layers
+        self.x_attn: list[torch.Tensor | None] = [None] * n
+        self.x_mlp: list[torch.Tensor | None] = [None] * n
+        self.x_final: torch.Tensor | None = None
+        self.grads: list[dict[object, torch.Tensor]] = [{} for _ in range(n)]
+
+    def hooks(self) -> list:
+        handles = []
+        for i, lm in enumerate(self.rm.layers):
+            handles.append(lm.attn_norm.register_forward_pre_hook(
+                lambda m, args, i=i: self.x_attn.__setitem__(i, args[0].detach())))
+            handles.append(lm.mlp_norm.register_forward_pre_hook(
+                lambda m, args, i=i: self.x_mlp.__setitem__(i, args[0].detach())))
+            handles.append(lm.mlp.register_forward_pre_hook(self._own_copy(i)))
+            for k, proj in enumerate(lm.projections):
+                handles.append(proj.module.register_forward_hook(self._grad_hook(i, k)))
+        handles.append(self.rm.final_norm.register_forward_pre_hook(
+            lambda m, args: setattr(self, "x_final", args[0].detach())))
+        handles.append(self.rm.final_norm.register_forward_hook(self._grad_hook(-1, "logits")))
+        return handles
+
+    def _own_copy(self, layer: int):
+        """The MLP gets its own copy of its normed input, whose gradient is the MLP's share alone (a norm
+        output may feed the attention too, as Phi's does)."""
+        def pre_hook(module, args):
+            if not args[0].requires_grad:
+                return None
+            mine = args[0].clone()
+            mine.register_hook(lambda g: self._arrived(layer, "mlp", g))
+            return (mine, *args[1:])
+        return pre_hook
+
+    def _grad_hook(self, layer: int, key):
+        def forward_hook(module, args, out):
+            out = module_output(out)
+            if out.requires_grad:
+                out.register_hook(lambda g: self._arrived(layer, key, g))
+        return forward_hook
+
+    def _arrived(self, layer: int, key, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            if key == "logits":
+                g = norm_vjp(self.rm.final_norm, self.x_final, grad.unsqueeze(2))
+                self._contract(g, self.rm.graph.num_layers - 1, slice(len(self.rm.graph.downstream) - 1, None))
+                return
+            got = self.grads[layer]
+            got[key] = grad
+            if len(got) == len(self.rm.layers[layer].projections) + 1:
+                self.grads[layer] = {}
+                self._layer(layer, got)
+
+    def _layer(self, layer: int, got: dict[object, torch.Tensor]) -> None:
+        rm, graph = self.rm, self.rm.graph
+        lm = rm.layers[layer]
+        mlp_grad = got["mlp"]
+        b, t, d = mlp_grad.shape
+        cot = mlp_grad.new_zeros(b, t, graph.readers_per_layer - 1, d)
+        for k, proj in enumerate(lm.projections):
+            offsets, part = reader_cotangents(proj, got[k])
+            cot[:, :, offsets] = part
+        g_attn = norm_vjp(lm.attn_norm, self.x_attn[layer], cot)
+        g_mlp = norm_vjp(lm.mlp_norm, self.x_mlp[layer], mlp_grad.unsqueeze(2))
+        start = graph.reader_start(layer)
+        self._contract(torch.cat([g_attn, g_mlp], dim=2), layer, slice(start, start + graph.readers_per_layer))
+
+    def _contract(self, g: torch.Tensor, last: int, cols: slice) -> None:
+        """Scores of every writer up to layer ``last`` (its heads included) into readers ``cols``: g [B, T, n, d]."""
+        graph, delta, s = self.rm.graph, self.delta, self.scores
+        s[:, 0, cols] = torch.einsum("btd,btnd->bn", delta.emb.to(g.dtype), g).to(s.dtype)
+        for lu in range(last + 1):
+            contrib = torch.einsum("bthk,dhk->bthd", delta.heads[lu].to(g.dtype), self.rm.o_weight(lu).to(g.dtype))
+            h0 = graph.head_index(lu, 0)
+            s[:, h0:h0 + graph.num_heads, cols] = torch.einsum("bthd,btnd->bhn", contrib, g).to(s.dtype)
+            s[:, graph.mlp_index(lu), cols] = torch.einsum("btd,btnd->bn", delta.mlp[lu].to(g.dtype), g).to(s.dtype)
+
+
+def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
+                      baseline: WriterOutputs | str = "zero", *, metric: Metric = NLL
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example loss [B], edge scores [B, U, V] (0 where no edge exists; see :class:`EdgeGraph`) and the
+    gate gradient [B, L, H] of one clean forward and backward.
+
+    ``baseline``: ``"zero"`` (every writer's output 0) or each writer's baseline output (a
+    :class:`WriterOutputs` of the batch's shapes, or broadcastable to them: per-node means). Scores are
+    float64 for a float64 model, else float32.
+    """
+    graph = rm.graph
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    scores = torch.zeros(batch.size, len(graph.upstream), len(graph.downstream), dtype=dtype,
+                         device=batch.input_ids.device)
+    gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True, dtype=dtype)
+    backward = _EdgeBackward(rm, WriterOutputs(), scores)
+    handles = backward.hooks()
+    try:
+        with recording_writers(rm, heads, leaf=True) as clean, heads.using(gates, None):
+            loss = example_losses(model, batch, metric)
+        if not clean.complete():
+            raise ValueError("edges: not every layer's heads and MLP were seen in the forward pass")
+        base = clean.zeros_like() if isinstance(baseline, str) and baseline == "zero" else baseline
+        backward.delta = base.minus(clean)
+        # asking for the first layer's input too makes the backward reach every reader, not only the gates
+        grad, _ = torch.autograd.grad(loss.sum(), [gates, clean.leaf])
+    finally:
+        for h in handles:
+            h.remove()
+    return loss.detach(), scores * graph.allowed.to(scores.device), grad
+
+
+@torch.no_grad()
+def check_decomposition(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch) -> None:
+    """Refuse (UnsupportedModelError) a model whose residual stream is not what the edge graph says: every
+    layer's input and the final norm's input must be the embeddings plus every earlier head's slice of the
+    output projection (and its bias) plus every earlier MLP output, to float round-off. A family that scales
+    the stream (Granite's residual multiplier) or adds terms of its own fails here, on the first batch."""
+    inputs: list[torch.Tensor | None] = [None] * (rm.graph.num_layers + 1)
+    handles = [lm.block.register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: inputs.__setitem__(i, layer_input(args, kwargs).detach()), with_kwargs=True)
+        for i, lm in enumerate(rm.layers)]
+    handles.append(rm.final_norm.register_forward_pre_hook(lambda m, args: inputs.__setitem__(-1, args[0].detach())))
+    try:
+        with recording_writers(rm, heads) as out, heads.using(None, None):
+            run_forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not out.complete() or any(x is None for x in inputs):
+        raise UnsupportedModelError(f"edges: {rm.family}'s forward pass did not go through every layer's heads, "
+                                    "MLP and final norm where edges hook them")
+    mask = batch.attention_mask.to(out.emb.device).bool()
+    stream = out.emb.to(torch.float64)
+    eps = torch.finfo(out.emb.dtype).eps
+    for i in range(rm.graph.num_layers + 1):
+        got = inputs[i].to(torch.float64)
+        scale = float(got[mask].abs().max()) + 1e-30
+        off = float((got - stream)[mask].abs().max()) / scale
+        if off > 1e3 * eps * (i + 1):  # round-off of i layers' sums in the model's dtype
+            where = f"layer {i}'s input" if i < rm.graph.num_layers else "the final norm's input"
+            raise UnsupportedModelError(
+                f"edges: {rm.family}'s residual stream is not the sum of its embeddings, heads and MLPs ({where} "
+                f"is off by {off:.1e} of its size); edges cannot decompose it")
+        if i == rm.graph.num_layers:
+            break
+        lm = rm.layers[i]
+        o = torch.einsum("bthk,dhk->btd", out.heads[i].to(torch.float64), rm.o_weight(i).to(torch.float64))
+        bias = lm.o_bias
+        stream = stream + o + (0 if bias is None else bias.to(torch.float64)) + out.mlp[i].to(torch.float64)
+
+
+@torch.no_grad()
+def writer_outputs(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch) -> WriterOutputs:
+    """Every upstream node's output on ``batch`` (one forward-only pass; e.g. on its corrupted prompts)."""
+    with recording_writers(rm, heads) as out, heads.using(None, None):
+        run_forward(model, batch)
+    if not out.complete():
+        raise ValueError("edges: not every layer's heads and MLP were seen in the forward pass")
+    return out
+

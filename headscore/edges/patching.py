@@ -1,0 +1,159 @@
+"""Exact edge patching, the ground truth of edge scores: v's input recomputed with u's contribution replaced by
+its baseline, nothing else changed.
+
+Only reader v sees the change: its residual input becomes x_v + a_u(baseline) - a_u(clean) before its own
+norm, while every other reader (the other heads' projections of the same layer included) reads the clean
+stream; what v then outputs flows on as the model computes it. u's clean output is the same in the patched
+run (u writes before v reads), so its change is taken from the clean run. Several edges run as rows of one
+forward pass (the batch repeated once per edge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import Batch
+from ..loss import NLL, Metric, example_losses
+from ..patch import HeadGates
+from .attribution import WriterOutputs
+from .residual import Projection, ResidualModel
+
+Edge = tuple[int, int]
+"""(upstream index, downstream index), as in :class:`~headscore.edges.graph.EdgeGraph`."""
+
+
+def writer_change(rm: ResidualModel, delta: WriterOutputs, upstream: int) -> torch.Tensor:
+    """What upstream node ``upstream`` adds to the stream at baseline minus clean: [B, T, d]."""
+    graph = rm.graph
+    if upstream == 0:
+        return delta.emb
+    layer, offset = divmod(upstream - 1, graph.writers_per_layer)
+    if offset == graph.num_heads:
+        return delta.mlp[layer]
+    w = rm.o_weight(layer)[:, offset]  # [d, D]
+    return torch.einsum("btk,dk->btd", delta.heads[layer][:, :, offset].to(w.dtype), w)
+
+
+def _reader(rm: ResidualModel, downstream: int) -> tuple[int, str, int]:
+    """(layer, kind, offset within the layer) of a downstream index; kind attn, mlp or logits."""
+    graph = rm.graph
+    if downstream == len(graph.downstream) - 1:
+        return graph.num_layers - 1, "logits", 0
+    layer, offset = divmod(downstream, graph.readers_per_layer)
+    return layer, "mlp" if offset == graph.readers_per_layer - 1 else "attn", offset
+
+
+class _PatchHooks:
+    """Forward hooks that give each patched row's reader its changed input."""
+
+    def __init__(self, rm: ResidualModel, rows: list[tuple[int, int, str, int, torch.Tensor]]):
+        # rows: (row, layer, kind, offset, change [T, d])
+        self.rm = rm
+        self.rows = rows
+        self.normed: dict[int, torch.Tensor] = {}  # row -> its attention reader's changed norm output
+        self.mlp_in: dict[int, torch.Tensor] = {}  # row -> the stream its MLP norm reads
+
+    def install(self) -> list:
+        rm, handles = self.rm, []
+        for layer, lm in enumerate(rm.layers):
+            mine = [r for r in self.rows if r[1] == layer]
+            attn = [r for r in mine if r[2] == "attn"]
+            mlp = [r for r in mine if r[2] == "mlp"]
+            if attn:
+                handles.append(lm.attn_norm.register_forward_hook(self._attn_norm(lm.attn_norm, attn)))
+                for proj in lm.projections:
+                    cols = dict(proj.readers)
+                    chosen = [(r[0], cols[r[3]]) for r in attn if r[3] in cols]
+                    if chosen:
+                        handles.append(proj.module.register_forward_hook(self._projection(proj, chosen)))
+            if mlp:
+                handles.append(lm.mlp_norm.register_forward_pre_hook(self._mlp_stream(mlp)))
+                handles.append(lm.mlp.register_forward_pre_hook(self._mlp_input(lm.mlp_norm, mlp)))
+        logits = [r for r in self.rows if r[2] == "logits"]
+        if logits:
+            handles.append(rm.final_norm.register_forward_hook(self._renormed(rm.final_norm, logits)))
+        return handles
+
+    def _attn_norm(self, norm, rows):
+        def hook(module, args, out):
+            x = args[0]
+            for row, _, _, _, change in rows:
+                self.normed[row] = norm.forward(x[row] + change.to(x.dtype))
+        return hook
+
+    def _projection(self, proj: Projection, rows: list[tuple[int, torch.Tensor]]):
+        def hook(module, args, out):
+            out = out.clone()
+            for row, cols in rows:
+                cols = cols.to(out.device)
+                bias = None if proj.bias is None else proj.bias[cols]
+                out[row, :, cols] = F.linear(self.normed[row], proj.weight[cols], bias)
+            return out
+        return hook
+
+    def _mlp_stream(self, rows):
+        def pre_hook(module, args):
+            for row, *_ in rows:
+                self.mlp_in[row] = args[0][row]
+        return pre_hook
+
+    def _mlp_input(self, norm, rows):
+        """The MLP's own normed input for the patched rows (a norm output may feed the attention too)."""
+        def pre_hook(module, args):
+            x = args[0].clone()
+            for row, _, _, _, change in rows:
+                stream = self.mlp_in[row]
+                x[row] = norm.forward(stream + change.to(stream.dtype))
+            return (x, *args[1:])
+        return pre_hook
+
+    def _renormed(self, norm, rows):
+        def hook(module, args, out):
+            x, out = args[0], out.clone()
+            for row, _, _, _, change in rows:
+                out[row] = norm.forward(x[row] + change.to(x.dtype))
+            return out
+        return hook
+
+
+@torch.no_grad()
+def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
+                        edges: Sequence[Edge], delta: WriterOutputs, *, metric: Metric = NLL, max_rows: int = 64,
+                        on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Each example's loss with each edge patched alone: [K, B] float64 for K ``edges``.
+
+    ``delta``: every writer's baseline minus clean output on ``batch`` (see
+    :func:`~headscore.edges.attribution.writer_outputs`). Edges that do not exist (u writes after v
+    reads) are refused with ValueError. ``on_pass(n)`` is called after each forward pass of n edges.
+    """
+    allowed = rm.graph.allowed
+    bad = [e for e in edges if not bool(allowed[e[0], e[1]])]
+    if bad:
+        u, v = bad[0]
+        raise ValueError(f"no edge {rm.graph.upstream[u]} -> {rm.graph.downstream[v]}: it writes after that "
+                         "node reads")
+    b = batch.size
+    per_pass = max(1, max_rows // b)
+    out = torch.empty(len(edges), b, dtype=torch.float64)
+    with heads.using(None, None):
+        for start in range(0, len(edges), per_pass):
+            chunk = edges[start:start + per_pass]
+            rows = []
+            for c, (u, v) in enumerate(chunk):
+                change = writer_change(rm, delta, u)
+                layer, kind, head = _reader(rm, v)
+                rows += [(c * b + i, layer, kind, head, change[i]) for i in range(b)]
+            tiled = batch.tile(len(chunk)) if len(chunk) > 1 else batch
+            handles = _PatchHooks(rm, rows).install()
+            try:
+                losses = example_losses(model, tiled, metric)
+            finally:
+                for h in handles:
+                    h.remove()
+            out[start:start + len(chunk)] = losses.to(torch.float64).view(len(chunk), b).cpu()
+            if on_pass is not None:
+                on_pass(len(chunk))
+    return out

@@ -1,0 +1,326 @@
+"""Edge scores and exact edge patching (issue 25) against an independent float64 reference.
+
+The reference is a forward pass written here from the model's weights, one example at a time: every reader
+(each query head, each key and value head, each MLP, the final norm) gets its own copy of the residual stream
+plus a perturbation e_v of its own, and every writer's contribution (the embeddings, each head's slice of the
+output projection, each MLP) is recorded as a separate term. Edge score u -> v is then
+< a_u(baseline) - a_u(clean), dL/de_v > by autograd, and exact edge patching is the same forward with
+e_v = a_u(baseline) - a_u(clean). The library computes the first from one batched backward pass with hooks
+and the second with forward hooks on a padded batch; nothing of either is used here.
+
+The models' RMSNorms compute in float32 whatever the model's dtype (transformers casts); the tests give them a
+float64 forward, so that every step runs in float64 and the tolerances can be float64's.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import FAMILIES, ByteTokenizer, random_examples, tiny_model
+
+from headscore.data.examples import Example
+from headscore.edges.attribution import check_decomposition, edge_attributions, writer_outputs
+from headscore.edges.graph import EdgeGraph
+from headscore.edges.patching import edge_patched_losses
+from headscore.edges.residual import residual_model
+from headscore.errors import UnsupportedModelError
+from headscore.methods.gradient import gate_gradients
+from headscore.models import LoadedModel
+from headscore.patch import patch
+from headscore.prepared import prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import model_matrix  # noqa: E402
+
+
+def float64_norms(model: torch.nn.Module) -> None:
+    """Every RMSNorm computes in float64 (transformers' casts to float32 whatever the model's dtype)."""
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(forward, module)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [T, heads, D] on its first cos.shape[-1] dimensions (the half-split convention of
+    Llama's and GPT-NeoX's; NeoX and Phi rotate only part of each head)."""
+    dims = cos.shape[-1]
+    x_rot, x_pass = x[..., :dims], x[..., dims:]
+    half = dims // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos[:, None] + rotated * sin[:, None], x_pass], dim=-1)
+
+
+def weight_of(module) -> torch.Tensor:
+    """[out, in] (GPT-2's Conv1D keeps [in, out])."""
+    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.T
+
+
+def queries_keys_values(block, n: torch.Tensor, heads: int, kv: int, dh: int):
+    """q [T, H, D], k and v [T, KV, D] of a layer from normed input n [T, d], split as each family's own code
+    splits its projections."""
+    t = n.shape[0]
+    if hasattr(block, "attn"):  # GPT-2: c_attn gives query | key | value
+        q, k, v = block.attn.c_attn(n).split(heads * dh, dim=-1)
+        return q.view(t, heads, dh), k.view(t, kv, dh), v.view(t, kv, dh)
+    if hasattr(block, "attention"):  # GPT-NeoX: per head, its query, key and value
+        q, k, v = block.attention.query_key_value(n).view(t, heads, 3 * dh).chunk(3, dim=-1)
+        return q, k, v
+    attn = block.self_attn
+    if hasattr(attn, "qkv_proj"):  # Phi-3
+        qkv = attn.qkv_proj(n)
+        q, k, v = qkv[:, :heads * dh], qkv[:, heads * dh:(heads + kv) * dh], qkv[:, (heads + kv) * dh:]
+    else:
+        q, k, v = attn.q_proj(n), attn.k_proj(n), attn.v_proj(n)
+    q, k, v = q.view(t, heads, dh), k.view(t, kv, dh), v.view(t, kv, dh)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def parts(block):
+    """(attention norm, output projection, MLP norm, parallel): how the layer reads and writes the stream."""
+    if hasattr(block, "attn"):
+        return block.ln_1, block.attn.c_proj, block.ln_2, False
+    if hasattr(block, "attention"):
+        return block.input_layernorm, block.attention.dense, block.post_attention_layernorm, \
+            block.use_parallel_residual
+    out = getattr(block.self_attn, "o_proj", None) or block.self_attn.dense
+    mlp_norm = getattr(block, "post_attention_layernorm", None)
+    return block.input_layernorm, out, mlp_norm or block.input_layernorm, mlp_norm is None
+
+
+def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | None = None):
+    """Loss (mean NLL of the target tokens) of one example [T] and every writer's contribution [T, d]:
+    {"emb", (l, "H", h), (l, "mlp")}. ``perturb[reader]`` [T, d] is added to that reader's residual input only;
+    readers are (l, "q", h), (l, "k", j), (l, "v", j), (l, "mlp") and "logits". The stream entering the first
+    layer (embeddings, positions, any scaling) is taken from the model's own forward."""
+    perturb = perturb or {}
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    base = model.get_decoder()
+    blocks = getattr(base, "layers", None) or base.h
+    final = next(getattr(base, n) for n in ("norm", "final_layer_norm", "ln_f", "final_layernorm") if hasattr(base, n))
+    seen = {}
+
+    def first_layer_input(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    hook = blocks[0].register_forward_pre_hook(first_layer_input, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids[None])
+    hook.remove()
+    t = ids.shape[0]
+    x = seen["x"][0].detach()
+    writes = {"emb": x}
+    rotary = getattr(base, "rotary_emb", None)
+    cos, sin = rotary(x[None], torch.arange(t)[None]) if rotary is not None else (None, None)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def read(key, stream):
+        e = perturb.get(key)
+        return stream if e is None else stream + e
+
+    for layer, block in enumerate(blocks):
+        attn_norm, out_proj, mlp_norm, parallel = parts(block)
+        wo = weight_of(out_proj).view(-1, heads, dh)
+
+        def qkv_for(key, index, which, x=x, block=block, attn_norm=attn_norm):
+            q, k, v = queries_keys_values(block, attn_norm(read(key, x)), heads, kv, dh)
+            if cos is not None:
+                q, k = rope(q, cos[0], sin[0]), rope(k, cos[0], sin[0])
+            return (q, k, v)[which][:, index]
+
+        keys = [qkv_for((layer, "k", j), j, 1) for j in range(kv)]
+        values = [qkv_for((layer, "v", j), j, 2) for j in range(kv)]
+        total = x
+        for h in range(heads):
+            q = qkv_for((layer, "q", h), h, 0)
+            j = h // (heads // kv)
+            weights = torch.softmax((q @ keys[j].T * dh ** -0.5).masked_fill(~causal, -math.inf), dim=-1)
+            writes[(layer, "H", h)] = (weights @ values[j]) @ wo[:, h].T
+            total = total + writes[(layer, "H", h)]
+        if out_proj.bias is not None:
+            total = total + out_proj.bias
+        mlp_out = block.mlp(mlp_norm(read((layer, "mlp"), x if parallel else total))[None])  # MoE blocks want [B, T, d]
+        writes[(layer, "mlp")] = (mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)[0]
+        x = total + writes[(layer, "mlp")]
+    logits = model.get_output_embeddings()(final(read("logits", x)))
+    logp = torch.log_softmax(logits, dim=-1)
+    where = target.nonzero().flatten()  # target token at t, predicted at t - 1
+    return -logp[where - 1, ids[where]].mean(), writes
+
+
+def node_keys(graph: EdgeGraph) -> tuple[list, list]:
+    """The reference's writer and reader keys in the graph's upstream and downstream order."""
+    up = ["emb"]
+    for layer in range(graph.num_layers):
+        up += [(layer, "H", h) for h in range(graph.num_heads)] + [(layer, "mlp")]
+    down = []
+    for layer in range(graph.num_layers):
+        down += [(layer, "q", h) for h in range(graph.num_heads)]
+        down += [(layer, "k", j) for j in range(graph.num_kv_heads)]
+        down += [(layer, "v", j) for j in range(graph.num_kv_heads)]
+        down.append((layer, "mlp"))
+    return up, [*down, "logits"]
+
+
+def reference_scores(model, ids, target, changes, graph) -> torch.Tensor:
+    """[U, V] edge scores of one example from autograd through the reference (0 where no edge)."""
+    up, down = node_keys(graph)
+    d = model.config.hidden_size
+    perturb = {key: torch.zeros(ids.shape[0], d, dtype=torch.float64, requires_grad=True) for key in down}
+    loss, _ = reference(model, ids, target, perturb)
+    grads = torch.autograd.grad(loss, [perturb[k] for k in down])
+    out = torch.zeros(len(up), len(down), dtype=torch.float64)
+    for i, u in enumerate(up):
+        for j, g in enumerate(grads):
+            out[i, j] = (changes[u] * g).sum()
+    return (out * graph.allowed).detach()
+
+
+def examples_with_corruption(n: int, seed: int) -> list[Example]:
+    """Random examples, each with a corrupted prompt of its own prompt's length (other letters)."""
+    plain = random_examples(n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for ex in plain:
+        corrupt = "".join(letters[int(i)] for i in torch.randint(0, 26, (len(ex.prompt),), generator=g))
+        out.append(Example(ex.prompt, ex.target, ex.task, corrupt=corrupt))
+    return out
+
+
+def build(family: str, layers: int, heads: int, kv: int, seed: int) -> LoadedModel:
+    """A tiny float64 model: tests/tiny.py's for its families, else the model matrix's (2 layers, 4 heads)."""
+    if family in FAMILIES:
+        lm = tiny_model(family, layers=layers, heads=heads, kv_heads=kv, dtype=torch.float64, seed=seed)
+    else:
+        model = model_matrix.build_model(family, seed=seed)
+        model.set_attn_implementation("sdpa")  # eager attention of some families takes its softmax in float32
+        lm = LoadedModel(model, ByteTokenizer(), f"tiny-{family}")
+    float64_norms(lm.model)
+    return lm
+
+
+CASES = [  # family, layers, heads, kv heads (tiny.py's families), baseline, examples, seed
+    ("llama", 3, 4, 2, "zero", 4, 0),
+    ("llama", 2, 4, 1, "corrupt", 3, 1),
+    ("qwen3", 2, 4, 2, "corrupt", 3, 2),
+    ("mistral", 2, 2, 2, "zero", 2, 3),
+    ("gpt2", 0, 0, 0, "corrupt", 3, 4),  # fused query | key | value, Conv1D, learned positions
+    ("gpt_neox", 0, 0, 0, "zero", 3, 5),  # parallel residual, per-head fused projection, partial rotary
+    ("phi", 0, 0, 0, "corrupt", 2, 6),  # one norm read by attention and MLP in parallel
+    ("phi3", 0, 0, 0, "zero", 2, 7),  # fused qkv_proj
+    ("qwen3_moe", 0, 0, 0, "corrupt", 3, 8),  # grouped-query attention, per-head norms, experts as the MLP
+]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family,layers,heads,kv,baseline,n,seed", CASES)
+def test_edge_scores_and_patching_equal_the_reference(family, layers, heads, kv, baseline, n, seed):
+    lm = build(family, layers, heads, kv, seed)
+    layers, heads = lm.model.config.num_hidden_layers, lm.model.config.num_attention_heads
+    examples = examples_with_corruption(n, seed) if baseline == "corrupt" else random_examples(n, seed=seed)
+    prep = prepare(lm, examples)
+    rm = residual_model(lm.model)
+    graph = rm.graph
+    batch = next(iter(prep.batches(n, progress=False)))
+    assert bool((batch.attention_mask == 0).any())  # padded: the hooks must keep rows apart
+    with patch(lm.model) as gates:
+        check_decomposition(lm.model, gates, rm, batch)
+        clean = writer_outputs(lm.model, gates, rm, batch)
+        base = writer_outputs(lm.model, gates, rm, batch.corrupted()) if baseline == "corrupt" else "zero"
+        loss, scores, grad = edge_attributions(lm.model, gates, rm, batch, base)
+        chosen = pick_edges(graph, scores, seed)
+        delta = (clean.zeros_like() if base == "zero" else base).minus(clean)
+        patched = edge_patched_losses(lm.model, gates, rm, batch, chosen, delta, max_rows=5)
+        _, gate_grad = gate_gradients(lm.model, gates, batch)
+    up, down = node_keys(graph)
+    for row in range(n):
+        length = int(batch.attention_mask[row].sum())
+        ids, target = batch.input_ids[row, :length], batch.target_mask[row, :length]
+        ref_loss, clean_writes = reference(lm.model, ids, target)
+        assert float(loss[row]) == pytest.approx(float(ref_loss.detach()), rel=1e-12)
+        if baseline == "corrupt":
+            cids = batch.corrupt_ids[row, :length]
+            _, corrupt_writes = reference(lm.model, cids, target)
+            changes = {k: corrupt_writes[k] - clean_writes[k] for k in up}
+        else:
+            changes = {k: -clean_writes[k] for k in up}
+        want = reference_scores(lm.model, ids, target, changes, graph)
+        scale = float(want.abs().max())
+        assert scale > 1e-3
+        assert torch.allclose(scores[row], want, rtol=1e-9, atol=1e-9 * scale), \
+            float((scores[row] - want).abs().max())
+        for k, (u, v) in enumerate(chosen):
+            exact = float(reference(lm.model, ids, target, {down[v]: changes[up[u]]})[0].detach())
+            assert float(patched[k, row]) == pytest.approx(exact, rel=1e-10, abs=1e-12), (up[u], down[v])
+    # summed over its readers, a head's edge scores are its node score (-dL/dg), in zero ablation
+    if baseline == "zero":
+        node = torch.stack([scores[:, graph.head_index(layer, 0):graph.head_index(layer, 0) + heads].sum(-1)
+                            for layer in range(layers)], 1)
+        assert torch.allclose(node, -grad, rtol=1e-10, atol=1e-12 * float(grad.abs().max()))
+        assert torch.allclose(grad, gate_grad, rtol=1e-12, atol=1e-14)
+
+
+def pick_edges(graph: EdgeGraph, scores: torch.Tensor, seed: int) -> list[tuple[int, int]]:
+    """Edges into every kind of reader: the largest few, and random ones (every kind of writer)."""
+    allowed = graph.allowed.nonzero().tolist()
+    g = torch.Generator().manual_seed(seed)
+    picks = [tuple(allowed[int(i)]) for i in torch.randperm(len(allowed), generator=g)[:14]]
+    top = scores.abs().sum(0).flatten().argsort(descending=True)[:4]
+    picks += [divmod(int(i), len(graph.downstream)) for i in top]
+    picks += [(0, len(graph.downstream) - 1), (graph.head_index(0, 1), graph.reader_start(1) + graph.num_heads)]
+    return picks
+
+
+def test_the_graph_says_which_edges_exist():
+    g = EdgeGraph(2, 2, 1)
+    assert g.upstream == ["emb", "L0.H0", "L0.H1", "L0.mlp", "L1.H0", "L1.H1", "L1.mlp"]
+    assert g.downstream == ["L0.H0.q", "L0.H1.q", "L0.KV0.k", "L0.KV0.v", "L0.mlp",
+                            "L1.H0.q", "L1.H1.q", "L1.KV0.k", "L1.KV0.v", "L1.mlp", "logits"]
+    a = g.allowed
+    up, down = g.index, g.index
+    assert a[up("emb", upstream=True)].all()
+    assert a[up("L0.H1", upstream=True), down("L0.mlp", upstream=False)]  # sequential: the MLP reads its heads
+    assert not a[up("L0.H1", upstream=True), down("L0.KV0.v", upstream=False)]
+    assert not a[up("L0.mlp", upstream=True), down("L0.mlp", upstream=False)]
+    assert a[up("L0.mlp", upstream=True), down("L1.H0.q", upstream=False)]
+    assert not a[up("L1.H0", upstream=True), down("L0.mlp", upstream=False)]
+    assert a[:, -1].all()  # every writer reaches the logits
+    parallel = EdgeGraph(2, 2, 1, parallel=True)
+    assert not parallel.allowed[up("L0.H1", upstream=True), down("L0.mlp", upstream=False)]
+    assert g.num_edges == int(a.sum()) and parallel.num_edges == g.num_edges - 4  # 2 layers x 2 heads
+    with pytest.raises(ValueError, match="no downstream node 'L5.mlp'"):
+        g.index("L5.mlp", upstream=False)
+
+
+def test_families_edges_cannot_decompose_are_refused():
+    lm = tiny_model("gemma2", layers=2, heads=2, kv_heads=1)
+    with pytest.raises(UnsupportedModelError, match="normalises the attention and MLP outputs before adding them"):
+        residual_model(lm.model)
+    gpt_j = LoadedModel(model_matrix.build_model("gptj"), ByteTokenizer(), "tiny-gptj")
+    with pytest.raises(UnsupportedModelError, match="none of the layouts edges support"):
+        residual_model(gpt_j.model)
+
+
+def test_a_stream_that_is_not_the_sum_of_its_nodes_is_refused():
+    """A layer that scales what it adds (as Granite's residual multiplier does) fails the decomposition check."""
+    lm = tiny_model("llama", layers=2, heads=2, kv_heads=1)
+    rm = residual_model(lm.model)
+    batch = next(iter(prepare(lm, random_examples(3)).batches(3, progress=False)))
+    with patch(lm.model) as gates:
+        check_decomposition(lm.model, gates, rm, batch)  # as the model is: passes
+        block = rm.layers[0].block
+        block.register_forward_hook(lambda m, args, out: args[0] + 0.5 * (out - args[0]))
+        with pytest.raises(UnsupportedModelError, match="layer 1's input is off by .* of its size"):
+            check_decomposition(lm.model, gates, rm, batch)
