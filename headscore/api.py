@@ -15,6 +15,9 @@ from .checkpoint import ScoringRun, fingerprint, tensor_hash
 from .compare import compare
 from .data.batching import batch_cells, num_batches
 from .data.examples import Example
+from .edges.ablation import edges_by_name, exact_edge_scores, top_edges
+from .edges.residual import residual_model
+from .edges.scoring import edge_baseline, score_edges
 from .errors import HeadscoreError
 from .loss import Metric, MetricFn, resolve_metric
 from .methods.ablation import (
@@ -167,7 +170,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
           checkpoint: str | None = None, checkpoint_every: int = 0, resume: bool = False,
           distributed: bool | None = None, steps: int = DEFAULT_IG_STEPS, path_fraction: float = DEFAULT_IG_FRACTION,
           verify: int | bool | None = None, rows_per_pass: int = 64,
-          columns: Mapping[str, str] | None = None) -> HeadScores:
+          columns: Mapping[str, str] | None = None, edges: bool = False) -> HeadScores:
     """Score every head for every task from one forward and one backward pass per batch.
 
     Args:
@@ -207,6 +210,10 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             and the result's ``exact`` mask marks them. Not with ``abs``/``fisher`` (no exact counterpart),
             checkpoints or distributed runs.
         rows_per_pass: with ``verify``, gate rows per forward pass of the exact measurements.
+        edges: also score every edge between nodes of the residual stream (embeddings, heads, MLPs -> each
+            query head, key/value head, MLP, the logits) from the same pass: ``scores.edges(task)``,
+            ``scores.edge_nodes`` (:mod:`headscore.edges`). Method taylor (or atp-mean), baseline zero, mean
+            or corrupt; not per position, verified, checkpointed or distributed.
         columns: for a table: its columns of fields named otherwise, e.g. ``{"prompt": "question", "target":
             "answer", "task": "category"}`` (:func:`headscore.data.tables.examples_from_table`).
 
@@ -219,11 +226,17 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     if method in NEEDS_MEAN_BASELINE and isinstance(baseline, str) and baseline != "mean":
         raise HeadscoreError(f"method {method} uses the mean baseline; for baseline {baseline!r} use taylor")
     _check_estimator(method, steps, path_fraction, per_position, verify, checkpoint, distributed)
+    if edges:
+        _check_edges(method, per_position, verify, checkpoint, distributed)
+        writers = edge_baseline(baseline, method)
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
                           baseline=baseline, columns=columns)
     if per_position and checkpoint is not None:
         raise HeadscoreError("per-position scores are not checkpointed; drop the checkpoint or per_position")
     name = _gradient_method_name(method, baseline)
+    if edges:
+        return score_edges(prep, name=name, baseline=writers, metric=metric, meaning=_meaning(prep, metric),
+                           batch_size=batch_size, progress=progress)
     acc = prep.accumulator()
     ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
                         batch_size=batch_size,
@@ -287,6 +300,18 @@ def _check_estimator(method: str, steps: int, path_fraction: float, per_position
                              "counterpart (use taylor, ig, curvature or atp-mean)")
     if checkpoint is not None or distributed:
         raise HeadscoreError("verify runs in one process without checkpoints; drop --checkpoint/--distributed")
+
+
+def _check_edges(method: str, per_position: bool, verify: int | bool | None, checkpoint: str | None,
+                 distributed: bool | None) -> None:
+    """Refuse what an edge run cannot take, before any model work."""
+    if method not in ("taylor", "atp-mean"):
+        raise HeadscoreError(f"edges are scored with taylor (attribution patching) or atp-mean, not {method}")
+    refused = [what for what, on in (("per_position", per_position), ("verify", verify not in (None, False)),
+                                     ("checkpoint", checkpoint is not None), ("distributed", bool(distributed)))
+               if on]
+    if refused:
+        raise HeadscoreError(f"edges are scored in one process, whole heads, estimated: drop {', '.join(refused)}")
 
 
 def _estimate(model: torch.nn.Module, heads: HeadGates, batch, base: torch.Tensor | None, method: str,
@@ -410,6 +435,45 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     result = prep.result(acc, f"ablation-{_baseline_name(baseline)}", seconds=time.perf_counter() - start,
                          mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=_meaning(prep, metric))
     return result if maps is None else maps.attach(result)
+
+
+def ablate_edges(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, edges: Sequence[tuple[str, str]] |
+                 None = None, *, scores: HeadScores | None = None, top: int | None = None,
+                 baseline: str = "zero", metric: MetricLike = "nll", batch_size: int = 8, rows_per_pass: int = 64,
+                 max_examples: int | None = None, progress: bool = True, columns: Mapping[str, str] | None = None
+                 ) -> HeadScores:
+    """Exact edge patching: each edge patched alone (its reader's input gets the writer's baseline output in
+    place of its clean one, nothing else changes) on every example; the ground truth of edge scores.
+
+    Args:
+        edges: (upstream, downstream) node names, e.g. ``[("L0.H3", "L2.H1.q")]``; or None with ``scores`` and
+            ``top``: each task's ``top`` edges by |score| in ``scores`` (their union is measured); or None
+            alone: every edge of the model (small models only: one patched row per edge and example).
+        baseline: ``zero``, ``mean`` or ``corrupt`` (the writers' output on the corrupted prompt).
+        rows_per_pass: patched rows per forward pass; the layers below each pass's first reader are replayed.
+
+    Returns:
+        HeadScores whose ``edges(task)`` hold the mean change of the metric's loss per measured edge (NaN
+        elsewhere; ``edge_maps.exact`` marks them); head values are NaN.
+    """
+    writers = edge_baseline(baseline, "taylor")
+    if (scores is None) != (top is None):
+        raise HeadscoreError("scores= and top= come together (the top edges of those scores)")
+    if edges is not None and scores is not None:
+        raise HeadscoreError("give edges= or scores= with top=, not both")
+    prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
+                          baseline=writers, columns=columns)
+    graph = residual_model(prep.lm.model).graph
+    if scores is not None:
+        if scores.edge_maps is not None and scores.edge_nodes != (graph.upstream, graph.downstream):
+            raise HeadscoreError("the scores' edge nodes are not this model's")
+        chosen = top_edges(scores, top)
+    elif edges is not None:
+        chosen = edges_by_name(graph, edges)
+    else:
+        chosen = [tuple(e) for e in graph.allowed.nonzero().tolist()]
+    return exact_edge_scores(prep, chosen, baseline=writers, metric=metric, meaning=_meaning(prep, metric),
+                             batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress)
 
 
 @dataclass(frozen=True)

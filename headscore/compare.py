@@ -104,6 +104,28 @@ def compare(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
     return Agreements({t: agreement(a.task(t), b.task(t), k) for t in common})
 
 
+def compare_edges(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
+    """Agreement per common task of two files' edge scores over the edges both have a value for (e.g. edge
+    scores against exact edge patching of their top edges): Spearman, Kendall and top-k overlap."""
+    for scores, name in ((a, "A"), (b, "B")):
+        if not scores.has_edges:
+            raise HeadscoreError(f"{name} has no edge scores (score with --edges, or ablate --edges)")
+    if a.edge_nodes != b.edge_nodes:
+        raise HeadscoreError("the two files' edge nodes differ (scores of different models?)")
+    out = Agreements()
+    for task in (t for t in a.tasks if t in b.tasks):
+        x, y = a.edges(task), b.edges(task)
+        both = ~torch.isnan(x) & ~torch.isnan(y)
+        if int(both.sum()) < 2:
+            continue
+        if not (torch.isfinite(x[both]).all() and torch.isfinite(y[both]).all()):
+            raise HeadscoreError(f"task {task!r}: edge scores must be finite")
+        out[task] = agreement(x[both], y[both], k)
+    if not out:
+        raise HeadscoreError(f"no task in common with two or more edges measured in both: {a.tasks} vs {b.tasks}")
+    return out
+
+
 def _common_positions(a: HeadScores, b: HeadScores) -> list[str]:
     if not (a.has_positions and b.has_positions):
         raise HeadscoreError("both files need per-position maps (score/ablate with --per-position)")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checksum import ChecksumError, checksummed, read_checked
+from .edge_maps import EdgeMaps
 from .errors import HeadscoreError
 from .output_files import atomic_write
 from .text import lone_surrogate, printable
@@ -143,6 +144,8 @@ class HeadScores:
             ``dataclasses.replace`` keep it; maps derived across tasks (e.g.
             :func:`headscore.cogqa.findings.specificity`) and results rebuilt from accumulators drop
             it, as no value of theirs is a single head's measurement.
+        edge_maps: optional :class:`~headscore.edge_maps.EdgeMaps`, edge scores of every task (``score(...,
+            edges=True)``; see :meth:`edges` and :attr:`edge_nodes`).
     """
 
     values: torch.Tensor
@@ -161,6 +164,7 @@ class HeadScores:
     position_stderr: torch.Tensor | None = None
     position_counts: torch.Tensor | None = None
     exact: torch.Tensor | None = None
+    edge_maps: EdgeMaps | None = None
 
     def __post_init__(self) -> None:
         if self.values.dim() != 3:
@@ -174,9 +178,40 @@ class HeadScores:
         problem = _examples_problem(self.example_values, self.example_tasks, tuple(self.values.shape)) or \
             _positions_problem(self.positions, self.position_values, self.position_stderr, self.position_counts,
                                tuple(self.values.shape)) or \
-            _exact_problem(self.exact, tuple(self.values.shape))
+            _exact_problem(self.exact, tuple(self.values.shape)) or self._edges_problem()
         if problem:
             raise ValueError(problem)
+
+    def _edges_problem(self) -> str:
+        if self.edge_maps is None:
+            return ""
+        kept = None if self.example_values is None else int(self.example_values.shape[0])
+        return self.edge_maps.problem(len(self.tasks), kept)
+
+    @property
+    def has_edges(self) -> bool:
+        """Whether edge scores are present (``score(..., edges=True)``)."""
+        return self.edge_maps is not None
+
+    @property
+    def edge_nodes(self) -> tuple[list[str], list[str]]:
+        """(upstream, downstream) node names of the edge scores, e.g. ``["emb", "L0.H0", ..., "L0.mlp", ...]``
+        and ``["L0.H0.q", ..., "L0.KV0.k", ..., "L0.mlp", ..., "logits"]`` (HeadscoreError without edges)."""
+        maps = self._edges()
+        return list(maps.upstream), list(maps.downstream)
+
+    def edges(self, task: str) -> torch.Tensor:
+        """The dense float64 [upstream, downstream] edge scores of one task, NaN where no edge exists."""
+        maps = self._edges()
+        try:
+            return maps.values[self.tasks.index(task)]
+        except ValueError:
+            raise HeadscoreError(f"no task {task!r}; tasks are {', '.join(self.tasks)}") from None
+
+    def _edges(self) -> EdgeMaps:
+        if self.edge_maps is None:
+            raise HeadscoreError("these scores have no edge scores (score with edges=True, or --edges)")
+        return self.edge_maps
 
     @property
     def has_exact(self) -> bool:
@@ -236,7 +271,7 @@ class HeadScores:
     def select(self, tasks: Sequence[str]) -> HeadScores:
         """A copy restricted to ``tasks`` (in that order)."""
         rows = [self.tasks.index(t) for t in tasks]
-        ex_values = ex_tasks = None
+        ex_values = ex_tasks = keep = None
         if self.example_values is not None:
             new_row = torch.full((len(self.tasks),), -1, dtype=torch.int64)
             new_row[rows] = torch.arange(len(rows))
@@ -246,7 +281,8 @@ class HeadScores:
             list(self.positions), self.position_values[rows], self.position_stderr[rows], self.position_counts[rows])
         return HeadScores(self.values[rows], self.stderr[rows], self.counts[rows], list(tasks), self.method,
                           self.model, self.data_hash, dict(self.versions), dict(self.extra), ex_values, ex_tasks,
-                          *pos, exact=None if self.exact is None else self.exact[rows])
+                          *pos, exact=None if self.exact is None else self.exact[rows],
+                          edge_maps=None if self.edge_maps is None else self.edge_maps.select(rows, keep))
 
     def _repr_html_(self) -> str:
         """A notebook's view: method, model, shape, examples, exact heads, the heatmap grid (one small PNG per
@@ -316,6 +352,8 @@ class HeadScores:
                 "extra": json.dumps(self.extra)}
         if self.positions is not None:
             meta["positions"] = json.dumps(self.positions)
+        if self.edge_maps is not None:
+            meta.update(self.edge_maps.metadata())
         return meta
 
     def to_bytes(self) -> bytes:
@@ -330,6 +368,8 @@ class HeadScores:
                 tensors[key] = getattr(self, key).contiguous()
         if self.exact is not None:
             tensors["exact"] = self.exact.contiguous()
+        if self.edge_maps is not None:
+            tensors.update(self.edge_maps.tensors())
         return checksummed(tensors, self._metadata())
 
     def save(self, path: str | Path) -> Path:
@@ -412,10 +452,17 @@ class HeadScores:
         problem = problem or _positions_problem(names, *pos, tuple(values.shape))
         exact = tensors.get("exact")
         problem = problem or _exact_problem(exact, tuple(values.shape))
+        try:
+            edge_maps = EdgeMaps.from_file(meta, tensors)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        if edge_maps is not None and not problem:
+            problem = edge_maps.problem(len(tasks), None if ex_values is None else int(ex_values.shape[0]))
         if problem:
             raise fail(problem)
         return cls(values, stderr, counts, tasks, meta["method"], meta["model"], meta.get("data_hash", ""),
-                   fields["versions"], fields["extra"], ex_values, ex_tasks, names, *pos, exact=exact)
+                   fields["versions"], fields["extra"], ex_values, ex_tasks, names, *pos, exact=exact,
+                   edge_maps=edge_maps)
 
     def to_rows(self) -> list[dict]:
         """One dict per (task, layer, head): task, layer, head, value, stderr, count, and ``exact`` (a bool)
@@ -461,6 +508,8 @@ class HeadScores:
                            position_counts=self.position_counts.tolist())
             if self.exact is not None:
                 doc["exact"] = self.exact.tolist()
+            if self.edge_maps is not None:
+                doc["edges"] = self.edge_maps.as_json()
             return json.dumps(doc, indent=1).encode()
         raise HeadscoreError(f"export needs a .csv or .json file name, not {suffix or 'no suffix'}")
 
@@ -470,3 +519,25 @@ class HeadScores:
         if suffix not in (".csv", ".json"):
             raise HeadscoreError(f"{path}: export needs a .csv or .json file name")
         return atomic_write(path, self.export_bytes(suffix))
+
+    def edge_export_bytes(self, suffix: str) -> bytes:
+        """The edge scores as ``.csv`` (one row per task and existing edge: task, upstream, downstream, value,
+        stderr, count, and exact with a mask) or ``.json`` (provenance and [task][upstream][downstream] values,
+        null where no edge exists)."""
+        maps, suffix = self._edges(), suffix.lower()
+        if suffix == ".csv":
+            buf = io.StringIO()
+            columns = ["task", "upstream", "downstream", "value", "stderr", "count"]
+            writer = csv.DictWriter(buf, fieldnames=columns + (["exact"] if maps.exact is not None else []))
+            writer.writeheader()
+            writer.writerows(maps.rows(self.tasks, self.counts))
+            return buf.getvalue().encode()
+        if suffix == ".json":
+            doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
+                   "versions": self.versions, "counts": self.counts.tolist(), **maps.as_json()}
+            return json.dumps(doc, indent=1).encode()
+        raise HeadscoreError(f"edge export needs a .csv or .json file name, not {suffix or 'no suffix'}")
+
+    def export_edges(self, path: str | Path) -> Path:
+        """Write the edge scores as CSV or JSON by the file's suffix (see :meth:`edge_export_bytes`)."""
+        return atomic_write(path, self.edge_export_bytes(Path(path).suffix))

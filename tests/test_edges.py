@@ -14,6 +14,8 @@ float64 forward, so that every step runs in float64 and the tolerances can be fl
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import sys
 import types
@@ -22,13 +24,21 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import FAMILIES, ByteTokenizer, random_examples, tiny_model
+from tiny_saved import save_tiny_model
 
+import headscore
+from headscore.cli import main
 from headscore.data.examples import Example
-from headscore.edges.attribution import check_decomposition, edge_attributions, writer_outputs
+from headscore.edges.attribution import (
+    check_decomposition,
+    edge_attributions,
+    mean_writer_outputs,
+    writer_outputs,
+)
 from headscore.edges.graph import EdgeGraph
 from headscore.edges.patching import edge_patched_losses
 from headscore.edges.residual import residual_model
-from headscore.errors import UnsupportedModelError
+from headscore.errors import HeadscoreError, UnsupportedModelError
 from headscore.methods.gradient import gate_gradients
 from headscore.models import LoadedModel
 from headscore.patch import patch
@@ -214,9 +224,11 @@ def build(family: str, layers: int, heads: int, kv: int, seed: int) -> LoadedMod
 CASES = [  # family, layers, heads, kv heads (tiny.py's families), baseline, examples, seed
     ("llama", 3, 4, 2, "zero", 4, 0),
     ("llama", 2, 4, 1, "corrupt", 3, 1),
+    ("llama", 2, 4, 2, "mean", 3, 9),
     ("qwen3", 2, 4, 2, "corrupt", 3, 2),
     ("mistral", 2, 2, 2, "zero", 2, 3),
-    ("gpt2", 0, 0, 0, "corrupt", 3, 4),  # fused query | key | value, Conv1D, learned positions
+    ("gpt2", 0, 0, 0, "corrupt", 3, 4),
+    ("gpt2", 0, 0, 0, "mean", 3, 10),  # fused query | key | value, Conv1D, learned positions
     ("gpt_neox", 0, 0, 0, "zero", 3, 5),  # parallel residual, per-head fused projection, partial rotary
     ("phi", 0, 0, 0, "corrupt", 2, 6),  # one norm read by attention and MLP in parallel
     ("phi3", 0, 0, 0, "zero", 2, 7),  # fused qkv_proj
@@ -238,22 +250,25 @@ def test_edge_scores_and_patching_equal_the_reference(family, layers, heads, kv,
     with patch(lm.model) as gates:
         check_decomposition(lm.model, gates, rm, batch)
         clean = writer_outputs(lm.model, gates, rm, batch)
-        base = writer_outputs(lm.model, gates, rm, batch.corrupted()) if baseline == "corrupt" else "zero"
+        base = {"zero": lambda: "zero", "corrupt": lambda: writer_outputs(lm.model, gates, rm, batch.corrupted()),
+                "mean": lambda: mean_writer_outputs(lm.model, gates, rm, [batch])}[baseline]()
         loss, scores, grad = edge_attributions(lm.model, gates, rm, batch, base)
         chosen = pick_edges(graph, scores, seed)
-        delta = (clean.zeros_like() if base == "zero" else base).minus(clean)
+        delta = (clean.zeros_like() if baseline == "zero" else base).minus(clean)
         patched = edge_patched_losses(lm.model, gates, rm, batch, chosen, delta, max_rows=5)
-        _, gate_grad = gate_gradients(lm.model, gates, batch)
+        _, gate_grad = gate_gradients(lm.model, gates, batch, None if baseline == "zero" else torch.stack(base.heads))
     up, down = node_keys(graph)
-    for row in range(n):
-        length = int(batch.attention_mask[row].sum())
-        ids, target = batch.input_ids[row, :length], batch.target_mask[row, :length]
-        ref_loss, clean_writes = reference(lm.model, ids, target)
+    rows = [reference_row(lm.model, batch, row) for row in range(n)]
+    if baseline == "mean":  # each writer's mean output over every real token of the batch
+        tokens = sum(w["emb"].shape[0] for _, _, _, w in rows)
+        means = {k: sum(w[k].sum(0) for _, _, _, w in rows) / tokens for k in up}
+    for row, (ids, target, ref_loss, clean_writes) in enumerate(rows):
         assert float(loss[row]) == pytest.approx(float(ref_loss.detach()), rel=1e-12)
         if baseline == "corrupt":
-            cids = batch.corrupt_ids[row, :length]
-            _, corrupt_writes = reference(lm.model, cids, target)
+            _, corrupt_writes = reference(lm.model, batch.corrupt_ids[row, :ids.shape[0]], target)
             changes = {k: corrupt_writes[k] - clean_writes[k] for k in up}
+        elif baseline == "mean":
+            changes = {k: means[k] - clean_writes[k] for k in up}
         else:
             changes = {k: -clean_writes[k] for k in up}
         want = reference_scores(lm.model, ids, target, changes, graph)
@@ -264,12 +279,19 @@ def test_edge_scores_and_patching_equal_the_reference(family, layers, heads, kv,
         for k, (u, v) in enumerate(chosen):
             exact = float(reference(lm.model, ids, target, {down[v]: changes[up[u]]})[0].detach())
             assert float(patched[k, row]) == pytest.approx(exact, rel=1e-10, abs=1e-12), (up[u], down[v])
-    # summed over its readers, a head's edge scores are its node score (-dL/dg), in zero ablation
-    if baseline == "zero":
-        node = torch.stack([scores[:, graph.head_index(layer, 0):graph.head_index(layer, 0) + heads].sum(-1)
-                            for layer in range(layers)], 1)
-        assert torch.allclose(node, -grad, rtol=1e-10, atol=1e-12 * float(grad.abs().max()))
-        assert torch.allclose(grad, gate_grad, rtol=1e-12, atol=1e-14)
+    # summed over its readers, a head's edge scores are its node score (-dL/dg against the same baseline)
+    node = torch.stack([scores[:, graph.head_index(layer, 0):graph.head_index(layer, 0) + heads].sum(-1)
+                        for layer in range(layers)], 1)
+    assert torch.allclose(node, -grad, rtol=1e-10, atol=1e-12 * float(grad.abs().max()))
+    assert torch.allclose(grad, gate_grad, rtol=1e-12, atol=1e-14)
+
+
+def reference_row(model, batch, row: int):
+    """(ids, target mask, loss, writes) of the batch's row ``row`` without its padding, from the reference."""
+    length = int(batch.attention_mask[row].sum())
+    ids, target = batch.input_ids[row, :length], batch.target_mask[row, :length]
+    loss, writes = reference(model, ids, target)
+    return ids, target, loss, writes
 
 
 def pick_edges(graph: EdgeGraph, scores: torch.Tensor, seed: int) -> list[tuple[int, int]]:
@@ -324,3 +346,105 @@ def test_a_stream_that_is_not_the_sum_of_its_nodes_is_refused():
         block.register_forward_hook(lambda m, args, out: args[0] + 0.5 * (out - args[0]))
         with pytest.raises(UnsupportedModelError, match="layer 1's input is off by .* of its size"):
             check_decomposition(lm.model, gates, rm, batch)
+
+
+# ------------------------------------------------------------------------------------------ API, file, CLI
+
+
+def test_score_with_edges_keeps_heads_and_edges_in_one_file(tmp_path):
+    lm = tiny_model("llama", layers=2, heads=4, kv_heads=2, dtype=torch.float64)
+    float64_norms(lm.model)  # else the norms' float32 steps leave the sum check at ~1e-8
+    examples = examples_with_corruption(6, 11)
+    for baseline in ("zero", "mean", "corrupt"):
+        plain = headscore.score(lm, examples, baseline=baseline, progress=False)
+        scores = headscore.score(lm, examples, baseline=baseline, edges=True, progress=False)
+        assert scores.method == plain.method
+        # the same node scores (the heads' plain mean baseline is kept in float32: 6e-8 of a value)
+        rtol = 1e-6 if baseline == "mean" else 1e-12
+        assert torch.allclose(scores.values, plain.values, rtol=rtol, atol=rtol * 1e-2)
+        up, down = scores.edge_nodes
+        graph = residual_model(lm.model).graph
+        assert (up, down) == (graph.upstream, graph.downstream)
+        for task in scores.tasks:
+            grid = scores.edges(task)
+            assert torch.equal(grid.isnan(), ~graph.allowed)
+            # a head's edges sum to its node score, task by task
+            for layer in range(2):
+                for head in range(4):
+                    total = grid[graph.head_index(layer, head)].nansum()
+                    assert float(total) == pytest.approx(float(scores.task(task)[layer, head]), rel=1e-9, abs=1e-12)
+        path = scores.save(tmp_path / f"{baseline}.hs")
+        back = headscore.HeadScores.load(path)
+        assert back.edge_nodes == scores.edge_nodes
+        for name in ("values", "stderr", "example_values"):
+            a, b = getattr(back.edge_maps, name), getattr(scores.edge_maps, name)
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), name
+        sub = scores.select([scores.tasks[1]])
+        kept = scores.example_tasks == 1
+        assert torch.equal(sub.edges(scores.tasks[1]).nan_to_num(7.0), scores.edges(scores.tasks[1]).nan_to_num(7.0))
+        assert torch.equal(sub.edge_maps.example_values.nan_to_num(7.0),
+                           scores.edge_maps.example_values[kept].nan_to_num(7.0))
+    # per-example edge values (kept in float32: 6e-8 of the largest) average to the task's
+    t0 = scores.example_tasks == 0
+    mean = scores.edge_maps.example_values[t0].double().mean(0).nan_to_num(0.0)
+    want = scores.edge_maps.values[0].nan_to_num(0.0)
+    assert torch.allclose(mean, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_exact_edge_patching_as_a_file_and_compared(tmp_path):
+    lm = tiny_model("llama", layers=2, heads=2, kv_heads=1, dtype=torch.float64)
+    float64_norms(lm.model)
+    examples = examples_with_corruption(4, 12)
+    scores = headscore.score(lm, examples, baseline="corrupt", edges=True, progress=False)
+    every = headscore.ablate_edges(lm, examples, baseline="corrupt", rows_per_pass=7, progress=False)
+    graph = residual_model(lm.model).graph
+    assert every.method == "edge-patching-corrupt" and bool(every.values.isnan().all())
+    assert torch.equal(every.edge_maps.exact[0], graph.allowed)
+    top = headscore.ablate_edges(lm, examples, scores=scores, top=5, baseline="corrupt", progress=False)
+    measured = top.edge_maps.exact[0]
+    assert 5 <= int(measured.sum()) <= 5 * len(scores.tasks)
+    for t in range(len(scores.tasks)):  # each task's own top 5 by |score| are among the measured
+        ranked = scores.edge_maps.values[t].abs().nan_to_num(-1.0).flatten().topk(5).indices
+        assert bool(measured.flatten()[ranked].all())
+    # measuring a subset gives the values of measuring all (the same runs, rows packed otherwise)
+    assert torch.allclose(top.edge_maps.values[:, measured], every.edge_maps.values[:, measured], rtol=1e-10,
+                          atol=1e-12)
+    named = headscore.ablate_edges(lm, examples, [("emb", "logits"), ("L0.H1", "L1.H0.q")], baseline="corrupt",
+                                   progress=False)
+    assert int(named.edge_maps.exact[0].sum()) == 2
+    agree = headscore.compare_edges(scores, every)
+    assert set(agree) == set(scores.tasks) and all(-1 <= a.spearman <= 1 for a in agree.values())
+    path = every.save(tmp_path / "every.hs")
+    assert torch.equal(headscore.HeadScores.load(path).edge_maps.exact, every.edge_maps.exact)
+    with pytest.raises(HeadscoreError, match="no edge L1.H0 -> L0.mlp"):
+        headscore.ablate_edges(lm, examples, [("L1.H0", "L0.mlp")], progress=False)
+    with pytest.raises(HeadscoreError, match="no upstream node 'L9.H0'"):
+        headscore.ablate_edges(lm, examples, [("L9.H0", "logits")], progress=False)
+    with pytest.raises(HeadscoreError, match=r"999 edges asked for, but the model has \d+"):
+        headscore.ablate_edges(lm, examples, scores=scores, top=999, progress=False)
+
+
+def test_the_command_line_scores_patches_exports_and_compares_edges(tmp_path, capsys):
+    model_dir = save_tiny_model(tmp_path / "model")
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": e.prompt, "target": e.target, "task": e.task}) + "\n"
+                             for e in random_examples(4, seed=3)))
+    common = ["--model", str(model_dir), "--tasks", str(tasks), "--no-progress"]
+    assert main(["score", *common, "--edges", "--out", str(tmp_path / "s.hs"), "--export-edges",
+                 str(tmp_path / "e.csv"), "--export-edges", str(tmp_path / "e.json")]) == 0
+    assert "edges in" in capsys.readouterr().out
+    scores = headscore.HeadScores.load(tmp_path / "s.hs")
+    rows = list(csv.DictReader((tmp_path / "e.csv").open(encoding="utf-8")))
+    assert len(rows) == len(scores.tasks) * scores.edge_maps.num_edges
+    first = rows[0]
+    u, v = scores.edge_nodes[0].index(first["upstream"]), scores.edge_nodes[1].index(first["downstream"])
+    assert float(first["value"]) == float(scores.edges(first["task"])[u, v])
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["upstream"] == scores.edge_nodes[0] and len(doc["values"]) == len(scores.tasks)
+    assert main(["ablate", *common, "--edges", "--scores", str(tmp_path / "s.hs"), "--top", "3",
+                 "--out", str(tmp_path / "x.hs")]) == 0
+    assert "edge-patching-zero" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "s.hs"), str(tmp_path / "x.hs"), "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "edges, taylor vs edge-patching-zero" in out
+    assert set(json.loads((tmp_path / "c.json").read_text())["_edges"]) == set(scores.tasks)

@@ -151,8 +151,9 @@ def check_command_outputs(args: argparse.Namespace, files: Iterable[tuple[str, s
     """Every output of a command checked against its inputs (task file, model files, ``inputs``), before work."""
     files = list(files)
     for label, path in files:
-        if label == "--export" and path is not None and Path(path).suffix.lower() not in EXPORT_SUFFIXES:
-            raise HeadscoreError(f"{path}: --export needs a .csv or .json file name")
+        if label in ("--export", "--export-edges") and path is not None and \
+                Path(path).suffix.lower() not in EXPORT_SUFFIXES:
+            raise HeadscoreError(f"{path}: {label} needs a .csv or .json file name")
     model = getattr(args, "model", None)
     check_outputs(files, dirs, inputs=input_files(args, *inputs),
                   input_dirs=[("--model", model_dir(model))] if model else [])
@@ -172,13 +173,33 @@ def print_top(scores: HeadScores, k: int = 3) -> None:
         print(f"  {printable(task)}: {top}")
 
 
-def save_scores(scores: HeadScores, out: str, exports: Sequence[str]) -> None:
-    """Write the scores file and its exports, all or nothing, then say what was written."""
+def save_scores(scores: HeadScores, out: str, exports: Sequence[str], edge_exports: Sequence[str] = ()) -> None:
+    """Write the scores file and its exports (``edge_exports``: the edge scores), all or nothing, then say what
+    was written."""
     with OutputSet() as outputs:
         outputs.write(out, scores.to_bytes(), label="--out")
         for path in exports:
             outputs.write(path, scores.export_bytes(Path(path).suffix), label="--export")
+        for path in edge_exports:
+            outputs.write(path, scores.edge_export_bytes(Path(path).suffix), label="--export-edges")
     n = int(scores.counts.sum())
-    print(f"{scores.method}: {len(scores.tasks)} tasks, {n} examples, {scores.num_layers}x{scores.num_heads} heads "
-          f"in {scores.extra.get('seconds', 0):.1f}s -> {out}")
-    print_top(scores)
+    heads = f"{scores.num_layers}x{scores.num_heads} heads"
+    if scores.has_edges:
+        heads += f", {scores.edge_maps.num_edges} edges"
+    print(f"{scores.method}: {len(scores.tasks)} tasks, {n} examples, {heads} in "
+          f"{scores.extra.get('seconds', 0):.1f}s -> {out}")
+    if scores.values.isnan().all() and scores.has_edges:
+        print_top_edges(scores)
+    else:
+        print_top(scores)
+
+
+def print_top_edges(scores: HeadScores, k: int = 3) -> None:
+    """The ``k`` edges with the largest value of each task, one line per task."""
+    up, down = scores.edge_nodes
+    for task in scores.tasks:
+        grid = scores.edges(task)
+        flat = grid.nan_to_num(nan=-float("inf")).flatten()
+        top = flat.topk(min(k, int((~grid.isnan()).sum()))).indices.tolist()
+        shown = ", ".join(f"{up[i // len(down)]} -> {down[i % len(down)]} ({float(flat[i]):+.3g})" for i in top)
+        print(f"  {printable(task)}: {shown}")

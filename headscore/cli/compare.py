@@ -7,7 +7,7 @@ import json
 import warnings
 from collections.abc import Callable
 
-from ..compare import compare_positions, exact_counts, largest_differences, require_finite
+from ..compare import compare_edges, compare_positions, exact_counts, largest_differences, require_finite
 from ..intervals import agreement_table
 from ..output_files import atomic_write
 from ..results import HeadScores
@@ -39,6 +39,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if a.model and b.model and a.model != b.model:
         warnings.warn(f"the files name different models ({a.model} in {args.a}, {b.model} in {args.b}); "
                       "their heads need not correspond", stacklevel=1)
+    if any(s.has_edges and bool(s.values.isnan().all()) for s in (a, b)):  # exact edge patching: edges only
+        doc = {"_edges": _print_edges(a, b, args)}
+        if args.json:
+            atomic_write(args.json, json.dumps(doc, indent=1).encode())
+        return
     table = agreement_table(a, b, args.k, **interval_options(args))
     print(f"{printable(a.method)} vs {printable(b.method)}")
     first = next(iter(table.values()))
@@ -82,5 +87,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
             print(f"  {printable(task)}: " + ", ".join(
                 f"{m.layer}.{m.head}: {m.a:+.3g}{'*' if m.a_exact else ''}, {m.b:+.3g}{'*' if m.b_exact else ''}"
                 for m in misses))
+    if a.has_edges and b.has_edges:
+        doc = {**doc, "_edges": _print_edges(a, b, args)}
     if args.json:
         atomic_write(args.json, json.dumps(doc, indent=1).encode())
+
+
+
+def _print_edges(a: HeadScores, b: HeadScores, args: argparse.Namespace) -> dict:
+    """Print the edge scores' agreement per task (over the edges both files have a value for); its JSON."""
+    edges = compare_edges(a, b, args.k)
+    print(f"edges, {printable(a.method)} vs {printable(b.method)}:")
+    print(f"{'task':<28} {'edges':>7} {'spearman':>8} {'kendall':>8} {'top-' + str(args.k):>7}")
+    for task, agree in edges.items():
+        both = int((~a.edges(task).isnan() & ~b.edges(task).isnan()).sum())
+        print(f"{printable(task):<28} {both:>7} {agree.spearman:>8.3f} {agree.kendall:>8.3f} "
+              f"{agree.topk_overlap:>7.2f}")
+    return {t: g.as_dict() for t, g in edges.items()}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..api import BASELINES, METHODS, ablate, ablate_heads, score
+from ..api import BASELINES, METHODS, ablate, ablate_edges, ablate_heads, score
 from ..checkpoint import checkpoint_path
 from ..cogqa.probe import probe_scores
 from ..data.examples import limit_per_task
@@ -20,6 +20,7 @@ from ..loss import METRICS
 from ..methods.ablation import ABLATION_MODES
 from ..methods.gradient import DEFAULT_IG_FRACTION, DEFAULT_IG_STEPS
 from ..output_files import atomic_write
+from ..results import HeadScores
 from ..text import printable
 from .common import add_model_args, at_least, check_command_outputs, finite_float, load_model_and_tasks, save_scores
 
@@ -59,6 +60,11 @@ def register(sub) -> dict[str, Callable]:
                    help="with --verify: rows per forward pass of the exact measurements (default 64)")
     s.add_argument("--out", required=True, help="output scores file (.hs)")
     s.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
+    s.add_argument("--edges", action="store_true",
+                   help="also score every edge between residual-stream nodes (embeddings, heads, MLPs -> query "
+                        "heads, key/value heads, MLPs, logits) from the same pass (taylor or atp-mean)")
+    s.add_argument("--export-edges", action="append", default=[], metavar="FILE",
+                   help="with --edges: also write the edge scores as .csv or .json (repeatable)")
     s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
                    help="fused Triton attention kernel: auto (on CUDA), on, off (default: auto)")
     s.add_argument("--checkpoint", default=None,
@@ -83,6 +89,14 @@ def register(sub) -> dict[str, Callable]:
     a.add_argument("--gate", type=finite_float, default=0.0, help="with --heads: the gate value (0 ablates, 2 doubles)")
     a.add_argument("--out", default=None, help="output scores file (.hs); required unless --heads")
     a.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
+    a.add_argument("--edges", action="store_true",
+                   help="exact edge patching instead of heads: every edge, or with --scores and --top the top edges "
+                        "of a scores file's edge scores (each task's, their union measured)")
+    a.add_argument("--scores", default=None, metavar="FILE", help="with --edges: the scores file (scored --edges)")
+    a.add_argument("--top", type=at_least(1), default=None, metavar="N",
+                   help="with --edges --scores: each task's N edges with the largest |score|")
+    a.add_argument("--export-edges", action="append", default=[], metavar="FILE",
+                   help="with --edges: also write the exact edge values as .csv or .json (repeatable)")
     return {"score": cmd_score, "ablate": cmd_ablate}
 
 
@@ -134,6 +148,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise HeadscoreError("--method curvature has no per-position maps (use taylor or ig with --per-position)")
     if args.per_position and (uses_checkpoint or _wants_distributed(args)):
         raise HeadscoreError("--per-position supports neither --distributed nor checkpoints")
+    _check_edge_flags(args, uses_checkpoint)
     if uses_checkpoint and not args.checkpoint:
         args.checkpoint = f"{args.out}.ckpt"
     if args.kernel == "on":
@@ -143,6 +158,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         if problem:
             raise HeadscoreError(f"--kernel on: {problem}; use --kernel auto (the kernel where it can run) or off")
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export),
+                                 *(("--export-edges", p) for p in args.export_edges),
                                  ("--checkpoint", args.checkpoint)])
     rank, world = _distributed_begin(args)
     lm, examples = load_model_and_tasks(args)
@@ -160,10 +176,25 @@ def cmd_score(args: argparse.Namespace) -> None:
                    progress=progress and rank == 0, kernel=kernel, checkpoint=args.checkpoint,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=world > 1,
                    steps=args.steps, path_fraction=args.path_fraction, verify=args.verify,
-                   rows_per_pass=args.rows_per_pass)
+                   rows_per_pass=args.rows_per_pass, edges=args.edges)
     if rank == 0:
-        save_scores(result, args.out, args.export)
+        save_scores(result, args.out, args.export, args.export_edges)
     _distributed_end(args, world)
+
+
+def _check_edge_flags(args: argparse.Namespace, uses_checkpoint: bool) -> None:
+    """``score --edges`` settings it cannot take, before the model loads."""
+    if args.export_edges and not args.edges:
+        raise HeadscoreError("--export-edges writes edge scores: add --edges")
+    if not args.edges:
+        return
+    if args.method not in ("taylor", "atp-mean"):
+        raise HeadscoreError(f"--edges scores edges with taylor (attribution patching) or atp-mean, not "
+                             f"--method {args.method}")
+    for flag, on in (("--per-position", args.per_position), ("--verify", args.verify is not None),
+                     ("--checkpoint", uses_checkpoint), ("--distributed", _wants_distributed(args))):
+        if on:
+            raise HeadscoreError(f"--edges does not go with {flag}")
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
@@ -182,6 +213,11 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     """``headscore ablate``."""
     if args.heads is None and args.out is None:
         raise HeadscoreError("ablate needs --out (or --heads to ablate one set of heads)")
+    if args.edges:
+        _ablate_edges(args)
+        return
+    if args.scores or args.top or args.export_edges:
+        raise HeadscoreError("--scores, --top and --export-edges go with --edges")
     heads = parse_heads(args.heads) if args.heads else None
     if heads is not None and args.export:
         raise HeadscoreError("--export needs the per-head map; with --heads, --out writes the table as JSON")
@@ -205,3 +241,26 @@ def cmd_ablate(args: argparse.Namespace) -> None:
                     per_position=args.per_position, progress=progress)
     save_scores(result, args.out, args.export)
 
+
+def _ablate_edges(args: argparse.Namespace) -> None:
+    """``headscore ablate --edges``: exact edge patching of every edge, or of a scores file's top edges."""
+    if args.heads or args.per_position or args.mode != "prefix":
+        raise HeadscoreError("--edges patches edges: it does not go with --heads, --per-position or --mode")
+    if (args.scores is None) != (args.top is None):
+        raise HeadscoreError("--scores and --top come together (the top N edges of that file's edge scores)")
+    chosen = None
+    if args.scores is not None:
+        chosen = HeadScores.load(args.scores)
+        if not chosen.has_edges:
+            raise HeadscoreError(f"{args.scores} has no edge scores (score it with --edges)")
+        if args.top > chosen.edge_maps.num_edges:
+            raise HeadscoreError(f"--top {args.top}: {args.scores} has {chosen.edge_maps.num_edges} edges")
+    if args.export:
+        raise HeadscoreError("--export writes head maps; exact edge patching has none: use --export-edges")
+    check_command_outputs(args, [("--out", args.out), *(("--export-edges", p) for p in args.export_edges)],
+                          inputs=[("--scores", args.scores)])
+    lm, examples = load_model_and_tasks(args)
+    result = ablate_edges(lm, examples, scores=chosen, top=args.top, baseline=args.baseline or "zero",
+                          metric=args.metric, batch_size=args.batch_size, rows_per_pass=args.rows_per_pass,
+                          max_examples=args.max_examples, progress=not args.no_progress)
+    save_scores(result, args.out, [], args.export_edges)

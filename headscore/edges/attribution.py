@@ -19,7 +19,7 @@ a check :func:`edge_attributions` returns the gate gradient for.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -89,11 +89,11 @@ def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False
 
 def norm_vjp(norm: torch.nn.Module, x: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
     """The norm's Jacobian at ``x`` [B, T, d] transposed, applied to each of ``cotangent`` [B, T, n, d]'s
-    n vectors: [B, T, n, d] (the norm works on the last dimension, so the n copies run as one batch)."""
+    n vectors: [B, T, n, d] (one forward of the norm, its backward mapped over the n vectors)."""
     with torch.enable_grad():
-        xe = x.detach().unsqueeze(2).expand_as(cotangent).contiguous().requires_grad_(True)
         # forward(), not the module call: the module's own hooks (ours among them) stay out of it
-        (grad,) = torch.autograd.grad(norm.forward(xe), xe, cotangent)
+        _, pullback = torch.func.vjp(norm.forward, x.detach())
+        (grad,) = torch.vmap(pullback, in_dims=2, out_dims=2)(cotangent)
     return grad
 
 
@@ -116,6 +116,8 @@ class _EdgeBackward:
         self.x_mlp: list[torch.Tensor | None] = [None] * n
         self.x_final: torch.Tensor | None = None
         self.grads: list[dict[object, torch.Tensor]] = [{} for _ in range(n)]
+        self.dz: list[torch.Tensor] = []  # see edge_attributions
+        self.w: list[torch.Tensor] = []
 
     def hooks(self) -> list:
         handles = []
@@ -177,14 +179,23 @@ class _EdgeBackward:
         self._contract(torch.cat([g_attn, g_mlp], dim=2), layer, slice(start, start + graph.readers_per_layer))
 
     def _contract(self, g: torch.Tensor, last: int, cols: slice) -> None:
-        """Scores of every writer up to layer ``last`` (its heads included) into readers ``cols``: g [B, T, n, d]."""
+        """Scores of every writer up to layer ``last`` (its heads included) into readers ``cols``: g [B, T, n, d].
+
+        As matrix products: g once as [B, T*d, n]; per upstream layer its heads' contributions A [H, B*T, d]
+        (recomputed from dz [H, B*T, D] and the output projection: the transient), then A as [B, H, T*d] times
+        g; the embeddings and each MLP as [B, 1, T*d] times g."""
         graph, delta, s = self.rm.graph, self.delta, self.scores
-        s[:, 0, cols] = torch.einsum("btd,btnd->bn", delta.emb.to(g.dtype), g).to(s.dtype)
+        b, t, n, d = g.shape
+        h = graph.num_heads
+        flat = g.permute(0, 1, 3, 2).reshape(b, t * d, n)
+        s[:, 0, cols] = torch.bmm(delta.emb.to(g.dtype).reshape(b, 1, t * d), flat)[:, 0].to(s.dtype)
         for lu in range(last + 1):
-            contrib = torch.einsum("bthk,dhk->bthd", delta.heads[lu].to(g.dtype), self.rm.o_weight(lu).to(g.dtype))
+            contrib = torch.bmm(self.dz[lu], self.w[lu])  # [H, B*T, d]
+            per_row = contrib.view(h, b, t * d).transpose(0, 1)  # [B, H, T*d]
             h0 = graph.head_index(lu, 0)
-            s[:, h0:h0 + graph.num_heads, cols] = torch.einsum("bthd,btnd->bhn", contrib, g).to(s.dtype)
-            s[:, graph.mlp_index(lu), cols] = torch.einsum("btd,btnd->bn", delta.mlp[lu].to(g.dtype), g).to(s.dtype)
+            s[:, h0:h0 + h, cols] = torch.bmm(per_row, flat).to(s.dtype)
+            mlp = delta.mlp[lu].to(g.dtype).reshape(b, 1, t * d)
+            s[:, graph.mlp_index(lu), cols] = torch.bmm(mlp, flat)[:, 0].to(s.dtype)
 
 
 def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
@@ -205,12 +216,19 @@ def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
     backward = _EdgeBackward(rm, WriterOutputs(), scores)
     handles = backward.hooks()
     try:
-        with recording_writers(rm, heads, leaf=True) as clean, heads.using(gates, None):
+        # the gates' baseline is the heads' own, so the gate gradient is the matching node score's (at gate 1 the
+        # forward pass is the clean one whatever the baseline)
+        head_base = None if isinstance(baseline, str) else torch.stack(baseline.heads)
+        with recording_writers(rm, heads, leaf=True) as clean, heads.using(gates, head_base):
             loss = example_losses(model, batch, metric)
         if not clean.complete():
             raise ValueError("edges: not every layer's heads and MLP were seen in the forward pass")
         base = clean.zeros_like() if isinstance(baseline, str) and baseline == "zero" else baseline
         backward.delta = base.minus(clean)
+        # each layer's head changes as [H, B*T, D] and output projection as [H, D, d], laid out for the products
+        backward.dz = [z.to(dtype).permute(2, 0, 1, 3).reshape(z.shape[2], -1, z.shape[3]) for z in
+                       backward.delta.heads]
+        backward.w = [rm.o_weight(i).to(dtype).permute(1, 2, 0) for i in range(graph.num_layers)]
         # asking for the first layer's input too makes the backward reach every reader, not only the gates
         grad, _ = torch.autograd.grad(loss.sum(), [gates, clean.leaf])
     finally:
@@ -257,6 +275,33 @@ def check_decomposition(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         o = torch.einsum("bthk,dhk->btd", out.heads[i].to(torch.float64), rm.o_weight(i).to(torch.float64))
         bias = lm.o_bias
         stream = stream + o + (0 if bias is None else bias.to(torch.float64)) + out.mlp[i].to(torch.float64)
+
+
+@torch.no_grad()
+def mean_writer_outputs(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batches: Iterable[Batch]
+                        ) -> WriterOutputs:
+    """Every upstream node's mean output over all real (non-padding) tokens of ``batches`` (the mean
+    baseline of edges: ``emb`` and ``mlp[l]`` [d], ``heads[l]`` [H, D]); sums in float64, one forward-only
+    pass per batch."""
+    sums: WriterOutputs | None = None
+    tokens = 0
+    for batch in batches:
+        out = writer_outputs(model, heads, rm, batch)
+        mask = batch.attention_mask.to(out.emb.device, torch.float64)
+        tokens += int(mask.sum())
+
+        def total(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+            return torch.einsum("bt,bt...->...", mask, x.to(torch.float64))
+        part = WriterOutputs(total(out.emb), [total(z) for z in out.heads], [total(m) for m in out.mlp])
+        sums = part if sums is None else WriterOutputs(sums.emb + part.emb,
+                                                       [a + b for a, b in zip(sums.heads, part.heads, strict=True)],
+                                                       [a + b for a, b in zip(sums.mlp, part.mlp, strict=True)])
+    if sums is None:
+        raise ValueError("no batches to take the mean over")
+    n = max(tokens, 1)
+    dtype = next(model.parameters()).dtype
+    return WriterOutputs((sums.emb / n).to(dtype), [(z / n).to(dtype) for z in sums.heads],
+                         [(m / n).to(dtype) for m in sums.mlp])
 
 
 @torch.no_grad()

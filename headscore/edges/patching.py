@@ -5,11 +5,13 @@ Only reader v sees the change: its residual input becomes x_v + a_u(baseline) - 
 norm, while every other reader (the other heads' projections of the same layer included) reads the clean
 stream; what v then outputs flows on as the model computes it. u's clean output is the same in the patched
 run (u writes before v reads), so its change is taken from the clean run. Several edges run as rows of one
-forward pass (the batch repeated once per edge).
+forward pass (the batch repeated once per edge), the layers below each pass's first patched reader
+replayed from the clean run.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data.batching import Batch
 from ..loss import NLL, Metric, example_losses
+from ..methods.prefix import PrefixReplay
 from ..patch import HeadGates
 from .attribution import WriterOutputs
 from .residual import Projection, ResidualModel
@@ -119,15 +122,24 @@ class _PatchHooks:
         return hook
 
 
+def reader_depth(rm: ResidualModel, downstream: int) -> int:
+    """The first decoder layer a patched reader changes: its own (the logits: past every layer)."""
+    layer, kind, _ = _reader(rm, downstream)
+    return rm.graph.num_layers if kind == "logits" else layer
+
+
 @torch.no_grad()
 def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
                         edges: Sequence[Edge], delta: WriterOutputs, *, metric: Metric = NLL, max_rows: int = 64,
-                        on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
+                        prefix: bool = True, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
     """Each example's loss with each edge patched alone: [K, B] float64 for K ``edges``.
 
     ``delta``: every writer's baseline minus clean output on ``batch`` (see
     :func:`~headscore.edges.attribution.writer_outputs`). Edges that do not exist (u writes after v
-    reads) are refused with ValueError. ``on_pass(n)`` is called after each forward pass of n edges.
+    reads) are refused with ValueError. Edges run in order of their reader's layer, as many per forward
+    pass as ``max_rows`` rows allow; with ``prefix`` the layers below a pass's first patched reader are
+    not run again (their clean outputs are replayed, as in prefix ablation). ``on_pass(n)`` is called after
+    each forward pass of n edges.
     """
     allowed = rm.graph.allowed
     bad = [e for e in edges if not bool(allowed[e[0], e[1]])]
@@ -137,23 +149,33 @@ def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
                          "node reads")
     b = batch.size
     per_pass = max(1, max_rows // b)
+    depth = [reader_depth(rm, v) for _, v in edges]
+    order = sorted(range(len(edges)), key=lambda i: depth[i])
     out = torch.empty(len(edges), b, dtype=torch.float64)
+    replay = None
+    if prefix:
+        replay = PrefixReplay([lm.block for lm in rm.layers])
+        with replay.recording(), heads.using(None, None):
+            example_losses(model, batch, metric)
     with heads.using(None, None):
-        for start in range(0, len(edges), per_pass):
-            chunk = edges[start:start + per_pass]
+        for start in range(0, len(order), per_pass):
+            chunk = order[start:start + per_pass]
             rows = []
-            for c, (u, v) in enumerate(chunk):
+            for c, i in enumerate(chunk):
+                u, v = edges[i]
                 change = writer_change(rm, delta, u)
-                layer, kind, head = _reader(rm, v)
-                rows += [(c * b + i, layer, kind, head, change[i]) for i in range(b)]
+                layer, kind, offset = _reader(rm, v)
+                rows += [(c * b + r, layer, kind, offset, change[r]) for r in range(b)]
             tiled = batch.tile(len(chunk)) if len(chunk) > 1 else batch
+            skip = replay.skipping(depth[chunk[0]], len(chunk)) if replay is not None else contextlib.nullcontext()
             handles = _PatchHooks(rm, rows).install()
             try:
-                losses = example_losses(model, tiled, metric)
+                with skip:
+                    losses = example_losses(model, tiled, metric)
             finally:
                 for h in handles:
                     h.remove()
-            out[start:start + len(chunk)] = losses.to(torch.float64).view(len(chunk), b).cpu()
+            out[chunk] = losses.to(torch.float64).view(len(chunk), b).cpu()
             if on_pass is not None:
                 on_pass(len(chunk))
     return out

@@ -1,0 +1,77 @@
+"""``score(..., edges=True)``: head scores and every edge's score from the same clean forward and backward per
+batch (plus the corrupted run's forward for ``baseline="corrupt"``, or one pass for the means)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from ..accumulate import TaskAccumulator
+from ..edge_maps import EdgeMaps
+from ..errors import HeadscoreError
+from ..loss import Metric
+from ..patch import patch
+from ..prepared import Prepared
+from ..results import HeadScores
+from .attribution import (
+    WriterOutputs,
+    check_decomposition,
+    edge_attributions,
+    mean_writer_outputs,
+    writer_outputs,
+)
+from .residual import residual_model
+
+EDGE_BASELINES = ("zero", "mean", "corrupt")
+
+
+def edge_baseline(baseline: object, method: str) -> str:
+    """The writers' baseline an edge run takes (HeadscoreError for one edges have no writer outputs for)."""
+    if baseline is None:
+        return "mean" if method == "atp-mean" else "zero"
+    if not isinstance(baseline, str) or baseline not in EDGE_BASELINES:
+        shown = "a baseline tensor" if isinstance(baseline, torch.Tensor) else repr(baseline)
+        raise HeadscoreError(f"edges take baseline zero, mean or corrupt (every writer's: embeddings, heads, "
+                             f"MLPs), not {shown}")
+    return baseline
+
+
+def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, meaning: str, batch_size: int,
+                progress: bool) -> HeadScores:
+    """Head scores (``name``: taylor, atp-mean, atp-corrupt) with the edge scores of every task attached
+    (:class:`~headscore.edge_maps.EdgeMaps`); UnsupportedModelError for a family edges cannot decompose."""
+    if prep.labelled:
+        raise HeadscoreError("edges are scored for a causal LM's target tokens; a sequence classifier's labelled "
+                             "examples are not supported")
+    model = prep.lm.model
+    rm = residual_model(model)
+    graph = rm.graph
+    acc = prep.accumulator()
+    edge_acc = TaskAccumulator(prep.tasks, len(graph.upstream), len(graph.downstream), keep_examples=True)
+    start = time.perf_counter()
+    with patch(model) as heads, prep.naming_examples():
+        means: WriterOutputs | None = None
+        if baseline == "mean":
+            means = mean_writer_outputs(model, heads, rm, prep.batches(batch_size, desc="mean outputs",
+                                                                       progress=progress))
+        for i, batch in enumerate(prep.batches(batch_size, desc=f"score ({name}, edges)", progress=progress)):
+            if i == 0:
+                check_decomposition(model, heads, rm, batch)
+            base = writer_outputs(model, heads, rm, batch.corrupted()) if baseline == "corrupt" else \
+                means if means is not None else "zero"
+            _, scores, grad = edge_attributions(model, heads, rm, batch, base, metric=metric)
+            acc.add(batch.task_index, -grad, batch.example_index)  # taylor's value: the node score
+            edge_acc.add(batch.task_index, scores, batch.example_index)
+    seconds = time.perf_counter() - start
+    result = prep.result(acc, name, seconds=seconds, batch_size=batch_size, metric=metric.name,
+                         metric_meaning=meaning, baseline=baseline, edges=graph.num_edges, passes_per_batch=1)
+    missing = ~graph.allowed
+    kept = edge_acc.examples
+    example_values = None
+    if kept is not None and result.example_values is not None:
+        example_values = kept[0].masked_fill(missing, float("nan"))
+    maps = EdgeMaps(list(graph.upstream), list(graph.downstream), edge_acc.mean.masked_fill(missing, float("nan")),
+                    edge_acc.stderr.masked_fill(missing, float("nan")), example_values)
+    return dataclasses.replace(result, edge_maps=maps)
