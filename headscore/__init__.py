@@ -19,7 +19,8 @@ import types
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "api": ("BASELINES", "METHODS", "SetEffect", "ablate", "ablate_edges", "ablate_heads", "mean_baseline", "score"),
+    "api": ("BASELINES", "METHODS", "SetEffect", "ablate", "ablate_edges", "ablate_heads", "circuit", "mean_baseline",
+            "score"),
     "prepared": ("prepare",),
     "compare": ("Agreement", "compare", "compare_edges"),
     "data.builtin": ("builtin_suite",),
@@ -39,7 +40,8 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreCallback",
     "HeadscoreError", "LoadedModel", "METHODS", "METRICS", "Metric", "SetEffect", "Tracker",
-    "UnsupportedModelError", "ablate", "ablate_edges", "ablate_heads", "builtin_suite", "check_model", "compare",
+    "UnsupportedModelError", "ablate", "ablate_edges", "ablate_heads", "builtin_suite", "check_model", "circuit",
+    "compare",
     "compare_edges",
     "examples_from_table", "load_cogqa", "load_jsonl",
     "load_model", "mean_baseline", "patch", "prepare", "score", "split_by_question", "track",
@@ -48,7 +50,17 @@ assert sorted(__all__) == sorted(_WHERE), "every export is listed once"
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .api import BASELINES, METHODS, SetEffect, ablate, ablate_edges, ablate_heads, mean_baseline, score
+    from .api import (
+        BASELINES,
+        METHODS,
+        SetEffect,
+        ablate,
+        ablate_edges,
+        ablate_heads,
+        circuit,
+        mean_baseline,
+        score,
+    )
     from .compare import Agreement, compare, compare_edges
     from .data.builtin import builtin_suite
     from .data.cogqa import load_cogqa, split_by_question

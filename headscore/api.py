@@ -16,10 +16,12 @@ from .compare import compare
 from .data.batching import batch_cells, num_batches
 from .data.examples import Example
 from .edges.ablation import edges_by_name, exact_edge_scores, top_edges
+from .edges.circuit import SELECTIONS
+from .edges.faithfulness import Circuit, find_circuits
 from .edges.residual import residual_model
 from .edges.scoring import edge_baseline, score_edges
 from .errors import HeadscoreError
-from .loss import Metric, MetricFn, resolve_metric
+from .loss import METRICS, Metric, MetricFn, resolve_metric
 from .methods.ablation import (
     check_mode,
     clean_losses,
@@ -474,6 +476,38 @@ def ablate_edges(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None
         chosen = [tuple(e) for e in graph.allowed.nonzero().tolist()]
     return exact_edge_scores(prep, chosen, baseline=writers, metric=metric, meaning=_meaning(prep, metric),
                              batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress)
+
+
+def circuit(model: ModelLike, examples: ExamplesLike, scores: HeadScores, *, edges: int | None = None,
+            target_faithfulness: float | None = None, sizes: Sequence[int] | None = None, select: str = "abs",
+            batch_size: int = 8, rows_per_pass: int = 64, max_examples: int | None = None, progress: bool = True,
+            columns: Mapping[str, str] | None = None) -> list[Circuit]:
+    """Each task's circuit from edge scores (``score(..., edges=True)``): the top edges by |score|, pruned to
+    those on a path from the input to the logits, with the faithfulness of circuits of growing size on the
+    task's examples (the metric with only the circuit's edges clean, every other edge patched to the scores'
+    baseline; clean = 1, no edge = 0; :mod:`headscore.edges.circuit`).
+
+    Args:
+        edges: the circuit's size in top edges (before pruning); or ``target_faithfulness``: the smallest size
+            tried that reaches it (else the largest); neither: every edge.
+        sizes: the sizes to try for the curve (default 10, 20, 50, 100, ... up to every edge).
+        select: rank edges by ``abs`` (|score|, default) or ``signed`` (score, largest first).
+    """
+    if select not in SELECTIONS:
+        raise HeadscoreError(f"select must be {' or '.join(SELECTIONS)}, not {select!r}")
+    if edges is not None and target_faithfulness is not None:
+        raise HeadscoreError("give edges= or target_faithfulness=, not both")
+    if edges is not None and (isinstance(edges, bool) or not isinstance(edges, int) or edges < 1):
+        raise HeadscoreError(f"edges must be a whole number of at least 1, got {edges!r}")
+    if target_faithfulness is not None and not 0 < target_faithfulness <= 1:
+        raise HeadscoreError(f"target_faithfulness must be in (0, 1], got {target_faithfulness!r}")
+    metric = str(scores.extra.get("metric", "nll"))
+    if metric not in METRICS:
+        raise HeadscoreError(f"the scores were made with metric {metric!r}, which a circuit run cannot repeat")
+    prep, resolved = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
+                            baseline=scores.extra.get("baseline", "zero"), columns=columns)
+    return find_circuits(prep, scores, resolved, edges=edges, target=target_faithfulness, sizes=sizes, by=select,
+                         batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress)
 
 
 @dataclass(frozen=True)

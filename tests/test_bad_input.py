@@ -556,9 +556,10 @@ def test_docs_table_matches_the_cases():
         m = re.match(r"\|\s*`([a-z0-9-]+)`\s*\|(.*)\|(.*)\|\s*$", line)
         if m:
             rows[m.group(1)] = m.group(3)
+    from test_edges import EDGE_CASES
     from test_output_safety import OUTPUT_CASES
 
-    cases = {**CASES, **OUTPUT_CASES}
+    cases = {**CASES, **OUTPUT_CASES, **EDGE_CASES}
     assert set(rows) == set(cases)
     for case, words in cases.items():
         assert words.replace("|", "\\|") in rows[case], case

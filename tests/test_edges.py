@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tiny import FAMILIES, ByteTokenizer, random_examples, tiny_model
 from tiny_saved import save_tiny_model
 
@@ -35,6 +36,7 @@ from headscore.edges.attribution import (
     mean_writer_outputs,
     writer_outputs,
 )
+from headscore.edges.circuit import circuit_losses, circuit_sizes, connected, top_circuit
 from headscore.edges.graph import EdgeGraph
 from headscore.edges.patching import edge_patched_losses
 from headscore.edges.residual import residual_model
@@ -137,6 +139,8 @@ def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | No
 
     def read(key, stream):
         e = perturb.get(key)
+        if callable(e):  # a perturbation that depends on what this run has written so far
+            e = e(writes)
         return stream if e is None else stream + e
 
     for layer, block in enumerate(blocks):
@@ -448,3 +452,169 @@ def test_the_command_line_scores_patches_exports_and_compares_edges(tmp_path, ca
     out = capsys.readouterr().out
     assert "edges, taylor vs edge-patching-zero" in out
     assert set(json.loads((tmp_path / "c.json").read_text())["_edges"]) == set(scores.tasks)
+
+
+# ------------------------------------------------------------------------------------------------- circuits
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family,baseline,seed", [("llama", "corrupt", 20), ("gpt_neox", "corrupt", 21),
+                                                   ("phi", "zero", 22), ("gpt2", "mean", 23)])
+def test_circuit_runs_equal_the_reference(family, baseline, seed):
+    """Each reader reads the run's stream with every writer whose edge is not in the circuit replaced by its
+    baseline output; the reference builds that reader by reader from the run's own writes."""
+    lm = build(family, 2, 4, 2, seed)
+    examples = examples_with_corruption(3, seed)
+    prep = prepare(lm, examples)
+    rm = residual_model(lm.model)
+    graph = rm.graph
+    batch = next(iter(prep.batches(3, progress=False)))
+    g = torch.Generator().manual_seed(seed)
+    circuits = torch.rand((4, *graph.allowed.shape), generator=g) < torch.tensor([0.0, 0.3, 0.8, 1.0])[:, None, None]
+    circuits &= graph.allowed
+    with patch(lm.model) as gates:
+        clean = writer_outputs(lm.model, gates, rm, batch)
+        base = {"zero": lambda: clean.zeros_like(), "corrupt": lambda: writer_outputs(lm.model, gates, rm,
+                                                                                        batch.corrupted()),
+                "mean": lambda: mean_writer_outputs(lm.model, gates, rm, [batch])}[baseline]()
+        got = circuit_losses(lm.model, gates, rm, batch, circuits, base, max_rows=5)
+    up, down = node_keys(graph)
+    rows = [reference_row(lm.model, batch, row) for row in range(3)]
+    if baseline == "mean":
+        tokens = sum(w["emb"].shape[0] for _, _, _, w in rows)
+        means = {k: sum(w[k].sum(0) for _, _, _, w in rows) / tokens for k in up}
+    for row, (ids, target, clean_loss, _) in enumerate(rows):
+        if baseline == "corrupt":
+            base_writes = reference(lm.model, batch.corrupt_ids[row, :ids.shape[0]], target)[1]
+        elif baseline == "mean":
+            base_writes = means
+        else:
+            base_writes = {k: 0.0 for k in up}
+        for c in range(circuits.shape[0]):
+            perturb = {}
+            for j, reader in enumerate(down):
+                cut = [up[i] for i in (graph.allowed[:, j] & ~circuits[c, :, j]).nonzero().flatten().tolist()]
+                if cut:
+                    perturb[reader] = lambda writes, cut=cut, base=base_writes: sum(base[u] - writes[u] for u in cut)
+            want = float(reference(lm.model, ids, target, perturb)[0].detach())
+            assert float(got[c, row]) == pytest.approx(want, rel=1e-9, abs=1e-11), (c, row)
+        assert float(got[-1, row]) == pytest.approx(float(clean_loss.detach()), rel=1e-10)  # every edge: clean
+        assert abs(float(got[0, row] - got[-1, row])) > 1e-3  # no edge: far from clean (the check can fail)
+
+
+def test_a_circuit_without_one_edge_is_that_edge_patched():
+    lm = build("llama", 2, 4, 2, 30)
+    examples = examples_with_corruption(3, 30)
+    rm = residual_model(lm.model)
+    graph = rm.graph
+    batch = next(iter(prepare(lm, examples).batches(3, progress=False)))
+    edges = pick_edges(graph, torch.rand(3, *graph.allowed.shape), 30)[:6]
+    with patch(lm.model) as gates:
+        clean = writer_outputs(lm.model, gates, rm, batch)
+        base = writer_outputs(lm.model, gates, rm, batch.corrupted())
+        circuits = graph.allowed[None].repeat(len(edges), 1, 1)
+        for i, (u, v) in enumerate(edges):
+            circuits[i, u, v] = False
+        got = circuit_losses(lm.model, gates, rm, batch, circuits, base)
+        want = edge_patched_losses(lm.model, gates, rm, batch, edges, base.minus(clean))
+        corrupt_run = circuit_losses(lm.model, gates, rm, batch, torch.zeros_like(circuits[:1]), base)
+        from headscore.loss import example_losses
+        corrupt_loss = example_losses(lm.model, batch.corrupted())
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    # no edge at all, against the corrupted writers: the corrupted run
+    assert torch.allclose(corrupt_run[0], corrupt_loss.double(), rtol=1e-10, atol=1e-12)
+
+
+def test_circuits_keep_only_edges_from_the_input_to_the_logits():
+    g = EdgeGraph(2, 2, 1)
+    up, down = (lambda n: g.index(n, upstream=True)), (lambda n: g.index(n, upstream=False))
+    edges = torch.zeros_like(g.allowed)
+    on_path = [("emb", "L0.H1.q"), ("L0.H1", "L1.KV0.v"), ("L1.H0", "logits"), ("emb", "L1.mlp"),
+               ("L1.mlp", "logits")]
+    dead_ends = [("L0.H0", "logits"),  # nothing feeds L0.H0
+                 ("emb", "L0.mlp"),  # L0.mlp reaches nothing
+                 ("L0.H1", "L1.H1.q")]  # L1.H1's query is fed, but L1.H1 writes nowhere
+    for u, v in on_path + dead_ends:
+        edges[up(u), down(v)] = True
+    kept = connected(g, edges)
+    for u, v in on_path:
+        assert kept[up(u), down(v)], (u, v)
+    for u, v in dead_ends:
+        assert not kept[up(u), down(v)], (u, v)
+    assert int(kept.sum()) == len(on_path)
+    scores = torch.where(g.allowed, torch.arange(g.allowed.numel(), dtype=torch.float64).view(g.allowed.shape),
+                         torch.tensor(float("nan"), dtype=torch.float64))
+    circuit = top_circuit(g, scores, 5)
+    assert int(circuit.sum()) <= 5 and bool((circuit <= g.allowed).all())
+    assert torch.equal(connected(g, circuit), circuit)
+    assert circuit_sizes(700) == [10, 20, 50, 100, 200, 500, 700] and circuit_sizes(10) == [10]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+EDGE_CASES = {
+    "edges-refused-family": "edges: Gemma2ForCausalLM normalises the attention and MLP outputs before adding them "
+                            "to the residual stream",
+    "edges-not-decomposable": "edges: GraniteForCausalLM's residual stream is not the sum of its embeddings, heads "
+                              "and MLPs",
+    "edges-with-method": "--edges scores edges with taylor (attribution patching) or atp-mean, not --method abs",
+    "export-edges-without-edges": "--export-edges writes edge scores: add --edges",
+    "circuit-too-many-edges": "--edges 99999: s.hs has 190 edges",
+    "patch-too-many-edges": "--top 99999: s.hs has 190 edges",
+    "circuit-without-edge-scores": "plain.hs has no edge scores (score it with --edges)",
+}
+"""The bad input of edges and circuits: each refused in one line, exit 2 (rows in docs/bad-input.md)."""
+
+
+def save_family(path: Path, config) -> Path:
+    """A random-weight model of ``config``'s family with the character tokenizer, saved to ``path``."""
+    from tiny_saved import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def refused(capsys, case: str, argv: list, *roots: Path) -> None:
+    """The command exits 2 with one line holding EDGE_CASES[case], and changes no file under ``roots``."""
+    from test_bad_input import snapshot
+
+    before = snapshot(*roots)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("headscore: error: ") and err.count("\n") == 1, err
+    assert EDGE_CASES[case] in err, err
+    assert snapshot(*roots) == before
+
+
+def test_edge_settings_that_are_refused(tmp_path, capsys, monkeypatch):
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=0)
+    gemma = save_family(tmp_path / "gemma2", transformers.Gemma2Config(**common))
+    granite = save_family(tmp_path / "granite", transformers.GraniteConfig(**common, residual_multiplier=0.5))
+    llama = save_tiny_model(tmp_path / "llama")
+    capsys.readouterr()  # the savers' progress bars
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": e.prompt, "target": e.target, "task": e.task}) + "\n"
+                             for e in random_examples(4, seed=5)))
+    out = ["--tasks", tasks, "--no-progress", "--out", tmp_path / "x.hs"]
+    for case, model in (("edges-refused-family", gemma), ("edges-not-decomposable", granite)):
+        refused(capsys, case, ["score", "--model", model, "--edges", *out], tmp_path)
+    refused(capsys, "edges-with-method", ["score", "--edges", "--method", "abs", *out], tmp_path)
+    refused(capsys, "export-edges-without-edges", ["score", "--export-edges", tmp_path / "e.csv", *out], tmp_path)
+    assert main(["score", "--model", str(llama), "--tasks", str(tasks), "--edges", "--no-progress",
+                 "--out", str(tmp_path / "s.hs")]) == 0
+    assert main(["score", "--model", str(llama), "--tasks", str(tasks), "--no-progress",
+                 "--out", str(tmp_path / "plain.hs")]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # the messages name the files as given
+    with_model = ["--model", llama, "--tasks", tasks, "--no-progress"]
+    refused(capsys, "circuit-too-many-edges", ["circuit", "s.hs", "--edges", "99999", *with_model, "--out",
+                                               tmp_path / "c"], tmp_path)
+    refused(capsys, "patch-too-many-edges", ["ablate", "--edges", "--scores", "s.hs", "--top", "99999",
+                                             *with_model, "--out", tmp_path / "x.hs"], tmp_path)
+    refused(capsys, "circuit-without-edge-scores", ["circuit", "plain.hs", *with_model, "--out", tmp_path / "c"],
+            tmp_path)

@@ -74,12 +74,12 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def build_parser() -> tuple[ArgumentParser, dict[str, Callable]]:
     """The ``headscore`` parser and the handler of each command."""
-    from . import bench, cogqa, compare, report, scoring
+    from . import bench, circuit, cogqa, compare, report, scoring
 
     parser = ArgumentParser(prog="headscore", description="Score how much every attention head matters per task.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     handlers: dict[str, Callable] = {}
-    for module in (scoring, compare, report, bench, cogqa):
+    for module in (scoring, compare, report, bench, cogqa, circuit):
         handlers.update(module.register(sub))
     return parser, handlers
 

@@ -105,9 +105,15 @@ def reader_cotangents(proj: Projection, grad: torch.Tensor) -> tuple[list[int], 
     return offsets, torch.einsum("btrk,rkd->btrd", grad[..., cols], proj.weight[cols].to(grad.dtype))
 
 
+READER_BLOCK = 4
+"""How many layers' reader gradients wait to be contracted together: each head contribution recomputed then
+serves that many layers (the dominant cost falls about that much), for that many layers' g held at once."""
+
+
 class _EdgeBackward:
-    """The backward hooks of :func:`edge_attributions`: each layer's reader gradients, contracted with the
-    writers before them as soon as the layer's last one arrives."""
+    """The backward hooks of :func:`edge_attributions`: each layer's reader gradients, taken back to the
+    stream as soon as the layer's last one arrives and contracted with the writers before them, a block of
+    :data:`READER_BLOCK` layers at a time."""
 
     def __init__(self, rm: ResidualModel, delta: WriterOutputs, scores: torch.Tensor):
         self.rm, self.delta, self.scores = rm, delta, scores
@@ -118,6 +124,7 @@ class _EdgeBackward:
         self.grads: list[dict[object, torch.Tensor]] = [{} for _ in range(n)]
         self.dz: list[torch.Tensor] = []  # see edge_attributions
         self.w: list[torch.Tensor] = []
+        self.pending: list[tuple[torch.Tensor, int, slice]] = []  # (g as [B, T*d, n], last writer layer, cols)
 
     def hooks(self) -> list:
         handles = []
@@ -156,7 +163,7 @@ class _EdgeBackward:
         with torch.no_grad():
             if key == "logits":
                 g = norm_vjp(self.rm.final_norm, self.x_final, grad.unsqueeze(2))
-                self._contract(g, self.rm.graph.num_layers - 1, slice(len(self.rm.graph.downstream) - 1, None))
+                self._queue(g, self.rm.graph.num_layers - 1, slice(len(self.rm.graph.downstream) - 1, None))
                 return
             got = self.grads[layer]
             got[key] = grad
@@ -176,26 +183,39 @@ class _EdgeBackward:
         g_attn = norm_vjp(lm.attn_norm, self.x_attn[layer], cot)
         g_mlp = norm_vjp(lm.mlp_norm, self.x_mlp[layer], mlp_grad.unsqueeze(2))
         start = graph.reader_start(layer)
-        self._contract(torch.cat([g_attn, g_mlp], dim=2), layer, slice(start, start + graph.readers_per_layer))
+        self._queue(torch.cat([g_attn, g_mlp], dim=2), layer, slice(start, start + graph.readers_per_layer))
 
-    def _contract(self, g: torch.Tensor, last: int, cols: slice) -> None:
-        """Scores of every writer up to layer ``last`` (its heads included) into readers ``cols``: g [B, T, n, d].
-
-        As matrix products: g once as [B, T*d, n]; per upstream layer its heads' contributions A [H, B*T, d]
-        (recomputed from dz [H, B*T, D] and the output projection: the transient), then A as [B, H, T*d] times
-        g; the embeddings and each MLP as [B, 1, T*d] times g."""
-        graph, delta, s = self.rm.graph, self.delta, self.scores
+    def _queue(self, g: torch.Tensor, last: int, cols: slice) -> None:
+        """Keep readers ``cols``' g [B, T, n, d] (they read writers up to layer ``last``) until a block is full."""
         b, t, n, d = g.shape
+        self.pending.append((g.permute(0, 1, 3, 2).reshape(b, t * d, n), last, cols))
+        if len(self.pending) >= READER_BLOCK or last == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Scores of every writer into the waiting readers: per upstream layer its heads' contributions
+        A [H, B*T, d] are recomputed once from dz [H, B*T, D] and the output projection (the transient), then
+        A as [B, H, T*d] times each waiting g as [B, T*d, n] that reads that layer; the embeddings and each MLP
+        as [B, 1, T*d] times g."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        graph, delta, s = self.rm.graph, self.delta, self.scores
         h = graph.num_heads
-        flat = g.permute(0, 1, 3, 2).reshape(b, t * d, n)
-        s[:, 0, cols] = torch.bmm(delta.emb.to(g.dtype).reshape(b, 1, t * d), flat)[:, 0].to(s.dtype)
-        for lu in range(last + 1):
-            contrib = torch.bmm(self.dz[lu], self.w[lu])  # [H, B*T, d]
-            per_row = contrib.view(h, b, t * d).transpose(0, 1)  # [B, H, T*d]
+        b = s.shape[0]
+        width = pending[0][0].shape[1]
+        dtype = pending[0][0].dtype
+        emb = delta.emb.to(dtype).reshape(b, 1, width)
+        for flat, _, cols in pending:
+            s[:, 0, cols] = torch.bmm(emb, flat)[:, 0].to(s.dtype)
+        for lu in range(max(last for _, last, _ in pending) + 1):
+            readers = [(flat, cols) for flat, last, cols in pending if last >= lu]
+            per_row = torch.bmm(self.dz[lu], self.w[lu]).view(h, b, width).transpose(0, 1)  # [B, H, T*d]
+            mlp = delta.mlp[lu].to(dtype).reshape(b, 1, width)
             h0 = graph.head_index(lu, 0)
-            s[:, h0:h0 + h, cols] = torch.bmm(per_row, flat).to(s.dtype)
-            mlp = delta.mlp[lu].to(g.dtype).reshape(b, 1, t * d)
-            s[:, graph.mlp_index(lu), cols] = torch.bmm(mlp, flat)[:, 0].to(s.dtype)
+            for flat, cols in readers:
+                s[:, h0:h0 + h, cols] = torch.bmm(per_row, flat).to(s.dtype)
+                s[:, graph.mlp_index(lu), cols] = torch.bmm(mlp, flat)[:, 0].to(s.dtype)
 
 
 def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
@@ -228,9 +248,13 @@ def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
         # each layer's head changes as [H, B*T, D] and output projection as [H, D, d], laid out for the products
         backward.dz = [z.to(dtype).permute(2, 0, 1, 3).reshape(z.shape[2], -1, z.shape[3]) for z in
                        backward.delta.heads]
+        backward.delta.heads = []  # dz holds them now (one copy, not two)
+        leaf = clean.leaf
+        del base, clean
         backward.w = [rm.o_weight(i).to(dtype).permute(1, 2, 0) for i in range(graph.num_layers)]
         # asking for the first layer's input too makes the backward reach every reader, not only the gates
-        grad, _ = torch.autograd.grad(loss.sum(), [gates, clean.leaf])
+        grad, _ = torch.autograd.grad(loss.sum(), [gates, leaf])
+        backward.flush()
     finally:
         for h in handles:
             h.remove()
