@@ -193,6 +193,7 @@ def _agreement_part(args: argparse.Namespace, lm, examples, scores, doc: dict):
                                    metric=args.metric, max_examples=args.max_examples,
                                    batch_size=args.batch_size, progress=False)
     doc["exact_seconds"] = time.perf_counter() - start
+    doc["exact_edges"] = int(exact.extra["edges_measured"])
     per_task = {}
     for task in scores.tasks:
         s, e = scores.edges(task), exact.edges(task)
@@ -214,7 +215,11 @@ def _circuits_part(args: argparse.Namespace, lm, examples, scores, doc: dict):
     circuits = headscore.circuit(lm, examples, scores, target_faithfulness=args.target,
                                  max_examples=args.max_examples, batch_size=args.batch_size, progress=False)
     doc["circuit_seconds"] = time.perf_counter() - start
-    doc["circuits"] = [c.as_json() for c in circuits]
+    doc["circuits"] = []
+    for c in circuits:  # each circuit's 50 largest edges (a whole circuit can hold tens of thousands)
+        entry = c.as_json()
+        entry["edges_total"], entry["edges"] = len(entry["edges"]), entry["edges"][:50]
+        doc["circuits"].append(entry)
     for c in circuits:
         print(f"{c.task}: {int(c.edges.sum())} edges reach faithfulness {c.faithfulness:.3f} "
               f"(target {args.target}); curve " +

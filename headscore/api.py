@@ -215,7 +215,9 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
         edges: also score every edge between nodes of the residual stream (embeddings, heads, MLPs -> each
             query head, key/value head, MLP, the logits) from the same pass: ``scores.edges(task)``,
             ``scores.edge_nodes`` (:mod:`headscore.edges`). Method taylor (or atp-mean), baseline zero, mean
-            or corrupt; not per position, verified, checkpointed or distributed.
+            or corrupt; or method ig with baseline corrupt: EAP-IG-inputs, the gradients averaged over
+            ``steps`` inputs between the corrupted and the clean prompt. Not per position, verified,
+            checkpointed or distributed.
         columns: for a table: its columns of fields named otherwise, e.g. ``{"prompt": "question", "target":
             "answer", "task": "category"}`` (:func:`headscore.data.tables.examples_from_table`).
 
@@ -231,14 +233,18 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     if edges:
         _check_edges(method, per_position, verify, checkpoint, distributed)
         writers = edge_baseline(baseline, method)
+        if method == "ig" and writers != "corrupt":
+            raise HeadscoreError("edges with method ig interpolate the input between the corrupted and the clean "
+                                 "prompt (EAP-IG-inputs): use baseline corrupt")
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
                           baseline=baseline, columns=columns)
     if per_position and checkpoint is not None:
         raise HeadscoreError("per-position scores are not checkpointed; drop the checkpoint or per_position")
     name = _gradient_method_name(method, baseline)
     if edges:
-        return score_edges(prep, name=name, baseline=writers, metric=metric, meaning=_meaning(prep, metric),
-                           batch_size=batch_size, progress=progress)
+        return score_edges(prep, name="ig-inputs-corrupt" if method == "ig" else name, baseline=writers,
+                           metric=metric, meaning=_meaning(prep, metric), batch_size=batch_size, progress=progress,
+                           steps=steps if method == "ig" else 1)
     acc = prep.accumulator()
     ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
                         batch_size=batch_size,
@@ -307,8 +313,9 @@ def _check_estimator(method: str, steps: int, path_fraction: float, per_position
 def _check_edges(method: str, per_position: bool, verify: int | bool | None, checkpoint: str | None,
                  distributed: bool | None) -> None:
     """Refuse what an edge run cannot take, before any model work."""
-    if method not in ("taylor", "atp-mean"):
-        raise HeadscoreError(f"edges are scored with taylor (attribution patching) or atp-mean, not {method}")
+    if method not in ("taylor", "atp-mean", "ig"):
+        raise HeadscoreError(f"edges are scored with taylor (attribution patching), atp-mean or ig (EAP-IG-inputs), "
+                             f"not {method}")
     refused = [what for what, on in (("per_position", per_position), ("verify", verify not in (None, False)),
                                      ("checkpoint", checkpoint is not None), ("distributed", bool(distributed)))
                if on]

@@ -58,7 +58,7 @@ def test_the_figure_draws_the_circuit_edges_and_no_more_than_the_cap():
     rest = np.sort(size[np.asarray(big[0].edges)])[::-1]
     assert np.allclose(np.sort(kept)[::-1], rest[:MAX_DRAWN])  # the largest |score| ones
     ax = circuit_figure(big).axes[0]
-    assert f"(largest {MAX_DRAWN} drawn)" in ax.get_title()
+    assert f"largest {MAX_DRAWN} by |score| drawn" in ax.get_title()
     curve = faithfulness_figure(big).axes[0]
     assert [list(line.get_ydata()) for line in curve.get_lines()[:2]] == [[0.1, 0.5, 0.9]] * 2
 
@@ -101,3 +101,44 @@ def test_the_page_renders_in_chromium(chromium, tmp_path):  # noqa: F811 - the f
     done = render(chromium, path, f"--screenshot={shot}", "--window-size=1200,1400")
     assert done.returncode == 0 and shot.stat().st_size > 20_000
     assert re.search(r"Click a node to see its edges", dom)
+
+
+def test_the_report_of_edge_scores_draws_their_circuits(tmp_path, capsys):
+    from tiny_saved import save_tiny_model
+
+    from headscore.cli import main
+
+    model = save_tiny_model(tmp_path / "model")
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": p, "target": t, "task": k}) + "\n" for p, t, k in
+                             (("ab cd", " e", "x"), ("fg hi", " j", "x"), ("kl mn", " o", "y"))))
+    assert main(["score", "--model", str(model), "--tasks", str(tasks), "--edges", "--no-progress",
+                 "--out", str(tmp_path / "s.hs")]) == 0
+    assert main(["report", str(tmp_path / "s.hs"), "--circuit-edges", "12", "--out", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "rep" / "circuit.png").stat().st_size > 10_000
+    page = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    assert page.count("id='circuit-info-") == 2 and "circuit:x" in page and "circuit:y" in page
+    assert external_references(page) == []
+    assert "circuit.png" in (tmp_path / "rep" / "summary.md").read_text(encoding="utf-8")
+    plain = tmp_path / "plain.hs"
+    assert main(["score", "--model", str(model), "--tasks", str(tasks), "--no-progress", "--out", str(plain)]) == 0
+    assert main(["report", str(plain), "--out", str(tmp_path / "rep2")]) == 0
+    assert not (tmp_path / "rep2" / "circuit.png").exists()
+    assert "circuit-info" not in (tmp_path / "rep2" / "index.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_report_with_circuits_renders_without_errors(chromium, tmp_path):  # noqa: F811 - the fixture
+    from test_html_report import make_scores
+
+    from headscore.report import write_report
+
+    s = make_scores(2, 6, 4, seed=3, names=["alpha", "beta & <b>"])
+    paths = write_report(s, tmp_path / "rep", circuits=circuits(30))
+    done = render(chromium, paths["html"], "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert pre(done.stdout, "js-errors").strip() == "", pre(done.stdout, "js-errors")
+    assert json.loads(pre(done.stdout, "render-check"))["panels"] == list(s.tasks)
+    assert done.stdout.count('id="circuit-info-') == 2

@@ -41,6 +41,7 @@ from headscore.edges.graph import EdgeGraph
 from headscore.edges.patching import edge_patched_losses
 from headscore.edges.residual import residual_model
 from headscore.errors import HeadscoreError, UnsupportedModelError
+from headscore.loss import NLL
 from headscore.methods.gradient import gate_gradients
 from headscore.models import LoadedModel
 from headscore.patch import patch
@@ -108,11 +109,12 @@ def parts(block):
     return block.input_layernorm, out, mlp_norm or block.input_layernorm, mlp_norm is None
 
 
-def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | None = None):
+def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | None = None,
+              first_input: torch.Tensor | None = None):
     """Loss (mean NLL of the target tokens) of one example [T] and every writer's contribution [T, d]:
     {"emb", (l, "H", h), (l, "mlp")}. ``perturb[reader]`` [T, d] is added to that reader's residual input only;
     readers are (l, "q", h), (l, "k", j), (l, "v", j), (l, "mlp") and "logits". The stream entering the first
-    layer (embeddings, positions, any scaling) is taken from the model's own forward."""
+    layer (embeddings, positions, any scaling) is taken from the model's own forward, or is ``first_input``."""
     perturb = perturb or {}
     cfg = model.config
     heads = cfg.num_attention_heads
@@ -131,7 +133,7 @@ def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | No
         model(input_ids=ids[None])
     hook.remove()
     t = ids.shape[0]
-    x = seen["x"][0].detach()
+    x = seen["x"][0].detach() if first_input is None else first_input
     writes = {"emb": x}
     rotary = getattr(base, "rotary_emb", None)
     cos, sin = rotary(x[None], torch.arange(t)[None]) if rotary is not None else (None, None)
@@ -187,12 +189,12 @@ def node_keys(graph: EdgeGraph) -> tuple[list, list]:
     return up, [*down, "logits"]
 
 
-def reference_scores(model, ids, target, changes, graph) -> torch.Tensor:
+def reference_scores(model, ids, target, changes, graph, first_input=None) -> torch.Tensor:
     """[U, V] edge scores of one example from autograd through the reference (0 where no edge)."""
     up, down = node_keys(graph)
     d = model.config.hidden_size
     perturb = {key: torch.zeros(ids.shape[0], d, dtype=torch.float64, requires_grad=True) for key in down}
-    loss, _ = reference(model, ids, target, perturb)
+    loss, _ = reference(model, ids, target, perturb, first_input)
     grads = torch.autograd.grad(loss, [perturb[k] for k in down])
     out = torch.zeros(len(up), len(down), dtype=torch.float64)
     for i, u in enumerate(up):
@@ -557,7 +559,8 @@ EDGE_CASES = {
                             "to the residual stream",
     "edges-not-decomposable": "edges: GraniteForCausalLM's residual stream is not the sum of its embeddings, heads "
                               "and MLPs",
-    "edges-with-method": "--edges scores edges with taylor (attribution patching) or atp-mean, not --method abs",
+    "edges-with-method": "--edges scores edges with taylor (attribution patching), atp-mean or ig (EAP-IG-inputs), "
+                         "not --method abs",
     "export-edges-without-edges": "--export-edges writes edge scores: add --edges",
     "circuit-too-many-edges": "--edges 99999: s.hs has 190 edges",
     "patch-too-many-edges": "--top 99999: s.hs has 190 edges",
@@ -618,3 +621,37 @@ def test_edge_settings_that_are_refused(tmp_path, capsys, monkeypatch):
                                              *with_model, "--out", tmp_path / "x.hs"], tmp_path)
     refused(capsys, "circuit-without-edge-scores", ["circuit", "plain.hs", *with_model, "--out", tmp_path / "c"],
             tmp_path)
+
+
+@pytest.mark.numerics
+def test_eap_ig_inputs_equals_the_reference_along_the_input_path():
+    """--edges --method ig: the gradient at inputs between the corrupted and the clean embeddings (midpoints),
+    averaged, against the clean-to-corrupted changes; heads get the sum of their edges."""
+    from headscore.edges.scoring import _head_sums, _input_path
+
+    lm = build("llama", 2, 4, 2, 40)
+    examples = examples_with_corruption(3, 40)
+    rm = residual_model(lm.model)
+    graph = rm.graph
+    batch = next(iter(prepare(lm, examples).batches(3, progress=False)))
+    steps = 3
+    with patch(lm.model) as gates:
+        base = writer_outputs(lm.model, gates, rm, batch.corrupted())
+        got = _input_path(lm.model, gates, rm, batch, base, NLL, steps)
+        atp = edge_attributions(lm.model, gates, rm, batch, base)[1]
+    up, _ = node_keys(graph)
+    for row in range(3):
+        ids, target, _, clean_writes = reference_row(lm.model, batch, row)
+        corrupt_writes = reference(lm.model, batch.corrupt_ids[row, :ids.shape[0]], target)[1]
+        changes = {k: (corrupt_writes[k] - clean_writes[k]).detach() for k in up}
+        want = sum(reference_scores(lm.model, ids, target, changes, graph, corrupt_writes["emb"] + (k + 0.5) / steps
+                                    * (clean_writes["emb"] - corrupt_writes["emb"])) for k in range(steps)) / steps
+        scale = float(want.abs().max())
+        assert torch.allclose(got[row], want, rtol=1e-9, atol=1e-9 * scale), float((got[row] - want).abs().max())
+        assert not torch.allclose(atp[row], want, rtol=1e-3, atol=1e-3 * scale)  # the path changes the scores
+    sums = _head_sums(rm, got)
+    assert float(sums[1, 1, 2]) == pytest.approx(float(got[1, graph.head_index(1, 2)].sum()), rel=1e-12)
+    scores = headscore.score(lm, examples, method="ig", steps=steps, baseline="corrupt", edges=True, progress=False)
+    assert scores.method == "ig-inputs-corrupt" and scores.extra["steps"] == steps
+    with pytest.raises(HeadscoreError, match="use baseline corrupt"):
+        headscore.score(lm, examples, method="ig", edges=True, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from ..edges.faithfulness import score_circuits
 from ..errors import HeadscoreError
 from ..intervals import agreement_table
 from ..output_paths import OutputDir
@@ -23,6 +24,9 @@ def register(sub) -> dict[str, Callable]:
                    help="another scores file (e.g. another method): its agreement table goes into index.html")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--k", type=at_least(1), default=10, help="top heads listed per task")
+    r.add_argument("--circuit-edges", type=at_least(1), default=100, metavar="N",
+                   help="for scores with edges (score --edges): each task's top N edges by |score|, pruned to "
+                        "input -> logits paths, drawn in circuit.png and index.html (default 100)")
     add_interval_args(r)
     return {"report": cmd_report}
 
@@ -47,8 +51,9 @@ def cmd_report(args: argparse.Namespace) -> None:
             raise HeadscoreError("the scores and the --compare file have no task in common")
         other_comparison = agreement_table(scores.select(common), other.select(common), args.k,
                                            **interval_options(args))
+    circuits = score_circuits(scores, args.circuit_edges) if scores.has_edges else None
     try:
-        paths = write_report(scores, args.out, ablation=ablation, comparison=comparison, k=args.k,
+        paths = write_report(scores, args.out, ablation=ablation, comparison=comparison, k=args.k, circuits=circuits,
                              other_comparison=other_comparison,
                              other_name=f"{other.method} ({args.compare})" if other is not None else "")
     except ValueError as exc:

@@ -62,7 +62,8 @@ def register(sub) -> dict[str, Callable]:
     s.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
     s.add_argument("--edges", action="store_true",
                    help="also score every edge between residual-stream nodes (embeddings, heads, MLPs -> query "
-                        "heads, key/value heads, MLPs, logits) from the same pass (taylor or atp-mean)")
+                        "heads, key/value heads, MLPs, logits) from the same pass (taylor or atp-mean; --method ig "
+                        "--baseline corrupt: EAP-IG-inputs over --steps inputs)")
     s.add_argument("--export-edges", action="append", default=[], metavar="FILE",
                    help="with --edges: also write the edge scores as .csv or .json (repeatable)")
     s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
@@ -188,9 +189,12 @@ def _check_edge_flags(args: argparse.Namespace, uses_checkpoint: bool) -> None:
         raise HeadscoreError("--export-edges writes edge scores: add --edges")
     if not args.edges:
         return
-    if args.method not in ("taylor", "atp-mean"):
-        raise HeadscoreError(f"--edges scores edges with taylor (attribution patching) or atp-mean, not "
-                             f"--method {args.method}")
+    if args.method not in ("taylor", "atp-mean", "ig"):
+        raise HeadscoreError(f"--edges scores edges with taylor (attribution patching), atp-mean or ig (EAP-IG-inputs),"
+                             f" not --method {args.method}")
+    if args.method == "ig" and args.baseline != "corrupt":
+        raise HeadscoreError("--edges --method ig interpolates the input between the corrupted and the clean prompt "
+                             "(EAP-IG-inputs): add --baseline corrupt")
     for flag, on in (("--per-position", args.per_position), ("--verify", args.verify is not None),
                      ("--checkpoint", uses_checkpoint), ("--distributed", _wants_distributed(args))):
         if on:

@@ -58,17 +58,21 @@ class WriterOutputs:
 
 
 @contextlib.contextmanager
-def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False) -> Iterator[WriterOutputs]:
+def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False,
+                      first_input: torch.Tensor | None = None) -> Iterator[WriterOutputs]:
     """Record every upstream node's output (detached) in the forward passes inside the block; ``leaf``
-    makes the first layer's input a leaf that requires grad, so a backward reaches every reader."""
+    makes the first layer's input a leaf that requires grad, so a backward reaches every reader;
+    ``first_input`` replaces what the first layer receives (an interpolated input)."""
     num_layers = rm.graph.num_layers
     out = WriterOutputs(None, [None] * num_layers, [None] * num_layers)
 
     def first(module, args, kwargs):
-        x = layer_input(args, kwargs)
+        x = layer_input(args, kwargs) if first_input is None else first_input.to(layer_input(args, kwargs))
         out.emb = x.detach()
-        if not leaf:
+        if not leaf and first_input is None:
             return None
+        if not leaf:
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
         x = out.leaf = x.detach().requires_grad_(True)
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
@@ -219,7 +223,8 @@ class _EdgeBackward:
 
 
 def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
-                      baseline: WriterOutputs | str = "zero", *, metric: Metric = NLL
+                      baseline: WriterOutputs | str = "zero", *, metric: Metric = NLL,
+                      clean: WriterOutputs | None = None, first_input: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example loss [B], edge scores [B, U, V] (0 where no edge exists; see :class:`EdgeGraph`) and the
     gate gradient [B, L, H] of one clean forward and backward.
@@ -227,6 +232,10 @@ def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
     ``baseline``: ``"zero"`` (every writer's output 0) or each writer's baseline output (a
     :class:`WriterOutputs` of the batch's shapes, or broadcastable to them: per-node means). Scores are
     float64 for a float64 model, else float32.
+
+    ``first_input`` (with ``clean``, the writers' clean outputs): the gradients are taken on a run whose first
+    layer receives ``first_input`` instead (a point between the corrupted and the clean input: one step of
+    EAP-IG-inputs), the changes stay baseline minus ``clean``.
     """
     graph = rm.graph
     dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
@@ -239,18 +248,21 @@ def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
         # the gates' baseline is the heads' own, so the gate gradient is the matching node score's (at gate 1 the
         # forward pass is the clean one whatever the baseline)
         head_base = None if isinstance(baseline, str) else torch.stack(baseline.heads)
-        with recording_writers(rm, heads, leaf=True) as clean, heads.using(gates, head_base):
+        with recording_writers(rm, heads, leaf=True, first_input=first_input) as run, heads.using(gates, head_base):
             loss = example_losses(model, batch, metric)
-        if not clean.complete():
+        if not run.complete():
             raise ValueError("edges: not every layer's heads and MLP were seen in the forward pass")
+        if first_input is not None and clean is None:
+            raise ValueError("first_input needs the writers' clean outputs (clean=)")
+        clean = run if clean is None else clean
         base = clean.zeros_like() if isinstance(baseline, str) and baseline == "zero" else baseline
         backward.delta = base.minus(clean)
         # each layer's head changes as [H, B*T, D] and output projection as [H, D, d], laid out for the products
         backward.dz = [z.to(dtype).permute(2, 0, 1, 3).reshape(z.shape[2], -1, z.shape[3]) for z in
                        backward.delta.heads]
         backward.delta.heads = []  # dz holds them now (one copy, not two)
-        leaf = clean.leaf
-        del base, clean
+        leaf = run.leaf
+        del base, clean, run
         backward.w = [rm.o_weight(i).to(dtype).permute(1, 2, 0) for i in range(graph.num_layers)]
         # asking for the first layer's input too makes the backward reach every reader, not only the gates
         grad, _ = torch.autograd.grad(loss.sum(), [gates, leaf])

@@ -18,6 +18,7 @@ from ..prepared import Prepared
 from ..results import HeadScores
 from .attribution import WriterOutputs, check_decomposition, mean_writer_outputs, writer_outputs
 from .circuit import FaithfulnessPoint, circuit_losses, circuit_sizes, faithfulness, sizes_for, top_circuit
+from .graph import EdgeGraph
 from .residual import ResidualModel, residual_model
 
 
@@ -72,6 +73,23 @@ class Circuit:
     def to_bytes(self) -> bytes:
         """:meth:`as_json`, encoded."""
         return json.dumps(self.as_json(), indent=1).encode()
+
+
+def score_circuits(scores: HeadScores, edges: int, by: str = "abs") -> list[Circuit]:
+    """Each task's top ``edges`` edges of ``scores`` pruned to input -> logits paths, without running the model
+    (no faithfulness): what the report draws."""
+    maps = scores.edge_maps
+    if maps is None:
+        raise HeadscoreError("the scores have no edge scores (score with --edges)")
+    try:
+        graph = EdgeGraph.from_nodes(maps.upstream, maps.downstream, maps.existing)
+    except ValueError as exc:
+        raise HeadscoreError(f"the scores' edges: {exc}") from None
+    baseline, metric = str(scores.extra.get("baseline", "")), str(scores.extra.get("metric", "nll"))
+    return [Circuit(task, list(graph.upstream), list(graph.downstream), top_circuit(graph, scores.edges(task), edges,
+                                                                                   by),
+                    scores.edges(task), edges, baseline=baseline, metric=metric, selection=by)
+            for task in scores.tasks]
 
 
 def _baseline_of(scores: HeadScores) -> tuple[str, str]:

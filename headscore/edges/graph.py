@@ -97,6 +97,21 @@ class EdgeGraph:
         """How many edges exist."""
         return int(self.allowed.sum())
 
+    @classmethod
+    def from_nodes(cls, upstream: list[str], downstream: list[str], existing: torch.Tensor) -> EdgeGraph:
+        """The graph whose node names are ``upstream`` and ``downstream`` and whose edges are ``existing``
+        (bool [U, V], e.g. a scores file's non-NaN edges); ValueError when no graph has them."""
+        heads = {n for n in upstream if ".H" in n}
+        layers = sum(1 for n in upstream if n.endswith(".mlp"))
+        per_layer = len(heads) // max(layers, 1)
+        kv = sum(1 for n in downstream if n.startswith("L0.KV") and n.endswith(".k"))
+        for parallel in (False, True):
+            graph = cls(layers, per_layer, kv, parallel)
+            if graph.upstream == list(upstream) and graph.downstream == list(downstream) and \
+                    torch.equal(graph.allowed, existing.to(torch.bool)):
+                return graph
+        raise ValueError("these edge nodes and edges are no graph of a sequential or parallel model")
+
     def index(self, name: str, *, upstream: bool) -> int:
         """Index of a node by name (ValueError for an unknown name)."""
         names = self.upstream if upstream else self.downstream

@@ -39,9 +39,14 @@ def edge_baseline(baseline: object, method: str) -> str:
 
 
 def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, meaning: str, batch_size: int,
-                progress: bool) -> HeadScores:
+                progress: bool, steps: int = 1) -> HeadScores:
     """Head scores (``name``: taylor, atp-mean, atp-corrupt) with the edge scores of every task attached
-    (:class:`~headscore.edge_maps.EdgeMaps`); UnsupportedModelError for a family edges cannot decompose."""
+    (:class:`~headscore.edge_maps.EdgeMaps`); UnsupportedModelError for a family edges cannot decompose.
+
+    ``steps`` > 1 (baseline ``corrupt``): EAP-IG-inputs: the gradients averaged over ``steps`` runs whose input
+    embeddings lie between the corrupted and the clean prompt's (midpoints of equal pieces), the changes the
+    clean and corrupted runs' own; a head's value is then the sum of its edge scores (the same quantity for
+    the node)."""
     if prep.labelled:
         raise HeadscoreError("edges are scored for a causal LM's target tokens; a sequence classifier's labelled "
                              "examples are not supported")
@@ -61,12 +66,17 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
                 check_decomposition(model, heads, rm, batch)
             base = writer_outputs(model, heads, rm, batch.corrupted()) if baseline == "corrupt" else \
                 means if means is not None else "zero"
-            _, scores, grad = edge_attributions(model, heads, rm, batch, base, metric=metric)
-            acc.add(batch.task_index, -grad, batch.example_index)  # taylor's value: the node score
+            if steps == 1:
+                _, scores, grad = edge_attributions(model, heads, rm, batch, base, metric=metric)
+                acc.add(batch.task_index, -grad, batch.example_index)  # taylor's value: the node score
+            else:
+                scores = _input_path(model, heads, rm, batch, base, metric, steps)
+                acc.add(batch.task_index, _head_sums(rm, scores), batch.example_index)
             edge_acc.add(batch.task_index, scores, batch.example_index)
     seconds = time.perf_counter() - start
     result = prep.result(acc, name, seconds=seconds, batch_size=batch_size, metric=metric.name,
-                         metric_meaning=meaning, baseline=baseline, edges=graph.num_edges, passes_per_batch=1)
+                         metric_meaning=meaning, baseline=baseline, edges=graph.num_edges, passes_per_batch=steps,
+                         **({"steps": steps, "path": "inputs"} if steps > 1 else {}))
     missing = ~graph.allowed
     kept = edge_acc.examples
     example_values = None
@@ -75,3 +85,24 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
     maps = EdgeMaps(list(graph.upstream), list(graph.downstream), edge_acc.mean.masked_fill(missing, float("nan")),
                     edge_acc.stderr.masked_fill(missing, float("nan")), example_values)
     return dataclasses.replace(result, edge_maps=maps)
+
+
+def _input_path(model, heads, rm, batch, base: WriterOutputs, metric: Metric, steps: int) -> torch.Tensor:
+    """EAP-IG-inputs edge scores [B, U, V]: the mean over ``steps`` inputs on the segment from the corrupted
+    to the clean input embeddings of the gradient, against the clean-to-corrupted changes."""
+    clean = writer_outputs(model, heads, rm, batch)
+    total = None
+    for k in range(steps):
+        alpha = (k + 0.5) / steps  # 0 = the corrupted input, 1 = the clean one
+        point = base.emb + alpha * (clean.emb - base.emb)
+        _, scores, _ = edge_attributions(model, heads, rm, batch, base, metric=metric, clean=clean, first_input=point)
+        total = scores if total is None else total + scores
+    return total / steps
+
+
+def _head_sums(rm, scores: torch.Tensor) -> torch.Tensor:
+    """Each head's value [B, L, H]: the sum of its edge scores over every reader."""
+    graph = rm.graph
+    rows = torch.tensor([graph.head_index(layer, h) for layer in range(graph.num_layers)
+                         for h in range(graph.num_heads)], device=scores.device)
+    return scores[:, rows].sum(-1).view(scores.shape[0], graph.num_layers, graph.num_heads)

@@ -22,7 +22,7 @@ The functions are duck-typed: ``scores`` needs ``values`` and ``stderr`` ([T, L,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,14 @@ __all__ = ["COLORBAR_LABEL", "REPORT_FILES", "grid_shape", "heatmap_grid", "html
            "position_heatmaps", "scatter_vs_ablation", "write_report"]
 
 REPORT_FILES = ("heatmaps.png", "heatmaps.pdf", "scatter.png", "scatter.pdf", "positions.png", "positions.pdf",
-                "summary.md", "index.html")
+                "circuit.png", "circuit.pdf", "summary.md", "index.html")
 """The files :func:`write_report` may write into its directory."""
 
 
 def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = None,
                  comparison: Mapping[str, Any] | None = None, k: int = 10,
-                 other_comparison: Mapping[str, Any] | None = None, other_name: str = "") -> dict[str, Path]:
+                 other_comparison: Mapping[str, Any] | None = None, other_name: str = "",
+                 circuits: Sequence[Any] | None = None) -> dict[str, Path]:
     """Write a full report into ``out_dir``, all or nothing: the report is built in a temporary directory
     beside ``out_dir`` and replaces it whole at the end, so a reader never sees files of two reports.
     ``out_dir`` must be new, empty or an earlier report (holding only :data:`REPORT_FILES`).
@@ -54,7 +55,9 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
     scores have per-position maps (:func:`position_heatmaps`), ``summary.md`` (:func:`markdown_summary`,
     linking the heatmap image, and the scatter when drawn) and ``index.html`` (:func:`html_page`: the
     interactive page, self-contained, with the agreement with ``ablation`` and, as ``other_comparison``,
-    with another scores file called ``other_name``).
+    with another scores file called ``other_name``). With ``circuits`` (one per task, see
+    :mod:`headscore.report.circuit`): ``circuit.png`` / ``circuit.pdf`` and the circuits' interactive graphs
+    in ``index.html``.
 
     Returns:
         ``{"heatmaps_png", "heatmaps_pdf", ["scatter_png", "scatter_pdf",] "summary", "html"}`` -> path.
@@ -70,12 +73,13 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
     with OutputSet() as outputs:
         out = outputs.directory(final, REPORT_FILES, label="report directory")
         written = _write_files(scores, out, ablation=ablation, comparison=comparison, k=k,
-                               other_comparison=other_comparison, other_name=other_name)
+                               other_comparison=other_comparison, other_name=other_name, circuits=circuits)
     return {name: final / path.name for name, path in written.items()}
 
 
 def _write_files(scores: Any, out: Path, *, ablation: Any, comparison: Mapping[str, Any] | None, k: int,
-                 other_comparison: Mapping[str, Any] | None, other_name: str) -> dict[str, Path]:
+                 other_comparison: Mapping[str, Any] | None, other_name: str,
+                 circuits: Sequence[Any] | None) -> dict[str, Path]:
     png, pdf = heatmap_grid(scores, out / "heatmaps")
     paths = {"heatmaps_png": png, "heatmaps_pdf": pdf}
     images = ["heatmaps.png"]
@@ -85,12 +89,17 @@ def _write_files(scores: Any, out: Path, *, ablation: Any, comparison: Mapping[s
     if getattr(scores, "positions", None) is not None:
         paths["positions_png"], paths["positions_pdf"] = position_heatmaps(scores, out / "positions", k=k)
         images.append("positions.png")
+    if circuits:
+        from .circuit import circuit_pictures
+
+        paths["circuit_png"], paths["circuit_pdf"] = circuit_pictures(circuits, out / "circuit")
+        images.append("circuit.png")
     text = markdown_summary(scores, k=k, ablation=ablation, comparison=comparison, images=images)
     paths["summary"] = atomic_write(out / "summary.md", text.encode("utf-8"))
     from .html import html_page  # Bokeh takes about 0.6 s to import: only when a page is written
 
     page = html_page(scores, ablation=ablation, comparison=comparison, other_comparison=other_comparison,
-                     other_name=other_name, png=png.read_bytes())
+                     other_name=other_name, png=png.read_bytes(), circuits=circuits)
     paths["html"] = atomic_write(out / "index.html", page.encode("utf-8"))
     return paths
 

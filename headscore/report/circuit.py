@@ -121,8 +121,8 @@ def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = 
     ax.set_ylabel("layer")
     faith = getattr(circuit, "faithfulness", None)
     extra = f", faithfulness {faith:.2f}" if isinstance(faith, float) and faith == faith else ""
-    shown = f" (largest {len(pairs)} drawn)" if len(pairs) < total else ""
-    ax.set_title(f"{circuit.task}: {total} edges{extra}{shown}", fontsize=9)
+    shown = f"\nlargest {len(pairs)} by |score| drawn" if len(pairs) < total else ""
+    ax.set_title(f"{circuit.task}: {total} edges{extra}{shown}", fontsize=8)
 
 
 def _legend(fig: Figure) -> None:

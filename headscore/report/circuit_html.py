@@ -22,7 +22,7 @@ from bokeh.resources import Resources
 
 from .circuit import _KV, _QUERY, NodePlaces, drawn_edges
 
-__all__ = ["circuit_page"]
+__all__ = ["circuit_page", "circuit_panel"]
 
 _BOKEH_JS = Resources(mode="inline", components=["bokeh"])
 
@@ -121,7 +121,7 @@ MAX_DRAWN_HTML = 600
 """The most edges a page's panel draws (the largest by |score|)."""
 
 
-def _panel(circuit: Any, info: str) -> Any:
+def circuit_panel(circuit: Any, info: str) -> Any:
     """One task's graph; a click on a node lists its edges in the page's element ``info``."""
     places = NodePlaces(circuit.upstream, circuit.downstream)
     scores = np.asarray(circuit.scores, dtype=float)
@@ -155,11 +155,11 @@ def _panel(circuit: Any, info: str) -> Any:
                                  "in": [ins[n] for n in names], "out": [outs[n] for n in names],
                                  "size": [9 if u else 4 for u in used],
                                  "color": ["black" if u else "#cccccc" for u in used]})
-    width = int(max(360, 34 * (places.heads + 2)))
+    width = int(max(560, 44 * (places.heads + 2)))
     height = int(max(380, 22 * (places.layers + 3)))
     faith = getattr(circuit, "faithfulness", float("nan"))
     title = f"{circuit.task}: {total} edges" + (f", faithfulness {faith:.2f}" if faith == faith else "") + \
-        (f" (largest {len(pairs)} drawn)" if len(pairs) < total else "")
+        (f"; largest {len(pairs)} drawn" if len(pairs) < total else "")
     fig = figure(width=width, height=height, title=title, tools="pan,wheel_zoom,reset", name=f"circuit:{circuit.task}",
                  x_range=(-0.8, places.heads + 1.3), y_range=(-1.6, places.layers + 0.6))
     fig.xaxis.axis_label, fig.yaxis.axis_label = "head (mlp at the right)", "layer (emb below, logits above)"
@@ -181,7 +181,7 @@ def circuit_page(circuits: Sequence[Any], *, title: str = "Circuits", curve_png:
     ``curve_png`` the faithfulness curve (PNG bytes) is shown under the graphs."""
     import base64
 
-    script, divs = components([_panel(c, f"circuit-info-{i}") for i, c in enumerate(circuits)])
+    script, divs = components([circuit_panel(c, f"circuit-info-{i}") for i, c in enumerate(circuits)])
     panels = "".join(f"{div}<p id='circuit-info-{i}' class='info'>Click a node to see its edges.</p>"
                      for i, div in enumerate(divs))
     rows = "".join(f"<tr><th scope='row'>{html.escape(str(c.task))}</th><td>{int(np.asarray(c.edges).sum())}</td>"

@@ -42,6 +42,7 @@ from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
 from bokeh.resources import Resources
 
+from .circuit_html import circuit_panel
 from .heatmaps import COLORBAR_LABEL
 from .inputs import ablation_values, exact_mask, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
@@ -260,7 +261,7 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
 
 def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any] | None = None,
               other_comparison: Mapping[str, Any] | None = None, other_name: str = "",
-              png: bytes | None = None, ncols: int | None = None) -> str:
+              png: bytes | None = None, ncols: int | None = None, circuits: Any = None) -> str:
     """The self-contained interactive report of ``scores`` as an HTML string.
 
     Args:
@@ -271,6 +272,8 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
         other_comparison, other_name: agreement with another scores file (``headscore report --compare``).
         png: the static heatmap grid (PNG bytes), embedded as a fallback.
         ncols: panel columns (default as in the PNG grid).
+        circuits: optional circuits (one per task, :mod:`headscore.report.circuit`): their interactive
+            graphs in a section of their own (hover an edge, click a node for its edges).
     """
     vals = task_values(scores)
     se = stderr_values(scores, vals.shape)
@@ -278,7 +281,13 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
     counts = task_counts(scores)
     exact = exact_mask(scores, vals.shape)
     grid, detail, known = _figures(scores, vals, se, abl, ncols, exact)
-    script, (grid_div, detail_div) = components((grid, detail))
+    panels = [] if not circuits else [circuit_panel(c, f"circuit-info-{i}") for i, c in enumerate(circuits)]
+    script, (grid_div, detail_div, *circuit_divs) = components((grid, detail, *panels))
+    circuit_section = "" if not circuits else (
+        "<h2>Circuits</h2><p>Each task's top edges by |score| on paths from the input to the logits (from "
+        "<code>score --edges</code>; <code>headscore circuit</code> measures their faithfulness). Hover an edge or a "
+        "node; click a node to list its edges.</p>" + "".join(
+            f"{div}<p id='circuit-info-{i}'>Click a node to see its edges.</p>" for i, div in enumerate(circuit_divs)))
     tables = ""
     if comparison:
         tables += _agreement_table("Agreement with ablation", comparison)
@@ -320,6 +329,7 @@ pre#js-errors {{ color: #b00; }}
 <h2>Selected head</h2>
 {detail_div}
 {tables}
+{circuit_section}
 {_provenance(scores, counts, exact)}
 {fallback}
 <pre id="render-check" hidden></pre>
