@@ -121,7 +121,8 @@ def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = 
     ax.set_ylabel("layer")
     faith = getattr(circuit, "faithfulness", None)
     extra = f", faithfulness {faith:.2f}" if isinstance(faith, float) and faith == faith else ""
-    shown = f"\nlargest {len(pairs)} by |score| drawn" if len(pairs) < total else ""
+    shown = f"\nlargest {len(pairs)} by |score| drawn" if len(pairs) < total else \
+        ("\nnone of the top edges lies on an input -> logits path" if total == 0 else "")
     ax.set_title(f"{circuit.task}: {total} edges{extra}{shown}", fontsize=8)
 
 

@@ -18,13 +18,11 @@ import numpy as np
 from bokeh.embed import components
 from bokeh.models import ColumnDataSource, CustomJS, HoverTool, TapTool
 from bokeh.plotting import figure
-from bokeh.resources import Resources
 
 from .circuit import _KV, _QUERY, NodePlaces, drawn_edges
+from .page import page
 
 __all__ = ["circuit_page", "circuit_panel"]
-
-_BOKEH_JS = Resources(mode="inline", components=["bokeh"])
 
 _TAP_JS = """
 const i = nodes.selected.indices[0];
@@ -46,18 +44,6 @@ if (i === undefined) {
     lines.join("<br>");
 }
 edges.data = Object.assign({}, e, {alpha: alpha});
-"""
-
-_ERRORS_JS = """
-<script>
-(function () {
-  function record(msg) {
-    var el = document.getElementById("js-errors"); if (el) { el.textContent += msg + "\\n"; el.hidden = false; }
-  }
-  window.addEventListener("error", function (e) { record("error: " + e.message); });
-  window.addEventListener("unhandledrejection", function (e) { record("unhandled rejection: " + e.reason); });
-})();
-</script>
 """
 
 _CHECK_JS = """
@@ -159,7 +145,8 @@ def circuit_panel(circuit: Any, info: str) -> Any:
     height = int(max(380, 22 * (places.layers + 3)))
     faith = getattr(circuit, "faithfulness", float("nan"))
     title = f"{circuit.task}: {total} edges" + (f", faithfulness {faith:.2f}" if faith == faith else "") + \
-        (f"; largest {len(pairs)} drawn" if len(pairs) < total else "")
+        (f"; largest {len(pairs)} drawn" if len(pairs) < total else "") + \
+        ("; none of the top edges lies on a path from the input to the logits" if total == 0 else "")
     fig = figure(width=width, height=height, title=title, tools="pan,wheel_zoom,reset", name=f"circuit:{circuit.task}",
                  x_range=(-0.8, places.heads + 1.3), y_range=(-1.6, places.layers + 0.6))
     fig.xaxis.axis_label, fig.yaxis.axis_label = "head (mlp at the right)", "layer (emb below, logits above)"
@@ -190,33 +177,13 @@ def circuit_page(circuits: Sequence[Any], *, title: str = "Circuits", curve_png:
         f"<h2>Faithfulness against size</h2><img alt='faithfulness curve' style='max-width:100%' "
         f"src='data:image/png;base64,{base64.b64encode(curve_png).decode()}'>")
     check = _CHECK_JS % {"expected": json.dumps(len(circuits))}
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{html.escape(title)}</title>
-{_ERRORS_JS}
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
-th[scope=row] {{ text-align: left; }}
-pre#js-errors {{ color: #b00; }}
-</style>
-{_BOKEH_JS.render_js()}
-{script}
-{check}
-</head>
-<body>
-<pre id="js-errors" hidden></pre>
-<h1>{html.escape(title)}</h1>
-<p>Edges from writers (embeddings, heads, MLPs) to readers (a head's query: solid; a key: dashed; a value:
-dotted; an MLP or the logits: solid), width by |score|, red where patching the edge raises the loss, blue where
+    style = """table { border-collapse: collapse; margin-bottom: 1em; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th[scope=row] { text-align: left; }"""
+    body = f"""<p>Edges from writers (embeddings, heads, MLPs) to readers (a head's query: solid; a key: dashed;
+a value: dotted; an MLP or the logits: solid), width by |score|, red where patching the edge raises the loss, blue where
 it lowers it. Hover an edge or a node; click a node to light its edges.</p>
 <table><tr><th>task</th><th>edges</th><th>faithfulness</th></tr>{rows}</table>
 {panels}
-{curve}
-<pre id="render-check" hidden></pre>
-</body>
-</html>
-"""
+{curve}"""
+    return page(title, style=style, scripts=f"{script}\n{check}", body=body)

@@ -40,18 +40,17 @@ from bokeh.models import (
 )
 from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
-from bokeh.resources import Resources
 
 from .circuit_html import circuit_panel
 from .heatmaps import COLORBAR_LABEL
 from .inputs import ablation_values, exact_mask, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
+from .page import page
 from .summary import comparison_cells, interval_note
 
 __all__ = ["html_page"]
 
 _PX_PER_INCH = 90
-_BOKEH_JS = Resources(mode="inline", components=["bokeh"])  # plots only: no widgets, tables, WebGL or MathJax
 
 _CLICK_JS = """
 const i = cb_obj.indices[0];
@@ -71,25 +70,7 @@ if (sc_src !== null) {
 }
 """
 
-_ERRORS_JS = """
-<script>
-(function () {
-  var pending = [];
-  function record(msg) {
-    var el = document.getElementById("js-errors");
-    if (el) { el.textContent += msg + "\\n"; el.hidden = false; } else { pending.push(msg); }
-  }
-  window.addEventListener("error", function (e) { record("error: " + e.message); });
-  window.addEventListener("unhandledrejection", function (e) { record("unhandled rejection: " + e.reason); });
-  var original = console.error;
-  console.error = function () {
-    record("console.error: " + Array.prototype.join.call(arguments, " "));
-    original.apply(console, arguments);
-  };
-  document.addEventListener("DOMContentLoaded", function () { pending.forEach(record); pending = []; });
-})();
-</script>
-"""
+
 
 _CHECK_JS = """
 <script>
@@ -302,37 +283,18 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
         "<p class='exact-note'>Outlined cells: exact values (measured by ablation or patching), the others "
         "estimates; the hover says <code>exact: yes</code> or <code>no</code>.</p>")
     check = _CHECK_JS % {"expected": len(scores.tasks), "known": _script_json(known)}
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{html.escape(title)}</title>
-{_ERRORS_JS}
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
-table.agreement {{ border-collapse: collapse; margin-bottom: 1em; }}
-table.agreement td, table.agreement th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
-table.agreement th[scope=row] {{ text-align: left; }}
-dl.provenance dt {{ font-weight: bold; }}
-dl.provenance dd {{ margin: 0 0 0.4em 1em; }}
-pre#js-errors {{ color: #b00; }}
-</style>
-{_BOKEH_JS.render_js()}
-{script}
-{check}
-</head>
-<body>
-<pre id="js-errors" hidden></pre>
-<h1>{html.escape(title)}</h1>
-<p>Hover a cell for its layer, head, score, standard error and rank; click it to see that head on every task.</p>
+    style = """table.agreement { border-collapse: collapse; margin-bottom: 1em; }
+table.agreement td, table.agreement th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+table.agreement th[scope=row] { text-align: left; }
+dl.provenance dt { font-weight: bold; }
+dl.provenance dd { margin: 0 0 0.4em 1em; }"""
+    body = f"""<p>Hover a cell for its layer, head, score, standard error and rank; click it to see that head on every
+task.</p>
 {exact_note}{grid_div}
 <h2>Selected head</h2>
 {detail_div}
 {tables}
 {circuit_section}
 {_provenance(scores, counts, exact)}
-{fallback}
-<pre id="render-check" hidden></pre>
-</body>
-</html>
-"""
+{fallback}"""
+    return page(title, style=style, scripts=f"{script}\n{check}", body=body)
