@@ -52,12 +52,17 @@ import model_matrix  # noqa: E402
 
 
 def float64_norms(model: torch.nn.Module) -> None:
-    """Every RMSNorm computes in float64 (transformers' casts to float32 whatever the model's dtype)."""
+    """Every RMSNorm computes in float64 (transformers' casts to float32 whatever the model's dtype); Gemma's
+    scale by 1 + weight."""
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def gemma(self, x):
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * (1.0 + self.weight)
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(forward, module)
+        name = type(module).__name__
+        if name.endswith("RMSNorm"):
+            module.forward = types.MethodType(gemma if name.startswith("Gemma") else forward, module)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -105,6 +110,8 @@ def parts(block):
         return block.input_layernorm, block.attention.dense, block.post_attention_layernorm, \
             block.use_parallel_residual
     out = getattr(block.self_attn, "o_proj", None) or block.self_attn.dense
+    if hasattr(block, "pre_feedforward_layernorm"):  # Gemma 2/3: the MLP reads through its own pre-norm
+        return block.input_layernorm, out, block.pre_feedforward_layernorm, False
     mlp_norm = getattr(block, "post_attention_layernorm", None)
     return block.input_layernorm, out, mlp_norm or block.input_layernorm, mlp_norm is None
 
@@ -136,8 +143,10 @@ def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | No
     x = seen["x"][0].detach() if first_input is None else first_input
     writes = {"emb": x}
     rotary = getattr(base, "rotary_emb", None)
-    cos, sin = rotary(x[None], torch.arange(t)[None]) if rotary is not None else (None, None)
+    positions = torch.arange(t)[None]
+    layer_types = getattr(cfg, "layer_types", None)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+    cap = getattr(cfg, "attn_logit_softcapping", None)
 
     def read(key, stream):
         e = perturb.get(key)
@@ -148,8 +157,17 @@ def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | No
     for layer, block in enumerate(blocks):
         attn_norm, out_proj, mlp_norm, parallel = parts(block)
         wo = weight_of(out_proj).view(-1, heads, dh)
+        attention = getattr(block, "self_attn", None) or getattr(block, "attn", None) or block.attention
+        scale = getattr(attention, "scaling", dh ** -0.5)
+        if rotary is None:
+            cos = sin = None
+        elif layer_types and isinstance(getattr(rotary, "rope_type", None), dict):  # Gemma 3: per layer type
+            cos, sin = rotary(x[None], positions, layer_types[layer])
+        else:
+            cos, sin = rotary(x[None], positions)
+        sandwich = hasattr(block, "post_feedforward_layernorm")
 
-        def qkv_for(key, index, which, x=x, block=block, attn_norm=attn_norm):
+        def qkv_for(key, index, which, x=x, block=block, attn_norm=attn_norm, cos=cos, sin=sin):
             q, k, v = queries_keys_values(block, attn_norm(read(key, x)), heads, kv, dh)
             if cos is not None:
                 q, k = rope(q, cos[0], sin[0]), rope(k, cos[0], sin[0])
@@ -157,19 +175,29 @@ def reference(model, ids: torch.Tensor, target: torch.Tensor, perturb: dict | No
 
         keys = [qkv_for((layer, "k", j), j, 1) for j in range(kv)]
         values = [qkv_for((layer, "v", j), j, 2) for j in range(kv)]
-        total = x
+        attn = 0.0
         for h in range(heads):
             q = qkv_for((layer, "q", h), h, 0)
             j = h // (heads // kv)
-            weights = torch.softmax((q @ keys[j].T * dh ** -0.5).masked_fill(~causal, -math.inf), dim=-1)
-            writes[(layer, "H", h)] = (weights @ values[j]) @ wo[:, h].T
-            total = total + writes[(layer, "H", h)]
+            logits = q @ keys[j].T * scale
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            weights = torch.softmax(logits.masked_fill(~causal, -math.inf), dim=-1)
+            writes[(layer, "H", h)] = (weights @ values[j]) @ wo[:, h].T  # the head's slice of the projection
+            attn = attn + writes[(layer, "H", h)]
         if out_proj.bias is not None:
-            total = total + out_proj.bias
+            attn = attn + out_proj.bias
+        if sandwich:  # the attention's output through its norm; heads write through its Jacobian
+            writes[("raw", layer)] = attn
+            attn = block.post_attention_layernorm(attn)
+        total = x + attn
         mlp_out = block.mlp(mlp_norm(read((layer, "mlp"), x if parallel else total))[None])  # MoE blocks want [B, T, d]
-        writes[(layer, "mlp")] = (mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)[0]
+        mlp_out = (mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)[0]
+        writes[(layer, "mlp")] = block.post_feedforward_layernorm(mlp_out) if sandwich else mlp_out
         x = total + writes[(layer, "mlp")]
     logits = model.get_output_embeddings()(final(read("logits", x)))
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
     logp = torch.log_softmax(logits, dim=-1)
     where = target.nonzero().flatten()  # target token at t, predicted at t - 1
     return -logp[where - 1, ids[where]].mean(), writes
@@ -215,9 +243,34 @@ def examples_with_corruption(n: int, seed: int) -> list[Example]:
     return out
 
 
+def gemma(family: str, seed: int) -> LoadedModel:
+    """A tiny Gemma 3 text model (float64, SDPA attention): sandwich norms, a sliding and a global layer (each its
+    own rotary); or Gemma 2 (eager attention only, soft-capped logits)."""
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+                  query_pre_attn_scalar=8, tie_word_embeddings=False)
+    if family == "gemma3":
+        config = transformers.Gemma3TextConfig(**common, sliding_window=64,
+                                               layer_types=["sliding_attention", "full_attention"])
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        config = transformers.Gemma2Config(**common, final_logit_softcapping=30.0)
+        cls = transformers.Gemma2ForCausalLM
+    torch.manual_seed(seed)
+    model = cls._from_config(config, attn_implementation="sdpa" if family == "gemma3" else "eager",
+                             dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 2 else 0.2)
+    return LoadedModel(model.eval(), ByteTokenizer(), f"tiny-{family}")
+
+
 def build(family: str, layers: int, heads: int, kv: int, seed: int) -> LoadedModel:
-    """A tiny float64 model: tests/tiny.py's for its families, else the model matrix's (2 layers, 4 heads)."""
-    if family in FAMILIES:
+    """A tiny float64 model: tests/tiny.py's for its families, Gemma 2/3 (sandwich norms), else the model
+    matrix's (2 layers, 4 heads)."""
+    if family in ("gemma2", "gemma3"):
+        lm = gemma(family, seed)
+    elif family in FAMILIES:
         lm = tiny_model(family, layers=layers, heads=heads, kv_heads=kv, dtype=torch.float64, seed=seed)
     else:
         model = model_matrix.build_model(family, seed=seed)
@@ -239,6 +292,8 @@ CASES = [  # family, layers, heads, kv heads (tiny.py's families), baseline, exa
     ("phi", 0, 0, 0, "corrupt", 2, 6),  # one norm read by attention and MLP in parallel
     ("phi3", 0, 0, 0, "zero", 2, 7),  # fused qkv_proj
     ("qwen3_moe", 0, 0, 0, "corrupt", 3, 8),  # grouped-query attention, per-head norms, experts as the MLP
+    ("gemma3", 0, 0, 0, "corrupt", 3, 11),  # sandwich norms: heads through the attention norm's Jacobian
+    ("gemma3", 0, 0, 0, "mean", 3, 12),
 ]
 
 
@@ -277,7 +332,8 @@ def test_edge_scores_and_patching_equal_the_reference(family, layers, heads, kv,
             changes = {k: means[k] - clean_writes[k] for k in up}
         else:
             changes = {k: -clean_writes[k] for k in up}
-        want = reference_scores(lm.model, ids, target, changes, graph)
+        first_order, changes = through_output_norms(lm.model, clean_writes, changes)
+        want = reference_scores(lm.model, ids, target, first_order, graph)
         scale = float(want.abs().max())
         assert scale > 1e-3
         assert torch.allclose(scores[row], want, rtol=1e-9, atol=1e-9 * scale), \
@@ -290,6 +346,20 @@ def test_edge_scores_and_patching_equal_the_reference(family, layers, heads, kv,
                         for layer in range(layers)], 1)
     assert torch.allclose(node, -grad, rtol=1e-10, atol=1e-12 * float(grad.abs().max()))
     assert torch.allclose(grad, gate_grad, rtol=1e-12, atol=1e-14)
+
+
+def through_output_norms(model, clean_writes: dict, changes: dict) -> tuple[dict, dict]:
+    """A head's change as it reaches the stream where its layer's attention output goes through a norm (Gemma's
+    post-attention norm): first order (the norm's Jacobian at the clean output, by forward-mode autograd) for the
+    scores, exact (the norm recomputed on the changed output) for patching. Unchanged elsewhere."""
+    first, exact = dict(changes), dict(changes)
+    for key, change in changes.items():
+        if isinstance(key, tuple) and key[1] == "H" and ("raw", key[0]) in clean_writes:
+            norm = model.get_decoder().layers[key[0]].post_attention_layernorm
+            raw = clean_writes[("raw", key[0])].detach()
+            first[key] = torch.func.jvp(norm.forward, (raw,), (change.detach(),))[1]
+            exact[key] = norm(raw + change.detach()) - norm(raw)
+    return first, exact
 
 
 def reference_row(model, batch, row: int):
@@ -333,9 +403,10 @@ def test_the_graph_says_which_edges_exist():
 
 
 def test_families_edges_cannot_decompose_are_refused():
-    lm = tiny_model("gemma2", layers=2, heads=2, kv_heads=1)
-    with pytest.raises(UnsupportedModelError, match="normalises the attention and MLP outputs before adding them"):
-        residual_model(lm.model)
+    olmo = transformers.Olmo2ForCausalLM._from_config(transformers.Olmo2Config(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    with pytest.raises(UnsupportedModelError, match="reads the stream without a norm of its own"):
+        residual_model(olmo)
     gpt_j = LoadedModel(model_matrix.build_model("gptj"), ByteTokenizer(), "tiny-gptj")
     with pytest.raises(UnsupportedModelError, match="none of the layouts edges support"):
         residual_model(gpt_j.model)
@@ -461,7 +532,8 @@ def test_the_command_line_scores_patches_exports_and_compares_edges(tmp_path, ca
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("family,baseline,seed", [("llama", "corrupt", 20), ("gpt_neox", "corrupt", 21),
-                                                   ("phi", "zero", 22), ("gpt2", "mean", 23)])
+                                                   ("phi", "zero", 22), ("gpt2", "mean", 23),
+                                                   ("gemma3", "corrupt", 24)])
 def test_circuit_runs_equal_the_reference(family, baseline, seed):
     """Each reader reads the run's stream with every writer whose edge is not in the circuit replaced by its
     baseline output; the reference builds that reader by reader from the run's own writes."""
@@ -497,11 +569,27 @@ def test_circuit_runs_equal_the_reference(family, baseline, seed):
             for j, reader in enumerate(down):
                 cut = [up[i] for i in (graph.allowed[:, j] & ~circuits[c, :, j]).nonzero().flatten().tolist()]
                 if cut:
-                    perturb[reader] = lambda writes, cut=cut, base=base_writes: sum(base[u] - writes[u] for u in cut)
+                    perturb[reader] = lambda writes, cut=cut, base=base_writes: cut_edges(lm.model, writes, base, cut)
             want = float(reference(lm.model, ids, target, perturb)[0].detach())
             assert float(got[c, row]) == pytest.approx(want, rel=1e-9, abs=1e-11), (c, row)
         assert float(got[-1, row]) == pytest.approx(float(clean_loss.detach()), rel=1e-10)  # every edge: clean
         assert abs(float(got[0, row] - got[-1, row])) > 1e-3  # no edge: far from clean (the check can fail)
+
+
+def cut_edges(model, writes: dict, base: dict, cut: list):
+    """What a reader's input changes by when the writers ``cut`` give it their baseline output instead of this
+    run's: the sum of their changes, except that where a layer's attention output goes through a norm, its cut
+    heads' changes go in before the norm and the norm is recomputed."""
+    total, through_norm = 0.0, {}
+    for u in cut:
+        if isinstance(u, tuple) and u[1] == "H" and ("raw", u[0]) in writes:
+            through_norm[u[0]] = through_norm.get(u[0], 0.0) + base[u] - writes[u]
+        else:
+            total = total + base[u] - writes[u]
+    for layer, change in through_norm.items():
+        norm, raw = model.get_decoder().layers[layer].post_attention_layernorm, writes[("raw", layer)]
+        total = total + norm(raw + change) - norm(raw)
+    return total
 
 
 def test_a_circuit_without_one_edge_is_that_edge_patched():
@@ -555,8 +643,8 @@ def test_circuits_keep_only_edges_from_the_input_to_the_logits():
 # ---------------------------------------------------------------------------------------------- bad input
 
 EDGE_CASES = {
-    "edges-refused-family": "edges: Gemma2ForCausalLM normalises the attention and MLP outputs before adding them "
-                            "to the residual stream",
+    "edges-refused-family": "edges: Olmo2ForCausalLM normalises the attention and MLP outputs but reads the stream "
+                            "without a norm of its own",
     "edges-not-decomposable": "edges: GraniteForCausalLM's residual stream is not the sum of its embeddings, heads "
                               "and MLPs",
     "edges-with-method": "--edges scores edges with taylor (attribution patching), atp-mean or ig (EAP-IG-inputs), "
@@ -596,7 +684,8 @@ def refused(capsys, case: str, argv: list, *roots: Path) -> None:
 def test_edge_settings_that_are_refused(tmp_path, capsys, monkeypatch):
     common = dict(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=0)
-    gemma = save_family(tmp_path / "gemma2", transformers.Gemma2Config(**common))
+    olmo = save_family(tmp_path / "olmo2", transformers.Olmo2Config(
+        **{k: v for k, v in common.items() if k != "head_dim"}))
     granite = save_family(tmp_path / "granite", transformers.GraniteConfig(**common, residual_multiplier=0.5))
     llama = save_tiny_model(tmp_path / "llama")
     capsys.readouterr()  # the savers' progress bars
@@ -604,7 +693,7 @@ def test_edge_settings_that_are_refused(tmp_path, capsys, monkeypatch):
     tasks.write_text("".join(json.dumps({"prompt": e.prompt, "target": e.target, "task": e.task}) + "\n"
                              for e in random_examples(4, seed=5)))
     out = ["--tasks", tasks, "--no-progress", "--out", tmp_path / "x.hs"]
-    for case, model in (("edges-refused-family", gemma), ("edges-not-decomposable", granite)):
+    for case, model in (("edges-refused-family", olmo), ("edges-not-decomposable", granite)):
         refused(capsys, case, ["score", "--model", model, "--edges", *out], tmp_path)
     refused(capsys, "edges-with-method", ["score", "--edges", "--method", "abs", *out], tmp_path)
     refused(capsys, "export-edges-without-edges", ["score", "--export-edges", tmp_path / "e.csv", *out], tmp_path)
@@ -655,3 +744,18 @@ def test_eap_ig_inputs_equals_the_reference_along_the_input_path():
     assert scores.method == "ig-inputs-corrupt" and scores.extra["steps"] == steps
     with pytest.raises(HeadscoreError, match="use baseline corrupt"):
         headscore.score(lm, examples, method="ig", edges=True, progress=False)
+
+
+def test_gemma2_is_read_as_a_sandwich_and_its_stream_decomposes():
+    """Gemma 2 runs the Gemma 3 code path (sandwich norms); its eager attention takes the softmax in float32, so
+    its edge scores are checked against the reference only through Gemma 3 (SDPA, float64 throughout)."""
+    lm = gemma("gemma2", 14)
+    rm = residual_model(lm.model)
+    assert all(layer.attn_out_norm is not None and layer.mlp_out is not None for layer in rm.layers)
+    batch = next(iter(prepare(lm, random_examples(3, seed=14)).batches(3, progress=False)))
+    with patch(lm.model) as gates:
+        check_decomposition(lm.model, gates, rm, batch)
+        _, scores, grad = edge_attributions(lm.model, gates, rm, batch)
+    node = scores[:, rm.graph.head_index(1, 0):rm.graph.head_index(1, 0) + 4].sum(-1)
+    # float32 softmax: ~1e-7 of the largest value
+    assert torch.allclose(node, -grad[:, 1], rtol=1e-6, atol=1e-6 * float(grad.abs().max()))

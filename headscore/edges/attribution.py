@@ -40,11 +40,14 @@ class WriterOutputs:
     heads: list[torch.Tensor | None] = field(default_factory=list)
     mlp: list[torch.Tensor | None] = field(default_factory=list)
     leaf: torch.Tensor | None = None
+    attn_raw: list[torch.Tensor | None] | None = None  # output projections' outputs, where a norm follows them
 
     def minus(self, other: WriterOutputs) -> WriterOutputs:
-        """``self - other``, node by node."""
+        """``self - other``, node by node (keeping ``other``'s output projections: the point a following norm's
+        Jacobian is taken at)."""
         return WriterOutputs(self.emb - other.emb, [a - b for a, b in zip(self.heads, other.heads, strict=True)],
-                             [a - b for a, b in zip(self.mlp, other.mlp, strict=True)])
+                             [a - b for a, b in zip(self.mlp, other.mlp, strict=True)],
+                             attn_raw=other.attn_raw)
 
     def zeros_like(self) -> WriterOutputs:
         """Every output zero (the zero baseline)."""
@@ -81,8 +84,12 @@ def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False
 
     handles = [rm.layers[0].block.register_forward_pre_hook(first, with_kwargs=True)]
     for i, lm in enumerate(rm.layers):
-        handles.append(lm.mlp.register_forward_hook(
+        handles.append(lm.mlp_writer.register_forward_hook(
             lambda module, args, o, i=i: out.mlp.__setitem__(i, module_output(o).detach())))
+        if lm.attn_out_norm is not None:
+            out.attn_raw = out.attn_raw or [None] * num_layers
+            handles.append(lm.o_proj.register_forward_hook(
+                lambda module, args, o, i=i: out.attn_raw.__setitem__(i, module_output(o).detach())))
     try:
         with heads.observing(observe):
             yield out
@@ -209,6 +216,7 @@ class _EdgeBackward:
         b = s.shape[0]
         width = pending[0][0].shape[1]
         dtype = pending[0][0].dtype
+        d = delta.emb.shape[-1]
         emb = delta.emb.to(dtype).reshape(b, 1, width)
         for flat, _, cols in pending:
             s[:, 0, cols] = torch.bmm(emb, flat)[:, 0].to(s.dtype)
@@ -217,9 +225,14 @@ class _EdgeBackward:
             per_row = torch.bmm(self.dz[lu], self.w[lu]).view(h, b, width).transpose(0, 1)  # [B, H, T*d]
             mlp = delta.mlp[lu].to(dtype).reshape(b, 1, width)
             h0 = graph.head_index(lu, 0)
+            norm = self.rm.layers[lu].attn_out_norm
             for flat, cols in readers:
-                s[:, h0:h0 + h, cols] = torch.bmm(per_row, flat).to(s.dtype)
                 s[:, graph.mlp_index(lu), cols] = torch.bmm(mlp, flat)[:, 0].to(s.dtype)
+                if norm is not None:  # the heads reach the stream through the attention's output norm
+                    n = flat.shape[-1]
+                    g = flat.view(b, width // d, d, n).transpose(2, 3)
+                    flat = norm_vjp(norm, delta.attn_raw[lu], g).transpose(2, 3).reshape(b, width, n)
+                s[:, h0:h0 + h, cols] = torch.bmm(per_row, flat).to(s.dtype)
 
 
 def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
@@ -284,6 +297,10 @@ def check_decomposition(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         lambda m, args, kwargs, i=i: inputs.__setitem__(i, layer_input(args, kwargs).detach()), with_kwargs=True)
         for i, lm in enumerate(rm.layers)]
     handles.append(rm.final_norm.register_forward_pre_hook(lambda m, args: inputs.__setitem__(-1, args[0].detach())))
+    attn_out: list[torch.Tensor | None] = [None] * rm.graph.num_layers
+    handles += [lm.attn_out_norm.register_forward_hook(
+        lambda m, args, o, i=i: attn_out.__setitem__(i, module_output(o).detach()))
+        for i, lm in enumerate(rm.layers) if lm.attn_out_norm is not None]
     try:
         with recording_writers(rm, heads) as out, heads.using(None, None):
             run_forward(model, batch)
@@ -310,7 +327,15 @@ def check_decomposition(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         lm = rm.layers[i]
         o = torch.einsum("bthk,dhk->btd", out.heads[i].to(torch.float64), rm.o_weight(i).to(torch.float64))
         bias = lm.o_bias
-        stream = stream + o + (0 if bias is None else bias.to(torch.float64)) + out.mlp[i].to(torch.float64)
+        o = o + (0 if bias is None else bias.to(torch.float64))
+        if lm.attn_out_norm is not None:  # the heads' sum is the output projection's, which the norm then takes
+            raw = out.attn_raw[i].to(torch.float64)
+            off = float((raw - o)[mask].abs().max()) / (float(raw[mask].abs().max()) + 1e-30)
+            if off > 1e3 * eps:
+                raise UnsupportedModelError(f"edges: {rm.family}'s layer {i} output projection is not the sum of its "
+                                            f"heads' slices (off by {off:.1e} of its size); edges cannot decompose it")
+            o = attn_out[i].to(torch.float64)
+        stream = stream + o + out.mlp[i].to(torch.float64)
 
 
 @torch.no_grad()

@@ -91,6 +91,7 @@ class _CircuitHooks:
         self.change_mlp: list[torch.Tensor | None] = [None] * graph.num_layers  # [R, T, d]
         self.normed: torch.Tensor | None = None
         self.mlp_stream: torch.Tensor | None = None
+        self.attn_raw: list[torch.Tensor | None] = [None] * graph.num_layers  # this run's output projections
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
         """A baseline output for every row: per-example ones ([B, T, ...]) repeated per circuit; per-node
@@ -109,7 +110,12 @@ class _CircuitHooks:
                 continue
             h0 = graph.head_index(lu, 0)
             w = self.rm.o_weight(lu).to(dz.dtype)  # [d, H, D]
-            out = out + torch.einsum("rthk,dhk,rhn->rtnd", dz, w, p[:, h0:h0 + graph.num_heads])
+            heads = torch.einsum("rthk,dhk,rhn->rtnd", dz, w, p[:, h0:h0 + graph.num_heads])
+            norm = self.rm.layers[lu].attn_out_norm
+            if norm is not None:  # the patched heads' slices changed, the attention's output norm recomputed
+                raw = self.attn_raw[lu]
+                heads = norm.forward(raw.unsqueeze(2) + heads.to(raw.dtype)) - norm.forward(raw).unsqueeze(2)
+            out = out + heads
             if self.change_mlp[lu] is not None:
                 out = out + torch.einsum("rn,rtd->rtnd", p[:, graph.mlp_index(lu)], self.change_mlp[lu])
         return out
@@ -130,7 +136,10 @@ class _CircuitHooks:
                 handles.append(proj.module.register_forward_hook(self._projection(proj)))
             handles.append(lm.mlp_norm.register_forward_pre_hook(self._keep_stream(i)))
             handles.append(lm.mlp.register_forward_pre_hook(self._mlp_reader(lm.mlp_norm, start + len(attn), i)))
-            handles.append(lm.mlp.register_forward_hook(self._mlp_written(i)))
+            handles.append(lm.mlp_writer.register_forward_hook(self._mlp_written(i)))
+            if lm.attn_out_norm is not None:
+                handles.append(lm.o_proj.register_forward_hook(
+                    lambda m, args, o, i=i: self.attn_raw.__setitem__(i, module_output(o))))
         handles.append(rm.final_norm.register_forward_hook(self._logits_reader(rm.final_norm)))
         return handles
 

@@ -37,7 +37,12 @@ def writer_change(rm: ResidualModel, delta: WriterOutputs, upstream: int) -> tor
     if offset == graph.num_heads:
         return delta.mlp[layer]
     w = rm.o_weight(layer)[:, offset]  # [d, D]
-    return torch.einsum("btk,dk->btd", delta.heads[layer][:, :, offset].to(w.dtype), w)
+    raw = torch.einsum("btk,dk->btd", delta.heads[layer][:, :, offset].to(w.dtype), w)
+    norm = rm.layers[layer].attn_out_norm
+    if norm is None:
+        return raw
+    clean = delta.attn_raw[layer]  # the head's slice changed, the attention's output norm recomputed
+    return norm.forward(clean + raw.to(clean.dtype)) - norm.forward(clean)
 
 
 def _reader(rm: ResidualModel, downstream: int) -> tuple[int, str, int]:

@@ -12,9 +12,10 @@ projection, the MLP). :func:`residual_model` finds them in four layouts:
   ``use_parallel_residual`` attention and MLP read the same stream (its MLP does not see its own heads);
 - Phi (1/2): one ``input_layernorm`` read by attention and MLP in parallel, ``dense`` the output projection.
 
-Others are refused with the reason. Families with a norm on the attention or MLP output before the residual
-add (Gemma 2/3 and OLMo 2 "sandwich"/post norms) mix a layer's heads nonlinearly on the way into the
-stream: a head's contribution is no term of a later reader's input there, so they are refused too.
+Gemma 2/3 put a norm on the attention's and the MLP's output before the residual add ("sandwich" norms): the
+MLP node writes its normed output, and a head writes its slice of the output projection through the attention
+norm's Jacobian at the clean run (first order, as the node score is; see docs/edges.md). Others are refused
+with the reason (OLMo 2, which reads the stream without a norm of its own).
 :func:`check_decomposition` then checks on a real batch that the stream is what the graph says.
 """
 
@@ -59,6 +60,14 @@ class LayerModules:
     o_bias: torch.Tensor | None  # the output projection's bias: in the stream, no node's (the same in any run)
     mlp_norm: torch.nn.Module
     mlp: torch.nn.Module
+    o_proj: torch.nn.Module | None = None
+    attn_out_norm: torch.nn.Module | None = None  # a norm on the attention's output before the add (Gemma 2/3)
+    mlp_out: torch.nn.Module | None = None  # the module whose output the MLP writes (default the MLP)
+
+    @property
+    def mlp_writer(self) -> torch.nn.Module:
+        """The module whose output is the MLP node's contribution to the stream."""
+        return self.mlp if self.mlp_out is None else self.mlp_out
 
 
 @dataclass(frozen=True)
@@ -108,18 +117,18 @@ def _o_weight(module, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Te
 def _layer(block, i: int, name: str, h: int, kv: int, dh: int) -> tuple[LayerModules, bool]:
     """The modules of decoder layer ``block`` and whether it is a parallel block."""
     sandwich = [n for n in SANDWICH_NORMS if hasattr(block, n)]
-    if sandwich:
+    if sandwich and not (len(sandwich) == 2 and hasattr(block, "input_layernorm")):
         raise UnsupportedModelError(
-            f"edges: {name} normalises the attention and MLP outputs before adding them to the residual stream "
-            f"({', '.join(sandwich)}), so a head's contribution is no term of a later reader's input; edges are "
-            "refused for this family")
+            f"edges: {name} normalises the attention and MLP outputs but reads the stream without a norm of its "
+            f"own ({', '.join(sandwich)}, no input_layernorm); edges are refused for this family")
     q = lambda j: _cols(j * dh, dh)  # noqa: E731 - column blocks of separate projections
     if hasattr(block, "ln_1") and hasattr(block, "attn") and hasattr(block.attn, "c_attn"):  # GPT-2
         attn, width = block.attn, h * dh
         proj = _split(attn.c_attn, [(0, [_cols(j * dh, dh) for j in range(h)]),
                                     (h, [_cols(width + j * dh, dh) for j in range(h)]),
                                     (2 * h, [_cols(2 * width + j * dh, dh) for j in range(h)])])
-        return LayerModules(block, block.ln_1, (proj,), *_o_weight(attn.c_proj, h, dh), block.ln_2, block.mlp), False
+        return LayerModules(block, block.ln_1, (proj,), *_o_weight(attn.c_proj, h, dh), block.ln_2, block.mlp,
+                            attn.c_proj), False
     if hasattr(block, "attention") and hasattr(block.attention, "query_key_value"):  # GPT-NeoX
         attn = block.attention
         proj = _split(attn.query_key_value, [(0, [_cols(j * 3 * dh, dh) for j in range(h)]),
@@ -127,7 +136,7 @@ def _layer(block, i: int, name: str, h: int, kv: int, dh: int) -> tuple[LayerMod
                                              (2 * h, [_cols(j * 3 * dh + 2 * dh, dh) for j in range(h)])])
         parallel = bool(getattr(block, "use_parallel_residual", False))
         return (LayerModules(block, block.input_layernorm, (proj,), *_o_weight(attn.dense, h, dh),
-                             block.post_attention_layernorm, block.mlp), parallel)
+                             block.post_attention_layernorm, block.mlp, attn.dense), parallel)
     attn = getattr(block, "self_attn", None)
     norm = getattr(block, "input_layernorm", None)
     mlp = getattr(block, "mlp", None)
@@ -147,10 +156,13 @@ def _layer(block, i: int, name: str, h: int, kv: int, dh: int) -> tuple[LayerMod
     out = getattr(attn, "o_proj", None) or getattr(attn, "dense", None)
     if out is None:
         raise UnsupportedModelError(f"edges: {name} layer {i}'s attention has no o_proj or dense output projection")
+    if sandwich:  # Gemma 2/3: norms around both sublayers' outputs, heads through the attention's output norm
+        return LayerModules(block, norm, projections, *_o_weight(out, h, dh), block.pre_feedforward_layernorm, mlp,
+                            out, block.post_attention_layernorm, block.post_feedforward_layernorm), False
     mlp_norm = getattr(block, "post_attention_layernorm", None)
     if mlp_norm is None:  # Phi: one norm, attention and MLP in parallel
-        return LayerModules(block, norm, projections, *_o_weight(out, h, dh), norm, mlp), True
-    return LayerModules(block, norm, projections, *_o_weight(out, h, dh), mlp_norm, mlp), False
+        return LayerModules(block, norm, projections, *_o_weight(out, h, dh), norm, mlp, out), True
+    return LayerModules(block, norm, projections, *_o_weight(out, h, dh), mlp_norm, mlp, out), False
 
 
 def _decoder(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
