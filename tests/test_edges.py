@@ -525,6 +525,23 @@ def test_the_command_line_scores_patches_exports_and_compares_edges(tmp_path, ca
     out = capsys.readouterr().out
     assert "edges, taylor vs edge-patching-zero" in out
     assert set(json.loads((tmp_path / "c.json").read_text())["_edges"]) == set(scores.tasks)
+    out = tmp_path / "circ"
+    assert main(["circuit", str(tmp_path / "s.hs"), *common, "--edges", "20", "--sizes", "5,20,50",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["circuit.html", "circuit.pdf", "circuit.png", "circuits.json",
+                                                     "faithfulness.pdf", "faithfulness.png"]
+    doc = json.loads((out / "circuits.json").read_text())
+    assert [c["task"] for c in doc["circuits"]] == scores.tasks
+    for c in doc["circuits"]:
+        assert c["asked"] == 20 and [p["asked"] for p in c["curve"]] == [5, 20, 50]
+        assert len(c["edges"]) == next(p["edges"] for p in c["curve"] if p["asked"] == 20) <= 20
+        assert f"{c['task']}: {len(c['edges'])} edges (top 20)" in printed
+    assert main(["circuit", str(tmp_path / "s.hs"), *common, "--target-faithfulness", "0.5", "--sizes", "5,20",
+                 "--out", str(out)]) == 0  # the directory is replaced whole
+    chosen = json.loads((out / "circuits.json").read_text())["circuits"][0]
+    reached = [p for p in chosen["curve"] if p["faithfulness"] >= 0.5]
+    assert chosen["asked"] == (reached[0]["asked"] if reached else 20)
 
 
 # ------------------------------------------------------------------------------------------------- circuits

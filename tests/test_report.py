@@ -206,13 +206,14 @@ def test_write_report(tmp_path):
     assert set(only) == {"heatmaps_png", "heatmaps_pdf", "summary", "html"}
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["heatmaps.pdf", "heatmaps.png", "index.html",
                                                                       "summary.md"]
-    positions = {"positions.png", "positions.pdf"}
+    positions = {"positions.png", "positions.pdf", "circuit.png", "circuit.pdf"}  # no per-position maps, no edges
     assert set(p.name for p in (tmp_path / "out").iterdir()) == set(report.REPORT_FILES) - positions
 
 
 def test_write_report_with_per_position_scores(tmp_path):
     """Scores with per-position maps also get positions.png/pdf (each task's top heads by position), linked
-    from summary.md; together with the ablation scatter that is every file the report may write."""
+    from summary.md; together with the ablation scatter that is every file the report may write but the circuit
+    pictures of edge scores (tests/test_circuit_report.py)."""
     s = make_scores(2, 4, 4)
     s.positions = ["end-2", "end-1", "end", "end+1"]
     g = torch.Generator().manual_seed(1)
@@ -222,7 +223,8 @@ def test_write_report_with_per_position_scores(tmp_path):
     paths = report.write_report(s, tmp_path / "out", ablation=abl, k=3)
     assert paths["positions_png"].read_bytes()[:8] == PNG_MAGIC
     assert "(positions.png)" in paths["summary"].read_text()
-    assert set(p.name for p in (tmp_path / "out").iterdir()) == set(report.REPORT_FILES)
+    assert set(p.name for p in (tmp_path / "out").iterdir()) == set(report.REPORT_FILES) - {"circuit.png",
+                                                                                             "circuit.pdf"}
     fig = report.positions.build_position_figure(s, k=3)
     panels = _panels(fig)
     assert len(panels) == 2

@@ -118,7 +118,7 @@ def find_circuits(prep: Prepared, scores: HeadScores, metric: Metric, *, edges: 
     if edges is not None and edges > total:
         raise HeadscoreError(f"{edges} edges asked for, but the model has {total}")
     baseline, _ = _baseline_of(scores)
-    tried = sizes_for(sizes if sizes is not None else circuit_sizes(total) + ([edges] if edges else []), total)
+    tried = sizes_for([*(circuit_sizes(total) if sizes is None else sizes), *([edges] if edges else [])], total)
     tasks = [t for t in prep.tasks if t in scores.tasks]
     if not tasks:
         raise HeadscoreError(f"no task of the examples is in the scores ({', '.join(scores.tasks)})")
