@@ -244,7 +244,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     if edges:
         return score_edges(prep, name="ig-inputs-corrupt" if method == "ig" else name, baseline=writers,
                            metric=metric, meaning=_meaning(prep, metric), batch_size=batch_size, progress=progress,
-                           steps=steps if method == "ig" else 1)
+                           steps=steps if method == "ig" else None)
     acc = prep.accumulator()
     ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
                         batch_size=batch_size,

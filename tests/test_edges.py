@@ -759,6 +759,16 @@ def test_eap_ig_inputs_equals_the_reference_along_the_input_path():
     assert float(sums[1, 1, 2]) == pytest.approx(float(got[1, graph.head_index(1, 2)].sum()), rel=1e-12)
     scores = headscore.score(lm, examples, method="ig", steps=steps, baseline="corrupt", edges=True, progress=False)
     assert scores.method == "ig-inputs-corrupt" and scores.extra["steps"] == steps
+    one = headscore.score(lm, examples, method="ig", steps=1, baseline="corrupt", edges=True, batch_size=3,
+                          progress=False)
+    with patch(lm.model) as gates:  # one step: the path's midpoint, not the clean run
+        midpoint = _input_path(lm.model, gates, rm, batch, base, NLL, 1)
+    kept = one.edge_maps.example_values.double().nan_to_num(0.0)  # float32, in the examples' order
+    order = torch.argsort(batch.example_index)
+    midpoint, atp = midpoint[order], atp[order]
+    scale = float(midpoint.abs().max())
+    assert torch.allclose(kept, midpoint, rtol=1e-6, atol=1e-6 * scale)
+    assert not torch.allclose(kept, atp, rtol=1e-3, atol=1e-3 * scale)
     with pytest.raises(HeadscoreError, match="use baseline corrupt"):
         headscore.score(lm, examples, method="ig", edges=True, progress=False)
 

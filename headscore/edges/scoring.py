@@ -39,14 +39,14 @@ def edge_baseline(baseline: object, method: str) -> str:
 
 
 def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, meaning: str, batch_size: int,
-                progress: bool, steps: int = 1) -> HeadScores:
+                progress: bool, steps: int | None = None) -> HeadScores:
     """Head scores (``name``: taylor, atp-mean, atp-corrupt) with the edge scores of every task attached
     (:class:`~headscore.edge_maps.EdgeMaps`); UnsupportedModelError for a family edges cannot decompose.
 
-    ``steps`` > 1 (baseline ``corrupt``): EAP-IG-inputs: the gradients averaged over ``steps`` runs whose input
-    embeddings lie between the corrupted and the clean prompt's (midpoints of equal pieces), the changes the
-    clean and corrupted runs' own; a head's value is then the sum of its edge scores (the same quantity for
-    the node)."""
+    ``steps`` (baseline ``corrupt``; None: attribution patching at the clean run): EAP-IG-inputs, the gradients
+    averaged over ``steps`` runs whose input embeddings lie between the corrupted and the clean prompt's
+    (midpoints of equal pieces), the changes the clean and corrupted runs' own; a head's value is then the sum
+    of its edge scores (the same quantity for the node)."""
     if prep.labelled:
         raise HeadscoreError("edges are scored for a causal LM's target tokens; a sequence classifier's labelled "
                              "examples are not supported")
@@ -66,7 +66,7 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
                 check_decomposition(model, heads, rm, batch)
             base = writer_outputs(model, heads, rm, batch.corrupted()) if baseline == "corrupt" else \
                 means if means is not None else "zero"
-            if steps == 1:
+            if steps is None:
                 _, scores, grad = edge_attributions(model, heads, rm, batch, base, metric=metric)
                 acc.add(batch.task_index, -grad, batch.example_index)  # taylor's value: the node score
             else:
@@ -75,8 +75,9 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
             edge_acc.add(batch.task_index, scores, batch.example_index)
     seconds = time.perf_counter() - start
     result = prep.result(acc, name, seconds=seconds, batch_size=batch_size, metric=metric.name,
-                         metric_meaning=meaning, baseline=baseline, edges=graph.num_edges, passes_per_batch=steps,
-                         **({"steps": steps, "path": "inputs"} if steps > 1 else {}))
+                         metric_meaning=meaning, baseline=baseline, edges=graph.num_edges,
+                         passes_per_batch=1 if steps is None else steps,
+                         **({} if steps is None else {"steps": steps, "path": "inputs"}))
     missing = ~graph.allowed
     kept = edge_acc.examples
     example_values = None
