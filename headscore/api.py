@@ -511,10 +511,11 @@ def circuit(model: ModelLike, examples: ExamplesLike, scores: HeadScores, *, edg
     metric = str(scores.extra.get("metric", "nll"))
     if metric not in METRICS:
         raise HeadscoreError(f"the scores were made with metric {metric!r}, which a circuit run cannot repeat")
+    baseline = str(scores.extra.get("baseline", "zero"))  # _begin refuses one a circuit run cannot repeat
     prep, resolved = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                            baseline=scores.extra.get("baseline", "zero"), columns=columns)
-    return find_circuits(prep, scores, resolved, edges=edges, target=target_faithfulness, sizes=sizes, by=select,
-                         batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress)
+                            baseline=baseline, columns=columns)
+    return find_circuits(prep, scores, resolved, baseline, edges=edges, target=target_faithfulness, sizes=sizes,
+                         by=select, batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,15 @@ def _exact_problem(exact: torch.Tensor | None, shape: tuple[int, ...]) -> str:
 _POSITION_TENSORS = ("position_values", "position_stderr", "position_counts")
 
 
+def _csv_bytes(columns: list[str], rows: list[dict], exact: bool) -> bytes:
+    """CSV of ``rows`` with a header of ``columns`` (and ``exact`` last, when the values carry an exact mask)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns + (["exact"] if exact else []))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
 @dataclass
 class HeadScores:
     """Importance of every attention head for every task.
@@ -192,6 +201,11 @@ class HeadScores:
     def has_edges(self) -> bool:
         """Whether edge scores are present (``score(..., edges=True)``)."""
         return self.edge_maps is not None
+
+    @property
+    def edges_only(self) -> bool:
+        """Whether only the edges were measured (exact edge patching: ``ablate --edges``; every head value NaN)."""
+        return self.has_edges and bool(self.values.isnan().all())
 
     @property
     def edge_nodes(self) -> tuple[list[str], list[str]]:
@@ -492,12 +506,7 @@ class HeadScores:
         """The bytes :meth:`export` writes for a file name ending in ``suffix`` (``.csv`` or ``.json``)."""
         suffix = suffix.lower()
         if suffix == ".csv":
-            buf = io.StringIO()
-            columns = ["task", "layer", "head", "value", "stderr", "count"] + (["exact"] if self.has_exact else [])
-            writer = csv.DictWriter(buf, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.to_rows())
-            return buf.getvalue().encode()
+            return _csv_bytes(["task", "layer", "head", "value", "stderr", "count"], self.to_rows(), self.has_exact)
         if suffix == ".json":
             doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
                    "versions": self.versions, "extra": self.extra, "counts": self.counts.tolist(),
@@ -526,12 +535,8 @@ class HeadScores:
         null where no edge exists)."""
         maps, suffix = self._edges(), suffix.lower()
         if suffix == ".csv":
-            buf = io.StringIO()
-            columns = ["task", "upstream", "downstream", "value", "stderr", "count"]
-            writer = csv.DictWriter(buf, fieldnames=columns + (["exact"] if maps.exact is not None else []))
-            writer.writeheader()
-            writer.writerows(maps.rows(self.tasks, self.counts))
-            return buf.getvalue().encode()
+            return _csv_bytes(["task", "upstream", "downstream", "value", "stderr", "count"],
+                              maps.rows(self.tasks, self.counts), maps.exact is not None)
         if suffix == ".json":
             doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
                    "versions": self.versions, "counts": self.counts.tolist(), **maps.as_json()}

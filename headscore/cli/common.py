@@ -188,7 +188,7 @@ def save_scores(scores: HeadScores, out: str, exports: Sequence[str], edge_expor
         heads += f", {scores.edge_maps.num_edges} edges"
     print(f"{scores.method}: {len(scores.tasks)} tasks, {n} examples, {heads} in "
           f"{scores.extra.get('seconds', 0):.1f}s -> {out}")
-    if scores.values.isnan().all() and scores.has_edges:
+    if scores.edges_only:
         print_top_edges(scores)
     else:
         print_top(scores)

@@ -39,7 +39,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if a.model and b.model and a.model != b.model:
         warnings.warn(f"the files name different models ({a.model} in {args.a}, {b.model} in {args.b}); "
                       "their heads need not correspond", stacklevel=1)
-    if any(s.has_edges and bool(s.values.isnan().all()) for s in (a, b)):  # exact edge patching: edges only
+    if a.edges_only or b.edges_only:  # exact edge patching: nothing but edges to compare
         doc = {"_edges": _print_edges(a, b, args)}
         if args.json:
             atomic_write(args.json, json.dumps(doc, indent=1).encode())
@@ -91,7 +91,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
         doc = {**doc, "_edges": _print_edges(a, b, args)}
     if args.json:
         atomic_write(args.json, json.dumps(doc, indent=1).encode())
-
 
 
 def _print_edges(a: HeadScores, b: HeadScores, args: argparse.Namespace) -> dict:

@@ -18,7 +18,7 @@ from ..methods.ablation import clean_losses
 from ..patch import patch
 from ..prepared import Prepared
 from ..results import HeadScores
-from .attribution import WriterOutputs, check_decomposition, mean_writer_outputs, writer_outputs
+from .attribution import check_decomposition, writer_baselines, writer_outputs
 from .graph import EdgeGraph
 from .patching import Edge, edge_patched_losses
 from .residual import residual_model
@@ -73,16 +73,13 @@ def exact_edge_scores(prep: Prepared, edges: Sequence[Edge], *, baseline: str, m
                disable=not progress, leave=False)
     start = time.perf_counter()
     with patch(model) as heads, prep.naming_examples(), bar:
-        means: WriterOutputs | None = None
-        if baseline == "mean":
-            means = mean_writer_outputs(model, heads, rm, prep.batches(batch_size, desc="mean outputs",
-                                                                       progress=progress))
+        baseline_of = writer_baselines(model, heads, rm, baseline,
+                                       prep.batches(batch_size, desc="mean outputs", progress=progress))
         for i, batch in enumerate(prep.batches(batch_size, progress=False)):
             if i == 0:
                 check_decomposition(model, heads, rm, batch)
             clean = writer_outputs(model, heads, rm, batch)
-            base = writer_outputs(model, heads, rm, batch.corrupted()) if baseline == "corrupt" else \
-                means if means is not None else clean.zeros_like()
+            base = baseline_of(batch)
             before = clean_losses(model, heads, batch, metric)
             patched = edge_patched_losses(model, heads, rm, batch, edges, base.minus(clean), metric=metric,
                                           max_rows=rows_per_pass, on_pass=lambda n, b=batch.size: bar.update(n * b))

@@ -9,8 +9,9 @@ keeps anyway), the MLP outputs and the layer inputs. During the backward, as soo
 their gradients (the query, key and value projections' outputs and the MLP's normed input), they are taken
 back through their weights and the norm's Jacobian to v's residual input, g_v [B, T, n_l, d], and contracted
 with every earlier writer: a head's contribution W_o[:, h] dz_h is recomputed there from dz and the output
-projection's weights, one layer pair at a time (a transient [B, T, H, d]), then dropped. Extra memory: one
-layer's g_v and one layer's recomputed contributions, plus the per-example scores [B, U, V].
+projection's weights, one upstream layer at a time (a transient [H, B*T, d]), for a block of
+:data:`READER_BLOCK` reader layers at once, then dropped. Extra memory: a block's g_v and one layer's
+recomputed contributions, plus the per-example scores [B, U, V] (docs/edges.md has the whole formula).
 
 Summed over every downstream node, a head's edge scores equal its taylor (attribution patching) node score:
 a check :func:`edge_attributions` returns the gate gradient for.
@@ -19,7 +20,7 @@ a check :func:`edge_attributions` returns the gate gradient for.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from ..data.batching import Batch
 from ..errors import UnsupportedModelError
 from ..loss import NLL, Metric, example_losses, run_forward
 from ..patch import HeadGates
-from .residual import Projection, ResidualModel, layer_input, module_output
+from .residual import Projection, ResidualModel, layer_input, module_output, with_layer_input
 
 
 @dataclass
@@ -72,12 +73,11 @@ def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False
     def first(module, args, kwargs):
         x = layer_input(args, kwargs) if first_input is None else first_input.to(layer_input(args, kwargs))
         out.emb = x.detach()
-        if not leaf and first_input is None:
+        if leaf:
+            x = out.leaf = x.detach().requires_grad_(True)
+        elif first_input is None:
             return None
-        if not leaf:
-            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-        x = out.leaf = x.detach().requires_grad_(True)
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        return with_layer_input(args, kwargs, x)
 
     def observe(layer: int, z: torch.Tensor) -> None:
         out.heads[layer] = z.detach()
@@ -111,9 +111,8 @@ def norm_vjp(norm: torch.nn.Module, x: torch.Tensor, cotangent: torch.Tensor) ->
 def reader_cotangents(proj: Projection, grad: torch.Tensor) -> tuple[list[int], torch.Tensor]:
     """A projection's output gradient [B, T, out] taken back to its input, reader by reader: (the readers'
     offsets, [B, T, readers, d])."""
-    offsets = [o for o, _ in proj.readers]
-    cols = torch.stack([c for _, c in proj.readers]).to(grad.device)  # [R, D]
-    return offsets, torch.einsum("btrk,rkd->btrd", grad[..., cols], proj.weight[cols].to(grad.dtype))
+    cols = proj.columns.to(grad.device)  # [R, D]
+    return proj.offsets, torch.einsum("btrk,rkd->btrd", grad[..., cols], proj.weight[cols].to(grad.dtype))
 
 
 READER_BLOCK = 4
@@ -126,8 +125,9 @@ class _EdgeBackward:
     stream as soon as the layer's last one arrives and contracted with the writers before them, a block of
     :data:`READER_BLOCK` layers at a time."""
 
-    def __init__(self, rm: ResidualModel, delta: WriterOutputs, scores: torch.Tensor):
-        self.rm, self.delta, self.scores = rm, delta, scores
+    def __init__(self, rm: ResidualModel, scores: torch.Tensor):
+        self.rm, self.scores = rm, scores
+        self.delta: WriterOutputs | None = None  # baseline - clean, set once the forward pass has run
         n = rm.graph.num_layers
         self.x_attn: list[torch.Tensor | None] = [None] * n
         self.x_mlp: list[torch.Tensor | None] = [None] * n
@@ -255,7 +255,7 @@ def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
     scores = torch.zeros(batch.size, len(graph.upstream), len(graph.downstream), dtype=dtype,
                          device=batch.input_ids.device)
     gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True, dtype=dtype)
-    backward = _EdgeBackward(rm, WriterOutputs(), scores)
+    backward = _EdgeBackward(rm, scores)
     handles = backward.hooks()
     try:
         # the gates' baseline is the heads' own, so the gate gradient is the matching node score's (at gate 1 the
@@ -363,6 +363,28 @@ def mean_writer_outputs(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
     dtype = next(model.parameters()).dtype
     return WriterOutputs((sums.emb / n).to(dtype), [(z / n).to(dtype) for z in sums.heads],
                          [(m / n).to(dtype) for m in sums.mlp])
+
+
+def zero_writers(rm: ResidualModel, like: torch.Tensor) -> WriterOutputs:
+    """Every writer's output zero, as per-node vectors that broadcast over examples and tokens (``emb`` and
+    ``mlp[l]`` [d], ``heads[l]`` [H, D]), in ``like``'s dtype and device: the zero baseline, without a pass."""
+    d = rm.o_weight(0).shape[0]
+    layers, h = rm.graph.num_layers, rm.graph.num_heads
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=like.dtype, device=like.device)
+    return WriterOutputs(zeros(d), [zeros(h, rm.head_dim) for _ in range(layers)], [zeros(d) for _ in range(layers)])
+
+
+def writer_baselines(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, baseline: str,
+                     batches: Iterable[Batch]) -> Callable[[Batch], WriterOutputs]:
+    """The writers' baseline outputs of each batch, by ``baseline``: ``corrupt``, the batch's corrupted run (one
+    forward-only pass per batch); ``mean``, the means over ``batches`` (one pass over them, made here, and only
+    then iterated); ``zero``, :func:`zero_writers`."""
+    if baseline == "corrupt":
+        return lambda batch: writer_outputs(model, heads, rm, batch.corrupted())
+    fixed = mean_writer_outputs(model, heads, rm, batches) if baseline == "mean" else \
+        zero_writers(rm, next(model.parameters()))
+    return lambda batch: fixed
 
 
 @torch.no_grad()

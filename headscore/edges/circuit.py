@@ -155,8 +155,7 @@ class _CircuitHooks:
         return hook
 
     def _projection(self, proj):
-        offsets = [o for o, _ in proj.readers]
-        cols = torch.stack([c for _, c in proj.readers])  # [n_p, D]
+        offsets, cols = proj.offsets, proj.columns  # [n_p, D]
 
         def hook(module, args, out):
             out = module_output(out)
@@ -177,19 +176,11 @@ class _CircuitHooks:
 
     def _mlp_reader(self, norm, reader: int, layer: int):
         def pre_hook(module, args):
-            last = layer - 1 if self.rm.graph.parallel else layer
-            shifted = self.mlp_stream + self._mlp_shift(reader, layer, last)
+            # writers up to this layer; ``patched`` has no edge from the layer's own MLP (nor, in a parallel
+            # block, from its heads), so those terms are zero
+            shifted = self.mlp_stream + self.shift([reader], layer)[:, :, 0]
             return (norm.forward(shifted), *args[1:])
         return pre_hook
-
-    def _mlp_shift(self, reader: int, layer: int, last: int) -> torch.Tensor:
-        # the layer's own heads (sequential blocks) but not its own MLP
-        saved = self.change_mlp[layer]
-        self.change_mlp[layer] = None
-        try:
-            return self.shift([reader], last)[:, :, 0]
-        finally:
-            self.change_mlp[layer] = saved
 
     def _mlp_written(self, layer: int):
         def hook(module, args, out):

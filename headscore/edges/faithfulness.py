@@ -3,20 +3,19 @@ examples; the circuit asked for (a number of edges, or the smallest reaching a f
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batching import make_batches
+from ..data.batching import Batch, make_batches
 from ..errors import HeadscoreError
 from ..loss import Metric
 from ..patch import patch
 from ..prepared import Prepared
 from ..results import HeadScores
-from .attribution import WriterOutputs, check_decomposition, mean_writer_outputs, writer_outputs
+from .attribution import WriterOutputs, check_decomposition, writer_baselines
 from .circuit import FaithfulnessPoint, circuit_losses, circuit_sizes, faithfulness, sizes_for, top_circuit
 from .graph import EdgeGraph
 from .residual import ResidualModel, residual_model
@@ -70,10 +69,6 @@ class Circuit:
                 "faithfulness": self.faithfulness, "clean_loss": self.clean_loss, "none_loss": self.none_loss,
                 "curve": [vars(p) for p in self.curve]}
 
-    def to_bytes(self) -> bytes:
-        """:meth:`as_json`, encoded."""
-        return json.dumps(self.as_json(), indent=1).encode()
-
 
 def score_circuits(scores: HeadScores, edges: int, by: str = "abs") -> list[Circuit]:
     """Each task's top ``edges`` edges of ``scores`` pruned to input -> logits paths, without running the model
@@ -92,21 +87,11 @@ def score_circuits(scores: HeadScores, edges: int, by: str = "abs") -> list[Circ
             for task in scores.tasks]
 
 
-def _baseline_of(scores: HeadScores) -> tuple[str, str]:
-    """The writers' baseline and the metric the scores were made with (HeadscoreError where a circuit run cannot
-    repeat them)."""
-    baseline = str(scores.extra.get("baseline", "zero"))
-    metric = str(scores.extra.get("metric", "nll"))
-    if baseline not in ("zero", "mean", "corrupt"):
-        raise HeadscoreError(f"the scores were made against baseline {baseline!r}; circuits patch to zero, mean or "
-                             "corrupt")
-    return baseline, metric
-
-
-def find_circuits(prep: Prepared, scores: HeadScores, metric: Metric, *, edges: int | None = None,
+def find_circuits(prep: Prepared, scores: HeadScores, metric: Metric, baseline: str, *, edges: int | None = None,
                   target: float | None = None, sizes: Sequence[int] | None = None, by: str = "abs",
                   batch_size: int = 8, rows_per_pass: int = 64, progress: bool = True) -> list[Circuit]:
-    """Each task's circuit (see :func:`headscore.api.circuit`)."""
+    """Each task's circuit (see :func:`headscore.api.circuit`); ``metric`` and the writers' ``baseline`` those the
+    scores were made with."""
     if not scores.has_edges:
         raise HeadscoreError("the scores have no edge scores (score with --edges)")
     model = prep.lm.model
@@ -117,22 +102,20 @@ def find_circuits(prep: Prepared, scores: HeadScores, metric: Metric, *, edges: 
     total = graph.num_edges
     if edges is not None and edges > total:
         raise HeadscoreError(f"{edges} edges asked for, but the model has {total}")
-    baseline, _ = _baseline_of(scores)
     tried = sizes_for([*(circuit_sizes(total) if sizes is None else sizes), *([edges] if edges else [])], total)
     tasks = [t for t in prep.tasks if t in scores.tasks]
     if not tasks:
         raise HeadscoreError(f"no task of the examples is in the scores ({', '.join(scores.tasks)})")
     with patch(model) as heads:
-        means = None
-        if baseline == "mean":
-            means = mean_writer_outputs(model, heads, rm, prep.batches(batch_size, desc="mean outputs",
-                                                                       progress=progress))
+        check_decomposition(model, heads, rm, next(iter(prep.batches(batch_size, progress=False))))
+        baseline_of = writer_baselines(model, heads, rm, baseline,
+                                       prep.batches(batch_size, desc="mean outputs", progress=progress))
         out = []
         for task in tasks:
             grid = scores.edges(task)
             masks = torch.stack([torch.zeros_like(graph.allowed), graph.allowed,
                                  *[top_circuit(graph, grid, n, by) for n in tried]])
-            losses = _mean_losses(prep, heads, rm, task, masks, baseline, means, metric, batch_size, rows_per_pass,
+            losses = _mean_losses(prep, heads, rm, task, masks, baseline_of, metric, batch_size, rows_per_pass,
                                   progress)
             none, clean = losses[0], losses[1]
             curve = [FaithfulnessPoint(n, int(m.sum()), loss, faithfulness(loss, clean, none))
@@ -151,8 +134,8 @@ def _smallest(curve: list[FaithfulnessPoint], target: float | None) -> int:
     return next((p.asked for p in curve if p.faithfulness >= target), curve[-1].asked)
 
 
-def _mean_losses(prep: Prepared, heads, rm: ResidualModel, task: str, masks: torch.Tensor, baseline: str,
-                 means: WriterOutputs | None, metric: Metric, batch_size: int, rows_per_pass: int,
+def _mean_losses(prep: Prepared, heads, rm: ResidualModel, task: str, masks: torch.Tensor,
+                 baseline_of: Callable[[Batch], WriterOutputs], metric: Metric, batch_size: int, rows_per_pass: int,
                  progress: bool) -> list[float]:
     """The task's mean loss under each circuit of ``masks`` [K, U, V]."""
     index = prep.tasks.index(task)
@@ -162,17 +145,9 @@ def _mean_losses(prep: Prepared, heads, rm: ResidualModel, task: str, masks: tor
     bar = tqdm(total=len(mine) * masks.shape[0], desc=f"circuits ({task})", unit="run", disable=not progress,
                leave=False)
     with bar:
-        for i, batch in enumerate(make_batches(mine, batch_size, prep.lm.pad_id)):
+        for batch in make_batches(mine, batch_size, prep.lm.pad_id):
             batch = batch.to(prep.lm.device)
-            if i == 0:
-                check_decomposition(prep.lm.model, heads, rm, batch)
-            if baseline == "corrupt":
-                base = writer_outputs(prep.lm.model, heads, rm, batch.corrupted())
-            elif means is not None:
-                base = means
-            else:
-                base = writer_outputs(prep.lm.model, heads, rm, batch).zeros_like()
-            losses = circuit_losses(prep.lm.model, heads, rm, batch, masks, base, metric=metric,
+            losses = circuit_losses(prep.lm.model, heads, rm, batch, masks, baseline_of(batch), metric=metric,
                                     max_rows=rows_per_pass, on_pass=lambda k, b=batch.size: bar.update(k * b))
             total += losses.sum(1)
             count += batch.size

@@ -48,6 +48,16 @@ class Projection:
     bias: torch.Tensor | None
     readers: tuple[tuple[int, torch.Tensor], ...]
 
+    @property
+    def offsets(self) -> list[int]:
+        """The readers' offsets within their layer, in ``readers`` order."""
+        return [o for o, _ in self.readers]
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """The readers' output columns stacked: [readers, D], in ``readers`` order."""
+        return torch.stack([c for _, c in self.readers])
+
 
 @dataclass(frozen=True)
 class LayerModules:
@@ -198,6 +208,12 @@ def residual_model(model: torch.nn.Module) -> ResidualModel:
 def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The residual stream a decoder layer receives (its ``hidden_states``, positional or by keyword)."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+def with_layer_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    """A decoder layer's (args, kwargs) with ``x`` as the stream it receives (where :func:`layer_input` found it),
+    as a forward pre-hook with kwargs returns them."""
+    return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
 
 def module_output(out) -> torch.Tensor:

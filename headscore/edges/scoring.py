@@ -15,13 +15,7 @@ from ..loss import Metric
 from ..patch import patch
 from ..prepared import Prepared
 from ..results import HeadScores
-from .attribution import (
-    WriterOutputs,
-    check_decomposition,
-    edge_attributions,
-    mean_writer_outputs,
-    writer_outputs,
-)
+from .attribution import WriterOutputs, check_decomposition, edge_attributions, writer_baselines, writer_outputs
 from .residual import residual_model
 
 EDGE_BASELINES = ("zero", "mean", "corrupt")
@@ -57,15 +51,12 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
     edge_acc = TaskAccumulator(prep.tasks, len(graph.upstream), len(graph.downstream), keep_examples=True)
     start = time.perf_counter()
     with patch(model) as heads, prep.naming_examples():
-        means: WriterOutputs | None = None
-        if baseline == "mean":
-            means = mean_writer_outputs(model, heads, rm, prep.batches(batch_size, desc="mean outputs",
-                                                                       progress=progress))
+        baseline_of = writer_baselines(model, heads, rm, baseline,
+                                       prep.batches(batch_size, desc="mean outputs", progress=progress))
         for i, batch in enumerate(prep.batches(batch_size, desc=f"score ({name}, edges)", progress=progress)):
             if i == 0:
                 check_decomposition(model, heads, rm, batch)
-            base = writer_outputs(model, heads, rm, batch.corrupted()) if baseline == "corrupt" else \
-                means if means is not None else "zero"
+            base = baseline_of(batch)
             if steps is None:
                 _, scores, grad = edge_attributions(model, heads, rm, batch, base, metric=metric)
                 acc.add(batch.task_index, -grad, batch.example_index)  # taylor's value: the node score
