@@ -29,6 +29,8 @@ from headscore.accumulate import TaskAccumulator
 from headscore.checkpoint import load_checkpoint, save_checkpoint
 from headscore.cli import main
 from headscore.data.tasks import load_tasks
+from headscore.edge_maps import EdgeMaps
+from headscore.edges.graph import EdgeGraph
 from headscore.errors import HeadscoreError
 from headscore.results import HeadScores
 
@@ -202,9 +204,16 @@ def test_cogqa_reader(doc):
 
 
 def _valid_scores_bytes() -> bytes:
+    """Scores of 2 tasks on 2 layers x 3 heads, with per-example values and edge scores."""
+    graph = EdgeGraph(2, 3, 1)
+    missing = ~graph.allowed
+
+    def edges(*rows: int) -> torch.Tensor:
+        return torch.rand(*rows, *graph.allowed.shape, dtype=torch.float64).masked_fill(missing, float("nan"))
+    maps = EdgeMaps(graph.upstream, graph.downstream, edges(2), edges(2), edges(7).float())
     s = HeadScores(torch.rand(2, 2, 3, dtype=torch.float64), torch.rand(2, 2, 3, dtype=torch.float64),
                    torch.tensor([3, 4]), ["a", "b"], "taylor", "m", example_values=torch.rand(7, 2, 3),
-                   example_tasks=torch.tensor([0, 0, 0, 1, 1, 1, 1]))
+                   example_tasks=torch.tensor([0, 0, 0, 1, 1, 1, 1]), edge_maps=maps)
     return s.to_bytes()
 
 
@@ -217,6 +226,9 @@ def _use(scores: HeadScores) -> None:
     scores.export_bytes(".csv")
     scores.export_bytes(".json")
     scores.select(list(reversed(scores.tasks)))
+    if scores.has_edges:
+        scores.edge_export_bytes(".csv")
+        scores.edge_export_bytes(".json")
 
 
 @given(edits=st.lists(st.tuples(st.integers(0, len(VALID_SCORES) - 1), st.integers(0, 255)), max_size=4),
@@ -301,19 +313,24 @@ HOSTILE = ["", "\x00", "a\x00b", "\udcff", "-1", "0", "1", "2", "nan", "inf", "-
 
 OPTIONS = {
     "score": ["--model", "--device", "--dtype", "--batch-size", "--tasks", "--max-examples", "--method",
-              "--baseline", "--metric", "--out", "--export", "--kernel", "--checkpoint", "--checkpoint-every"],
+              "--baseline", "--metric", "--out", "--export", "--kernel", "--checkpoint", "--checkpoint-every",
+              "--export-edges", "--columns", "--steps"],
     "ablate": ["--model", "--device", "--batch-size", "--tasks", "--max-examples", "--baseline", "--metric",
-               "--mode", "--rows-per-pass", "--heads", "--gate", "--out", "--export"],
+               "--mode", "--rows-per-pass", "--heads", "--gate", "--out", "--export", "--scores", "--top",
+               "--export-edges", "--columns"],
+    "circuit": ["--model", "--device", "--tasks", "--max-examples", "--edges", "--target-faithfulness", "--sizes",
+                "--select", "--rows-per-pass", "--out", "--columns"],
     "compare": ["--k", "--json", "--misses", "--resamples", "--level", "--seed"],
     "bench": ["--model", "--device", "--rows-per-pass", "--methods", "--repeats", "--warmup", "--sample-heads",
               "--memory", "--threads", "--out"],
     "intervene": ["--model", "--device", "--scores", "--k", "--seeds", "--scale", "--others-per-function",
                   "--out", "--resamples", "--level", "--seed"],
-    "report": ["--ablation", "--compare", "--out", "--k", "--resamples", "--level", "--seed"],
+    "report": ["--ablation", "--compare", "--out", "--k", "--resamples", "--level", "--seed", "--circuit-edges"],
     "reproduce-cogqa": ["--out", "--model", "--max-per-function", "--k", "--seeds", "--train-fraction", "--seed"],
 }
-FLAGS = ["--no-progress", "--per-position", "--resume", "--distributed", "--sample-ablation", "--chat-template"]
-POSITIONAL = {"compare": 2, "report": 1, "reproduce-cogqa": 1}
+FLAGS = ["--no-progress", "--per-position", "--resume", "--distributed", "--sample-ablation", "--chat-template",
+         "--edges"]
+POSITIONAL = {"compare": 2, "report": 1, "reproduce-cogqa": 1, "circuit": 1}
 
 
 @pytest.fixture(scope="module")
