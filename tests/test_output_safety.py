@@ -43,6 +43,7 @@ OUTPUT_CASES = {
     "out-disk-full": "No space left on device; nothing was written",
     "export-disk-full": "No space left on device; nothing was written",
     "report-disk-full": "No space left on device; nothing was written",
+    "circuit-disk-full": "No space left on device; nothing was written",
     "out-read-only": "cannot write in",
     "scores-checksum": "checksum mismatch: the file was changed or damaged after it was written",
     "scores-is-directory": "is a directory, not a scores file",
@@ -197,6 +198,13 @@ def test_score_on_a_full_disk_writes_nothing(tmp_path, capsys, model_dir, tasks)
         refused(capsys, "export-disk-full", score_args(model_dir, tasks, "--out", disk / "o.hs", "--export",
                                                        disk / "o.json"), disk)
         assert snapshot(disk) == before and not leftovers(disk)
+        # the edge scores' export too: the scores file (with its edges) fits, the export after it does not
+        (disk / "filler").unlink()
+        fill(disk, 64 * 1024)
+        before = snapshot(disk)
+        refused(capsys, "export-disk-full", score_args(model_dir, tasks, "--edges", "--out", disk / "o.hs",
+                                                       "--export-edges", disk / "e.json"), disk)
+        assert snapshot(disk) == before and not leftovers(disk)
 
 
 def test_report_on_a_full_disk_leaves_the_earlier_report(tmp_path, capsys):
@@ -211,6 +219,21 @@ def test_report_on_a_full_disk_leaves_the_earlier_report(tmp_path, capsys):
                                                                                                        "positions",
                                                                                                        "circuit")))
         assert not leftovers(disk)
+
+
+def test_circuit_on_a_full_disk_leaves_the_earlier_circuits(tmp_path, capsys, model_dir, tasks):
+    """The circuit directory is replaced whole or not at all: on a full disk the earlier one stays as it was."""
+    edges = tmp_path / "e.hs"
+    assert main(score_args(model_dir, tasks, "--edges", "--out", edges)) == 0
+    circuit = ["circuit", str(edges), "--model", str(model_dir), "--tasks", str(tasks), "--edges", "5", "--sizes",
+               "5", "--no-progress"]
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        assert main([*circuit, "--out", str(disk / "c")]) == 0
+        capsys.readouterr()
+        earlier = _report_files(disk / "c")
+        fill(disk, 64 * 1024)
+        refused(capsys, "circuit-disk-full", [*circuit, "--out", disk / "c"], disk)
+        assert _report_files(disk / "c") == earlier and not leftovers(disk)
 
 
 # ---------------------------------------------------------------------------------------------- signals

@@ -4,13 +4,11 @@ pictures (static and interactive)."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections.abc import Callable
 
 from ..api import circuit
 from ..errors import HeadscoreError
-from ..figures import DPI
 from ..output_files import OutputSet
 from ..output_paths import OutputDir
 from ..results import HeadScores
@@ -57,7 +55,7 @@ def register(sub) -> dict[str, Callable]:
 
 def cmd_circuit(args: argparse.Namespace) -> None:
     """``headscore circuit SCORES --out DIR``."""
-    from ..report.circuit import circuit_figure, faithfulness_figure
+    from ..report.circuit import circuit_pictures, faithfulness_pictures
     from ..report.circuit_html import circuit_page
 
     check_command_outputs(args, dirs=[OutputDir("--out", args.out, CIRCUIT_FILES)], inputs=[("SCORES", args.scores)])
@@ -73,18 +71,15 @@ def cmd_circuit(args: argparse.Namespace) -> None:
                        progress=not args.no_progress)
     doc = {"scores": args.scores, "model": scores.model, "method": scores.method,
            "circuits": [c.as_json() for c in circuits]}
-    curve = io.BytesIO()
-    faithfulness_figure(circuits).savefig(curve, format="png", dpi=DPI)
     with OutputSet() as outputs:
         out = outputs.directory(args.out, CIRCUIT_FILES, label="--out")
         (out / "circuits.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        picture = circuit_figure(circuits)
-        for suffix in ("png", "pdf"):
-            picture.savefig(out / f"circuit.{suffix}", format=suffix, dpi=DPI)
-            faithfulness_figure(circuits).savefig(out / f"faithfulness.{suffix}", format=suffix, dpi=DPI)
+        # each figure drawn once, rendered in memory and written atomically (as the report's are)
+        circuit_pictures(circuits, out / "circuit")
+        curve_png, _ = faithfulness_pictures(circuits, out / "faithfulness")
         (out / "circuit.html").write_text(circuit_page(circuits, title=f"Circuits of {scores.model} "
                                                                         f"({scores.method})",
-                                                       curve_png=curve.getvalue()), encoding="utf-8")
+                                                       curve_png=curve_png.read_bytes()), encoding="utf-8")
     for c in circuits:
         top = ", ".join(f"{u} -> {d}" for u, d, _ in c.edge_list()[:3])
         print(f"  {printable(c.task)}: {int(c.edges.sum())} edges (top {c.asked}), faithfulness "
