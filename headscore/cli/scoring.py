@@ -252,6 +252,10 @@ def _ablate_edges(args: argparse.Namespace) -> None:
         raise HeadscoreError("--edges patches edges: it does not go with --heads, --per-position or --mode")
     if (args.scores is None) != (args.top is None):
         raise HeadscoreError("--scores and --top come together (the top N edges of that file's edge scores)")
+    if args.export:
+        raise HeadscoreError("--export writes head maps; exact edge patching has none: use --export-edges")
+    check_command_outputs(args, [("--out", args.out), *(("--export-edges", p) for p in args.export_edges)],
+                          inputs=[("--scores", args.scores)])
     chosen = None
     if args.scores is not None:
         chosen = HeadScores.load(args.scores)
@@ -259,10 +263,6 @@ def _ablate_edges(args: argparse.Namespace) -> None:
             raise HeadscoreError(f"{args.scores} has no edge scores (score it with --edges)")
         if args.top > chosen.edge_maps.num_edges:
             raise HeadscoreError(f"--top {args.top}: {args.scores} has {chosen.edge_maps.num_edges} edges")
-    if args.export:
-        raise HeadscoreError("--export writes head maps; exact edge patching has none: use --export-edges")
-    check_command_outputs(args, [("--out", args.out), *(("--export-edges", p) for p in args.export_edges)],
-                          inputs=[("--scores", args.scores)])
     lm, examples = load_model_and_tasks(args)
     result = ablate_edges(lm, examples, scores=chosen, top=args.top, baseline=args.baseline or "zero",
                           metric=args.metric, batch_size=args.batch_size, rows_per_pass=args.rows_per_pass,

@@ -22,7 +22,7 @@ from bokeh.plotting import figure
 from .circuit import _KV, _QUERY, NodePlaces, drawn_edges
 from .page import page
 
-__all__ = ["circuit_page", "circuit_panel"]
+__all__ = ["circuit_divs", "circuit_page", "circuit_panel", "circuit_panels"]
 
 _TAP_JS = """
 const i = nodes.selected.indices[0];
@@ -163,14 +163,24 @@ def circuit_panel(circuit: Any, info: str) -> Any:
     return fig
 
 
+def circuit_panels(circuits: Sequence[Any]) -> list[Any]:
+    """One graph per circuit, for :func:`bokeh.embed.components`; :func:`circuit_divs` places their divs."""
+    return [circuit_panel(c, f"circuit-info-{i}") for i, c in enumerate(circuits)]
+
+
+def circuit_divs(divs: Sequence[str]) -> str:
+    """The graphs' divs, each followed by the paragraph a click on one of its nodes fills."""
+    return "".join(f"{div}<p id='circuit-info-{i}' class='info'>Click a node to see its edges.</p>"
+                   for i, div in enumerate(divs))
+
+
 def circuit_page(circuits: Sequence[Any], *, title: str = "Circuits", curve_png: bytes | None = None) -> str:
     """The interactive page of ``circuits`` (one graph per task) as a self-contained HTML string; with
     ``curve_png`` the faithfulness curve (PNG bytes) is shown under the graphs."""
     import base64
 
-    script, divs = components([circuit_panel(c, f"circuit-info-{i}") for i, c in enumerate(circuits)])
-    panels = "".join(f"{div}<p id='circuit-info-{i}' class='info'>Click a node to see its edges.</p>"
-                     for i, div in enumerate(divs))
+    script, divs = components(circuit_panels(circuits))
+    panels = circuit_divs(divs)
     rows = "".join(f"<tr><th scope='row'>{html.escape(str(c.task))}</th><td>{int(np.asarray(c.edges).sum())}</td>"
                    f"<td>{getattr(c, 'faithfulness', float('nan')):.3f}</td></tr>" for c in circuits)
     curve = "" if curve_png is None else (

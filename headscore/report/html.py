@@ -41,7 +41,7 @@ from bokeh.models import (
 from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
 
-from .circuit_html import circuit_panel
+from .circuit_html import circuit_divs, circuit_panels
 from .heatmaps import COLORBAR_LABEL
 from .inputs import ablation_values, exact_mask, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
@@ -262,13 +262,11 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
     counts = task_counts(scores)
     exact = exact_mask(scores, vals.shape)
     grid, detail, known = _figures(scores, vals, se, abl, ncols, exact)
-    panels = [] if not circuits else [circuit_panel(c, f"circuit-info-{i}") for i, c in enumerate(circuits)]
-    script, (grid_div, detail_div, *circuit_divs) = components((grid, detail, *panels))
+    script, (grid_div, detail_div, *graph_divs) = components((grid, detail, *circuit_panels(circuits or [])))
     circuit_section = "" if not circuits else (
         "<h2>Circuits</h2><p>Each task's top edges by |score| on paths from the input to the logits (from "
         "<code>score --edges</code>; <code>headscore circuit</code> measures their faithfulness). Hover an edge or a "
-        "node; click a node to list its edges.</p>" + "".join(
-            f"{div}<p id='circuit-info-{i}'>Click a node to see its edges.</p>" for i, div in enumerate(circuit_divs)))
+        "node; click a node to list its edges.</p>" + circuit_divs(graph_divs))
     tables = ""
     if comparison:
         tables += _agreement_table("Agreement with ablation", comparison)
