@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from .methods.gradient import (
     score_values,
 )
 from .methods.position_patching import position_deltas, position_patching_works
-from .methods.verify import choose_heads, exact_changes, first_order_mass, verify_count, with_exact
+from .methods.verify import MassCollector, choose_heads, exact_changes, first_order_mass, verify_count, with_exact
 from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
 from .positions import PositionMaps
@@ -265,21 +266,26 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
         if run.done < run.total:
             wanted = "mean" if baseline is None and method in NEEDS_MEAN_BASELINE else baseline
             static = _baseline_tensor(prep, heads, wanted, batch_size, progress)
+        # taylor's own backward pass gives the first-order mass (gates at 1); other estimators need a pass of it
+        same_pass = mass is not None and method in ("taylor", "atp-mean")
         for batch in run.batches(prep.batches(batch_size, desc=f"score ({name})", progress=progress)):
             base = _batch_baseline(prep.lm.model, heads, batch, static, baseline == "corrupt")
-            values, position_values = _estimate(prep.lm.model, heads, batch, base, method, metric, per_position,
-                                                steps, path_fraction)
+            collector = MassCollector(batch.size, layout.num_layers, layout.num_heads) if same_pass else None
+            with contextlib.nullcontext() if collector is None else heads.observing_gradients(collector):
+                values, position_values = _estimate(prep.lm.model, heads, batch, base, method, metric,
+                                                    per_position, steps, path_fraction)
             if maps is not None:
                 maps.add(batch, position_values)
-            if mass is not None:
-                if position_values is None or method not in ("taylor", "atp-mean"):
-                    _, position_values = gate_gradients(prep.lm.model, heads, batch, base, metric=metric,
-                                                        per_position=True)
+            if collector is not None:
+                mass.add(batch.task_index, collector.values)
+            elif mass is not None:
+                _, position_values = gate_gradients(prep.lm.model, heads, batch, base, metric=metric,
+                                                    per_position=True)
                 mass.add(batch.task_index, first_order_mass(position_values))
             acc.add(batch.task_index, values, batch.example_index)
         run.finish()
         seconds = time.perf_counter() - start
-        extra = dict(run.extra, passes_per_batch=gradient_passes(method, steps) + (mass is not None))
+        extra = dict(run.extra, passes_per_batch=gradient_passes(method, steps) + (mass is not None and not same_pass))
         if method == "ig":
             extra.update(steps=steps, path_fraction=path_fraction)
         result = prep.result(acc, name, seconds=seconds, batch_size=batch_size,

@@ -28,6 +28,8 @@ from .gate import apply_gate
 _counter = itertools.count()
 
 Observer = Callable[[int, torch.Tensor], None]
+GradientObserver = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+"""Called in the backward pass with (layer, pre-gate output O, the layer's baseline m or None, dL/dY)."""
 """Called as ``observer(layer_idx, out)`` with each layer's pre-gate attention output [B, T, H, D]."""
 
 
@@ -126,12 +128,15 @@ class HeadGates:
             example and position [L, B0, T, H, D] (e.g. the heads' outputs on corrupted prompts);
             a batch of k * B0 rows (a tiled batch) uses it for each copy.
         observers: callables that see each layer's pre-gate output (forward pass only).
+        gradient_observers: callables that see, in the backward pass, each layer's pre-gate output, its
+            baseline as the gate used it and the gradient of the loss with respect to the gated output.
     """
 
     layout: HeadLayout
     gates: torch.Tensor | None = None
     baseline: torch.Tensor | None = None
     observers: list[Observer] = field(default_factory=list)
+    gradient_observers: list[GradientObserver] = field(default_factory=list)
     kernel_calls: int = 0
 
     def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False,
@@ -161,6 +166,15 @@ class HeadGates:
         finally:
             self.observers.remove(observer)
 
+    @contextlib.contextmanager
+    def observing_gradients(self, observer: GradientObserver) -> Iterator[None]:
+        """Temporarily add an observer of each layer's gated-output gradient (see ``gradient_observers``)."""
+        self.gradient_observers.append(observer)
+        try:
+            yield
+        finally:
+            self.gradient_observers.remove(observer)
+
     def _apply(self, layer_idx: int | None, out: torch.Tensor) -> torch.Tensor:
         if layer_idx is None:
             raise UnsupportedModelError("an attention module has no layer_idx; headscore cannot tell layers apart")
@@ -186,7 +200,13 @@ class HeadGates:
             if out.shape[0] % m.shape[0]:
                 raise ValueError(f"a per-example baseline of {m.shape[0]} rows for a batch of {out.shape[0]}")
             m = m.repeat(out.shape[0] // m.shape[0], 1, 1, 1)
-        return apply_gate(out, g.to(out.device), None if m is None else m.to(out.device))
+        m = None if m is None else m.to(out.device)
+        y = apply_gate(out, g.to(out.device), m)
+        if self.gradient_observers and y.requires_grad:
+            kept = out.detach()
+            for observer in self.gradient_observers:
+                y.register_hook(lambda dy, observer=observer: observer(layer_idx, kept, m, dy))
+        return y
 
 
 def mark_absent_heads(values: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
@@ -248,7 +268,7 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         if not args and state.layout.uniform:  # the kernel takes one head count and width for every layer
             out = dispatch.fused_gated_attention(module, query, key, value, attention_mask, gates=state.gates,
                                                  baseline=state.baseline, wanted=kernel,
-                                                 observed=bool(state.observers), **kwargs)
+                                                 observed=bool(state.observers or state.gradient_observers), **kwargs)
             if out is not None:
                 state.kernel_calls += 1
                 return out, None

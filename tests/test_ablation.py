@@ -132,6 +132,64 @@ def test_prefix_passes_group_rows_by_first_changed_layer():
     assert [len(idx) for idx, _ in ablation._passes(rows, 8, prefix=False)] == [8, 8, 8, 3]
 
 
+@pytest.mark.parametrize(("family", "prefix", "per_example"), [("llama", True, False), ("gpt2", True, True),
+                                                               ("qwen2", False, True)])
+def test_selected_losses_equal_every_row_on_every_example(family, prefix, per_example):
+    """Chosen (example, gate row) pairs, in any order and with repeats, give what running every row on every
+    example gives; the recording pass's losses are the losses with every gate at 1."""
+    lm = _float64_model(family, 2)
+    prep = headscore.prepare(lm, random_examples(5, seed=7))
+    g = torch.Generator().manual_seed(1)
+    with patch(lm.model) as heads:
+        layout = heads.layout
+        rows = ablation.single_head_gates(layout.num_layers, layout.num_heads)
+        for batch in prep.batches(4, progress=False):
+            width = batch.input_ids.shape[1]
+            base = (torch.randn(layout.num_layers, batch.size, width, layout.num_heads, layout.head_dim,
+                                generator=g, dtype=torch.float64) if per_example else
+                    torch.randn(layout.num_layers, layout.num_heads, layout.head_dim, generator=g,
+                                dtype=torch.float64))
+            every = ablation.gated_losses(lm.model, heads, batch, rows, base, mode="naive")  # [K, B]
+            n = 3 * rows.shape[0]
+            example = torch.randint(0, batch.size, (n,), generator=g)
+            which = torch.randint(0, rows.shape[0], (n,), generator=g)
+            passes = []
+            clean, losses = ablation.selected_losses(lm.model, heads, batch, example, rows[which], base,
+                                                     prefix=prefix, max_rows=5, on_pass=passes.append)
+            torch.testing.assert_close(losses, every[which, example], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(clean, ablation.clean_losses(lm.model, heads, batch), rtol=1e-9, atol=1e-12)
+            assert sum(passes) == n and max(passes) <= 5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cheapest_passes_are_optimal(seed):
+    """The cut of rows sorted by depth is as cheap as the best of every partition into passes (brute force on
+    7 rows), every row in exactly one pass, each pass skipping the layers below its shallowest row."""
+    g = torch.Generator().manual_seed(seed)
+    depths = torch.randint(0, 12, (7,), generator=g)
+    layers, max_rows, tokens = 12, 3, int(torch.randint(4, 200, (1,), generator=g))
+
+    def cost(part):
+        low = min(int(depths[i]) for i in part)
+        return (layers - low + 1) * (len(part) * tokens + ablation.LAYER_COST_TOKENS) + ablation.PASS_COST_TOKENS
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for part in partitions(rest):
+            for i in range(len(part)):
+                yield part[:i] + [[first, *part[i]]] + part[i + 1:]
+            yield [[first], *part]
+
+    best = min(sum(map(cost, p)) for p in partitions(list(range(7))) if all(len(x) <= max_rows for x in p))
+    passes = ablation.cheapest_passes(depths, layers, max_rows, tokens)
+    assert sorted(torch.cat([idx for idx, _ in passes]).tolist()) == list(range(7))
+    assert all(len(idx) <= max_rows and depth == int(depths[idx].min()) for idx, depth in passes)
+    assert sum(cost(idx.tolist()) for idx, _ in passes) == pytest.approx(best)
+
+
 def test_prefix_reuse_falls_back_when_layers_pass_hidden_state():
     """A model whose layers share state outside their outputs (here: the last layer reads how many layers ran
     in this forward pass) cannot be replayed: the first batch's check sees it, warns, and the ablation runs

@@ -111,6 +111,37 @@ def test_verified_heads_equal_ablation_and_the_rest_stay_estimates(lm, examples,
     assert verified.extra["verify_top"] == 2 and set(verified.extra["verify_flagged"].values()) == {2}
 
 
+@pytest.mark.parametrize("baseline", ["zero", "mean", "corrupt"])
+def test_mass_from_the_gradient_pass_equals_the_per_position_terms(baseline):
+    """The first-order mass collected in taylor's own backward pass equals sum_t |term_t| of a per-position
+    gate-gradient pass, and collecting it leaves the gate gradients bitwise as they were."""
+    from headscore.methods.baseline import corrupt_head_outputs
+    from headscore.methods.gradient import gate_gradients
+    from headscore.methods.verify import MassCollector, first_order_mass
+    from headscore.patch import patch
+
+    lm = tiny_model("qwen2", dtype=torch.float64)
+    examples = [headscore.Example(ex.prompt, ex.target, ex.task, corrupt=ex.prompt[::-1])
+                for ex in random_examples(5, seed=2)]
+    prep = headscore.prepare(lm, examples)
+    g = torch.Generator().manual_seed(0)
+    with patch(lm.model) as heads:
+        layout = heads.layout
+        static = torch.randn(layout.num_layers, layout.num_heads, layout.head_dim, generator=g, dtype=torch.float64)
+        for batch in prep.batches(3, progress=False):
+            base = {"zero": None, "mean": static,
+                    "corrupt": corrupt_head_outputs(lm.model, heads, batch)}[baseline]
+            collector = MassCollector(batch.size, layout.num_layers, layout.num_heads)
+            with heads.observing_gradients(collector):
+                _, grad = gate_gradients(lm.model, heads, batch, base)
+            _, plain = gate_gradients(lm.model, heads, batch, base)
+            _, per_position = gate_gradients(lm.model, heads, batch, base, per_position=True)
+            assert torch.equal(grad, plain)
+            mass = first_order_mass(per_position)
+            assert mass.abs().max() > 1e-3
+            torch.testing.assert_close(collector.values, mass, rtol=1e-10, atol=1e-13)
+
+
 def test_verify_with_corrupt_baseline_equals_patching():
     lm = tiny_model("qwen2", dtype=torch.float64)
     examples = [headscore.Example(ex.prompt, ex.target, ex.task, corrupt=ex.prompt[::-1])

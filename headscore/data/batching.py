@@ -80,6 +80,10 @@ class Batch:
         """The batch repeated ``copies`` times: row ``c * B + b`` is row ``b`` of copy ``c``."""
         return self._map(lambda t: t.repeat(copies, *([1] * (t.dim() - 1))))
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The batch's rows ``rows`` [N] (indices, repeats allowed): row i is row ``rows[i]``."""
+        return self._map(lambda t: t.index_select(0, rows.to(t.device)))
+
     @property
     def prompt_lengths(self) -> torch.Tensor:
         """[B] number of prompt tokens of each row (the tokens before its first target token)."""

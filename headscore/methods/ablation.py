@@ -75,21 +75,14 @@ def first_changed_layer(gate_rows: torch.Tensor) -> torch.Tensor:
     return first.min(-1).values
 
 
-def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool, pack: bool = False
-            ) -> list[tuple[torch.Tensor, int]]:
+def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool) -> list[tuple[torch.Tensor, int]]:
     """(row indices, layers to skip) of each forward pass: consecutive rows, or with ``prefix`` rows
     grouped by their first changed layer (each pass skips the layers below it), each group split
-    into the fewest passes of at most ``per_pass`` rows, of equal size (9 rows at 8 a pass: 5 + 4).
-    With ``pack`` (for a few rows spread over many layers) rows are ordered by their first changed layer
-    and cut into full passes instead, each skipping the layers below its shallowest row: fewer passes,
-    each running a few more layers for some rows."""
+    into the fewest passes of at most ``per_pass`` rows, of equal size (9 rows at 8 a pass: 5 + 4)."""
     k = gate_rows.shape[0]
     if not prefix:
         return [(torch.arange(s, min(s + per_pass, k)), 0) for s in range(0, k, per_pass)]
     first = first_changed_layer(gate_rows.cpu())
-    if pack:
-        order = torch.argsort(first, stable=True)
-        return [(part, int(first[part].min())) for part in torch.split(order, per_pass)]
     out = []
     for depth in first.unique().tolist():
         idx = (first == depth).nonzero().flatten()
@@ -98,11 +91,48 @@ def _passes(gate_rows: torch.Tensor, per_pass: int, prefix: bool, pack: bool = F
     return out
 
 
+PASS_COST_TOKENS = 320
+"""What one forward pass costs beyond its rows' layers, in token-layers (hooks, the model's head, launching;
+measured on SmolLM2-135M on a 2-core CPU: about 10 rows x layers at 31 tokens)."""
+LAYER_COST_TOKENS = 64
+"""What each layer a pass runs costs beyond its rows, in token-layers (the same measurement: about 2 rows)."""
+
+
+def cheapest_passes(depths: torch.Tensor, num_layers: int, max_rows: int, tokens: int
+                    ) -> list[tuple[torch.Tensor, int]]:
+    """(row indices, layers to skip) of forward passes covering rows whose first changed layers are
+    ``depths`` [N], at the least estimated cost.
+
+    A pass of r rows that skips the layers below its shallowest row's runs ``num_layers - depth`` layers
+    (and the model's head) for every row: cost ``(num_layers - depth + 1) * (r * tokens + LAYER_COST_TOKENS)
+    + PASS_COST_TOKENS``. Sorted by depth, the rows are cut into consecutive passes of at most ``max_rows``
+    by dynamic programming (an optimal cut of sorted rows is consecutive): rows spread thinly over many
+    layers share passes, dense groups get passes of their own.
+    """
+    order = torch.argsort(depths.cpu(), stable=True)
+    d = depths.cpu()[order].tolist()
+    n = len(d)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + (num_layers - d[i] + 1) * ((j - i) * tokens + LAYER_COST_TOKENS) + PASS_COST_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        passes.append((order[i:j], int(d[i])))
+        j = i
+    return passes[::-1]
+
+
 @torch.no_grad()
 def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_rows: torch.Tensor,
                  baseline: torch.Tensor | None = None, *, mode: str = "prefix",
                  max_rows: int = 64, on_pass: Callable[[int], None] | None = None,
-                 metric: Metric = NLL, pack: bool = False) -> torch.Tensor:
+                 metric: Metric = NLL) -> torch.Tensor:
     """Loss of every example under every gate row: [K, B] for ``gate_rows`` [K, L, H] (or per position
     [K, L, T, H]); ``baseline`` [L, H, D] or per example [L, B, T, H, D]; the loss is ``metric``'s.
 
@@ -111,7 +141,6 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
     (after one recording pass of the batch with every gate at 1), and falls back to ``batched``
     for a model whose decoder layers it cannot find. ``naive`` runs one forward pass of the batch
     per gate row. ``on_pass(n)`` is called after each pass with the number of gate rows it covered.
-    ``pack``: see :func:`_passes` (the same numbers in fewer passes, for rows spread thinly over the layers).
     """
     mode = check_mode(mode)
     k, b = gate_rows.shape[0], batch.size
@@ -127,7 +156,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
                 example_losses(model, batch, metric)
     per_pass = 1 if mode == "naive" else max(1, max_rows // b)
     out = torch.empty(k, b, dtype=torch.float64)
-    for idx, depth in _passes(gate_rows, per_pass, replay is not None, pack):
+    for idx, depth in _passes(gate_rows, per_pass, replay is not None):
         n = len(idx)
         rows = batch.tile(n) if n > 1 else batch
         skip = replay.skipping(depth, n) if replay is not None else contextlib.nullcontext()
@@ -136,6 +165,41 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
         if on_pass is not None:
             on_pass(n)
     return out
+
+
+@torch.no_grad()
+def selected_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, rows: torch.Tensor,
+                    gate_rows: torch.Tensor, baseline: torch.Tensor | None = None, *, prefix: bool = True,
+                    max_rows: int = 64, on_pass: Callable[[int], None] | None = None,
+                    metric: Metric = NLL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's loss with every gate at 1 [B], and for chosen pairs the loss of example row ``rows[i]``
+    under gate row ``gate_rows[i]`` [N] (``gate_rows`` [N, L, H]); ``baseline`` as in :func:`gated_losses`.
+
+    For a few gate rows per example, different for each (verified heads, one set per task), where
+    :func:`gated_losses` would run every row on every example. One recording pass of the batch gives the
+    losses at 1 and, with ``prefix``, the layer outputs each pass replays below its shallowest changed
+    layer; the pairs are cut into passes of at most ``max_rows`` by :func:`cheapest_passes`.
+    ``prefix=False`` (or a model whose decoder layers are not found) runs every layer for every pair.
+    """
+    num_layers = heads.layout.num_layers
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    gate_rows = gate_rows.to(batch.input_ids.device, dtype)
+    layers = decoder_layers(model, num_layers) if prefix else None
+    replay = None if layers is None else PrefixReplay(layers)
+    recording = contextlib.nullcontext() if replay is None else replay.recording()
+    with recording, heads.using(torch.ones_like(gate_rows[:1]), baseline):
+        clean = example_losses(model, batch, metric).cpu().double()
+    depths = first_changed_layer(gate_rows.cpu()) if replay is not None else torch.zeros(len(rows), dtype=torch.long)
+    out = torch.empty(len(rows), dtype=torch.float64)
+    for idx, depth in cheapest_passes(depths, num_layers, max_rows, int(batch.input_ids.shape[1])):
+        chosen = rows[idx]
+        part = baseline if baseline is None or baseline.dim() != 5 else baseline[:, chosen.to(baseline.device)]
+        skip = contextlib.nullcontext() if replay is None else replay.skipping(depth, chosen)
+        with skip, heads.using(gate_rows[idx.to(gate_rows.device)], part):
+            out[idx] = example_losses(model, batch.select(chosen), metric).cpu().double()
+        if on_pass is not None:
+            on_pass(len(idx))
+    return clean, out
 
 
 @torch.no_grad()

@@ -3,8 +3,9 @@
 A gate row that changes heads of layer l (and none earlier) leaves layers 0 .. l-1 exactly as
 in a run with every gate at 1. :class:`PrefixReplay` records, once per batch, each decoder
 layer's output under all-ones gates; a later forward pass of the batch tiled ``copies`` times
-then skips layers < ``depth``: each returns its recorded output, tiled. Only layers >= ``depth``
-and the model's head (final norm, logits) run.
+then skips layers < ``depth``: each returns its recorded output, tiled (or, for a pass whose rows
+are chosen examples of the batch, those rows of it). Only layers >= ``depth`` and the model's head
+(final norm, logits) run.
 
 Finding the decoder layers needs no per-family code: they are the ``ModuleList`` whose i-th
 entry holds the attention module with ``layer_idx == i`` for every layer. Families that pass
@@ -36,11 +37,14 @@ def _holds_layer(layer: torch.nn.Module, index: int) -> bool:
     return ids == {index}
 
 
-def _tile(output, copies: int):
-    """A layer's output with every batch-first tensor repeated ``copies`` times (row c * B + b = row b)."""
-    if copies == 1:
+def _tile(output, copies: int | torch.Tensor):
+    """A layer's output with every batch-first tensor repeated ``copies`` times (row c * B + b = row b), or
+    for an index tensor ``copies`` [N], its rows ``copies`` (row i = row copies[i])."""
+    if isinstance(copies, int) and copies == 1:
         return output
     if isinstance(output, torch.Tensor):
+        if isinstance(copies, torch.Tensor):
+            return output.index_select(0, copies.to(output.device))
         return output.repeat(copies, *([1] * (output.dim() - 1)))
     if isinstance(output, (tuple, list)):
         items = [_tile(o, copies) for o in output]
@@ -80,9 +84,11 @@ class PrefixReplay:
         self.outputs = outputs
 
     @contextlib.contextmanager
-    def skipping(self, depth: int, copies: int) -> Iterator[None]:
+    def skipping(self, depth: int, copies: int | torch.Tensor) -> Iterator[None]:
         """Inside the block, layers < ``depth`` do no work: each returns its recorded output tiled ``copies``
-        times (a copy, not a computation), so whatever the model does between layers sees what it would."""
+        times, or its rows ``copies`` (an index tensor [N] into the recorded batch, for a pass of rows chosen
+        with ``Batch.select``): a copy, not a computation, so whatever the model does between layers sees
+        what it would."""
         if self.outputs is None:
             raise RuntimeError("PrefixReplay.skipping before a recorded pass")
         depth = min(depth, len(self.layers))

@@ -11,8 +11,8 @@ Per task, the heads to verify are
   task's true top-20 (by exact ablation) much sooner than |taylor| does (benchmarks/RESULTS.md).
 
 The chosen heads of each task are ablated (or patched) one at a time on that task's examples, with
-prefix reuse (:mod:`headscore.methods.ablation`), and their values replace the estimates: the
-result's ``exact`` mask marks them.
+prefix reuse (:mod:`headscore.methods.ablation`), the examples of all tasks batched together, and their
+values replace the estimates: the result's ``exact`` mask marks them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..errors import HeadscoreError
 from ..loss import Metric
 from ..patch import HeadGates
 from ..results import HeadScores
-from .ablation import clean_losses, gated_losses, prefix_reuse_works, single_head_gates
+from .ablation import prefix_reuse_works, selected_losses, single_head_gates
 
 DEFAULT_FRACTION = 0.05
 """Default ``k``: 5% of the model's heads (rounded up), and as many flagged heads again."""
@@ -50,6 +50,24 @@ def verify_count(verify: int | bool, num_heads: int) -> int:
 def first_order_mass(position_grad: torch.Tensor) -> torch.Tensor:
     """sum_t |term_t| per example and head: [B, L, H] from per-position gate gradients [B, L, T, H]."""
     return position_grad.abs().sum(2)
+
+
+class MassCollector:
+    """The first-order mass of every head, collected during the backward pass that gives the gate gradients
+    (a gradient observer of :class:`~headscore.patch.HeadGates`): no per-position pass of its own.
+
+    Each layer's term of token t is <O_t - m_t, dY_t>, the term the gate's backward sums (reduced in float32
+    at least, as there); ``values`` [B, L, H] holds sum_t |term_t| once the backward pass has run.
+    """
+
+    def __init__(self, rows: int, num_layers: int, num_heads: int):
+        self.values = torch.zeros(rows, num_layers, num_heads, dtype=torch.float64)
+
+    def __call__(self, layer: int, out: torch.Tensor, baseline: torch.Tensor | None, dy: torch.Tensor) -> None:
+        acc = torch.promote_types(dy.dtype, torch.float32)
+        centred = out.to(acc) if baseline is None else out.to(acc) - baseline.to(acc)
+        terms = torch.einsum("bthd,bthd->bth", centred, dy.to(acc))
+        self.values[:, layer, :terms.shape[-1]] += terms.abs().sum(1).to("cpu", torch.float64)
 
 
 def choose_heads(estimate: torch.Tensor, mass: torch.Tensor, k: int, flagged: int) -> tuple[torch.Tensor,
@@ -85,35 +103,35 @@ def exact_changes(model: torch.nn.Module, heads: HeadGates, items: Sequence[Toke
                   batch_size: int, rows_per_pass: int, metric: Metric,
                   baseline_for: Callable[[Batch], torch.Tensor | None],
                   on_pass: Callable[[int], None] | None = None) -> ExactValues:
-    """Ablate (or patch) each chosen head on its own, on its task's examples only, with prefix reuse.
+    """Ablate (or patch) each chosen head on its own, on its task's examples, with prefix reuse.
 
     ``chosen`` maps a task row to flat head indices; ``baseline_for(batch)`` gives the batch's baseline
-    (the run's fixed one, or its corrupted-run head outputs). The mode is ``prefix`` unless the check on the
-    first batch fails (then ``batched``), as in :func:`headscore.ablate`.
+    (the run's fixed one, or its corrupted-run head outputs). The examples of every task go through batches
+    of ``batch_size`` together: per batch one recording pass (which also gives the losses at 1), then the
+    (example, chosen head of its task) pairs in passes of at most ``rows_per_pass`` rows, cut by their
+    first changed layer at the least estimated cost (:func:`~headscore.methods.ablation.selected_losses`).
+    The mode is ``prefix`` unless the check on the first batch fails (then ``batched``), as in
+    :func:`headscore.ablate`.
     """
     layout = heads.layout
     rows_all = single_head_gates(layout.num_layers, layout.num_heads)
-    mode = "prefix"
-    checked = False
-    accs: dict[int, TaskAccumulator] = {}
-    for task_row, flat in chosen.items():
-        if flat.numel() == 0:
-            continue
-        acc = accs[task_row] = TaskAccumulator(list(tasks), 1, flat.numel(), keep_examples=True)
-        mine = [it for it in items if it.task_index == task_row]
-        for batch in make_batches(mine, batch_size, pad_id):
-            batch = batch.to(device)
-            base = baseline_for(batch)
-            if not checked:
-                checked = True
-                if not prefix_reuse_works(model, heads, batch, base, metric):
-                    mode = "batched"
-            clean = clean_losses(model, heads, batch, metric)
-            delta = gated_losses(model, heads, batch, rows_all[flat], base, mode=mode, max_rows=rows_per_pass,
-                                 metric=metric, pack=True, on_pass=None if on_pass is None else
-                                 (lambda n, b=batch.size: on_pass(n * b))) - clean[None]
-            acc.add(batch.task_index, delta.T.reshape(batch.size, 1, flat.numel()), batch.example_index)
-    return ExactValues(chosen, accs, mode)
+    chosen = {t: flat for t, flat in chosen.items() if flat.numel()}
+    accs = {t: TaskAccumulator(list(tasks), 1, flat.numel(), keep_examples=True) for t, flat in chosen.items()}
+    mode = None
+    for batch in make_batches([it for it in items if it.task_index in chosen], batch_size, pad_id):
+        batch = batch.to(device)
+        base = baseline_for(batch)
+        if mode is None:
+            mode = "prefix" if prefix_reuse_works(model, heads, batch, base, metric) else "batched"
+        own = [chosen[int(t)] for t in batch.task_index.tolist()]
+        rows = torch.repeat_interleave(torch.arange(batch.size), torch.tensor([len(f) for f in own]))
+        clean, losses = selected_losses(model, heads, batch, rows, rows_all[torch.cat(own)], base,
+                                        prefix=mode == "prefix", max_rows=rows_per_pass, metric=metric,
+                                        on_pass=on_pass)
+        delta = (losses - clean[rows]).split([len(f) for f in own])
+        for b, (task_row, values) in enumerate(zip(batch.task_index.tolist(), delta, strict=True)):
+            accs[int(task_row)].add(batch.task_index[b:b + 1], values.view(1, 1, -1), batch.example_index[b:b + 1])
+    return ExactValues(chosen, accs, mode or "prefix")
 
 
 def with_exact(result: HeadScores, exact: ExactValues) -> HeadScores:
