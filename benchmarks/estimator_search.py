@@ -14,8 +14,13 @@ task of the built-in suite); the script prints per-task Spearman and top-20 reca
   attention pattern held constant), singly and together;
 - ``direct-path exact``: taylor with each head's direct path to the logits (through the final norm and
   unembedding) replaced by its exact effect;
+- ``taylor + GGN/2``: taylor plus half the Gauss-Newton (Fisher) diagonal of the loss, from the squared
+  gradients of S losses with labels sampled from the model (no cross-talk between heads, unlike Hutchinson:
+  it measures the loss's curvature only, not the network's);
 - and, for the verified mode, how deep in each ranking (|taylor|, first-order mass sum_t |term_t|) a task's
-  true top 20 lie, and the top-20 recall after verifying the top K by |taylor| plus F by mass.
+  true top 20 lie, and the top-20 recall after verifying the top K by |taylor| plus F by mass, or plus F by
+  other flags (the GGN diagonal, mass or |taylor| pooled over tasks, and the other tasks' exact values: what
+  a flag learnt from the run's other tasks could at best give).
 
     python benchmarks/estimator_search.py --exact benchmarks/results/fidelity/builtin.exact.hs --per-task 2
 """
@@ -31,7 +36,7 @@ import torch
 from headscore import compat
 from headscore.compare import spearman
 from headscore.data.tasks import load_tasks
-from headscore.loss import NLL, _target_span, example_losses, losses_from_logits
+from headscore.loss import NLL, _target_span, example_losses, losses_from_logits, target_nll
 from headscore.methods.verify import choose_heads
 from headscore.patch import patch
 from headscore.prepared import prepare
@@ -88,6 +93,27 @@ def grad_at(model, heads, batch, gates, per_position=False):
     with heads.using(gates, None):
         loss = example_losses(model, batch, NLL)
     return torch.autograd.grad(loss.sum(), gates)[0]
+
+
+def ggn_diagonals(model, heads, batch, samples: int) -> list[torch.Tensor]:
+    """Running means of n * g_y^2 [B, L, H] after 1 .. ``samples`` draws, g_y the gradient of the mean NLL of
+    labels y sampled from the model at the target positions, n the row's target count: E_y[n g_y^2] is the
+    diagonal of the loss's Gauss-Newton matrix (cross terms between positions vanish in expectation)."""
+    gates = heads.ones(batch.size, requires_grad=True)
+    with heads.using(gates, None):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    start, end = _target_span(batch)
+    logits = logits[:, start:end].float()
+    mask = batch.target_mask[:, start + 1:end + 1]
+    probs = torch.softmax(logits.detach(), -1)
+    n = mask.sum(1).double()[:, None, None]
+    total, out = 0, []
+    for k in range(samples):
+        labels = torch.multinomial(probs.flatten(0, 1), 1).view(probs.shape[:2])
+        (g,) = torch.autograd.grad(target_nll(logits, labels, mask).sum(), gates, retain_graph=k < samples - 1)
+        total = total + n * g.double() ** 2
+        out.append(total / (k + 1))
+    return out
 
 
 def direct_path_fix(model, heads, batch, taylor):
@@ -179,6 +205,10 @@ def main() -> None:
                 with relp_rules(model, *map(bool, rules)):
                     add(name, batch, -grad_at(model, heads, batch, ones))
             add("direct-path exact", batch, direct_path_fix(model, heads, batch, -g1))
+            ggn = ggn_diagonals(model, heads, batch, 16)
+            for k in (1, 4, 16):
+                add(f"taylor + GGN/2, {k} sampled label(s)", batch, -g1 + 0.5 * ggn[k - 1])
+            add("_ggn", batch, ggn[-1])
 
     def task_means(name):
         ti = torch.cat([t for t, _ in est[name]])
@@ -206,14 +236,22 @@ def main() -> None:
             depth.append(sorted(order.index(i) + 1 for i in top)[18])
         print(f"heads in {label} order needed to hold 19 of a task's true top 20: {depth}")
     n = truth.values[0].numel()
-    for k, f in ((int(np.ceil(0.05 * n)), 0), (int(np.ceil(0.05 * n)), int(np.ceil(0.05 * n))),
-                 (int(np.ceil(0.05 * n)), int(np.ceil(0.15 * n)))):
+    tasks = len(prep.tasks)
+    others = torch.stack([(truth.values.sum(0) - truth.values[t]) / max(1, tasks - 1) for t in range(tasks)])
+    flags = {"mass": mass, "the GGN diagonal": task_means("_ggn"),
+             "mass pooled over tasks": mass.mean(0, keepdim=True).expand_as(mass),
+             "|taylor| pooled over tasks": taylor.abs().mean(0, keepdim=True).expand_as(taylor),
+             "the other tasks' exact values": others}
+    k = int(np.ceil(0.05 * n))
+    for label, flag_rank, f in (("mass", mass, 0), *((name, r, k) for name, r in flags.items()),
+                                ("mass", mass, int(np.ceil(0.15 * n)))):
         rc = []
-        for t in range(len(prep.tasks)):
-            top, flag = choose_heads(taylor[t], mass[t], k, f)
+        for t in range(tasks):
+            top, flag = choose_heads(taylor[t], flag_rank[t], k, f)
             chosen = top | flag
             rc.append(recall20(torch.where(chosen, truth.values[t], taylor[t]), t))
-        print(f"verify top {k} by |taylor| + {f} by mass: top-20 recall mean {np.mean(rc):.3f} (min {np.min(rc):.2f})")
+        print(f"verify top {k} by |taylor| + {f} by {label}: top-20 recall mean {np.mean(rc):.3f} "
+              f"(min {np.min(rc):.2f})")
 
 
 if __name__ == "__main__":

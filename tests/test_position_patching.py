@@ -95,6 +95,37 @@ def test_passes_split_cells_and_skip_layers():
     torch.testing.assert_close(fast, plain, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("metric", ["nll", "logit-diff"])
+def test_cells_whose_output_is_the_baseline_run_no_pass(monkeypatch, metric):
+    """Corrupted prompts that start like the clean ones: at the shared tokens every head's output equals its
+    corrupted-run output, so those cells change nothing; they are exactly 0 without a pass (the plain path
+    gets 0 too), fewer cells run, and every other cell still equals the plain path."""
+    lm = _model("llama")
+    examples = [dataclasses.replace(ex, corrupt=ex.prompt[:4] + ex.corrupt[4:])
+                for ex in counterfactual_examples(5, seed=11)]
+    ran: list[int] = []
+    run = pp.PositionPatcher.run
+
+    def counting(self, position, cells, rows):
+        ran.append(len(cells) * len(rows))
+        return run(self, position, cells, rows)
+
+    monkeypatch.setattr(pp.PositionPatcher, "run", counting)
+    layout_cells, most = 3 * 4, 0
+    for batch, fast, plain, last in _deltas(lm, examples, "corrupt", metric):
+        torch.testing.assert_close(fast, plain, rtol=0, atol=ATOL)
+        shared = (batch.input_ids == batch.corrupt_ids).cumprod(1).bool()  # tokens before the first difference
+        shared &= batch.attention_mask.bool()
+        assert int(shared.sum(1).min()) >= 2
+        cells = shared[:, None, :, None].expand_as(fast)
+        assert bool((fast[cells] == 0).all()) and float(plain[cells].abs().max()) < 1e-12
+        assert float(plain[~cells & ~_unread(batch, last)[:, None, :, None].expand_as(fast)].abs().max()) > 1e-3
+        reading = [int((last >= p).sum()) for p in range(batch.input_ids.shape[1])]  # rows a pass at p holds
+        all_shared = shared.all(0)
+        most += sum(n for p, n in enumerate(reading) if not all_shared[p]) * layout_cells
+    assert sum(ran) == most  # every cell of a token shared by all rows of its passes skipped, no other
+
+
 def test_a_user_metric_reads_every_position():
     """A callable sees the logits of every token (padding too): nothing is skipped, and the values still agree."""
     lm = _model("qwen2")

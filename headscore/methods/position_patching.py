@@ -11,8 +11,11 @@ layer, and every layer below l unchanged at every token. So a cell's forward pas
 
 A cell after the last token the metric reads (the answer position of ``logit-diff`` and ``prob``; the
 token before a row's last for ``nll``; padding) changes nothing the metric sees: its change is 0 by
-construction and no pass runs for it. A user's metric reads every position's logits, so nothing is
-skipped for it. The logits the metric reads at tokens < p are the clean run's.
+construction and no pass runs for it. Nor does a cell whose head output at that token already equals the
+baseline, bit for bit, in every row the pass would hold (a corrupted prompt that starts like the clean one:
+every head's output is the same at the shared tokens): the gate then changes nothing in the model.
+A user's metric reads every position's logits, so no cell is after what it reads. The logits the metric
+reads at tokens < p are the clean run's.
 
 Each pass covers one token p and a run of (layer, head) cells in layer order (the pass starts at its
 lowest layer), of the rows that read token p or later, tiled once per cell. :func:`position_deltas`
@@ -35,7 +38,7 @@ from ..data.batching import Batch
 from ..loss import NLL, Metric, _at_positions, _builtin_loss, _custom_loss, _in_model_dtype, finite_losses
 from ..loss import target_positions as _target_positions
 from ..patch import HeadGates
-from .ablation import check_mode, gated_losses, position_gates
+from .ablation import cheapest_passes, check_mode, gated_losses, position_gates
 from .prefix import PrefixReplay, decoder_layers
 
 Cell = tuple[int, int, int]
@@ -109,6 +112,8 @@ class CleanRun:
         logits: the logits the metric reads: at each row's target-predicting positions [B, P, V] for a built-in
             metric, at every position [B, T, V] for a user's one.
         last_read: [B] the last token each row's metric reads (:func:`last_read_positions`).
+        unchanged: [B, L, T, H] bool, True where the head's output equals the baseline bit for bit (patching
+            the cell changes nothing in that row).
     """
 
     keys: list[torch.Tensor]
@@ -116,6 +121,7 @@ class CleanRun:
     layer_outputs: list | None
     logits: torch.Tensor
     last_read: torch.Tensor
+    unchanged: torch.Tensor
 
 
 @dataclass
@@ -197,7 +203,19 @@ class PositionPatcher:
         ones = self.heads.ones(1, device=batch.input_ids.device, dtype=self.dtype, positions=width)
         replay = PrefixReplay(self.layers) if self.layers is not None else None
         read = None if self.metric.fn is not None else _target_positions(batch)[0]
-        with self.heads.using(ones, self.baseline), (replay.recording() if replay else contextlib.nullcontext()):
+        unchanged = torch.zeros(batch.size, layout.num_layers, width, layout.num_heads, dtype=torch.bool)
+
+        def compare(layer: int, out: torch.Tensor) -> None:
+            base = self.baseline
+            if base is None:
+                same = out == 0
+            else:
+                m = base[layer][..., :out.shape[-2], :out.shape[-1]]
+                same = out == m.to(out.device, out.dtype)  # [B, T, H, D] or [H, D], broadcast
+            unchanged[:, layer, :, :out.shape[-2]] = same.all(-1).cpu()
+
+        with self.heads.using(ones, self.baseline), self.heads.observing(compare), \
+                (replay.recording() if replay else contextlib.nullcontext()):
             logits, cache = self._forward(batch.input_ids, batch.attention_mask, None, read)
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != layout.num_layers:
@@ -206,7 +224,7 @@ class PositionPatcher:
         if any(k is None or k.shape[-2] != width or v.shape[-2] != width for k, v in zip(keys, values, strict=True)):
             raise RuntimeError("the model's cache does not keep every token's keys and values")
         return CleanRun(keys, values, replay.outputs if replay is not None else None, logits,
-                        last_read_positions(batch, self.metric))
+                        last_read_positions(batch, self.metric), unchanged)
 
     def _slice(self, position: int, rows: torch.Tensor) -> _Slice:
         """What every pass at ``position`` over ``rows`` shares (kept for the next pass)."""
@@ -243,6 +261,14 @@ class PositionPatcher:
         data = [(k, v) if i < depth else (k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1))
                 for i, (k, v) in enumerate(zip(part.keys, part.values, strict=True))]
         return DynamicCache(data, config=self.model.config)
+
+    def changing_cells(self, position: int, rows: torch.Tensor) -> list[tuple[int, int]]:
+        """The (layer, head) cells at token ``position`` whose patch changes the model in one of ``rows`` at
+        least (the others' change is exactly 0), in layer order."""
+        layout = self.layout
+        same = self.clean.unchanged[rows, :, position].all(0)
+        return [(layer, head) for layer in range(layout.num_layers) for head in range(layout.num_heads)
+                if not bool(same[layer, head])]
 
     def rows_reading(self, position: int) -> torch.Tensor:
         """Indices of the rows whose metric reads token ``position`` or a later one."""
@@ -284,18 +310,6 @@ class PositionPatcher:
         return finite_losses(loss, tiled.example_index, logits.dtype).view(n, r).cpu().double()
 
 
-def _plan(cells: list[tuple[int, int]], per_pass: int) -> list[list[tuple[int, int]]]:
-    """``cells`` (in layer order) split into the fewest runs of at most ``per_pass``, of (nearly) equal size."""
-    count = -(-len(cells) // per_pass)
-    size, extra = divmod(len(cells), count)
-    out, start = [], 0
-    for i in range(count):
-        stop = start + size + (i < extra)
-        out.append(cells[start:stop])
-        start = stop
-    return out
-
-
 def fast_position_deltas(patcher: PositionPatcher, clean: torch.Tensor, *, max_rows: int = 64,
                          on_cells: Callable[[int], None] | None = None,
                          positions: Iterable[int] | None = None) -> torch.Tensor:
@@ -303,26 +317,32 @@ def fast_position_deltas(patcher: PositionPatcher, clean: torch.Tensor, *, max_r
     token at or after the cell's); only the cells at ``positions`` when given (0 elsewhere).
 
     A pass holds at most about ``max_rows`` x T tokens per layer (its cache included), like a plain pass of
-    ``max_rows`` rows: a pass of R rows reading up to token E - 1 takes up to max_rows x T // (R x E) cells."""
+    ``max_rows`` rows: a pass of R rows reading up to token E - 1 takes up to max_rows x T // (R x E) cells,
+    cut from a token's cells in layer order at the least estimated cost (:func:`cheapest_passes`, each cell
+    counted as the R x (E - p) tokens it runs)."""
     batch, layout = patcher.batch, patcher.layout
     width = batch.input_ids.shape[1]
     out = torch.zeros(batch.size, layout.num_layers, width, layout.num_heads, dtype=torch.float64)
-    every = [(layer, head) for layer in range(layout.num_layers) for head in range(layout.num_heads)]
+    every = layout.num_layers * layout.num_heads
     clean = clean.cpu().double()
     for position in range(width) if positions is None else positions:
         rows = patcher.rows_reading(position)
-        if len(rows):
+        changing = patcher.changing_cells(position, rows) if len(rows) else []
+        if changing:
             end = int(patcher.clean.last_read[rows].max()) + 1
             per_pass = max(1, max_rows * width // (len(rows) * end))
-            for cells in _plan(every, per_pass):
+            replayed = patcher.clean.layer_outputs is not None  # else every pass starts at layer 0
+            layers = torch.tensor([layer if replayed else 0 for layer, _ in changing])
+            for idx, _ in cheapest_passes(layers, layout.num_layers, per_pass, len(rows) * (end - position)):
+                cells = [changing[i] for i in idx.tolist()]
                 delta = patcher.run(position, cells, rows) - clean[rows][None]
                 layer_idx = torch.tensor([layer for layer, _ in cells])
                 head_idx = torch.tensor([head for _, head in cells])
                 out[rows[None, :], layer_idx[:, None], position, head_idx[:, None]] = delta
                 if on_cells is not None:
                     on_cells(len(cells) * len(rows))
-        if on_cells is not None and len(rows) < batch.size:
-            on_cells(len(every) * (batch.size - len(rows)))
+        if on_cells is not None:
+            on_cells(every * batch.size - len(changing) * len(rows))
     return out
 
 
