@@ -8,6 +8,7 @@ from tiny import random_examples, tiny_model
 import headscore
 from headscore.errors import HeadscoreError
 from headscore.loss import Metric
+from headscore.methods.ablation import selected_losses as selected
 from headscore.methods.gradient import CURVATURE_STEP, probe_signs
 
 pytestmark = pytest.mark.numerics
@@ -148,6 +149,22 @@ def test_verify_with_corrupt_baseline_equals_patching():
                 for ex in random_examples(4)]
     verified = headscore.score(lm, examples, baseline="corrupt", batch_size=2, progress=False, verify=3)
     truth = headscore.ablate(lm, examples, baseline="corrupt", batch_size=2, progress=False)
+    torch.testing.assert_close(verified.values[verified.exact], truth.values[verified.exact], rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_verify_without_prefix_reuse_runs_every_layer_and_agrees(lm, examples, monkeypatch):
+    """A model whose layers cannot be replayed (the check fails): the exact passes run every layer for every
+    pair, the mode says so, and the values are ablate's."""
+    import headscore.methods.verify as verify_module
+
+    monkeypatch.setattr(verify_module, "prefix_reuse_works", lambda *args, **kwargs: False)
+    replays = []
+    monkeypatch.setattr(verify_module, "selected_losses", lambda *args, **kwargs: replays.append(kwargs["prefix"])
+                        or selected(*args, **kwargs))
+    verified = headscore.score(lm, examples, batch_size=4, progress=False, verify=3)
+    truth = headscore.ablate(lm, examples, batch_size=4, progress=False)
+    assert verified.extra["verify_mode"] == "batched" and replays and not any(replays)
     torch.testing.assert_close(verified.values[verified.exact], truth.values[verified.exact], rtol=1e-9,
                                atol=1e-12)
 

@@ -234,7 +234,7 @@ class PositionPatcher:
         batch, clean = self.batch, self.clean
         width = batch.input_ids.shape[1]
         end = int(clean.last_read[rows].max()) + 1
-        sub = batch._map(lambda t: t[rows.to(t.device)])
+        sub = batch.select(rows)
         device = clean.keys[0].device
         keys = [k[rows.to(device), :, :position] for k in clean.keys]
         values = [v[rows.to(device), :, :position] for v in clean.values]
