@@ -114,6 +114,16 @@ def _per_layer_layout(model: torch.nn.Module, text) -> HeadLayout:
                       heads if len(set(heads)) > 1 else None)
 
 
+@contextlib.contextmanager
+def _added(items: list, item) -> Iterator[None]:
+    """``item`` in ``items`` for the duration of the block."""
+    items.append(item)
+    try:
+        yield
+    finally:
+        items.remove(item)
+
+
 @dataclass
 class HeadGates:
     """The live gate state of a patched model.
@@ -157,23 +167,13 @@ class HeadGates:
         finally:
             self.gates, self.baseline = previous
 
-    @contextlib.contextmanager
-    def observing(self, observer: Observer) -> Iterator[None]:
+    def observing(self, observer: Observer) -> contextlib.AbstractContextManager[None]:
         """Temporarily add an observer of the pre-gate head outputs."""
-        self.observers.append(observer)
-        try:
-            yield
-        finally:
-            self.observers.remove(observer)
+        return _added(self.observers, observer)
 
-    @contextlib.contextmanager
-    def observing_gradients(self, observer: GradientObserver) -> Iterator[None]:
+    def observing_gradients(self, observer: GradientObserver) -> contextlib.AbstractContextManager[None]:
         """Temporarily add an observer of each layer's gated-output gradient (see ``gradient_observers``)."""
-        self.gradient_observers.append(observer)
-        try:
-            yield
-        finally:
-            self.gradient_observers.remove(observer)
+        return _added(self.gradient_observers, observer)
 
     def _apply(self, layer_idx: int | None, out: torch.Tensor) -> torch.Tensor:
         if layer_idx is None:
