@@ -28,9 +28,9 @@ from .gate import apply_gate
 _counter = itertools.count()
 
 Observer = Callable[[int, torch.Tensor], None]
+"""Called as ``observer(layer_idx, out)`` with each layer's pre-gate attention output [B, T, H, D]."""
 GradientObserver = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
 """Called in the backward pass with (layer, pre-gate output O, the layer's baseline m or None, dL/dY)."""
-"""Called as ``observer(layer_idx, out)`` with each layer's pre-gate attention output [B, T, H, D]."""
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,9 @@ def test_verified_heads_equal_ablation_and_the_rest_stay_estimates(lm, examples,
     ex_mask = mask[rows]
     torch.testing.assert_close(verified.example_values[ex_mask], truth.example_values[ex_mask].float())
     assert verified.extra["verify_top"] == 2 and set(verified.extra["verify_flagged"].values()) == {2}
+    assert verified.extra["passes_per_batch"] == 1  # the flag's mass comes from taylor's own backward pass
+    with_ig = headscore.score(lm, examples, baseline=baseline, batch_size=4, progress=False, verify=2, method="ig")
+    assert with_ig.extra["passes_per_batch"] == 3  # 2 steps, and a pass at gates = 1 for the mass
 
 
 @pytest.mark.parametrize("baseline", ["zero", "mean", "corrupt"])
