@@ -205,8 +205,10 @@ def selected_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, rows
 @torch.no_grad()
 def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
                        baseline: torch.Tensor | None = None, metric: Metric = NLL) -> bool:
-    """Whether ``prefix`` mode reproduces a full forward pass on this model: the loss of one row that
-    changes a head of the last layer (every layer below replayed), against the same row run in full.
+    """Whether ``prefix`` mode reproduces a full forward pass on this model: the loss of a gate row that
+    changes a head of the last layer (every layer below replayed), against the same row run in full, on the
+    batch's first example (what the check looks for, state passed between layers other than their outputs,
+    does not depend on the number of rows; one row keeps the check to about three passes of one example).
 
     False, with a warning saying why, for a model whose decoder layers are not found or whose layers
     pass state other than their outputs (the replayed loss then differs beyond rounding).
@@ -218,6 +220,10 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
         return False
     row = torch.ones(1, layout.num_layers, layout.num_heads, dtype=torch.float64)
     row[0, -1, 0] = 0.0
+    first = torch.tensor([0])
+    batch = batch.select(first)
+    if baseline is not None and baseline.dim() == 5:
+        baseline = baseline[:, first.to(baseline.device)]
     try:
         replayed = gated_losses(model, heads, batch, row, baseline, mode="prefix", metric=metric)
     except Exception as exc:  # noqa: BLE001 - any failure of the replay means: do not use it
