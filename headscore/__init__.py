@@ -41,9 +41,7 @@ __all__ = [
     "Agreement", "BASELINES", "DEFAULT_MODEL", "Example", "HeadGates", "HeadScores", "HeadscoreCallback",
     "HeadscoreError", "LoadedModel", "METHODS", "METRICS", "Metric", "SetEffect", "Tracker",
     "UnsupportedModelError", "ablate", "ablate_edges", "ablate_heads", "builtin_suite", "check_model", "circuit",
-    "compare",
-    "compare_edges",
-    "examples_from_table", "load_cogqa", "load_jsonl",
+    "compare", "compare_edges", "examples_from_table", "load_cogqa", "load_jsonl",
     "load_model", "mean_baseline", "patch", "prepare", "score", "split_by_question", "track",
 ]
 assert sorted(__all__) == sorted(_WHERE), "every export is listed once"

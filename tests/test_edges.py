@@ -35,6 +35,7 @@ from headscore.edges.attribution import (
     edge_attributions,
     mean_writer_outputs,
     writer_outputs,
+    zero_writers,
 )
 from headscore.edges.circuit import circuit_losses, circuit_sizes, connected, top_circuit
 from headscore.edges.graph import EdgeGraph
@@ -315,8 +316,9 @@ def test_edge_scores_and_patching_equal_the_reference(family, layers, heads, kv,
                 "mean": lambda: mean_writer_outputs(lm.model, gates, rm, [batch])}[baseline]()
         loss, scores, grad = edge_attributions(lm.model, gates, rm, batch, base)
         chosen = pick_edges(graph, scores, seed)
-        delta = (clean.zeros_like() if baseline == "zero" else base).minus(clean)
-        patched = edge_patched_losses(lm.model, gates, rm, batch, chosen, delta, max_rows=5)
+        clean_loss, patched = edge_patched_losses(lm.model, gates, rm, batch, chosen,
+                                                  zero_writers(rm, clean.emb) if baseline == "zero" else base,
+                                                  max_rows=5)
         _, gate_grad = gate_gradients(lm.model, gates, batch, None if baseline == "zero" else torch.stack(base.heads))
     up, down = node_keys(graph)
     rows = [reference_row(lm.model, batch, row) for row in range(n)]
@@ -325,6 +327,7 @@ def test_edge_scores_and_patching_equal_the_reference(family, layers, heads, kv,
         means = {k: sum(w[k].sum(0) for _, _, _, w in rows) / tokens for k in up}
     for row, (ids, target, ref_loss, clean_writes) in enumerate(rows):
         assert float(loss[row]) == pytest.approx(float(ref_loss.detach()), rel=1e-12)
+        assert float(clean_loss[row]) == pytest.approx(float(ref_loss.detach()), rel=1e-12)
         if baseline == "corrupt":
             _, corrupt_writes = reference(lm.model, batch.corrupt_ids[row, :ids.shape[0]], target)
             changes = {k: corrupt_writes[k] - clean_writes[k] for k in up}
@@ -565,7 +568,7 @@ def test_circuit_runs_equal_the_reference(family, baseline, seed):
     circuits &= graph.allowed
     with patch(lm.model) as gates:
         clean = writer_outputs(lm.model, gates, rm, batch)
-        base = {"zero": lambda: clean.zeros_like(), "corrupt": lambda: writer_outputs(lm.model, gates, rm,
+        base = {"zero": lambda: zero_writers(rm, clean.emb), "corrupt": lambda: writer_outputs(lm.model, gates, rm,
                                                                                         batch.corrupted()),
                 "mean": lambda: mean_writer_outputs(lm.model, gates, rm, [batch])}[baseline]()
         got = circuit_losses(lm.model, gates, rm, batch, circuits, base, max_rows=5)
@@ -617,13 +620,12 @@ def test_a_circuit_without_one_edge_is_that_edge_patched():
     batch = next(iter(prepare(lm, examples).batches(3, progress=False)))
     edges = pick_edges(graph, torch.rand(3, *graph.allowed.shape), 30)[:6]
     with patch(lm.model) as gates:
-        clean = writer_outputs(lm.model, gates, rm, batch)
         base = writer_outputs(lm.model, gates, rm, batch.corrupted())
         circuits = graph.allowed[None].repeat(len(edges), 1, 1)
         for i, (u, v) in enumerate(edges):
             circuits[i, u, v] = False
         got = circuit_losses(lm.model, gates, rm, batch, circuits, base)
-        want = edge_patched_losses(lm.model, gates, rm, batch, edges, base.minus(clean))
+        want = edge_patched_losses(lm.model, gates, rm, batch, edges, base)[1]
         corrupt_run = circuit_losses(lm.model, gates, rm, batch, torch.zeros_like(circuits[:1]), base)
         from headscore.loss import example_losses
         corrupt_loss = example_losses(lm.model, batch.corrupted())

@@ -14,11 +14,10 @@ from ..accumulate import TaskAccumulator
 from ..edge_maps import EdgeMaps
 from ..errors import HeadscoreError
 from ..loss import Metric
-from ..methods.ablation import clean_losses
 from ..patch import patch
 from ..prepared import Prepared
 from ..results import HeadScores
-from .attribution import check_decomposition, writer_baselines, writer_outputs
+from .attribution import check_decomposition, writer_baselines
 from .graph import EdgeGraph
 from .patching import Edge, edge_patched_losses
 from .residual import residual_model
@@ -78,13 +77,11 @@ def exact_edge_scores(prep: Prepared, edges: Sequence[Edge], *, baseline: str, m
         for i, batch in enumerate(prep.batches(batch_size, progress=False)):
             if i == 0:
                 check_decomposition(model, heads, rm, batch)
-            clean = writer_outputs(model, heads, rm, batch)
-            base = baseline_of(batch)
-            before = clean_losses(model, heads, batch, metric)
-            patched = edge_patched_losses(model, heads, rm, batch, edges, base.minus(clean), metric=metric,
-                                          max_rows=rows_per_pass, on_pass=lambda n, b=batch.size: bar.update(n * b))
+            before, patched = edge_patched_losses(model, heads, rm, batch, edges, baseline_of(batch), metric=metric,
+                                                  max_rows=rows_per_pass,
+                                                  on_pass=lambda n, b=batch.size: bar.update(n * b))
             values = torch.zeros(batch.size, num_up, num_down, dtype=torch.float64)
-            values[:, index[:, 0], index[:, 1]] = (patched - before.double().cpu()[None]).T
+            values[:, index[:, 0], index[:, 1]] = (patched - before[None]).T
             acc.add(batch.task_index, values, batch.example_index)
     measured = torch.zeros(num_up, num_down, dtype=torch.bool)
     measured[index[:, 0], index[:, 1]] = True

@@ -50,11 +50,6 @@ class WriterOutputs:
                              [a - b for a, b in zip(self.mlp, other.mlp, strict=True)],
                              attn_raw=other.attn_raw)
 
-    def zeros_like(self) -> WriterOutputs:
-        """Every output zero (the zero baseline)."""
-        return WriterOutputs(torch.zeros_like(self.emb), [torch.zeros_like(z) for z in self.heads],
-                             [torch.zeros_like(m) for m in self.mlp])
-
     def complete(self) -> bool:
         """Whether every node's output was seen."""
         return self.emb is not None and all(z is not None for z in self.heads) and \
@@ -268,7 +263,7 @@ def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
         if first_input is not None and clean is None:
             raise ValueError("first_input needs the writers' clean outputs (clean=)")
         clean = run if clean is None else clean
-        base = clean.zeros_like() if isinstance(baseline, str) and baseline == "zero" else baseline
+        base = zero_writers(rm, clean.emb) if isinstance(baseline, str) and baseline == "zero" else baseline
         backward.delta = base.minus(clean)
         # each layer's head changes as [H, B*T, D] and output projection as [H, D, d], laid out for the products
         backward.dz = [z.to(dtype).permute(2, 0, 1, 3).reshape(z.shape[2], -1, z.shape[3]) for z in

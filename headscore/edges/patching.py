@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from ..data.batching import Batch
 from ..loss import NLL, Metric, example_losses
+from ..methods.ablation import cheapest_passes
 from ..methods.prefix import PrefixReplay
 from ..patch import HeadGates
-from .attribution import WriterOutputs
+from .attribution import WriterOutputs, recording_writers
 from .residual import Projection, ResidualModel
 
 Edge = tuple[int, int]
@@ -135,16 +136,18 @@ def reader_depth(rm: ResidualModel, downstream: int) -> int:
 
 @torch.no_grad()
 def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
-                        edges: Sequence[Edge], delta: WriterOutputs, *, metric: Metric = NLL, max_rows: int = 64,
-                        prefix: bool = True, on_pass: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Each example's loss with each edge patched alone: [K, B] float64 for K ``edges``.
+                        edges: Sequence[Edge], baseline: WriterOutputs, *, metric: Metric = NLL, max_rows: int = 64,
+                        prefix: bool = True, on_pass: Callable[[int], None] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's clean loss [B] float64 and its loss with each edge patched alone [K, B] for K ``edges``.
 
-    ``delta``: every writer's baseline minus clean output on ``batch`` (see
-    :func:`~headscore.edges.attribution.writer_outputs`). Edges that do not exist (u writes after v
-    reads) are refused with ValueError. Edges run in order of their reader's layer, as many per forward
-    pass as ``max_rows`` rows allow; with ``prefix`` the layers below a pass's first patched reader are
-    not run again (their clean outputs are replayed, as in prefix ablation). ``on_pass(n)`` is called after
-    each forward pass of n edges.
+    ``baseline``: every writer's baseline output on ``batch`` (see
+    :func:`~headscore.edges.attribution.writer_baselines`). One clean pass records the writers' outputs, the
+    clean losses and (with ``prefix``) the layer outputs later passes replay. Edges that do not exist (u writes
+    after v reads) are refused with ValueError. Edges are ordered by their reader's layer and cut into forward
+    passes of as many as ``max_rows`` rows allow at the least estimated cost
+    (:func:`~headscore.methods.ablation.cheapest_passes`); with ``prefix`` the layers below a pass's first patched
+    reader are not run again. ``on_pass(n)`` is called after each forward pass of n edges.
     """
     allowed = rm.graph.allowed
     bad = [e for e in edges if not bool(allowed[e[0], e[1]])]
@@ -153,18 +156,17 @@ def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         raise ValueError(f"no edge {rm.graph.upstream[u]} -> {rm.graph.downstream[v]}: it writes after that "
                          "node reads")
     b = batch.size
-    per_pass = max(1, max_rows // b)
-    depth = [reader_depth(rm, v) for _, v in edges]
-    order = sorted(range(len(edges)), key=lambda i: depth[i])
+    replay = PrefixReplay([lm.block for lm in rm.layers]) if prefix else None
+    with replay.recording() if replay is not None else contextlib.nullcontext(), \
+            recording_writers(rm, heads) as clean, heads.using(None, None):
+        before = example_losses(model, batch, metric).to(torch.float64).cpu()
+    delta = baseline.minus(clean)
+    depth = torch.tensor([reader_depth(rm, v) if prefix else 0 for _, v in edges], dtype=torch.long)
     out = torch.empty(len(edges), b, dtype=torch.float64)
-    replay = None
-    if prefix:
-        replay = PrefixReplay([lm.block for lm in rm.layers])
-        with replay.recording(), heads.using(None, None):
-            example_losses(model, batch, metric)
+    passes = cheapest_passes(depth, rm.graph.num_layers, max(1, max_rows // b), b * batch.input_ids.shape[1])
     with heads.using(None, None):
-        for start in range(0, len(order), per_pass):
-            chunk = order[start:start + per_pass]
+        for idx, first in passes:
+            chunk = idx.tolist()
             rows = []
             for c, i in enumerate(chunk):
                 u, v = edges[i]
@@ -172,7 +174,7 @@ def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
                 layer, kind, offset = _reader(rm, v)
                 rows += [(c * b + r, layer, kind, offset, change[r]) for r in range(b)]
             tiled = batch.tile(len(chunk)) if len(chunk) > 1 else batch
-            skip = replay.skipping(depth[chunk[0]], len(chunk)) if replay is not None else contextlib.nullcontext()
+            skip = replay.skipping(first, len(chunk)) if replay is not None else contextlib.nullcontext()
             handles = _PatchHooks(rm, rows).install()
             try:
                 with skip:
@@ -180,7 +182,7 @@ def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
             finally:
                 for h in handles:
                     h.remove()
-            out[chunk] = losses.to(torch.float64).view(len(chunk), b).cpu()
+            out[idx] = losses.to(torch.float64).view(len(chunk), b).cpu()
             if on_pass is not None:
                 on_pass(len(chunk))
-    return out
+    return before, out

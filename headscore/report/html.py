@@ -70,8 +70,6 @@ if (sc_src !== null) {
 }
 """
 
-
-
 _CHECK_JS = """
 <script>
 (function () {
