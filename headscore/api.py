@@ -44,7 +44,15 @@ from .methods.gradient import (
     score_values,
 )
 from .methods.position_patching import position_deltas, position_patching_works
-from .methods.verify import MassCollector, choose_heads, exact_changes, first_order_mass, verify_count, with_exact
+from .methods.verify import (
+    KeptBaselines,
+    MassCollector,
+    choose_heads,
+    exact_changes,
+    first_order_mass,
+    verify_count,
+    with_exact,
+)
 from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
 from .positions import PositionMaps
@@ -260,6 +268,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     layout = head_layout(prep.lm.model)
     mass = None if verify is None or verify is False else \
         TaskAccumulator(prep.tasks, layout.num_layers, layout.num_heads)
+    kept = KeptBaselines() if mass is not None else None  # the corrupted runs, for verify's exact passes
     start = time.perf_counter()
     with patch(prep.lm.model, kernel=kernel) as heads, prep.naming_examples():
         static = None
@@ -270,6 +279,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
         same_pass = mass is not None and method in ("taylor", "atp-mean")
         for batch in run.batches(prep.batches(batch_size, desc=f"score ({name})", progress=progress)):
             base = _batch_baseline(prep.lm.model, heads, batch, static, baseline == "corrupt")
+            if kept is not None:
+                kept.keep(batch, base)
             collector = MassCollector(batch.size, layout.num_layers, layout.num_heads) if same_pass else None
             with contextlib.nullcontext() if collector is None else heads.observing_gradients(collector):
                 values, position_values = _estimate(prep.lm.model, heads, batch, base, method, metric,
@@ -293,7 +304,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                              baseline=_baseline_name(baseline if name != "atp-mean" else "mean"), **extra)
         if mass is not None:
             result = _verified(prep, heads, result, mass, verify, static, baseline == "corrupt", metric,
-                               batch_size, rows_per_pass, progress)
+                               batch_size, rows_per_pass, progress, kept)
     return result if maps is None else maps.attach(result)
 
 
@@ -347,8 +358,9 @@ def _estimate(model: torch.nn.Module, heads: HeadGates, batch, base: torch.Tenso
 
 def _verified(prep: Prepared, heads: HeadGates, result: HeadScores, mass: TaskAccumulator,
               verify: int | bool, static: torch.Tensor | None, corrupt: bool, metric: Metric, batch_size: int,
-              rows_per_pass: int, progress: bool) -> HeadScores:
-    """``result`` with each task's top and flagged heads measured exactly (see :mod:`headscore.methods.verify`)."""
+              rows_per_pass: int, progress: bool, kept: KeptBaselines) -> HeadScores:
+    """``result`` with each task's top and flagged heads measured exactly (see :mod:`headscore.methods.verify`);
+    ``kept`` has the scoring pass's corrupted runs."""
     layout = heads.layout
     k = verify_count(verify, int((~layout.absent_heads()).sum()))
     chosen, flagged = {}, {}
@@ -365,7 +377,8 @@ def _verified(prep: Prepared, heads: HeadGates, result: HeadScores, mass: TaskAc
         exact = exact_changes(prep.lm.model, heads, prep.tokenized, chosen, prep.tasks, pad_id=prep.lm.pad_id,
                               device=prep.lm.device, batch_size=batch_size, rows_per_pass=rows_per_pass,
                               metric=metric, on_pass=bar.update,
-                              baseline_for=lambda b: _batch_baseline(prep.lm.model, heads, b, static, corrupt))
+                              baseline_for=lambda b: kept.get(
+                                  b, lambda b: _batch_baseline(prep.lm.model, heads, b, static, corrupt)))
     out = with_exact(result, exact)
     out.extra.update(verify_top=k, verify_flagged={prep.tasks[t]: n for t, n in flagged.items()},
                      verify_mode=exact.mode, verify_seconds=time.perf_counter() - start,

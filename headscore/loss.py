@@ -16,8 +16,9 @@ larger = the head matters more for the metric:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,10 @@ def resolve_metric(metric: str | Metric | MetricFn | None) -> Metric:
 
 
 def _builtin_loss(metric: Metric, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                  batch: Batch) -> torch.Tensor:
+                  batch: Batch, vocabulary: torch.Tensor | None = None) -> torch.Tensor:
     """A built-in metric's loss [B] from the logits at each row's target-predicting positions [B, P, V]
-    (column 0 is the answer position), their labels and mask [B, P]."""
+    (column 0 is the answer position), their labels and mask [B, P]; with ``vocabulary`` (sorted token
+    ids, :func:`read_vocabulary`) the logits are those tokens' only [B, P, len(vocabulary)]."""
     if metric.name == "nll":
         return target_nll(logits, labels, mask)
     answer = logits[:, 0].to(torch.promote_types(logits.dtype, torch.float32))
@@ -110,8 +112,52 @@ def _builtin_loss(metric: Metric, logits: torch.Tensor, labels: torch.Tensor, ma
         return -torch.softmax(answer, -1).gather(1, target[:, None]).squeeze(1)
     if batch.foil_ids is None:
         raise HeadscoreError("the logit-diff metric needs a foil for every example")
+    foil = batch.foil_ids.to(answer.device)
+    if vocabulary is not None:
+        vocabulary = vocabulary.to(answer.device)
+        target, foil = torch.searchsorted(vocabulary, target), torch.searchsorted(vocabulary, foil)
     rows = torch.arange(answer.shape[0], device=answer.device)
-    return -(answer[rows, target] - answer[rows, batch.foil_ids.to(answer.device)])
+    return -(answer[rows, target] - answer[rows, foil])
+
+
+def read_vocabulary(metric: Metric, batch: Batch) -> torch.Tensor | None:
+    """The sorted token ids whose logits ``metric`` reads on ``batch`` (``logit-diff``: each row's target and
+    foil), or None where it reads them all (``nll`` and ``prob`` normalise over the vocabulary; a user's
+    metric sees everything)."""
+    if metric.fn is not None or metric.name != "logit-diff" or batch.foil_ids is None or batch.target_mask is None:
+        return None
+    labels = target_positions(batch)[1][:, 0]
+    return torch.unique(torch.cat([labels.cpu(), batch.foil_ids.cpu()]))
+
+
+def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output embedding when it is a plain ``nn.Linear`` that runs its own forward (no wrapper
+    of accelerate's or anyone's on the instance, no forward hooks, weights in memory), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or "forward" in head.__dict__ or head._forward_hooks:
+        return None
+    return None if head.weight.device.type == "meta" else head
+
+
+@contextlib.contextmanager
+def vocabulary_only(model: torch.nn.Module, vocabulary: torch.Tensor | None) -> Iterator[bool]:
+    """Inside the block the model's output embedding computes the logits of the ``vocabulary`` tokens only
+    (their rows of its weight: the same dot products, two columns of logits instead of 49,152 for
+    ``logit-diff`` on SmolLM2); yields whether it does (False, changing nothing, for None or a head that is not
+    a plain linear layer). Whatever the family applies to the logits afterwards (soft-capping, scaling) must
+    be elementwise: :func:`trusted_vocabulary` checks that once per model before anything relies on it."""
+    head = _plain_head(model) if vocabulary is not None else None
+    if head is None:
+        yield False
+        return
+    ids = vocabulary.to(head.weight.device)
+    weight = head.weight.index_select(0, ids)
+    bias = None if head.bias is None else head.bias.index_select(0, ids)
+    head.forward = lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+    try:
+        yield True
+    finally:
+        del head.forward
 
 
 def _custom_loss(metric: Metric, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -224,8 +270,10 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
     forward pre-hook on ``get_output_embeddings()``; anything the family applies to the logits
     afterwards, such as soft-capping, works on any shape). A family whose head does not take them
     that way gets the logits of the span of target positions instead (``logits_to_keep``) and is
-    remembered. A user's metric gets the logits of every position. A batch with labels (a sequence
-    classifier's examples) gets :func:`classifier_losses`. Raises HeadscoreError on a non-finite loss.
+    remembered. Without gradients, ``logit-diff`` gets the target's and the foil's logits only, on a model
+    that passed :func:`trusted_vocabulary`'s check. A user's metric gets the logits of every position. A
+    batch with labels (a sequence classifier's examples) gets :func:`classifier_losses`. Raises
+    HeadscoreError on a non-finite loss.
     """
     if batch.labels is not None:
         logits = _in_model_dtype(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, model)
@@ -235,38 +283,85 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
         logits = _in_model_dtype(
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits, model)
         return finite_losses(_custom_loss(metric, logits, batch), batch.example_index, logits.dtype)
+    vocabulary = None
+    if not torch.is_grad_enabled() and getattr(model, "_headscore_vocabulary_only", False) and _plain_head(model):
+        vocabulary = read_vocabulary(metric, batch)
+    losses = _builtin_losses(model, batch, metric, vocabulary)
+    if losses is None:  # the head gave other logits than those asked for: all of them from now on
+        model._headscore_vocabulary_only = False
+        losses = _builtin_losses(model, batch, metric, None)
+    return losses
+
+
+def trusted_vocabulary(model: torch.nn.Module, metric: Metric, batch: Batch) -> torch.Tensor | None:
+    """The tokens whose logits are enough for ``metric`` on ``batch`` (:func:`read_vocabulary`), where the
+    model gives the same losses from them alone, else None. The first call on a model compares the two
+    ways on ``batch`` (one forward pass each, with the model as it is) and remembers the answer; from then on
+    :func:`example_losses` computes only those logits in its passes without gradients (exact ablation and
+    patching), never where a gradient flows (so the gradient scores do not change by a bit)."""
+    vocabulary = read_vocabulary(metric, batch)
+    if vocabulary is None or _plain_head(model) is None:  # (a head may have been wrapped since the check)
+        return None
+    if getattr(model, "_headscore_vocabulary_only", None) is None:
+        with torch.no_grad():
+            full = _builtin_losses(model, batch, metric, None)
+            losses = _builtin_losses(model, batch, metric, vocabulary)
+        # the two differ by the head's round-off alone (each logit the same dot product, summed in another order):
+        # far below these bounds, which any change of the logits beyond the head (a mask, a renormalisation) exceeds
+        scale = 1e-3 if full.dtype in (torch.float32, torch.float64) else 5e-2
+        model._headscore_vocabulary_only = losses is not None and bool(
+            ((losses - full).abs() <= scale * (1 + full.abs())).all())
+    return vocabulary if model._headscore_vocabulary_only else None
+
+
+def _builtin_losses(model: torch.nn.Module, batch: Batch, metric: Metric,
+                    vocabulary: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`example_losses` for a built-in metric, from the logits of ``vocabulary`` only when given (None
+    if the model's head would not give those alone)."""
     start, end = _target_span(batch)
     keep = torch.arange(start, end, device=batch.input_ids.device)
     kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+    width = len(vocabulary) if vocabulary is not None else None
+
+    def forward() -> torch.Tensor | None:
+        with vocabulary_only(model, vocabulary) as subset:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                           **kwargs).logits
+        if width is not None and (not subset or logits.shape[-1] != width):
+            return None
+        return _in_model_dtype(logits, model)
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(model, "_headscore_gather_head", True):
         positions, labels, mask = target_positions(batch)
         offset = start if kwargs else 0
-        width = end - start if kwargs else batch.input_ids.shape[1]
+        span = end - start if kwargs else batch.input_ids.shape[1]
 
         def gather(module, args):
-            if not args or args[0].dim() != 3 or args[0].shape[1] != width:
+            if not args or args[0].dim() != 3 or args[0].shape[1] != span:
                 return None  # not the hidden states we expect: leave them, and the check below falls back
             return (_at_positions(args[0], positions - offset), *args[1:])
 
         handle = head.register_forward_pre_hook(gather)
         try:
-            logits = _in_model_dtype(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                           use_cache=False, **kwargs).logits, model)
+            logits = forward()
         finally:
             handle.remove()
+        if logits is None:
+            return None
         if tuple(logits.shape[:2]) == tuple(positions.shape):
             return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device),
-                                               batch), batch.example_index, logits.dtype)
+                                               batch, vocabulary), batch.example_index, logits.dtype)
         model._headscore_gather_head = False  # the head saw other inputs: use the span from now on
-    logits = _in_model_dtype(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                                   **kwargs).logits, model)
+    logits = forward()
+    if logits is None:
+        return None
     if metric.name == "nll":
         return losses_from_logits(logits, batch, span_only=bool(kwargs))
     positions, labels, mask = target_positions(batch)
     logits = _at_positions(logits, positions - (start if kwargs else 0))
-    return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device), batch),
-                         batch.example_index, logits.dtype)
+    return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device), batch,
+                                       vocabulary), batch.example_index, logits.dtype)
 
 
 def run_forward(model: torch.nn.Module, batch: Batch) -> None:

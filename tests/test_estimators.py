@@ -146,11 +146,23 @@ def test_mass_from_the_gradient_pass_equals_the_per_position_terms(baseline):
             torch.testing.assert_close(collector.values, mass, rtol=1e-10, atol=1e-13)
 
 
-def test_verify_with_corrupt_baseline_equals_patching():
+@pytest.mark.parametrize("budget", [None, 0])
+def test_verify_with_corrupt_baseline_equals_patching(budget, monkeypatch):
+    """The exact passes reuse the scoring pass's corrupted runs (one per batch, not two); with no memory for
+    them (budget 0) they run them again; either way the values are activation patching's."""
+    import headscore.api as api
+    import headscore.methods.verify as verify_module
+
+    runs = []
+    real = api.corrupt_head_outputs
+    monkeypatch.setattr(api, "corrupt_head_outputs", lambda *a, **k: runs.append(1) or real(*a, **k))
+    if budget is not None:
+        monkeypatch.setattr(api, "KeptBaselines", lambda: verify_module.KeptBaselines(budget))
     lm = tiny_model("qwen2", dtype=torch.float64)
     examples = [headscore.Example(ex.prompt, ex.target, ex.task, corrupt=ex.prompt[::-1])
                 for ex in random_examples(4)]
     verified = headscore.score(lm, examples, baseline="corrupt", batch_size=2, progress=False, verify=3)
+    assert len(runs) == (2 if budget is None else 4)  # 2 batches
     truth = headscore.ablate(lm, examples, baseline="corrupt", batch_size=2, progress=False)
     torch.testing.assert_close(verified.values[verified.exact], truth.values[verified.exact], rtol=1e-9,
                                atol=1e-12)

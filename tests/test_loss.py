@@ -52,3 +52,131 @@ def test_head_that_sees_other_inputs_falls_back_to_the_span():
         got = example_losses(lm.model, batch)
     torch.testing.assert_close(got, full_logit_losses(lm.model, batch), rtol=1e-12, atol=1e-12)
     assert lm.model._headscore_gather_head is False
+
+
+def _counterfactual_batch(lm, seed: int = 4):
+    from test_counterfactual import counterfactual_examples
+
+    prep = headscore.prepare(lm, counterfactual_examples(6, seed=seed))
+    return next(iter(prep.batches(6, progress=False)))
+
+
+def _reference_logit_diff(model, batch):
+    """-(logit[target] - logit[foil]) at each row's answer position, from every logit of a plain forward."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    positions, labels, _ = target_positions(batch)
+    rows = torch.arange(batch.size)
+    answer = logits[rows, positions[:, 0]].double()
+    return -(answer[rows, labels[:, 0]] - answer[rows, batch.foil_ids])
+
+
+@pytest.fixture
+def subset_spy(monkeypatch):
+    """Records, for each forward pass through ``vocabulary_only``, whether only some logits were computed."""
+    import contextlib
+
+    from headscore import loss
+
+    seen: list[bool] = []
+    real = loss.vocabulary_only
+
+    @contextlib.contextmanager
+    def spy(model, vocabulary):
+        with real(model, vocabulary) as subset:
+            seen.append(subset)
+            yield subset
+
+    monkeypatch.setattr(loss, "vocabulary_only", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])  # gemma2 soft-caps its logits after the head
+def test_logit_diff_from_two_logits_equals_every_logit(family, subset_spy):
+    """Without gradients, logit-diff computes the target's and the foil's logits only (once the model passed
+    the check), and gets the losses every logit gives."""
+    from test_ablation import tiny_gpt2
+
+    from headscore.loss import read_vocabulary, trusted_vocabulary
+
+    lm = tiny_gpt2(layers=2, seed=1) if family == "gpt2" else tiny_model(family, dtype=torch.float64)
+    batch = _counterfactual_batch(lm)
+    metric = headscore.loss.resolve_metric("logit-diff")
+    vocabulary = read_vocabulary(metric, batch)
+    assert torch.equal(vocabulary, torch.unique(torch.cat([target_positions(batch)[1][:, 0], batch.foil_ids])))
+    assert len(vocabulary) < lm.model.config.vocab_size
+    assert torch.equal(trusted_vocabulary(lm.model, metric, batch), vocabulary)
+    subset_spy.clear()
+    with torch.no_grad():
+        got = example_losses(lm.model, batch, metric)
+    assert subset_spy == [True]
+    torch.testing.assert_close(got, _reference_logit_diff(lm.model, batch), rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_passes_compute_every_logit(subset_spy):
+    """Where a gradient flows the head computes every logit (the gradient scores stay bit for bit as they were)."""
+    from headscore.loss import trusted_vocabulary
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    batch = _counterfactual_batch(lm)
+    metric = headscore.loss.resolve_metric("logit-diff")
+    assert trusted_vocabulary(lm.model, metric, batch) is not None
+    subset_spy.clear()
+    example_losses(lm.model, batch, metric).sum().backward()
+    assert subset_spy == [False]
+
+
+@pytest.mark.parametrize("change", ["softmax", "hooked"])
+def test_model_whose_logits_need_every_token_is_not_trusted(change, subset_spy):
+    """A model that changes the logits after its head in a way that depends on the other tokens (here: a softmax
+    over what it gets), or whose head carries a forward hook: the check refuses the two-logit path, and the
+    losses are those of every logit."""
+    from headscore.loss import trusted_vocabulary
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    model = lm.model
+    if change == "softmax":
+        forward = model.forward
+
+        def renormalised(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            out.logits = torch.softmax(out.logits, -1)  # (a log-softmax would keep every logit-diff)
+            return out
+
+        model.forward = renormalised
+    else:
+        model.get_output_embeddings().register_forward_hook(lambda m, a, out: out)
+    batch = _counterfactual_batch(lm)
+    metric = headscore.loss.resolve_metric("logit-diff")
+    assert trusted_vocabulary(model, metric, batch) is None
+    assert not getattr(model, "_headscore_vocabulary_only", False)
+    subset_spy.clear()
+    with torch.no_grad():
+        got = example_losses(model, batch, metric)
+    assert subset_spy == [False]
+    torch.testing.assert_close(got, _reference_logit_diff(model, batch), rtol=1e-12, atol=1e-12)
+
+
+def test_head_wrapped_after_the_check_gets_every_logit(subset_spy):
+    """A head hooked after the model passed the check: the passes compute every logit again (no error)."""
+    from headscore.loss import trusted_vocabulary
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    batch = _counterfactual_batch(lm)
+    metric = headscore.loss.resolve_metric("logit-diff")
+    assert trusted_vocabulary(lm.model, metric, batch) is not None
+    lm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: out)
+    assert trusted_vocabulary(lm.model, metric, batch) is None
+    subset_spy.clear()
+    with torch.no_grad():
+        got = example_losses(lm.model, batch, metric)
+    assert subset_spy == [False]
+    torch.testing.assert_close(got, _reference_logit_diff(lm.model, batch), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["nll", "prob"])
+def test_metrics_over_the_whole_vocabulary_read_every_logit(metric):
+    from headscore.loss import read_vocabulary
+
+    lm = tiny_model("llama", layers=1)
+    assert read_vocabulary(headscore.loss.resolve_metric(metric), _counterfactual_batch(lm)) is None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import Batch
-from ..loss import NLL, Metric, example_losses
+from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..patch import HeadGates
 from .attribution import WriterOutputs
 from .graph import EdgeGraph
@@ -202,6 +202,7 @@ def circuit_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, 
     """Each example's loss with only each circuit's edges clean: [K, B] float64 for bool ``circuits`` [K, U, V]
     (an edge outside the graph is ignored); ``base`` the writers' baseline outputs on ``batch``."""
     b = batch.size
+    trusted_vocabulary(model, metric, batch)  # the passes compute only the logits the metric reads
     per_pass = max(1, max_rows // b)
     allowed = rm.graph.allowed
     out = torch.empty(circuits.shape[0], b, dtype=torch.float64)

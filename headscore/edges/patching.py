@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batching import Batch
-from ..loss import NLL, Metric, example_losses
+from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..methods.ablation import cheapest_passes
 from ..methods.prefix import PrefixReplay
 from ..patch import HeadGates
@@ -156,6 +156,7 @@ def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         raise ValueError(f"no edge {rm.graph.upstream[u]} -> {rm.graph.downstream[v]}: it writes after that "
                          "node reads")
     b = batch.size
+    trusted_vocabulary(model, metric, batch)  # the passes compute only the logits the metric reads
     replay = PrefixReplay([lm.block for lm in rm.layers]) if prefix else None
     with replay.recording() if replay is not None else contextlib.nullcontext(), \
             recording_writers(rm, heads) as clean, heads.using(None, None):

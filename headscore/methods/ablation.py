@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..data.batching import Batch
-from ..loss import NLL, Metric, example_losses
+from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..patch import HeadGates
 from .prefix import PrefixReplay, decoder_layers
 
@@ -147,6 +147,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
     num_layers = heads.layout.num_layers
     dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
     gate_rows = gate_rows.to(batch.input_ids.device, dtype)
+    trusted_vocabulary(model, metric, batch)  # the passes compute only the logits the metric reads
     replay = None
     if mode == "prefix":
         layers = decoder_layers(model, num_layers)
@@ -184,6 +185,7 @@ def selected_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, rows
     num_layers = heads.layout.num_layers
     dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
     gate_rows = gate_rows.to(batch.input_ids.device, dtype)
+    trusted_vocabulary(model, metric, batch)
     layers = decoder_layers(model, num_layers) if prefix else None
     replay = None if layers is None else PrefixReplay(layers)
     recording = contextlib.nullcontext() if replay is None else replay.recording()

@@ -35,7 +35,17 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import Batch
-from ..loss import NLL, Metric, _at_positions, _builtin_loss, _custom_loss, _in_model_dtype, finite_losses
+from ..loss import (
+    NLL,
+    Metric,
+    _at_positions,
+    _builtin_loss,
+    _custom_loss,
+    _in_model_dtype,
+    finite_losses,
+    trusted_vocabulary,
+    vocabulary_only,
+)
 from ..loss import target_positions as _target_positions
 from ..patch import HeadGates
 from .ablation import cheapest_passes, check_mode, gated_losses, position_gates
@@ -110,7 +120,8 @@ class CleanRun:
         keys, values: each decoder layer's cached keys and values [B, Hkv, T, D].
         layer_outputs: each decoder layer's output (for the prefix replay), or None (every pass starts at layer 0).
         logits: the logits the metric reads: at each row's target-predicting positions [B, P, V] for a built-in
-            metric, at every position [B, T, V] for a user's one.
+            metric (V: the tokens of ``PositionPatcher.vocabulary`` where that is set), at every position
+            [B, T, V] for a user's one.
         last_read: [B] the last token each row's metric reads (:func:`last_read_positions`).
         unchanged: [B, L, T, H] bool, True where the head's output equals the baseline bit for bit (patching
             the cell changes nothing in that row).
@@ -160,6 +171,7 @@ class PositionPatcher:
             raise RuntimeError(f"{type(model).__name__}.forward takes no KV cache")
         self.layers = decoder_layers(model, self.layout.num_layers) if replay else None
         self.dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+        self.vocabulary = trusted_vocabulary(model, metric, batch)  # the logits the metric reads, if not all
         self._last: tuple[tuple, _Slice] | None = None
         self.clean = self._record()
 
@@ -169,8 +181,8 @@ class PositionPatcher:
         return self.model.get_output_embeddings()
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, read: torch.Tensor | None):
-        """One forward pass; the logits at ``read`` [N, P] (window positions), or at every position when
-        ``read`` is None, and the model's cache."""
+        """One forward pass; the logits at ``read`` [N, P] (window positions; of :attr:`vocabulary`'s tokens only
+        when it is set), or at every position when ``read`` is None, and the model's cache."""
         head = self._head() if read is not None else None
         width = input_ids.shape[1]
         gathered = []
@@ -184,11 +196,15 @@ class PositionPatcher:
         handle = head.register_forward_pre_hook(gather) if head is not None else None
         kwargs = {} if cache is None else {self.keyword: cache}
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+            with vocabulary_only(self.model, self.vocabulary if read is not None else None):
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
         finally:
             if handle is not None:
                 handle.remove()
         logits = _in_model_dtype(out.logits, self.model)
+        if read is not None and self.vocabulary is not None and logits.shape[-1] != len(self.vocabulary):
+            raise RuntimeError(f"the model returned {logits.shape[-1]} logits per token for "
+                               f"{len(self.vocabulary)} tokens")
         if read is not None and not gathered:
             if logits.shape[1] != width:
                 raise RuntimeError(f"the model returned logits for {logits.shape[1]} of {width} positions")
@@ -304,7 +320,8 @@ class PositionPatcher:
             if not bool(fresh.all()):
                 logits = torch.where(fresh[None, :, :, None], logits.view(n, r, *logits.shape[1:]), before[None])
                 logits = logits.flatten(0, 1)
-            loss = _builtin_loss(self.metric, logits, labels.repeat(n, 1), keep.repeat(n, 1), tiled)
+            loss = _builtin_loss(self.metric, logits, labels.repeat(n, 1), keep.repeat(n, 1), tiled,
+                                 self.vocabulary)
         else:
             loss = _custom_loss(self.metric, torch.cat([before[:, :position].repeat(n, 1, 1), logits], 1), tiled)
         return finite_losses(loss, tiled.example_index, logits.dtype).view(n, r).cpu().double()

@@ -98,6 +98,38 @@ class ExactValues:
     mode: str
 
 
+class KeptBaselines:
+    """Each batch's baseline from the scoring pass (the heads' outputs on its corrupted prompts), kept for the
+    exact passes, which go through the same batches when every task has heads to verify: the corrupted runs
+    are not run again. At most ``budget`` bytes are kept (a batch beyond it is run again when needed); each is
+    handed out once and let go."""
+
+    def __init__(self, budget: int = 256 * 2**20):
+        self.budget, self.size = budget, 0
+        self.kept: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @staticmethod
+    def _key(batch: Batch) -> tuple[int, ...]:
+        return tuple(batch.example_index.tolist())
+
+    def keep(self, batch: Batch, baseline: torch.Tensor | None) -> None:
+        """Keep ``batch``'s baseline if it is per batch and fits the budget."""
+        if baseline is None or baseline.dim() != 5:
+            return
+        size = baseline.numel() * baseline.element_size()
+        if self.size + size <= self.budget:
+            self.kept[self._key(batch)] = baseline
+            self.size += size
+
+    def get(self, batch: Batch, compute: Callable[[Batch], torch.Tensor | None]) -> torch.Tensor | None:
+        """The kept baseline of a batch of the same examples in the same order, else ``compute(batch)``."""
+        kept = self.kept.pop(self._key(batch), None)
+        if kept is None or kept.shape[1:3] != batch.input_ids.shape:
+            return compute(batch)
+        self.size -= kept.numel() * kept.element_size()
+        return kept
+
+
 def exact_changes(model: torch.nn.Module, heads: HeadGates, items: Sequence[TokenizedExample],
                   chosen: dict[int, torch.Tensor], tasks: Sequence[str], *, pad_id: int, device: torch.device,
                   batch_size: int, rows_per_pass: int, metric: Metric,
