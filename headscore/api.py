@@ -179,7 +179,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
           baseline: str | torch.Tensor | None = None, metric: MetricLike = "nll", per_position: bool = False,
           progress: bool = True, kernel: bool | None = None,
           checkpoint: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-          distributed: bool | None = None, steps: int = DEFAULT_IG_STEPS, path_fraction: float = DEFAULT_IG_FRACTION,
+          distributed: bool | None = None, steps: int = DEFAULT_IG_STEPS, path_fraction: float | None = None,
           verify: int | bool | None = None, rows_per_pass: int = 64,
           columns: Mapping[str, str] | None = None, edges: bool = False) -> HeadScores:
     """Score every head for every task from one forward and one backward pass per batch.
@@ -214,7 +214,9 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             None = when a torch.distributed process group with 2+ ranks is initialised.
         steps: ``ig``'s points along the path (forward + backward passes per batch).
         path_fraction: ``ig``'s path runs from every gate at 1 to every gate at 1 - ``path_fraction``
-            (1 = the whole way to the baseline).
+            (1 = the whole way to the baseline; default 0.2, the best measured). With ``edges``, the input
+            moves from the clean prompt's embeddings the share ``path_fraction`` of the way to the corrupted
+            one's (default 1: EAP-IG-inputs as published).
         verify: after scoring, measure exactly (ablation, or activation patching with ``corrupt``) the
             ``verify`` heads per task with the largest |estimate| and as many flagged ones (see
             :mod:`headscore.methods.verify`); ``True`` = 5% of the heads. Their values replace the estimates
@@ -225,8 +227,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             query head, key/value head, MLP, the logits) from the same pass: ``scores.edges(task)``,
             ``scores.edge_nodes`` (:mod:`headscore.edges`). Method taylor (or atp-mean), baseline zero, mean
             or corrupt; or method ig with baseline corrupt: EAP-IG-inputs, the gradients averaged over
-            ``steps`` inputs between the corrupted and the clean prompt. Not per position, verified,
-            checkpointed or distributed.
+            ``steps`` inputs between the corrupted and the clean prompt (``path_fraction``). Not per position,
+            verified, checkpointed or distributed.
         columns: for a table: its columns of fields named otherwise, e.g. ``{"prompt": "question", "target":
             "answer", "task": "category"}`` (:func:`headscore.data.tables.examples_from_table`).
 
@@ -239,6 +241,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     if method in NEEDS_MEAN_BASELINE and isinstance(baseline, str) and baseline != "mean":
         raise HeadscoreError(f"method {method} uses the mean baseline; for baseline {baseline!r} use taylor")
     _check_estimator(method, steps, path_fraction, per_position, verify, checkpoint, distributed)
+    if path_fraction is None:  # the gate path's best measured share; the input path's published whole segment
+        path_fraction = 1.0 if edges else DEFAULT_IG_FRACTION
     if edges:
         _check_edges(method, per_position, verify, checkpoint, distributed)
         writers = edge_baseline(baseline, method)
@@ -253,7 +257,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     if edges:
         return score_edges(prep, name="ig-inputs-corrupt" if method == "ig" else name, baseline=writers,
                            metric=metric, meaning=_meaning(prep, metric), batch_size=batch_size, progress=progress,
-                           steps=steps if method == "ig" else None)
+                           steps=steps if method == "ig" else None, fraction=path_fraction)
     acc = prep.accumulator()
     ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
                         batch_size=batch_size,
@@ -308,12 +312,12 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     return result if maps is None else maps.attach(result)
 
 
-def _check_estimator(method: str, steps: int, path_fraction: float, per_position: bool,
+def _check_estimator(method: str, steps: int, path_fraction: float | None, per_position: bool,
                      verify: int | bool | None, checkpoint: str | None, distributed: bool | None) -> None:
     """Refuse settings an estimator cannot take, before any model work."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise HeadscoreError(f"steps must be a whole number of at least 1, got {steps!r}")
-    if not (isinstance(path_fraction, (int, float)) and 0 < path_fraction <= 1):
+    if path_fraction is not None and not (isinstance(path_fraction, (int, float)) and 0 < path_fraction <= 1):
         raise HeadscoreError(f"path_fraction must be in (0, 1], got {path_fraction!r}")
     if method == "curvature" and per_position:
         raise HeadscoreError("curvature estimates a whole head's second-order term; it has no per-position maps "

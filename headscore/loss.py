@@ -115,7 +115,7 @@ def _builtin_loss(metric: Metric, logits: torch.Tensor, labels: torch.Tensor, ma
     foil = batch.foil_ids.to(answer.device)
     if vocabulary is not None:
         vocabulary = vocabulary.to(answer.device)
-        target, foil = torch.searchsorted(vocabulary, target), torch.searchsorted(vocabulary, foil)
+        target, foil = torch.searchsorted(vocabulary, target.contiguous()), torch.searchsorted(vocabulary, foil)
     rows = torch.arange(answer.shape[0], device=answer.device)
     return -(answer[rows, target] - answer[rows, foil])
 
@@ -284,34 +284,59 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits, model)
         return finite_losses(_custom_loss(metric, logits, batch), batch.example_index, logits.dtype)
     vocabulary = None
-    if not torch.is_grad_enabled() and getattr(model, "_headscore_vocabulary_only", False) and _plain_head(model):
+    if not torch.is_grad_enabled() and _vocabulary_checked(model) and _plain_head(model):
         vocabulary = read_vocabulary(metric, batch)
     losses = _builtin_losses(model, batch, metric, vocabulary)
     if losses is None:  # the head gave other logits than those asked for: all of them from now on
-        model._headscore_vocabulary_only = False
+        _remember_vocabulary_check(model, False)
         losses = _builtin_losses(model, batch, metric, None)
     return losses
+
+
+def _logits_path(model: torch.nn.Module) -> tuple:
+    """What decides how the logits come out of the output embedding: the model's forward (its class's, or a
+    wrapper on the instance), the model's forward hooks and the head itself. A change of any of these after
+    :func:`trusted_vocabulary`'s check calls for a new check."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (type(model).forward, model.__dict__.get("forward"), tuple(model._forward_hooks.values()), id(head))
+
+
+def _vocabulary_checked(model: torch.nn.Module) -> bool | None:
+    """The check's answer for the model as it is now: True (two logits are enough), False, or None (never
+    checked, or the model's way to its logits changed since)."""
+    record = getattr(model, "_headscore_vocabulary_only", None)
+    return record[1] if record is not None and record[0] == _logits_path(model) else None
+
+
+def _remember_vocabulary_check(model: torch.nn.Module, trusted: bool) -> None:
+    model._headscore_vocabulary_only = (_logits_path(model), trusted)
 
 
 def trusted_vocabulary(model: torch.nn.Module, metric: Metric, batch: Batch) -> torch.Tensor | None:
     """The tokens whose logits are enough for ``metric`` on ``batch`` (:func:`read_vocabulary`), where the
     model gives the same losses from them alone, else None. The first call on a model compares the two
-    ways on ``batch`` (one forward pass each, with the model as it is) and remembers the answer; from then on
+    ways on ``batch`` (one forward pass each, with the model as it is; a two-logit pass that fails counts as
+    a difference) and remembers the answer until the model's forward, its forward hooks or its head change
+    (:func:`_logits_path`); from then on
     :func:`example_losses` computes only those logits in its passes without gradients (exact ablation and
     patching), never where a gradient flows (so the gradient scores do not change by a bit)."""
     vocabulary = read_vocabulary(metric, batch)
     if vocabulary is None or _plain_head(model) is None:  # (a head may have been wrapped since the check)
         return None
-    if getattr(model, "_headscore_vocabulary_only", None) is None:
+    if _vocabulary_checked(model) is None:
         with torch.no_grad():
             full = _builtin_losses(model, batch, metric, None)
-            losses = _builtin_losses(model, batch, metric, vocabulary)
+            try:
+                losses = _builtin_losses(model, batch, metric, vocabulary)
+            except Exception:  # noqa: BLE001 - e.g. a family that masks logits by token id after its head
+                losses = None
         # the two differ by the head's round-off alone (each logit the same dot product, summed in another order):
         # far below these bounds, which any change of the logits beyond the head (a mask, a renormalisation) exceeds
-        scale = 1e-3 if full.dtype in (torch.float32, torch.float64) else 5e-2
-        model._headscore_vocabulary_only = losses is not None and bool(
-            ((losses - full).abs() <= scale * (1 + full.abs())).all())
-    return vocabulary if model._headscore_vocabulary_only else None
+        dtype = next(model.parameters()).dtype
+        scale = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+        _remember_vocabulary_check(model, losses is not None and bool(
+            ((losses - full).abs() <= scale * (1 + full.abs())).all()))
+    return vocabulary if _vocabulary_checked(model) else None
 
 
 def _builtin_losses(model: torch.nn.Module, batch: Batch, metric: Metric,

@@ -733,8 +733,9 @@ def test_edge_settings_that_are_refused(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.numerics
 def test_eap_ig_inputs_equals_the_reference_along_the_input_path():
-    """--edges --method ig: the gradient at inputs between the corrupted and the clean embeddings (midpoints),
-    averaged, against the clean-to-corrupted changes; heads get the sum of their edges."""
+    """--edges --method ig: the gradient at inputs between the corrupted and the clean embeddings (midpoints of
+    the whole segment, or of its share --path-fraction next to the clean end), averaged, against the
+    clean-to-corrupted changes; heads get the sum of their edges."""
     from headscore.edges.scoring import _head_sums, _input_path
 
     lm = build("llama", 2, 4, 2, 40)
@@ -746,27 +747,44 @@ def test_eap_ig_inputs_equals_the_reference_along_the_input_path():
     with patch(lm.model) as gates:
         base = writer_outputs(lm.model, gates, rm, batch.corrupted())
         got = _input_path(lm.model, gates, rm, batch, base, NLL, steps)
+        partial = _input_path(lm.model, gates, rm, batch, base, NLL, 2, 0.2)  # the share 0.2 next to the clean end
         atp = edge_attributions(lm.model, gates, rm, batch, base)[1]
     up, _ = node_keys(graph)
-    for row in range(3):
+
+    def along(row: int, alphas) -> torch.Tensor:
+        """The reference's mean edge scores at inputs corrupted + alpha (clean - corrupted)."""
         ids, target, _, clean_writes = reference_row(lm.model, batch, row)
         corrupt_writes = reference(lm.model, batch.corrupt_ids[row, :ids.shape[0]], target)[1]
         changes = {k: (corrupt_writes[k] - clean_writes[k]).detach() for k in up}
-        want = sum(reference_scores(lm.model, ids, target, changes, graph, corrupt_writes["emb"] + (k + 0.5) / steps
-                                    * (clean_writes["emb"] - corrupt_writes["emb"])) for k in range(steps)) / steps
-        scale = float(want.abs().max())
-        assert torch.allclose(got[row], want, rtol=1e-9, atol=1e-9 * scale), float((got[row] - want).abs().max())
-        assert not torch.allclose(atp[row], want, rtol=1e-3, atol=1e-3 * scale)  # the path changes the scores
+        return sum(reference_scores(lm.model, ids, target, changes, graph, corrupt_writes["emb"] + alpha
+                                    * (clean_writes["emb"] - corrupt_writes["emb"])) for alpha in alphas) / len(alphas)
+
+    for row in range(3):
+        whole, near_clean = along(row, [(k + 0.5) / steps for k in range(steps)]), along(row, (0.95, 0.85))
+        for values, want in ((got, whole), (partial, near_clean)):
+            scale = float(want.abs().max())
+            worst = float((values[row] - want).abs().max())
+            assert torch.allclose(values[row], want, rtol=1e-9, atol=1e-9 * scale), worst
+        scale = float(whole.abs().max())
+        assert not torch.allclose(atp[row], whole, rtol=1e-3, atol=1e-3 * scale)  # the path changes the scores
+        assert not torch.allclose(near_clean, whole, rtol=1e-3, atol=1e-3 * scale)  # and so does its length
     sums = _head_sums(rm, got)
     assert float(sums[1, 1, 2]) == pytest.approx(float(got[1, graph.head_index(1, 2)].sum()), rel=1e-12)
     scores = headscore.score(lm, examples, method="ig", steps=steps, baseline="corrupt", edges=True, progress=False)
     assert scores.method == "ig-inputs-corrupt" and scores.extra["steps"] == steps
+    assert scores.extra["path_fraction"] == 1.0  # the input path's default: the whole segment
+    short = headscore.score(lm, examples, method="ig", steps=2, path_fraction=0.2, baseline="corrupt", edges=True,
+                            batch_size=3, progress=False)
+    assert short.extra["path_fraction"] == 0.2
+    order = torch.argsort(batch.example_index)
+    kept = short.edge_maps.example_values.double().nan_to_num(0.0)  # float32, in the examples' order
+    scale = float(partial.abs().max())
+    assert torch.allclose(kept, partial[order], rtol=1e-6, atol=1e-6 * scale)
     one = headscore.score(lm, examples, method="ig", steps=1, baseline="corrupt", edges=True, batch_size=3,
                           progress=False)
     with patch(lm.model) as gates:  # one step: the path's midpoint, not the clean run
         midpoint = _input_path(lm.model, gates, rm, batch, base, NLL, 1)
-    kept = one.edge_maps.example_values.double().nan_to_num(0.0)  # float32, in the examples' order
-    order = torch.argsort(batch.example_index)
+    kept = one.edge_maps.example_values.double().nan_to_num(0.0)
     midpoint, atp = midpoint[order], atp[order]
     scale = float(midpoint.abs().max())
     assert torch.allclose(kept, midpoint, rtol=1e-6, atol=1e-6 * scale)

@@ -51,10 +51,11 @@ def examples():
     return random_examples(6)
 
 
-@pytest.mark.parametrize(("steps", "fraction"), [(1, 1.0), (3, 0.2), (4, 1.0)])
+@pytest.mark.parametrize(("steps", "fraction"), [(1, 1.0), (3, 0.2), (4, 1.0), (2, None)])
 def test_ig_is_the_mean_gradient_along_the_gate_path(lm, examples, steps, fraction):
     scores = headscore.score(lm, examples, method="ig", steps=steps, path_fraction=fraction, batch_size=4,
                              progress=False)
+    fraction = 0.2 if fraction is None else fraction  # the gate path's default
     points = [1 - fraction * (k + 0.5) / steps for k in range(steps)]
     ref = torch.stack([-torch.stack([reference(lm, ex, torch.full((LAYERS, HEADS), a, dtype=torch.float64))[1]
                                      for a in points]).mean(0) for ex in examples])
@@ -166,6 +167,28 @@ def test_verify_with_corrupt_baseline_equals_patching(budget, monkeypatch):
     truth = headscore.ablate(lm, examples, baseline="corrupt", batch_size=2, progress=False)
     torch.testing.assert_close(verified.values[verified.exact], truth.values[verified.exact], rtol=1e-9,
                                atol=1e-12)
+
+
+def test_kept_baselines_count_each_kept_tensor_once(lm, examples):
+    """The budget's account: a batch kept twice counts once; one handed out, or found to be of another shape
+    (then run again), no longer counts."""
+    from headscore.methods.verify import KeptBaselines
+
+    batch = next(iter(headscore.prepare(lm, examples).batches(3, progress=False)))
+    base = torch.zeros(LAYERS, batch.size, batch.input_ids.shape[1], HEADS, 8)
+    nbytes = base.numel() * base.element_size()
+    kept = KeptBaselines(budget=2 * nbytes)
+    kept.keep(batch, base)
+    kept.keep(batch, base.clone())
+    assert kept.size == nbytes
+    ran = []
+    assert kept.get(batch, lambda b: ran.append(b)) is not None and not ran and kept.size == 0
+    kept.keep(batch, base[:, :, :-1])  # a baseline of other width: not this batch's
+    assert kept.get(batch, lambda b: ran.append(b)) is None and ran == [batch] and kept.size == 0
+    assert not kept.kept
+    small = KeptBaselines(budget=nbytes - 1)
+    small.keep(batch, base)  # over the budget: not kept
+    assert small.size == 0 and not small.kept
 
 
 def test_verify_without_prefix_reuse_runs_every_layer_and_agrees(lm, examples, monkeypatch):

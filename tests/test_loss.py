@@ -5,7 +5,7 @@ import torch
 from tiny import random_examples, tiny_model
 
 import headscore
-from headscore.loss import example_losses, losses_from_logits, target_positions
+from headscore.loss import _vocabulary_checked, example_losses, losses_from_logits, target_positions
 
 pytestmark = pytest.mark.numerics
 
@@ -149,7 +149,7 @@ def test_model_whose_logits_need_every_token_is_not_trusted(change, subset_spy):
     batch = _counterfactual_batch(lm)
     metric = headscore.loss.resolve_metric("logit-diff")
     assert trusted_vocabulary(model, metric, batch) is None
-    assert not getattr(model, "_headscore_vocabulary_only", False)
+    assert not _vocabulary_checked(model)
     subset_spy.clear()
     with torch.no_grad():
         got = example_losses(model, batch, metric)
@@ -157,21 +157,35 @@ def test_model_whose_logits_need_every_token_is_not_trusted(change, subset_spy):
     torch.testing.assert_close(got, _reference_logit_diff(model, batch), rtol=1e-12, atol=1e-12)
 
 
-def test_head_wrapped_after_the_check_gets_every_logit(subset_spy):
-    """A head hooked after the model passed the check: the passes compute every logit again (no error)."""
+def _softmax_logits(out):
+    out.logits = torch.softmax(out.logits, -1)
+    return out
+
+
+@pytest.mark.parametrize("change", ["head hooked", "forward wrapped", "model hooked"])
+def test_model_changed_after_the_check_gets_every_logit(change, subset_spy):
+    """A model changed after it passed the check (its head hooked, or its logits renormalised by a wrapper of
+    its forward or by a forward hook): the passes compute every logit again, with no error."""
     from headscore.loss import trusted_vocabulary
 
     lm = tiny_model("llama", dtype=torch.float64)
+    model = lm.model
     batch = _counterfactual_batch(lm)
     metric = headscore.loss.resolve_metric("logit-diff")
-    assert trusted_vocabulary(lm.model, metric, batch) is not None
-    lm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: out)
-    assert trusted_vocabulary(lm.model, metric, batch) is None
+    assert trusted_vocabulary(model, metric, batch) is not None
+    if change == "head hooked":
+        model.get_output_embeddings().register_forward_hook(lambda m, a, out: out)
+    elif change == "forward wrapped":
+        forward = model.forward
+        model.forward = lambda *args, **kwargs: _softmax_logits(forward(*args, **kwargs))
+    else:
+        model.register_forward_hook(lambda m, a, out: _softmax_logits(out))
+    assert trusted_vocabulary(model, metric, batch) is None
     subset_spy.clear()
     with torch.no_grad():
-        got = example_losses(lm.model, batch, metric)
+        got = example_losses(model, batch, metric)
     assert subset_spy == [False]
-    torch.testing.assert_close(got, _reference_logit_diff(lm.model, batch), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, _reference_logit_diff(model, batch), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("metric", ["nll", "prob"])
@@ -180,3 +194,82 @@ def test_metrics_over_the_whole_vocabulary_read_every_logit(metric):
 
     lm = tiny_model("llama", layers=1)
     assert read_vocabulary(headscore.loss.resolve_metric(metric), _counterfactual_batch(lm)) is None
+
+
+@pytest.mark.parametrize(("token", "value"), [("first", float("-inf")), ("last", "lowest")])
+def test_model_that_masks_tokens_by_id_after_its_head_is_not_trusted(token, value, subset_spy):
+    """A family that sets some tokens' logits by id after its head (as Chameleon suppresses its image tokens):
+    with two logits the id points elsewhere or nowhere, so the two-logit pass fails or differs; the check says
+    no, without an error, and the losses come from every logit (the masked token is never the metric's)."""
+    from headscore.loss import read_vocabulary, trusted_vocabulary
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    model = lm.model
+    masked = 0 if token == "first" else model.config.vocab_size - 1
+    fill = torch.finfo(torch.float64).min if value == "lowest" else value
+    forward = model.forward
+
+    def masking(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits[..., masked] = fill
+        return out
+
+    model.forward = masking
+    batch = _counterfactual_batch(lm)
+    metric = headscore.loss.resolve_metric("logit-diff")
+    assert masked not in read_vocabulary(metric, batch).tolist()
+    assert trusted_vocabulary(model, metric, batch) is None
+    assert _vocabulary_checked(model) is False
+    subset_spy.clear()
+    with torch.no_grad():
+        got = example_losses(model, batch, metric)
+    assert subset_spy == [False]
+    torch.testing.assert_close(got, _reference_logit_diff(model, batch), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("dtype", "trusted"), [(torch.bfloat16, True), (torch.float32, False)])
+def test_check_allows_the_rounding_of_the_models_own_precision(dtype, trusted):
+    """The two ways may round apart by the head's products in the model's precision: a bfloat16 model is allowed
+    5e-2 (1 + |loss|), a float32 one 1e-3 (1 + |loss|), though logit-diff losses are float32 for both. Here the
+    two-logit pass is made to give each target's logit 0.03 less: inside the first bound, outside the second."""
+    from headscore.loss import _builtin_losses, read_vocabulary, trusted_vocabulary
+
+    lm = tiny_model("llama", dtype=dtype)
+    model = lm.model
+    batch = _counterfactual_batch(lm)
+    metric = headscore.loss.resolve_metric("logit-diff")
+    vocabulary = read_vocabulary(metric, batch)
+    column = torch.searchsorted(vocabulary, target_positions(batch)[1][:, 0].contiguous())  # each row's target
+    forward = model.forward
+
+    def apart(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if out.logits.shape[-1] == len(vocabulary):
+            lower = torch.arange(len(vocabulary))[None, None] == column[:, None, None]
+            out.logits = out.logits - 0.03 * lower.to(out.logits.dtype)
+        return out
+
+    model.forward = apart
+    with torch.no_grad():
+        full = _builtin_losses(model, batch, metric, None)
+        two = _builtin_losses(model, batch, metric, vocabulary)
+    gap, size = (two - full).abs(), 1 + full.abs()
+    assert bool((gap > 1e-3 * size).any()) and bool((gap <= 5e-2 * size).all())
+    assert (trusted_vocabulary(model, metric, batch) is not None) is trusted
+
+
+@pytest.mark.parametrize("mode", ["naive", "batched"])
+def test_first_clean_pass_reads_the_logits_the_changed_passes_read(mode, subset_spy):
+    """On a model's first run the clean losses come from the same logits as the changed ones (the check runs
+    before the clean pass), so a change of nothing changes the loss by exactly 0."""
+    from test_counterfactual import counterfactual_examples
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = counterfactual_examples(6, seed=4)
+    result = headscore.ablate_heads(lm, examples, [(0, 0)], gate=1.0, metric="logit-diff", batch_size=6,
+                                    progress=False)
+    assert subset_spy == [False, True, True, True]  # the check (every logit, then two), clean, changed
+    assert all(effect.delta == 0.0 for effect in result.values())
+    subset_spy.clear()
+    headscore.ablate(lm, examples, metric="logit-diff", batch_size=6, mode=mode, progress=False)
+    assert subset_spy and all(subset_spy)  # checked once per model: every pass of the next run reads two

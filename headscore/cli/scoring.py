@@ -48,10 +48,12 @@ def register(sub) -> dict[str, Callable]:
                    help="gradient scorer, or 'probe' (the CogQA study's probe; needs 2+ tasks)")
     _add_counterfactual_args(s, None)
     s.add_argument("--steps", type=at_least(1), default=DEFAULT_IG_STEPS,
-                   help=f"ig: points along the gate path, one forward + backward each (default {DEFAULT_IG_STEPS})")
-    s.add_argument("--path-fraction", type=finite_float, default=DEFAULT_IG_FRACTION, metavar="F",
+                   help=f"ig: points along the path, one forward + backward each (default {DEFAULT_IG_STEPS})")
+    s.add_argument("--path-fraction", type=finite_float, default=None, metavar="F",
                    help="ig: the path runs from every gate at 1 to 1 - F (1 = all the way to the baseline; "
-                        f"default {DEFAULT_IG_FRACTION}, the best measured: docs/fidelity.md)")
+                        f"default {DEFAULT_IG_FRACTION}, the best measured: docs/fidelity.md); with --edges, the "
+                        "input moves from the clean prompt's embeddings the share F of the way to the corrupted "
+                        "one's (default 1, EAP-IG-inputs)")
     s.add_argument("--verify", type=at_least(1), nargs="?", const=True, default=None, metavar="K",
                    help="then measure exactly (ablation; patching with --baseline corrupt) the K heads per task "
                         "with the largest |score| and K flagged ones the estimate may underrate; their values "
@@ -138,7 +140,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise HeadscoreError("--method probe supports neither --distributed nor checkpoints")
     if args.method == "probe" and (args.baseline or args.metric != "nll" or args.per_position or args.verify):
         raise HeadscoreError("--method probe takes no --baseline, --metric, --per-position or --verify")
-    if not 0 < args.path_fraction <= 1:
+    if args.path_fraction is not None and not 0 < args.path_fraction <= 1:
         raise HeadscoreError(f"--path-fraction must be in (0, 1], got {args.path_fraction}")
     if args.verify is not None and args.method in ("abs", "fisher"):
         raise HeadscoreError(f"--verify replaces estimates by exact ablation values; --method {args.method} has no "

@@ -33,14 +33,15 @@ def edge_baseline(baseline: object, method: str) -> str:
 
 
 def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, meaning: str, batch_size: int,
-                progress: bool, steps: int | None = None) -> HeadScores:
+                progress: bool, steps: int | None = None, fraction: float = 1.0) -> HeadScores:
     """Head scores (``name``: taylor, atp-mean, atp-corrupt) with the edge scores of every task attached
     (:class:`~headscore.edge_maps.EdgeMaps`); UnsupportedModelError for a family edges cannot decompose.
 
     ``steps`` (baseline ``corrupt``; None: attribution patching at the clean run): EAP-IG-inputs, the gradients
     averaged over ``steps`` runs whose input embeddings lie between the corrupted and the clean prompt's
-    (midpoints of equal pieces), the changes the clean and corrupted runs' own; a head's value is then the sum
-    of its edge scores (the same quantity for the node)."""
+    (midpoints of equal pieces of the share ``fraction`` of the segment next to the clean end; 1: all of it, as
+    published), the changes the clean and corrupted runs' own; a head's value is then the sum of its edge scores
+    (the same quantity for the node)."""
     if prep.labelled:
         raise HeadscoreError("edges are scored for a causal LM's target tokens; a sequence classifier's labelled "
                              "examples are not supported")
@@ -61,14 +62,14 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
                 _, scores, grad = edge_attributions(model, heads, rm, batch, base, metric=metric)
                 acc.add(batch.task_index, -grad, batch.example_index)  # taylor's value: the node score
             else:
-                scores = _input_path(model, heads, rm, batch, base, metric, steps)
+                scores = _input_path(model, heads, rm, batch, base, metric, steps, fraction)
                 acc.add(batch.task_index, _head_sums(rm, scores), batch.example_index)
             edge_acc.add(batch.task_index, scores, batch.example_index)
     seconds = time.perf_counter() - start
     result = prep.result(acc, name, seconds=seconds, batch_size=batch_size, metric=metric.name,
                          metric_meaning=meaning, baseline=baseline, edges=graph.num_edges,
                          passes_per_batch=1 if steps is None else steps,
-                         **({} if steps is None else {"steps": steps, "path": "inputs"}))
+                         **({} if steps is None else {"steps": steps, "path": "inputs", "path_fraction": fraction}))
     missing = ~graph.allowed
     kept = edge_acc.examples
     example_values = None
@@ -79,13 +80,15 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
     return dataclasses.replace(result, edge_maps=maps)
 
 
-def _input_path(model, heads, rm, batch, base: WriterOutputs, metric: Metric, steps: int) -> torch.Tensor:
+def _input_path(model, heads, rm, batch, base: WriterOutputs, metric: Metric, steps: int,
+                fraction: float = 1.0) -> torch.Tensor:
     """EAP-IG-inputs edge scores [B, U, V]: the mean over ``steps`` inputs on the segment from the corrupted
-    to the clean input embeddings of the gradient, against the clean-to-corrupted changes."""
+    to the clean input embeddings (its share ``fraction`` next to the clean end) of the gradient, against the
+    clean-to-corrupted changes."""
     clean = writer_outputs(model, heads, rm, batch)
     total = None
     for k in range(steps):
-        alpha = (k + 0.5) / steps  # 0 = the corrupted input, 1 = the clean one
+        alpha = 1.0 - fraction * (k + 0.5) / steps  # 0 = the corrupted input, 1 = the clean one
         point = base.emb + alpha * (clean.emb - base.emb)
         _, scores, _ = edge_attributions(model, heads, rm, batch, base, metric=metric, clean=clean, first_input=point)
         total = scores if total is None else total + scores

@@ -245,6 +245,8 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
 
 @torch.no_grad()
 def clean_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, metric: Metric = NLL) -> torch.Tensor:
-    """Loss of every example with all heads on: [B]."""
+    """Loss of every example with all heads on: [B] (from the same logits as the changed passes' losses:
+    :func:`headscore.loss.trusted_vocabulary` is asked first)."""
+    trusted_vocabulary(model, metric, batch)
     with heads.using(None, None):
         return example_losses(model, batch, metric).cpu().double()

@@ -116,6 +116,7 @@ class KeptBaselines:
         """Keep ``batch``'s baseline if it is per batch and fits the budget."""
         if baseline is None or baseline.dim() != 5:
             return
+        self._drop(self._key(batch))
         size = baseline.numel() * baseline.element_size()
         if self.size + size <= self.budget:
             self.kept[self._key(batch)] = baseline
@@ -123,10 +124,14 @@ class KeptBaselines:
 
     def get(self, batch: Batch, compute: Callable[[Batch], torch.Tensor | None]) -> torch.Tensor | None:
         """The kept baseline of a batch of the same examples in the same order, else ``compute(batch)``."""
-        kept = self.kept.pop(self._key(batch), None)
-        if kept is None or kept.shape[1:3] != batch.input_ids.shape:
-            return compute(batch)
-        self.size -= kept.numel() * kept.element_size()
+        kept = self._drop(self._key(batch))
+        return kept if kept is not None and kept.shape[1:3] == batch.input_ids.shape else compute(batch)
+
+    def _drop(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        """Let go of a kept baseline (returned, or None if none was kept)."""
+        kept = self.kept.pop(key, None)
+        if kept is not None:
+            self.size -= kept.numel() * kept.element_size()
         return kept
 
 
