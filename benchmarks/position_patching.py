@@ -77,7 +77,7 @@ class BatchRun:
         self.check = False
         if self.patcher is None:
             self.patcher = PositionPatcher(*self.args, metric=self.metric, replay=self.mode == "prefix")
-        return fast_position_deltas(self.patcher, self.clean, max_rows=self.rows, positions=[position])
+        return fast_position_deltas(self.patcher, max_rows=self.rows, positions=[position])
 
     def interleaved(self) -> tuple[dict, dict, dict]:
         """(values [B, L, T, H], wall seconds, CPU seconds) of each path; the next piece always goes to the path

@@ -8,6 +8,9 @@ same script times an earlier commit too:
 
     python benchmarks/verify_cost.py --threads 2 --fidelity benchmarks/results/fidelity/fidelity.json
     PYTHONPATH=/path/to/older/checkout python benchmarks/verify_cost.py --threads 2 ...
+
+``--verify 7,14,28,41`` times several K instead of the default (5% of the heads) and, beside the cost, gives each
+verified map's top-20 recall and Spearman with the exact map: how recall and cost trade against each other.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import headscore
 import headscore.api as api
 import headscore.methods.verify as verify
+from headscore.results import HeadScores
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fidelity  # noqa: E402  (the benchmark beside this one)
@@ -58,7 +63,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--fidelity", type=Path, default=None, help="fidelity.json with the exact runs' seconds")
+    p.add_argument("--verify", default="5%",
+                   help="comma-separated K values to time (heads per task verified, plus as many flagged; "
+                        "5%% = the default K); with --fidelity, each K's map is also compared with the exact map "
+                        "beside that file (<setting>.exact.hs): top-20 recall and Spearman")
     args = p.parse_args()
+    ks = [True if k == "5%" else int(k) for k in args.verify.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     exact = {}
@@ -76,15 +86,27 @@ def main() -> None:
         common = {"batch_size": args.batch_size, "metric": spec["metric"], "baseline": spec["baseline"],
                   "progress": False}
         headscore.score(lm, examples[:args.batch_size], **common)  # warm-up
-        for label, kw in (("taylor", {}), ("taylor + verify", {"verify": True})):
+        truth = None
+        if args.fidelity is not None and (args.fidelity.parent / f"{setting}.exact.hs").exists():
+            truth = HeadScores.load(args.fidelity.parent / f"{setting}.exact.hs")
+        runs = [("taylor", {})] + [(f"taylor + verify {'5%' if k is True else k}", {"verify": k}) for k in ks]
+        for label, kw in runs:
             seconds.clear()
             calls.clear()
             start = time.perf_counter()
-            headscore.score(lm, examples, **common, **kw)
+            result = headscore.score(lm, examples, **common, **kw)
             wall = time.perf_counter() - start
             share = f", {wall / exact[setting]:.1%} of exact ({exact[setting]:.1f} s)" if setting in exact else ""
             parts = ", ".join(f"{name} {seconds[name]:.2f} s ({calls[name]})" for name in seconds)
-            print(f"[{setting}] {label}: {wall:.2f} s{share}; {parts}", flush=True)
+            agreement = ""
+            if truth is not None:
+                tasks = fidelity.per_task(result, truth).values()
+                agreement = (f"; top-20 recall {np.mean([t['recall20'] for t in tasks]):.2f} "
+                             f"(min {min(t['recall20'] for t in tasks):.2f}), Spearman "
+                             f"{np.mean([t['spearman'] for t in tasks]):.3f}")
+                if getattr(result, "exact", None) is not None:
+                    agreement += f", {float(result.exact.sum(dim=(1, 2)).double().mean()):.0f} exact heads per task"
+            print(f"[{setting}] {label}: {wall:.2f} s{share}{agreement}; {parts}", flush=True)
 
 
 if __name__ == "__main__":

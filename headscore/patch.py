@@ -148,6 +148,8 @@ class HeadGates:
     observers: list[Observer] = field(default_factory=list)
     gradient_observers: list[GradientObserver] = field(default_factory=list)
     kernel_calls: int = 0
+    kernel_off: bool = False
+    """While True (:meth:`without_kernel`), every call runs the model's own attention, wrapped."""
 
     def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False,
              dtype: torch.dtype = torch.float32, positions: int | None = None) -> torch.Tensor:
@@ -166,6 +168,17 @@ class HeadGates:
             yield
         finally:
             self.gates, self.baseline = previous
+
+    @contextlib.contextmanager
+    def without_kernel(self) -> Iterator[None]:
+        """Run the model's own attention (wrapped) even where the fused kernel could serve the call: for passes
+        whose losses are compared with passes the kernel does not serve (cached tokens, observed runs), so
+        that both round alike."""
+        previous, self.kernel_off = self.kernel_off, True
+        try:
+            yield
+        finally:
+            self.kernel_off = previous
 
     def observing(self, observer: Observer) -> contextlib.AbstractContextManager[None]:
         """Temporarily add an observer of the pre-gate head outputs."""
@@ -265,7 +278,7 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     inner = compat.attention_function(original)
 
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if not args and state.layout.uniform:  # the kernel takes one head count and width for every layer
+        if not args and state.layout.uniform and not state.kernel_off:  # one head count and width for every layer
             out = dispatch.fused_gated_attention(module, query, key, value, attention_mask, gates=state.gates,
                                                  baseline=state.baseline, wanted=kernel,
                                                  observed=bool(state.observers or state.gradient_observers), **kwargs)

@@ -806,3 +806,14 @@ def test_gemma2_is_read_as_a_sandwich_and_its_stream_decomposes():
     node = scores[:, rm.graph.head_index(1, 0):rm.graph.head_index(1, 0) + 4].sum(-1)
     # float32 softmax: ~1e-7 of the largest value
     assert torch.allclose(node, -grad[:, 1], rtol=1e-6, atol=1e-6 * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize("edge", [(-1, -1), (0, -1), (10**6, 0), (0, 10**6)])
+def test_an_edge_outside_the_graph_is_refused(edge):
+    """An index past either end (negative ones included, which a tensor would read from the end) names no edge:
+    ValueError, not a silent 0."""
+    lm = build("llama", 2, 4, 2, 40)
+    rm = residual_model(lm.model)
+    batch = next(iter(prepare(lm, random_examples(2, seed=1)).batches(2, progress=False)))
+    with patch(lm.model) as gates, pytest.raises(ValueError, match="outside the graph"):
+        edge_patched_losses(lm.model, gates, rm, batch, [edge], writer_outputs(lm.model, gates, rm, batch))

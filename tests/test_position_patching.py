@@ -185,3 +185,94 @@ def test_ablate_per_position_counts_cells(capsys):
     torch.testing.assert_close(fast.position_values, plain.position_values, rtol=0, atol=ATOL)
     torch.testing.assert_close(fast.values, plain.values, rtol=0, atol=ATOL)
     assert "cell" in capsys.readouterr().err
+
+
+def _configured(family: str, **extra):
+    """A tiny float64 model of ``family`` (Mistral, Phi3) with config fields of the test's own."""
+    import transformers
+    from tiny import VOCAB, ByteTokenizer
+
+    from headscore.models import LoadedModel
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+        tie_word_embeddings=False, **extra)
+    torch.manual_seed(5)
+    model = getattr(transformers, f"{family}ForCausalLM")._from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return LoadedModel(model.double().eval(), ByteTokenizer(), f"tiny-{family.lower()}")
+
+
+def test_sliding_window_shorter_than_the_batch():
+    """A sliding-window model whose window (4 tokens) is shorter than the batches: the clean run's cache keeps
+    every token anyway (the window comes from the mask), so the fast path serves every batch, the longer later
+    ones included, and equals the plain path."""
+    lm = _configured("Mistral", sliding_window=4, max_position_embeddings=256)
+    examples = counterfactual_examples(5, seed=3)
+    runs = _deltas(lm, examples, "corrupt", "nll", batch_size=2, max_rows=16)
+    assert all(b.input_ids.shape[1] > 4 for b, *_ in runs) and len({b.input_ids.shape[1] for b, *_ in runs}) > 1
+    for _, fast, plain, _ in runs:
+        assert plain.abs().max() > 1e-3
+        torch.testing.assert_close(fast, plain, rtol=0, atol=ATOL)
+    kw = dict(baseline="corrupt", metric="nll", per_position=True, batch_size=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*plain path.*")
+        fast = headscore.ablate(lm, examples, **kw)
+    plain = headscore.ablate(lm, examples, mode="naive", **kw)
+    torch.testing.assert_close(fast.position_values, plain.position_values, rtol=0, atol=ATOL)
+
+
+def test_rope_that_depends_on_the_pass_length_takes_the_plain_path():
+    """Phi-3's longrope picks its factors from each pass's length, so a pass of the late tokens over cached keys
+    would rotate them otherwise than the full pass: per-position patching warns and takes the plain path, whose
+    numbers it gives."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "short_factor": [1.0] * 4, "long_factor": [3.0] * 4, "original_max_position_embeddings": 8}
+    lm = _configured("Phi3", max_position_embeddings=64, original_max_position_embeddings=8, rope_parameters=rope)
+    examples = counterfactual_examples(4, seed=6)
+    kw = dict(baseline="corrupt", metric="logit-diff", per_position=True, batch_size=2, progress=False)
+    plain = headscore.ablate(lm, examples, mode="naive", **kw)
+    with pytest.warns(UserWarning, match=r"RoPE \(longrope\).*plain path"):
+        got = headscore.ablate(lm, examples, **kw)
+    torch.testing.assert_close(got.position_values, plain.position_values, rtol=0, atol=ATOL)
+
+
+def test_a_gate_value_that_float32_rounds_is_kept_exact():
+    """Cells set to 0.1 (not a float32 number): in a float64 model both paths run the gate at 0.1 itself."""
+    lm = _model("llama")
+    prep = headscore.prepare(lm, counterfactual_examples(3, seed=2))
+    metric = resolve_metric("nll")
+    with patch(lm.model) as heads:
+        batch = next(iter(prep.batches(3, progress=False)))
+        clean = clean_losses(lm.model, heads, batch, metric)
+        fast = pp.position_deltas(lm.model, heads, batch, clean, metric=metric, value=0.1)
+        plain = pp.position_deltas(lm.model, heads, batch, clean, metric=metric, mode="naive", value=0.1)
+    assert plain.abs().max() > 1e-3
+    torch.testing.assert_close(fast, plain, rtol=0, atol=ATOL)
+
+
+def test_a_later_batch_the_fast_path_cannot_serve_takes_the_plain_path(monkeypatch):
+    """The check runs on the first batch; a later batch whose clean run the fast path cannot take (here: any
+    batch wider than the first) goes the plain way with a warning, and the numbers are the plain path's."""
+    lm = _model("llama")
+    examples = counterfactual_examples(5, seed=3)
+    kw = dict(baseline="corrupt", metric="nll", per_position=True, batch_size=2, progress=False)
+    plain = headscore.ablate(lm, examples, mode="naive", **kw)
+    widths = []
+    record = pp.PositionPatcher._record
+
+    def picky(self):
+        widths.append(self.batch.input_ids.shape[1])
+        if widths[-1] > widths[0]:
+            raise RuntimeError("too wide")
+        return record(self)
+
+    monkeypatch.setattr(pp.PositionPatcher, "_record", picky)
+    with pytest.warns(UserWarning, match="failed on a batch of .* tokens .too wide.; that batch takes the plain"):
+        got = headscore.ablate(lm, examples, **kw)
+    assert len(set(widths)) > 1
+    torch.testing.assert_close(got.position_values, plain.position_values, rtol=0, atol=ATOL)

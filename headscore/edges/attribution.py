@@ -58,10 +58,13 @@ class WriterOutputs:
 
 @contextlib.contextmanager
 def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False,
-                      first_input: torch.Tensor | None = None) -> Iterator[WriterOutputs]:
+                      first_input: torch.Tensor | None = None, ungated: bool = False) -> Iterator[WriterOutputs]:
     """Record every upstream node's output (detached) in the forward passes inside the block; ``leaf``
     makes the first layer's input a leaf that requires grad, so a backward reaches every reader;
-    ``first_input`` replaces what the first layer receives (an interpolated input)."""
+    ``first_input`` replaces what the first layer receives (an interpolated input). ``ungated``: the passes
+    run with no gate set, so the heads' outputs are read off the output projection's input instead of
+    through an observer, and the fused kernel, which declines observed calls, serves these passes as it serves
+    the unobserved ones they are compared with."""
     num_layers = rm.graph.num_layers
     out = WriterOutputs(None, [None] * num_layers, [None] * num_layers)
 
@@ -85,8 +88,15 @@ def recording_writers(rm: ResidualModel, heads: HeadGates, *, leaf: bool = False
             out.attn_raw = out.attn_raw or [None] * num_layers
             handles.append(lm.o_proj.register_forward_hook(
                 lambda module, args, o, i=i: out.attn_raw.__setitem__(i, module_output(o).detach())))
+        if ungated:
+            shape = tuple(lm.o_weight.shape[1:])  # (heads, head_dim): the projection's input [B, T, H * D]
+
+            def heads_in(module, args, i=i, shape=shape):
+                out.heads[i] = args[0].detach().unflatten(-1, shape)
+
+            handles.append(lm.o_proj.register_forward_pre_hook(heads_in))
     try:
-        with heads.observing(observe):
+        with contextlib.nullcontext() if ungated else heads.observing(observe):
             yield out
     finally:
         for h in handles:

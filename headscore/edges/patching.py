@@ -150,6 +150,10 @@ def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
     reader are not run again. ``on_pass(n)`` is called after each forward pass of n edges.
     """
     allowed = rm.graph.allowed
+    outside = [e for e in edges if not (0 <= e[0] < allowed.shape[0] and 0 <= e[1] < allowed.shape[1])]
+    if outside:
+        raise ValueError(f"edge {tuple(outside[0])} is outside the graph's {allowed.shape[0]} upstream x "
+                         f"{allowed.shape[1]} downstream nodes")
     bad = [e for e in edges if not bool(allowed[e[0], e[1]])]
     if bad:
         u, v = bad[0]
@@ -159,7 +163,7 @@ def edge_patched_losses(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
     trusted_vocabulary(model, metric, batch)  # the passes compute only the logits the metric reads
     replay = PrefixReplay([lm.block for lm in rm.layers]) if prefix else None
     with replay.recording() if replay is not None else contextlib.nullcontext(), \
-            recording_writers(rm, heads) as clean, heads.using(None, None):
+            recording_writers(rm, heads, ungated=True) as clean, heads.using(None, None):
         before = example_losses(model, batch, metric).to(torch.float64).cpu()
     delta = baseline.minus(clean)
     depth = torch.tensor([reader_depth(rm, v) if prefix else 0 for _, v in edges], dtype=torch.long)

@@ -48,11 +48,13 @@ def head_set_gates(heads_to_change: list[tuple[int, int]], num_layers: int, num_
     return row
 
 
-def position_gates(layer: int, num_layers: int, num_heads: int, positions: int, value: float = 0.0) -> torch.Tensor:
+def position_gates(layer: int, num_layers: int, num_heads: int, positions: int, value: float = 0.0,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-position gate rows [H * T, L, T, H] for one layer: row h * T + t is all ones except ``value`` at
-    (``layer``, t, h), i.e. head h changed at token t only."""
+    (``layer``, t, h), i.e. head h changed at token t only (``dtype``: the passes' gate dtype, float64 for a
+    float64 model, so that a ``value`` such as 0.1 is not rounded to float32's on the way)."""
     n = num_heads * positions
-    rows = torch.ones(n, num_layers, positions, num_heads, dtype=torch.float32)
+    rows = torch.ones(n, num_layers, positions, num_heads, dtype=dtype)
     h = torch.arange(n) // positions
     t = torch.arange(n) % positions
     rows[torch.arange(n), layer, t, h] = value

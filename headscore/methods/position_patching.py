@@ -82,8 +82,9 @@ def plain_position_deltas(model: torch.nn.Module, heads: HeadGates, batch: Batch
         if on_cells is not None:
             on_cells(n * batch.size)
 
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)  # the gates' dtype in the passes
     for layer in range(layout.num_layers) if layers is None else layers:
-        rows = position_gates(layer, layout.num_layers, layout.num_heads, width, value)
+        rows = position_gates(layer, layout.num_layers, layout.num_heads, width, value, dtype=dtype)
         delta = gated_losses(model, heads, batch, rows, baseline, mode=mode, max_rows=max_rows, metric=metric,
                              on_pass=done) - clean.cpu().double()[None]
         out[:, layer] = delta.T.reshape(batch.size, layout.num_heads, width).transpose(1, 2)
@@ -95,6 +96,32 @@ def _cache_keyword(model: torch.nn.Module) -> str | None:
     that ``past_key_values``), or None."""
     params = inspect.signature(model.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _every_token_cache(data: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A KV cache that keeps every token in every layer (no config: a sliding-window layer's cache would keep
+    only its window, and the passes need the clean keys and values of every token before theirs; the window
+    itself comes from the model's attention mask)."""
+    from transformers import DynamicCache
+
+    return DynamicCache() if data is None else DynamicCache(data)
+
+
+def _length_dependent_rope(config) -> str | None:
+    """The RoPE type of ``config`` if its frequencies depend on each pass's sequence length (``longrope``
+    switches factors past a length, ``dynamic`` rescales), else None: a pass of tokens p .. E-1 over cached
+    keys of the whole batch would rotate them otherwise than the full pass."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = []
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        if isinstance(value, dict):
+            found += [value, *(v for v in value.values() if isinstance(v, dict))]
+    for params in found:
+        kind = params.get("rope_type", params.get("type"))
+        if kind in ("longrope", "dynamic"):
+            return kind
+    return None
 
 
 def _window(output, rows: torch.Tensor, start: int, end: int, size: int, width: int):
@@ -123,6 +150,8 @@ class CleanRun:
             metric (V: the tokens of ``PositionPatcher.vocabulary`` where that is set), at every position
             [B, T, V] for a user's one.
         last_read: [B] the last token each row's metric reads (:func:`last_read_positions`).
+        losses: [B] float64, each row's loss in this run: what the cells' passes, which run the same attention
+            code, are compared with.
         unchanged: [B, L, T, H] bool, True where the head's output equals the baseline bit for bit (patching
             the cell changes nothing in that row).
     """
@@ -133,6 +162,7 @@ class CleanRun:
     logits: torch.Tensor
     last_read: torch.Tensor
     unchanged: torch.Tensor
+    losses: torch.Tensor
 
 
 @dataclass
@@ -169,6 +199,9 @@ class PositionPatcher:
         self.keyword = _cache_keyword(model)
         if self.keyword is None:
             raise RuntimeError(f"{type(model).__name__}.forward takes no KV cache")
+        rope = _length_dependent_rope(model.config)
+        if rope is not None:
+            raise RuntimeError(f"its RoPE ({rope}) takes its frequencies from each pass's length")
         self.layers = decoder_layers(model, self.layout.num_layers) if replay else None
         self.dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
         self.vocabulary = trusted_vocabulary(model, metric, batch)  # the logits the metric reads, if not all
@@ -230,9 +263,15 @@ class PositionPatcher:
                 same = out == m.to(out.device, out.dtype)  # [B, T, H, D] or [H, D], broadcast
             unchanged[:, layer, :, :out.shape[-2]] = same.all(-1).cpu()
 
-        with self.heads.using(ones, self.baseline), self.heads.observing(compare), \
+        with self.heads.using(ones, self.baseline), self.heads.observing(compare), self.heads.without_kernel(), \
                 (replay.recording() if replay else contextlib.nullcontext()):
-            logits, cache = self._forward(batch.input_ids, batch.attention_mask, None, read)
+            logits, cache = self._forward(batch.input_ids, batch.attention_mask, _every_token_cache(), read)
+        if read is not None:
+            _, labels, keep = (t.to(logits.device) for t in _target_positions(batch))
+            losses = _builtin_loss(self.metric, logits, labels, keep, batch, self.vocabulary)
+        else:
+            losses = _custom_loss(self.metric, logits, batch)
+        losses = finite_losses(losses, batch.example_index, logits.dtype).cpu().double()
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != layout.num_layers:
             raise RuntimeError(f"the model's cache ({type(cache).__name__}) has no per-layer keys and values")
@@ -240,7 +279,7 @@ class PositionPatcher:
         if any(k is None or k.shape[-2] != width or v.shape[-2] != width for k, v in zip(keys, values, strict=True)):
             raise RuntimeError("the model's cache does not keep every token's keys and values")
         return CleanRun(keys, values, replay.outputs if replay is not None else None, logits,
-                        last_read_positions(batch, self.metric), unchanged)
+                        last_read_positions(batch, self.metric), unchanged, losses)
 
     def _slice(self, position: int, rows: torch.Tensor) -> _Slice:
         """What every pass at ``position`` over ``rows`` shares (kept for the next pass)."""
@@ -272,11 +311,9 @@ class PositionPatcher:
         layers a pass runs (a layer below ``depth`` does not run: its rows stay untiled, only its length is read)."""
         if position == 0:
             return None
-        from transformers import DynamicCache
-
         data = [(k, v) if i < depth else (k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1))
                 for i, (k, v) in enumerate(zip(part.keys, part.values, strict=True))]
-        return DynamicCache(data, config=self.model.config)
+        return _every_token_cache(data)
 
     def changing_cells(self, position: int, rows: torch.Tensor) -> list[tuple[int, int]]:
         """The (layer, head) cells at token ``position`` whose patch changes the model in one of ``rows`` at
@@ -310,7 +347,7 @@ class PositionPatcher:
         ids = part.batch.input_ids[:, position:part.end].repeat(n, 1)
         mask = part.batch.attention_mask[:, :part.end].repeat(n, 1)
         read = None if part.reads is None else (part.reads[0] - position).clamp(0, span - 1).repeat(n, 1)
-        with skip, self.heads.using(gates.repeat_interleave(r, 0), part.baseline):
+        with skip, self.heads.using(gates.repeat_interleave(r, 0), part.baseline), self.heads.without_kernel():
             logits, _ = self._forward(ids, mask, self._cache(part, position, n, depth), read)
         tiled = part.batch.tile(n)
         before = part.logits.to(logits.device, logits.dtype)
@@ -327,11 +364,13 @@ class PositionPatcher:
         return finite_losses(loss, tiled.example_index, logits.dtype).view(n, r).cpu().double()
 
 
-def fast_position_deltas(patcher: PositionPatcher, clean: torch.Tensor, *, max_rows: int = 64,
+def fast_position_deltas(patcher: PositionPatcher, *, max_rows: int = 64,
                          on_cells: Callable[[int], None] | None = None,
                          positions: Iterable[int] | None = None) -> torch.Tensor:
     """Every cell's change of every example's loss [B, L, T, H] with ``patcher`` (0 where the metric reads no
-    token at or after the cell's); only the cells at ``positions`` when given (0 elsewhere).
+    token at or after the cell's), against the patcher's own clean run (the same attention code as the cells'
+    passes: the model's own, wrapped, never the fused kernel, which cannot take cached tokens); only the cells at
+    ``positions`` when given (0 elsewhere).
 
     A pass holds at most about ``max_rows`` x T tokens per layer (its cache included), like a plain pass of
     ``max_rows`` rows: a pass of R rows reading up to token E - 1 takes up to max_rows x T // (R x E) cells,
@@ -341,7 +380,7 @@ def fast_position_deltas(patcher: PositionPatcher, clean: torch.Tensor, *, max_r
     width = batch.input_ids.shape[1]
     out = torch.zeros(batch.size, layout.num_layers, width, layout.num_heads, dtype=torch.float64)
     every = layout.num_layers * layout.num_heads
-    clean = clean.cpu().double()
+    clean = patcher.clean.losses
     for position in range(width) if positions is None else positions:
         rows = patcher.rows_reading(position)
         changing = patcher.changing_cells(position, rows) if len(rows) else []
@@ -368,7 +407,8 @@ def position_deltas(model: torch.nn.Module, heads: HeadGates, batch: Batch, clea
                     max_rows: int = 64, fast: bool = True, value: float = 0.0,
                     on_cells: Callable[[int], None] | None = None) -> torch.Tensor:
     """Each (layer, head, token) cell's change of every example's loss: [B, L, T, H], ``clean`` [B] the
-    loss with every head on.
+    loss with every head on (the plain path's reference; the fast path compares with its own clean run, which
+    runs the attention code its passes run).
 
     ``fast`` (for modes ``prefix`` and ``batched``; ``batched`` replays no layers) runs only the tokens and
     layers a cell can change (module docstring); else, and for mode ``naive``, one row per cell through
@@ -376,11 +416,18 @@ def position_deltas(model: torch.nn.Module, heads: HeadGates, batch: Batch, clea
     ``on_cells(n)`` is called with the number of (example, layer, head, token) cells done.
     """
     mode = check_mode(mode)
-    if not fast or mode == "naive":
+    patcher = None
+    if fast and mode != "naive":
+        try:
+            patcher = PositionPatcher(model, heads, batch, baseline, metric=metric, replay=mode == "prefix",
+                                      value=value)
+        except RuntimeError as exc:  # what the first batch's check could not see (e.g. a longer batch)
+            warnings.warn(f"{type(model).__name__}: fast per-position patching failed on a batch of "
+                          f"{batch.input_ids.shape[1]} tokens ({exc}); that batch takes the plain path", stacklevel=2)
+    if patcher is None:
         return plain_position_deltas(model, heads, batch, clean, baseline, metric=metric, mode=mode,
                                      max_rows=max_rows, value=value, on_cells=on_cells)
-    patcher = PositionPatcher(model, heads, batch, baseline, metric=metric, replay=mode == "prefix", value=value)
-    return fast_position_deltas(patcher, clean, max_rows=max_rows, on_cells=on_cells)
+    return fast_position_deltas(patcher, max_rows=max_rows, on_cells=on_cells)
 
 
 def _check_cells(batch: Batch, last_read: torch.Tensor, layout) -> list[Cell]:

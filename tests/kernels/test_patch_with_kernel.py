@@ -65,3 +65,51 @@ def test_per_position_scores_through_the_kernel():
         with heads.using(one_token):
             lm.model(input_ids=ids)
         assert heads.kernel_calls == 2 + 1  # layer 0 is uniform, layer 1 falls back
+
+
+def test_exact_edge_patching_runs_every_pass_through_the_kernel():
+    """Exact edge patching's clean pass (which records the writers) and its patched passes run the same attention
+    code: with the clean writers as the baseline every edge's change is exactly 0, whatever edges share a pass
+    (the clean pass is not an observed one the kernel would decline)."""
+    from headscore.edges.attribution import writer_outputs
+    from headscore.edges.patching import edge_patched_losses
+    from headscore.edges.residual import residual_model
+    from headscore.prepared import prepare
+
+    lm = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+    rm = residual_model(lm.model)
+    batch = next(iter(prepare(lm, random_examples(3, seed=0)).batches(3, progress=False)))
+    edges = [(0, len(rm.graph.downstream) - 1), (0, 0)]  # emb -> logits, emb -> L0.H0.q: one pass from layer 0
+    with headscore.patch(lm.model, kernel=True) as heads:
+        clean = writer_outputs(lm.model, heads, rm, batch)
+        calls = heads.kernel_calls
+        before, patched = edge_patched_losses(lm.model, heads, rm, batch, edges, clean)
+        assert heads.kernel_calls - calls >= 2 * 2  # the clean pass and the patched pass, two layers each
+    assert before.abs().max() > 0
+    assert torch.equal(patched, before[None].expand_as(patched))
+
+
+def test_fast_per_position_patching_compares_like_with_like():
+    """The fast per-position passes run on cached tokens, which the kernel does not take; their clean run and
+    their uncached first-token passes skip it too, so a cell changed to its own value (gate 1) changes the loss
+    by exactly 0 in bf16, and a real change is what the wrapper path gives."""
+    from headscore.loss import resolve_metric
+    from headscore.methods import position_patching as pp
+    from headscore.methods.ablation import clean_losses
+    from headscore.prepared import prepare
+
+    lm = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+    batch = next(iter(prepare(lm, random_examples(3, seed=0)).batches(3, progress=False)))
+    metric = resolve_metric("nll")
+    with headscore.patch(lm.model, kernel=True) as heads:
+        clean = clean_losses(lm.model, heads, batch, metric)
+        assert heads.kernel_calls == 2  # the kernel is there for the passes that may take it
+        nothing = pp.position_deltas(lm.model, heads, batch, clean, metric=metric, value=1.0)
+        zeroed = pp.position_deltas(lm.model, heads, batch, clean, metric=metric)
+        assert heads.kernel_calls == 2
+    with headscore.patch(lm.model, kernel=False) as heads:
+        wrapped = pp.position_deltas(lm.model, heads, batch, clean_losses(lm.model, heads, batch, metric),
+                                     metric=metric)
+    assert zeroed.abs().max() > 1e-2
+    assert torch.equal(nothing, torch.zeros_like(nothing))
+    assert torch.equal(zeroed, wrapped)
