@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import TYPE_CHECKING, TypeAlias
 
 import torch
@@ -79,14 +80,16 @@ MetricLike = str | Metric | MetricFn | None
 
 def _begin(model: ModelLike, examples: ExamplesLike, *, max_examples: int | None, batch_size: int,
            metric: MetricLike, baseline: str | torch.Tensor | None,
-           columns: Mapping[str, str] | None = None) -> tuple[Prepared, Metric]:
-    """Every entry point's prologue: refuse an unknown baseline name or a batch size below 1, resolve the
-    metric, prepare the model and examples (which refuses unseparable heads) and refuse a metric or baseline
-    the examples cannot serve, all before any scoring work."""
+           columns: Mapping[str, str] | None = None, rows_per_pass: int | None = None) -> tuple[Prepared, Metric]:
+    """Every entry point's prologue: refuse an unknown baseline name or a batch size (or ``rows_per_pass``,
+    where the entry point takes one) below 1, resolve the metric, prepare the model and examples (which
+    refuses unseparable heads) and refuse a metric or baseline the examples cannot serve, all before any
+    scoring work."""
     if isinstance(baseline, str) and baseline not in BASELINES:
         raise HeadscoreError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
-    if batch_size < 1:
-        raise HeadscoreError(f"batch size must be at least 1, got {batch_size}")
+    for name, value in (("batch size", batch_size), ("rows_per_pass", rows_per_pass)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
+            raise HeadscoreError(f"{name} must be a whole number of at least 1, got {value!r}")
     metric = resolve_metric(metric)
     prep = prepare(model, examples, max_examples=max_examples, columns=columns)
     _check_inputs(prep, metric, baseline)
@@ -250,7 +253,9 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             raise HeadscoreError("edges with method ig interpolate the input between the corrupted and the clean "
                                  "prompt (EAP-IG-inputs): use baseline corrupt")
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                          baseline=baseline, columns=columns)
+                          baseline=baseline, columns=columns, rows_per_pass=rows_per_pass)
+    layout = head_layout(prep.lm.model)
+    top = None if verify is None or verify is False else verify_count(verify, int((~layout.absent_heads()).sum()))
     if per_position and checkpoint is not None:
         raise HeadscoreError("per-position scores are not checkpointed; drop the checkpoint or per_position")
     name = _gradient_method_name(method, baseline)
@@ -268,10 +273,11 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                      every=checkpoint_every, resume=resume, distributed=distributed)
     if per_position and run.world > 1:
         raise HeadscoreError("per-position scores are not reduced across processes; run them in one process")
+    if top is not None and run.world > 1:  # each rank would pick its own heads from its own share of the data
+        raise HeadscoreError(f"verify runs in one process, but a process group of {run.world} ranks is "
+                             "initialised; pass distributed=False (every rank scores all the examples) or drop verify")
     maps = _position_maps(prep) if per_position else None
-    layout = head_layout(prep.lm.model)
-    mass = None if verify is None or verify is False else \
-        TaskAccumulator(prep.tasks, layout.num_layers, layout.num_heads)
+    mass = None if top is None else TaskAccumulator(prep.tasks, layout.num_layers, layout.num_heads)
     kept = KeptBaselines() if mass is not None else None  # the corrupted runs, for verify's exact passes
     start = time.perf_counter()
     with patch(prep.lm.model, kernel=kernel) as heads, prep.naming_examples():
@@ -307,7 +313,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                              metric=metric.name, metric_meaning=_meaning(prep, metric),
                              baseline=_baseline_name(baseline if name != "atp-mean" else "mean"), **extra)
         if mass is not None:
-            result = _verified(prep, heads, result, mass, verify, static, baseline == "corrupt", metric,
+            result = _verified(prep, heads, result, mass, top, static, baseline == "corrupt", metric,
                                batch_size, rows_per_pass, progress, kept)
     return result if maps is None else maps.attach(result)
 
@@ -324,6 +330,8 @@ def _check_estimator(method: str, steps: int, path_fraction: float | None, per_p
                              "(use taylor or ig for per_position)")
     if verify is None or verify is False:
         return
+    if verify is not True and (not isinstance(verify, Integral) or verify < 1):
+        raise HeadscoreError(f"verify takes a number of heads of at least 1 (or True for 5% of them), got {verify!r}")
     if method in ("abs", "fisher"):
         raise HeadscoreError(f"verify replaces estimates by exact ablation values; {method} scores have no exact "
                              "counterpart (use taylor, ig, curvature or atp-mean)")
@@ -361,12 +369,10 @@ def _estimate(model: torch.nn.Module, heads: HeadGates, batch, base: torch.Tenso
 
 
 def _verified(prep: Prepared, heads: HeadGates, result: HeadScores, mass: TaskAccumulator,
-              verify: int | bool, static: torch.Tensor | None, corrupt: bool, metric: Metric, batch_size: int,
+              k: int, static: torch.Tensor | None, corrupt: bool, metric: Metric, batch_size: int,
               rows_per_pass: int, progress: bool, kept: KeptBaselines) -> HeadScores:
-    """``result`` with each task's top and flagged heads measured exactly (see :mod:`headscore.methods.verify`);
-    ``kept`` has the scoring pass's corrupted runs."""
-    layout = heads.layout
-    k = verify_count(verify, int((~layout.absent_heads()).sum()))
+    """``result`` with each task's top ``k`` and as many flagged heads measured exactly (see
+    :mod:`headscore.methods.verify`); ``kept`` has the scoring pass's corrupted runs."""
     chosen, flagged = {}, {}
     for t in range(len(prep.tasks)):
         if int(result.counts[t]) == 0:
@@ -428,7 +434,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                          baseline=baseline, columns=columns)
+                          baseline=baseline, columns=columns, rows_per_pass=rows_per_pass)
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
@@ -494,7 +500,7 @@ def ablate_edges(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None
     if edges is not None and scores is not None:
         raise HeadscoreError("give edges= or scores= with top=, not both")
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                          baseline=writers, columns=columns)
+                          baseline=writers, columns=columns, rows_per_pass=rows_per_pass)
     graph = residual_model(prep.lm.model).graph
     if scores is not None:
         if scores.edge_maps is not None and scores.edge_nodes != (graph.upstream, graph.downstream):
@@ -536,7 +542,7 @@ def circuit(model: ModelLike, examples: ExamplesLike, scores: HeadScores, *, edg
         raise HeadscoreError(f"the scores were made with metric {metric!r}, which a circuit run cannot repeat")
     baseline = str(scores.extra.get("baseline", "zero"))  # _begin refuses one a circuit run cannot repeat
     prep, resolved = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                            baseline=baseline, columns=columns)
+                            baseline=baseline, columns=columns, rows_per_pass=rows_per_pass)
     return find_circuits(prep, scores, resolved, baseline, edges=edges, target=target_faithfulness, sizes=sizes,
                          by=select, batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress)
 

@@ -220,6 +220,71 @@ def test_prefix_reuse_falls_back_when_layers_pass_hidden_state():
     torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["returns-new-output", "in-place"])
+@pytest.mark.parametrize("hooked", [1, 2])
+def test_prefix_reuse_with_a_steering_hook_on_a_decoder_layer(in_place, hooked):
+    """A forward hook that adds a vector to one decoder layer's output (steering) acts once per pass, whether
+    the layer runs or is replayed: prefix reuse (and verify, which replays too) equals the plain sweep."""
+    lm = tiny_model("llama", layers=4, dtype=torch.float64)
+    layers = lm.model.model.layers
+    vector = torch.randn(lm.model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def steer(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if in_place:
+            hidden.add_(vector)
+            return None
+        hidden = hidden + vector
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = layers[hooked].register_forward_hook(steer)
+    try:
+        examples = random_examples(6, seed=2)
+        kw = dict(batch_size=3, progress=False)
+        naive = headscore.ablate(lm, examples, mode="naive", **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            prefix = headscore.ablate(lm, examples, mode="prefix", rows_per_pass=5, **kw)
+            verified = headscore.score(lm, examples, verify=4, **kw)
+        unsteered = None
+    finally:
+        handle.remove()
+    unsteered = headscore.ablate(lm, examples, mode="naive", **kw)
+    assert (naive.values - unsteered.values).abs().max() > 1e-2  # the hook matters
+    assert prefix.extra["mode"] == "prefix" and verified.extra["verify_mode"] == "prefix"
+    torch.testing.assert_close(prefix.values, naive.values, rtol=1e-6, atol=1e-9)
+    exact = verified.exact
+    assert exact.sum() >= 4 * len(verified.tasks)
+    torch.testing.assert_close(verified.values[exact], naive.values[exact], rtol=1e-6, atol=1e-9)
+
+
+def test_prefix_check_covers_every_layer_boundary():
+    """State handed from layer 1 to layer 2 outside their outputs (a side channel set while layer 1's MLP runs,
+    read before layer 2 runs) is wrong only in passes that replay layer 1 and run layer 2: the check's row for
+    layer 2 sees it (a check on the last layer alone would not), warns, and the ablation runs batched."""
+    lm = tiny_model("llama", layers=4, dtype=torch.float64)
+    layers = lm.model.model.layers
+    channel = {}
+
+    def send(module, args, output):
+        channel["scale"] = 1.0 + output.abs().mean((1, 2), keepdim=True)  # per row: batching changes nothing
+
+    def receive(module, args):
+        return (args[0] * channel["scale"], *args[1:])
+
+    handles = [layers[1].mlp.register_forward_hook(send), layers[2].register_forward_pre_hook(receive)]
+    try:
+        examples = random_examples(4)
+        with pytest.warns(UserWarning, match="a changed head of layer 2 does not reproduce the full pass"):
+            got = headscore.ablate(lm, examples, mode="prefix", batch_size=4, progress=False)
+        want = headscore.ablate(lm, examples, mode="batched", batch_size=4, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert got.extra["mode"] == "batched"
+    torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
+
+
 def test_prefix_reuse_falls_back_without_decoder_layers(monkeypatch):
     lm = tiny_model("llama", layers=2, dtype=torch.float64)
     monkeypatch.setattr(ablation, "decoder_layers", lambda model, n: None)

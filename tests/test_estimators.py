@@ -244,7 +244,7 @@ def test_flag_finds_a_planted_nonlinear_head():
     ({"method": "ig", "path_fraction": 0.0}, "path_fraction must be in (0, 1]"),
     ({"method": "ig", "path_fraction": 1.5}, "path_fraction must be in (0, 1]"),
     ({"verify": 13}, "the model has 12 heads"),
-    ({"verify": 0}, "between 1 and 12"),
+    ({"verify": 0}, "verify takes a number of heads of at least 1"),
     ({"method": "abs", "verify": 2}, "no exact counterpart"),
     ({"method": "fisher", "verify": True}, "no exact counterpart"),
     ({"method": "curvature", "per_position": True}, "no per-position maps"),
@@ -253,3 +253,54 @@ def test_flag_finds_a_planted_nonlinear_head():
 def test_bad_estimator_settings(lm, examples, kwargs, message):
     with pytest.raises(HeadscoreError, match=message.replace("(", r"\(").replace(")", r"\)")):
         headscore.score(lm, examples, progress=False, **kwargs)
+
+
+@pytest.fixture
+def forward_passes(lm):
+    """Every forward pass of the model from here to the end of the test."""
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"verify": 13}, "verify 13: the model has 12 heads"),
+    ({"verify": 0}, "verify takes a number of heads of at least 1"),
+    ({"verify": -3}, "verify takes a number of heads of at least 1"),
+    ({"verify": 2.5}, "verify takes a number of heads of at least 1"),
+    ({"verify": 2, "rows_per_pass": 0}, "rows_per_pass must be a whole number of at least 1, got 0"),
+    ({"rows_per_pass": -4}, "rows_per_pass must be a whole number of at least 1, got -4"),
+])
+def test_bad_verify_refused_before_any_forward_pass(lm, examples, forward_passes, kwargs, message):
+    with pytest.raises(HeadscoreError, match=message):
+        headscore.score(lm, examples, progress=False, **kwargs)
+    assert not forward_passes
+
+
+@pytest.mark.parametrize("entry", ["ablate", "ablate_edges"])
+def test_rows_per_pass_below_one_refused_before_any_forward_pass(lm, examples, forward_passes, entry):
+    with pytest.raises(HeadscoreError, match="rows_per_pass must be a whole number of at least 1, got 0"):
+        getattr(headscore, entry)(lm, examples, rows_per_pass=0, progress=False)
+    assert not forward_passes
+
+
+def test_circuit_rows_per_pass_below_one_refused_before_any_forward_pass(lm, examples, forward_passes):
+    scores = headscore.score(lm, examples, edges=True, batch_size=4, progress=False)
+    before = len(forward_passes)
+    with pytest.raises(HeadscoreError, match="rows_per_pass must be a whole number of at least 1, got 0"):
+        headscore.circuit(lm, examples, scores, edges=5, rows_per_pass=0, progress=False)
+    assert len(forward_passes) == before
+
+
+def test_verify_refused_in_a_process_group_unless_not_distributed(lm, examples, forward_passes, monkeypatch):
+    """With distributed=None a two-rank group would shard the data: each rank would verify its own heads on its
+    own share, and the first-order mass would not be reduced. Refused before scoring; distributed=False runs."""
+    import headscore.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "rank_and_world", lambda distributed=None: (0, 1 if distributed is False else 2))
+    with pytest.raises(HeadscoreError, match="a process group of 2 ranks is initialised; pass distributed=False"):
+        headscore.score(lm, examples, batch_size=4, progress=False, verify=2)
+    assert not forward_passes
+    alone = headscore.score(lm, examples, batch_size=4, progress=False, verify=2, distributed=False)
+    assert alone.exact.any() and "world_size" not in alone.extra

@@ -209,10 +209,12 @@ def selected_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, rows
 @torch.no_grad()
 def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
                        baseline: torch.Tensor | None = None, metric: Metric = NLL) -> bool:
-    """Whether ``prefix`` mode reproduces a full forward pass on this model: the loss of a gate row that
-    changes a head of the last layer (every layer below replayed), against the same row run in full, on the
-    batch's first example (what the check looks for, state passed between layers other than their outputs,
-    does not depend on the number of rows; one row keeps the check to about three passes of one example).
+    """Whether ``prefix`` mode reproduces a full forward pass on this model: for every layer, the loss of a
+    gate row that changes a head of that layer (every layer below replayed), against the same rows run in
+    full, on the batch's first example. Each replayed pass hands the model only its deepest replayed layer's
+    output, so each depth checks its own boundary (a layer whose forward hooks or whose state passed to the
+    next layer the replay would get wrong); what it looks for does not depend on the number of rows. About
+    1.5 x L + 1 passes of one example.
 
     False, with a warning saying why, for a model whose decoder layers are not found or whose layers
     pass state other than their outputs (the replayed loss then differs beyond rounding).
@@ -222,8 +224,9 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
         warnings.warn(f"{type(model).__name__}: no ModuleList of decoder layers found; prefix reuse is off "
                       "(ablation runs in batched mode)", stacklevel=2)
         return False
-    row = torch.ones(1, layout.num_layers, layout.num_heads, dtype=torch.float64)
-    row[0, -1, 0] = 0.0
+    layers = [i for i in range(layout.num_layers) if layout.heads_of(i) > 0]
+    row = torch.ones(len(layers), layout.num_layers, layout.num_heads, dtype=torch.float64)
+    row[torch.arange(len(layers)), layers, 0] = 0.0
     first = torch.tensor([0])
     batch = batch.select(first)
     if baseline is not None and baseline.dim() == 5:
@@ -239,9 +242,10 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
     if torch.allclose(replayed, full, rtol=tol, atol=tol):
         return True
-    warnings.warn(f"{type(model).__name__}: replaying the layers below a changed head does not reproduce the "
-                  f"full pass (loss {replayed.flatten()[0]:.6g} vs {full.flatten()[0]:.6g}); ablation runs in "
-                  "batched mode", stacklevel=2)
+    worst = int((replayed - full).abs().flatten().argmax())
+    warnings.warn(f"{type(model).__name__}: replaying the layers below a changed head of layer {layers[worst]} "
+                  f"does not reproduce the full pass (loss {replayed.flatten()[worst]:.6g} vs "
+                  f"{full.flatten()[worst]:.6g}); ablation runs in batched mode", stacklevel=2)
     return False
 
 

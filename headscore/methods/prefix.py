@@ -38,14 +38,14 @@ def _holds_layer(layer: torch.nn.Module, index: int) -> bool:
 
 
 def _tile(output, copies: int | torch.Tensor):
-    """A layer's output with every batch-first tensor repeated ``copies`` times (row c * B + b = row b), or
-    for an index tensor ``copies`` [N], its rows ``copies`` (row i = row copies[i])."""
-    if isinstance(copies, int) and copies == 1:
-        return output
+    """A copy of a layer's output with every batch-first tensor repeated ``copies`` times (row c * B + b =
+    row b), or for an index tensor ``copies`` [N], its rows ``copies`` (row i = row copies[i]). Always new
+    tensors, so that nothing done to them (a forward hook that changes a layer's output in place) reaches
+    the recording."""
     if isinstance(output, torch.Tensor):
         if isinstance(copies, torch.Tensor):
             return output.index_select(0, copies.to(output.device))
-        return output.repeat(copies, *([1] * (output.dim() - 1)))
+        return output.clone() if copies == 1 else output.repeat(copies, *([1] * (output.dim() - 1)))
     if isinstance(output, (tuple, list)):
         items = [_tile(o, copies) for o in output]
         return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
@@ -65,15 +65,18 @@ class PrefixReplay:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Keep every decoder layer's output of the forward pass run inside the block."""
+        """Keep every decoder layer's output of the forward pass run inside the block, as its ``forward``
+        returned it: a copy taken before any other forward hook of the layer runs. A replayed layer's
+        ``forward`` returns that copy and its hooks run on it as in a full pass (a hook that adds a steering
+        vector to a layer's output adds it once, whether the layer runs or is replayed)."""
         outputs: list = [None] * len(self.layers)
 
         def keep(i):
             def hook(module, args, output):
-                outputs[i] = output
+                outputs[i] = _tile(output, 1)
             return hook
 
-        handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
+        handles = [layer.register_forward_hook(keep(i), prepend=True) for i, layer in enumerate(self.layers)]
         try:
             yield
         finally:
@@ -87,8 +90,8 @@ class PrefixReplay:
     def skipping(self, depth: int, copies: int | torch.Tensor) -> Iterator[None]:
         """Inside the block, layers < ``depth`` do no work: each returns its recorded output tiled ``copies``
         times, or its rows ``copies`` (an index tensor [N] into the recorded batch, for a pass of rows chosen
-        with ``Batch.select``): a copy, not a computation, so whatever the model does between layers sees
-        what it would."""
+        with ``Batch.select``): a copy, not a computation, so whatever the model does between layers (forward
+        hooks on a layer included) sees what it would."""
         if self.outputs is None:
             raise RuntimeError("PrefixReplay.skipping before a recorded pass")
         depth = min(depth, len(self.layers))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from numbers import Integral
 
 import torch
 
@@ -40,11 +41,11 @@ def verify_count(verify: int | bool, num_heads: int) -> int:
     an int = that many. HeadscoreError for a count below 1 or above the head count."""
     if isinstance(verify, bool):
         return max(1, math.ceil(DEFAULT_FRACTION * num_heads))
-    if not isinstance(verify, int):
+    if not isinstance(verify, Integral):
         raise HeadscoreError(f"verify takes a number of heads (or True for 5%), got {verify!r}")
     if not 1 <= verify <= num_heads:
         raise HeadscoreError(f"verify {verify}: the model has {num_heads} heads; verify between 1 and {num_heads}")
-    return verify
+    return int(verify)
 
 
 def first_order_mass(position_grad: torch.Tensor) -> torch.Tensor:
