@@ -285,6 +285,32 @@ def test_prefix_check_covers_every_layer_boundary():
     torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
 
 
+def test_boundaries_to_check():
+    """The deepest boundary of each kind (pair of layer classes), and every boundary next to a hooked layer."""
+    from headscore.methods.prefix import boundaries_to_check
+
+    class Other(torch.nn.Linear):
+        pass
+
+    layers = [torch.nn.Linear(2, 2) for _ in range(6)]
+    assert boundaries_to_check(layers) == [5]
+    assert boundaries_to_check(layers, [True] * 5 + [False]) == [4]
+    assert boundaries_to_check(layers[:1]) == []
+    mixed = layers[:2] + [Other(2, 2)] + layers[3:]  # Linear, Linear, Other, Linear, Linear, Linear
+    assert boundaries_to_check(mixed) == [2, 3, 5]
+    hooked = [torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(6)]
+    handle = hooked[2][0].register_forward_pre_hook(lambda module, args: None)  # inside layer 2
+    try:
+        assert boundaries_to_check(hooked) == [2, 3, 5]
+    finally:
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        assert boundaries_to_check(hooked) == [1, 2, 3, 4, 5]
+    finally:
+        handle.remove()
+
+
 def test_prefix_reuse_falls_back_without_decoder_layers(monkeypatch):
     lm = tiny_model("llama", layers=2, dtype=torch.float64)
     monkeypatch.setattr(ablation, "decoder_layers", lambda model, n: None)

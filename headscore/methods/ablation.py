@@ -23,7 +23,7 @@ import torch
 from ..data.batching import Batch
 from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..patch import HeadGates
-from .prefix import PrefixReplay, decoder_layers
+from .prefix import PrefixReplay, boundaries_to_check, decoder_layers
 
 ABLATION_MODES = ("prefix", "batched", "naive", "sequential")
 """Accepted ``mode`` names; ``sequential`` is another name for ``naive``."""
@@ -209,24 +209,29 @@ def selected_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, rows
 @torch.no_grad()
 def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
                        baseline: torch.Tensor | None = None, metric: Metric = NLL) -> bool:
-    """Whether ``prefix`` mode reproduces a full forward pass on this model: for every layer, the loss of a
-    gate row that changes a head of that layer (every layer below replayed), against the same rows run in
-    full, on the batch's first example. Each replayed pass hands the model only its deepest replayed layer's
-    output, so each depth checks its own boundary (a layer whose forward hooks or whose state passed to the
-    next layer the replay would get wrong); what it looks for does not depend on the number of rows. About
-    1.5 x L + 1 passes of one example.
+    """Whether ``prefix`` mode reproduces a full forward pass on this model: at each depth that
+    :func:`~headscore.methods.prefix.boundaries_to_check` names (the deepest of each kind of layer boundary,
+    and every boundary next to a hooked layer), the loss of a gate row that changes a head of that layer
+    (every layer below replayed) against the same row run in full, on the batch's first example. A replayed
+    pass hands the model only its deepest replayed layer's output, so each depth checks its own boundary
+    (state passed to the next layer other than the output, a hook the replay would get wrong); what the check
+    looks for does not depend on the number of rows. For a model of one layer class without hooks: one row,
+    about three passes of one example.
 
     False, with a warning saying why, for a model whose decoder layers are not found or whose layers
     pass state other than their outputs (the replayed loss then differs beyond rounding).
     """
     layout = heads.layout
-    if decoder_layers(model, layout.num_layers) is None:
+    layers = decoder_layers(model, layout.num_layers)
+    if layers is None:
         warnings.warn(f"{type(model).__name__}: no ModuleList of decoder layers found; prefix reuse is off "
                       "(ablation runs in batched mode)", stacklevel=2)
         return False
-    layers = [i for i in range(layout.num_layers) if layout.heads_of(i) > 0]
-    row = torch.ones(len(layers), layout.num_layers, layout.num_heads, dtype=torch.float64)
-    row[torch.arange(len(layers)), layers, 0] = 0.0
+    depths = boundaries_to_check(layers, [layout.heads_of(d) > 0 for d in range(layout.num_layers)])
+    if not depths:  # no pass ever replays a layer (one layer, say)
+        return True
+    row = torch.ones(len(depths), layout.num_layers, layout.num_heads, dtype=torch.float64)
+    row[torch.arange(len(depths)), depths, 0] = 0.0
     first = torch.tensor([0])
     batch = batch.select(first)
     if baseline is not None and baseline.dim() == 5:
@@ -243,7 +248,7 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
     if torch.allclose(replayed, full, rtol=tol, atol=tol):
         return True
     worst = int((replayed - full).abs().flatten().argmax())
-    warnings.warn(f"{type(model).__name__}: replaying the layers below a changed head of layer {layers[worst]} "
+    warnings.warn(f"{type(model).__name__}: replaying the layers below a changed head of layer {depths[worst]} "
                   f"does not reproduce the full pass (loss {replayed.flatten()[worst]:.6g} vs "
                   f"{full.flatten()[worst]:.6g}); ablation runs in batched mode", stacklevel=2)
     return False

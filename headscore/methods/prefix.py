@@ -37,6 +37,30 @@ def _holds_layer(layer: torch.nn.Module, index: int) -> bool:
     return ids == {index}
 
 
+def boundaries_to_check(layers: list[torch.nn.Module], usable: list[bool] | None = None) -> list[int]:
+    """The depths d (layers < d replayed, layer d runs first) at which a check of the replay is needed to
+    cover every kind of boundary in ``layers``: a pass that skips to depth d hands layer d only the recorded
+    output of layer d - 1, so what could go wrong there depends on those two layers alone. Boundaries between
+    two layers of the same classes without hooks behave alike: one of each kind is checked (the deepest),
+    and every boundary next to a layer with a hook anywhere in it (forward or pre-forward, on the layer or a
+    module inside it; a steering vector, a side channel between layers) is checked on its own. With global
+    module hooks, every boundary. Only depths where ``usable`` is True are named (a pass can start only at a
+    layer with a head to change)."""
+    usable = [True] * len(layers) if usable is None else usable
+    depths = [d for d in range(len(layers) - 1, 0, -1) if usable[d]]
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return sorted(depths)
+    hooked = [any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()) for layer in layers]
+    chosen, kinds = set(), set()
+    for d in depths:
+        if hooked[d - 1] or hooked[d]:
+            chosen.add(d)
+        elif (kind := (type(layers[d - 1]), type(layers[d]))) not in kinds:
+            kinds.add(kind)
+            chosen.add(d)
+    return sorted(chosen)
+
+
 def _tile(output, copies: int | torch.Tensor):
     """A copy of a layer's output with every batch-first tensor repeated ``copies`` times (row c * B + b =
     row b), or for an index tensor ``copies`` [N], its rows ``copies`` (row i = row copies[i]). Always new
