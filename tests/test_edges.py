@@ -39,7 +39,7 @@ from headscore.edges.attribution import (
 )
 from headscore.edges.circuit import circuit_losses, circuit_sizes, connected, top_circuit
 from headscore.edges.graph import EdgeGraph
-from headscore.edges.patching import edge_patched_losses
+from headscore.edges.patching import edge_patched_losses, reader_depth
 from headscore.edges.residual import residual_model
 from headscore.errors import HeadscoreError, UnsupportedModelError
 from headscore.loss import NLL
@@ -632,6 +632,34 @@ def test_a_circuit_without_one_edge_is_that_edge_patched():
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
     # no edge at all, against the corrupted writers: the corrupted run
     assert torch.allclose(corrupt_run[0], corrupt_loss.double(), rtol=1e-10, atol=1e-12)
+
+
+def test_edge_patching_replay_with_a_steering_hook_on_a_block():
+    """A user's forward hook on a decoder block (a steering vector) acts once in edge patching's replayed passes,
+    as in full passes: every edge's patched loss equals the one without replay."""
+    lm = build("llama", 3, 4, 2, 31)
+    examples = examples_with_corruption(3, 31)
+    rm = residual_model(lm.model)
+    batch = next(iter(prepare(lm, examples).batches(3, progress=False)))
+    edges = pick_edges(rm.graph, torch.rand(3, *rm.graph.allowed.shape), 31)[:8]
+    vector = torch.randn(lm.model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def steer(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden.add_(vector)  # in place: the recording must not see it
+
+    handle = lm.model.model.layers[1].register_forward_hook(steer)
+    try:
+        with patch(lm.model) as gates:
+            base = writer_outputs(lm.model, gates, rm, batch.corrupted())
+            # one edge a pass (max_rows = the batch), so each pass replays every layer below its reader
+            replayed = edge_patched_losses(lm.model, gates, rm, batch, edges, base, max_rows=3)
+            full = edge_patched_losses(lm.model, gates, rm, batch, edges, base, max_rows=3, prefix=False)
+    finally:
+        handle.remove()
+    assert 2 in {reader_depth(rm, v) for _, v in edges}  # a pass replays layer 1, the steered one, last
+    for a, b in zip(replayed, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_circuits_keep_only_edges_from_the_input_to_the_logits():
