@@ -48,6 +48,7 @@ from .methods.position_patching import position_deltas, position_patching_works
 from .methods.verify import (
     KeptBaselines,
     MassCollector,
+    check_verify,
     choose_heads,
     exact_changes,
     first_order_mass,
@@ -330,8 +331,7 @@ def _check_estimator(method: str, steps: int, path_fraction: float | None, per_p
                              "(use taylor or ig for per_position)")
     if verify is None or verify is False:
         return
-    if verify is not True and (not isinstance(verify, Integral) or verify < 1):
-        raise HeadscoreError(f"verify takes a number of heads of at least 1 (or True for 5% of them), got {verify!r}")
+    check_verify(verify)
     if method in ("abs", "fisher"):
         raise HeadscoreError(f"verify replaces estimates by exact ablation values; {method} scores have no exact "
                              "counterpart (use taylor, ig, curvature or atp-mean)")

@@ -36,14 +36,20 @@ DEFAULT_FRACTION = 0.05
 """Default ``k``: 5% of the model's heads (rounded up), and as many flagged heads again."""
 
 
+def check_verify(verify: int | bool) -> None:
+    """HeadscoreError for a ``verify`` setting that is neither a bool nor a whole number of at least 1 (what
+    can be said before the model's head count is known)."""
+    if not isinstance(verify, bool) and (not isinstance(verify, Integral) or verify < 1):
+        raise HeadscoreError(f"verify takes a number of heads of at least 1 (or True for 5% of them), got {verify!r}")
+
+
 def verify_count(verify: int | bool, num_heads: int) -> int:
     """How many top heads per task a ``verify`` setting asks for: ``True`` = 5% of ``num_heads`` (rounded up),
     an int = that many. HeadscoreError for a count below 1 or above the head count."""
+    check_verify(verify)
     if isinstance(verify, bool):
         return max(1, math.ceil(DEFAULT_FRACTION * num_heads))
-    if not isinstance(verify, Integral):
-        raise HeadscoreError(f"verify takes a number of heads (or True for 5%), got {verify!r}")
-    if not 1 <= verify <= num_heads:
+    if verify > num_heads:
         raise HeadscoreError(f"verify {verify}: the model has {num_heads} heads; verify between 1 and {num_heads}")
     return int(verify)
 
