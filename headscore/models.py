@@ -180,8 +180,10 @@ def broken_weights(directory: Path) -> str | None:
     return None
 
 
-CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-"""What a sound cached conversion of an embedded model holds (the JSON ones readable as JSON)."""
+CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "chat_template.jinja")
+"""What a sound cached conversion of an embedded model holds (the JSON ones readable as JSON; the chat
+template, which ``--chat-template`` needs, every embedded model has)."""
 
 
 def _cached_conversion_problem(target: Path) -> str | None:

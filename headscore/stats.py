@@ -165,14 +165,16 @@ def sign_flip_pvalue(differences: torch.Tensor, *, resamples: int = 10000, seed:
     """One-sided p-value that the mean of paired ``differences`` [N] is > 0 (sign-flip permutation test).
 
     All 2^N sign patterns for N <= 16, else ``resamples`` random ones (the observed pattern counted
-    once, so p >= 1 / (resamples + 1)). NaN for no differences.
+    once, so p >= 1 / (resamples + 1)). NaN for no differences or a non-finite one.
     """
     d = differences.double().flatten()
     n = len(d)
-    if n == 0:
+    if n == 0 or not bool(torch.isfinite(d).all()):
         return math.nan
     observed = float(d.mean())
-    tol = 1e-12 * max(1.0, float(d.abs().max()))  # ties (e.g. the observed pattern itself) count as extreme
+    # ties (the observed pattern itself, patterns of equal sums) count as extreme: a tolerance on the
+    # differences' own scale, above the float64 round-off of a mean of n of them (at most n x 2^-53 x max |d|)
+    tol = max(1e-12, 4 * n * 2.0 ** -53) * float(d.abs().max())
     if n <= 16:
         patterns = torch.arange(2 ** n)[:, None].bitwise_right_shift(torch.arange(n)).bitwise_and(1)
         means = ((1 - 2 * patterns).double() * d).mean(1)

@@ -734,6 +734,29 @@ def test_cached_model_without_tokenizer_is_rebuilt_quietly(tmp_path, capsys, tas
     assert err.count("\n") == 1, err  # the warning, and no progress bar
 
 
+def test_cached_model_without_its_chat_template_is_rebuilt(tmp_path, monkeypatch, model_dir):
+    from headscore import models
+
+    assert (model_dir / "chat_template.jinja").is_file()
+    monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "smollm2-135m"
+    target.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name != "chat_template.jinja":
+            (target / f.name).write_bytes(f.read_bytes())
+    converted = []
+
+    def fake_convert(gguf, out):
+        converted.append(gguf)
+        for f in model_dir.iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    with pytest.warns(models.CacheRebuilt, match="chat_template.jinja missing"):
+        assert models.embedded_model_dir("smollm2-135m") == target
+    assert converted and (target / "chat_template.jinja").is_file()
+
+
 def test_task_names_are_nfc(tmp_path):
     path = jsonl(tmp_path / "t.jsonl", {**GOOD, "task": "caf\u00e9", "prompt": "Le cafe\u0301 est"},
                  {**GOOD, "task": "cafe\u0301"})

@@ -63,6 +63,17 @@ def test_prompt_composition_and_unescaping(tmp_path):
     assert question_ids(examples)[:4] == [0, 0, 0, 1]
 
 
+def test_fractional_answers_stay_as_written(tmp_path):
+    path = tmp_path / "floats.json"
+    path.write_text('[{"question": "Q", "generated": ['
+                    '{"subquestion": "a?", "answer": 0.00001, "cognitive_skill": "Math Calculation"},'
+                    '{"subquestion": "b?", "answer": 12.50, "cognitive_skill": "Math Calculation"},'
+                    '{"subquestion": "c?", "answer": 1E+23, "cognitive_skill": "Math Calculation"}]}]')
+    examples = load_cogqa(path, min_examples=1)
+    assert [ex.target for ex in examples] == [" 0.00001", " 12.50", " 1E+23"]
+    assert examples[2].prompt.endswith("Q: a?\nA: 0.00001\nQ: b?\nA: 12.50\nQ: c?\nA:")
+
+
 def test_chat_template(tmp_path):
     class Tok:
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):

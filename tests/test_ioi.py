@@ -93,3 +93,19 @@ def test_single_token_names_and_equal_lengths(smollm2_tokenizer):
             for answer in (ex.target, ex.foil):
                 assert len(tok(answer, add_special_tokens=False)["input_ids"]) == 1
         assert all(len(v) == 1 for v in lengths.values()), (seed, lengths)
+
+
+def test_smollm2_tokens_are_the_prompt_and_target_tokenised_apart(smollm2_tokenizer):
+    """SmolLM2's byte-level BPE adds no special token and splits before a leading space: the joined text's
+    target tokens are the target's own, so the built-in suites' ids are those of prompt and target apart."""
+    from headscore.data.batching import tokenize_examples
+    from headscore.data.builtin import builtin_suite
+
+    tok = smollm2_tokenizer
+    examples = builtin_suite() + ioi_suite()
+    items = tokenize_examples(examples, tok, task_names(examples))
+    for ex, item in zip(examples, items, strict=True):
+        apart = tok(ex.prompt)["input_ids"] + tok(ex.target, add_special_tokens=False)["input_ids"]
+        assert list(item.ids) == apart, ex
+        if ex.foil is not None:
+            assert item.foil_id == tok(ex.foil, add_special_tokens=False)["input_ids"][0]

@@ -104,3 +104,23 @@ def test_sign_flip_extremes_and_monte_carlo():
     # Monte Carlo path (n > 16) against brute force: 20000 draws give a standard error below 0.004
     mc = stats.sign_flip_pvalue(d, resamples=20000)
     assert mc == pytest.approx(brute_force_pvalue(d.tolist()), abs=0.015)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e-11, 1e-13, 1e9])
+def test_sign_flip_does_not_depend_on_the_unit(scale):
+    """Ties (patterns of equal sums) are ties at any scale; a difference of 1e-11 is no tie with 0."""
+    d = torch.tensor([3.0, 1.0, 2.0, -1.0, 1.0, 2.0, -2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    ref = sum(f >= 1 - 1e-9 for f in [  # in units of the observed mean, exact in binary for these values
+        sum(s * x for s, x in zip(signs, d.tolist(), strict=True)) / float(d.sum())
+        for signs in itertools.product((1, -1), repeat=len(d))]) / 2 ** len(d)
+    assert stats.sign_flip_pvalue(d * scale) == pytest.approx(ref, abs=1e-15)
+    wide = torch.cat([d, d[:8]]) * scale  # 18: the Monte Carlo path, the same at every scale (one seed)
+    assert stats.sign_flip_pvalue(wide) == stats.sign_flip_pvalue(torch.cat([d, d[:8]]))
+
+
+@pytest.mark.parametrize("n", [5, 21])
+def test_sign_flip_of_a_non_finite_difference_is_nan(n):
+    for bad in (math.nan, math.inf, -math.inf):
+        d = torch.ones(n, dtype=torch.float64)
+        d[2] = bad
+        assert math.isnan(stats.sign_flip_pvalue(d)), (n, bad)

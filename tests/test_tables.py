@@ -112,6 +112,17 @@ def test_columns_of_other_names_and_labelled_rows(tmp_path):
     assert examples_from_table(table) == [headscore.Example.labelled("good film", 1, "s")]
 
 
+def test_columns_of_a_headerless_dataframe_by_integer_label():
+    df = pd.DataFrame([["a b", " x", "t1"], ["c d", " y", "t2"]])  # no header row: columns 0, 1, 2
+    expected = [headscore.Example("a b", " x", "t1"), headscore.Example("c d", " y", "t2")]
+    assert examples_from_table(df, {"prompt": 0, "target": 1, "task": 2}) == expected
+    assert examples_from_table(df, {"prompt": "0", "target": "1", "task": "2"}) == expected
+    with pytest.raises(HeadscoreError, match="columns maps 'prompt' to 3, which is no column"):
+        examples_from_table(df, {"prompt": 3, "target": 1, "task": 2})
+    with pytest.raises(HeadscoreError, match="columns maps 'prompt' to True"):
+        examples_from_table(df, {"prompt": True, "target": 1, "task": 2})
+
+
 @pytest.mark.parametrize("table,columns,words", [
     ({"prompt": ["p"], "target": [" x"]}, None, "DataFrame: no column 'task'; its columns are prompt, target "
                                                 "(name yours with columns={'task': 'your column'})"),

@@ -23,8 +23,11 @@ def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<pad>",
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<pad>",
                                                 pad_token="<pad>", unk_token="<pad>")
+    # a chat template, as the embedded model has (saved as chat_template.jinja, which a sound cache holds)
+    fast.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
+    return fast
 
 
 def save_tiny_model(path: str | Path, *, layers: int = 3, heads: int = 4, seed: int = 0) -> Path:

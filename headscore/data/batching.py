@@ -1,4 +1,4 @@
-"""Tokenisation and batching: prompt and target tokenised apart and joined, a mask on target tokens."""
+"""Tokenisation and batching: prompt and target tokenised and joined, a mask on target tokens."""
 
 from __future__ import annotations
 
@@ -96,10 +96,51 @@ class Batch:
         return replace(self, input_ids=self.corrupt_ids)
 
 
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def prompt_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """A prompt's token ids with the special tokens the tokenizer puts before a text (a BOS) and none of
+    those it puts after one (an EOS: the target follows the prompt); no second BOS when the text starts
+    with it already (a chat template rendered as text writes it). Also the text's own ids, without any
+    special token added.
+
+    A tokenizer that changes the text's own tokens when it adds its special ones keeps its own ids.
+    """
+    plain, full = _ids(tokenizer, text, False), _ids(tokenizer, text, True)
+    if not plain:
+        return full, plain
+    n = len(plain)
+    start = next((k for k in range(len(full) - n + 1) if full[k:k + n] == plain), None)
+    if start is None:
+        return full, plain
+    lead = full[:start]
+    if plain[:len(lead)] == lead:
+        lead = []
+    return lead + plain, plain
+
+
+def continuation_ids(tokenizer, prompt: str, prompt_plain: Sequence[int], text: str) -> list[int]:
+    """The ids of ``text`` as they follow ``prompt`` (whose own ids are ``prompt_plain``): the joined text's ids
+    after the prompt's when the prompt's ids begin the joined text's, else ``text`` tokenised alone.
+
+    Tokenised alone, a target can get a token it would not have after its prompt: a SentencePiece
+    tokenizer that prepends a word boundary to every text turns " Paris" into a lone boundary token and
+    "Paris".
+    """
+    joined = _ids(tokenizer, prompt + text, False)
+    n = len(prompt_plain)
+    if n and len(joined) > n and joined[:n] == list(prompt_plain):
+        return joined[n:]
+    return _ids(tokenizer, text, False)
+
+
 def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[str], *,
                       max_length: int | None = None) -> list[TokenizedExample]:
-    """Tokenise each prompt (with the tokenizer's special tokens) and target (without) and join them;
-    likewise an example's corrupted prompt (with the same target), and the first token of its foil.
+    """Tokenise each prompt (with the special tokens the tokenizer puts before a text: :func:`prompt_ids`)
+    and its target (as it follows the prompt: :func:`continuation_ids`) and join them; likewise an
+    example's corrupted prompt (with the same target), and the first token of its foil.
 
     Raises HeadscoreError for a target that tokenises to nothing, a sequence longer than
     ``max_length`` (the model's context), a corrupted prompt of another token length than the
@@ -108,14 +149,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
     task_of = {t: i for i, t in enumerate(tasks)}
     out = []
     for i, ex in enumerate(examples):
-        prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
         where = f"{ex.describe(i)} ({printable(ex.task)})"
-        if ex.label is not None:
+        if ex.label is not None:  # an encoder's input keeps every special token (a classifier reads them)
+            prompt = _ids(tokenizer, ex.prompt, True)
             if max_length is not None and len(prompt) > max_length:
                 raise HeadscoreError(f"{where} has {len(prompt)} tokens; the model allows {max_length}")
             out.append(TokenizedExample(tuple(prompt), 0, task_of[ex.task], i, label=ex.label))
             continue
-        target = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+        prompt, plain = prompt_ids(tokenizer, ex.prompt)
+        target = continuation_ids(tokenizer, ex.prompt, plain, ex.target)
         if not target:
             raise HeadscoreError(f"{where}: target {ex.target!r} has no tokens")
         if not prompt:
@@ -125,13 +167,13 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
             raise HeadscoreError(f"{where} has {len(ids)} tokens; the model allows {max_length}")
         corrupt = foil = None
         if ex.corrupt is not None:
-            corrupt_prompt = tokenizer(ex.corrupt, add_special_tokens=True)["input_ids"]
+            corrupt_prompt, _ = prompt_ids(tokenizer, ex.corrupt)
             if len(corrupt_prompt) != len(prompt):
                 raise HeadscoreError(f"{where}: the corrupted prompt has {len(corrupt_prompt)} tokens, the prompt "
                                      f"{len(prompt)}; they must have the same length")
             corrupt = tuple(corrupt_prompt) + tuple(target)
         if ex.foil is not None:
-            foil_tokens = tokenizer(ex.foil, add_special_tokens=False)["input_ids"]
+            foil_tokens = continuation_ids(tokenizer, ex.prompt, plain, ex.foil)
             if not foil_tokens:
                 raise HeadscoreError(f"{where}: foil {ex.foil!r} has no tokens")
             if foil_tokens[0] == target[0]:

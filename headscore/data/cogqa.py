@@ -56,7 +56,8 @@ class CogQAExample(Example):
 
 
 def unescape(text: object) -> str:
-    """Literal backslash-n sequences to newlines; numbers to strings; surrounding whitespace stripped."""
+    """Literal backslash-n sequences to newlines; numbers to strings (a fraction is read as its text, so it
+    stays as written); surrounding whitespace stripped."""
     return str(text).replace("\\n", "\n").strip()
 
 
@@ -66,7 +67,7 @@ def _read(path: str | Path) -> list[dict]:
         raise HeadscoreError(f"{path} is a directory; give a CogQA JSON file")
     if not path.exists():
         raise HeadscoreError(f"{path}: no such CogQA file")
-    data = parse_json(read_utf8(path), path)  # read once: a pipe works
+    data = parse_json(read_utf8(path), path, floats_as_text=True)  # read once: a pipe works; 0.00001 stays as written
     if not isinstance(data, list) or not data:
         raise HeadscoreError(f"{path}: expected a non-empty JSON list of questions")
     for i, q in enumerate(data):

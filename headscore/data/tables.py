@@ -107,10 +107,12 @@ def _column_map(columns: Mapping[str, str] | None, present: Sequence[str], sourc
         if field not in FIELDS:
             raise HeadscoreError(f"columns: unknown field {field!r} (columns maps a field to your column, "
                                  f"e.g. {{'prompt': 'question'}}); the fields are {', '.join(FIELDS)}")
-        if not isinstance(column, str) or column not in present:
+        # a DataFrame's integer labels (no header row) are read as their text, like every column name
+        name = str(column) if isinstance(column, int) and not isinstance(column, bool) else column
+        if not isinstance(name, str) or name not in present:
             raise HeadscoreError(f"{source}: columns maps {field!r} to {column!r}, which is no column of the "
                                  f"table; its columns are {', '.join(present) or '(none)'}")
-        mapping[field] = column
+        mapping[field] = name
     return mapping
 
 

@@ -86,12 +86,13 @@ _JSON_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
 _JSON_STRING_OR_NUMBER = re.compile(r'"(?:[^"\\]++|\\.)*+"|-?\d+')
 
 
-def parse_json(text: str, name: str | Path, *, line: int | None = None) -> object:
+def parse_json(text: str, name: str | Path, *, line: int | None = None, floats_as_text: bool = False) -> object:
     """``json.loads(text)`` with one-line errors naming ``name`` and the line: malformed JSON, nesting deeper
     than the parser follows (RecursionError), a number with more digits than Python reads (ValueError).
 
     ``line``: the line ``text`` is (one line of a JSON Lines file); None: ``text`` is a whole file and errors
-    name the line inside it.
+    name the line inside it. ``floats_as_text``: a number with a fraction or exponent stays the text written
+    (``12.50`` stays ``"12.50"``, where a float would print as ``12.5``).
     """
     def where(offset: int | None) -> str:
         if line is not None:
@@ -99,7 +100,7 @@ def parse_json(text: str, name: str | Path, *, line: int | None = None) -> objec
         return str(name) if offset is None else f"{name}:{text.count(chr(10), 0, offset) + 1}"
 
     try:
-        return json.loads(text)
+        return json.loads(text, parse_float=str if floats_as_text else None)
     except json.JSONDecodeError as exc:
         raise HeadscoreError(f"{where(exc.pos)}: malformed JSON ({exc.msg})") from None
     except RecursionError:
