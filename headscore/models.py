@@ -54,10 +54,14 @@ class LoadedModel:
 
     @property
     def pad_id(self) -> int:
-        """Token id used for padding."""
+        """Token id used for padding: the tokenizer's pad token, else its EOS, else 0, the first of them that
+        the model's input embedding has (a pad token added to a tokenizer without resizing the model's
+        embedding has none; padding is masked, so any token the model takes serves)."""
         tok = self.tokenizer
-        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
-            if candidate is not None:
+        embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        size = getattr(embedding, "num_embeddings", None)
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if candidate is not None and (size is None or 0 <= int(candidate) < size):
                 return int(candidate)
         return 0
 

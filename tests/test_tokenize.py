@@ -87,3 +87,22 @@ def test_corrupted_prompt_of_another_length_still_refused():
     tok = sentencepiece_like()
     with pytest.raises(HeadscoreError, match="same length"):
         tokenize_examples([Example("The capital of France is", " Paris", "t", corrupt="The capital is")], tok, ["t"])
+
+
+def test_a_pad_token_the_model_has_no_embedding_for_is_not_used():
+    """A pad token added to the tokenizer without resizing the model: padding takes another id (it is masked)."""
+    import torch
+    from tiny import VOCAB, ByteTokenizer, random_examples, tiny_model
+
+    import headscore
+
+    class AddedPad(ByteTokenizer):
+        pad_token_id = VOCAB  # one past the embedding
+
+    lm = tiny_model(dtype=torch.float64)
+    examples = random_examples(6)
+    reference = headscore.score(lm, examples, batch_size=3, progress=False)
+    lm.tokenizer = AddedPad()
+    assert lm.pad_id == AddedPad.eos_token_id
+    scores = headscore.score(lm, examples, batch_size=3, progress=False)
+    torch.testing.assert_close(scores.values, reference.values, rtol=0, atol=0)
