@@ -66,7 +66,7 @@ class TaskAccumulator:
         self.sum.index_add_(0, idx, v)
         self.sumsq.index_add_(0, idx, v * v)
         if self._kept is not None:
-            if int(self.count.sum()) * v[0].numel() > MAX_KEPT_VALUES:
+            if int(self.count.sum()) * v.shape[1:].numel() > MAX_KEPT_VALUES:  # v[0] fails on an empty batch
                 self._kept = None
             else:
                 order = None if example_index is None else example_index.detach().cpu().long().clone()

@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from .errors import HeadscoreError
-from .results import HeadScores
+from .results import HeadScores, whole_at_least
 from .stats import spearman  # here since issue 26 (report/ is below this module); headscore.compare.spearman stays
 
 
@@ -49,7 +49,11 @@ class Agreements(dict[str, Agreement]):
 
 def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     """Share of the ``k`` largest entries of ``a`` that are among the ``k`` largest of ``b`` (NaN entries,
-    heads a layer does not have, rank last)."""
+    heads a layer does not have, rank last); NaN when either map has no value at all (a task without examples),
+    as its top k would be arbitrary."""
+    whole_at_least(k, 1, "topk_overlap needs k")
+    if bool(a.isnan().all()) or bool(b.isnan().all()):
+        return math.nan
     k = min(k, a.numel())
     top_a = set(torch.topk(_nan_last(a.flatten()), k).indices.tolist())
     top_b = set(torch.topk(_nan_last(b.flatten()), k).indices.tolist())
@@ -61,11 +65,13 @@ def _nan_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> Agreement:
-    """Spearman, Kendall (tau-b) and top-k overlap of two maps of equal shape."""
+    """Spearman, Kendall (tau-b) and top-k overlap of two maps of equal shape (each NaN where undefined: fewer
+    than two heads both maps have, or a map with no value)."""
+    whole_at_least(k, 1, "agreement needs k")
     x, y = a.flatten().double().numpy(), b.flatten().double().numpy()
     ok = np.isfinite(x) & np.isfinite(y)  # heads both maps have
-    return Agreement(spearman(x, y), float(stats.kendalltau(x[ok], y[ok]).statistic), topk_overlap(a, b, k),
-                     min(k, a.numel()))
+    kendall = float(stats.kendalltau(x[ok], y[ok]).statistic) if ok.sum() >= 2 else math.nan  # scipy would warn
+    return Agreement(spearman(x, y), kendall, topk_overlap(a, b, k), min(k, a.numel()))
 
 
 def require_finite(scores: HeadScores, name: str) -> None:
@@ -92,7 +98,9 @@ def require_finite(scores: HeadScores, name: str) -> None:
 
 def compare(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
     """Agreement per task between two results over their common tasks (in ``a``'s order), a dict shown as a
-    table in a notebook; HeadscoreError if either holds an infinite score (:func:`require_finite`)."""
+    table in a notebook; HeadscoreError if either holds an infinite score (:func:`require_finite`) or ``k`` is no
+    whole number >= 1."""
+    whole_at_least(k, 1, "compare needs k")
     require_finite(a, "A")
     require_finite(b, "B")
     if a.values.shape[1:] != b.values.shape[1:]:
@@ -107,6 +115,7 @@ def compare(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
 def compare_edges(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
     """Agreement per common task of two files' edge scores over the edges both have a value for (e.g. edge
     scores against exact edge patching of their top edges): Spearman, Kendall and top-k overlap."""
+    whole_at_least(k, 1, "compare_edges needs k")
     for scores, name in ((a, "A"), (b, "B")):
         if not scores.has_edges:
             raise HeadscoreError(f"{name} has no edge scores (score with --edges, or ablate --edges)")
@@ -138,6 +147,7 @@ def _common_positions(a: HeadScores, b: HeadScores) -> list[str]:
 def compare_positions(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
     """Agreement per task of two per-position maps over every (layer, head, position) that both files
     name and where the task has examples with a token in both (top-k over those entries)."""
+    whole_at_least(k, 1, "compare_positions needs k")
     require_finite(a, "A")
     require_finite(b, "B")
     if a.values.shape[1:] != b.values.shape[1:]:

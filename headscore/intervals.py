@@ -16,7 +16,7 @@ import torch
 
 from . import stats
 from .compare import compare, spearman, topk_overlap
-from .results import HeadScores
+from .results import HeadScores, whole_at_least
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,10 @@ def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int
     ``topk_overlap_ci`` ([low, high]) when both results kept per-example values.
 
     Results of the same examples (equal ``data_hash``) are resampled together (paired), others
-    independently. Each entry also says ``level``, ``resamples`` and ``paired``.
+    independently. Each entry also says ``level``, ``resamples`` and ``paired``. HeadscoreError if ``k`` is no
+    whole number >= 1.
     """
+    whole_at_least(k, 1, "agreement_table needs k")
     table = {t: ag.as_dict() for t, ag in compare(a, b, k).items()}
     ma, mb = ExampleMaps.from_scores(a), ExampleMaps.from_scores(b)
     if ma is None or mb is None or resamples < 1:

@@ -32,6 +32,7 @@ from .errors import HeadscoreError
 from .loss import example_losses
 from .patch import HeadGates, head_layout, patch
 from .prepared import prepare
+from .results import whole_at_least
 
 __all__ = ["HardConcrete", "LearnedGates", "learn_gates", "apply_mask", "mask_losses"]
 
@@ -159,12 +160,14 @@ def learn_gates(model, examples: Sequence[Example] | None = None, *, steps: int 
             mean target NLL; larger = fewer heads.
         init: initial log_alpha (2.0: every head open with probability ~0.97).
         threshold: a head is kept when its deterministic gate exceeds this.
+        log_every: record the history every this many steps (a whole number >= 1; the last step always).
 
     Returns:
         :class:`LearnedGates` with the mask and the loss with and without it.
     """
     if steps < 0 or batch_size < 1:
         raise HeadscoreError("steps must be >= 0 and batch_size >= 1")
+    whole_at_least(log_every, 1, "learn_gates needs log_every")
     prep = _prepared(model, examples, max_examples)
     lm = prep.lm
     layout = head_layout(lm.model)

@@ -49,6 +49,34 @@ def data_hash(rows: Iterable[tuple[str, ...]]) -> str:
     return h.hexdigest()[:16]
 
 
+def whole_at_least(value: object, minimum: int, what: str) -> int:
+    """``value`` when it is a whole number (an int, not a bool) of at least ``minimum``; else HeadscoreError
+    ``"{what} >= {minimum} (a whole number), got {value!r}"`` (``what``: e.g. ``"compare needs k"``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise HeadscoreError(f"{what} >= {minimum} (a whole number), got {value!r}")
+    return value
+
+
+def _nan_as_null(value: object) -> object:
+    """``value`` (JSON-like: dicts, lists, tuples, numbers, text) with every non-finite float as None. Written
+    with ``map`` rather than comprehensions, so it reaches as deep as :mod:`json` itself does."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return dict(zip(value, map(_nan_as_null, value.values()), strict=True))
+    if isinstance(value, (list, tuple)):
+        return list(map(_nan_as_null, value))
+    return value
+
+
+def json_bytes(doc: object) -> bytes:
+    """``doc`` as indented UTF-8 JSON with every non-finite number (NaN: a head its layer does not have, a
+    standard error of one example, an undefined correlation; +-inf) written as null: JSON (RFC 8259) has no NaN
+    or Infinity, and strict parsers (JavaScript's ``JSON.parse``) refuse Python's bare ``NaN``. Dumped with
+    ``allow_nan=False``, so none slips through (the scores' JSON exports and ``compare --json`` use it)."""
+    return json.dumps(_nan_as_null(doc), indent=1, allow_nan=False).encode()
+
+
 def _has_lone_surrogate(value: object) -> bool:
     """Whether a JSON-like value holds a string with a lone surrogate (JSON allows it; UTF-8 cannot write it)."""
     stack = [value]
@@ -176,20 +204,42 @@ class HeadScores:
     edge_maps: EdgeMaps | None = None
 
     def __post_init__(self) -> None:
-        if self.values.dim() != 3:
-            raise ValueError(f"values must be [tasks, layers, heads], got {tuple(self.values.shape)}")
-        if self.stderr.shape != self.values.shape:
-            raise ValueError("stderr must have the shape of values")
-        if len(self.tasks) != self.values.shape[0] or self.counts.shape != (len(self.tasks),):
-            raise ValueError("tasks and counts must have one entry per row of values")
-        if _has_lone_surrogate(self.tasks):
-            raise ValueError("task names must be valid text (one holds a lone surrogate, \\ud800-\\udfff)")
-        problem = _examples_problem(self.example_values, self.example_tasks, tuple(self.values.shape)) or \
-            _positions_problem(self.positions, self.position_values, self.position_stderr, self.position_counts,
-                               tuple(self.values.shape)) or \
-            _exact_problem(self.exact, tuple(self.values.shape)) or self._edges_problem()
+        problem = self._problem()
         if problem:
             raise ValueError(problem)
+
+    def _problem(self) -> str:
+        """Why these fields make no scores file ('' when they do): the one set of checks that construction and
+        :meth:`load` both make, so that whatever can be built can be saved and loaded back."""
+        text = {"tasks": self.tasks, "positions": self.positions, "extra": self.extra, "versions": self.versions,
+                "method": self.method, "model": self.model, "data_hash": self.data_hash}
+        for key, kind in (("method", str), ("model", str), ("data_hash", str), ("versions", dict), ("extra", dict)):
+            if not isinstance(text[key], kind):
+                return f"{key!r} must be a {'string' if kind is str else 'dict'}, got {type(text[key]).__name__}"
+        try:
+            json.dumps([self.extra, self.versions])
+        except (TypeError, ValueError, RecursionError) as exc:
+            return f"'extra' and 'versions' must hold JSON values only ({exc})"
+        bad_text = next((key for key, value in text.items() if _has_lone_surrogate(value)), None)
+        if bad_text:
+            return f"metadata {bad_text!r} holds a lone surrogate (\\ud800-\\udfff), which is no valid text"
+        tasks, values, stderr, counts = self.tasks, self.values, self.stderr, self.counts
+        if not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+            return "'tasks' must be distinct strings"
+        if values.dim() != 3 or not values.is_floating_point():
+            return f"values must be a float [tasks, layers, heads] tensor, got {values.dtype} {list(values.shape)}"
+        if stderr.shape != values.shape:
+            return f"stderr is {list(stderr.shape)}, values {list(values.shape)}"
+        if counts.shape != (values.shape[0],) or counts.is_floating_point():
+            return f"counts must be integers, one per task row, got {counts.dtype} {list(counts.shape)}"
+        if len(counts) and int(counts.min()) < 0:
+            return f"counts must not be negative, got {int(counts.min())}"
+        if len(tasks) != values.shape[0]:
+            return f"{len(tasks)} task names for {values.shape[0]} rows of values"
+        shape = tuple(values.shape)
+        return _examples_problem(self.example_values, self.example_tasks, shape) or \
+            _positions_problem(self.positions, self.position_values, self.position_stderr, self.position_counts,
+                               shape) or _exact_problem(self.exact, shape) or self._edges_problem()
 
     def _edges_problem(self) -> str:
         if self.edge_maps is None:
@@ -274,8 +324,7 @@ class HeadScores:
 
     def top_k(self, k: int = 10, task: str | None = None) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest value as (layer, head, value), for one task or the mean over tasks."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise HeadscoreError(f"top_k needs k >= 1 (a whole number), got {k!r}")
+        whole_at_least(k, 1, "top_k needs k")
         grid = (self.values.mean(0) if task is None else self.task(task)).flatten()
         k = min(k, grid.numel())
         ranked = torch.where(torch.isnan(grid), torch.tensor(-math.inf, dtype=grid.dtype), grid)  # NaN last
@@ -440,43 +489,15 @@ class HeadScores:
         for key in ("method", "model"):
             if key not in meta:
                 raise fail(f"no {key!r} in its metadata")
-        bad_text = next((key for key in ("tasks", "positions", "extra", "versions", "method", "model")
-                         if _has_lone_surrogate(fields.get(key, meta.get(key)))), None)
-        if bad_text:
-            raise fail(f"metadata {bad_text!r} holds a lone surrogate (\\ud800-\\udfff), which is no valid text")
-        tasks = fields["tasks"]
-        if not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
-            raise fail("'tasks' must be distinct strings")
-        values, stderr, counts = tensors["values"], tensors["stderr"], tensors["counts"]
-        if values.dim() != 3 or not values.is_floating_point():
-            raise fail(f"values must be a float [tasks, layers, heads] tensor, got {values.dtype} "
-                       f"{list(values.shape)}")
-        if stderr.shape != values.shape:
-            raise fail(f"stderr is {list(stderr.shape)}, values {list(values.shape)}")
-        if counts.shape != (values.shape[0],) or counts.is_floating_point():
-            raise fail(f"counts must be integers, one per task row, got {counts.dtype} {list(counts.shape)}")
-        if len(counts) and int(counts.min()) < 0:
-            raise fail(f"counts must not be negative, got {int(counts.min())}")
-        if len(tasks) != values.shape[0]:
-            raise fail(f"{len(tasks)} task names for {values.shape[0]} rows of values")
-        ex_values, ex_tasks = tensors.get("example_values"), tensors.get("example_tasks")
-        problem = _examples_problem(ex_values, ex_tasks, tuple(values.shape))
-        names = fields["positions"] if "positions" in meta else None
-        pos = [tensors.get(k) for k in _POSITION_TENSORS]
-        problem = problem or _positions_problem(names, *pos, tuple(values.shape))
-        exact = tensors.get("exact")
-        problem = problem or _exact_problem(exact, tuple(values.shape))
         try:
             edge_maps = EdgeMaps.from_file(meta, tensors)
-        except ValueError as exc:
+            return cls(tensors["values"], tensors["stderr"], tensors["counts"], fields["tasks"], meta["method"],
+                       meta["model"], meta.get("data_hash", ""), fields["versions"], fields["extra"],
+                       tensors.get("example_values"), tensors.get("example_tasks"),
+                       fields["positions"] if "positions" in meta else None,
+                       *(tensors.get(k) for k in _POSITION_TENSORS), exact=tensors.get("exact"), edge_maps=edge_maps)
+        except ValueError as exc:  # what __post_init__ (:meth:`_problem`) or the edge metadata refuses
             raise fail(str(exc)) from None
-        if edge_maps is not None and not problem:
-            problem = edge_maps.problem(len(tasks), None if ex_values is None else int(ex_values.shape[0]))
-        if problem:
-            raise fail(problem)
-        return cls(values, stderr, counts, tasks, meta["method"], meta["model"], meta.get("data_hash", ""),
-                   fields["versions"], fields["extra"], ex_values, ex_tasks, names, *pos, exact=exact,
-                   edge_maps=edge_maps)
 
     def to_rows(self) -> list[dict]:
         """One dict per (task, layer, head): task, layer, head, value, stderr, count, and ``exact`` (a bool)
@@ -499,7 +520,8 @@ class HeadScores:
     def to_json(self, path: str | Path) -> Path:
         """Write metadata and nested [task][layer][head] values as JSON (atomically); per-position maps too
         ([task][layer][head][position], with the position names and counts) and the ``exact`` mask
-        ([task][layer][head] booleans) when present."""
+        ([task][layer][head] booleans) when present. Every number that is not finite (a head its layer does not
+        have, the standard error of a task with one example) is written as null (:func:`json_bytes`)."""
         return atomic_write(path, self.export_bytes(".json"))
 
     def export_bytes(self, suffix: str) -> bytes:
@@ -519,7 +541,7 @@ class HeadScores:
                 doc["exact"] = self.exact.tolist()
             if self.edge_maps is not None:
                 doc["edges"] = self.edge_maps.as_json()
-            return json.dumps(doc, indent=1).encode()
+            return json_bytes(doc)
         raise HeadscoreError(f"export needs a .csv or .json file name, not {suffix or 'no suffix'}")
 
     def export(self, path: str | Path) -> Path:
@@ -532,7 +554,7 @@ class HeadScores:
     def edge_export_bytes(self, suffix: str) -> bytes:
         """The edge scores as ``.csv`` (one row per task and existing edge: task, upstream, downstream, value,
         stderr, count, and exact with a mask) or ``.json`` (provenance and [task][upstream][downstream] values,
-        null where no edge exists)."""
+        null where no edge exists or a number is not finite: :func:`json_bytes`)."""
         maps, suffix = self._edges(), suffix.lower()
         if suffix == ".csv":
             return _csv_bytes(["task", "upstream", "downstream", "value", "stderr", "count"],
@@ -540,7 +562,7 @@ class HeadScores:
         if suffix == ".json":
             doc = {"method": self.method, "model": self.model, "tasks": self.tasks, "data_hash": self.data_hash,
                    "versions": self.versions, "counts": self.counts.tolist(), **maps.as_json()}
-            return json.dumps(doc, indent=1).encode()
+            return json_bytes(doc)
         raise HeadscoreError(f"edge export needs a .csv or .json file name, not {suffix or 'no suffix'}")
 
     def export_edges(self, path: str | Path) -> Path:

@@ -60,6 +60,16 @@ def test_learned_mask_changes_loss_as_reported():
         (result.loss_full, result.loss_masked), rel=1e-5)
 
 
+def test_log_every_must_be_a_whole_number_of_at_least_one():
+    lm, examples = tiny_model("llama"), random_examples(4)
+    for log_every in (0, -1, 2.5, True):
+        with pytest.raises(headscore.HeadscoreError) as err:
+            learn_gates(lm, examples, steps=2, batch_size=2, log_every=log_every, progress=False)
+        assert str(err.value) == f"learn_gates needs log_every >= 1 (a whole number), got {log_every!r}"
+    history = learn_gates(lm, examples, steps=3, batch_size=2, log_every=2, progress=False).history
+    assert [h["step"] for h in history] == [0, 2]  # every 2nd step, and the last
+
+
 def test_apply_mask_turns_heads_off():
     lm = tiny_model("llama")
     prep = headscore.prepare(lm, random_examples(4))

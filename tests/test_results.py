@@ -153,3 +153,144 @@ def test_topk_overlap_counts_shared_heads():
     a = torch.arange(10.0)
     b = torch.tensor([9.0, 8, 7, 6, 5, 4, 3, 2, 10, 11])  # top-3 of b: 9, 8, 0; of a: 9, 8, 7
     assert topk_overlap(a, b, 3) == pytest.approx(2 / 3)
+
+
+def _strict_json(text: str):
+    """JSON as RFC 8259 and JavaScript's JSON.parse read it: NaN, Infinity and -Infinity are no JSON."""
+    def refuse(token):
+        raise AssertionError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _nan_as_none(tensor: torch.Tensor) -> list:
+    """The reference of a JSON export: the tensor's values with every non-finite one as None."""
+    return np.where(np.isfinite(tensor.numpy()), tensor.numpy(), None).tolist()
+
+
+def test_json_exports_write_non_finite_numbers_as_null():
+    from headscore.edge_maps import EdgeMaps
+    from headscore.edges.graph import EdgeGraph
+
+    s = _scores()
+    s.values[0, 1, 2] = float("nan")  # a head its layer does not have
+    s.stderr[1] = float("nan")        # a task with one example
+    graph = EdgeGraph(5, 4, 1)
+    edges = torch.rand(3, *graph.allowed.shape, dtype=torch.float64).masked_fill(~graph.allowed, float("nan"))
+    edge_stderr = edges.clone()
+    edge_stderr[2] = float("inf")
+    s = HeadScores(s.values, s.stderr, torch.tensor([3, 1, 5]), s.tasks, s.method, s.model, s.data_hash,
+                   extra={"seconds": 1.5, "loss": float("-inf"), "nested": [[float("nan"), 2.0]]},
+                   edge_maps=EdgeMaps(graph.upstream, graph.downstream, edges, edge_stderr))
+    doc = _strict_json(s.export_bytes(".json").decode())
+    assert doc["values"] == _nan_as_none(s.values) and doc["values"][0][1][2] is None
+    assert doc["stderr"] == _nan_as_none(s.stderr) and doc["stderr"][1][0][0] is None
+    assert doc["extra"] == {"seconds": 1.5, "loss": None, "nested": [[None, 2.0]]}
+    assert doc["edges"]["values"] == _nan_as_none(edges) and doc["edges"]["stderr"] == _nan_as_none(edge_stderr)
+    edge_doc = _strict_json(s.edge_export_bytes(".json").decode())
+    assert edge_doc["values"] == _nan_as_none(edges) and edge_doc["stderr"][2][0][0] is None
+    assert s.extra["loss"] == float("-inf")  # the scores themselves are left as they are
+
+
+def test_json_bytes_reaches_as_deep_as_json():
+    from headscore.results import json_bytes
+
+    deep = json.loads("[" * 900 + "NaN" + "]" * 900)  # JSON (as Python reads it) nested 900 deep
+    assert _strict_json(json_bytes(deep).decode()) == json.loads("[" * 900 + "null" + "]" * 900)
+
+
+def _raw_scores_file(path, fields: dict) -> None:
+    """A scores file holding ``fields`` as they are, written past HeadScores' own checks."""
+    from headscore.checksum import checksummed
+
+    meta = {"format": "headscore/1", "tasks": json.dumps(fields["tasks"]), "method": fields["method"],
+            "model": fields["model"], "data_hash": "", "versions": "{}", "extra": "{}"}
+    path.write_bytes(checksummed({k: fields[k] for k in ("values", "stderr", "counts")}, meta))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": ["a", "a"]}, "'tasks' must be distinct strings"),
+    ({"counts": torch.tensor([-1, 3])}, "counts must not be negative, got -1"),
+    ({"counts": torch.tensor([3.0, 3.0])}, "counts must be integers, one per task row, got torch.float32 [2]"),
+    ({"values": torch.ones(2, 3, 4, dtype=torch.int64)}, "values must be a float [tasks, layers, heads] tensor"),
+    ({"model": "m\ud800"}, "metadata 'model' holds a lone surrogate"),
+    ({"method": "taylor\udfff"}, "metadata 'method' holds a lone surrogate"),
+])
+def test_what_can_be_built_can_be_saved_and_loaded(tmp_path, change, message):
+    """Construction refuses what load refuses, with load's words: no HeadScores makes a file it cannot read."""
+    g = torch.Generator().manual_seed(0)
+    fields = {"values": torch.rand(2, 3, 4, generator=g, dtype=torch.float64),
+              "stderr": torch.rand(2, 3, 4, generator=g, dtype=torch.float64),
+              "counts": torch.tensor([3, 3]), "tasks": ["a", "b"], "method": "taylor", "model": "m"}
+    good = HeadScores(**fields)
+    assert torch.equal(HeadScores.load(good.save(tmp_path / "good.hs")).values, good.values)
+    bad = {**fields, **change}
+    with pytest.raises(ValueError) as built:
+        HeadScores(**bad)
+    assert message in str(built.value)
+    if "\ud800" in bad["model"] or "\udfff" in bad["method"]:
+        return  # no file can hold a lone surrogate (safetensors metadata is UTF-8)
+    _raw_scores_file(tmp_path / "bad.hs", bad)
+    with pytest.raises(headscore.HeadscoreError) as loaded:
+        HeadScores.load(tmp_path / "bad.hs")
+    assert str(loaded.value) == f"{tmp_path / 'bad.hs'}: broken scores file ({built.value})"
+
+
+def test_select_and_provenance_are_checked_as_load_checks_them():
+    s = _scores()
+    with pytest.raises(ValueError, match="'tasks' must be distinct strings"):
+        s.select(["task 0", "task 0"])
+    for change, message in (({"extra": {"loss": torch.tensor(1.0)}}, "must hold JSON values only"),
+                            ({"data_hash": None}, "'data_hash' must be a string, got NoneType"),
+                            ({"extra": {"note": "x\ud800"}}, "metadata 'extra' holds a lone surrogate")):
+        with pytest.raises(ValueError, match=message):
+            HeadScores(s.values, s.stderr, s.counts, s.tasks, s.method, s.model, **{"data_hash": "", **change})
+
+
+def test_accumulator_takes_an_empty_batch():
+    rng = np.random.default_rng(0)
+    values, tasks = rng.normal(size=(5, 2, 3)), np.array([0, 1, 1, 0, 1])
+    for keep in (False, True):
+        acc = TaskAccumulator(["a", "b"], 2, 3, keep_examples=keep)
+        acc.add(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, 3))
+        acc.add(torch.tensor(tasks), torch.tensor(values))
+        acc.add(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, 3), torch.zeros(0, dtype=torch.long))
+        assert acc.count.tolist() == [2, 3]
+        for t in range(2):
+            np.testing.assert_allclose(acc.mean[t].numpy(), values[tasks == t].mean(0), rtol=1e-12)
+        if keep:
+            kept, kept_tasks = acc.examples
+            np.testing.assert_allclose(kept.numpy(), values.astype(np.float32))
+            assert kept_tasks.tolist() == tasks.tolist()
+
+
+@pytest.mark.parametrize("k", [0, -2, 1.5, True, None])
+def test_k_must_be_a_whole_number_of_at_least_one(k):
+    from headscore.compare import compare_edges, compare_positions
+    from headscore.intervals import agreement_table
+
+    a, b = _scores(seed=1), _scores(seed=2)
+    for name, call in (("compare", lambda: headscore.compare(a, b, k=k)),
+                       ("agreement_table", lambda: agreement_table(a, b, k)),
+                       ("agreement", lambda: agreement(a.values[0], b.values[0], k)),
+                       ("topk_overlap", lambda: topk_overlap(a.values[0], b.values[0], k)),
+                       ("compare_edges", lambda: compare_edges(a, b, k)),
+                       ("compare_positions", lambda: compare_positions(a, b, k))):
+        with pytest.raises(headscore.HeadscoreError) as err:
+            call()
+        assert str(err.value) == f"{name} needs k >= 1 (a whole number), got {k!r}"
+
+
+def test_agreement_with_a_map_without_values_is_nan(recwarn):
+    """A task with no examples (all NaN in one file): no top-k overlap either (its top k would be arbitrary)."""
+    a, b = _scores(seed=1), _scores(seed=2)
+    b.values[1] = float("nan")
+    b.counts[1] = 0
+    table = headscore.compare(a, b, k=10)
+    assert all(np.isnan([table["task 1"].spearman, table["task 1"].kendall, table["task 1"].topk_overlap]))
+    x, y = a.values[0].flatten().numpy(), b.values[0].flatten().numpy()
+    assert table["task 0"].kendall == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert table["task 0"].topk_overlap == len(set(np.argsort(-x)[:10]) & set(np.argsort(-y)[:10])) / 10
+    assert np.isnan(topk_overlap(torch.full((3, 4), float("nan")), a.values[0], 5))
+    assert np.isnan(topk_overlap(a.values[0], torch.full((3, 4), float("nan")), 5))
+    assert np.isnan(topk_overlap(torch.zeros(0), torch.zeros(0), 5))  # no heads at all (no division by zero)
+    assert not recwarn.list  # scipy's "sample too small" warning is not passed on

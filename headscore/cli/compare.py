@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from collections.abc import Callable
 
 from ..compare import compare_edges, compare_positions, exact_counts, largest_differences, require_finite
 from ..intervals import agreement_table
 from ..output_files import atomic_write
-from ..results import HeadScores
+from ..results import HeadScores, json_bytes
 from ..stats import format_interval
 from ..text import printable
 from .common import add_interval_args, at_least, check_command_outputs, interval_options
@@ -22,7 +21,7 @@ def register(sub) -> dict[str, Callable]:
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--k", type=at_least(1), default=10, help="top-k size (default 10)")
-    c.add_argument("--json", default=None, help="also write the table as JSON")
+    c.add_argument("--json", default=None, help="also write the table as JSON (an n/a figure as null)")
     c.add_argument("--misses", type=at_least(0), default=0, metavar="N",
                    help="also list, per task, the N heads where A and B differ most (e.g. where a first-order "
                         "estimate misses real ablation)")
@@ -33,16 +32,14 @@ def register(sub) -> dict[str, Callable]:
 def cmd_compare(args: argparse.Namespace) -> None:
     """``headscore compare A B``."""
     check_command_outputs(args, [("--json", args.json)], inputs=[("A", args.a), ("B", args.b)])
-    a, b = HeadScores.load(args.a), HeadScores.load(args.b)
-    require_finite(a, args.a)
-    require_finite(b, args.b)
+    a, b = load_finite(args.a), load_finite(args.b)
     if a.model and b.model and a.model != b.model:
         warnings.warn(f"the files name different models ({a.model} in {args.a}, {b.model} in {args.b}); "
                       "their heads need not correspond", stacklevel=1)
     if a.edges_only or b.edges_only:  # exact edge patching: nothing but edges to compare
         doc = {"_edges": _print_edges(a, b, args)}
         if args.json:
-            atomic_write(args.json, json.dumps(doc, indent=1).encode())
+            atomic_write(args.json, json_bytes(doc))
         return
     table = agreement_table(a, b, args.k, **interval_options(args))
     print(f"{printable(a.method)} vs {printable(b.method)}")
@@ -67,7 +64,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         if shown:
             line += "".join(f" {'-' if counts is None else counts[task]:>8}" for counts in exact.values())
         print(line)
-    metrics = {s.extra.get("metric", "nll") for s in (a, b)}
+    metrics = {printable(s.extra.get("metric", "nll")) for s in (a, b)}  # any JSON value a file may hold
     if len(metrics) > 1:
         print(f"note: the files measure different metrics ({' vs '.join(sorted(metrics))})")
     doc: dict = table
@@ -90,7 +87,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if a.has_edges and b.has_edges:
         doc = {**doc, "_edges": _print_edges(a, b, args)}
     if args.json:
-        atomic_write(args.json, json.dumps(doc, indent=1).encode())
+        atomic_write(args.json, json_bytes(doc))
+
+
+def load_finite(path: str) -> HeadScores:
+    """The scores file at ``path``; HeadscoreError naming it where it holds an infinite score
+    (:func:`headscore.compare.require_finite`)."""
+    scores = HeadScores.load(path)
+    require_finite(scores, path)
+    return scores
 
 
 def _print_edges(a: HeadScores, b: HeadScores, args: argparse.Namespace) -> dict:

@@ -10,8 +10,8 @@ from ..errors import HeadscoreError
 from ..intervals import agreement_table
 from ..output_paths import OutputDir
 from ..report import REPORT_FILES, write_report
-from ..results import HeadScores
 from .common import add_interval_args, at_least, check_command_outputs, interval_options
+from .compare import load_finite
 
 
 def register(sub) -> dict[str, Callable]:
@@ -35,9 +35,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     """``headscore report SCORES --out DIR``."""
     check_command_outputs(args, dirs=[OutputDir("--out", args.out, REPORT_FILES)],
                           inputs=[("SCORES", args.scores), ("--ablation", args.ablation), ("--compare", args.compare)])
-    scores = HeadScores.load(args.scores)
-    ablation = HeadScores.load(args.ablation) if args.ablation else None
-    other = HeadScores.load(args.compare) if args.compare else None
+    scores = load_finite(args.scores)  # an infinite score has no colour and no rank
+    ablation = load_finite(args.ablation) if args.ablation else None
+    other = load_finite(args.compare) if args.compare else None
     comparison = other_comparison = None
     if ablation is not None:
         common = [t for t in scores.tasks if t in ablation.tasks]
