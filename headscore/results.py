@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,12 +69,13 @@ def _nan_as_null(value: object) -> object:
     return value
 
 
-def json_bytes(doc: object) -> bytes:
+def json_bytes(doc: object, *, default: Callable[[object], object] | None = None) -> bytes:
     """``doc`` as indented UTF-8 JSON with every non-finite number (NaN: a head its layer does not have, a
     standard error of one example, an undefined correlation; +-inf) written as null: JSON (RFC 8259) has no NaN
     or Infinity, and strict parsers (JavaScript's ``JSON.parse``) refuse Python's bare ``NaN``. Dumped with
-    ``allow_nan=False``, so none slips through (the scores' JSON exports and ``compare --json`` use it)."""
-    return json.dumps(_nan_as_null(doc), indent=1, allow_nan=False).encode()
+    ``allow_nan=False``, so none slips through (every JSON file headscore writes uses it). ``default``: as
+    :func:`json.dumps`'s, for values JSON has no form for."""
+    return json.dumps(_nan_as_null(doc), indent=1, allow_nan=False, default=default).encode()
 
 
 def _has_lone_surrogate(value: object) -> bool:

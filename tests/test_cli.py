@@ -165,3 +165,6 @@ def test_compare_takes_a_metric_that_is_not_text(tmp_path, capsys):
     code, out, err = run(capsys, "compare", a, b, "--resamples", "0")
     assert code == 0, err
     assert "note: the files measure different metrics (['nll'] vs {'name': 'prob'})" in out
+    code, out, err = run(capsys, "report", a, "--ablation", b, "--out", str(tmp_path / "rep"), "--resamples", "0")
+    assert code == 0, err
+    assert (tmp_path / "rep" / "scatter.png").is_file()

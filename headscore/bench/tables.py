@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import platform
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..output_files import OutputSet, write_bytes
-from ..results import library_versions
+from ..results import json_bytes, library_versions
 
 
 @dataclass
@@ -99,7 +98,7 @@ def write_outputs(doc: dict, out_dir: str | Path, stem: str = "bench") -> dict[s
         w.writerow({**r, "times": " ".join(f"{t:.4f}" for t in r["times"])})
     with OutputSet() as outputs:
         out = outputs.directory(out_dir, names.values(), label="bench directory")
-        write_bytes(out / names["json"], json.dumps(doc, indent=1).encode())
+        write_bytes(out / names["json"], json_bytes(doc))
         write_bytes(out / names["csv"], buf.getvalue().encode())
         write_bytes(out / names["md"], (format_table(doc) + "\n").encode())
     return {kind: Path(out_dir) / name for kind, name in names.items()}

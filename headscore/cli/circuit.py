@@ -4,14 +4,13 @@ pictures (static and interactive)."""
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 
 from ..api import circuit
 from ..errors import HeadscoreError
 from ..output_files import OutputSet
 from ..output_paths import OutputDir
-from ..results import HeadScores
+from ..results import HeadScores, json_bytes
 from ..text import printable
 from .common import at_least, check_command_outputs, load_model_and_tasks, open_fraction
 
@@ -73,7 +72,7 @@ def cmd_circuit(args: argparse.Namespace) -> None:
            "circuits": [c.as_json() for c in circuits]}
     with OutputSet() as outputs:
         out = outputs.directory(args.out, CIRCUIT_FILES, label="--out")
-        (out / "circuits.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        (out / "circuits.json").write_bytes(json_bytes(doc))
         # each figure drawn once, rendered in memory and written atomically (as the report's are)
         circuit_pictures(circuits, out / "circuit")
         curve_png, _ = faithfulness_pictures(circuits, out / "faithfulness")

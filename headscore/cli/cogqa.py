@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from ..errors import HeadscoreError
 from ..models import load_model
 from ..output_files import OutputSet
 from ..output_paths import OutputDir
-from ..results import HeadScores
+from ..results import HeadScores, json_bytes
 from ..text import printable
 from .common import (
     add_interval_args,
@@ -82,7 +81,7 @@ def cmd_intervene(args: argparse.Namespace) -> None:
     if stem is not None:
         with OutputSet() as outputs:
             outputs.write(stem.with_suffix(".md"), result.to_markdown().encode(), label="--out")
-            outputs.write(stem.with_suffix(".json"), json.dumps(result.as_dict(), indent=1).encode(), label="--out")
+            outputs.write(stem.with_suffix(".json"), json_bytes(result.as_dict()), label="--out")
         print(f"-> {stem.with_suffix('.md')}, {stem.with_suffix('.json')}")
 
 

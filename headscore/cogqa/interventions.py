@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ from ..methods.ablation import head_set_gates
 from ..output_files import atomic_write
 from ..patch import HeadGates, head_layout, patch
 from ..prepared import prepare
-from ..results import HeadScores
+from ..results import HeadScores, json_bytes
 from ..text import markdown_text
 
 
@@ -214,7 +213,7 @@ class InterventionResult:
 
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`as_dict` as JSON (atomically)."""
-        return atomic_write(path, json.dumps(self.as_dict(), indent=1).encode())
+        return atomic_write(path, json_bytes(self.as_dict()))
 
     def to_markdown(self) -> str:
         """The study-style table: one row per function (and source), own vs other functions vs random heads."""

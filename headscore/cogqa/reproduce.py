@@ -24,7 +24,6 @@ Every per-function figure carries a bootstrap interval over examples (:mod:`head
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from ..models import LoadedModel, load_model
 from ..output_files import OutputSet, atomic_write
 from ..patch import patch
 from ..prepared import prepare
-from ..results import HeadScores
+from ..results import HeadScores, json_bytes
 from ..text import markdown_text
 from .findings import jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity, specificity
 from .findings import stability as split_half_stability
@@ -188,7 +187,7 @@ class Reproduction:
         if self.interventions is not None:
             self.interventions.to_json(out / "interventions.json")
             self.interventions.to_markdown_file(out / "interventions.md")
-        atomic_write(out / "summary.json", json.dumps(self.summary(), indent=1, default=str).encode())
+        atomic_write(out / "summary.json", json_bytes(self.summary(), default=str))
         atomic_write(out / "report.md", self.markdown().encode())
 
     def _level(self) -> str:

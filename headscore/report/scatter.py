@@ -19,7 +19,7 @@ from .layout import axes_grid, grid_shape, is_bottom_row, wrap_title
 def _truth_label(ablation: Any) -> str:
     """The y axis: the ground truth's quantity (a metric other than NLL, activation patching, say so)."""
     extra = getattr(ablation, "extra", None) or {}
-    metric = extra.get("metric", "nll")
+    metric = str(extra.get("metric", "nll"))  # any JSON value a file may hold
     what = "Patching" if getattr(ablation, "method", "") == "ablation-corrupt" else "Ablation"
     change = {"nll": "loss increase", "logit-diff": "logit-diff drop", "prob": "probability drop"}.get(
         metric, f"{metric} increase")
