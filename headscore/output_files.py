@@ -5,9 +5,16 @@ Every output is first written to a temporary beside its destination (the same di
 rename never crosses a file system) under a short name, ``.hs-XXXXXXXX.tmp``, that fits wherever the
 destination's own name fits. :class:`OutputSet` gathers a command's outputs and renames them into place
 together at the end, with SIGINT, SIGTERM and SIGHUP held back during the renames; if anything fails
-first, it removes every temporary and leaves the destinations as they were. A directory output (a report)
-is built as a temporary directory and swapped in whole (atomically with Linux's ``renameat2``), so a
-reader never sees a mix of two runs.
+first, it removes every temporary (and every directory it created) and leaves the destinations as they
+were. If a rename fails after others succeeded, those are undone: each earlier destination was kept aside
+(swapped with its temporary by Linux's ``renameat2``, else hard-linked or renamed aside) and is put back,
+and an output that was new is removed. A directory output (a report) is built as a temporary directory and
+swapped in whole (atomically with ``renameat2``), so a reader never sees a mix of two runs.
+
+A destination the final rename could not replace is refused before any work (:func:`check_rename_target`):
+a mount point (a bind-mounted file or directory), another user's file in a sticky directory such as
+``/tmp``, and (:func:`check_replaceable`) a directory output that is the current working directory or holds
+it.
 
 A write the system refuses (disk full, read-only file system, name too long, a symlink loop, no
 permission) raises :class:`OutputWriteError`, a one-line :class:`~headscore.errors.HeadscoreError`.
@@ -23,11 +30,13 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +52,14 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
 
 
 class OutputWriteError(HeadscoreError):
-    """An output could not be written; nothing was put in its place (earlier files are as they were)."""
+    """An output could not be written; nothing was put in its place (earlier files are as they were), unless
+    ``stuck`` names outputs that were written all the same and could not be undone."""
 
-    def __init__(self, path: PathLike, reason: str) -> None:
-        self.path, self.reason = Path(path), reason
-        super().__init__(f"cannot write {path}: {reason}; nothing was written (files already there are unchanged)")
+    def __init__(self, path: PathLike, reason: str, stuck: Sequence[str] = ()) -> None:
+        self.path, self.reason, self.stuck = Path(path), reason, tuple(stuck)
+        outcome = (f"these outputs were written all the same and could not be undone: {', '.join(stuck)}" if stuck
+                   else "nothing was written (files already there are unchanged)")
+        super().__init__(f"cannot write {path}: {reason}; {outcome}")
 
 
 def describe(exc: OSError) -> str:
@@ -109,15 +121,32 @@ def resolve_output(path: PathLike, label: str = "output", *, directory: bool = F
 
 
 def foreign_entries(directory: Path, owned: Iterable[str]) -> list[str]:
-    """Names in an existing ``directory`` that are not among ``owned`` (what replacing it whole would delete)."""
+    """Entries of an existing ``directory`` that the command does not write (what replacing it whole would
+    delete): names not among ``owned``, and owned names that are no regular file (a directory is shown with a
+    trailing ``/``)."""
     if not directory.is_dir():
         return []
     keep = set(owned)
-    return sorted(name for name in os.listdir(directory) if name not in keep)
+    with os.scandir(directory) as entries:
+        return sorted(e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in entries
+                      if e.name not in keep or not e.is_file(follow_symlinks=False))
+
+
+def _current_directory() -> Path | None:
+    try:
+        return Path(os.getcwd())
+    except OSError:  # deleted under us: nothing can be inside it
+        return None
 
 
 def check_replaceable(label: str, path: PathLike, final: Path, owned: Iterable[str]) -> None:
-    """Refuse a directory output that holds files the command does not write (replacing it would lose them)."""
+    """Refuse a directory output that holds files the command does not write (replacing it would lose them), or
+    that is the current working directory or one above it (replacing it would leave the shell in a deleted one)."""
+    here = _current_directory()
+    if here is not None and (final == here or final in here.parents):
+        raise HeadscoreError(f"{label} {path} is the current directory or holds it; the output replaces its directory "
+                             "whole, which would leave the shell in a deleted directory: run from elsewhere or give "
+                             "another directory")
     if final.exists() and not final.is_dir():
         raise HeadscoreError(f"{label} {path} exists and is not a directory")
     foreign = foreign_entries(final, owned)
@@ -125,6 +154,78 @@ def check_replaceable(label: str, path: PathLike, final: Path, owned: Iterable[s
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise HeadscoreError(f"{label} {path} holds other files ({shown}); the output replaces its directory as a "
                              "whole: give a new or empty directory")
+
+
+def _mount_points() -> set[bytes]:
+    """Every mount point of this process (Linux ``/proc/self/mountinfo``, bind mounts of single files included;
+    empty where there is no such file)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as fh:
+            fields = [line.split() for line in fh]
+    except OSError:
+        return set()
+    octal = re.compile(rb"\\([0-7]{3})")  # the kernel writes space, tab, newline and backslash as \ooo
+    return {octal.sub(lambda m: bytes([int(m.group(1), 8)]), f[4]) for f in fields if len(f) > 4}
+
+
+def is_mount_point(path: Path) -> bool:
+    """True when the resolved ``path`` is a mount point: a file system's root or a bind-mounted directory or file,
+    from the same file system too (where ``os.path.ismount`` and device numbers cannot tell)."""
+    try:
+        if os.stat(path).st_dev != os.stat(path.parent).st_dev:
+            return True
+    except OSError:
+        return False
+    return os.path.ismount(path) or os.fsencode(path) in _mount_points()
+
+
+def _has_fowner() -> bool:
+    """Whether this process holds CAP_FOWNER (Linux's effective capabilities; elsewhere: being root)."""
+    try:
+        with open("/proc/self/status") as fh:
+            caps = next(line.split()[1] for line in fh if line.startswith("CapEff:"))
+    except (OSError, StopIteration, IndexError):
+        return os.geteuid() == 0
+    cap_fowner = 3
+    return bool(int(caps, 16) >> cap_fowner & 1)
+
+
+def _mapped(ident: int, table: str) -> bool:
+    """Whether a user or group id is mapped in this process's user namespace (``/proc/self/uid_map``)."""
+    try:
+        with open(table) as fh:
+            rows = [tuple(map(int, line.split())) for line in fh]
+    except (OSError, ValueError):
+        return True
+    return any(inside <= ident < inside + count for inside, _, count in rows)
+
+
+def sticky_refuses(final: Path) -> bool:
+    """True when the existing ``final`` lies in a sticky directory (like ``/tmp``) that would refuse to let this
+    process rename over it: the kernel allows only the owner of the file or of the directory, or a process with
+    CAP_FOWNER for ids its user namespace maps (root with its capabilities dropped may not)."""
+    try:
+        st, parent = os.lstat(final), os.stat(final.parent)
+    except OSError:
+        return False
+    if not parent.st_mode & stat.S_ISVTX or os.geteuid() in (st.st_uid, parent.st_uid):
+        return False
+    return not (_has_fowner() and _mapped(st.st_uid, "/proc/self/uid_map")
+                and _mapped(st.st_gid, "/proc/self/gid_map"))
+
+
+def check_rename_target(label: str, path: PathLike, final: Path) -> None:
+    """Refuse, before any work, an existing ``final`` that the last step of the write, renaming the new file or
+    directory into place, could not replace: a mount point, or another user's file in a sticky directory."""
+    if not os.path.lexists(final):
+        return
+    if is_mount_point(final):
+        kind = "directory" if final.is_dir() else "file"
+        raise HeadscoreError(f"{label} {path} is a mount point, and the write renames a new {kind} into its place, "
+                             "which a mount point refuses: write to another path and copy it there")
+    if sticky_refuses(final):
+        raise HeadscoreError(f"{label} {path} belongs to another user in the sticky directory {final.parent}, where "
+                             "only its owner may replace it: choose another name (or have its owner remove it)")
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
@@ -135,42 +236,87 @@ def write_bytes(path: PathLike, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _link(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` as ``dst``; False where the system refuses (no hard links there, not one's own file)."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
 @dataclass
 class _Staged:
     tmp: Path
     final: Path
     shown: str
     is_dir: bool
+    old: Path | None = None  # after install: where the destination's earlier version waits (None: there was none)
 
-    def install(self) -> None:
-        if not self.is_dir:
+    def install(self, keep_old: bool) -> None:
+        """Rename the temporary into place. With ``keep_old`` (an output that a later one may still fail after),
+        the earlier destination stays in ``old`` until :meth:`finish`, for :meth:`undo` to put back."""
+        if not self.is_dir and not keep_old:
             os.replace(self.tmp, self.final)
             return
-        old = self.final if self.final.is_dir() else None
-        os.chmod(self.tmp, (os.stat(old).st_mode & 0o7777) if old else default_mode(directory=True))
-        if old is None:
+        if self.is_dir:
+            old_mode = os.stat(self.final).st_mode & 0o7777 if self.final.is_dir() else None
+            os.chmod(self.tmp, default_mode(directory=True) if old_mode is None else old_mode)
+        if not os.path.lexists(self.final):
             os.rename(self.tmp, self.final)
         elif _exchange(self.tmp, self.final):
-            shutil.rmtree(self.tmp, ignore_errors=True)  # the tmp name now holds the old directory
+            self.old = self.tmp  # the temporary's name now holds the earlier version
         else:
             aside = self.final.with_name(self.tmp.name[: -len(TEMP_SUFFIX)] + ".old")
-            os.rename(self.final, aside)
+            linked = not self.is_dir and _link(self.final, aside)  # a link keeps the file in place meanwhile
+            if not linked:
+                os.rename(self.final, aside)
             try:
                 os.rename(self.tmp, self.final)
             except BaseException:
-                os.rename(aside, self.final)  # put the earlier directory back
+                if linked:
+                    aside.unlink()
+                else:
+                    os.rename(aside, self.final)  # put the earlier version back
                 raise
-            shutil.rmtree(aside, ignore_errors=True)
+            self.old = aside
+
+    def undo(self) -> None:
+        """Put back what :meth:`install` replaced (the new output goes back to the temporary's name)."""
+        if self.old == self.tmp:
+            if not _exchange(self.tmp, self.final):
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(self.final))
+        else:
+            if self.old is None or self.is_dir:
+                os.rename(self.final, self.tmp)
+            if self.old is not None:
+                try:
+                    os.replace(self.old, self.final)
+                except OSError:
+                    if self.is_dir:
+                        os.rename(self.tmp, self.final)  # the new directory stays, as the error will say
+                    raise
+        self.old = None
+
+    def finish(self) -> None:
+        """Remove the earlier version kept by :meth:`install`."""
+        if self.old is not None:
+            _remove(self.old, self.is_dir)
+            self.old = None
 
     def remove(self) -> None:
-        if self.is_dir:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                self.tmp.unlink()
+        _remove(self.tmp, self.is_dir)
 
     def holds(self, path: Path | None) -> bool:
         return path is not None and (path == self.tmp or self.tmp in path.parents)
+
+
+def _remove(path: Path, is_dir: bool) -> None:
+    if is_dir:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -223,6 +369,7 @@ class OutputSet:
 
     def __init__(self) -> None:
         self._staged: list[_Staged] = []
+        self._made: list[Path] = []  # directories created for the outputs, removed again if nothing is written
 
     def __enter__(self) -> OutputSet:
         return self
@@ -257,13 +404,26 @@ class OutputSet:
             check_replaceable(label, path, final, owned)
         elif final.is_dir():
             raise HeadscoreError(f"{label} {path} is a directory; give a file name")
+        check_rename_target(label, path, final)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._make_parents(final.parent)
             tmp = new_temp_dir(final.parent) if is_dir else new_temp_file(final.parent)
         except OSError as exc:
             raise OutputWriteError(path, describe(exc)) from None
         self._staged.append(_Staged(tmp, final, os.fspath(path), is_dir))
         return tmp
+
+    def _make_parents(self, directory: Path) -> None:
+        missing = []
+        while not directory.exists() and directory != directory.parent:
+            missing.append(directory)
+            directory = directory.parent
+        for made in reversed(missing):
+            try:
+                made.mkdir()
+            except FileExistsError:
+                continue
+            self._made.append(made)
 
     def file(self, path: PathLike, label: str = "output") -> Path:
         """Stage the file ``path``: returns the temporary to write instead (it exists, empty)."""
@@ -287,26 +447,58 @@ class OutputSet:
         return self._stage(path, label, tuple(owned))
 
     def commit(self) -> None:
-        """Rename every staged output into place (signals held back meanwhile); the set is empty after."""
+        """Rename every staged output into place (signals held back meanwhile), all or nothing: where a rename
+        fails, the ones before it are undone. The set is empty after."""
         try:
             for staged in self._staged:
                 if not staged.is_dir:
                     os.chmod(staged.tmp, default_mode())
-            with signals_held():
-                for staged in self._staged:
-                    staged.install()
         except OSError as exc:
             raise self._named(Path(exc.filename) if isinstance(exc.filename, str) else None,
                               describe(exc)) from None
+        with signals_held():
+            done: list[_Staged] = []
+            try:
+                for staged in self._staged:
+                    staged.install(keep_old=staged is not self._staged[-1])
+                    done.append(staged)
+            except BaseException as exc:
+                failed = self._staged[len(done)]
+                reason = describe(exc) if isinstance(exc, OSError) else type(exc).__name__
+                stuck = self._undo(done)
+                if stuck:
+                    raise OutputWriteError(failed.shown, reason, stuck) from None
+                if isinstance(exc, OSError):
+                    raise OutputWriteError(failed.shown, reason) from None
+                raise
+            for staged in self._staged:
+                staged.finish()
         for parent in {s.final.parent for s in self._staged}:
             _sync_directory(parent)
         self._staged.clear()
+        self._made.clear()
+
+    def _undo(self, done: list[_Staged]) -> list[str]:
+        """Undo the installs of ``done``, last first; returns what could not be undone, which stays as it is."""
+        stuck = []
+        for staged in reversed(done):
+            try:
+                staged.undo()
+            except OSError:
+                kept = f"its earlier version is {staged.old}" if staged.old is not None else "new"
+                stuck.append(f"{staged.shown} ({kept})")
+                self._staged.remove(staged)  # neither its temporary nor its earlier version is removed
+        return stuck
 
     def discard(self) -> None:
-        """Remove every staged temporary; the destinations keep what they had."""
+        """Remove every staged temporary and every directory made for them; the destinations keep what they had."""
         for staged in reversed(self._staged):
             staged.remove()
         self._staged.clear()
+        for made in reversed(self._made):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        self._made.clear()
 
 
 def _sync_directory(directory: Path) -> None:

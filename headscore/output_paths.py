@@ -9,8 +9,10 @@ raises :class:`~headscore.errors.HeadscoreError` with one line when
   lies inside an output directory under a name the command writes there;
 - two outputs are the same file (``--checkpoint`` equal to ``--out``);
 - an output file's path is a directory, not a regular file, ends with ``/`` or is a symbolic
-  link loop; an output directory's path is a file, or a directory holding files the command
-  does not write (the output replaces it whole);
+  link loop; an output directory's path is a file, a directory holding files the command
+  does not write (the output replaces it whole), or the current directory or one above it;
+- an existing output cannot be replaced by the rename that ends the write: a mount point (a
+  bind-mounted file or directory), or another user's file in a sticky directory such as ``/tmp``;
 - the place an output goes cannot be written: probed by creating and removing the same kind of
   temporary the write will use (:mod:`headscore.output_files`), in the directory the write will
   use (symbolic links resolved alike), so read-only mounts, permissions and over-long names are
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HeadscoreError
-from .output_files import check_replaceable, describe, new_temp_dir, new_temp_file, resolve_output
+from .output_files import check_rename_target, check_replaceable, describe, new_temp_dir, new_temp_file, resolve_output
 
 PathLike = str | os.PathLike
 
@@ -84,7 +86,8 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_output_file(label: str, path: PathLike) -> None:
     """``path`` can be written as a file where the write will put it (links followed): its directory exists
-    and takes a temporary file, it is no directory, its name is no longer than the file system allows."""
+    and takes a temporary file, it is no directory, its name is no longer than the file system allows, and
+    a file already there can be replaced by a rename."""
     target = resolve_output(path, label)
     if target.is_dir():
         raise HeadscoreError(f"{label} {path} is a directory; give a file name")
@@ -92,14 +95,17 @@ def check_output_file(label: str, path: PathLike) -> None:
         raise HeadscoreError(f"{label} {path} exists and is not a regular file")
     if not target.parent.is_dir():
         raise HeadscoreError(f"{label} {path}: directory {target.parent} does not exist")
+    check_rename_target(label, path, target)
     _probe_writable(target.parent, label, path)
 
 
 def check_output_dir(label: str, path: PathLike, owned: Sequence[str] = ()) -> None:
     """``path`` is (or can be created as) a directory that can be replaced whole: it holds nothing but
-    ``owned`` names, and its parent (or the nearest existing ancestor) takes a temporary directory."""
+    ``owned`` files, it is not the current directory nor above it, a rename can replace it, and its parent
+    (or the nearest existing ancestor) takes a temporary directory."""
     target = resolve_output(path, label, directory=True)
     check_replaceable(label, path, target, owned)
+    check_rename_target(label, path, target)
     base = _nearest_existing(target.parent)
     if not base.is_dir():
         raise HeadscoreError(f"{label} {path}: {base} is not a directory")

@@ -81,6 +81,7 @@ CASES = {
     "train-fraction-1": "argument --train-fraction: must be between 0 and 1, got 1",
     "model-without-tokenizer": "has no tokenizer: none of tokenizer.json",
     "compare-infinite-score": "head L0.H1 of task 'a' has the score inf",
+    "report-infinite-score": "head L0.H1 of task 'a' has the score inf",
     "tasks-directory": "is a directory; give a JSON Lines file",
     "tasks-dev-null": "/dev/null: no examples",
     "bench-tasks-pipe": "is not a regular file (a pipe?), and --memory subprocess reads it again",
@@ -773,6 +774,9 @@ def test_compare_refuses_infinite_scores_and_warns_on_different_models(tmp_path,
     s.save(inf)
     err = refused(capsys, "compare-infinite-score", ["compare", inf, a], tmp_path)
     assert str(inf) in err
+    for argv in (["report", inf], ["report", a, "--ablation", inf], ["report", a, "--compare", inf]):
+        err = refused(capsys, "report-infinite-score", [*argv, "--out", tmp_path / "rep"], tmp_path)
+        assert err.startswith(f"headscore: error: {inf}: "), err
     s.values[0, 0, 1] = float("nan")  # a head its layer lacks: fine
     s.model = "another-model"
     nan = tmp_path / "nan.hs"

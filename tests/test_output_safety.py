@@ -4,7 +4,9 @@ the signal (issue 23, part 1).
 Each documented case (``OUTPUT_CASES``, rows of ``docs/bad-input.md``) runs through the command line and must
 end with exit code 2, one line, and every file as it was; the successful cases check that the output really
 lands where a user expects it. Full and read-only disks are real: a tmpfs mounted for the test (root only;
-elsewhere those tests say why they skip, and the fault-injection tests below cover the same code paths).
+elsewhere those tests say why they skip, and the fault-injection tests below cover the same code paths); so
+are mount points (bind mounts), other users' files in sticky directories (root with its capabilities dropped
+by ``setpriv``) and a rename the kernel refuses in the middle of a commit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +49,10 @@ OUTPUT_CASES = {
     "report-disk-full": "No space left on device; nothing was written",
     "circuit-disk-full": "No space left on device; nothing was written",
     "out-read-only": "cannot write in",
+    "out-mount-point": "is a mount point, and the write renames a new file into its place, which a mount point refuses",
+    "report-mount-point": "is a mount point, and the write renames a new directory into its place",
+    "out-sticky-other-user": "belongs to another user in the sticky directory",
+    "report-out-cwd": "is the current directory or holds it; the output replaces its directory whole",
     "scores-checksum": "checksum mismatch: the file was changed or damaged after it was written",
     "scores-is-directory": "is a directory, not a scores file",
     "scores-negative-counts": "counts must not be negative, got -3",
@@ -94,6 +102,19 @@ def tmpfs(where: Path, size: str = "64k"):
     """A fresh tmpfs of ``size`` at ``where`` (skips the test where mounting is not allowed: not root)."""
     if os.geteuid() != 0 or not _mount(where, size):
         pytest.skip("mounting a small tmpfs needs root (CI runs as root); the fault-injection tests cover this")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextmanager
+def bind_mount(source: Path, where: Path):
+    """``source`` bind-mounted at ``where`` (a file on a file, a directory on a directory), as ``docker -v`` does;
+    skips the test where mounting is not allowed (not root)."""
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(source), str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a bind mount needs root (CI runs as root)")
     try:
         yield where
     finally:
@@ -182,6 +203,133 @@ def test_a_link_in_a_read_only_directory_to_a_writable_one(tmp_path, capsys, mod
         refused(capsys, "out-read-only", score_args(model_dir, tasks, "--out", tmp_path / "ro" / "new.hs"),
                 tmp_path / "rw")
     assert not leftovers(tmp_path / "rw")
+
+
+# ------------------------------------------------------------------ what the final rename could not replace
+
+
+def test_a_mount_point_is_refused_before_work(tmp_path, capsys, model_dir, tasks):
+    """A bind-mounted output (``docker -v ./o.hs:/o.hs``, ``-v ./rep:/rep``) cannot be renamed over (EBUSY): it used
+    to fail after the work; now before it. The mounts here are on one file system, where device numbers match."""
+    a = scores_file(tmp_path / "a.hs")
+    work = tmp_path / "work"
+    (work / "rep").mkdir(parents=True)
+    (work / "o.hs").write_text("in the container")
+    (tmp_path / "host.hs").write_text("host")
+    (tmp_path / "vol").mkdir()
+    with bind_mount(tmp_path / "host.hs", work / "o.hs"), bind_mount(tmp_path / "vol", work / "rep"):
+        refused(capsys, "out-mount-point", score_args(model_dir, tasks, "--out", work / "o.hs"), tmp_path)
+        refused(capsys, "report-mount-point", ["report", a, "--out", work / "rep"], tmp_path)
+        with pytest.raises(HeadscoreError, match="is a mount point"):
+            write_report(HeadScores.load(a), work / "rep")
+        with pytest.raises(HeadscoreError, match="is a mount point"):
+            atomic_write(work / "o.hs", b"new")
+        assert (work / "o.hs").read_text() == "host" and not leftovers(work, tmp_path / "vol")
+
+
+def _sticky_file(directory: Path, file_uid: int, dir_uid: int) -> Path:
+    """``directory/o.json`` owned by ``file_uid`` in a new sticky, world-writable ``directory`` of ``dir_uid``."""
+    directory.mkdir()
+    os.chown(directory, dir_uid, dir_uid)
+    os.chmod(directory, 0o1777)
+    target = directory / "o.json"
+    target.write_text("old")
+    os.chown(target, file_uid, file_uid)
+    return target
+
+
+_NO_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]  # root as an ordinary user of uid 0
+_STICKY_PROBE = """import json, os, sys
+from pathlib import Path
+from headscore.output_files import new_temp_file, sticky_refuses
+seen = []
+for target in map(Path, sys.argv[1:]):
+    predicted = sticky_refuses(target)
+    tmp = new_temp_file(target.parent)
+    try:
+        os.replace(tmp, target)
+        seen.append([predicted, False])
+    except PermissionError:
+        tmp.unlink()
+        seen.append([predicted, True])
+print(json.dumps(seen))
+"""
+
+
+def _needs_root_and_setpriv(tmp_path: Path) -> None:
+    """Skip unless this process may give files to uid 65534 and run a command without capabilities."""
+    reason = "files of other users and dropped capabilities need root and setpriv (CI runs as root)"
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip(reason)
+    try:
+        os.chown(tmp_path, 65534, 65534)
+        os.chown(tmp_path, 0, 0)
+    except OSError:
+        pytest.skip(reason)
+    if subprocess.run([*_NO_CAPABILITIES, "true"], capture_output=True).returncode != 0:
+        pytest.skip(reason)
+
+
+def test_the_sticky_check_predicts_what_the_kernel_does(tmp_path):
+    """In a sticky directory only the owner of the file or of the directory, or a process with CAP_FOWNER, may
+    rename over a file: the check made before any work says so exactly when the kernel then refuses, for root
+    with its capabilities and without them (where uid 0 alone is no privilege)."""
+    _needs_root_and_setpriv(tmp_path)
+    owners = ((65534, 65534), (0, 65534), (65534, 0))  # (file, directory): another user's, one's own file, dir
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for caps, prefix in (("all", []), ("none", _NO_CAPABILITIES)):
+        targets = [_sticky_file(tmp_path / f"{caps}-{f}-{d}", f, d) for f, d in owners]
+        done = subprocess.run([*prefix, sys.executable, "-c", _STICKY_PROBE, *map(str, targets)], env=env,
+                              capture_output=True, text=True, check=True)
+        seen = json.loads(done.stdout)  # [predicted, refused by the kernel] per target
+        assert [kernel for _, kernel in seen] == [caps == "none", False, False], (caps, seen)
+        assert [predicted for predicted, _ in seen] == [kernel for _, kernel in seen], (caps, seen)
+
+
+def test_another_users_file_in_a_sticky_directory_is_refused_before_work(tmp_path, capsys, model_dir, tasks):
+    """``--out /tmp/o.hs``, where that file belongs to another user: the rename at the end would be refused (EPERM);
+    it used to be found after the work, now before it. Root (with CAP_FOWNER) may replace it."""
+    _needs_root_and_setpriv(tmp_path)
+    target = _sticky_file(tmp_path / "sticky", 65534, 65534)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*_NO_CAPABILITIES, sys.executable, "-m", "headscore.cli",
+                           *score_args(model_dir, tasks, "--out", target)], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert OUTPUT_CASES["out-sticky-other-user"] in done.stderr, done.stderr
+    assert target.read_text() == "old" and not leftovers(target.parent)
+    assert main(["compare", str(scores_file(tmp_path / "a.hs")), str(tmp_path / "a.hs"), "--json", str(target)]) == 0
+    capsys.readouterr()
+    assert json.loads(target.read_text())
+
+
+def test_a_report_into_the_current_directory_is_refused(tmp_path, capsys, monkeypatch):
+    """``cd rep && headscore report ../s.hs --out .`` used to swap out the directory the shell stands in (the shell
+    was left in a deleted, empty one): refused, as is a directory above the current one."""
+    a = scores_file(tmp_path / "a.hs")
+    rep = tmp_path / "rep"
+    assert main(["report", str(a), "--out", str(rep)]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(rep)
+    refused(capsys, "report-out-cwd", ["report", a, "--out", "."], tmp_path)
+    refused(capsys, "report-out-cwd", ["report", a, "--out", ".."], tmp_path)
+    with pytest.raises(HeadscoreError, match="is the current directory or holds it"):
+        write_report(HeadScores.load(a), ".")
+    assert os.path.samefile(os.getcwd(), rep) and (rep / "summary.md").is_file()
+
+
+def test_a_directory_named_like_a_report_file_is_not_deleted(tmp_path, capsys):
+    """``rep/summary.md/`` a directory holding the user's files: its name is the report's, but it is no file the
+    report wrote, and replacing the directory would delete it."""
+    a = scores_file(tmp_path / "a.hs")
+    (tmp_path / "rep" / "summary.md").mkdir(parents=True)
+    (tmp_path / "rep" / "summary.md" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    assert main(["report", str(a), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "holds other files (summary.md/)" in err and err.count("\n") == 1, err
+    with pytest.raises(HeadscoreError, match=r"holds other files \(summary.md/\)"):
+        write_report(HeadScores.load(a), tmp_path / "rep")
+    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------- full disks
@@ -322,6 +470,107 @@ def test_output_set_is_all_or_nothing(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "new a" and (tmp_path / "b.txt").read_text() == "new b"
 
 
+def _busy_at(path: Path, real):
+    """``os.replace`` that fails with EBUSY (what a mount point answers) for the destination ``path``."""
+    def replace(src, dst):
+        if Path(dst) == path:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src), None, str(dst))
+        return real(src, dst)
+    return replace
+
+
+@pytest.mark.parametrize("aside", ["exchange", "link", "rename"])
+def test_a_failed_commit_puts_back_the_outputs_already_in_place(tmp_path, monkeypatch, aside):
+    """The last output's rename fails after the others were in place (``--export`` a mount point, found only then):
+    every earlier destination is put back and every new one removed, so "nothing was written" is true; each
+    earlier version waited swapped with its temporary (``renameat2``), hard-linked or renamed aside, whichever
+    the system allows."""
+    import headscore.output_files as of
+
+    if aside != "exchange":
+        monkeypatch.setattr(of, "_exchange", lambda a, b: False)
+    if aside == "rename":
+        monkeypatch.setattr(of, "_link", lambda a, b: False)
+    (tmp_path / "a.hs").write_text("old a")
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "x").write_text("old x")
+    (tmp_path / "rep2").mkdir()
+    (tmp_path / "rep2" / "x").write_text("old x2")
+    (tmp_path / "last.csv").write_text("old last")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(of.os, "replace", _busy_at(tmp_path / "last.csv", os.replace))
+    with pytest.raises(OutputWriteError, match=f"cannot write {tmp_path / 'last.csv'}: Device or resource busy; "
+                                               "nothing was written"), OutputSet() as outputs:
+        outputs.write(tmp_path / "a.hs", b"new a")
+        outputs.write(tmp_path / "b.csv", b"new b")
+        (outputs.directory(tmp_path / "rep", ["x"]) / "x").write_text("new x")
+        (outputs.directory(tmp_path / "rep2", ["x"]) / "x").write_text("new x2")
+        (outputs.directory(tmp_path / "rep3", ["x"]) / "x").write_text("new x3")
+        outputs.write(tmp_path / "last.csv", b"new last")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_commit_refused_by_the_kernel_is_undone(tmp_path):
+    """The review's case: ``--out`` renamed into place, then ``--export``'s rename refused by the kernel (EBUSY, a
+    file bind-mounted there after the checks): ``--out`` holds its earlier content again."""
+    (tmp_path / "scores.hs").write_text("OLD")
+    (tmp_path / "table.csv").write_text("table")
+    (tmp_path / "host.csv").write_text("host")
+    outputs = OutputSet()
+    outputs.write(tmp_path / "scores.hs", b"NEW")
+    outputs.write(tmp_path / "table.csv", b"NEW")
+    with bind_mount(tmp_path / "host.csv", tmp_path / "table.csv"):
+        with pytest.raises(OutputWriteError, match="table.csv: Device or resource busy; nothing was written"), outputs:
+            pass
+        assert (tmp_path / "scores.hs").read_text() == "OLD" and (tmp_path / "table.csv").read_text() == "host"
+    assert (tmp_path / "table.csv").read_text() == "table" and not leftovers(tmp_path)
+
+
+def test_an_output_that_cannot_be_put_back_is_named(tmp_path, monkeypatch):
+    """Where undoing one fails too, the line names each output written all the same and where its earlier version
+    is kept (that file is left alone); the others are put back."""
+    import headscore.output_files as of
+
+    for name in ("a.hs", "b.csv", "c.json"):
+        (tmp_path / name).write_text(f"old {name}")
+    real_exchange, calls = of._exchange, []
+
+    def exchange(a, b):  # installs a.hs, installs b.csv, fails to put b.csv back, puts a.hs back
+        calls.append(b)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(b))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(of, "_exchange", exchange)
+    monkeypatch.setattr(of.os, "replace", _busy_at(tmp_path / "c.json", os.replace))
+    with pytest.raises(OutputWriteError) as caught, OutputSet() as outputs:
+        for name in ("a.hs", "b.csv", "c.json"):
+            outputs.write(tmp_path / name, f"new {name}".encode())
+    shown = str(caught.value)
+    m = re.fullmatch(rf"cannot write {re.escape(str(tmp_path / 'c.json'))}: Device or resource busy; these outputs "
+                     rf"were written all the same and could not be undone: {re.escape(str(tmp_path / 'b.csv'))} "
+                     rf"\(its earlier version is (.+)\)", shown)
+    assert m, shown
+    kept = Path(m.group(1))
+    assert kept.read_text() == "old b.csv" and leftovers(tmp_path) == [kept]
+    assert [(tmp_path / n).read_text() for n in ("a.hs", "b.csv", "c.json")] == ["old a.hs", "new b.csv", "old c.json"]
+
+
+def test_a_failed_write_removes_the_directories_it_made(tmp_path):
+    """"Nothing was written" includes the missing parent directories the outputs were staged in: removed again
+    (directories that were there stay), and kept when the write succeeds."""
+    (tmp_path / "there").mkdir()
+    with pytest.raises(RuntimeError), OutputSet() as outputs:
+        outputs.directory(tmp_path / "new" / "deeper" / "rep", ["x"])
+        outputs.write(tmp_path / "new" / "o.json", b"{}")
+        outputs.write(tmp_path / "there" / "new" / "o.json", b"{}")
+        raise RuntimeError("the run fails after staging")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["there"]
+    with OutputSet() as outputs:
+        (outputs.directory(tmp_path / "new" / "deeper" / "rep", ["x"]) / "x").write_text("1")
+    assert (tmp_path / "new" / "deeper" / "rep" / "x").read_text() == "1"
+
+
 def test_a_directory_is_replaced_whole(tmp_path):
     out = tmp_path / "out"
     with OutputSet() as outputs:
@@ -374,8 +623,8 @@ def test_a_signal_during_the_commit_waits_for_it(tmp_path):
 
         raised = []
 
-        def install_then_signal(self):
-            real_install(self)
+        def install_then_signal(self, *args, **kwargs):
+            real_install(self, *args, **kwargs)
             if not raised:
                 raised.append(True)
                 signal.raise_signal(signal.SIGTERM)
