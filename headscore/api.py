@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .accumulate import TaskAccumulator
-from .checkpoint import ScoringRun, fingerprint, tensor_hash
+from .checkpoint import ScoringRun, callable_identity, fingerprint, model_identity, repr_hash, tensor_hash
 from .compare import compare
 from .data.batching import batch_cells, num_batches
 from .data.examples import Example
@@ -265,11 +265,19 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                            metric=metric, meaning=_meaning(prep, metric), batch_size=batch_size, progress=progress,
                            steps=steps if method == "ig" else None, fraction=path_fraction)
     acc = prep.accumulator()
-    ident = fingerprint(model=prep.lm.name, method=method, data_hash=prep.data_hash, tasks=prep.tasks,
-                        batch_size=batch_size,
-                        baseline=baseline if baseline is None or isinstance(baseline, str) else tensor_hash(baseline),
-                        **({} if metric.name == "nll" else {"metric": metric.name}),
-                        **({"steps": steps, "path_fraction": path_fraction} if method == "ig" else {}))
+    ident = {}
+    if checkpoint is not None:  # what the model is (not its name), how it runs, and what the run computes
+        from .kernels.dispatch import kernel_available  # imports triton, as patch() does below
+
+        ident = fingerprint(
+            method=method, data_hash=prep.data_hash, tasks=prep.tasks, batch_size=batch_size,
+            tokens=repr_hash((prep.lm.pad_id, prep.tokenized)), **model_identity(prep.lm.model),
+            heads_per_layer=[layout.heads_of(i) for i in range(layout.num_layers)],
+            kernel=bool(kernel) if kernel is not None else kernel_available(prep.lm.device),
+            baseline=baseline if baseline is None or isinstance(baseline, str) else tensor_hash(baseline),
+            metric=metric.name if metric.fn is None else [metric.name, callable_identity(metric.fn),
+                                                          metric.higher_is_better],
+            **({"steps": steps, "path_fraction": path_fraction} if method == "ig" else {}))
     run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
                      every=checkpoint_every, resume=resume, distributed=distributed)
     if per_position and run.world > 1:

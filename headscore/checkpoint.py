@@ -1,10 +1,14 @@
 """Resumable scoring runs: accumulator checkpoints written atomically every N batches.
 
 A checkpoint is one safetensors file holding the run's :class:`TaskAccumulator` sums and,
-in its metadata, how many batches of the run are done and a *fingerprint* of the run (model
-name, method, data hash, task list, batch size, number of batches, baseline, rank and world
-size). Resuming with a different fingerprint is refused with a :class:`CheckpointMismatch`
-naming the fields that differ; resuming a finished checkpoint returns its result at once.
+in its metadata, how many batches of the run are done and a *fingerprint* of the run: what the
+model is (:func:`model_identity`: its config, a hash of its weights, dtype and device type, not
+the name or path it was loaded by), its head layout, the attention kernel, method, metric
+(a callable by :func:`callable_identity`), data and token hashes, task list, batch size, number
+of batches, baseline, rank and world size. Resuming with a different fingerprint is refused with
+a :class:`CheckpointMismatch` naming the fields that differ (a checkpoint of an older headscore,
+whose fingerprint lacks fields, is refused as such); resuming a finished checkpoint returns its
+result at once.
 
 Writes go through :func:`headscore.output_files.atomic_write` (temporary file + rename), so a
 run killed at any moment leaves either the previous checkpoint or the new one, never a
@@ -15,14 +19,19 @@ resume. In a distributed run every rank keeps its own file (``PATH.rankR``) with
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+import re
+import types
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
+from . import compat
 from .accumulate import TaskAccumulator
 from .checksum import checksummed, read_checked
 from .distributed import all_reduce_accumulator, rank_and_world
@@ -30,10 +39,12 @@ from .errors import HeadscoreError
 from .output_files import atomic_write
 
 FORMAT = "headscore-checkpoint/1"
+FINGERPRINT_VERSION = 2
+"""Bumped when the fingerprint gains fields: a checkpoint with another version is refused as a mismatch."""
 T = TypeVar("T")
 
 __all__ = ["CheckpointMismatch", "ScoringRun", "fingerprint", "load_checkpoint", "save_checkpoint",
-           "checkpoint_path", "tensor_hash"]
+           "checkpoint_path", "tensor_hash", "repr_hash", "model_identity", "callable_identity"]
 
 
 class CheckpointMismatch(HeadscoreError):
@@ -46,6 +57,113 @@ def tensor_hash(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def repr_hash(value: object) -> str:
+    """SHA-256 (16 hex digits) of ``repr(value)`` (for values whose repr shows all of them: token ids)."""
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, str]:
+    """What ``model`` is, whatever name or path it was loaded by: its config (without its path, dtype and
+    transformers version), a hash of its parameters' values, its parameters' dtypes and device types, and its
+    attention implementation (``sdpa``, ``eager``, ...).
+
+    The weights' hash reads, per parameter, the sum of its bits taken as 64-bit integers (exact, so the same
+    in any order of addition, on any device and thread count) and 8 strided elements: one reduction per
+    parameter on its own device and a few numbers copied to the host (under 0.1 s for SmolLM2-135M on one CPU
+    thread). Parameters on the ``meta`` device (offloaded to disk) count by name, shape and dtype only.
+    """
+    params = dict(model.named_parameters())
+    config = getattr(model, "config", None)
+    config = {} if config is None else {k: v for k, v in config.to_dict().items()
+                                        if not k.startswith("_") and k not in ("dtype", "torch_dtype",
+                                                                               "transformers_version")}
+    weights = hashlib.sha256()
+    for name, p in params.items():
+        weights.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
+        if p.device.type != "meta" and p.numel():
+            flat = p.detach().reshape(-1)
+            bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(flat.element_size(), torch.int64))
+            try:  # 8 bytes at a time, wrapping around on overflow: exact in any order of addition
+                total = flat.view(torch.int64).sum()
+            except RuntimeError:  # a size or offset that is no multiple of 8 bytes
+                total = bits.sum(dtype=torch.int64)
+            sample = bits[::max(1, bits.numel() // 8)][:8].to(torch.int64)
+            weights.update(torch.cat([total.reshape(1), sample]).cpu().numpy().tobytes())
+    return {"model_config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "weights": weights.hexdigest()[:16], "dtype": _kinds(p.dtype for p in params.values()),
+            "device": _kinds(p.device.type for p in params.values()),
+            "attention": str(compat.attention_implementation(model) if config else None)}
+
+
+def _kinds(values: Iterable[object]) -> str:
+    return ",".join(sorted({str(v).removeprefix("torch.") for v in values}))
+
+
+def callable_identity(fn: Callable) -> str:
+    """A callable (a user's metric) as ``module.qualified.name:hash``.
+
+    The hash covers its code (bytecode, constants and the names it reads, nested code objects included), its
+    defaults and closure values (a tensor by its bytes, a function by its own identity, anything else by its
+    ``repr`` where that shows no memory address), a ``functools.partial``'s arguments, and a callable object's
+    class ``__call__`` and attributes. Not told apart: the values of globals it reads and the code of functions
+    it calls by name (only the names are in its code), a bound method's object, and closure values, defaults
+    or attributes whose ``repr`` shows an address (only their type counts).
+    """
+    h = hashlib.sha256()
+    _feed_callable(h, fn, set())
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or ''}.{name}:{h.hexdigest()[:16]}"
+
+
+def _feed_callable(h, fn: Callable, seen: set[int]) -> None:
+    if id(fn) in seen:  # a recursive closure
+        h.update(b"<again>")
+        return
+    seen.add(id(fn))
+    if isinstance(fn, functools.partial):
+        _feed_callable(h, fn.func, seen)
+        _feed_value(h, (fn.args, sorted(fn.keywords.items())), seen)
+        return
+    func = getattr(fn, "__func__", fn)  # a bound method: its function
+    if not isinstance(func, types.FunctionType):  # a builtin: its name; an object: its class's __call__, its attributes
+        h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+        call = type(fn).__call__
+        if isinstance(call, types.FunctionType):
+            _feed_callable(h, call, seen)
+            _feed_value(h, sorted(getattr(fn, "__dict__", {}).items()), seen)
+        return
+    _feed_code(h, func.__code__)
+    _feed_value(h, (func.__defaults__, sorted((func.__kwdefaults__ or {}).items())), seen)
+    for cell in func.__closure__ or ():
+        try:
+            _feed_value(h, cell.cell_contents, seen)
+        except ValueError:  # an empty cell
+            h.update(b"<empty>")
+
+
+def _feed_code(h, code: types.CodeType) -> None:
+    h.update(code.co_code + repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed_code(h, const)
+        else:
+            h.update(repr(const).encode())
+
+
+def _feed_value(h, value: object, seen: set[int]) -> None:
+    if isinstance(value, torch.Tensor):
+        h.update(tensor_hash(value).encode())
+    elif callable(value) and not isinstance(value, type):
+        _feed_callable(h, value, seen)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _feed_value(h, item, seen)
+        h.update(b")")
+    else:
+        text = repr(value)
+        h.update((type(value).__qualname__ if re.search(r" at 0x[0-9a-fA-F]+", text) else text).encode())
 
 
 def fingerprint(**fields) -> dict[str, str]:
@@ -100,28 +218,59 @@ class ScoringRun:
         self.acc = acc
         self.total = total
         self.rank, self.world = rank_and_world(distributed)
-        self.fingerprint = {**print_, **fingerprint(rank=self.rank, world_size=self.world, total_batches=total)}
+        self.fingerprint = {**print_, **fingerprint(rank=self.rank, world_size=self.world, total_batches=total,
+                                                    fingerprint_version=FINGERPRINT_VERSION)}
         self.every = every
         self.path = None if checkpoint is None else checkpoint_path(checkpoint, self.rank, self.world)
         self.done = 0  # batches of the global sequence before which everything of this rank is done
         self.resumed_from = 0
         self._since = 0
+        if checkpoint is not None:
+            self._refuse_other_world(Path(checkpoint))
         if self.path is not None and self.path.exists():
             if not resume:
                 raise HeadscoreError(f"checkpoint {self.path} exists: pass resume (--resume) to continue that run, "
                                      "or delete it to start over")
             self._resume()
 
+    def _refuse_other_world(self, path: Path) -> None:
+        """CheckpointMismatch for checkpoint files of ``path`` that a run of another world size wrote: ``path`` in
+        a single-process run, ``path.rankR`` in a distributed one (this run's rank 0 would not resume them)."""
+        ours = {checkpoint_path(path, r, self.world).name for r in range(self.world)}
+        names = re.compile(rf"{re.escape(path.name)}(\.rank\d+)?")
+        found = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}*")
+                       if names.fullmatch(p.name) and p.is_file())
+        others = [p for p in found if p.name not in ours]
+        # a smaller world's files have this run's names: the first one tells its world size (on every rank)
+        first = others[0] if others else found[0] if found and self.world > 1 else None
+        if first is None:
+            return
+        world = load_checkpoint(first)[3].get("world_size", "?" if others else str(self.world))
+        if others or world != str(self.world):
+            files = " and ".join(sorted({str(path) if p == path else f"{path}.rank*" for p in others or [first]}))
+            raise CheckpointMismatch(f"checkpoint {first} is from a run of world size {world}, this one has "
+                                     f"{self.world}: resume with {world} processes, or delete {files} to start over")
+
     def _resume(self) -> None:
         state, done, total, stored = load_checkpoint(self.path)
+        if stored.get("fingerprint_version") != self.fingerprint["fingerprint_version"]:
+            raise CheckpointMismatch(f"checkpoint {self.path} was written by another headscore version (fingerprint "
+                                     f"version {stored.get('fingerprint_version', 1)}, now {FINGERPRINT_VERSION}) "
+                                     "and cannot be checked against this run; delete it to start over or use "
+                                     "another --checkpoint path")
         diff = [k for k in sorted(set(stored) | set(self.fingerprint)) if stored.get(k) != self.fingerprint.get(k)]
         if diff:
             detail = "; ".join(f"{k}: checkpoint {stored.get(k, '-')} vs now {self.fingerprint.get(k, '-')}"
                                for k in diff)
             raise CheckpointMismatch(f"checkpoint {self.path} is from a different run ({detail}); "
                                      "delete it or use another --checkpoint path")
-        if done > total:
+        if not 0 <= done <= total:
             raise HeadscoreError(f"{self.path}: corrupt progress ({done} of {total} batches)")
+        for key in ("count", "sum", "sumsq"):
+            ours = getattr(self.acc, key).shape
+            if state[key].shape != ours:
+                raise CheckpointMismatch(f"checkpoint {self.path} holds {key} of shape {list(state[key].shape)}, this "
+                                         f"run's is {list(ours)}; delete it or use another --checkpoint path")
         self.acc.load_state_dict(state)
         self.done = self.resumed_from = done
 

@@ -1,7 +1,11 @@
 """Resumable runs: a scoring run killed midway and resumed equals an uninterrupted run."""
 
+import contextlib
+import functools
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +17,7 @@ from tiny import random_examples, tiny_model
 from tiny_saved import save_tiny_model
 
 import headscore
-from headscore.checkpoint import CheckpointMismatch, load_checkpoint
+from headscore.checkpoint import CheckpointMismatch, callable_identity, load_checkpoint, save_checkpoint
 from headscore.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,3 +184,171 @@ def test_resume_from_every_batch_equals_uninterrupted(tmp_path, method):
         again = headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), resume=True,
                                 progress=False)  # a finished checkpoint: the result at once
         assert torch.equal(again.values, full.values)
+
+
+@contextlib.contextmanager
+def _stopping_after(monkeypatch, batches):
+    """Inside the block, scoring stops with a KeyboardInterrupt after ``batches`` batches (the command line
+    then exits 130)."""
+    import headscore.api as api
+
+    original, calls = api.gate_gradients, []
+
+    def failing(*args, **kwargs):
+        if len(calls) == batches:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(api, "gate_gradients", failing)
+        yield
+
+
+def _interrupted(monkeypatch, batches, run):
+    """``run()`` stopped by a KeyboardInterrupt after ``batches`` batches."""
+    with _stopping_after(monkeypatch, batches), pytest.raises(KeyboardInterrupt):
+        run()
+
+
+def test_resume_refuses_another_dtype_or_kernel(tmp_path, monkeypatch):
+    """A float32 checkpoint resumed in float64 (or with the kernel forced on) is refused; the checkpoint stays
+    good for the run it is from: resuming that equals the uninterrupted run."""
+    lm = tiny_model("llama")
+    examples = random_examples(8)
+    full = headscore.score(lm, examples, batch_size=2, progress=False)
+    ckpt = str(tmp_path / "run.ckpt")
+    run = lambda model, **kw: headscore.score(model, examples, batch_size=2, checkpoint=ckpt, progress=False,  # noqa: E731
+                                              **kw)
+    _interrupted(monkeypatch, 2, lambda: run(lm, checkpoint_every=1, kernel=False))
+    with pytest.raises(CheckpointMismatch, match="dtype: checkpoint float32 vs now float64"):
+        run(tiny_model("llama", dtype=torch.float64), resume=True, kernel=False)
+    with pytest.raises(CheckpointMismatch, match="kernel: checkpoint false vs now true"):
+        run(lm, resume=True, kernel=True)
+    resumed = run(lm, resume=True, kernel=None)  # auto = off on a CPU: the same run
+    assert resumed.extra["resumed_from_batch"] == 2
+    assert torch.equal(resumed.values, full.values) and torch.equal(resumed.counts, full.counts)
+
+
+def test_resume_knows_the_model_by_its_weights_not_its_path(tmp_path, monkeypatch, data_file, capsys):
+    """The same directory spelled ``m`` and ``./m`` resumes (== uninterrupted); other weights there are refused."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny_model(tmp_path / "m")
+    ref = tmp_path / "ref.hs"
+    assert main(_argv("m", data_file, ref)) == 0
+    out = tmp_path / "out.hs"
+    with _stopping_after(monkeypatch, 3):
+        assert main(_argv("m", data_file, out, "--checkpoint-every", "1")) == 130
+    assert main(_argv("./m", data_file, out, "--resume")) == 0
+    a, b = headscore.HeadScores.load(ref), headscore.HeadScores.load(out)
+    assert b.extra["resumed_from_batch"] == 3
+    assert torch.equal(a.values, b.values) and torch.equal(a.counts, b.counts)
+
+    out = tmp_path / "other.hs"
+    with _stopping_after(monkeypatch, 3):
+        assert main(_argv("m", data_file, out, "--checkpoint-every", "1")) == 130
+    save_tiny_model(tmp_path / "m", seed=1)  # retrained: the same shapes, other values
+    capsys.readouterr()
+    assert main(_argv("m", data_file, out, "--resume")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"different run \(weights: checkpoint \w+ vs now \w+\)", last), last
+    assert not out.exists()
+
+
+def _metric(token: int, sign: float = 1.0):
+    return lambda logits, batch: sign * logits[:, -1, token]
+
+
+def test_resume_refuses_another_callable_metric(tmp_path, monkeypatch):
+    """Every lambda is ``<lambda>``: another one (other code, closure values or defaults) is refused; the same
+    code and values resume to the uninterrupted result."""
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = random_examples(8)
+    ckpt = str(tmp_path / "m.ckpt")
+    run = lambda metric, **kw: headscore.score(lm, examples, metric=metric, batch_size=2, checkpoint=ckpt,  # noqa: E731
+                                               progress=False, **kw)
+    _interrupted(monkeypatch, 2, lambda: run(_metric(5), checkpoint_every=1))
+    others = [lambda logits, batch: -logits[:, -1, 7], _metric(6), _metric(5, -1.0),
+              lambda logits, batch, token=4: logits[:, -1, token], functools.partial(lambda k, logits, batch: k, 2)]
+    for other in others:
+        with pytest.raises(CheckpointMismatch, match="metric: checkpoint"):
+            run(other, resume=True)
+    resumed = run(_metric(5), resume=True)  # a new closure of the same code and values
+    full = headscore.score(lm, examples, metric=_metric(5), batch_size=2, progress=False)
+    assert resumed.extra["resumed_from_batch"] == 2 and torch.equal(resumed.values, full.values)
+
+
+def test_callable_identity():
+    def outer(k):
+        def inner(x):
+            return x * k
+        return lambda logits, batch: inner(logits)
+
+    same = lambda a: a + 1  # noqa: E731
+    ids = [callable_identity(f) for f in (outer(1), outer(2), same, lambda a: a + 2, lambda a: a - 1,
+                                         functools.partial(same, 1), functools.partial(same, 2))]
+    assert len(set(ids)) == len(ids)
+    assert callable_identity(outer(1)) == callable_identity(outer(1))
+    assert callable_identity(lambda a: a + 1) == callable_identity(same)  # the same code: told apart by name only
+    assert callable_identity(same).startswith(f"{__name__}.test_callable_identity.<locals>.<lambda>:")
+    assert callable_identity(functools.partial(same, torch.softmax)) != \
+        callable_identity(functools.partial(same, torch.log_softmax))  # builtins by name
+    assert callable_identity(torch.tensor([1.0]).add) == callable_identity(torch.tensor([2.0]).add)  # documented
+
+
+def test_resume_refuses_another_head_layout(tmp_path, monkeypatch, model_dir, data_file, capsys):
+    """A checkpoint of a 3-layer model resumed with a 4-layer one: a one-line CheckpointMismatch, no traceback."""
+    ckpt = tmp_path / "c.ckpt"
+    examples = headscore.load_jsonl(data_file)
+    headscore.score(tiny_model("llama"), examples, batch_size=2, checkpoint=str(ckpt), progress=False)
+    with pytest.raises(CheckpointMismatch, match=r"heads_per_layer: checkpoint \[4, 4, 4\] vs now \[4, 4, 4, 4\]"):
+        headscore.score(tiny_model("llama", layers=4), examples, batch_size=2, checkpoint=str(ckpt), resume=True,
+                        progress=False)
+    # the command line, the model directory replaced by a 4-layer model in place
+    shutil.copytree(model_dir, tmp_path / "m")
+    out = tmp_path / "s.hs"
+    with _stopping_after(monkeypatch, 2):
+        assert main(_argv(tmp_path / "m", data_file, out, "--checkpoint-every", "1")) == 130
+    shutil.rmtree(tmp_path / "m")
+    save_tiny_model(tmp_path / "m", layers=4)
+    capsys.readouterr()
+    assert main(_argv(tmp_path / "m", data_file, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("headscore: error: checkpoint") and "heads_per_layer" in last
+
+
+def test_checkpoint_state_is_checked(tmp_path):
+    """Sums of another shape under a matching fingerprint, negative progress, and an older fingerprint (without
+    the fields added since) are refused with one-line errors."""
+    from headscore.accumulate import TaskAccumulator
+    from headscore.checkpoint import ScoringRun, save_checkpoint
+
+    tasks = ["a", "b"]
+    ident = ScoringRun(TaskAccumulator(tasks, 3, 4), 5, {}).fingerprint
+    path = tmp_path / "c.ckpt"
+    save_checkpoint(path, TaskAccumulator(tasks, 3, 4), 2, 5, ident)
+    with pytest.raises(CheckpointMismatch, match=r"holds count of shape \[2\], this run's is \[3\]"):
+        ScoringRun(TaskAccumulator([*tasks, "c"], 3, 4), 5, {}, checkpoint=path, resume=True)
+    with pytest.raises(CheckpointMismatch, match=r"holds sum of shape \[2, 3, 4\], this run's is \[2, 4, 4\]"):
+        ScoringRun(TaskAccumulator(tasks, 4, 4), 5, {}, checkpoint=path, resume=True)
+    save_checkpoint(path, TaskAccumulator(tasks, 3, 4), -1, 5, ident)
+    with pytest.raises(headscore.HeadscoreError, match=r"corrupt progress \(-1 of 5 batches\)"):
+        ScoringRun(TaskAccumulator(tasks, 3, 4), 5, {}, checkpoint=path, resume=True)
+
+
+def test_old_checkpoint_is_refused_as_a_mismatch(tmp_path):
+    """A checkpoint whose fingerprint lacks the fields added since (the model's weights, dtype, ...) is refused
+    with a clear CheckpointMismatch, not resumed and not a crash."""
+    lm = tiny_model("llama")
+    examples = random_examples(6)
+    ckpt = tmp_path / "old.ckpt"
+    headscore.score(lm, examples, batch_size=2, checkpoint=str(ckpt), progress=False)
+    state, done, total, stored = load_checkpoint(ckpt)
+    old = {k: v for k, v in stored.items() if k not in ("weights", "dtype", "device", "kernel", "fingerprint_version")}
+    acc = headscore.prepare(lm, examples).accumulator()
+    acc.load_state_dict(state)
+    save_checkpoint(ckpt, acc, done, total, {**old, "model": "tiny-llama"})
+    with pytest.raises(CheckpointMismatch, match=r"written by another headscore version \(fingerprint version 1, "
+                                                 r"now \d+\).*delete it"):
+        headscore.score(lm, examples, batch_size=2, checkpoint=str(ckpt), resume=True, progress=False)

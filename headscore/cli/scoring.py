@@ -160,9 +160,11 @@ def cmd_score(args: argparse.Namespace) -> None:
         problem = kernel_unavailable(args.device)
         if problem:
             raise HeadscoreError(f"--kernel on: {problem}; use --kernel auto (the kernel where it can run) or off")
+    world = env_world_size() if _wants_distributed(args) else 1  # every rank's checkpoint file is an output
+    checkpoints = [("--checkpoint", args.checkpoint)] if not args.checkpoint or world == 1 else \
+        [(f"--checkpoint (rank {r}'s file)", str(checkpoint_path(args.checkpoint, r, world))) for r in range(world)]
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export),
-                                 *(("--export-edges", p) for p in args.export_edges),
-                                 ("--checkpoint", args.checkpoint)])
+                                 *(("--export-edges", p) for p in args.export_edges), *checkpoints])
     rank, world = _distributed_begin(args)
     lm, examples = load_model_and_tasks(args)
     kernel = {"auto": None, "on": True, "off": False}[args.kernel]
