@@ -93,3 +93,23 @@ def unregister_attention(key: str) -> None:
 
     AttentionInterface._global_mapping.pop(key, None)
     AttentionMaskInterface._global_mapping.pop(key, None)
+
+
+def activation_checkpointing(model: torch.nn.Module) -> str | None:
+    """How ``model``'s layers checkpoint activations in a training forward pass now: None (they do not),
+    ``"reentrant"`` or ``"non-reentrant"`` (torch's ``checkpoint``, as ``activation_checkpointing_enable`` sets
+    it), or ``"other"`` (another function: transformers' offloading wrapper, a user's own; or a mix)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    modes = set()
+    for module in model.modules():
+        if module.training and getattr(module, "gradient_checkpointing", False) is True:
+            fn = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(fn, partial) and fn.func is checkpoint and not fn.args:
+                # torch's default when use_reentrant is not given (with a warning) is re-entrant
+                modes.add("non-reentrant" if fn.keywords.get("use_reentrant", True) is False else "reentrant")
+            else:
+                modes.add("other")
+    return None if not modes else modes.pop() if len(modes) == 1 else "other"

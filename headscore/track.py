@@ -18,25 +18,31 @@ What is accumulated, per task (rows labelled with :meth:`Tracker.set_tasks` or a
 The gradient is that of the loss as backpropagated: with the usual token-mean loss of a
 batch, row b's gradient is its token-summed NLL gradient divided by the batch's token count;
 with gradient accumulation the loss is usually divided by the number of micro-batches; with a
-``GradScaler`` it is multiplied by the loss scale. :func:`headscore.score` differentiates the
-sum over rows of each row's mean target NLL, so a loop whose loss is that sum gets exactly
-``score()``'s numbers.
+``GradScaler`` it is multiplied by the loss scale, unless the tracker is given the scaler
+(``scaler=``), which divides each pass's gradient by the scale it was made with. A pass whose
+gate gradient is not all finite (a step the scaler skips) is not counted (:attr:`Tracker.skipped`).
+:func:`headscore.score` differentiates the sum over rows of each row's mean target NLL, so a
+loop whose loss is that sum gets exactly ``score()``'s numbers.
 
 Each forward pass counts once, however many times the backward pass reaches its gate
 tensor (gradient checkpointing with re-entrant recomputation reaches it once per layer):
 contributions are summed per forward pass and folded into the sums at the next forward pass
-or on :meth:`Tracker.flush` / :meth:`Tracker.scores`.
+or on :meth:`Tracker.flush` / :meth:`Tracker.scores`. Under re-entrant checkpointing each pass's
+saved tensors carry its gates (``saved_tensors_hooks``), so a layer recomputed in the backward pass
+uses the gates of the forward pass it belongs to, however many passes await one backward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from . import compat
 from .accumulate import TaskAccumulator
 from .errors import HeadscoreError
 from .patch import HeadGates, mark_absent_heads, patch
@@ -64,11 +70,15 @@ class Tracker:
         ema_decay: decay of the exponential moving average of per-step means.
         auto_step: every backward pass closes an EMA step (else call :meth:`step`).
         forwards: forward passes whose gradient has been counted.
+        skipped: forward passes whose gradient was not all finite (not counted; e.g. a step a
+            ``GradScaler`` skips).
         steps: EMA steps closed so far.
+        scaler: the ``GradScaler`` whose scale each gradient is divided by, or None.
     """
 
     def __init__(self, model: torch.nn.Module, heads: HeadGates, *, ema: float = 0.99,
-                 tasks: Sequence[str] | None = None, auto_step: bool = True):
+                 tasks: Sequence[str] | None = None, auto_step: bool = True,
+                 scaler: torch.amp.GradScaler | None = None):
         if not 0.0 <= ema < 1.0:
             raise HeadscoreError(f"ema must be in [0, 1), got {ema}")
         self.model = model
@@ -78,9 +88,13 @@ class Tracker:
             raise HeadscoreError("task names must be unique")
         self.ema_decay = float(ema)
         self.auto_step = auto_step
+        self.scaler = scaler
         self.enabled = True
         self.forwards = 0
+        self.skipped = 0
         self.steps = 0
+        self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._previous: weakref.ref | None = None
         self._next_tasks: torch.Tensor | None = None
         self._pending: list[_Pending] = []
         self._sums: dict[str, torch.Tensor] | None = None
@@ -109,9 +123,18 @@ class Tracker:
         if labels is not None:
             self.set_tasks(labels)
         labels, self._next_tasks = self._next_tasks, None
+        # the previous pass's gates now live on only in its graph; a pass without autograd (or a refused one)
+        # gives them back to heads.gates afterwards (_post_forward), for its recomputation under checkpointing
+        previous, self.heads.gates = self.heads.gates, None
+        self._previous = None if previous is None else weakref.ref(previous)
+        del previous
         self.flush()
-        if not (self.enabled and torch.is_grad_enabled()):
-            self.heads.gates = None
+        if not torch.is_grad_enabled():
+            return args, kwargs
+        checkpointing = compat.activation_checkpointing(self.model)
+        if not self.enabled:  # paused, with a graph: it runs, and is recomputed, ungated
+            self._previous = None
+            self._carry_gates(checkpointing, None)
             return args, kwargs
         ref = kwargs.get("input_ids", args[0] if args else None)
         if ref is None:
@@ -128,15 +151,54 @@ class Tracker:
             raise HeadscoreError(f"task labels for {labels.shape[0]} rows but the batch has {rows}")
         dtype = torch.promote_types(torch.float32, next(self.model.parameters()).dtype)
         gates = self.heads.ones(rows, device=device, requires_grad=True, dtype=dtype)
+        self._check_recomputation(checkpointing, gates)
         record = _Pending(weakref.ref(gates), labels.to(device))
         gates.register_hook(lambda grad, record=record: self._on_grad(record, grad))
         self._pending.append(record)
-        self.heads.gates = gates
+        self.heads.gates, self._previous = gates, None
+        self._carry_gates(checkpointing, gates)
         return args, kwargs
 
-    @staticmethod
-    def _on_grad(record: _Pending, grad: torch.Tensor) -> None:
+    def _carry_gates(self, checkpointing: str | None, gates: torch.Tensor | None) -> None:
+        """Under re-entrant checkpointing, make the tensors this forward pass saves carry (and keep) its gates,
+        until :meth:`_post_forward`."""
+        if checkpointing in ("reentrant", "other"):
+            self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(
+                lambda t: (t.detach(), gates), self._unpack_saved)  # detached: no reference cycle
+            self._saved_hooks.__enter__()
+
+    def _post_forward(self, module, args, output):
+        if self._saved_hooks is not None:
+            self._saved_hooks.__exit__(None, None, None)
+            self._saved_hooks = None
+        if self._previous is not None:
+            self.heads.gates, self._previous = self._previous(), None
+
+    def _unpack_saved(self, saved: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        # the backward pass reads a tensor of this pass (first of all, a checkpointed layer's inputs
+        # before it is recomputed): the recomputation gates with this pass's gates
+        tensor, self.heads.gates = saved
+        return tensor
+
+    def _check_recomputation(self, checkpointing: str | None, gates: torch.Tensor) -> None:
+        """Refuse a forward pass whose layers' recomputation could not tell it from an earlier pass
+        that still awaits its backward pass."""
+        if checkpointing in (None, "reentrant"):
+            return
+        waiting = [r.gates() for r in self._pending]
+        if checkpointing == "other" and waiting:
+            raise HeadscoreError("headscore.track: a forward pass started while an earlier one awaits its backward "
+                                 "and the model checkpoints activations with its own function (offload=True?); "
+                                 "backpropagate each pass first, or use activation_checkpointing_enable()")
+        if any(g is not None and g.shape != gates.shape for g in waiting):
+            raise HeadscoreError("headscore.track: a forward pass of another shape started while an earlier one "
+                                 "awaits its backward under non-reentrant checkpointing (its recomputation reads "
+                                 "the latest gates); backpropagate each pass first, or use use_reentrant=True")
+
+    def _on_grad(self, record: _Pending, grad: torch.Tensor) -> None:
         grad = grad.detach()
+        if self.scaler is not None:  # the scale this gradient was made with (a tensor: no host sync)
+            grad = grad / self.scaler.scale(torch.ones((), dtype=grad.dtype, device=grad.device))
         record.grad = grad.clone() if record.grad is None else record.grad + grad
 
     # ----- accumulation --------------------------------------------------------------------------
@@ -151,7 +213,13 @@ class Tracker:
         """Fold the gradients of finished backward passes into the sums (called automatically)."""
         keep = []
         for record in self._pending:
-            if record.grad is not None:
+            if record.grad is not None and not bool(torch.isfinite(record.grad).all()):
+                if not self.skipped:
+                    warnings.warn("headscore.track: a forward pass's gate gradient is not finite (a step a "
+                                  "GradScaler skips?); such passes are not counted (tracker.skipped)",
+                                  RuntimeWarning, stacklevel=2)
+                self.skipped += 1
+            elif record.grad is not None:
                 self._add(record.task_index, record.grad)
                 self.forwards += 1
                 if self.auto_step:
@@ -234,13 +302,13 @@ class Tracker:
         layout = self.heads.layout
         return HeadScores(mark_absent_heads(acc.mean, layout), mark_absent_heads(acc.stderr, layout),
                           acc.count.clone(), list(self.tasks), method, str(name),
-                          extra={"source": "track", "forwards": self.forwards, "steps": self.steps,
-                                 "ema": self.ema_decay})
+                          extra={"source": "track", "forwards": self.forwards, "skipped": self.skipped,
+                                 "steps": self.steps, "ema": self.ema_decay})
 
     def reset(self) -> None:
         """Forget all sums, the EMA and pending gradients."""
         self._pending, self._sums, self._step_sums, self._ema, self._ema_weight = [], None, None, None, None
-        self.forwards = self.steps = 0
+        self.forwards = self.skipped = self.steps = 0
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -259,7 +327,8 @@ def _check_method(method: str) -> None:
 
 @contextlib.contextmanager
 def track(model: torch.nn.Module, *, ema: float = 0.99, tasks: Sequence[str] | None = None,
-          auto_step: bool = True, kernel: bool | None = False) -> Iterator[Tracker]:
+          auto_step: bool = True, kernel: bool | None = False,
+          scaler: torch.amp.GradScaler | None = None) -> Iterator[Tracker]:
     """Accumulate per-head gate gradients from the training steps run inside the block.
 
     Args:
@@ -272,18 +341,23 @@ def track(model: torch.nn.Module, *, ema: float = 0.99, tasks: Sequence[str] | N
         auto_step: close an EMA step after every backward pass; pass False and call
             ``tracker.step()`` after each optimizer step when accumulating gradients.
         kernel: the fused Triton attention kernel (see :func:`headscore.patch`); off by default.
+        scaler: the ``torch.amp.GradScaler`` that scales the loss: each pass's gradient is divided by
+            the scale it was made with (read as the gradient arrives, before ``scaler.update()``).
 
     Yields:
         A :class:`Tracker`. Forward passes without autograd (``torch.no_grad``, evaluation)
         run ungated and are not counted. On exit the model is restored.
     """
     with patch(model, freeze=False, kernel=kernel) as heads:
-        tracker = Tracker(model, heads, ema=ema, tasks=tasks, auto_step=auto_step)
-        handle = model.register_forward_pre_hook(tracker._pre_forward, with_kwargs=True)
+        tracker = Tracker(model, heads, ema=ema, tasks=tasks, auto_step=auto_step, scaler=scaler)
+        handles = (model.register_forward_pre_hook(tracker._pre_forward, with_kwargs=True),
+                   model.register_forward_hook(tracker._post_forward, always_call=True))
         try:
             yield tracker
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+            tracker._post_forward(model, (), None)  # a forward pass interrupted by a BaseException (Ctrl-C)
             tracker.flush()
             heads.gates = None
 
@@ -297,7 +371,12 @@ class HeadscoreCallback:
     ``TrainingArguments`` (the tracker removes it before the model sees it).
 
     After training, :attr:`scores` holds ``taylor`` HeadScores (or ``method``), also
-    written to ``output`` when given; :attr:`tracker` stays readable.
+    written to ``output`` when given; :attr:`tracker` stays readable. Under fp16 mixed precision
+    the Trainer's ``GradScaler`` (its optimizer's ``scaler``) is divided out.
+
+    When ``train()`` raises (Ctrl-C, out of memory, another callback's error) the Trainer sends no
+    ``on_train_end``: call :meth:`close` (or ``try: trainer.train() finally: callback.close()``) to
+    restore the model; the next ``on_train_begin`` closes a tracker left open too.
 
     It implements the ``TrainerCallback`` interface without subclassing it (every other
     ``on_*`` event is a no-op), so importing headscore does not import the Trainer.
@@ -316,11 +395,14 @@ class HeadscoreCallback:
             return lambda args, state, control, **kwargs: control
         raise AttributeError(name)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise HeadscoreError("HeadscoreCallback needs the model in on_train_begin")
+        self.close()  # a run that raised left its tracker open
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's optimizer under fp16: the loss scaler
         self._stack = contextlib.ExitStack()
-        self.tracker = self._stack.enter_context(track(model, ema=self.ema, tasks=self.tasks, auto_step=False))
+        self.tracker = self._stack.enter_context(track(model, ema=self.ema, tasks=self.tasks, auto_step=False,
+                                                       scaler=scaler))
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -331,10 +413,19 @@ class HeadscoreCallback:
     def on_train_end(self, args, state, control, **kwargs):
         if self._stack is None:
             return control
-        self.tracker.step()
-        self._stack.close()
-        self._stack = None
-        self.scores = self.tracker.scores(self.method)
+        self.close()
         if self.output and getattr(state, "is_world_process_zero", True):
             self.scores.save(self.output)
         return control
+
+    def close(self) -> None:
+        """Stop tracking and restore the model (a no-op when not tracking); :attr:`scores` then holds the
+        rows counted so far. ``on_train_end`` calls it; call it yourself when ``trainer.train()`` raises."""
+        if self._stack is None:
+            return
+        stack, self._stack = self._stack, None
+        try:
+            self.tracker.step()
+            self.scores = self.tracker.scores(self.method)
+        finally:
+            stack.close()

@@ -21,6 +21,13 @@ def test_private_attributes_still_exist():
     assert compat.attention_implementation(lm.model) == "sdpa"
     assert compat.attention_function("sdpa") is ALL_ATTENTION_FUNCTIONS["sdpa"]
     assert callable(compat.eager_attention(lm.model.model.layers[0].self_attn))
+    model = lm.model.train()
+    assert compat.activation_checkpointing(model) is None
+    for reentrant, mode in ((True, "reentrant"), (False, "non-reentrant")):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert compat.activation_checkpointing(model) == mode
+    model.activation_checkpointing_disable()
+    assert compat.activation_checkpointing(model) is None
 
 
 def test_register_and_unregister_leave_no_trace():
