@@ -22,7 +22,7 @@ from .edges.circuit import SELECTIONS
 from .edges.faithfulness import Circuit, find_circuits
 from .edges.residual import residual_model
 from .edges.scoring import edge_baseline, score_edges
-from .errors import HeadscoreError
+from .errors import HeadscoreError, UnsupportedModelError
 from .loss import METRICS, Metric, MetricFn, resolve_metric
 from .methods.ablation import (
     check_mode,
@@ -58,7 +58,7 @@ from .methods.verify import (
 from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
 from .positions import PositionMaps
-from .prepared import ModelLike, Prepared, prepare
+from .prepared import ModelLike, Prepared, output_gated_layers, prepare
 from .results import HeadScores
 
 if TYPE_CHECKING:  # optional dependencies: a table of examples is one of these
@@ -98,7 +98,18 @@ def _begin(model: ModelLike, examples: ExamplesLike, *, max_examples: int | None
 
 
 def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor | None) -> None:
-    """Refuse a metric or baseline the examples cannot serve, naming the first example that lacks it."""
+    """Refuse a metric or baseline the examples (or the model) cannot serve, naming the first example that lacks
+    it."""
+    if _baseline_name(baseline) != "zero":
+        gated = output_gated_layers(prep.lm.model)
+        if gated:
+            shown = ", ".join(map(str, gated[:8])) + (", ..." if len(gated) > 8 else "")
+            raise UnsupportedModelError(
+                f"{type(prep.lm.model).__name__} multiplies the head outputs of layer(s) {shown} by its own output "
+                f"gate before the output projection; baseline {_baseline_name(baseline)!r} would replace the "
+                "attention's output before that gate, not the head's output the projection sees, so it would not "
+                "be mean ablation or activation patching there: use the zero baseline (the gradients and zero "
+                "ablation are exact on this model)")
     if prep.labelled:
         if metric.name != "nll" or metric.fn is not None:
             raise HeadscoreError(f"a sequence classifier is scored on its own loss from the labels; metric "
@@ -154,8 +165,9 @@ def _baseline_tensor(prep: Prepared, heads: HeadGates, baseline: str | torch.Ten
 def mean_baseline(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                   batch_size: int = 8, max_examples: int | None = None, progress: bool = True,
                   columns: Mapping[str, str] | None = None) -> torch.Tensor:
-    """Each head's mean output over the examples' tokens: [L, H, D] float32 (one forward-only pass);
-    ``examples`` and ``columns`` as in :func:`score`."""
+    """Each head's mean output over the examples' real tokens (all tasks together, each token weighted alike):
+    [L, H, D], float32 (float64 for a float64 model; one forward-only pass); ``examples`` and ``columns`` as
+    in :func:`score`."""
     prep, _ = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric="nll",
                      baseline="mean", columns=columns)
     with patch(prep.lm.model) as heads:
@@ -171,11 +183,12 @@ def _gradient_method_name(method: str, baseline: str | torch.Tensor | None) -> s
     return f"atp-{name}" if method in ("taylor", "atp-mean") else f"{method}-{name}"
 
 
-def _position_maps(prep: Prepared) -> PositionMaps:
+def _position_maps(prep: Prepared, metric: Metric) -> PositionMaps:
+    """The run's per-position maps; the last token is a position under a user's metric (it may read its logits)."""
     if prep.labelled:
         raise HeadscoreError("per-position scores are for a causal LM's prompts; a sequence classifier's labelled "
                              "examples have no answer position")
-    return PositionMaps(prep.tokenized, prep.tasks, head_layout(prep.lm.model))
+    return PositionMaps(prep.tokenized, prep.tasks, head_layout(prep.lm.model), last=metric.fn is not None)
 
 
 def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
@@ -285,7 +298,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     if top is not None and run.world > 1:  # each rank would pick its own heads from its own share of the data
         raise HeadscoreError(f"verify runs in one process, but a process group of {run.world} ranks is "
                              "initialised; pass distributed=False (every rank scores all the examples) or drop verify")
-    maps = _position_maps(prep) if per_position else None
+    maps = _position_maps(prep, metric) if per_position else None
     mass = None if top is None else TaskAccumulator(prep.tasks, layout.num_layers, layout.num_heads)
     kept = KeptBaselines() if mass is not None else None  # the corrupted runs, for verify's exact passes
     start = time.perf_counter()
@@ -446,7 +459,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
     rows = single_head_gates(layout.num_layers, layout.num_heads)
-    maps = _position_maps(prep) if per_position else None
+    maps = _position_maps(prep, metric) if per_position else None
     total = len(prep.examples) * rows.shape[0]
     start = time.perf_counter()
     # one forward pass covers a few heads: count (example, head) ablations, not batches

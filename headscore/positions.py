@@ -4,7 +4,8 @@ A per-position map keeps, for every head, the term of each token t of the gate g
 ``<O_t - m_t, dY_t>``, instead of only its sum. Examples of one run may have prompts and targets of
 different lengths, so positions are named relative to the last prompt token (the answer position):
 ``end`` is the last prompt token, ``end-1`` the one before, ``end+1`` the first target token, and
-so on. The last target token is left out (its output changes no prediction). An example has no
+so on. The last target token is left out (its output changes no prediction the built-in metrics read),
+except under a user's metric, which may read every position's logits. An example has no
 token at a position beyond its own prompt or target: its term there is 0 (nothing was there), and
 a task's map there is the mean over all its examples of those terms, so summed over positions a
 map equals the head's ordinary score. :attr:`PositionLayout.names` lists the positions of a run.
@@ -33,18 +34,22 @@ def position_name(offset: int) -> str:
 
 @dataclass(frozen=True)
 class PositionLayout:
-    """The named positions of a run: ``before`` prompt tokens before the last, ``after`` target tokens after it.
+    """The named positions of a run: ``before`` prompt tokens before the last, ``after`` target tokens after it,
+    and whether each row's last token is one (``last``: for a user's metric, which may read its logits).
 
     Column ``c`` of a per-position map is offset ``c - before`` from the last prompt token.
     """
 
     before: int
     after: int
+    last: bool = False
 
     @classmethod
-    def of(cls, items: Sequence[TokenizedExample]) -> PositionLayout:
-        """The layout covering every example's prompt and every target token but the last."""
-        return cls(max(it.prompt_length - 1 for it in items), max(it.num_target - 1 for it in items))
+    def of(cls, items: Sequence[TokenizedExample], *, last: bool = False) -> PositionLayout:
+        """The layout covering every example's prompt and every target token but the last (with ``last``, the
+        last too)."""
+        keep = 0 if last else 1
+        return cls(max(it.prompt_length - 1 for it in items), max(it.num_target - keep for it in items), last)
 
     @property
     def width(self) -> int:
@@ -58,12 +63,13 @@ class PositionLayout:
 
     def columns(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """For each row and batch position, its column (``index`` [B, T]) and whether it is a named
-        position of that row (``valid`` [B, T]: a prompt token or a target token but the last)."""
+        position of that row (``valid`` [B, T]: a prompt token or a target token, the last only with
+        :attr:`last`)."""
         t = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
         prompt = batch.prompt_lengths[:, None]
         length = batch.attention_mask.sum(1, keepdim=True)
         offset = t[None] - (prompt - 1)
-        valid = (t[None] < length - 1) & (offset >= -self.before) & (offset <= self.after)
+        valid = (t[None] < length - (0 if self.last else 1)) & (offset >= -self.before) & (offset <= self.after)
         return (offset + self.before).clamp(0, self.width - 1), valid
 
     def to_named(self, values: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -90,8 +96,9 @@ class PositionMaps:
     the scores with ``positions``, ``position_values``, ``position_stderr`` and ``position_counts``.
     """
 
-    def __init__(self, items: Sequence[TokenizedExample], tasks: Sequence[str], heads: HeadLayout):
-        self.layout = PositionLayout.of(items)
+    def __init__(self, items: Sequence[TokenizedExample], tasks: Sequence[str], heads: HeadLayout, *,
+                 last: bool = False):
+        self.layout = PositionLayout.of(items, last=last)
         # [L, H] heads a layer does not have (per-layer head counts): NaN in the maps
         self.absent = None if heads.heads_per_layer is None else heads.absent_heads()
         lengths = {it.prompt_length for it in items}

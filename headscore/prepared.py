@@ -20,7 +20,7 @@ from .loss import NonFiniteLoss
 from .models import DEFAULT_MODEL, LoadedModel, is_sequence_classifier, load_model
 from .patch import head_layout, mark_absent_heads
 from .results import HeadScores, data_hash
-from .separability import separability_problem
+from .separability import separability_report
 
 ModelLike = LoadedModel | str
 
@@ -105,12 +105,19 @@ def check_separable(model: torch.nn.Module, batch: Batch) -> None:
     """Raise UnsupportedModelError when ``model``'s heads cannot be gated one by one (head outputs mixed
     before the output projection, a layer's attention run twice per pass, no attention through the
     registry); one forward pass on ``batch``, once per model (the answer is remembered on it)."""
-    problem = model.__dict__.get(_SEPARABLE_ATTR, False)
-    if problem is False:
-        problem = separability_problem(model, batch)
-        model.__dict__[_SEPARABLE_ATTR] = problem
-    if problem is not None:
-        raise UnsupportedModelError(f"{type(model).__name__}: {problem}")
+    report = model.__dict__.get(_SEPARABLE_ATTR)
+    if report is None:
+        report = separability_report(model, batch)
+        model.__dict__[_SEPARABLE_ATTR] = report
+    if report[0] is not None:
+        raise UnsupportedModelError(f"{type(model).__name__}: {report[0]}")
 
 
-_SEPARABLE_ATTR = "_headscore_separability_problem"
+def output_gated_layers(model: torch.nn.Module) -> list[int]:
+    """The layers of a prepared ``model`` whose head outputs reach the output projection through the model's
+    own output gate (see :func:`~headscore.separability.separability_report`; empty before ``prepare``)."""
+    report = model.__dict__.get(_SEPARABLE_ATTR)
+    return [] if report is None else list(report[1])
+
+
+_SEPARABLE_ATTR = "_headscore_separability"

@@ -35,11 +35,22 @@ class Observed:
 def separability_problem(model: torch.nn.Module, batch) -> str | None:
     """Why ``model``'s heads cannot be gated one by one (see :func:`separability`), or None; one forward pass
     on ``batch`` (one more per layer whose projection input is not its head outputs unchanged)."""
+    return separability_report(model, batch)[0]
+
+
+def separability_report(model: torch.nn.Module, batch) -> tuple[str | None, list[int]]:
+    """:func:`separability_problem`, and the layers whose output projection gets their head outputs through a
+    transform linear in them (an output gate: Qwen3-Next's ``attn_output * sigmoid(gate)``, Laguna's softplus
+    gate), from the same passes. A gate there scales what the projection sees, so the gradients and the zero
+    baseline are the head's; a baseline that replaces the attention's output (mean, corrupted run) is not the
+    projection's input with the head replaced (the model's own gate multiplies it)."""
     with patch(model, kernel=False, freeze=False) as heads:
         seen = observe(model, heads, batch)
         if not seen.outputs:
-            return "no attention layer called transformers' attention registry"
-        return separability(model, heads, seen, batch)[1]
+            return "no attention layer called transformers' attention registry", []
+        problem = separability(model, heads, seen, batch)[1]
+    _, direct = find_output_projections(projection_candidates(seen.calls, seen.outputs), seen.outputs)
+    return problem, sorted(layer for layer, same in direct.items() if not same)
 
 
 def separability(model: torch.nn.Module, heads, seen: Observed, batch

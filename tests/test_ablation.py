@@ -348,15 +348,22 @@ def test_mean_baseline_matches_token_average():
     lm = tiny_model("llama", dtype=torch.float64, layers=2)
     examples = random_examples(5)
     got = headscore.mean_baseline(lm, examples, batch_size=2, progress=False)
-    captured = []
-    layer = lm.model.model.layers[1].self_attn.o_proj
-    handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0][0].detach()))
+    captured = {0: [], 1: []}
+    handles = [lm.model.model.layers[i].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a, i=i: captured[i].append(a[0][0].detach())) for i in captured]
     for ex in examples:
         ids = lm.tokenizer(ex.prompt)["input_ids"] + lm.tokenizer(ex.target, add_special_tokens=False)["input_ids"]
         lm.model(input_ids=torch.tensor([ids]))
-    handle.remove()
-    ref = torch.cat(captured).mean(0).view(4, 8)
-    torch.testing.assert_close(got[1].double(), ref, rtol=1e-5, atol=1e-6)
+    for handle in handles:
+        handle.remove()
+    ref = torch.stack([torch.cat(captured[i]).mean(0).view(4, 8) for i in captured])
+    assert got.dtype == torch.float64  # a float64 model's mean is not rounded to float32
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    # and the runs that take the mean get the float64 mean's numbers
+    for run in (headscore.score, headscore.ablate):
+        torch.testing.assert_close(run(lm, examples, baseline="mean", batch_size=2, progress=False).values,
+                                   run(lm, examples, baseline=ref, batch_size=2, progress=False).values,
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_head_set_ablation_and_amplification():

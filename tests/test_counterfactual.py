@@ -231,6 +231,29 @@ def test_callable_metric_equals_builtin_and_orientation():
     close(as_loss.values, builtin.values, "callable metric as a loss")
 
 
+def test_positions_of_a_metric_that_reads_every_token_sum_to_scores():
+    """A user's metric may read the last token's logits: its per-position map keeps that token, so the map
+    still sums to the head's score (gradient and exact patching alike); the built-in metrics' maps leave it out."""
+    lm = tiny_model("llama", layers=LAYERS, heads=HEADS, dtype=torch.float64, seed=7)
+    examples = counterfactual_examples(6, seed=5)
+
+    def every_token(logits, batch):  # the mean log-partition over every real token, the last included
+        mask = batch.attention_mask.to(logits.dtype)
+        return (logits.logsumexp(-1) * mask).sum(1) / mask.sum(1)
+
+    with pytest.warns(UserWarning, match="aligned at their last token"):
+        grad = headscore.score(lm, examples, metric=every_token, per_position=True, batch_size=3, progress=False)
+        exact = headscore.ablate(lm, examples, metric=every_token, per_position=True, baseline="corrupt",
+                                 batch_size=3, progress=False)
+        builtin = headscore.score(lm, examples, metric="nll", per_position=True, batch_size=3, progress=False)
+    close(grad.position_values.sum(-1), grad.values, "every-token metric, gradient")
+    assert grad.positions == [*builtin.positions, f"end+{len(builtin.positions) - builtin.positions.index('end')}"]
+    assert float(grad.position_values[..., -1].abs().max()) > 1e-6  # the last token's term is not 0 here
+    assert exact.positions == grad.positions and float(exact.position_values[..., -1].abs().max()) > 1e-6
+    per_head = headscore.ablate(lm, examples, metric=every_token, baseline="corrupt", batch_size=3, progress=False)
+    close(exact.values, per_head.values, "every-token metric, exact per-position run's head values")
+
+
 def test_positions_sum_to_scores_and_survive_a_file(tmp_path):
     lm = tiny_model("llama", layers=LAYERS, heads=HEADS, dtype=torch.float64, seed=7)
     with pytest.warns(UserWarning, match="aligned at their last token"):

@@ -117,12 +117,44 @@ def test_per_layer_head_counts(tmp_path, one_thread):
     assert all((layer, head) != (1, 2) and (layer, head) != (1, 3) for layer, head, _ in a.top_k(6))
     agreement = headscore.compare(s, a)["t"]
     assert -1 <= agreement.spearman <= 1 and -1 <= agreement.kendall <= 1 and agreement.topk_overlap >= 0
-    mean = headscore.mean_baseline(lm, EXAMPLES, progress=False)
+    # its softplus output gate scales the head outputs after attention: the mean and corrupted baselines are
+    # refused (test_output_gated_model_refuses_replacing_baselines); the padded mean itself, computed directly
+    from headscore.methods.baseline import mean_head_outputs
+
+    with headscore.patch(model) as heads:
+        mean = mean_head_outputs(model, heads, headscore.prepare(lm, EXAMPLES).batches(8, progress=False))
     assert mean.shape == (2, 4, 8) and (mean[1, 2:] == 0).all() and (mean[1, :2] != 0).any()
     from headscore.report import write_report
 
     paths = write_report(s, tmp_path / "report", ablation=a)
     assert paths["heatmaps_png"].is_file() and (tmp_path / "report" / "index.html").is_file()
+
+
+def test_output_gated_model_refuses_replacing_baselines(one_thread):
+    """Laguna multiplies each head's output by softplus(g_proj(x)) after attention: a baseline put in place of
+    the attention's output would be scaled by the clean run's gate, so mean ablation and activation patching
+    are refused (zero ablation and the gradients are the head's: exact, as test_family_passes_every_check and
+    test_per_layer_head_counts check); a model without an output gate has no such layer."""
+    from tiny_saved import char_tokenizer
+
+    from headscore.prepared import output_gated_layers
+
+    model = _build("laguna")
+    model.set_attn_implementation("sdpa")
+    lm = headscore.LoadedModel(model, char_tokenizer(), "tiny-laguna")
+    examples = [headscore.Example(ex.prompt, ex.target, ex.task, corrupt=ex.prompt[::-1]) for ex in EXAMPLES]
+    mean = torch.zeros(2, 4, 8, dtype=torch.float64)
+    for run, kwargs in ((headscore.score, {"baseline": "mean"}), (headscore.score, {"baseline": "corrupt"}),
+                        (headscore.ablate, {"baseline": "corrupt"}), (headscore.ablate, {"baseline": mean}),
+                        (headscore.mean_baseline, {})):
+        with pytest.raises(UnsupportedModelError, match=r"multiplies the head outputs of layer\(s\) 0, 1 by its "
+                                                        "own output gate"):
+            run(lm, examples, progress=False, **kwargs)
+    assert output_gated_layers(model) == [0, 1]
+    assert headscore.score(lm, examples, baseline="zero", progress=False).values[0, 0].isfinite().all()
+    plain = _build("llama")
+    headscore.prepare(headscore.LoadedModel(plain, char_tokenizer(), "tiny-llama"), EXAMPLES)
+    assert output_gated_layers(plain) == []
 
 
 @pytest.mark.slow  # 20 s in a shared CI run: FlexAttention again

@@ -25,7 +25,8 @@ def _stacked(per_layer: list[torch.Tensor | None], where: str) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterable[Batch]) -> torch.Tensor:
-    """Mean of every head's output over all real (non-padding) tokens: float32 [L, H, D].
+    """Mean of every head's output over all real (non-padding) tokens of every example (each token weighted
+    alike, the BOS and target tokens included): [L, H, D], float32 (float64 for a float64 model).
 
     The sums are kept in float64; memory is O(L * H * D) whatever the data size.
     """
@@ -43,7 +44,8 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
             mask = batch.attention_mask
             tokens += int(mask.sum())
             run_forward(model, batch)
-    return (_stacked(sums, "") / max(tokens, 1)).to(torch.float32)
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)  # a float64 run stays float64
+    return (_stacked(sums, "") / max(tokens, 1)).to(dtype)
 
 
 @torch.no_grad()
