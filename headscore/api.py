@@ -266,8 +266,9 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
         if method == "ig" and writers != "corrupt":
             raise HeadscoreError("edges with method ig interpolate the input between the corrupted and the clean "
                                  "prompt (EAP-IG-inputs): use baseline corrupt")
+    implied = "mean" if baseline is None and method in NEEDS_MEAN_BASELINE else baseline  # atp-mean's own
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
-                          baseline=baseline, columns=columns, rows_per_pass=rows_per_pass)
+                          baseline=implied, columns=columns, rows_per_pass=rows_per_pass)
     layout = head_layout(prep.lm.model)
     top = None if verify is None or verify is False else verify_count(verify, int((~layout.absent_heads()).sum()))
     if per_position and checkpoint is not None:

@@ -145,7 +145,8 @@ def test_output_gated_model_refuses_replacing_baselines(one_thread):
     examples = [headscore.Example(ex.prompt, ex.target, ex.task, corrupt=ex.prompt[::-1]) for ex in EXAMPLES]
     mean = torch.zeros(2, 4, 8, dtype=torch.float64)
     for run, kwargs in ((headscore.score, {"baseline": "mean"}), (headscore.score, {"baseline": "corrupt"}),
-                        (headscore.ablate, {"baseline": "corrupt"}), (headscore.ablate, {"baseline": mean}),
+                        (headscore.score, {"method": "atp-mean"}), (headscore.ablate, {"baseline": "corrupt"}),
+                        (headscore.ablate, {"baseline": mean}),
                         (headscore.mean_baseline, {})):
         with pytest.raises(UnsupportedModelError, match=r"multiplies the head outputs of layer\(s\) 0, 1 by its "
                                                         "own output gate"):
