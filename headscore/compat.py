@@ -95,16 +95,24 @@ def unregister_attention(key: str) -> None:
     AttentionMaskInterface._global_mapping.pop(key, None)
 
 
-def activation_checkpointing(model: torch.nn.Module) -> str | None:
+def checkpointing_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that can checkpoint their activations (transformers' layers have a
+    ``gradient_checkpointing`` flag from the start, on or off): what :func:`activation_checkpointing` reads."""
+    return [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+
+
+def activation_checkpointing(model: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> str | None:
     """How ``model``'s layers checkpoint activations in a training forward pass now: None (they do not),
     ``"reentrant"`` or ``"non-reentrant"`` (torch's ``checkpoint``, as ``activation_checkpointing_enable`` sets
-    it), or ``"other"`` (another function: transformers' offloading wrapper, a user's own; or a mix)."""
+    it), or ``"other"`` (another function: transformers' offloading wrapper, a user's own; or a mix).
+    ``modules``: :func:`checkpointing_modules` of the model, found once (reading every module of a model
+    each forward pass costs about a millisecond for a 400-module model)."""
     from functools import partial
 
     from torch.utils.checkpoint import checkpoint
 
     modes = set()
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         if module.training and getattr(module, "gradient_checkpointing", False) is True:
             fn = getattr(module, "_gradient_checkpointing_func", None)
             if isinstance(fn, partial) and fn.func is checkpoint and not fn.args:

@@ -93,6 +93,7 @@ class Tracker:
         self.forwards = 0
         self.skipped = 0
         self.steps = 0
+        self._checkpointing = compat.checkpointing_modules(model)  # read each forward pass: found once
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._previous: weakref.ref | None = None
         self._next_tasks: torch.Tensor | None = None
@@ -131,7 +132,7 @@ class Tracker:
         self.flush()
         if not torch.is_grad_enabled():
             return args, kwargs
-        checkpointing = compat.activation_checkpointing(self.model)
+        checkpointing = compat.activation_checkpointing(self.model, self._checkpointing)
         if not self.enabled:  # paused, with a graph: it runs, and is recomputed, ungated
             self._previous = None
             self._carry_gates(checkpointing, None)

@@ -26,6 +26,7 @@ def test_private_attributes_still_exist():
     for reentrant, mode in ((True, "reentrant"), (False, "non-reentrant")):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         assert compat.activation_checkpointing(model) == mode
+        assert compat.activation_checkpointing(model, compat.checkpointing_modules(model)) == mode
     model.activation_checkpointing_disable()
     assert compat.activation_checkpointing(model) is None
 
