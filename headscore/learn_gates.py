@@ -53,7 +53,9 @@ class HardConcrete(torch.nn.Module):
         """Random gates in [0, 1] ([rows, *shape], or ``shape`` for ``rows=None``), differentiable in log_alpha."""
         shape = self.log_alpha.shape if rows is None else (rows, *self.log_alpha.shape)
         eps = 1e-6
-        u = torch.rand(shape, generator=generator, device=self.log_alpha.device).clamp(eps, 1 - eps)
+        # drawn where the generator lives (a CPU generator cannot draw on a GPU), then moved to the gates
+        where = self.log_alpha.device if generator is None else generator.device
+        u = torch.rand(shape, generator=generator, device=where).to(self.log_alpha.device).clamp(eps, 1 - eps)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
         return (s * (self.hi - self.lo) + self.lo).clamp(0.0, 1.0)
 
