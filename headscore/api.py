@@ -547,7 +547,8 @@ def circuit(model: ModelLike, examples: ExamplesLike, scores: HeadScores, *, edg
 
     Args:
         edges: the circuit's size in top edges (before pruning); or ``target_faithfulness``: the smallest size
-            tried that reaches it (else the largest); neither: every edge.
+            tried that reaches it (else the largest); neither: the largest size tried (every edge with the
+            default ``sizes``).
         sizes: the sizes to try for the curve (default 10, 20, 50, 100, ... up to every edge).
         select: rank edges by ``abs`` (|score|, default) or ``signed`` (score, largest first).
     """

@@ -324,12 +324,13 @@ class HeadScores:
             raise HeadscoreError(f"no task {name!r}; tasks are {', '.join(self.tasks)}") from None
 
     def top_k(self, k: int = 10, task: str | None = None) -> list[tuple[int, int, float]]:
-        """The ``k`` heads with the largest value as (layer, head, value), for one task or the mean over tasks."""
+        """The ``k`` heads with the largest value as (layer, head, value), for one task or the mean over tasks;
+        NaN (a head its layer does not have) last, ties in head order (layer, then head), as the report ranks."""
         whole_at_least(k, 1, "top_k needs k")
         grid = (self.values.mean(0) if task is None else self.task(task)).flatten()
         k = min(k, grid.numel())
         ranked = torch.where(torch.isnan(grid), torch.tensor(-math.inf, dtype=grid.dtype), grid)  # NaN last
-        idx = torch.topk(ranked, k).indices
+        idx = torch.argsort(ranked, descending=True, stable=True)[:k]
         return [(int(i) // self.num_heads, int(i) % self.num_heads, float(grid[i])) for i in idx]
 
     def select(self, tasks: Sequence[str]) -> HeadScores:

@@ -126,6 +126,14 @@ def test_the_report_of_edge_scores_draws_their_circuits(tmp_path, capsys):
     assert main(["report", str(plain), "--out", str(tmp_path / "rep2")]) == 0
     assert not (tmp_path / "rep2" / "circuit.png").exists()
     assert "circuit-info" not in (tmp_path / "rep2" / "index.html").read_text(encoding="utf-8")
+    # exact patching of the top edges only (every head value NaN): its circuits are drawn, no head is ranked
+    exact = tmp_path / "exact.hs"
+    assert main(["ablate", "--model", str(model), "--tasks", str(tasks), "--edges", "--scores", str(tmp_path / "s.hs"),
+                 "--top", "6", "--no-progress", "--out", str(exact)]) == 0
+    assert main(["report", str(exact), "--out", str(tmp_path / "rep3")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "rep3" / "circuit.png").stat().st_size > 10_000
+    summary = (tmp_path / "rep3" / "summary.md").read_text(encoding="utf-8")
+    assert summary.count("No head has a score for this task.") == 2 and "nan" not in summary
 
 
 @pytest.mark.slow

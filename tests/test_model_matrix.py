@@ -128,6 +128,10 @@ def test_per_layer_head_counts(tmp_path, one_thread):
 
     paths = write_report(s, tmp_path / "report", ablation=a)
     assert paths["heatmaps_png"].is_file() and (tmp_path / "report" / "index.html").is_file()
+    import re
+
+    rows = re.findall(r"^\| (\d+) \| (\d) \| (\d) \|", paths["summary"].read_text(encoding="utf-8"), re.M)
+    assert len(rows) == 6 and not {(layer, head) for _, layer, head in rows} & {("1", "2"), ("1", "3")}  # no rank
 
 
 def test_output_gated_model_refuses_replacing_baselines(one_thread):

@@ -1,6 +1,7 @@
 """HeadScores files, exports, accumulators and compare()."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -115,6 +116,20 @@ def test_top_k_finds_planted_heads():
     assert s.top_k(2, "task 1") == [(3, 2, 100.0), (0, 1, 50.0)]
     with pytest.raises(headscore.HeadscoreError, match="no task"):
         s.top_k(2, "nope")
+
+
+def test_top_k_breaks_ties_in_head_order_as_the_report_does():
+    from headscore.report.inputs import head_order
+
+    values = torch.zeros(1, 4, 8, dtype=torch.float64)
+    values[0, 3, 7], values[0, 2, 5:] = 2.0, 1.0  # a tie of three, then a tie of 29 zeros
+    values[0, 1, 4] = math.nan
+    s = headscore.HeadScores(values, torch.zeros_like(values), torch.tensor([2]), ["t"], "taylor", "m")
+    got = [(layer, head) for layer, head, _ in s.top_k(8, "t")]
+    assert got == [(3, 7), (2, 5), (2, 6), (2, 7), (0, 0), (0, 1), (0, 2), (0, 3)]
+    ranked = head_order(values[0].flatten().numpy())
+    assert got == [divmod(int(i), 8) for i in ranked[:8]]
+    assert s.top_k(32, "t")[-1][:2] == (1, 4)  # NaN last
 
 
 def test_accumulator_against_numpy():

@@ -46,6 +46,32 @@ def test_specificity_matches_the_formula_head_by_head():
     assert abs(float(z.values[1, 0, 0])) < 3  # shared head: not specific
 
 
+def test_specificity_leaves_out_a_task_without_a_standard_error():
+    """A task of one example has no standard error: its own z is NaN, the others' z are the formula over the
+    tasks that have one (all NaN before); an absent head (NaN) is NaN."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0] * 6 + [1] * 5 + [2] * 4 + [3])
+    values = torch.randn(16, 2, 3, generator=g, dtype=torch.float64)
+    tasks = ["a", "b", "c", "single"]
+    scores = scores_from(values, labels, tasks)
+    scores.values[:, 1, 2] = math.nan  # a head layer 1 does not have
+    scores.stderr[:, 1, 2] = math.nan
+    z = specificity(scores)
+    assert z.values[3].isnan().all() and z.values[:, 1, 2].isnan().all()
+    three = specificity(scores_from(values[:15], labels[:15], tasks[:3]))
+    torch.testing.assert_close(z.values[:3, :, :2], three.values[:, :, :2], rtol=1e-12, atol=0)
+    torch.testing.assert_close(z.values[:3, 0, 2], three.values[:, 0, 2], rtol=1e-12, atol=0)
+
+
+def test_sparsity_and_layer_profile_leave_out_absent_heads():
+    from headscore.cogqa.findings import layer_profile
+
+    values = torch.tensor([[[4.0, 1.0, 1.0], [2.0, math.nan, math.nan]]], dtype=torch.float64)
+    scores = headscore.HeadScores(values, torch.zeros_like(values), torch.tensor([3]), ["a"], "taylor", "m")
+    assert sparsity(scores, share=0.25)["a"] == pytest.approx(4.0 / 8.0)  # top 1 of the 4 heads there
+    torch.testing.assert_close(layer_profile(scores), torch.tensor([[6.0, 2.0]], dtype=torch.float64))
+
+
 def examples_of(labels, tasks):
     return [SimpleNamespace(task=tasks[int(i)]) for i in labels]
 

@@ -27,8 +27,10 @@ def sparsity(scores: HeadScores, share: float = 0.05) -> dict[str, float]:
 
 
 def sparsity_of(head_map: torch.Tensor, share: float = 0.05) -> float:
-    """Share of one map's total |value| held by its top ``share`` of heads (NaN for an all-zero map)."""
+    """Share of one map's total |value| held by its top ``share`` of heads (NaN for an all-zero map); heads a
+    layer does not have (NaN) are left out."""
     v = head_map.abs().flatten()
+    v = v[torch.isfinite(v)]
     n = max(1, math.ceil(share * v.numel()))
     total = float(v.sum())
     return float(torch.topk(v, n).values.sum()) / total if total > 0 else math.nan
@@ -40,27 +42,33 @@ def specificity(scores: HeadScores) -> HeadScores:
     For task t and head (l, h): ``z = (v_t - mean_o v_o) / sqrt(se_t^2 + sum_o se_o^2 / (T - 1)^2)``
     over the other tasks o, from the map's per-task means and standard errors (independent examples
     per task). Large z: the head matters for t more than for the other tasks, by z standard errors;
-    a head that matters for every task scores near 0. NaN where the pooled standard error is 0
-    (tasks with a single example). Method ``specificity-<method>``; ``stderr`` is all ones (z is
-    already in units of its own standard error).
+    a head that matters for every task scores near 0. The other tasks are those with a standard error
+    there (a task of one example has none: its own z is NaN, and it is left out of the others'); NaN where
+    the pooled standard error is 0 or no other task has one. Method ``specificity-<method>``; ``stderr`` is
+    all ones (z is already in units of its own standard error).
     """
     t = len(scores.tasks)
     if t < 2:
         raise ValueError("specificity needs at least two tasks")
-    v, se2 = scores.values, scores.stderr.square()
-    others_mean = (v.sum(0, keepdim=True) - v) / (t - 1)
-    others_var = (se2.sum(0, keepdim=True) - se2) / (t - 1) ** 2
+    known = torch.isfinite(scores.stderr) & torch.isfinite(scores.values)
+    v = scores.values.where(known, 0.0)
+    se2 = scores.stderr.square().where(known, 0.0)
+    others = known.sum(0, keepdim=True) - known.long()  # per task and head: the other tasks with a value
+    others_mean = (v.sum(0, keepdim=True) - v) / others.clamp_min(1)
+    others_var = (se2.sum(0, keepdim=True) - se2) / others.clamp_min(1).square()
     pooled = (se2 + others_var).sqrt()
-    z = torch.where(pooled > 0, (v - others_mean) / pooled.clamp_min(1e-300), torch.full_like(v, math.nan))
+    defined = known & (others > 0) & (pooled > 0)
+    z = torch.where(defined, (v - others_mean) / pooled.clamp_min(1e-300), torch.full_like(v, math.nan))
     return HeadScores(z, torch.ones_like(z), scores.counts.clone(), list(scores.tasks),
                       f"specificity-{scores.method}", scores.model, scores.data_hash,
                       extra={"of": scores.method, "unit": "pooled standard errors"})
 
 
 def layer_profile(scores: HeadScores, *, absolute: bool = True) -> torch.Tensor:
-    """Per task and layer: the sum over heads of the (absolute, by default) importance, [T, L]."""
+    """Per task and layer: the sum over heads of the (absolute, by default) importance, [T, L] (heads a layer
+    does not have, NaN, left out)."""
     v = scores.values.abs() if absolute else scores.values
-    return v.sum(-1)
+    return v.nansum(-1)
 
 
 def top_heads(scores: HeadScores, task: str, k: int) -> set[tuple[int, int]]:

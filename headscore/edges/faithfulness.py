@@ -77,7 +77,7 @@ def score_circuits(scores: HeadScores, edges: int, by: str = "abs") -> list[Circ
     if maps is None:
         raise HeadscoreError("the scores have no edge scores (score with --edges)")
     try:
-        graph = EdgeGraph.from_nodes(maps.upstream, maps.downstream, maps.existing)
+        graph = EdgeGraph.from_nodes(maps.upstream, maps.downstream, maps.existing, some=scores.edges_only)
     except ValueError as exc:
         raise HeadscoreError(f"the scores' edges: {exc}") from None
     baseline, metric = str(scores.extra.get("baseline", "")), str(scores.extra.get("metric", "nll"))

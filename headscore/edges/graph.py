@@ -98,17 +98,20 @@ class EdgeGraph:
         return int(self.allowed.sum())
 
     @classmethod
-    def from_nodes(cls, upstream: list[str], downstream: list[str], existing: torch.Tensor) -> EdgeGraph:
+    def from_nodes(cls, upstream: list[str], downstream: list[str], existing: torch.Tensor, *,
+                   some: bool = False) -> EdgeGraph:
         """The graph whose node names are ``upstream`` and ``downstream`` and whose edges are ``existing``
-        (bool [U, V], e.g. a scores file's non-NaN edges); ValueError when no graph has them."""
+        (bool [U, V], e.g. a scores file's non-NaN edges), or, with ``some``, include them (exact patching
+        measures chosen edges only); ValueError when no graph has them."""
         heads = {n for n in upstream if ".H" in n}
         layers = sum(1 for n in upstream if n.endswith(".mlp"))
         per_layer = len(heads) // max(layers, 1)
         kv = sum(1 for n in downstream if n.startswith("L0.KV") and n.endswith(".k"))
         for parallel in (False, True):
             graph = cls(layers, per_layer, kv, parallel)
-            if graph.upstream == list(upstream) and graph.downstream == list(downstream) and \
-                    torch.equal(graph.allowed, existing.to(torch.bool)):
+            existing = existing.to(torch.bool)
+            if graph.upstream == list(upstream) and graph.downstream == list(downstream) and (
+                    torch.equal(graph.allowed, existing) if not some else not bool((existing & ~graph.allowed).any())):
                 return graph
         raise ValueError("these edge nodes and edges are no graph of a sequential or parallel model")
 

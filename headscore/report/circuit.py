@@ -96,6 +96,7 @@ def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = 
     scores = np.asarray(circuit.scores, dtype=float)
     pairs, total = drawn_edges(circuit, limit)
     top = float(np.nanmax(np.abs(scores[pairs[:, 0], pairs[:, 1]]))) if len(pairs) else 1.0
+    top = top if top > 0 else 1.0  # every drawn edge scored 0: thin lines, no 0 / 0
     used_writers = {int(u) for u, _ in pairs}
     for u, name in enumerate(circuit.upstream):
         x, y = places.writer(name)
@@ -126,13 +127,13 @@ def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = 
     ax.set_title(f"{circuit.task}: {total} edges{extra}{shown}", fontsize=8)
 
 
-def _legend(fig: Figure) -> None:
+def _legend(fig: Figure, columns: int = 5) -> None:
     handles = [Line2D([], [], color="#c0392b", lw=2, label="patching raises the loss"),
                Line2D([], [], color="#2e6fd6", lw=2, label="patching lowers it"),
                Line2D([], [], color="0.3", ls="-", label="into a query / MLP / logits"),
                Line2D([], [], color="0.3", ls="--", label="into a key"),
                Line2D([], [], color="0.3", ls=":", label="into a value")]
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=7, frameon=False)
 
 
 def circuit_figure(circuits: Sequence[Any]) -> Figure:
@@ -148,8 +149,9 @@ def circuit_figure(circuits: Sequence[Any]) -> Figure:
         draw_circuit(ax, circuit)
     for ax in list(axes.flat)[len(circuits):]:
         ax.set_visible(False)
-    _legend(fig)
-    fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
+    wide = cols * width >= 7.5  # the legend's five entries need about 7 inches in one row
+    _legend(fig, 5 if wide else 3)
+    fig.get_layout_engine().set(rect=(0, 0.05 if wide else 0.09, 1, 0.95 if wide else 0.91))
     return fig
 
 

@@ -101,12 +101,14 @@ _CHECK_JS = """
 
 
 def _ranks(vals: np.ndarray) -> np.ndarray:
-    """Rank of each cell within its task, 1 = largest value; NaN cells rank last."""
+    """Rank of each cell within its task, 1 = largest value; NaN for a cell without a value (a head its layer
+    does not have), which has no rank."""
     flat = vals.reshape(vals.shape[0], -1)
     order = head_order(flat)
-    ranks = np.empty_like(order)
+    ranks = np.empty(order.shape, dtype=np.float64)
     rows = np.arange(flat.shape[0])[:, None]
     ranks[rows, order] = np.arange(1, flat.shape[1] + 1)[None, :]
+    ranks[~np.isfinite(flat)] = np.nan
     return ranks.reshape(vals.shape)
 
 
@@ -165,7 +167,8 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
     task_names = [str(t) for t in scores.tasks]
 
     # the detail view opens on task 0's top head; a click on any cell replaces it (_CLICK_JS)
-    start_task, start_index = 0, int(np.argmin(ranks[0].ravel()))
+    first = ranks[0].ravel()
+    start_task, start_index = 0, int(np.nanargmin(first)) if np.isfinite(first).any() else 0
     sl, sh = divmod(start_index, num_heads)
     v0, e0 = vals[:, sl, sh], se[:, sl, sh]
     bar_src = ColumnDataSource({"task": task_names, "value": v0, "lo": v0 - e0, "hi": v0 + e0})

@@ -103,10 +103,13 @@ def markdown_summary(scores: Any, *, k: int = 10, ablation: Any = None,
     lines += [f"## Top {k} heads per task", ""]
     for i, task in enumerate(scores.tasks):
         flat = vals[i].ravel()
-        order = head_order(flat)[:k]
+        order = [idx for idx in head_order(flat) if math.isfinite(float(flat[idx]))][:k]  # no value: no rank
         heading = f"### {_md(task)}"
         if counts is not None:
             heading += f" ({counts[i]} examples)"
+        if not order:  # every head NaN: a task of exact edge patching only, say
+            lines += [heading, "", "No head has a score for this task.", ""]
+            continue
         header = "| Rank | Layer | Head | Score ± stderr |"
         rule = "|---:|---:|---:|---:|"
         if abl is not None:
