@@ -351,6 +351,9 @@ def _check_estimator(method: str, steps: int, path_fraction: float | None, per_p
     if method == "curvature" and per_position:
         raise HeadscoreError("curvature estimates a whole head's second-order term; it has no per-position maps "
                              "(use taylor or ig for per_position)")
+    if method in ("abs", "fisher") and per_position:  # |sum_t g_t| is no sum of per-token |g_t|
+        raise HeadscoreError(f"{method} of a head is not the sum of its tokens' terms, so it has no per-position "
+                             "maps (use taylor or ig for per_position)")
     if verify is None or verify is False:
         return
     check_verify(verify)

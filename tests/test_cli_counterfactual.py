@@ -78,6 +78,9 @@ def _edit(index: int, **changes):
     (_edit(0, foil=3), [], ":1: field 'foil' must be a string"),
     (ROWS, ["--per-position", "--checkpoint-every", "1"], "--per-position supports neither"),
     (ROWS, ["--method", "probe", "--metric", "prob"], "--method probe takes no"),
+    (ROWS, ["--method", "curvature", "--per-position"], "--method curvature has no per-position maps"),
+    (ROWS, ["--method", "abs", "--per-position"], "--method abs has no per-position maps"),
+    (ROWS, ["--method", "fisher", "--per-position"], "--method fisher has no per-position maps"),
 ])
 def test_bad_counterfactual_input_one_line_exit_2(tmp_path, capsys, model_dir, rows, argv, message):
     data = write(tmp_path / "pairs.jsonl", rows)
@@ -92,3 +95,19 @@ def test_ablate_refuses_per_position_with_a_head_set(tmp_path, capsys, model_dir
     data = write(tmp_path / "pairs.jsonl", ROWS)
     code, _, err = run(capsys, "ablate", "--tasks", data, "--model", model_dir, "--heads", "0.1", "--per-position")
     assert code == 2 and "does not go with --heads" in err and err.count("\n") == 1
+
+
+def test_ablate_heads_writes_a_strict_json_table_and_takes_the_printed_head_names(tmp_path, capsys, model_dir):
+    from headscore.cli.scoring import parse_heads
+
+    assert parse_heads("L1.H2, 0.3") == [(1, 2), (0, 3)]
+    data = write(tmp_path / "pairs.jsonl", ROWS[:2])
+    code, _, err = run(capsys, "ablate", "--tasks", data, "--model", model_dir, "--heads", "L0.H1",
+                       "--out", tmp_path / "h.hs", "--no-progress")
+    assert code == 2 and "give it a .json name" in err and not (tmp_path / "h.hs").exists()
+    code, _, err = run(capsys, "ablate", "--tasks", data, "--model", model_dir, "--heads", "L0.H1,1.2",
+                       "--out", tmp_path / "h.json", "--no-progress")
+    assert code == 0, err
+    text = (tmp_path / "h.json").read_text()
+    table = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert all(set(e) >= {"delta", "stderr", "count"} for e in table.values())

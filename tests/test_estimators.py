@@ -248,6 +248,8 @@ def test_flag_finds_a_planted_nonlinear_head():
     ({"method": "abs", "verify": 2}, "no exact counterpart"),
     ({"method": "fisher", "verify": True}, "no exact counterpart"),
     ({"method": "curvature", "per_position": True}, "no per-position maps"),
+    ({"method": "abs", "per_position": True}, "abs of a head is not the sum of its tokens' terms"),
+    ({"method": "fisher", "per_position": True}, "fisher of a head is not the sum of its tokens' terms"),
     ({"verify": 2, "checkpoint": "x.ckpt"}, "without checkpoints"),
 ])
 def test_bad_estimator_settings(lm, examples, kwargs, message):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from ..loss import METRICS
 from ..methods.ablation import ABLATION_MODES
 from ..methods.gradient import DEFAULT_IG_FRACTION, DEFAULT_IG_STEPS
 from ..output_files import atomic_write
-from ..results import HeadScores
+from ..results import HeadScores, json_bytes
 from ..text import printable
 from .common import add_model_args, at_least, check_command_outputs, finite_float, load_model_and_tasks, save_scores
 
@@ -90,7 +91,8 @@ def register(sub) -> dict[str, Callable]:
     a.add_argument("--heads", default=None,
                    help="ablate this set of heads at once instead of each head: 'LAYER.HEAD,LAYER.HEAD,...'")
     a.add_argument("--gate", type=finite_float, default=0.0, help="with --heads: the gate value (0 ablates, 2 doubles)")
-    a.add_argument("--out", default=None, help="output scores file (.hs); required unless --heads")
+    a.add_argument("--out", default=None, help="output scores file (.hs); required unless --heads (then a .json "
+                   "table of the set's effect per task)")
     a.add_argument("--export", action="append", default=[], help="also write a .csv or .json copy (repeatable)")
     a.add_argument("--edges", action="store_true",
                    help="exact edge patching instead of heads: every edge, or with --scores and --top the top edges "
@@ -147,8 +149,9 @@ def cmd_score(args: argparse.Namespace) -> None:
                              "exact counterpart (use taylor, ig, curvature or atp-mean)")
     if args.verify is not None and (uses_checkpoint or _wants_distributed(args)):
         raise HeadscoreError("--verify supports neither --distributed nor checkpoints")
-    if args.method == "curvature" and args.per_position:
-        raise HeadscoreError("--method curvature has no per-position maps (use taylor or ig with --per-position)")
+    if args.method in ("curvature", "abs", "fisher") and args.per_position:
+        raise HeadscoreError(f"--method {args.method} has no per-position maps (use taylor or ig with "
+                             "--per-position)")
     if args.per_position and (uses_checkpoint or _wants_distributed(args)):
         raise HeadscoreError("--per-position supports neither --distributed nor checkpoints")
     _check_edge_flags(args, uses_checkpoint)
@@ -206,14 +209,14 @@ def _check_edge_flags(args: argparse.Namespace, uses_checkpoint: bool) -> None:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """``'3.5,7.1'`` -> [(3, 5), (7, 1)]."""
+    """``'3.5,7.1'`` -> [(3, 5), (7, 1)]; also the ``L3.H5`` the summaries print."""
     heads = []
     for item in text.split(","):
         try:
-            layer, head = item.strip().split(".")
+            layer, head = re.fullmatch(r"L?(-?\d+)\.H?(-?\d+)", item.strip()).groups()
             heads.append((int(layer), int(head)))
-        except ValueError:
-            raise HeadscoreError(f"--heads: {item!r} is not LAYER.HEAD (for example 3.5)") from None
+        except (AttributeError, ValueError):
+            raise HeadscoreError(f"--heads: {item!r} is not LAYER.HEAD (for example 3.5 or L3.H5)") from None
     return heads
 
 
@@ -231,6 +234,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         raise HeadscoreError("--export needs the per-head map; with --heads, --out writes the table as JSON")
     if heads is not None and args.per_position:
         raise HeadscoreError("--per-position patches each head on its own; it does not go with --heads")
+    if heads is not None and args.out and Path(args.out).suffix.lower() != ".json":
+        raise HeadscoreError(f"--out {args.out}: with --heads the output is a JSON table of the set's effect per "
+                             "task, not a scores file; give it a .json name")
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export)])
     lm, examples = load_model_and_tasks(args)
     progress = not args.no_progress
@@ -242,7 +248,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
             print(f"{printable(task):<28} {eff.count:>4} {eff.clean_loss:>11.4f} {eff.delta:>+10.4f} "
                   f"{eff.stderr:>9.4f}")
         if args.out:
-            atomic_write(args.out, json.dumps({t: vars(e) for t, e in effects.items()}, indent=1).encode())
+            atomic_write(args.out, json_bytes({t: vars(e) for t, e in effects.items()}))
         return
     result = ablate(lm, examples, baseline=args.baseline, mode=args.mode, batch_size=args.batch_size,
                     rows_per_pass=args.rows_per_pass, max_examples=args.max_examples, metric=args.metric,
