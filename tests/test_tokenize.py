@@ -106,3 +106,15 @@ def test_a_pad_token_the_model_has_no_embedding_for_is_not_used():
     assert lm.pad_id == AddedPad.eos_token_id
     scores = headscore.score(lm, examples, batch_size=3, progress=False)
     torch.testing.assert_close(scores.values, reference.values, rtol=0, atol=0)
+
+
+def test_a_prompt_that_splits_the_target_from_its_space_is_warned_about():
+    tok = sentencepiece_like()
+    with pytest.warns(UserWarning, match=r"1 example\(s\), the first example 0 .* tokenise otherwise apart"):
+        (item,) = tokenize_examples([Example("The capital of France is ", "Paris", "t")], tok, ["t"])
+    assert tokens(tok, item.ids)[-2] == "▁"  # the prompt's own trailing space, a token the joined text lacks
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_examples([Example("The capital of France is", " Paris", "t")], tok, ["t"])

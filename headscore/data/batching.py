@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -129,11 +130,16 @@ def continuation_ids(tokenizer, prompt: str, prompt_plain: Sequence[int], text: 
     tokenizer that prepends a word boundary to every text turns " Paris" into a lone boundary token and
     "Paris".
     """
+    return _continuation(tokenizer, prompt, prompt_plain, text)[0]
+
+
+def _continuation(tokenizer, prompt: str, prompt_plain: Sequence[int], text: str) -> tuple[list[int], bool]:
+    """:func:`continuation_ids`, and whether the prompt's ids begin the joined text's."""
     joined = _ids(tokenizer, prompt + text, False)
     n = len(prompt_plain)
     if n and len(joined) > n and joined[:n] == list(prompt_plain):
-        return joined[n:]
-    return _ids(tokenizer, text, False)
+        return joined[n:], True
+    return _ids(tokenizer, text, False), False
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[str], *,
@@ -148,6 +154,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
     """
     task_of = {t: i for i, t in enumerate(tasks)}
     out = []
+    apart: list[int] = []  # examples whose prompt does not tokenise as the joined text begins
     for i, ex in enumerate(examples):
         where = f"{ex.describe(i)} ({printable(ex.task)})"
         if ex.label is not None:  # an encoder's input keeps every special token (a classifier reads them)
@@ -157,7 +164,9 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
             out.append(TokenizedExample(tuple(prompt), 0, task_of[ex.task], i, label=ex.label))
             continue
         prompt, plain = prompt_ids(tokenizer, ex.prompt)
-        target = continuation_ids(tokenizer, ex.prompt, plain, ex.target)
+        target, joined = _continuation(tokenizer, ex.prompt, plain, ex.target)
+        if not joined and plain:
+            apart.append(i)
         if not target:
             raise HeadscoreError(f"{where}: target {ex.target!r} has no tokens")
         if not prompt:
@@ -181,6 +190,12 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
                                      f"{ex.target!r}; a logit difference between them is always 0")
             foil = foil_tokens[0]
         out.append(TokenizedExample(ids, len(target), task_of[ex.task], i, corrupt, foil))
+    if apart:
+        first = examples[apart[0]]
+        warnings.warn(f"{len(apart)} example(s), the first {first.describe(apart[0])} (prompt ending "
+                      f"{printable(first.prompt[-12:])!r}, target {printable(first.target)!r}), tokenise otherwise "
+                      "apart than as one text (a prompt ending in a space, a target without its leading space?): "
+                      "the target is scored as tokenised alone, which the model seldom sees", stacklevel=3)
     return out
 
 
