@@ -164,7 +164,9 @@ def test_compare_takes_a_metric_that_is_not_text(tmp_path, capsys):
     b = _scores_file(tmp_path / "b.hs", extra={"metric": {"name": "prob"}})
     code, out, err = run(capsys, "compare", a, b, "--resamples", "0")
     assert code == 0, err
-    assert "note: the files measure different metrics (['nll'] vs {'name': 'prob'})" in out
+    assert "note: the files measure different metrics (A ['nll'] vs B {'name': 'prob'})" in out
+    code, out, err = run(capsys, "compare", b, a, "--resamples", "0")  # in the order given
+    assert code == 0 and "(A {'name': 'prob'} vs B ['nll'])" in out, err
     code, out, err = run(capsys, "report", a, "--ablation", b, "--out", str(tmp_path / "rep"), "--resamples", "0")
     assert code == 0, err
     assert (tmp_path / "rep" / "scatter.png").is_file()

@@ -64,9 +64,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         if shown:
             line += "".join(f" {'-' if counts is None else counts[task]:>8}" for counts in exact.values())
         print(line)
-    metrics = {printable(s.extra.get("metric", "nll")) for s in (a, b)}  # any JSON value a file may hold
-    if len(metrics) > 1:
-        print(f"note: the files measure different metrics ({' vs '.join(sorted(metrics))})")
+    metrics = [printable(s.extra.get("metric", "nll")) for s in (a, b)]  # any JSON value a file may hold
+    if metrics[0] != metrics[1]:
+        print(f"note: the files measure different metrics (A {metrics[0]} vs B {metrics[1]})")
     doc: dict = table
     if a.has_positions and b.has_positions:
         positions = compare_positions(a, b, args.k)
