@@ -38,6 +38,8 @@ CASES = {
     "json-is-compared-file": "is the input file of A",
     "report-overwrites-input": "would overwrite",
     "checkpoint-is-out": "--checkpoint and --out are the same file",
+    "out-named-like-a-table": "is the scores file (.hs, safetensors); for a .csv table give --out a .hs name and "
+                              "add --export",
     "out-unwritable": "cannot write in /sys",
     "export-unwritable": "cannot write in /sys",
     "report-unwritable": "cannot write in /sys",
@@ -188,6 +190,13 @@ def test_compare_json_and_report_never_overwrite_inputs(tmp_path, capsys):
 def test_checkpoint_equal_to_out(tmp_path, capsys, tasks):
     out = tmp_path / "x.hs"
     refused(capsys, "checkpoint-is-out", ["score", "--tasks", tasks, "--checkpoint", out, "--out", out], tmp_path)
+
+
+def test_scores_out_named_like_a_table(tmp_path, capsys, tasks):
+    for command in (["score"], ["ablate"], ["ablate", "--edges"]):
+        refused(capsys, "out-named-like-a-table", [*command, "--tasks", tasks, "--out", tmp_path / "s.csv"], tmp_path)
+    code = main(["score", "--tasks", str(tasks), "--out", str(tmp_path / "s.JSON")])
+    assert code == 2 and "for a .json table" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys, a place no one can create files")

@@ -159,6 +159,13 @@ def check_command_outputs(args: argparse.Namespace, files: Iterable[tuple[str, s
                   input_dirs=[("--model", model_dir(model))] if model else [])
 
 
+def check_scores_out(path: str | None) -> None:
+    """Refuse a scores file (``--out``) named like a table: it would hold the binary .hs format."""
+    if path is not None and Path(path).suffix.lower() in EXPORT_SUFFIXES:
+        raise HeadscoreError(f"--out {path} is the scores file (.hs, safetensors); for a {Path(path).suffix.lower()} "
+                             f"table give --out a .hs name and add --export {path}")
+
+
 def load_model_and_tasks(args: argparse.Namespace) -> tuple[LoadedModel, list[Example]]:
     """The examples first (bad data fails before a slow model load), then the model."""
     examples = load_tasks(args.tasks, args.columns)

@@ -23,7 +23,15 @@ from ..methods.gradient import DEFAULT_IG_FRACTION, DEFAULT_IG_STEPS
 from ..output_files import atomic_write
 from ..results import HeadScores, json_bytes
 from ..text import printable
-from .common import add_model_args, at_least, check_command_outputs, finite_float, load_model_and_tasks, save_scores
+from .common import (
+    add_model_args,
+    at_least,
+    check_command_outputs,
+    check_scores_out,
+    finite_float,
+    load_model_and_tasks,
+    save_scores,
+)
 
 METRIC_HELP = ("what the loss is: nll (default: target NLL), logit-diff (logit of the target's first token minus "
                "the foil's at the answer position; needs 'foil' in every example), prob (the target's probability); "
@@ -166,6 +174,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     world = env_world_size() if _wants_distributed(args) else 1  # every rank's checkpoint file is an output
     checkpoints = [("--checkpoint", args.checkpoint)] if not args.checkpoint or world == 1 else \
         [(f"--checkpoint (rank {r}'s file)", str(checkpoint_path(args.checkpoint, r, world))) for r in range(world)]
+    check_scores_out(args.out)
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export),
                                  *(("--export-edges", p) for p in args.export_edges), *checkpoints])
     rank, world = _distributed_begin(args)
@@ -237,6 +246,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     if heads is not None and args.out and Path(args.out).suffix.lower() != ".json":
         raise HeadscoreError(f"--out {args.out}: with --heads the output is a JSON table of the set's effect per "
                              "task, not a scores file; give it a .json name")
+    if heads is None:
+        check_scores_out(args.out)
     check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export)])
     lm, examples = load_model_and_tasks(args)
     progress = not args.no_progress
@@ -264,6 +275,7 @@ def _ablate_edges(args: argparse.Namespace) -> None:
         raise HeadscoreError("--scores and --top come together (the top N edges of that file's edge scores)")
     if args.export:
         raise HeadscoreError("--export writes head maps; exact edge patching has none: use --export-edges")
+    check_scores_out(args.out)
     check_command_outputs(args, [("--out", args.out), *(("--export-edges", p) for p in args.export_edges)],
                           inputs=[("--scores", args.scores)])
     chosen = None
