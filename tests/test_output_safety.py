@@ -228,11 +228,11 @@ def test_a_mount_point_is_refused_before_work(tmp_path, capsys, model_dir, tasks
 
 
 def _sticky_file(directory: Path, file_uid: int, dir_uid: int) -> Path:
-    """``directory/o.json`` owned by ``file_uid`` in a new sticky, world-writable ``directory`` of ``dir_uid``."""
+    """``directory/o.hs`` owned by ``file_uid`` in a new sticky, world-writable ``directory`` of ``dir_uid``."""
     directory.mkdir()
     os.chown(directory, dir_uid, dir_uid)
     os.chmod(directory, 0o1777)
-    target = directory / "o.json"
+    target = directory / "o.hs"
     target.write_text("old")
     os.chown(target, file_uid, file_uid)
     return target
