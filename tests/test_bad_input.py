@@ -268,6 +268,21 @@ def test_truncated_model_file(tmp_path, capsys, tasks, model_dir):
     assert str(broken / "model.safetensors") in err
 
 
+def fake_conversion(monkeypatch, model_dir: Path) -> list:
+    """Replace the GGUF conversion by a copy of ``model_dir``'s files; the list the GGUF paths converted go to."""
+    from headscore import models
+
+    converted = []
+
+    def fake_convert(gguf, out):
+        converted.append(gguf)
+        for f in model_dir.iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    return converted
+
+
 def test_broken_embedded_cache_is_rebuilt_and_stale_conversions_removed(tmp_path, monkeypatch, model_dir):
     from headscore import models
 
@@ -284,14 +299,7 @@ def test_broken_embedded_cache_is_rebuilt_and_stale_conversions_removed(tmp_path
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
     os.utime(old, (time.time() - 2 * models.STALE_STAGING_S,) * 2)
-    converted = []
-
-    def fake_convert(gguf, out):
-        converted.append(gguf)
-        for f in model_dir.iterdir():
-            (out / f.name).write_bytes(f.read_bytes())
-
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    converted = fake_conversion(monkeypatch, model_dir)
     old_mask = os.umask(0o022)
     try:
         with pytest.warns(models.CacheRebuilt, match=r"smollm2-135m is broken \(.*model.safetensors is truncated"):
@@ -754,14 +762,7 @@ def test_cached_model_without_its_chat_template_is_rebuilt(tmp_path, monkeypatch
     for f in model_dir.iterdir():
         if f.name != "chat_template.jinja":
             (target / f.name).write_bytes(f.read_bytes())
-    converted = []
-
-    def fake_convert(gguf, out):
-        converted.append(gguf)
-        for f in model_dir.iterdir():
-            (out / f.name).write_bytes(f.read_bytes())
-
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    converted = fake_conversion(monkeypatch, model_dir)
     with pytest.warns(models.CacheRebuilt, match="chat_template.jinja missing"):
         assert models.embedded_model_dir("smollm2-135m") == target
     assert converted and (target / "chat_template.jinja").is_file()
