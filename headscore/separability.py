@@ -1,6 +1,6 @@
 """Whether a model's heads can be gated one by one: the guard every ``prepare()`` runs once per model.
 
-:func:`separability_problem` runs one patched forward pass, finds each attention layer's output projection
+:func:`separability_report` runs one patched forward pass, finds each attention layer's output projection
 from the model (the first module with a weight matrix called after the layer's attention and fed
 ``heads x head_dim`` features) and refuses, with the reason, a layer whose attention runs more than once per
 pass, whose head outputs no module consumes, or whose projection gets them through a transform that is not
@@ -32,18 +32,14 @@ class Observed:
     calls: list[tuple[str, object]] = field(default_factory=list)
 
 
-def separability_problem(model: torch.nn.Module, batch) -> str | None:
-    """Why ``model``'s heads cannot be gated one by one (see :func:`separability`), or None; one forward pass
-    on ``batch`` (one more per layer whose projection input is not its head outputs unchanged)."""
-    return separability_report(model, batch)[0]
-
-
 def separability_report(model: torch.nn.Module, batch) -> tuple[str | None, list[int]]:
-    """:func:`separability_problem`, and the layers whose output projection gets their head outputs through a
-    transform linear in them (an output gate: Qwen3-Next's ``attn_output * sigmoid(gate)``, Laguna's softplus
-    gate), from the same passes. A gate there scales what the projection sees, so the gradients and the zero
-    baseline are the head's; a baseline that replaces the attention's output (mean, corrupted run) is not the
-    projection's input with the head replaced (the model's own gate multiplies it)."""
+    """Why ``model``'s heads cannot be gated one by one (see :func:`separability`), or None; one forward pass
+    on ``batch`` (one more per layer whose projection input is not its head outputs unchanged). And, from the
+    same passes, the layers whose output projection gets their head outputs through a transform linear in
+    them (an output gate: Qwen3-Next's ``attn_output * sigmoid(gate)``, Laguna's softplus gate). A gate there
+    scales what the projection sees, so the gradients and the zero baseline are the head's; a baseline that
+    replaces the attention's output (mean, corrupted run) is not the projection's input with the head
+    replaced (the model's own gate multiplies it)."""
     with patch(model, kernel=False, freeze=False) as heads:
         seen = observe(model, heads, batch)
         if not seen.outputs:
