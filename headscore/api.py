@@ -100,13 +100,14 @@ def _begin(model: ModelLike, examples: ExamplesLike, *, max_examples: int | None
 def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor | None) -> None:
     """Refuse a metric or baseline the examples (or the model) cannot serve, naming the first example that lacks
     it."""
-    if _baseline_name(baseline) != "zero":
+    name = _baseline_name(baseline)
+    if name != "zero":
         gated = output_gated_layers(prep.lm.model)
         if gated:
             shown = ", ".join(map(str, gated[:8])) + (", ..." if len(gated) > 8 else "")
             raise UnsupportedModelError(
                 f"{type(prep.lm.model).__name__} multiplies the head outputs of layer(s) {shown} by its own output "
-                f"gate before the output projection; baseline {_baseline_name(baseline)!r} would replace the "
+                f"gate before the output projection; baseline {name!r} would replace the "
                 "attention's output before that gate, not the head's output the projection sees, so it would not "
                 "be mean ablation or activation patching there: use the zero baseline (the gradients and zero "
                 "ablation are exact on this model)")
