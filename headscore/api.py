@@ -58,7 +58,7 @@ from .methods.verify import (
 from .models import DEFAULT_MODEL, load_model
 from .patch import HeadGates, head_layout, patch
 from .positions import PositionMaps
-from .prepared import ModelLike, Prepared, output_gated_layers, prepare
+from .prepared import ModelLike, Prepared, mixed_head_layers, prepare
 from .results import HeadScores
 
 if TYPE_CHECKING:  # optional dependencies: a table of examples is one of these
@@ -102,15 +102,14 @@ def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor |
     it."""
     name = _baseline_name(baseline)
     if name != "zero":
-        gated = output_gated_layers(prep.lm.model)
-        if gated:
-            shown = ", ".join(map(str, gated[:8])) + (", ..." if len(gated) > 8 else "")
+        mixed = mixed_head_layers(prep.lm.model)
+        if mixed:
+            shown = ", ".join(map(str, mixed[:8])) + (", ..." if len(mixed) > 8 else "")
             raise UnsupportedModelError(
-                f"{type(prep.lm.model).__name__} multiplies the head outputs of layer(s) {shown} by its own output "
-                f"gate before the output projection; baseline {name!r} would replace the "
-                "attention's output before that gate, not the head's output the projection sees, so it would not "
-                "be mean ablation or activation patching there: use the zero baseline (the gradients and zero "
-                "ablation are exact on this model)")
+                f"{type(prep.lm.model).__name__} mixes the head outputs of layer(s) {shown} before the output "
+                f"projection (a transform linear in them, not one scale per head); baseline {name!r} cannot "
+                "replace one head's part of what the projection sees there: use the zero baseline (the gradients "
+                "and zero ablation are exact on this model)")
     if prep.labelled:
         if metric.name != "nll" or metric.fn is not None:
             raise HeadscoreError(f"a sequence classifier is scored on its own loss from the labels; metric "
@@ -463,7 +462,8 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                           baseline=baseline, columns=columns, rows_per_pass=rows_per_pass)
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
-    rows = single_head_gates(layout.num_layers, layout.num_heads)
+    present = ~layout.absent_heads().flatten()  # a head a layer does not have is NaN without a pass
+    rows = single_head_gates(layout.num_layers, layout.num_heads)[present]
     maps = _position_maps(prep, metric) if per_position else None
     total = len(prep.examples) * rows.shape[0]
     start = time.perf_counter()
@@ -487,8 +487,10 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                 return gated_losses(model, heads, batch, gate_rows, base, mode=mode, max_rows=rows_per_pass,
                                     metric=metric, on_pass=lambda n: bar.update(n * batch.size)) - clean[None]
 
-            delta = changed(rows).T.reshape(batch.size, layout.num_layers, layout.num_heads)
-            acc.add(batch.task_index, delta, batch.example_index)
+            delta = torch.zeros(batch.size, present.numel(), dtype=torch.float64)
+            delta[:, present] = changed(rows).T.to(delta)
+            acc.add(batch.task_index, delta.view(batch.size, layout.num_layers, layout.num_heads),
+                    batch.example_index)
             if maps is not None:  # only the tokens and layers each cell can change, checked on the first batch
                 if fast_positions is None:
                     fast_positions = mode != "naive" and position_patching_works(model, heads, batch, base,

@@ -269,10 +269,11 @@ def _run_checks(model, implementation, batch, layout, tol, result):
                 result.reason = (f"layer {layer}'s attention outputs heads x dims {shape}, the config says "
                                  f"{layout.heads_of(layer)} x {layout.dim_of(layer)}")
                 return result
-            projections, problem = separability(model, heads, seen, batch)
+            found = separability(model, heads, seen, batch)
+            projections = found.projections
             result.output_projection = projection_pattern(projections)
-            if problem is not None:
-                result.status, result.reason = REFUSED, problem
+            if found.problem is not None:
+                result.status, result.reason = REFUSED, found.problem
                 return result
             grad = gate_gradients(model, heads, batch)[1] if backward else None
             gate_rows = single_head_gates(layout.num_layers, layout.num_heads)

@@ -10,14 +10,21 @@ applies ``Y = m + g * (O - m)`` per example row and head (see ``headscore.gate``
 No per-architecture code: any model whose attention goes through the registry and
 whose attention modules carry ``layer_idx`` works, grouped-query attention
 included (gates are per query head).
+
+A layer whose model multiplies the attention's output by an output gate of its own before the output
+projection (Qwen3-Next, Qwen3.5, Laguna, ...) is gated at the projection's input instead, once
+:func:`gate_at_projections` has named its projection (``prepare`` does, from
+:func:`~headscore.separability.separability_report`): there a baseline replaces what the projection sees,
+so mean ablation and activation patching are the head's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,7 +46,8 @@ class HeadLayout:
 
     ``num_heads`` and ``head_dim`` are the most heads of any layer and the widest head; ``heads_per_layer``
     and ``head_dims`` have each layer's own counts where layers differ (per-layer configs: Gemma 4's wider
-    global heads, Dots3's or Laguna's head counts), else None. Gates are [.., L, num_heads] and baselines
+    global heads, Dots3's or Laguna's head counts; 0 for a hybrid model's layers without attention), else
+    None. Gates are [.., L, num_heads] and baselines
     [L, num_heads, head_dim]: a layer with fewer or narrower heads takes the first entries, and its absent
     heads are NaN in the maps (see :func:`mark_absent_heads`).
     """
@@ -61,8 +69,11 @@ class HeadLayout:
 
     @property
     def uniform(self) -> bool:
-        """Whether every layer has the same heads (count and width)."""
-        return self.head_dims is None and self.heads_per_layer is None
+        """Whether every layer with heads has the same heads (count and width): layers without attention (a
+        hybrid model's linear-attention or state-space layers, 0 heads) do not count."""
+        if self.head_dims is not None:
+            return False
+        return self.heads_per_layer is None or set(self.heads_per_layer) <= {0, self.num_heads}
 
     def absent_heads(self) -> torch.Tensor:
         """[L, H] True where a layer has no such head (beyond its own count)."""
@@ -81,7 +92,32 @@ def _value_head_dim(config, heads: int) -> int:
 def head_layout(model: torch.nn.Module) -> HeadLayout:
     """Read the attention layout of a transformers model from its (text) config (``head_dim`` is the width
     of a head's output, the value head dim where it differs from the query/key one). A heterogeneous config
-    (per-layer attributes) or a per-layer head-count list is read layer by layer (see :class:`HeadLayout`)."""
+    (per-layer attributes) or a per-layer head-count list is read layer by layer (see :class:`HeadLayout`);
+    layers that :func:`mark_attention_layers` found without attention have 0 heads."""
+    layout = _config_layout(model)
+    attention = model.__dict__.get(_ATTENTION_ATTR)
+    if attention is None:
+        return layout
+    counts = tuple(layout.heads_of(i) if i in attention else 0 for i in range(layout.num_layers))
+    return replace(layout, heads_per_layer=counts)
+
+
+def mark_attention_layers(model: torch.nn.Module, layers: Collection[int]) -> None:
+    """Record that only ``layers`` run attention (a hybrid model: linear-attention or state-space layers between
+    them): from then on :func:`head_layout` gives the other layers 0 heads, so their cells are absent (NaN) in
+    every map and no ablation runs for them. Every layer (or an empty collection) forgets the record."""
+    count = _config_layout(model).num_layers
+    if not layers or set(layers) >= set(range(count)):
+        model.__dict__.pop(_ATTENTION_ATTR, None)
+    else:
+        model.__dict__[_ATTENTION_ATTR] = frozenset(int(i) for i in layers)
+
+
+_ATTENTION_ATTR = "_headscore_attention_layers"
+
+
+def _config_layout(model: torch.nn.Module) -> HeadLayout:
+    """The layout the config says (every layer counted as attention)."""
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no transformers config; pass a PreTrainedModel")
@@ -222,6 +258,67 @@ class HeadGates:
         return y
 
 
+def gate_at_projections(model: torch.nn.Module, projections: Mapping[int, str]) -> None:
+    """From the next :func:`patch` on, gate layer ``l``'s heads at the input of the module named
+    ``projections[l]`` (its output projection, fed ``heads x head_dim`` features) instead of at its attention's
+    output: for layers whose model scales each head's attention output by an output gate of its own before that
+    projection. Zero ablation and the gradients are the same either way; a baseline (mean, corrupted run) must
+    replace what the projection sees. An empty mapping gates every layer at its attention's output."""
+    if projections:
+        model.__dict__[_PROJECTION_ATTR] = dict(projections)
+    else:
+        model.__dict__.pop(_PROJECTION_ATTR, None)
+
+
+def gated_at_projections(model: torch.nn.Module) -> dict[int, str]:
+    """The layers :func:`gate_at_projections` moved to their output projection's input, with its name."""
+    return dict(model.__dict__.get(_PROJECTION_ATTR, {}))
+
+
+_PROJECTION_ATTR = "_headscore_gated_at_projection"
+
+
+@contextlib.contextmanager
+def _gating_projection_inputs(model: torch.nn.Module, state: HeadGates, projections: dict[int, str]
+                              ) -> Iterator[None]:
+    """Forward pre-hooks that gate each named projection's input [.., H * D] as layer ``l``'s heads."""
+    modules = dict(model.named_modules())
+    missing = sorted(name for name in projections.values() if name not in modules)
+    if missing:
+        raise UnsupportedModelError(f"{type(model).__name__} has no module {missing[0]} to gate the heads at")
+
+    def gate_input(args: tuple, layer: int) -> tuple:
+        heads, width = state.layout.heads_of(layer), state.layout.dim_of(layer)
+        if not args or args[0].shape[-1] != heads * width:
+            raise UnsupportedModelError(
+                f"layer {layer}'s output projection {projections[layer]} did not get {heads} x {width} head features "
+                "as its first argument")
+        x = args[0]
+        return (state._apply(layer, x.unflatten(-1, (heads, width))).flatten(-2), *args[1:])
+
+    handles = []
+    for layer, name in projections.items():
+        hook = functools.partial(_projection_hook, gate_input, layer)
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _projection_hook(gate_input: Callable[[tuple, int], tuple], layer: int, module: torch.nn.Module, args: tuple
+                     ) -> tuple:
+    """A forward pre-hook of headscore's own (see :func:`is_gate_hook`)."""
+    return gate_input(args, layer)
+
+
+def is_gate_hook(hook: object) -> bool:
+    """Whether a module hook is the head gate :func:`patch` put on an output projection (not the model's own,
+    nor a user's: prefix reuse checks the layers those sit in)."""
+    return isinstance(hook, functools.partial) and hook.func is _projection_hook
+
+
 def mark_absent_heads(values: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
     """``values`` [..., L, H] with NaN where a layer has no such head (a per-layer head count); unchanged
     for a model whose layers all have every head."""
@@ -276,8 +373,11 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
             raise HeadscoreError(f"kernel=True: {why}")
     state = HeadGates(head_layout(model))
     inner = compat.attention_function(original)
+    at_projection = gated_at_projections(model)
 
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if getattr(module, "layer_idx", None) in at_projection:  # gated at its output projection's input
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
         if not args and state.layout.uniform and not state.kernel_off:  # one head count and width for every layer
             out = dispatch.fused_gated_attention(module, query, key, value, attention_mask, gates=state.gates,
                                                  baseline=state.baseline, wanted=kernel,
@@ -298,7 +398,8 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         if freeze:
             for p, _ in entry.flags:
                 p.requires_grad_(False)
-        yield state
+        with _gating_projection_inputs(model, state, at_projection):
+            yield state
     finally:
         _exit_patch(model, stack, entry)
         compat.unregister_attention(key)

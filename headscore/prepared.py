@@ -18,7 +18,7 @@ from .data.tables import as_examples
 from .errors import HeadscoreError, UnsupportedModelError
 from .loss import NonFiniteLoss
 from .models import DEFAULT_MODEL, LoadedModel, is_sequence_classifier, load_model
-from .patch import head_layout, mark_absent_heads
+from .patch import gate_at_projections, head_layout, mark_absent_heads, mark_attention_layers
 from .results import HeadScores, data_hash
 from .separability import separability_report
 
@@ -104,20 +104,35 @@ def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | Any 
 def check_separable(model: torch.nn.Module, batch: Batch) -> None:
     """Raise UnsupportedModelError when ``model``'s heads cannot be gated one by one (head outputs mixed
     before the output projection, a layer's attention run twice per pass, no attention through the
-    registry); one forward pass on ``batch``, once per model (the answer is remembered on it)."""
+    registry); one forward pass on ``batch``, once per model (the answer is remembered on it). Layers with an
+    output gate of their own are gated at their output projection's input from then on
+    (:func:`~headscore.patch.gate_at_projections`), and a hybrid model's layers without attention have no
+    heads (:func:`~headscore.patch.mark_attention_layers`)."""
     report = model.__dict__.get(_SEPARABLE_ATTR)
     if report is None:
         report = separability_report(model, batch)
         model.__dict__[_SEPARABLE_ATTR] = report
-    if report[0] is not None:
-        raise UnsupportedModelError(f"{type(model).__name__}: {report[0]}")
+        if report.problem is None:
+            gate_at_projections(model, report.output_gated)
+            mark_attention_layers(model, report.attention_layers)
+    if report.problem is not None:
+        raise UnsupportedModelError(f"{type(model).__name__}: {report.problem}")
 
 
 def output_gated_layers(model: torch.nn.Module) -> list[int]:
-    """The layers of a prepared ``model`` whose head outputs reach the output projection through the model's
-    own output gate (see :func:`~headscore.separability.separability_report`; empty before ``prepare``)."""
+    """The layers of a prepared ``model`` whose head outputs reach the output projection scaled by the model's
+    own output gate, and so are gated at the projection's input (see
+    :class:`~headscore.separability.Separation`; empty before ``prepare``)."""
     report = model.__dict__.get(_SEPARABLE_ATTR)
-    return [] if report is None else list(report[1])
+    return [] if report is None else sorted(report.output_gated)
+
+
+def mixed_head_layers(model: torch.nn.Module) -> list[int]:
+    """The layers of a prepared ``model`` whose head outputs reach the output projection through a linear
+    transform that mixes them (no baseline can replace one head there; see
+    :class:`~headscore.separability.Separation`; empty before ``prepare``)."""
+    report = model.__dict__.get(_SEPARABLE_ATTR)
+    return [] if report is None else list(report.mixed)
 
 
 _SEPARABLE_ATTR = "_headscore_separability"

@@ -4,7 +4,8 @@
 from the model (the first module with a weight matrix called after the layer's attention and fed
 ``heads x head_dim`` features) and refuses, with the reason, a layer whose attention runs more than once per
 pass, whose head outputs no module consumes, or whose projection gets them through a transform that is not
-linear in them (a norm over all heads). :mod:`headscore.model_check` builds its full check on the same
+linear in them (a norm over all heads); it also finds the layers with an output gate of their own, whose heads
+are then gated at the projection's input. :mod:`headscore.model_check` builds its full check on the same
 observation (:func:`observe`, :func:`separability`).
 """
 
@@ -20,8 +21,9 @@ from .models import is_sequence_classifier
 from .patch import patch
 
 LINEARITY_TOLERANCE = 1e-3
-"""How far a projection input may be from half its value when its layer's gates are 0.5 (a transform linear
-in the head outputs gives exactly half; a norm over the heads gives the same input)."""
+"""How far a projection input may be from its ungated value scaled as the layer's gates were (relative to its
+largest value): a transform linear in the head outputs scales exactly; a norm over the heads gives the same
+input whatever the gates."""
 
 
 @dataclass
@@ -32,65 +34,116 @@ class Observed:
     calls: list[tuple[str, object]] = field(default_factory=list)
 
 
-def separability_report(model: torch.nn.Module, batch) -> tuple[str | None, list[int]]:
-    """Why ``model``'s heads cannot be gated one by one (see :func:`separability`), or None; one forward pass
-    on ``batch`` (one more per layer whose projection input is not its head outputs unchanged). And, from the
-    same passes, the layers whose output projection gets their head outputs through a transform linear in
-    them (an output gate: Qwen3-Next's ``attn_output * sigmoid(gate)``, Laguna's softplus gate). A gate there
-    scales what the projection sees, so the gradients and the zero baseline are the head's; a baseline that
-    replaces the attention's output (mean, corrupted run) is not the projection's input with the head
-    replaced (the model's own gate multiplies it)."""
+@dataclass(frozen=True)
+class Separation:
+    """What the guard found: why the heads cannot be gated one by one (``problem``, None when they can), each
+    attention layer's output projection (module name), and the layers whose projection does not get the head
+    outputs unchanged.
+
+    ``output_gated`` maps the layers whose projection gets each head's output scaled by a factor of its own (an
+    output gate: Qwen3-Next's ``attn_output * sigmoid(gate)``, Laguna's softplus gate) to that projection: the
+    head gate belongs at its input (:func:`~headscore.patch.gate_at_projections`), where a baseline replaces
+    what the projection sees. ``mixed`` lists the layers whose projection gets the head outputs through some
+    other transform linear in the layer's heads: gates at the attention's output scale it, so the gradients and
+    zero ablation are exact, but no slice of the projection's input is one head, so no baseline can replace a
+    head there.
+    """
+
+    problem: str | None
+    projections: dict[int, str] = field(default_factory=dict)
+    output_gated: dict[int, str] = field(default_factory=dict)
+    mixed: list[int] = field(default_factory=list)
+    attention_layers: list[int] = field(default_factory=list)
+    """The layers whose attention called the registry (a hybrid model's other layers have no heads)."""
+
+
+def separability_report(model: torch.nn.Module, batch) -> Separation:
+    """Whether ``model``'s heads can be gated one by one (see :func:`separability`), on ``batch``: one forward
+    pass, one more per layer whose projection input is not its head outputs unchanged (two where that
+    transform is not a scale per head)."""
     with patch(model, kernel=False, freeze=False) as heads:
         seen = observe(model, heads, batch)
         if not seen.outputs:
-            return "no attention layer called transformers' attention registry", []
-        problem = separability(model, heads, seen, batch)[1]
-    _, direct = find_output_projections(projection_candidates(seen.calls, seen.outputs), seen.outputs)
-    return problem, sorted(layer for layer, same in direct.items() if not same)
+            return Separation("no attention layer called transformers' attention registry")
+        return separability(model, heads, seen, batch)
 
 
-def separability(model: torch.nn.Module, heads, seen: Observed, batch
-                 ) -> tuple[dict[int, str], str | None]:
-    """Why the head outputs of ``model`` cannot be gated one by one, or None: a layer whose head outputs
-    no module consumes, or one whose output projection gets them through a transform that is not linear in
-    them (gate 0.5 on the layer must halve the projection's input; an elementwise output gate passes, a
-    norm over all heads does not). Runs inside ``patch`` (``heads``); returns the projections found too."""
+def separability(model: torch.nn.Module, heads, seen: Observed, batch) -> Separation:
+    """Why the head outputs of ``model`` cannot be gated one by one, or None (``problem``): a layer whose
+    attention runs twice per pass, whose head outputs no module consumes, or whose output projection gets them
+    through a transform that is not linear in them (a norm over all heads). A layer whose projection input is
+    not its head outputs unchanged is run with distinct gates per head: an output gate scales each head's slice
+    by that head's gate (``output_gated``); otherwise gate 0.5 on the layer must halve the projection's input
+    (``mixed``: linear, heads mixed), else the layer is refused. Runs inside ``patch`` (``heads``)."""
     runs = [layer for kind, layer in seen.calls if kind == "attention"]
     repeated = sorted({layer for layer in runs if runs.count(layer) > 1})
     if repeated:
-        return {}, (f"the attention of layer(s) {repeated} runs more than once per forward pass (looped, "
-                    "recurrent or differential attention): one gate per head and layer cannot tell the runs apart")
+        return Separation(f"the attention of layer(s) {repeated} runs more than once per forward pass (looped, "
+                          "recurrent or differential attention): one gate per head and layer cannot tell the runs "
+                          "apart")
     candidates = projection_candidates(seen.calls, seen.outputs)
     projections, direct = find_output_projections(candidates, seen.outputs)
     missing = sorted(set(seen.outputs) - set(projections))
     if missing:
-        return projections, f"no module consumes the head outputs of layer(s) {missing} as heads x head_dim features"
-    modules = dict(model.named_modules())
+        return Separation(f"no module consumes the head outputs of layer(s) {missing} as heads x head_dim features",
+                          projections)
+    gated: dict[int, str] = {}
+    mixed: list[int] = []
     for layer in sorted(layer for layer, same in direct.items() if not same):
         fits = dict(candidates[layer])
-        got: dict[str, torch.Tensor] = {}
-        handles = [modules[name].register_forward_pre_hook(
-            lambda m, args, name=name, got=got: got.setdefault(name, args[0].detach().clone())) for name in fits]
-        gates = heads.ones(1, dtype=torch.promote_types(torch.float32, parameter_dtype(model)))
-        gates[:, layer] = 0.5
-        try:
-            with torch.no_grad(), heads.using(gates):
-                model_logits(model, batch.input_ids, batch.attention_mask)
-        finally:
-            for h in handles:
-                h.remove()
-        # the consumer is the first module whose input follows the gate; it must follow it linearly
-        consumer = next((name for name, x in fits.items() if name in got and not torch.equal(got[name], x)), None)
+        count = heads.layout.heads_of(layer)
+        factors = torch.arange(1, count + 1, dtype=torch.float64) / (count + 1)  # distinct per head, in (0, 1)
+        consumer, got = _consumer_input(model, heads, batch, layer, fits, factors)
         if consumer is None:
-            return projections, f"no module consumes the head outputs of layer {layer} as heads x head_dim features"
+            return Separation(f"no module consumes the head outputs of layer {layer} as heads x head_dim features",
+                              projections)
         projections[layer] = consumer
         full = fits[consumer]
-        if float((got[consumer] - 0.5 * full).abs().max()) > LINEARITY_TOLERANCE * float(full.abs().max()):
-            return projections, (
+        if _scaled_like(got, full, factors):
+            gated[layer] = consumer
+            continue
+        _, halved = _consumer_input(model, heads, batch, layer, {consumer: full}, torch.full((count,), 0.5))
+        if not _scaled_like(halved, full, torch.full((count,), 0.5)):
+            return Separation(
                 f"head outputs are mixed before the output projection ({projection_pattern(projections)}, "
                 f"layer {layer}: halving the layer's heads does not halve its input), so one head cannot be "
-                "removed alone")
-    return projections, None
+                "removed alone", projections)
+        mixed.append(layer)
+    return Separation(None, projections, gated, mixed, sorted(seen.outputs))
+
+
+def _consumer_input(model: torch.nn.Module, heads, batch, layer: int, fits: dict[str, torch.Tensor],
+                    factors: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
+    """One pass with layer ``layer``'s heads gated by ``factors`` [H_l]: the first module of ``fits`` whose input
+    changed from its ungated one (the layer's output projection), and that input."""
+    modules = dict(model.named_modules())
+    got: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_pre_hook(
+        lambda m, args, name=name: got.setdefault(name, args[0].detach().clone())) for name in fits]
+    gates = heads.ones(1, dtype=torch.promote_types(torch.float32, parameter_dtype(model)))
+    gates[0, layer, :len(factors)] = factors.to(gates.dtype)
+    try:
+        with torch.no_grad(), heads.using(gates):
+            model_logits(model, batch.input_ids, batch.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    consumer = next((name for name, x in fits.items() if name in got and not _same(got[name], x)), None)
+    return consumer, None if consumer is None else got[consumer]
+
+
+def _scaled_like(got: torch.Tensor, full: torch.Tensor, factors: torch.Tensor) -> bool:
+    """Whether ``got`` [.., H * D] is ``full`` with head h's slice scaled by ``factors[h]`` (to
+    :data:`LINEARITY_TOLERANCE` of the largest value; a NaN entry, as a padded row of some models has, is not
+    compared: the gradients' own check refuses NaN)."""
+    want = full.unflatten(-1, (len(factors), -1)) * factors.to(full)[:, None]
+    error = (got - want.flatten(-2)).abs().nan_to_num(0.0)
+    return float(error.max()) <= LINEARITY_TOLERANCE * float(full.abs().nan_to_num(0.0).max())
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN equal to NaN."""
+    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 def observe(model: torch.nn.Module, heads, batch) -> Observed:
@@ -151,7 +204,7 @@ def find_output_projections(candidates: dict[int, list[tuple[str, torch.Tensor]]
     found, direct = {}, {}
     for layer, fits in candidates.items():
         out = outputs[layer]
-        same = [name for name, x in fits if torch.equal(x.reshape(out.shape), out)]
+        same = [name for name, x in fits if _same(x.reshape(out.shape), out)]
         if same:
             found[layer], direct[layer] = same[0], True
         elif fits:

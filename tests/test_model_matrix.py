@@ -117,8 +117,8 @@ def test_per_layer_head_counts(tmp_path, one_thread):
     assert all((layer, head) != (1, 2) and (layer, head) != (1, 3) for layer, head, _ in a.top_k(6))
     agreement = headscore.compare(s, a)["t"]
     assert -1 <= agreement.spearman <= 1 and -1 <= agreement.kendall <= 1 and agreement.topk_overlap >= 0
-    # its softplus output gate scales the head outputs after attention: the mean and corrupted baselines are
-    # refused (test_output_gated_model_refuses_replacing_baselines); the padded mean itself, computed directly
+    # its softplus output gate scales the head outputs after attention: the heads are gated at o_proj's input
+    # (test_output_gated_layers_are_found); the padded mean there
     from headscore.methods.baseline import mean_head_outputs
 
     with headscore.patch(model) as heads:
@@ -134,32 +134,29 @@ def test_per_layer_head_counts(tmp_path, one_thread):
     assert len(rows) == 6 and not {(layer, head) for _, layer, head in rows} & {("1", "2"), ("1", "3")}  # no rank
 
 
-def test_output_gated_model_refuses_replacing_baselines(one_thread):
-    """Laguna multiplies each head's output by softplus(g_proj(x)) after attention: a baseline put in place of
-    the attention's output would be scaled by the clean run's gate, so mean ablation and activation patching
-    are refused (zero ablation and the gradients are the head's: exact, as test_family_passes_every_check and
-    test_per_layer_head_counts check); a model without an output gate has no such layer."""
+def test_output_gated_layers_are_found(one_thread):
+    """Laguna multiplies each head's output by softplus(g_proj(x)) after attention: prepare finds both layers and
+    gates them at o_proj's input (exactness against a float64 reference: tests/test_output_gate.py), so mean
+    ablation with its per-layer head counts is the same through prefix reuse as run alone; a model without an
+    output gate has no such layer."""
     from tiny_saved import char_tokenizer
 
-    from headscore.prepared import output_gated_layers
+    from headscore.patch import gated_at_projections
+    from headscore.prepared import mixed_head_layers, output_gated_layers
 
     model = _build("laguna")
     model.set_attn_implementation("sdpa")
     lm = headscore.LoadedModel(model, char_tokenizer(), "tiny-laguna")
-    examples = [headscore.Example(ex.prompt, ex.target, ex.task, corrupt=ex.prompt[::-1]) for ex in EXAMPLES]
-    mean = torch.zeros(2, 4, 8, dtype=torch.float64)
-    for run, kwargs in ((headscore.score, {"baseline": "mean"}), (headscore.score, {"baseline": "corrupt"}),
-                        (headscore.score, {"method": "atp-mean"}), (headscore.ablate, {"baseline": "corrupt"}),
-                        (headscore.ablate, {"baseline": mean}),
-                        (headscore.mean_baseline, {})):
-        with pytest.raises(UnsupportedModelError, match=r"multiplies the head outputs of layer\(s\) 0, 1 by its "
-                                                        "own output gate"):
-            run(lm, examples, progress=False, **kwargs)
-    assert output_gated_layers(model) == [0, 1]
-    assert headscore.score(lm, examples, baseline="zero", progress=False).values[0, 0].isfinite().all()
+    prefix = headscore.ablate(lm, EXAMPLES, baseline="mean", progress=False)
+    assert output_gated_layers(model) == [0, 1] and mixed_head_layers(model) == []
+    assert gated_at_projections(model) == {i: f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
+    naive = headscore.ablate(lm, EXAMPLES, baseline="mean", mode="naive", progress=False)
+    assert prefix.extra["mode"] == "prefix" and naive.values[..., :2].abs().min() > 0
+    # float32 steps inside Laguna (see test_per_layer_head_counts): float32's tolerance
+    torch.testing.assert_close(prefix.values, naive.values, rtol=1e-5, atol=1e-7, equal_nan=True)
     plain = _build("llama")
     headscore.prepare(headscore.LoadedModel(plain, char_tokenizer(), "tiny-llama"), EXAMPLES)
-    assert output_gated_layers(plain) == []
+    assert output_gated_layers(plain) == [] and gated_at_projections(plain) == {}
 
 
 @pytest.mark.slow  # 20 s in a shared CI run: FlexAttention again

@@ -9,15 +9,19 @@ import torch
 
 from ..data.batching import Batch
 from ..loss import run_forward
-from ..patch import HeadGates
+from ..patch import HeadGates, HeadLayout
 
 
-def _stacked(per_layer: list[torch.Tensor | None], where: str) -> torch.Tensor:
+def _stacked(per_layer: list[torch.Tensor | None], layout: HeadLayout, where: str) -> torch.Tensor:
     """One tensor per layer, stacked (fewer or narrower heads zero-padded to the largest layer's, as a
-    per-layer-config model's layout says); ValueError naming the layers whose attention output never came."""
-    missing = [i for i, x in enumerate(per_layer) if x is None]
-    if missing:
-        raise ValueError(f"no attention output seen for layer(s) {missing[:5]}{where}")
+    per-layer-config model's layout says; zeros for a layer without heads); ValueError naming the layers with
+    heads whose attention output never came."""
+    missing = [i for i, x in enumerate(per_layer) if x is None and layout.heads_of(i) > 0]
+    if missing or all(x is None for x in per_layer):
+        raise ValueError(f"no attention output seen for layer(s) {(missing or list(range(len(per_layer))))[:5]}"
+                         f"{where}")
+    some = next(x for x in per_layer if x is not None)
+    per_layer = [torch.zeros_like(some) if x is None else x for x in per_layer]
     heads, width = max(x.shape[-2] for x in per_layer), max(x.shape[-1] for x in per_layer)
     return torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[-1], 0, heads - x.shape[-2]))
                         for x in per_layer])
@@ -45,7 +49,7 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
             tokens += int(mask.sum())
             run_forward(model, batch)
     dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)  # a float64 run stays float64
-    return (_stacked(sums, "") / max(tokens, 1)).to(dtype)
+    return (_stacked(sums, layout, "") / max(tokens, 1)).to(dtype)
 
 
 @torch.no_grad()
@@ -64,4 +68,4 @@ def corrupt_head_outputs(model: torch.nn.Module, heads: HeadGates, batch: Batch)
 
     with heads.observing(observe), heads.using(None, None):
         run_forward(model, corrupted)
-    return _stacked(outputs, " on the corrupted run")
+    return _stacked(outputs, heads.layout, " on the corrupted run")

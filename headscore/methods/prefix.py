@@ -21,6 +21,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..patch import is_gate_hook
+
 
 def decoder_layers(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module] | None:
     """The model's decoder layers in order, or None when no ``ModuleList`` holds them one attention each."""
@@ -43,14 +45,16 @@ def boundaries_to_check(layers: list[torch.nn.Module], usable: list[bool] | None
     output of layer d - 1, so what could go wrong there depends on those two layers alone. Boundaries between
     two layers of the same classes without hooks behave alike: one of each kind is checked (the deepest),
     and every boundary next to a layer with a hook anywhere in it (forward or pre-forward, on the layer or a
-    module inside it; a steering vector, a side channel between layers) is checked on its own. With global
+    module inside it; a steering vector, a side channel between layers; not headscore's own gate on an output
+    projection) is checked on its own. With global
     module hooks, every boundary. Only depths where ``usable`` is True are named (a pass can start only at a
     layer with a head to change)."""
     usable = [True] * len(layers) if usable is None else usable
     depths = [d for d in range(len(layers) - 1, 0, -1) if usable[d]]
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return sorted(depths)
-    hooked = [any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()) for layer in layers]
+    hooked = [any(m._forward_hooks or not all(map(is_gate_hook, m._forward_pre_hooks.values()))
+                  for m in layer.modules()) for layer in layers]
     chosen, kinds = set(), set()
     for d in depths:
         if hooked[d - 1] or hooked[d]:
