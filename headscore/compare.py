@@ -96,6 +96,39 @@ def require_finite(scores: HeadScores, name: str) -> None:
                              "finite (NaN only marks a head its layer does not have)")
 
 
+BASELINES = ("zero", "mean", "corrupt", "custom")
+"""The baseline names a scores file's provenance or method name can carry (``custom``: a tensor of the user's)."""
+
+
+def baseline_of(scores: HeadScores) -> Any:
+    """The baseline ``scores`` measured each head against: its provenance's ``extra["baseline"]`` (``score``, edge
+    runs; any JSON value a file may hold), else the baseline its method name ends with (``ablation-mean``,
+    ``atp-corrupt``: ``ablate`` records it there only); None where the file does not say (a probe, an older
+    ``taylor`` file)."""
+    recorded = scores.extra.get("baseline")
+    if recorded is not None:
+        return recorded
+    suffix = scores.method.rsplit("-", 1)[-1]
+    return suffix if "-" in scores.method and suffix in BASELINES else None
+
+
+def metric_of(scores: HeadScores) -> Any:
+    """The metric ``scores`` measured (``extra["metric"]``, any JSON value; ``nll`` where the file does not say)."""
+    return scores.extra.get("metric", "nll")
+
+
+def provenance_differences(a: HeadScores, b: HeadScores) -> dict[str, tuple[Any, Any]]:
+    """What the two files were measured under that differs, as (A's, B's): ``metric`` and ``baseline`` (a baseline
+    only where both files say which), in that order; empty when nothing does. Comparing across them is
+    legitimate (AtP against zero ablation, say), but the maps then answer different questions."""
+    out = {}
+    for name, of in (("metric", metric_of), ("baseline", baseline_of)):
+        x, y = of(a), of(b)
+        if x is not None and y is not None and x != y:
+            out[name] = (x, y)
+    return out
+
+
 def compare(a: HeadScores, b: HeadScores, k: int = 10) -> Agreements:
     """Agreement per task between two results over their common tasks (in ``a``'s order), a dict shown as a
     table in a notebook; HeadscoreError if either holds an infinite score (:func:`require_finite`) or ``k`` is no

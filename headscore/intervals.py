@@ -5,6 +5,9 @@ loss changes, the probe's gradient x activation with the trained probe held fixe
 resample those examples (:func:`headscore.stats.bootstrap`) within each task: independently for maps
 made from different examples, jointly (``paired``) for maps of the same examples. Heads are never
 resampled.
+
+A bootstrap interval needs enough examples to hold its level (:func:`headscore.stats.min_examples_for`: 6
+per file at 95%); ``headscore compare`` asks :func:`agreement_table` for none below that.
 """
 
 from __future__ import annotations
@@ -59,14 +62,15 @@ class ExampleMaps:
 
 def agreement_intervals(a: ExampleMaps, b: ExampleMaps, k: int, *, paired: bool = False,
                         figures: Sequence[str] = ("spearman", "topk_overlap"), resamples: int = stats.RESAMPLES,
-                        level: float = stats.LEVEL, seed: int = stats.SEED) -> dict[str, dict[str, stats.Interval]]:
-    """Per common task: Spearman and top-k overlap (the ``figures`` asked for) of ``a``'s map against
-    ``b``'s, with intervals.
+                        level: float = stats.LEVEL, seed: int = stats.SEED,
+                        tasks: Sequence[str] | None = None) -> dict[str, dict[str, stats.Interval]]:
+    """Per common task (of ``tasks``, default all of ``a``'s): Spearman and top-k overlap (the ``figures`` asked
+    for) of ``a``'s map against ``b``'s, with intervals.
 
     ``paired``: both are maps of the same examples (in the same order), resampled together.
     """
     out = {}
-    for task in a.tasks:
+    for task in a.tasks if tasks is None else tasks:
         na, nb = len(a.rows(task)), len(b.rows(task))
         if na == 0 or nb == 0:
             continue
@@ -98,12 +102,17 @@ def agreement_intervals(a: ExampleMaps, b: ExampleMaps, k: int, *, paired: bool 
 
 
 def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int = stats.RESAMPLES,
-                    level: float = stats.LEVEL, seed: int = stats.SEED) -> dict[str, dict]:
+                    level: float = stats.LEVEL, seed: int = stats.SEED, min_examples: int = 1) -> dict[str, dict]:
     """Per common task, :func:`headscore.compare.compare`'s figures as plain data, plus ``spearman_ci`` and
     ``topk_overlap_ci`` ([low, high]) when both results kept per-example values.
 
     Results of the same examples (equal ``data_hash``) are resampled together (paired), others
-    independently. Each entry also says ``level``, ``resamples`` and ``paired``. HeadscoreError if ``k`` is no
+    independently. Each entry with intervals also says ``level``, ``resamples`` and ``paired``.
+
+    ``min_examples``: a task with fewer examples than that in either file gets no interval, and says instead
+    ``examples`` (A's, B's), ``min_examples`` and ``level``. ``headscore compare`` passes
+    :func:`headscore.stats.min_examples_for` of the level; the default 1 leaves it to the bootstrap, which gives
+    NaN ends below 2. Where intervals were computed, every entry says ``examples``. HeadscoreError if ``k`` is no
     whole number >= 1.
     """
     whole_at_least(k, 1, "agreement_table needs k")
@@ -112,9 +121,15 @@ def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int
     if ma is None or mb is None or resamples < 1:
         return table
     paired = bool(a.data_hash) and a.data_hash == b.data_hash and len(ma.labels) == len(mb.labels)
-    intervals = agreement_intervals(ma, mb, k, paired=paired, resamples=resamples, level=level, seed=seed)
+    examples = {t: [len(ma.rows(t)), len(mb.rows(t))] for t in table}
+    few = {t for t, sizes in examples.items() if min(sizes) < min_examples}
+    intervals = agreement_intervals(ma, mb, k, paired=paired, resamples=resamples, level=level, seed=seed,
+                                    tasks=[t for t in table if t not in few])
     for task, row in table.items():
+        if task in few:
+            row.update(examples=examples[task], min_examples=min_examples, level=level)
+            continue
         for name, iv in intervals.get(task, {}).items():
             row[f"{name}_ci"] = [iv.low, iv.high]
-        row.update(level=level, resamples=resamples, paired=paired)
+        row.update(level=level, resamples=resamples, paired=paired, examples=examples[task])
     return table

@@ -8,6 +8,8 @@ raises :class:`~headscore.errors.HeadscoreError` with one line when
 - an output is also an input (the same file, through any path or hard link), or an input
   lies inside an output directory under a name the command writes there;
 - two outputs are the same file (``--checkpoint`` equal to ``--out``);
+- the directory an output goes in does not exist (a file's directory, an output directory's parent: the
+  output directory itself may be new, but nothing creates a tree from a mistyped name);
 - an output file's path is a directory, not a regular file, ends with ``/`` or is a symbolic
   link loop; an output directory's path is a file, a directory holding files the command
   does not write (the output replaces it whole), or the current directory or one above it;
@@ -78,12 +80,6 @@ def _probe_writable(directory: Path, label: str, shown: PathLike, *, as_dir: boo
         tmp.unlink()
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_output_file(label: str, path: PathLike) -> None:
     """``path`` can be written as a file where the write will put it (links followed): its directory exists
     and takes a temporary file, it is no directory, its name is no longer than the file system allows, and
@@ -102,14 +98,16 @@ def check_output_file(label: str, path: PathLike) -> None:
 def check_output_dir(label: str, path: PathLike, owned: Sequence[str] = ()) -> None:
     """``path`` is (or can be created as) a directory that can be replaced whole: it holds nothing but
     ``owned`` files, it is not the current directory nor above it, a rename can replace it, and its parent
-    (or the nearest existing ancestor) takes a temporary directory."""
+    exists and takes a temporary directory. The directory itself may be new; a missing parent is refused, as
+    :func:`check_output_file` refuses a file's (a typo in a directory name creates no tree)."""
     target = resolve_output(path, label, directory=True)
     check_replaceable(label, path, target, owned)
     check_rename_target(label, path, target)
-    base = _nearest_existing(target.parent)
-    if not base.is_dir():
-        raise HeadscoreError(f"{label} {path}: {base} is not a directory")
-    _probe_writable(base, label, path, as_dir=True)
+    if not target.parent.exists():
+        raise HeadscoreError(f"{label} {path}: directory {target.parent} does not exist")
+    if not target.parent.is_dir():
+        raise HeadscoreError(f"{label} {path}: {target.parent} is not a directory")
+    _probe_writable(target.parent, label, path, as_dir=True)
 
 
 def check_outputs(files: Iterable[tuple[str, PathLike | None]] = (), dirs: Sequence[OutputDir] = (),

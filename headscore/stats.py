@@ -85,19 +85,40 @@ def format_interval(value: float | None, ci: Sequence[float] | None, spec: str =
     return f"{format(value, spec)}{mark} [{format(ci[0], spec)}, {format(ci[1], spec)}]"
 
 
+def min_examples_for(level: float) -> int:
+    """The fewest examples per resampled group from which a bootstrap interval can hold ``level``: the smallest
+    n >= 2 with 1 - 2**(1 - n) >= ``level`` (5 at 0.9, 6 at 0.95, 8 at 0.99).
+
+    A percentile interval (BCa included) never leaves the range of its resamples, and the resampled means of n
+    examples never leave the range of those n examples, which holds the centre of a symmetric distribution with
+    probability 1 - 2**(1 - n) only: 50% for 2 examples, 75% for 3, 97% for 6. Below this n the interval falls
+    short of its level even for a plain mean, whatever the resampling; at or above it the usual bootstrap
+    approximations apply (a necessary condition, not a sufficient one). A t interval would be honest at n = 2,
+    but with 1 degree of freedom it spans 12.7 standard errors each side: all of a correlation's [-1, 1].
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    n = 2
+    while 1.0 - 2.0 ** (1 - n) < level:
+        n += 1
+    return n
+
+
 def bootstrap(statistic: Callable[..., float], sizes: Sequence[int], *, resamples: int = RESAMPLES,
               level: float = LEVEL, seed: int = SEED) -> Interval:
     """BCa bootstrap interval of ``statistic(*indices)`` over one or more independent groups of examples.
 
     ``statistic`` takes one index tensor per group (positions 0 .. sizes[g] - 1 of that group's
     examples) and returns a float. The figure is its value on every example; each resample draws
-    every group's indices with replacement, independently.
+    every group's indices with replacement, independently. A group of fewer examples than ``level`` asks for
+    (:func:`min_examples_for`: 6 at 95%) gives no interval (NaN ends): every figure built on it, a star
+    included, then says nothing it cannot hold.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, got {level}")
     full = [torch.arange(n) for n in sizes]
     value = float(statistic(*full))
-    if resamples < 1 or any(n < 2 for n in sizes) or not math.isfinite(value):
+    if resamples < 1 or any(n < min_examples_for(level) for n in sizes) or not math.isfinite(value):
         return Interval(value, math.nan, math.nan, level, 0)
     gen = torch.Generator().manual_seed(seed)
     draws = []

@@ -133,7 +133,8 @@ def test_the_report_of_edge_scores_draws_their_circuits(tmp_path, capsys):
     assert main(["report", str(exact), "--out", str(tmp_path / "rep3")]) == 0, capsys.readouterr().err
     assert (tmp_path / "rep3" / "circuit.png").stat().st_size > 10_000
     summary = (tmp_path / "rep3" / "summary.md").read_text(encoding="utf-8")
-    assert summary.count("No head has a score for this task.") == 2 and "nan" not in summary
+    assert summary.count("No head heatmap: this file holds edge values only") == 1 and "nan" not in summary
+    assert "## Top" not in summary and not (tmp_path / "rep3" / "heatmaps.png").exists()
 
 
 @pytest.mark.slow

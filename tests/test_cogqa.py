@@ -163,8 +163,9 @@ def test_reproduction_tiny(tmp_path):
     from headscore.cogqa import reproduce_cogqa
 
     path = write(tmp_path, synthetic(12, rare=False))
+    # 3 examples per function in the ablation: 75% intervals are the most they hold (stats.min_examples_for)
     rep = reproduce_cogqa(tiny_model("llama"), path, max_per_function=None, min_examples=1, seeds=(0, 1),
-                          progress=False, epochs=20)
+                          progress=False, epochs=20, level=0.75)
     assert rep.probe.method == "probe" and rep.taylor.method == "taylor" and rep.ablation.method == "ablation-zero"
     assert rep.probe.tasks == ["Retrieval", "Math Calculation", "Inference"]  # the study's order
     assert set(rep.probe_vs_ablation) == set(rep.taylor_vs_ablation) == set(rep.probe.tasks)

@@ -39,10 +39,13 @@ def test_cli_score_ablate_compare_report(tmp_path, capsys):
     assert main(["score", "--out", str(scores), *common]) == 0
     assert main(["ablate", "--out", str(truth), *common]) == 0
     capsys.readouterr()
+    assert main(["compare", str(scores), str(truth), "--resamples", "200"]) == 0  # 2 examples per task: at 95%,
+    assert ("no interval for Knowledge Recall (A 2, B 2), Math Calculation (A 2, B 2): a 95% bootstrap interval "
+            "needs at least 6 examples of a task in each file") in capsys.readouterr().out  # none
     assert main(["compare", str(scores), str(truth), "--json", str(tmp_path / "agree.json"), "--resamples",
-                 "200"]) == 0
+                 "200", "--level", "0.5"]) == 0  # what 2 examples can hold
     out = capsys.readouterr().out
-    assert "95% bootstrap intervals over examples (200 resamples, seed 0; paired: same examples)" in out
+    assert "50% bootstrap intervals over examples (200 resamples, seed 0; paired: same examples)" in out
     assert main(["report", str(scores), "--ablation", str(truth), "--out", str(report)]) == 0
     s, t = headscore.HeadScores.load(scores), headscore.HeadScores.load(truth)
     assert s.values.shape == t.values.shape == (2, 30, 9) and t.method == "ablation-zero"
@@ -52,7 +55,7 @@ def test_cli_score_ablate_compare_report(tmp_path, capsys):
     assert len(rho) == 2 and min(rho) > 0.5, out  # measured 0.82 and 0.87 on this data
     for row in table.values():
         low, high = row["spearman_ci"]
-        assert -1 <= low < high <= 1 and row["paired"] and row["resamples"] == 200
+        assert -1 <= low <= high <= 1 and row["paired"] and row["resamples"] == 200
         assert f"{row['spearman']:.3f} [{low:.3f}, {high:.3f}]" in out
     for name in ("heatmaps.png", "heatmaps.pdf", "scatter.png", "summary.md"):
         assert (report / name).stat().st_size > 1000

@@ -134,8 +134,9 @@ def test_several_sources_partial_measurement_and_intervals(setup):
     example of every other function only; every figure gets an interval and a permutation p-value."""
     lm, examples, scores = setup
     other = headscore.HeadScores(-scores.values, scores.stderr, scores.counts, scores.tasks, "negated", scores.model)
+    # two examples per function: a 50% interval is the most they hold (stats.min_examples_for)
     res = intervene(lm, examples, {"taylor": scores, "negated": other}, k=2, seeds=(0, 1, 2), scale=2.0,
-                    others_per_function=1, resamples=200, progress=False)
+                    others_per_function=1, resamples=200, level=0.5, progress=False)
     assert res.sources == ["taylor", "negated"]
     assert "ablate:negated:alpha" in res.head_sets and "scale:taylor:alpha" in res.head_sets
     assert "scale:negated:alpha" not in res.head_sets  # amplification: first source only

@@ -41,15 +41,41 @@ def test_bootstrap_resamples_groups_independently_and_is_seeded():
         seen.append((i.clone(), j.clone()))
         return float(i.double().mean() - j.double().mean())
 
-    a = stats.bootstrap(stat, [5, 3], resamples=50, seed=3)
-    assert torch.equal(seen[0][0], torch.arange(5)) and torch.equal(seen[0][1], torch.arange(3))
+    a = stats.bootstrap(stat, [7, 6], resamples=50, seed=3)
+    assert torch.equal(seen[0][0], torch.arange(7)) and torch.equal(seen[0][1], torch.arange(6))
     resampled, jackknife = seen[1:51], seen[51:]
-    assert all(len(i) == 5 and len(j) == 3 and int(i.max()) < 5 and int(j.max()) < 3 for i, j in resampled)
-    assert sorted((len(i), len(j)) for i, j in jackknife) == [(4, 3)] * 5 + [(5, 2)] * 3  # leave one out
-    assert a == stats.bootstrap(lambda i, j: float(i.double().mean() - j.double().mean()), [5, 3], resamples=50,
+    assert all(len(i) == 7 and len(j) == 6 and int(i.max()) < 7 and int(j.max()) < 6 for i, j in resampled)
+    assert sorted((len(i), len(j)) for i, j in jackknife) == [(6, 6)] * 7 + [(7, 5)] * 6  # leave one out
+    assert a == stats.bootstrap(lambda i, j: float(i.double().mean() - j.double().mean()), [7, 6], resamples=50,
                                 seed=3)
-    assert a != stats.bootstrap(lambda i, j: float(i.double().mean() - j.double().mean()), [5, 3], resamples=50,
+    assert a != stats.bootstrap(lambda i, j: float(i.double().mean() - j.double().mean()), [7, 6], resamples=50,
                                 seed=4)
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9, 0.95, 0.99])
+def test_bootstrap_gives_no_interval_from_fewer_examples_than_its_level_holds(level):
+    """A percentile interval of n examples' mean stays within their range, which holds the centre of a symmetric
+    distribution with probability 1 - 2^(1 - n) only (checked by counting the 2^n sign patterns): below
+    min_examples_for(level) examples in any group, no interval and no resampling; from it on, one."""
+    n = stats.min_examples_for(level)
+    for m in (n - 1, n):
+        patterns = list(itertools.product((0, 1), repeat=m))
+        straddle = sum(0 < sum(p) < m for p in patterns) / len(patterns)  # some below, some above the centre
+        assert straddle == pytest.approx(1 - 2.0 ** (1 - m))
+        assert (straddle >= level) == (m == n)
+    calls = []
+
+    def mean(i):
+        calls.append(len(i))
+        return float(torch.arange(20, dtype=torch.float64)[i].mean())
+
+    short = stats.bootstrap(mean, [n - 1], resamples=30, level=level)
+    assert short.value == pytest.approx((n - 2) / 2) and math.isnan(short.low) and math.isnan(short.high)
+    assert calls == [n - 1] and not short.excludes(-100.0)  # no resample drawn; no star from it
+    two = stats.bootstrap(lambda i, j: mean(i) - mean(j), [n + 4, n - 1], resamples=30, level=level)
+    assert math.isnan(two.low)  # any group short
+    full = stats.bootstrap(mean, [n], resamples=30, level=level)
+    assert full.low <= full.value <= full.high and math.isfinite(full.low)
 
 
 @pytest.mark.parametrize("name", ["mean", "std"])

@@ -79,10 +79,10 @@ def examples_of(labels, tasks):
 def test_agreement_intervals_value_and_pairing():
     g = torch.Generator().manual_seed(1)
     tasks = ["a", "b"]
-    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    labels = torch.tensor([0, 1] * 6)  # 6 examples per task: a 95% interval's minimum (stats.min_examples_for)
     signal = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
-    a = signal[labels] + 0.5 * torch.randn(8, 4, 5, generator=g, dtype=torch.float64)
-    b = signal[labels] + 0.5 * torch.randn(8, 4, 5, generator=g, dtype=torch.float64)
+    a = signal[labels] + 0.5 * torch.randn(12, 4, 5, generator=g, dtype=torch.float64)
+    b = signal[labels] + 0.5 * torch.randn(12, 4, 5, generator=g, dtype=torch.float64)
     ma, mb = (ExampleMaps.of(v, examples_of(labels, tasks), tasks) for v in (a, b))
     got = agreement_intervals(ma, mb, 5, resamples=200)
     want = compare(scores_from(a, labels, tasks), scores_from(b, labels, tasks), 5)
@@ -107,7 +107,7 @@ def test_agreement_intervals_value_and_pairing():
         agreement_intervals(ma, ma, 5, paired=True, resamples=20)
     finally:
         intervals.stats.bootstrap = stats_bootstrap
-    assert seen == [[4, 4]] * 4 + [[4]] * 4  # two groups unpaired, one paired (Spearman and top-k, 2 tasks)
+    assert seen == [[6, 6]] * 4 + [[6]] * 4  # two groups unpaired, one paired (Spearman and top-k, 2 tasks)
     with pytest.raises(ValueError, match="paired"):
         agreement_intervals(ma, ma.subset([0, 1, 2]), 5, paired=True)
 

@@ -6,11 +6,18 @@ import argparse
 import warnings
 from collections.abc import Callable
 
-from ..compare import compare_edges, compare_positions, exact_counts, largest_differences, require_finite
+from ..compare import (
+    compare_edges,
+    compare_positions,
+    exact_counts,
+    largest_differences,
+    provenance_differences,
+    require_finite,
+)
 from ..intervals import agreement_table
 from ..output_files import atomic_write
 from ..results import HeadScores, json_bytes
-from ..stats import format_interval
+from ..stats import format_interval, min_examples_for
 from ..text import printable
 from .common import add_interval_args, at_least, check_command_outputs, interval_options
 
@@ -37,20 +44,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
         warnings.warn(f"the files name different models ({a.model} in {args.a}, {b.model} in {args.b}); "
                       "their heads need not correspond", stacklevel=1)
     if a.edges_only or b.edges_only:  # exact edge patching: nothing but edges to compare
-        doc = {"_edges": _print_edges(a, b, args)}
+        doc = {"_edges": _print_edges(a, b, args), **_print_differences(a, b)}
         if args.json:
             atomic_write(args.json, json_bytes(doc))
         return
-    table = agreement_table(a, b, args.k, **interval_options(args))
+    table = agreement_table(a, b, args.k, **interval_options(args), min_examples=min_examples_for(args.level))
     print(f"{printable(a.method)} vs {printable(b.method)}")
-    first = next(iter(table.values()))
-    if "spearman_ci" in first:
-        print(f"[low, high]: {args.level:.0%} bootstrap intervals over examples ({args.resamples} resamples, seed "
-              f"{args.seed}; {'paired: same examples' if first['paired'] else 'files resampled independently'})")
-    elif args.resamples > 0:
-        missing = " and ".join(n for n, s in (("A", a), ("B", b)) if not s.has_examples)
-        print(f"no intervals: {missing} kept no per-example values (made before they were kept, or by a "
-              "multi-process run)")
+    _print_interval_notes(table, a, b, args)
     exact = {side: exact_counts(s, list(table)) for side, s in (("A", a), ("B", b))}
     shown = [side for side, counts in exact.items() if counts is not None]
     if shown:
@@ -64,17 +64,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
         if shown:
             line += "".join(f" {'-' if counts is None else counts[task]:>8}" for counts in exact.values())
         print(line)
-    metrics = [printable(s.extra.get("metric", "nll")) for s in (a, b)]  # any JSON value a file may hold
-    if metrics[0] != metrics[1]:
-        print(f"note: the files measure different metrics (A {metrics[0]} vs B {metrics[1]})")
-    doc: dict = table
+    doc: dict = {**table, **_print_differences(a, b)}
     if a.has_positions and b.has_positions:
         positions = compare_positions(a, b, args.k)
         print(f"per (head, position): {'task':<28} {'spearman':>8} {'kendall':>8} {'top-' + str(args.k):>7}")
         for task, agree in positions.items():
             print(f"{'':<22}{printable(task):<28} {agree.spearman:>8.3f} {agree.kendall:>8.3f} "
                   f"{agree.topk_overlap:>7.2f}")
-        doc = {**table, "_positions": {t: g.as_dict() for t, g in positions.items()}}
+        doc = {**doc, "_positions": {t: g.as_dict() for t, g in positions.items()}}
     if shown:
         doc = {**doc, "_exact": {side: counts for side, counts in exact.items() if counts is not None}}
     if args.misses:
@@ -88,6 +85,37 @@ def cmd_compare(args: argparse.Namespace) -> None:
         doc = {**doc, "_edges": _print_edges(a, b, args)}
     if args.json:
         atomic_write(args.json, json_bytes(doc))
+
+
+def _print_interval_notes(table: dict[str, dict], a: HeadScores, b: HeadScores, args: argparse.Namespace) -> None:
+    """Above the table: what its brackets are, and which tasks have none for want of examples (or why no task has
+    any)."""
+    with_ci = [row for row in table.values() if "spearman_ci" in row]
+    if with_ci:
+        paired = "paired: same examples" if with_ci[0]["paired"] else "files resampled independently"
+        print(f"[low, high]: {args.level:.0%} bootstrap intervals over examples ({args.resamples} resamples, seed "
+              f"{args.seed}; {paired})")
+    few = {task: row["examples"] for task, row in table.items() if "min_examples" in row}
+    if few:
+        counts = ", ".join(f"{printable(task)} (A {na}, B {nb})" for task, (na, nb) in few.items())
+        print(f"no interval for {counts}: a {args.level:.0%} bootstrap interval needs at least "
+              f"{min_examples_for(args.level)} examples of a task in each file (docs/report.md)")
+    elif not with_ci and args.resamples > 0:
+        missing = " and ".join(n for n, s in (("A", a), ("B", b)) if not s.has_examples)
+        print(f"no intervals: {missing} kept no per-example values (made before they were kept, or by a "
+              "multi-process run)")
+
+
+def _print_differences(a: HeadScores, b: HeadScores) -> dict:
+    """A note per thing the two files were measured under differently (metric, baseline); the ``--json`` field
+    ``_differences`` ({what: {"A": ..., "B": ...}}), empty when nothing differs."""
+    differences = provenance_differences(a, b)
+    verbs = {"metric": "measure different metrics", "baseline": "use different baselines"}
+    for what, (x, y) in differences.items():  # any JSON value a file may hold, shown as one line
+        print(f"note: the files {verbs[what]} (A {printable(x)} vs B {printable(y)})")
+    if not differences:
+        return {}
+    return {"_differences": {what: {"A": x, "B": y} for what, (x, y) in differences.items()}}
 
 
 def load_finite(path: str) -> HeadScores:

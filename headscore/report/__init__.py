@@ -12,8 +12,8 @@ the caller's matplotlib backend is left alone. A report directory is written all
 temporary directory, then swapped in whole: :class:`headscore.output_files.OutputSet`).
 
 One module per job: :mod:`.inputs` (reading duck-typed scores), :mod:`.layout` (panel grids),
-:mod:`.heatmaps`, :mod:`.scatter`, :mod:`.summary`, :mod:`.html` (the interactive page);
-:func:`write_report` is here.
+:mod:`.heatmaps`, :mod:`.scatter`, :mod:`.summary`, :mod:`.html` (the interactive page), :mod:`.uncertainty`
+(which intervals few examples allow, and the notes that say so); :func:`write_report` is here.
 
 The functions are duck-typed: ``scores`` needs ``values`` and ``stderr`` ([T, L, H] tensors or arrays),
 ``counts`` ([T]), ``tasks``, ``method`` and ``model``; ``ablation`` is such an object or a bare [T, L, H] array.
@@ -28,7 +28,7 @@ from typing import Any
 
 from ..output_files import OutputSet, atomic_write
 from .heatmaps import COLORBAR_LABEL, heatmap_grid
-from .inputs import ablation_values
+from .inputs import ablation_values, head_map_note, task_values
 from .layout import grid_shape
 from .positions import position_heatmaps
 from .scatter import scatter_vs_ablation
@@ -57,10 +57,16 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
     interactive page, self-contained, with the agreement with ``ablation`` and, as ``other_comparison``,
     with another scores file called ``other_name``). With ``circuits`` (one per task, see
     :mod:`headscore.report.circuit`): ``circuit.png`` / ``circuit.pdf`` and the circuits' interactive graphs
-    in ``index.html``.
+    in ``index.html``. Agreement intervals are shown only where enough examples back them
+    (:mod:`headscore.report.uncertainty`).
+
+    When no head of any task has a value (a file of exact edge patching, ``ablate --edges``), no head map is
+    drawn: no ``heatmaps``, no ``scatter``, no grid on the page, but one line in ``summary.md`` and on the page
+    saying why (:func:`~headscore.report.inputs.head_map_note`).
 
     Returns:
-        ``{"heatmaps_png", "heatmaps_pdf", ["scatter_png", "scatter_pdf",] "summary", "html"}`` -> path.
+        ``{["heatmaps_png", "heatmaps_pdf",] ["scatter_png", "scatter_pdf",] "summary", "html"}`` -> path (and
+        ``positions_*``, ``circuit_*`` when drawn).
 
     Raises:
         ValueError: ``ablation`` does not match ``scores`` (checked before anything is written).
@@ -80,12 +86,16 @@ def write_report(scores: Any, out_dir: str | os.PathLike, *, ablation: Any = Non
 def _write_files(scores: Any, out: Path, *, ablation: Any, comparison: Mapping[str, Any] | None, k: int,
                  other_comparison: Mapping[str, Any] | None, other_name: str,
                  circuits: Sequence[Any] | None) -> dict[str, Path]:
-    png, pdf = heatmap_grid(scores, out / "heatmaps")
-    paths = {"heatmaps_png": png, "heatmaps_pdf": pdf}
-    images = ["heatmaps.png"]
-    if ablation is not None:
-        paths["scatter_png"], paths["scatter_pdf"] = scatter_vs_ablation(scores, ablation, out / "scatter")
-        images.append("scatter.png")
+    paths: dict[str, Path] = {}
+    images: list[str] = []
+    png = None
+    if not head_map_note(scores, task_values(scores)):  # some head has a value: the maps
+        png, pdf = heatmap_grid(scores, out / "heatmaps")
+        paths.update(heatmaps_png=png, heatmaps_pdf=pdf)
+        images.append("heatmaps.png")
+        if ablation is not None:
+            paths["scatter_png"], paths["scatter_pdf"] = scatter_vs_ablation(scores, ablation, out / "scatter")
+            images.append("scatter.png")
     if getattr(scores, "positions", None) is not None:
         paths["positions_png"], paths["positions_pdf"] = position_heatmaps(scores, out / "positions", k=k)
         images.append("positions.png")
@@ -99,7 +109,7 @@ def _write_files(scores: Any, out: Path, *, ablation: Any, comparison: Mapping[s
     from .html import html_page  # Bokeh takes about 0.6 s to import: only when a page is written
 
     page = html_page(scores, ablation=ablation, comparison=comparison, other_comparison=other_comparison,
-                     other_name=other_name, png=png.read_bytes(), circuits=circuits)
+                     other_name=other_name, png=None if png is None else png.read_bytes(), circuits=circuits)
     paths["html"] = atomic_write(out / "index.html", page.encode("utf-8"))
     return paths
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,12 @@ def drawn_edges(circuit: Any, limit: int) -> tuple[np.ndarray, int]:
     return pairs, int(np.asarray(circuit.edges, dtype=bool).sum())
 
 
-def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = MAX_DRAWN) -> None:
+def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = MAX_DRAWN,
+                 title_inches: float | None = None) -> None:
     """One circuit on ``ax``: every head and MLP as a faint dot, the drawn edges' nodes as solid ones, each edge
     a line from its writer to its reader (solid into a query or an MLP, dashed into a key, dotted into a
-    value); at most ``limit`` edges, the largest by |score|."""
+    value); at most ``limit`` edges, the largest by |score|. ``title_inches``: the panel's width, to which the
+    title's lines are wrapped (none by default)."""
     places = NodePlaces(circuit.upstream, circuit.downstream)
     scores = np.asarray(circuit.scores, dtype=float)
     pairs, total = drawn_edges(circuit, limit)
@@ -124,7 +127,15 @@ def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = 
     extra = f", faithfulness {faith:.2f}" if isinstance(faith, float) and faith == faith else ""
     shown = f"\nlargest {len(pairs)} by |score| drawn" if len(pairs) < total else \
         ("\nnone of the top edges lies on an input -> logits path" if total == 0 else "")
-    ax.set_title(f"{circuit.task}: {total} edges{extra}{shown}", fontsize=8)
+    ax.set_title(_wrapped(f"{circuit.task}: {total} edges{extra}{shown}", title_inches, 8), fontsize=8)
+
+
+def _wrapped(title: str, inches: float | None, fontsize: float) -> str:
+    """``title`` with each line wrapped to ``inches`` at ``fontsize`` points (as it is without a width)."""
+    if inches is None:
+        return title
+    chars = max(8, int(inches * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in title.split("\n"))
 
 
 def _legend(fig: Figure, columns: int = 5) -> None:
@@ -146,7 +157,7 @@ def circuit_figure(circuits: Sequence[Any]) -> Figure:
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, circuit in zip(axes.flat, circuits, strict=False):
-        draw_circuit(ax, circuit)
+        draw_circuit(ax, circuit, title_inches=width)
     for ax in list(axes.flat)[len(circuits):]:
         ax.set_visible(False)
     wide = cols * width >= 7.5  # the legend's five entries need about 7 inches in one row

@@ -20,6 +20,8 @@ _CMAP = "viridis"
 _DIVERGING = "RdBu_r"
 EXACT_NOTE = "outlined: exact (ablation/patching, not an estimate)"
 """The legend entry of the outlines drawn around exact cells."""
+NO_VALUES = "no head values"
+"""What a panel says when none of its task's heads has a value (else it would be blank)."""
 
 
 def _default_title(scores: Any, absolute: bool) -> str:
@@ -68,6 +70,8 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
     for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
         image = draw_heatmap(ax, vals[i], None if exact is None else exact[i], vmin=vmin, vmax=vmax,
                              diverging=diverging, outline=outline)
+        if not np.isfinite(vals[i]).any():  # a blank panel would read as a map of zeros or a drawing failure
+            ax.text(0.5, 0.5, NO_VALUES, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.35")
         ax.set_title(wrap_title(task, pw + 0.4, 10), fontsize=10)
         ax.set_xticks(xticks)
         ax.set_yticks(yticks)
@@ -96,7 +100,8 @@ def heatmap_grid(scores: Any, path: str | os.PathLike, *, title: str | None = No
     scale and one colour bar labelled "Heads Importance". 1 task gives one panel, 2..4 tasks one row,
     5..8 tasks 2 rows x 4 columns, more tasks rows of 4 (``ncols`` overrides the number of columns).
     When the scores have an ``exact`` mask, each exact cell gets a thin black outline, and a legend under
-    the grid says what the outlines mean.
+    the grid says what the outlines mean. A task none of whose heads has a value gets "no head values" written
+    in its panel (:func:`write_report` draws no grid at all when no task has one).
 
     Args:
         scores: a ``HeadScores`` (or anything with ``values`` [T, L, H], ``tasks``, ``method``, ``model``;

@@ -2,9 +2,9 @@
 
 The page holds the per-task heatmap grid (x = head, y = layer, viridis, one colour scale; hover a cell for
 its task, layer, head, score, standard error, rank and ablation value; with an ``exact`` mask, exact cells
-are outlined in black and the hover says ``exact: yes``), a detail view for the clicked head
-(its score on every task with error bars; with an ablation file, the task's score-vs-ablation scatter with
-the head highlighted), the agreement tables, the provenance and the static PNG grid as a fallback.
+are outlined in black and the hover says ``exact: yes``), a detail view for the clicked head (its score on every
+task, with 95% t intervals as whiskers; with an ablation file, the task's score-vs-ablation scatter with the head
+highlighted), the agreement tables, the provenance and the static PNG grid as a fallback.
 
 Plots are drawn by Bokeh with its JavaScript inlined (``Resources(mode="inline")``): no request leaves the
 page. Bokeh rather than plotly: its inline bundle is about 2 MB where plotly's single bundle is 4.8 MB, which
@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,26 +43,31 @@ from bokeh.plotting import figure
 
 from .circuit_html import circuit_divs, circuit_panels
 from .heatmaps import COLORBAR_LABEL
-from .inputs import ablation_values, exact_mask, head_order, stderr_values, task_counts, task_values
+from .inputs import ablation_values, exact_mask, head_map_note, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
 from .page import page
-from .summary import comparison_cells, interval_note
+from .summary import comparison_cells
+from .uncertainty import T_LEVEL, checked_comparison, counts_by_task, interval_notes, t_multiplier
 
 __all__ = ["html_page"]
 
 _PX_PER_INCH = 90
+BAR_CAPTION = f"score per task, whiskers {T_LEVEL:.0%} t interval"
+"""The detail view's title after ``Head L3.H5: `` (:data:`BAR_NOTE` says more under the heading)."""
+BAR_NOTE = (f"Bars: the clicked head's score on each task; whiskers: the {T_LEVEL:.0%} t interval of the task's "
+            "mean over its examples (n - 1 degrees of freedom: wide for few examples; none for a task of one).")
 
 _CLICK_JS = """
 const i = cb_obj.indices[0];
 if (i === undefined) return;
 const own = srcs[t].data, l = own.layer[i], h = own.head[i];
 const tasks = [], v = [], lo = [], hi = [];
-for (const s of srcs) {
-  const d = s.data, x = d.value[i], e = d.stderr[i];
+srcs.forEach(function (s, k) {
+  const d = s.data, x = d.value[i], e = mult[k] * d.stderr[i];  // mult: NaN for one example, no whisker
   tasks.push(d.task[i]); v.push(x); lo.push(x - e); hi.push(x + e);
-}
+});
 bar_src.data = {task: tasks, value: v, lo: lo, hi: hi};
-bar_fig.title.text = `Head L${l}.H${h}: score on every task (bars: score, whiskers: +- stderr)`;
+bar_fig.title.text = `Head L${l}.H${h}: ${bar_caption}`;
 if (sc_src !== null) {
   sc_src.data = {x: own.value, y: own.ablation};
   hl_src.data = {x: [own.value[i]], y: [own.ablation[i]]};
@@ -75,14 +80,16 @@ _CHECK_JS = """
 (function () {
   var expected = %(expected)s, known = %(known)s;
   function check(tries) {
-    var B = window.Bokeh, out = {panels: [], hover: null, tooltips: []};
+    var B = window.Bokeh, out = {panels: [], hover: null, tooltips: [], bars: null}, cells = null, bars = null;
     if (B && B.index) {
       var views = Array.from(B.index.all_views());
       views.forEach(function (v) {
         var name = v.model && v.model.name;
         if (name && name.indexOf("panel:") === 0) out.panels.push(name.slice(6));
+        if (name === "detail-bars") bars = v.model;
         if (name === "panel:" + known.task) {
-          var data = v.model.renderers[0].data_source.data, i = known.index;
+          cells = v.model.renderers[0].data_source;
+          var data = cells.data, i = known.index;
           out.hover = {task: data.task[i], layer: data.layer[i], head: data.head[i], value: data.value[i],
                        stderr: data.stderr[i], rank: data.rank[i]};
           v.model.toolbar.tools.forEach(function (tool) {
@@ -92,6 +99,17 @@ _CHECK_JS = """
       });
     }
     if (out.panels.length < expected && tries > 0) { setTimeout(function () { check(tries - 1); }, 100); return; }
+    if (cells !== null && bars !== null) {  // click the known cell, as a user would: the bars show its head
+      cells.selected.indices = [known.index];
+      setTimeout(function () {  // the click's callback runs asynchronously
+        var d = bars.renderers[0].data_source.data;
+        out.bars = {title: bars.title.text, task: Array.from(d.task), value: Array.from(d.value),
+                    lo: Array.from(d.lo), hi: Array.from(d.hi)};
+        cells.selected.indices = [];  // as it was: no cell highlighted until the user clicks one
+        document.getElementById("render-check").textContent = JSON.stringify(out);
+      }, 300);
+      return;
+    }
     document.getElementById("render-check").textContent = JSON.stringify(out);
   }
   document.addEventListener("DOMContentLoaded", function () { check(100); });
@@ -117,14 +135,18 @@ def _script_json(obj: Any) -> str:
     return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _agreement_table(title: str, comparison: Mapping[str, Any]) -> str:
+def _agreement_table(title: str, comparison: Mapping[str, Any], counts: Mapping[str, int] | None,
+                     other_counts: Mapping[str, int] | None) -> str:
+    """An agreement table with its notes; intervals only where enough examples back them
+    (:func:`~headscore.report.uncertainty.checked_comparison`)."""
+    checked = checked_comparison(comparison, counts, other_counts)
     rows = []
-    for task, entry in comparison.items():
+    for task, entry in checked.entries.items():
         cells = comparison_cells(entry)
         tds = "".join(f"<td>{html.escape(cells[key])}</td>" for key in ("spearman", "kendall", "topk_overlap"))
         rows.append(f"<tr><th scope='row'>{html.escape(str(task))}</th>{tds}</tr>")
-    note = interval_note(comparison)
-    return (f"<h2>{html.escape(title)}</h2>" + (f"<p class='note'>{html.escape(note)}</p>" if note else "")
+    notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in interval_notes(checked))
+    return (f"<h2>{html.escape(title)}</h2>" + notes
             + "<table class='agreement'><thead><tr><th>Task</th><th>Spearman</th>"
             f"<th>Kendall</th><th>Top-k overlap</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
@@ -170,11 +192,12 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
     first = ranks[0].ravel()
     start_task, start_index = 0, int(np.nanargmin(first)) if np.isfinite(first).any() else 0
     sl, sh = divmod(start_index, num_heads)
-    v0, e0 = vals[:, sl, sh], se[:, sl, sh]
+    counts = task_counts(scores)
+    mult = np.array([t_multiplier(c) for c in counts] if counts is not None else [np.nan] * n, dtype=np.float64)
+    v0, e0 = vals[:, sl, sh], mult * se[:, sl, sh]
     bar_src = ColumnDataSource({"task": task_names, "value": v0, "lo": v0 - e0, "hi": v0 + e0})
     bar_fig = figure(x_range=FactorRange(*task_names), height=300, width=max(500, 70 * n),
-                     title=f"Head L{sl}.H{sh}: score on every task (bars: score, whiskers: +- stderr)",
-                     toolbar_location=None, name="detail-bars")
+                     title=f"Head L{sl}.H{sh}: {BAR_CAPTION}", toolbar_location=None, name="detail-bars")
     bar_fig.vbar(x="task", top="value", width=0.7, source=bar_src, color="#3b528b")
     bar_fig.add_layout(Whisker(base="task", lower="lo", upper="hi", source=bar_src))
     bar_fig.xaxis.major_label_orientation = 0.6
@@ -229,7 +252,7 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
     for t, src in enumerate(sources):  # every panel's source, passed by reference: the data is in the page once
         src.selected.js_on_change("indices", CustomJS(
             args=dict(srcs=sources, t=t, bar_src=bar_src, bar_fig=bar_fig, sc_src=sc_src, hl_src=hl_src,
-                      sc_fig=sc_fig), code=_CLICK_JS))
+                      sc_fig=sc_fig, mult=mult, bar_caption=BAR_CAPTION), code=_CLICK_JS))
     # the shared colour bar in a plot of its own, beside the grid (an invisible glyph keeps Bokeh's checks quiet)
     bar_plot = figure(width=110, height=min(height * nrows, 2 * height), toolbar_location=None,
                       outline_line_color=None, name="colorbar")
@@ -256,44 +279,72 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
         ncols: panel columns (default as in the PNG grid).
         circuits: optional circuits (one per task, :mod:`headscore.report.circuit`): their interactive
             graphs in a section of their own (hover an edge, click a node for its edges).
+
+    The agreement tables show an interval only where enough examples back it (the entries' ``examples``, else
+    the scores' and the ablation's counts; :func:`~headscore.report.uncertainty.checked_comparison`) and name the
+    tasks that have none. A file in which no head has a value (exact edge patching) gets no grid and no detail
+    view, but a one-line note saying why (:func:`~headscore.report.inputs.head_map_note`); its circuits and tables
+    are kept.
     """
     vals = task_values(scores)
-    se = stderr_values(scores, vals.shape)
     abl = None if ablation is None else ablation_values(scores, ablation)
-    counts = task_counts(scores)
     exact = exact_mask(scores, vals.shape)
-    grid, detail, known = _figures(scores, vals, se, abl, ncols, exact)
-    script, (grid_div, detail_div, *graph_divs) = components((grid, detail, *circuit_panels(circuits or [])))
-    circuit_section = "" if not circuits else (
-        "<h2>Circuits</h2><p>Each task's top edges by |score| on paths from the input to the logits (from "
-        "<code>score --edges</code>; <code>headscore circuit</code> measures their faithfulness). Hover an edge or a "
-        "node; click a node to list its edges.</p>" + circuit_divs(graph_divs))
+    note = head_map_note(scores, vals, circuits=bool(circuits))
+    heads, known = [], {}
+    if not note:
+        grid, detail, known = _figures(scores, vals, stderr_values(scores, vals.shape), abl, ncols, exact)
+        heads = [grid, detail]
+    graphs = circuit_panels(circuits or [])
+    script, divs = components((*heads, *graphs)) if heads or graphs else ("", ())
+    counts = counts_by_task(scores)
     tables = ""
     if comparison:
-        tables += _agreement_table("Agreement with ablation", comparison)
+        tables += _agreement_table("Agreement with ablation", comparison, counts, counts_by_task(ablation))
     if other_comparison:
-        tables += _agreement_table(f"Agreement with {other_name or 'the other scores file'}", other_comparison)
-    fallback = ""
-    if png is not None:
-        fallback = ("<details><summary>Static grid (PNG)</summary><img alt='heatmap grid' style='max-width:100%' "
-                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></details>")
+        tables += _agreement_table(f"Agreement with {other_name or 'the other scores file'}", other_comparison,
+                                   counts, None)
     title = f"Head importance ({scores.method}) - {scores.model}"
-    exact_note = "" if exact is None else (
-        "<p class='exact-note'>Outlined cells: exact values (measured by ablation or patching), the others "
-        "estimates; the hover says <code>exact: yes</code> or <code>no</code>.</p>")
-    check = _CHECK_JS % {"expected": len(scores.tasks), "known": _script_json(known)}
-    style = """table.agreement { border-collapse: collapse; margin-bottom: 1em; }
+    check = _CHECK_JS % {"expected": len(scores.tasks) if heads else 0, "known": _script_json(known)}
+    body = "\n".join([_head_section(note, divs[:len(heads)], exact), tables,
+                      _circuit_section(divs[len(heads):]) if circuits else "",
+                      _provenance(scores, task_counts(scores), exact), "" if note else _fallback(png)])
+    return page(title, style=_STYLE, scripts=f"{script}\n{check}", body=body)
+
+
+_STYLE = """table.agreement { border-collapse: collapse; margin-bottom: 1em; }
 table.agreement td, table.agreement th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 table.agreement th[scope=row] { text-align: left; }
 dl.provenance dt { font-weight: bold; }
 dl.provenance dd { margin: 0 0 0.4em 1em; }"""
-    body = f"""<p>Hover a cell for its layer, head, score, standard error and rank; click it to see that head on every
+
+
+def _head_section(note: str, divs: Sequence[str], exact: np.ndarray | None) -> str:
+    """The grid and the selected head's view (``divs``), or the note saying why there are none."""
+    if note:
+        return f"<p class='no-heatmap'>{html.escape(note)}</p>"
+    grid_div, detail_div = divs
+    exact_note = "" if exact is None else (
+        "<p class='exact-note'>Outlined cells: exact values (measured by ablation or patching), the others "
+        "estimates; the hover says <code>exact: yes</code> or <code>no</code>.</p>")
+    return f"""<p>Hover a cell for its layer, head, score, standard error and rank; click it to see that head on every
 task.</p>
 {exact_note}{grid_div}
 <h2>Selected head</h2>
-{detail_div}
-{tables}
-{circuit_section}
-{_provenance(scores, counts, exact)}
-{fallback}"""
-    return page(title, style=style, scripts=f"{script}\n{check}", body=body)
+<p class='note'>{BAR_NOTE}</p>
+{detail_div}"""
+
+
+def _circuit_section(graph_divs: Sequence[str]) -> str:
+    """The circuits' heading, what they are, and their graphs."""
+    return ("<h2>Circuits</h2><p>Each task's top edges by |score| on paths from the input to the logits (from "
+            "<code>score --edges</code> or <code>ablate --edges</code>; <code>headscore circuit</code> measures "
+            "their faithfulness). Hover an edge or a node; click a node to list its edges.</p>"
+            + circuit_divs(graph_divs))
+
+
+def _fallback(png: bytes | None) -> str:
+    """The static heatmap grid, inline, folded ('' without one)."""
+    if png is None:
+        return ""
+    return ("<details><summary>Static grid (PNG)</summary><img alt='heatmap grid' style='max-width:100%' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></details>")

@@ -86,3 +86,17 @@ def head_order(values: np.ndarray) -> np.ndarray:
     """Flat head indices of each task's map, most important first: along the last axis of ``values``
     ([..., L*H]), descending, NaN last, ties in index order. The one ranking the summary and the page use."""
     return np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=-1, kind="stable")
+
+
+def head_map_note(scores: Any, vals: np.ndarray, *, circuits: bool = False) -> str:
+    """Why the report draws no head map (heatmap grid, scatter, top-k tables, the page's grid), as one line; ''
+    when some head of some task has a value. A file of exact edge patching (``ablate --edges``) has edge values
+    only: no head was measured, and a head's effect is no sum of its edges' separately patched effects, so no
+    head map is derived from them. ``circuits``: the report draws the file's circuits (the note points to them)."""
+    if np.isfinite(vals).any():
+        return ""
+    if getattr(scores, "edge_maps", None) is None:
+        return "No head heatmap: no head of any task has a value in this file."
+    return ("No head heatmap: this file holds edge values only (exact edge patching measures edges, not heads, and "
+            "a head's effect is no sum of its edges' separately patched effects)"
+            + ("; the circuits below are drawn from its edges." if circuits else "."))
