@@ -45,6 +45,9 @@ CASES = {
     "report-unwritable": "cannot write in /sys",
     "report-out-is-file": "exists and is not a directory",
     "json-is-directory": "is a directory; give a file name",
+    "out-parent-missing": "does not exist",
+    "json-parent-missing": "does not exist",
+    "report-parent-missing": "does not exist",
     "tasks-latin1": ":1: not UTF-8 (byte 0xe9 at column 19)",
     "tasks-utf16": "the file is UTF-16",
     "tasks-binary": "NUL byte",
@@ -106,6 +109,9 @@ CASES = {
                            "--tasks builtin is none of these",
     "tasks-datasetdict": "holds a DatasetDict (splits test, train); give one split's directory",
     "columns-unknown-field": "columns: unknown field 'question' (columns maps a field to your column",
+    "tasks-misspelled-field": ":2: unknown field 'corupt'; did you mean 'corrupt'?",
+    "table-misspelled-column": "data.csv:1: column 'traget' is no field; did you mean 'target'?",
+    "columns-misspelled-field": "columns: unknown field 'promt'; did you mean 'prompt'?",
     "to-pandas-without-pandas": "to_pandas needs pandas: pip install 'headscore[notebook]'",
     "from-pandas-missing-row": "from_pandas: task 'a' has no row for layer 0, head 1; every head needs one row",
 }
@@ -230,6 +236,17 @@ def test_outputs_of_the_wrong_kind(tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()
     refused(capsys, "json-is-directory", ["compare", a, a, "--json", folder], tmp_path)
+
+
+def test_outputs_in_a_missing_directory(tmp_path, capsys, tasks):
+    """A mistyped directory is refused before any work, for a file and for a report directory alike (the report
+    directory itself may be new); nothing is created."""
+    a = scores_file(tmp_path / "a.hs")
+    missing = tmp_path / "missing"
+    refused(capsys, "out-parent-missing", ["score", "--tasks", tasks, "--out", missing / "s.hs"], tmp_path)
+    refused(capsys, "json-parent-missing", ["compare", a, a, "--json", missing / "t.json"], tmp_path)
+    refused(capsys, "report-parent-missing", ["report", a, "--out", missing / "rep"], tmp_path)
+    assert not missing.exists()
 
 
 # ------------------------------------------------------------------------------------------ 4 encodings
@@ -402,6 +419,8 @@ def test_tables_and_frames_in_python(monkeypatch):
     frame = pd.DataFrame({"question": ["p"], "target": [" x"], "task": ["t"]})
     with pytest.raises(headscore.HeadscoreError, match=re.escape(CASES["columns-unknown-field"])):
         headscore.score("never-loaded", frame, columns={"question": "prompt"})
+    with pytest.raises(headscore.HeadscoreError, match=re.escape(CASES["columns-misspelled-field"])):
+        headscore.score("never-loaded", frame, columns={"promt": "question"})
     heads = HeadScores(torch.zeros(1, 1, 3, dtype=torch.float64), torch.zeros(1, 1, 3, dtype=torch.float64),
                        torch.ones(1, dtype=torch.int64), ["a"], "taylor", "m")
     with pytest.raises(headscore.HeadscoreError, match=re.escape(CASES["from-pandas-missing-row"])):
@@ -530,6 +549,18 @@ def test_errors_name_the_file_and_line(tmp_path, capsys, model_dir):
     path = jsonl(tmp_path / "tasks.jsonl", GOOD, {**GOOD, "prompt": "x" * 300})
     refused(capsys, "example-too-long", ["score", "--model", model_dir, "--tasks", path, "--out",
                                          tmp_path / "s.hs", "--no-progress"], tmp_path)
+
+
+def test_a_misspelled_field_is_named_with_the_field(tmp_path, capsys, model_dir):
+    """A field name close to one the example lacks is refused with the field it looks like (a dropped
+    ``corupt`` would make --baseline corrupt fail later without naming it); other names are metadata."""
+    path = jsonl(tmp_path / "tasks.jsonl", {**GOOD, "id": 1}, {**GOOD, "corupt": GOOD["prompt"]})
+    refused(capsys, "tasks-misspelled-field", ["score", "--model", model_dir, "--tasks", path, "--out",
+                                               tmp_path / "s.hs", "--no-progress"], tmp_path)
+    table = tmp_path / "data.csv"
+    table.write_text("prompt,traget,task\nThe capital of France is, Paris,t\n", encoding="utf-8")
+    refused(capsys, "table-misspelled-column", ["score", "--model", model_dir, "--tasks", table, "--out",
+                                                tmp_path / "s.hs", "--no-progress"], tmp_path)
 
 
 def test_non_finite_loss_names_the_line_and_gives_no_float32_hint_in_float32(tmp_path, capsys, model_dir):

@@ -251,7 +251,8 @@ def test_files_with_other_column_names_read_with_columns(tmp_path, sources):
 @pytest.mark.parametrize("value,words", [
     ("prompt", "'prompt' is not FIELD=COLUMN"),
     ("prompt=", "'prompt=' is not FIELD=COLUMN"),
-    ("question=prompt", "unknown field 'question'; the fields are prompt, target, task"),
+    ("question=prompt", "unknown field 'question' (the fields are prompt, target, task"),
+    ("promt=question", "unknown field 'promt'; did you mean 'prompt'? (the fields are prompt, target, task"),
     ("prompt=a,prompt=b", "field 'prompt' is named twice"),
 ])
 def test_a_bad_columns_flag_is_one_usage_line(value, words, sources, capsys):

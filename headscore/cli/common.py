@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..data.examples import Example
+from ..data.examples import Example, did_you_mean
 from ..data.tables import FIELDS
 from ..data.tasks import load_tasks, task_source
 from ..errors import HeadscoreError
@@ -87,7 +87,8 @@ def column_map(text: str) -> dict[str, str]:
         if not sep or not field or not column:
             raise argparse.ArgumentTypeError(f"{part.strip()!r} is not FIELD=COLUMN (e.g. prompt=question)")
         if field not in FIELDS:
-            raise argparse.ArgumentTypeError(f"unknown field {field!r}; the fields are {', '.join(FIELDS)}")
+            raise argparse.ArgumentTypeError(f"unknown field {field!r}{did_you_mean(field, FIELDS)} (the fields are "
+                                             f"{', '.join(FIELDS)})")
         if field in mapping:
             raise argparse.ArgumentTypeError(f"field {field!r} is named twice")
         mapping[field] = column

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import unicodedata
@@ -19,6 +20,13 @@ OPTIONAL_FIELDS = ("corrupt", "foil")
 """JSONL fields an example may have beyond :data:`REQUIRED_FIELDS` (strings when present)."""
 LABELLED_FIELDS = ("text", "label", "task")
 """JSONL fields of an example for a sequence classifier (an encoder such as BERT): text, its label, task."""
+KNOWN_FIELDS = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "text", "label")
+"""Every field an example (JSONL line, table column) can fill; any other name is metadata, ignored, unless
+:func:`misspelled_field` finds it too close to one of these."""
+SIMILARITY = 0.75
+"""How close (``difflib`` ratio, case ignored) an unknown name must be to a field the example lacks to be taken
+for its misspelling: ``traget``, ``corupt``, ``corrupted``, ``Foil``, ``lable`` are; ``id``, ``source``,
+``context``, ``output``, ``level`` are not."""
 
 @dataclass(frozen=True)
 class Example:
@@ -137,6 +145,51 @@ def task_names(examples: Iterable[Example]) -> list[str]:
     return list(dict.fromkeys(ex.task for ex in examples))
 
 
+def expected_fields(present: Iterable[str]) -> tuple[str, ...]:
+    """The fields an example with the fields ``present`` can have: a classifier's (text, label, task) when it has
+    ``text`` or ``label`` and no ``prompt``, a prompt/target example's when it has ``prompt`` and neither of those,
+    either kind's otherwise."""
+    present = set(present)
+    prompt, labelled = "prompt" in present, bool(present & {"text", "label"})
+    if labelled and not prompt:
+        return LABELLED_FIELDS
+    if prompt and not labelled:
+        return (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
+    return KNOWN_FIELDS
+
+
+def misspelled_field(names: Iterable[str], present: Iterable[str]) -> tuple[str, str] | None:
+    """The first of ``names`` (no field's name) that looks like a misspelling of a field the example lacks, with
+    that field: ``("traget", "target")``; None when every name is plain metadata.
+
+    A name counts when, lower-cased, it is within :data:`SIMILARITY` of a field of :func:`expected_fields` that
+    is not in ``present``; a name close to a field the example has (``targets`` beside ``target``) does not."""
+    present = set(present)
+    absent = [f for f in expected_fields(present) if f not in present]
+    for name in names:
+        if name in KNOWN_FIELDS:
+            continue
+        match = difflib.get_close_matches(name.lower(), absent, n=1, cutoff=SIMILARITY)
+        if match:
+            return name, match[0]
+    return None
+
+
+def did_you_mean(name: str, fields: Sequence[str]) -> str:
+    """``"; did you mean 'prompt'?"`` when ``name`` is within :data:`SIMILARITY` of one of ``fields`` (case
+    ignored), else ``""``: the hint for an unknown field name in a message."""
+    close = difflib.get_close_matches(str(name).lower(), list(fields), n=1, cutoff=SIMILARITY)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_field_names(record: dict, where: str) -> None:
+    """HeadscoreError for a key of ``record`` that looks like a misspelled field (one line, with the field)."""
+    typo = misspelled_field((k for k in record if isinstance(k, str)), (k for k in record if k in KNOWN_FIELDS))
+    if typo:
+        raise HeadscoreError(f"{where}: unknown field {typo[0]!r}; did you mean {typo[1]!r}? (other fields are "
+                             "ignored, but not one this close to a field's name: rename it)")
+
+
 def _labelled_from_record(record: dict, where: str) -> Example:
     missing = [k for k in LABELLED_FIELDS if k not in record]
     if missing:
@@ -162,6 +215,7 @@ def _example_from_record(record: object, where: str) -> Example:
     if not isinstance(record, dict):
         raise HeadscoreError(f"{where}: expected a JSON object with {', '.join(REQUIRED_FIELDS)} (or "
                              f"{', '.join(LABELLED_FIELDS)})")
+    _check_field_names(record, where)
     if record.get("label") is not None or ("text" in record and "prompt" not in record):  # null = absent
         return _labelled_from_record(record, where)
     missing = [k for k in REQUIRED_FIELDS if k not in record]
@@ -184,7 +238,10 @@ def _example_from_record(record: object, where: str) -> Example:
 def load_jsonl(path: str | Path) -> list[Example]:
     """Read examples from a JSON Lines file: one ``{"prompt", "target", "task"}`` object per line,
     optionally with ``"corrupt"`` (a corrupted prompt of the same token length) and ``"foil"``
-    (a wrong answer); or, for a sequence classifier, ``{"text", "label", "task"}`` objects.
+    (a wrong answer); or, for a sequence classifier, ``{"text", "label", "task"}`` objects. Other fields are
+    ignored (ids, sources), but one named close to a field the line lacks (``traget``, ``corupt``, ``Foil``:
+    :func:`misspelled_field`) is refused, ``t.jsonl:3: unknown field 'corupt'; did you mean 'corrupt'?``, rather
+    than dropped without a word (``--baseline corrupt`` would fail later without naming the typo).
 
     The file must be UTF-8 (a byte-order mark is allowed), with lines of at most
     :data:`~headscore.data.text_files.MAX_LINE_BYTES` (1 MiB). Blank lines are skipped. Errors

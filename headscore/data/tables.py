@@ -26,11 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HeadscoreError
-from .examples import LABELLED_FIELDS, OPTIONAL_FIELDS, REQUIRED_FIELDS, Example, validate_examples
+from .examples import (
+    KNOWN_FIELDS,
+    LABELLED_FIELDS,
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    Example,
+    did_you_mean,
+    misspelled_field,
+    validate_examples,
+)
 from .text_files import read_utf8
 
-FIELDS = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "text", "label")
-"""The fields a table's columns can fill: prompt, target, task, corrupt, foil, and text, label (classifiers)."""
+FIELDS = KNOWN_FIELDS
+"""The fields a table's columns can fill: prompt, target, task, corrupt, foil, and text, label (classifiers). Other
+columns are ignored, but one named close to a field the table lacks is refused (:func:`check_column_names`)."""
 TABLE_SUFFIXES = (".csv", ".parquet")
 """Task files read as tables (by suffix, any case); every other file is read as JSON Lines."""
 INSTALL_HINT = "pip install 'headscore[notebook]'"
@@ -105,7 +115,8 @@ def _column_map(columns: Mapping[str, str] | None, present: Sequence[str], sourc
                              f"{type(columns).__name__}")
     for field, column in columns.items():
         if field not in FIELDS:
-            raise HeadscoreError(f"columns: unknown field {field!r} (columns maps a field to your column, "
+            hint = did_you_mean(field, FIELDS)
+            raise HeadscoreError(f"columns: unknown field {field!r}{hint} (columns maps a field to your column, "
                                  f"e.g. {{'prompt': 'question'}}); the fields are {', '.join(FIELDS)}")
         # a DataFrame's integer labels (no header row) are read as their text, like every column name
         name = str(column) if isinstance(column, int) and not isinstance(column, bool) else column
@@ -116,8 +127,23 @@ def _column_map(columns: Mapping[str, str] | None, present: Sequence[str], sourc
     return mapping
 
 
+def check_column_names(names: Sequence[str], col: Mapping[str, str], header: str, in_python: bool) -> None:
+    """HeadscoreError for a column no field reads whose name looks like a misspelling of a field the table has
+    no column for (:func:`~headscore.data.examples.misspelled_field`); ``col`` maps fields to columns, ``header``
+    names the table's header in the message."""
+    used = set(col.values())
+    typo = misspelled_field([n for n in names if n not in used], [f for f in FIELDS if col[f] in names])
+    if typo is None:
+        return
+    name, field = typo
+    mapping = f"columns={{{field!r}: {name!r}}}" if in_python else f"--columns {field}={name}, or columns= in Python"
+    raise HeadscoreError(f"{header}: column {name!r} is no field; did you mean {field!r}? (rename the column, or map "
+                         f"it: {mapping}; other columns are ignored, but not one this close to a field's name)")
+
+
 def examples_from_columns(columns: Columns, *, source: str, where: Callable[[int], str] | None = None,
-                          mapping: Mapping[str, str] | None = None, in_python: bool = False) -> list[Example]:
+                          mapping: Mapping[str, str] | None = None, in_python: bool = False,
+                          header: str | None = None) -> list[Example]:
     """Examples from a table's columns (equally long lists of Python values), one per row.
 
     Args:
@@ -126,15 +152,18 @@ def examples_from_columns(columns: Columns, *, source: str, where: Callable[[int
         where: how errors and ``Example.where`` name row ``i`` (default ``f"{source}: row {i}"``).
         mapping: field -> column name for the fields whose column has another name (``{"prompt": "question"}``).
         in_python: the table came from Python (errors about a missing column then say how to map one).
+        header: how errors about a column's name name the table (default ``source``; ``data.csv:1``).
 
     A row whose ``label`` cell holds a value (or any row of a table with ``text`` and no ``prompt`` column) is a
     sequence classifier's example (``text``, ``label``, ``task``); every other row needs ``prompt``, ``target``
-    and ``task`` strings, and may have ``corrupt`` and ``foil``. HeadscoreError naming the row and the column
-    for a missing column, an empty cell where a value is needed, a value of the wrong type, an empty target
-    or task, a foil equal to the target.
+    and ``task`` strings, and may have ``corrupt`` and ``foil``. Other columns are ignored (ids, sources), but
+    one named close to a field the table has no column for (``corupt``, ``Target``) is refused, with the field.
+    HeadscoreError naming the row and the column for a missing column, an empty cell where a value is needed, a
+    value of the wrong type, an empty target or task, a foil equal to the target.
     """
     names = list(columns)
     col = _column_map(mapping, names, source)
+    check_column_names(names, col, header or source, in_python)
     where = where or (lambda i: f"{source}: row {i}")
     n = len(next(iter(columns.values()), []))
 
@@ -254,14 +283,14 @@ def load_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> list
     rows: list[list[str]] = []
     starts: list[int] = []
     header: list[str] | None = None
-    line = 0
+    header_line = line = 0
     try:
         for row in reader:
             start, line = line + 1, reader.line_num
             if not row:  # a blank line
                 continue
             if header is None:
-                header = row
+                header, header_line = row, start
                 continue
             if len(row) != len(header):
                 raise HeadscoreError(f"{path}:{start}: {len(row)} cells, but the header (line 1) names "
@@ -281,7 +310,8 @@ def load_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> list
         if name == (columns or {}).get("label", "label"):
             cells = [None if c is None else _csv_label(c, f"{path}:{s}") for c, s in zip(cells, starts, strict=True)]
         table[name] = cells
-    return examples_from_columns(table, source=str(path), where=lambda i: f"{path}:{starts[i]}", mapping=columns)
+    return examples_from_columns(table, source=str(path), where=lambda i: f"{path}:{starts[i]}", mapping=columns,
+                                 header=f"{path}:{header_line}")
 
 
 def _import(module: str, what: str) -> Any:
