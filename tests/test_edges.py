@@ -662,6 +662,56 @@ def test_edge_patching_replay_with_a_steering_hook_on_a_block():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_edge_patching_checks_its_replay_and_runs_every_layer_where_it_fails():
+    """A model whose last layer's queries depend on how many layers ran in the pass (state outside the layers'
+    outputs; the stream is still the sum of its writers) cannot be replayed: the first batch's check warns, the
+    file says mode 'batched', and every edge equals the unreplayed patching (which the replay misses); without
+    that state the replay is kept."""
+    lm = build("llama", 3, 4, 2, 33)
+    examples = examples_with_corruption(3, 33)
+    edges = [("emb", "L0.H0.q"), ("emb", "L1.H1.q"), ("emb", "L2.H0.q"), ("L0.H1", "L2.mlp"), ("L1.mlp", "logits")]
+    plain = headscore.ablate_edges(lm, examples, edges, baseline="corrupt", rows_per_pass=3, progress=False)
+    assert plain.extra["mode"] == "prefix"
+    layers = lm.model.model.layers
+    calls = {"n": 0}
+    handles = [lm.model.model.register_forward_pre_hook(lambda module, args: calls.update(n=0))]
+    forwards = [layer.forward for layer in layers]
+
+    def counting(forward):
+        def run(*args, **kwargs):  # the layer's own code, not a hook (a replay calls hooks on replayed layers)
+            calls["n"] += 1
+            return forward(*args, **kwargs)
+        return run
+
+    for layer, forward in zip(layers, forwards, strict=True):
+        layer.forward = counting(forward)
+    handles.append(layers[-1].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: output * (1.0 + 0.1 * calls["n"])))
+    try:
+        with pytest.warns(UserWarning, match="does not reproduce the full pass"):
+            got = headscore.ablate_edges(lm, examples, edges, baseline="corrupt", rows_per_pass=3, progress=False)
+        rm = residual_model(lm.model)
+        batch = next(iter(prepare(lm, examples).batches(8, progress=False)))
+        index = [(rm.graph.index(u, upstream=True), rm.graph.index(v, upstream=False)) for u, v in edges]
+        with patch(lm.model) as gates:
+            base = writer_outputs(lm.model, gates, rm, batch.corrupted())
+            before, full = edge_patched_losses(lm.model, gates, rm, batch, index, base, prefix=False, max_rows=3)
+            _, replayed = edge_patched_losses(lm.model, gates, rm, batch, index, base, max_rows=3)
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, forward in zip(layers, forwards, strict=True):
+            layer.forward = forward
+    assert got.extra["mode"] == "batched"
+    assert (replayed - full).abs().max() > 1e-3  # what the replay would have given: wrong
+    want = full - before[None]  # [edges, the batch's rows]
+    tasks = [got.tasks.index(examples[int(i)].task) for i in batch.example_index]
+    for k, (u, v) in enumerate(index):
+        for t in set(tasks):
+            mean = want[k, [i for i, x in enumerate(tasks) if x == t]].mean()
+            assert float(got.edge_maps.values[t, u, v]) == pytest.approx(float(mean), rel=1e-9, abs=1e-12)
+
+
 def test_circuits_keep_only_edges_from_the_input_to_the_logits():
     g = EdgeGraph(2, 2, 1)
     up, down = (lambda n: g.index(n, upstream=True)), (lambda n: g.index(n, upstream=False))

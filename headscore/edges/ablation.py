@@ -19,7 +19,7 @@ from ..prepared import Prepared
 from ..results import HeadScores
 from .attribution import check_decomposition, writer_baselines
 from .graph import EdgeGraph
-from .patching import Edge, edge_patched_losses
+from .patching import Edge, edge_patched_losses, edge_replay_works
 from .residual import residual_model
 
 
@@ -74,11 +74,14 @@ def exact_edge_scores(prep: Prepared, edges: Sequence[Edge], *, baseline: str, m
     with patch(model) as heads, prep.naming_examples(), bar:
         baseline_of = writer_baselines(model, heads, rm, baseline,
                                        prep.batches(batch_size, desc="mean outputs", progress=progress))
+        prefix = True
         for i, batch in enumerate(prep.batches(batch_size, progress=False)):
+            base = baseline_of(batch)
             if i == 0:
                 check_decomposition(model, heads, rm, batch)
-            before, patched = edge_patched_losses(model, heads, rm, batch, edges, baseline_of(batch), metric=metric,
-                                                  max_rows=rows_per_pass,
+                prefix = edge_replay_works(model, heads, rm, batch, base, metric)
+            before, patched = edge_patched_losses(model, heads, rm, batch, edges, base, metric=metric,
+                                                  max_rows=rows_per_pass, prefix=prefix,
                                                   on_pass=lambda n, b=batch.size: bar.update(n * b))
             values = torch.zeros(batch.size, num_up, num_down, dtype=torch.float64)
             values[:, index[:, 0], index[:, 1]] = (patched - before[None]).T
@@ -92,7 +95,7 @@ def exact_edge_scores(prep: Prepared, edges: Sequence[Edge], *, baseline: str, m
                         f"edge-patching-{baseline}", prep.lm.name, prep.data_hash,
                         extra={"seconds": time.perf_counter() - start, "batch_size": batch_size,
                                "metric": metric.name, "metric_meaning": meaning, "baseline": baseline,
-                               "edges_measured": len(edges)})
+                               "edges_measured": len(edges), "mode": "prefix" if prefix else "batched"})
     maps = EdgeMaps(list(graph.upstream), list(graph.downstream), acc.mean.masked_fill(~measured, nan),
                     acc.stderr.masked_fill(~measured, nan), None,
                     measured[None].expand(len(prep.tasks), -1, -1).clone())

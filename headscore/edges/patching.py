@@ -6,12 +6,13 @@ norm, while every other reader (the other heads' projections of the same layer i
 stream; what v then outputs flows on as the model computes it. u's clean output is the same in the patched
 run (u writes before v reads), so its change is taken from the clean run. Several edges run as rows of one
 forward pass (the batch repeated once per edge), the layers below each pass's first patched reader
-replayed from the clean run.
+replayed from the clean run where :func:`edge_replay_works` has shown that this reproduces full passes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from ..data.batching import Batch
 from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..methods.ablation import cheapest_passes
-from ..methods.prefix import PrefixReplay
+from ..methods.prefix import PrefixReplay, boundaries_to_check
 from ..patch import HeadGates
 from .attribution import WriterOutputs, recording_writers
 from .residual import Projection, ResidualModel
@@ -132,6 +133,42 @@ def reader_depth(rm: ResidualModel, downstream: int) -> int:
     """The first decoder layer a patched reader changes: its own (the logits: past every layer)."""
     layer, kind, _ = _reader(rm, downstream)
     return rm.graph.num_layers if kind == "logits" else layer
+
+
+@torch.no_grad()
+def edge_replay_works(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
+                      baseline: WriterOutputs, metric: Metric = NLL) -> bool:
+    """Whether replaying the layers below a pass's first patched reader reproduces the full pass on this model,
+    as :func:`~headscore.methods.ablation.prefix_reuse_works` checks it for heads: at each depth that
+    :func:`~headscore.methods.prefix.boundaries_to_check` names (and past the last layer, for the logits'
+    reader), an edge from the embedding to a reader there, in a pass of its own with the batch tiled twice (as a
+    run's passes tile it), layers below replayed, against the same pass run in full. False, with a warning
+    saying why, where the losses differ beyond rounding (state handed between layers outside their outputs) or
+    the replay fails."""
+    graph = rm.graph
+    depths = boundaries_to_check([lm.block for lm in rm.layers])
+    checks = [(0, d * graph.readers_per_layer) for d in depths] + [(0, len(graph.downstream) - 1)]
+    dtype = next(model.parameters()).dtype
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    for k, edge in enumerate(checks):
+        where = "the logits" if k == len(depths) else f"layer {depths[k]}"
+        run = [edge, edge]
+        try:
+            _, replayed = edge_patched_losses(model, heads, rm, batch, run, baseline, metric=metric, prefix=True,
+                                              max_rows=2 * batch.size)
+        except Exception as exc:  # noqa: BLE001 - any failure of the replay means: do not use it
+            warnings.warn(f"{type(model).__name__}: replaying the layers below a patched reader of {where} failed "
+                          f"({exc}); edge patching runs every layer", stacklevel=2)
+            return False
+        _, full = edge_patched_losses(model, heads, rm, batch, run, baseline, metric=metric, prefix=False,
+                                      max_rows=2 * batch.size)
+        if not torch.allclose(replayed, full, rtol=tol, atol=tol):
+            worst = int((replayed - full).abs().flatten().argmax())
+            warnings.warn(f"{type(model).__name__}: replaying the layers below a patched reader of {where} does not "
+                          f"reproduce the full pass (loss {replayed.flatten()[worst]:.6g} vs "
+                          f"{full.flatten()[worst]:.6g}); edge patching runs every layer", stacklevel=2)
+            return False
+    return True
 
 
 @torch.no_grad()
