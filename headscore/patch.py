@@ -358,10 +358,18 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
 
     Yields:
         A :class:`HeadGates` whose ``gates`` [B, L, H] and ``baseline`` [L, H, D] control
-        the heads. With ``gates=None`` the model computes exactly what it did before.
+        the heads. With ``gates=None`` the model computes what it did before: exactly, where the fused kernel
+        does not serve the call (``kernel=False``, a CPU, :meth:`HeadGates.without_kernel`), else up to the
+        kernel's rounding (its attention, not the model's; in float32 about 1e-6).
 
     On exit (also after an exception) the model's attention implementation, the
     registries and the parameters' ``requires_grad`` flags are as they were.
+
+    A model with an output gate of its own after attention (Qwen3-Next, Qwen3.5, Laguna, ...) is gated at its
+    output projections' input once :func:`headscore.prepare` has seen it (:func:`gate_at_projections`); before
+    that, at the attention's output, where gradients and zero ablation are the same but a ``baseline`` would be
+    scaled by the model's gate. Likewise a hybrid model's layers without attention have heads in the layout
+    (never gated, so 0 in any map) until ``prepare`` has marked them (:func:`mark_attention_layers`).
     """
     from .kernels import dispatch  # imports triton (about 0.4 s): only once a model is patched
 

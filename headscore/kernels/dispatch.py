@@ -1,10 +1,11 @@
 """Which attention calls the fused kernel serves, and the call itself (used by :func:`headscore.patch`).
 
 The kernel computes causal attention with at most a key-padding mask, in float32/16 or bfloat16,
-without dropout, soft-capping or sliding windows, for a module that has a ``layer_idx``. Any other
-call (and any call while observers watch the pre-gate outputs, which the kernel never materialises)
-returns None, and the caller runs the model's own attention with the gate around it: results agree
-either way.
+without dropout, soft-capping, sliding windows, attention sinks or packed sequences, for a module that has a
+``layer_idx``, with queries, keys and values of one width (at most 256) and a whole number of query heads per
+key head. Any other call (and any call while observers watch the pre-gate outputs, which the kernel never
+materialises) returns None, and the caller runs the model's own attention with the gate around it: results
+agree either way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from .gated_attention import _gattn_fwd_kernel, gated_attention
 __all__ = ["fused_gated_attention", "kernel_available", "kernel_unavailable", "key_padding_mask"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+"""The widest head the kernel serves (its blocks hold a whole head)."""
+_DECLINED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k")
+"""Attention-function arguments that change the attention when set (soft-capping, windows, sinks, the
+document boundaries of packed sequences under flash attention): a call with any of them is not served."""
 
 
 def kernel_available(device: torch.device) -> bool:
@@ -45,8 +51,10 @@ def key_padding_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> tupl
     The fused kernel handles exactly that case; anything else (sliding windows, packed
     sequences, custom masks) goes through the model's own attention.
     """
-    if mask is None:
-        return True, None
+    if mask is None:  # transformers' causal masks are aligned top-left: without a mask only when the lengths agree
+        return q_len == kv_len, None
+    if not isinstance(mask, torch.Tensor):  # FlexAttention's BlockMask, say
+        return False, None
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or q_len != kv_len:
         return False, None
     keep = mask[:, 0, -1, :]  # the last query row sees every key that is not padding
@@ -55,6 +63,29 @@ def key_padding_mask(mask: torch.Tensor | None, q_len: int, kv_len: int) -> tupl
     if not torch.equal(mask[:, 0], expected):
         return False, None
     return True, (None if bool(keep.all()) else keep)
+
+
+def _is_set(value: object) -> bool:
+    """Whether an attention argument is in use: a tensor (sinks, sequence boundaries), or a true number."""
+    return isinstance(value, torch.Tensor) or (value is not None and bool(value))
+
+
+def _served_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the kernel takes these [B, H, T, D] / [B, Hkv, S, D] tensors: one dtype it has, one head width
+    of at most :data:`MAX_HEAD_DIM` (no latent attention's narrower values), keys shaped like values, and a whole
+    number of query heads per key head."""
+    return (query.dtype in _DTYPES and query.dtype == key.dtype == value.dtype and key.shape == value.shape
+            and query.dim() == 4 and key.dim() == 4 and query.shape[0] == key.shape[0]
+            and query.shape[-1] == key.shape[-1] and 1 <= query.shape[-1] <= MAX_HEAD_DIM
+            and key.shape[1] >= 1 and query.shape[1] % key.shape[1] == 0)
+
+
+def _packed(mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> bool:
+    """Whether an unmasked call carries several sequences per row (flash attention's packing: position ids that
+    do not count up by one along a row)."""
+    if mask is not None or not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2:
+        return False
+    return bool((position_ids.diff(dim=-1) != 1).any())
 
 
 def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -75,9 +106,9 @@ def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     """
     if wanted is None:
         wanted = kernel_available(query.device)
-    if not wanted or observed or dropout or kwargs.get("softcap") or kwargs.get("sliding_window"):
+    if not wanted or observed or dropout or any(_is_set(kwargs.get(name)) for name in _DECLINED_KWARGS):
         return None
-    if query.dtype not in _DTYPES:
+    if not _served_shapes(query, key, value) or _packed(attention_mask, kwargs.get("position_ids")):
         return None
     if baseline is not None and baseline.dim() != 3:
         return None

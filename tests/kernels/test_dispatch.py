@@ -19,6 +19,9 @@ def test_key_padding_mask_recognises_causal_plus_padding():
     ok, pad = key_padding_mask(causal_padding_mask(torch.ones(2, 4, dtype=torch.bool)), 4, 4)
     assert ok and pad is None  # nothing padded: no mask needed
     assert key_padding_mask(None, 4, 4) == (True, None)
+    # no mask with more keys than queries: a static cache's empty slots, masked top-left by the model's own
+    # attention (the kernel would align bottom-right and see them)
+    assert key_padding_mask(None, 4, 6) == (False, None)
 
 
 @pytest.mark.parametrize("bad", ["sliding", "float", "cross", "packed"])
@@ -41,10 +44,13 @@ class Attn(torch.nn.Module):
 
 
 @pytest.mark.parametrize("why", ["not wanted", "cpu default", "observed", "dropout", "softcap", "sliding_window",
-                                 "float64", "no layer_idx", "not causal", "one query", "custom mask"])
+                                 "float64", "no layer_idx", "not causal", "one query", "custom mask",
+                                 "static cache prefill", "block mask", "latent values", "wide heads", "gqa remainder",
+                                 "mixed dtypes", "sinks", "s_aux", "packed positions", "cu_seq_lens"])
 def test_calls_the_kernel_cannot_serve_fall_back(why):
     """Each of these returns None before any kernel runs (so this needs no GPU and no interpreter)."""
     q = torch.randn(1, 2, 4, 8)
+    k = v = q
     kw = dict(gates=None, baseline=None, wanted=True, observed=False)
     module, mask = Attn(), None
     if why == "not wanted":
@@ -67,7 +73,37 @@ def test_calls_the_kernel_cannot_serve_fall_back(why):
         q = q[:, :, :1]
     elif why == "custom mask":
         mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)  # bidirectional: not causal
-    assert fused_gated_attention(module, q, q, q, mask, **kw) is None
+    elif why == "static cache prefill":  # 4 queries, 6 cache slots, no mask
+        k = v = torch.randn(1, 2, 6, 8)
+    elif why == "block mask":  # FlexAttention's mask is no tensor
+        mask = object()
+    elif why == "latent values":  # DeepSeek-V3's values are narrower than its keys
+        v = torch.randn(1, 2, 4, 4)
+    elif why == "wide heads":
+        q = k = v = torch.randn(1, 2, 4, 320)
+    elif why == "gqa remainder":
+        k = v = torch.randn(1, 3, 4, 8)  # 2 query heads over 3 key heads
+    elif why == "mixed dtypes":
+        k = v = q.half()
+    elif why in ("sinks", "s_aux"):  # GPT-OSS-style attention sinks, one logit per head
+        kw[why] = torch.zeros(2)
+    elif why == "packed positions":  # flash attention's packing: two documents in one unmasked row
+        kw["position_ids"] = torch.tensor([[0, 1, 0, 1]])
+    elif why == "cu_seq_lens":
+        kw["cu_seq_lens_q"] = kw["cu_seq_lens_k"] = torch.tensor([0, 2, 4], dtype=torch.int32)
+    assert fused_gated_attention(module, q, k, v, mask, **kw) is None
+
+
+def test_settings_that_change_nothing_are_still_served(monkeypatch):
+    """softcap/sliding_window None or 0, consecutive position ids: the call reaches the kernel (stubbed here)."""
+    import headscore.kernels.dispatch as dispatch
+
+    seen = []
+    monkeypatch.setattr(dispatch, "gated_attention", lambda q, *a, **k: seen.append(1) or q)
+    q = torch.randn(1, 2, 4, 8)
+    kw = dict(gates=None, baseline=None, wanted=True, observed=False, softcap=None, sliding_window=0,
+              position_ids=torch.arange(4)[None], s_aux=None)
+    assert fused_gated_attention(Attn(), q, q, q, None, **kw) is not None and seen == [1]
 
 
 def test_kernel_available_only_on_cuda():
