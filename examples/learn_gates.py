@@ -44,8 +44,7 @@ def main(argv=None) -> dict:
                          sparsity=args.sparsity, max_examples=args.max_examples, seed=args.seed, progress=False)
     for row in result.history[:: max(1, len(result.history) // 8)]:
         print(f"step {row['step']:4d}  loss {row['loss']:.4f}  expected open heads {row['expected_l0']:.1f}")
-    total = result.mask.numel()
-    print(f"kept heads: {result.kept} / {total}")
+    print(f"kept heads: {result.kept} / {result.num_heads}")  # the model's real heads (hybrid layers have none)
     print(f"loss without mask: {result.loss_full:.6f}")
     print(f"loss with mask:    {result.loss_masked:.6f}")
     print(f"change:            {result.loss_change:+.6f}")

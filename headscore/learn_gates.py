@@ -9,9 +9,12 @@ with temperature beta = 2/3 and stretch (l, r) = (-0.1, 1.1), so z is exactly 0 
 non-zero probability. The expected number of open heads, sum P(z != 0) =
 sum sigmoid(log_alpha - beta * log(-l / r)), is differentiable, and training minimises
 
-    mean target NLL (gates sampled per example row)  +  sparsity * E[L0] / (L * H)
+    mean target NLL (gates sampled per example row)  +  sparsity * E[L0] / (number of heads)
 
-over ``log_alpha`` only (model weights frozen). At the end the deterministic gate
+over ``log_alpha`` only (model weights frozen), the sum and the count over the model's real heads:
+a head a layer does not have (a hybrid model's layers without attention, a layer with fewer heads
+than the widest; :meth:`~headscore.patch.HeadLayout.absent_heads`) gets no gate, and the penalty is
+the expected fraction of the real heads left open. At the end the deterministic gate
 clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1) gives a head mask (gate > ``threshold``);
 applying the mask (``HeadGates`` gates = mask as float) turns the other heads off.
 """
@@ -85,9 +88,9 @@ class LearnedGates:
     """The result of :func:`learn_gates`.
 
     Attributes:
-        log_alpha: [L, H] learned parameters.
-        gates: [L, H] deterministic gates in [0, 1].
-        mask: bool [L, H], True = head kept (gate > threshold).
+        log_alpha: [L, H] learned parameters (NaN where the layer has no such head, as in the maps).
+        gates: [L, H] deterministic gates in [0, 1] (NaN where the layer has no such head).
+        mask: bool [L, H], True = head kept (gate > threshold; False where the layer has no such head).
         loss_full: mean per-example target NLL of the unmodified model on the examples.
         loss_masked: the same with the mask applied (heads off where mask is False).
         history: per logged step: step, task loss, expected L0.
@@ -106,6 +109,12 @@ class LearnedGates:
     def kept(self) -> int:
         """Number of heads the mask keeps."""
         return int(self.mask.sum())
+
+    @property
+    def num_heads(self) -> int:
+        """Number of heads the model has (those with a gate: not the absent ones of a hybrid model's layers
+        without attention or of a layer with fewer heads than the widest)."""
+        return int((~self.gates.isnan()).sum())
 
     @property
     def loss_change(self) -> float:
@@ -158,8 +167,10 @@ def learn_gates(model, examples: Sequence[Example] | None = None, *, steps: int 
             on the same examples.
         steps: optimiser steps (Adam on log_alpha); batches cycle through the examples in a
             seeded random order.
-        sparsity: weight of the expected fraction of open heads, E[L0] / (L * H), against the
-            mean target NLL; larger = fewer heads.
+        sparsity: weight of the expected fraction of open heads, E[L0] / (number of heads), against
+            the mean target NLL; larger = fewer heads. Both count the model's real heads only: a head
+            a layer does not have (hybrid models' layers without attention, per-layer head counts)
+            has no gate (NaN in ``gates`` and ``log_alpha``, never kept).
         init: initial log_alpha (2.0: every head open with probability ~0.97).
         threshold: a head is kept when its deterministic gate exceeds this.
         log_every: record the history every this many steps (a whole number >= 1; the last step always).
@@ -172,12 +183,15 @@ def learn_gates(model, examples: Sequence[Example] | None = None, *, steps: int 
     whole_at_least(log_every, 1, "learn_gates needs log_every")
     prep = _prepared(model, examples, max_examples)
     lm = prep.lm
-    layout = head_layout(lm.model)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    layout = head_layout(lm.model)  # after prepare: a hybrid model's layers without attention have 0 heads
+    real = ~layout.absent_heads()
+    total_heads = int(real.sum())
+    if total_heads == 0:
+        raise HeadscoreError(f"{type(lm.model).__name__} has no attention heads to gate")
+    real_on_device = real.to(lm.device)
+    gen = torch.Generator().manual_seed(seed)  # the only randomness: the global generator is left alone
     hc = HardConcrete((layout.num_layers, layout.num_heads), init=init).to(lm.device)
     opt = torch.optim.Adam(hc.parameters(), lr=lr)
-    total_heads = layout.num_layers * layout.num_heads
     batches = list(prep.batches(batch_size, progress=False))
     history = []
     start = time.perf_counter()
@@ -190,7 +204,7 @@ def learn_gates(model, examples: Sequence[Example] | None = None, *, steps: int 
             gates = hc.sample(batch.size, generator=gen)
             with heads.using(gates):
                 task = example_losses(lm.model, batch).mean()
-            l0 = hc.expected_l0()
+            l0 = hc.prob_open()[real_on_device].sum()  # E[L0] over the real heads
             loss = task + sparsity * l0 / total_heads
             opt.zero_grad()
             loss.backward()
@@ -199,7 +213,8 @@ def learn_gates(model, examples: Sequence[Example] | None = None, *, steps: int 
                 history.append({"step": step, "loss": float(task.detach()), "expected_l0": float(l0.detach())})
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        det = hc.deterministic().detach().cpu()
-    mask = det > threshold
+        det = hc.deterministic().detach().cpu().masked_fill(~real, float("nan"))
+        log_alpha = hc.log_alpha.detach().cpu().masked_fill(~real, float("nan"))
+    mask = (det > threshold) & real
     full, masked = _mask_losses(prep, mask, batch_size)
-    return LearnedGates(hc.log_alpha.detach().cpu(), det, mask, full, masked, history, seconds)
+    return LearnedGates(log_alpha, det, mask, full, masked, history, seconds)

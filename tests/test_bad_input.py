@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_saved import save_tiny_model
+from tiny_saved import save_tiny_family, save_tiny_model
 
 import headscore
 from headscore.cli import main
@@ -61,6 +61,7 @@ CASES = {
     "report-k-0": "argument --k: must be at least 1, got 0",
     "rows-per-pass-0": "argument --rows-per-pass: must be at least 1, got 0",
     "probe-one-example-per-task": "too few examples for the probe",
+    "probe-classifier": "BertForSequenceClassification is a sequence classifier whose examples (text, label) have none",
     "example-too-long": "tasks.jsonl:2 (geo) has 307 tokens; the model allows 256",
     "non-finite-loss": "non-finite loss (inf or NaN) for ",
     "example-wrong-types": "Example prompt must be a string, got int",
@@ -533,6 +534,15 @@ def test_patches_exited_out_of_order_restore_the_model():
 def test_probe_with_one_example_per_task(tmp_path, capsys, tasks, model_dir):
     refused(capsys, "probe-one-example-per-task", ["score", "--model", model_dir, "--tasks", tasks, "--method",
                                                    "probe", "--out", tmp_path / "p.hs", "--no-progress"], tmp_path)
+
+
+def test_probe_on_a_classifier(tmp_path, capsys):
+    model = save_tiny_family(tmp_path / "bert", "bert")
+    path = jsonl(tmp_path / "t.jsonl", *({"text": f"some text {i}", "label": i % 3, "task": "xy"[i % 2]}
+                                        for i in range(12)))
+    capsys.readouterr()  # what saving the model printed
+    refused(capsys, "probe-classifier", ["score", "--model", model, "--tasks", path, "--method", "probe", "--out",
+                                         tmp_path / "p.hs", "--no-progress"], tmp_path)
 
 
 # ------------------------------------------------------------------------------------- 12 what users see

@@ -5,7 +5,7 @@
    study does: the positions where ``batch.target_mask`` is True (the target tokens themselves,
    so the head has read the answer; ``positions="predict"`` averages instead over the positions
    that predict the target tokens, t - 1). Memory: one float32 [N, L, H, D] tensor on the CPU
-   (2,689 CogQA examples on SmolLM2-135M: 185 MB); nothing per token is kept.
+   (2,683 CogQA examples on SmolLM2-135M: 185 MB); nothing per token is kept.
 2. :func:`train_probe`: activations are standardised per (layer, head, dim) with the training
    split's mean and std; a linear projection D -> d (one matrix shared by every head, or one per
    head with ``shared=False``) maps each head to d features; a small MLP over the concatenated
@@ -13,6 +13,11 @@
 3. :func:`probe_importance`: importance of head (l, h) for class c = mean over class-c examples of
    sum_j z[l, h, j] * d logit_c / d z[l, h, j] (gradient x activation at the head's projected
    features z), signed: positive means the head's features push towards the right function.
+
+The probe is for prompt/target examples (the answer tokens are what it averages over); a sequence
+classifier's examples have none, and :func:`probe_scores` refuses them. Its map is reproducible for
+identical activations (same batch size, device, dtype and seed); float32 rounding that differs with
+the batch size can move it (``docs/cogqa.md`` says by how much).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..accumulate import TaskAccumulator
 from ..data.cogqa import question_ids, split_indices_by_question
 from ..errors import HeadscoreError
 from ..loss import run_forward
+from ..models import is_sequence_classifier, load_model
 from ..patch import patch
 from ..prepared import prepare
 from ..text import printable
@@ -42,7 +48,8 @@ def collect_activations(prep, batch_size: int = 8, *, positions: str = "target",
     """Each head's output averaged over the answer positions: float32 [N, L, H, D] in ``prep.examples`` order.
 
     ``prep`` is a :class:`headscore.api.Prepared`. ``positions="target"`` averages over the target
-    tokens, ``"predict"`` over the positions whose next token is a target token.
+    tokens, ``"predict"`` over the positions whose next token is a target token. An example with no such
+    position (a sequence classifier's, which has no target) is refused: its average would be 0 / 0.
     """
     if positions not in POSITIONS:
         raise HeadscoreError(f"unknown probe positions {positions!r}; choose {' or '.join(POSITIONS)}")
@@ -64,7 +71,15 @@ def collect_activations(prep, batch_size: int = 8, *, positions: str = "target",
                 if positions == "predict":
                     mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
                 w = mask.to(torch.float64)
-                state["weights"] = w / w.sum(1, keepdim=True)
+                total = w.sum(1, keepdim=True)
+                empty = batch.example_index.cpu()[(total[:, 0] == 0).cpu()].tolist()
+                if empty:
+                    named = ", ".join(prep.examples[i].describe(i) for i in empty[:5])
+                    more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+                    where = {"target": "target tokens", "predict": "positions that predict a target token"}
+                    raise HeadscoreError(f"the probe averages each head's output over the {where[positions]}, and "
+                                         f"{named}{more} {'has' if len(empty) == 1 else 'have'} none")
+                state["weights"] = w / total
                 state["rows"] = batch.example_index.cpu()
                 run_forward(model, batch)
     return acts
@@ -184,23 +199,34 @@ def probe_scores(model, examples, *, train_fraction: float = 0.8, seed: int = 0,
     The scores keep each of those examples' own value (``example_values``: the trained probe's
     gradient x activation), so figures of the map can be bootstrapped over examples with the probe
     held fixed.
+
+    Refused before any forward pass: a sequence classifier (its labelled examples have no answer
+    tokens to average over), fewer than two tasks, a split whose training part misses a task or whose
+    held-out part is empty, and ``importance_on="train"``/``"test"`` where that part has no example of
+    some task (its map would be all NaN).
     """
     if importance_on not in ("all", "train", "test"):
         raise HeadscoreError(f"importance_on must be all, train or test, got {importance_on!r}")
     start = time.perf_counter()
-    prep = prepare(model, examples)
+    lm = load_model(model) if isinstance(model, str) else model
+    if is_sequence_classifier(lm.model):
+        raise HeadscoreError(f"the probe averages each head's output over the answer tokens, and "
+                             f"{type(lm.model).__name__} is a sequence classifier whose examples (text, label) have "
+                             "none: score it with a gradient method (taylor, ig, ...) or ablate")
+    prep = prepare(lm, examples)
     if len(prep.tasks) < 2:
         raise HeadscoreError("the probe needs at least two tasks to tell apart")
-    acts = collect_activations(prep, batch_size, positions=positions, progress=progress) if activations is None \
-        else activations
-    if acts.shape[0] != len(prep.examples):
-        raise HeadscoreError(f"activations have {acts.shape[0]} rows for {len(prep.examples)} examples")
+    if activations is not None and activations.shape[0] != len(prep.examples):
+        raise HeadscoreError(f"activations have {activations.shape[0]} rows for {len(prep.examples)} examples")
     labels = torch.tensor([prep.tasks.index(ex.task) for ex in prep.examples])
     order = list(range(len(prep.examples)))
     train_idx, test_idx = split_indices_by_question(question_ids(prep.examples), train_fraction, seed)
     _check_split(prep.tasks, labels, train_idx, test_idx)
-    fit = train_probe(acts, labels, train_idx, test_idx, num_classes=len(prep.tasks), seed=seed, **probe_options)
     rows = {"all": order, "train": train_idx, "test": test_idx}[importance_on]
+    _check_importance_rows(prep.tasks, labels, rows, importance_on)
+    acts = collect_activations(prep, batch_size, positions=positions, progress=progress) if activations is None \
+        else activations
+    fit = train_probe(acts, labels, train_idx, test_idx, num_classes=len(prep.tasks), seed=seed, **probe_options)
     acc = probe_importance(fit.probe, acts[rows], labels[rows], prep.tasks, example_index=torch.as_tensor(rows))
     return prep.result(acc, "probe", probe_accuracy=fit.test_accuracy, chance_accuracy=fit.chance_accuracy,
                        train_accuracy=fit.train_accuracy, num_train=fit.num_train, num_test=fit.num_test,
@@ -221,3 +247,16 @@ def _check_split(tasks: Sequence[str], labels: torch.Tensor, train_idx: Sequence
             f"{printable(tasks[i])!r} ({counts[i]} in all)" for i in absent)) if absent else "nothing is held out"
         raise HeadscoreError(f"too few examples for the probe: {what}; give every task several examples "
                              "(10 or more for a meaningful probe)")
+
+
+def _check_importance_rows(tasks: Sequence[str], labels: torch.Tensor, rows: Sequence[int], importance_on: str) -> None:
+    """Refuse averaging the importance over a part of the split that has no example of some task: that
+    task's map would be all NaN."""
+    present = set(labels[list(rows)].tolist())
+    absent = [i for i in range(len(tasks)) if i not in present]
+    if absent:
+        part = {"train": "training", "test": "held-out"}.get(importance_on, importance_on)
+        counts = Counter(labels.tolist())
+        named = ", ".join(f"{printable(tasks[i])!r} ({counts[i]} in all)" for i in absent)
+        raise HeadscoreError(f"importance_on={importance_on!r}: the {part} split has no example of {named}; give "
+                             "every task more examples (10 or more) or use importance_on='all'")
