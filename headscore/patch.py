@@ -107,10 +107,11 @@ def mark_attention_layers(model: torch.nn.Module, layers: Collection[int]) -> No
     them): from then on :func:`head_layout` gives the other layers 0 heads, so their cells are absent (NaN) in
     every map and no ablation runs for them. Every layer (or an empty collection) forgets the record."""
     count = _config_layout(model).num_layers
-    if not layers or set(layers) >= set(range(count)):
+    layers = {int(i) % count for i in layers}  # a layer_idx of -1 (Zamba2's shared block) gates the last row
+    if not layers or layers >= set(range(count)):
         model.__dict__.pop(_ATTENTION_ATTR, None)
     else:
-        model.__dict__[_ATTENTION_ATTR] = frozenset(int(i) for i in layers)
+        model.__dict__[_ATTENTION_ATTR] = frozenset(layers)
 
 
 _ATTENTION_ATTR = "_headscore_attention_layers"

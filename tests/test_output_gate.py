@@ -240,3 +240,16 @@ def test_hybrid_layers_without_attention_have_no_heads(monkeypatch, one_thread):
     assert got.values[:, 0].isnan().all() and got.values[:, 1].isfinite().all()
     changed = torch.cat(rows)
     assert changed.shape[0] == heads and (changed[:, 0] == 1).all()  # one row per head of layer 1, none for layer 0
+
+
+def test_a_negative_layer_index_marks_the_last_layer(one_thread):
+    """Zamba2's shared attention block has layer_idx -1, which gates the last row of the map (gates[:, -1]):
+    marking its layers keeps that row, not every layer absent."""
+    from headscore.patch import head_layout, mark_attention_layers
+
+    lm = _model("llama")
+    layers, heads = lm.model.config.num_hidden_layers, lm.model.config.num_attention_heads
+    mark_attention_layers(lm.model, [-1])
+    assert head_layout(lm.model).heads_per_layer == (0,) * (layers - 1) + (heads,)
+    mark_attention_layers(lm.model, range(layers))
+    assert head_layout(lm.model).heads_per_layer is None
