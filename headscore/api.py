@@ -602,6 +602,11 @@ def ablate_heads(model: ModelLike, examples: ExamplesLike, heads_to_change: Sequ
         row = head_set_gates(list(heads_to_change), layout.num_layers, layout.num_heads, gate)
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
+    missing = [(layer, head) for layer, head in heads_to_change if bool(layout.absent_heads()[layer, head])]
+    if missing:
+        layer, head = missing[0]
+        raise HeadscoreError(f"head ({layer}, {head}) is one layer {layer} does not have (it has "
+                             f"{layout.heads_of(layer)} heads{': no attention' if not layout.heads_of(layer) else ''})")
     delta_acc = TaskAccumulator(prep.tasks, 1, 1)
     clean_acc = TaskAccumulator(prep.tasks, 1, 1)
     with patch(prep.lm.model) as heads, prep.naming_examples():

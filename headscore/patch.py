@@ -35,7 +35,8 @@ from .gate import apply_gate
 _counter = itertools.count()
 
 Observer = Callable[[int, torch.Tensor], None]
-"""Called as ``observer(layer_idx, out)`` with each layer's pre-gate attention output [B, T, H, D]."""
+"""Called as ``observer(layer_idx, out)`` with each layer's pre-gate head outputs [B, T, H, D]: the attention's
+output, or for a layer gated at its output projection (:func:`gate_at_projections`) that projection's input."""
 GradientObserver = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
 """Called in the backward pass with (layer, pre-gate output O, the layer's baseline m or None, dL/dY)."""
 
@@ -107,7 +108,7 @@ def mark_attention_layers(model: torch.nn.Module, layers: Collection[int]) -> No
     them): from then on :func:`head_layout` gives the other layers 0 heads, so their cells are absent (NaN) in
     every map and no ablation runs for them. Every layer (or an empty collection) forgets the record."""
     count = _config_layout(model).num_layers
-    layers = {int(i) % count for i in layers}  # a layer_idx of -1 (Zamba2's shared block) gates the last row
+    layers = {int(i) for i in layers}
     if not layers or layers >= set(range(count)):
         model.__dict__.pop(_ATTENTION_ATTR, None)
     else:

@@ -104,14 +104,18 @@ def prepare(model: ModelLike = DEFAULT_MODEL, examples: Sequence[Example] | Any 
 def check_separable(model: torch.nn.Module, batch: Batch) -> None:
     """Raise UnsupportedModelError when ``model``'s heads cannot be gated one by one (head outputs mixed
     before the output projection, a layer's attention run twice per pass, no attention through the
-    registry); one forward pass on ``batch``, once per model (the answer is remembered on it). Layers with an
+    registry); one forward pass on ``batch``, once per model and dtype (the answer is remembered on it). Layers with an
     output gate of their own are gated at their output projection's input from then on
     (:func:`~headscore.patch.gate_at_projections`), and a hybrid model's layers without attention have no
     heads (:func:`~headscore.patch.mark_attention_layers`)."""
-    report = model.__dict__.get(_SEPARABLE_ATTR)
+    dtype = next(model.parameters()).dtype
+    cached = model.__dict__.get(_SEPARABLE_ATTR)
+    report = cached[1] if cached is not None and cached[0] == dtype else None  # asked again after a cast
     if report is None:
+        gate_at_projections(model, {})  # observed as the model is, not as an earlier report placed the gates
+        mark_attention_layers(model, ())
         report = separability_report(model, batch)
-        model.__dict__[_SEPARABLE_ATTR] = report
+        model.__dict__[_SEPARABLE_ATTR] = (dtype, report)
         if report.problem is None:
             gate_at_projections(model, report.output_gated)
             mark_attention_layers(model, report.attention_layers)
@@ -123,16 +127,16 @@ def output_gated_layers(model: torch.nn.Module) -> list[int]:
     """The layers of a prepared ``model`` whose head outputs reach the output projection scaled by the model's
     own output gate, and so are gated at the projection's input (see
     :class:`~headscore.separability.Separation`; empty before ``prepare``)."""
-    report = model.__dict__.get(_SEPARABLE_ATTR)
-    return [] if report is None else sorted(report.output_gated)
+    cached = model.__dict__.get(_SEPARABLE_ATTR)
+    return [] if cached is None else sorted(cached[1].output_gated)
 
 
 def mixed_head_layers(model: torch.nn.Module) -> list[int]:
     """The layers of a prepared ``model`` whose head outputs reach the output projection through a linear
     transform that mixes them (no baseline can replace one head there; see
     :class:`~headscore.separability.Separation`; empty before ``prepare``)."""
-    report = model.__dict__.get(_SEPARABLE_ATTR)
-    return [] if report is None else list(report.mixed)
+    cached = model.__dict__.get(_SEPARABLE_ATTR)
+    return [] if cached is None else list(cached[1].mixed)
 
 
 _SEPARABLE_ATTR = "_headscore_separability"

@@ -21,9 +21,9 @@ from .models import is_sequence_classifier
 from .patch import patch
 
 LINEARITY_TOLERANCE = 1e-3
-"""How far a projection input may be from its ungated value scaled as the layer's gates were (relative to its
-largest value): a transform linear in the head outputs scales exactly; a norm over the heads gives the same
-input whatever the gates."""
+"""How far a projection input may be from its ungated value scaled as the layer's gates were (relative to each
+head's largest value; coarser for half precision, :func:`linearity_tolerance`): a transform linear in the head
+outputs scales exactly; a norm over the heads gives the same input whatever the gates."""
 
 
 @dataclass
@@ -81,6 +81,11 @@ def separability(model: torch.nn.Module, heads, seen: Observed, batch) -> Separa
         return Separation(f"the attention of layer(s) {repeated} runs more than once per forward pass (looped, "
                           "recurrent or differential attention): one gate per head and layer cannot tell the runs "
                           "apart")
+    layers = heads.layout.num_layers
+    outside = sorted(layer for layer in seen.outputs if not 0 <= layer < layers)
+    if outside:
+        return Separation(f"an attention module calls itself layer {outside[0]}, outside the model's {layers} layers "
+                          "(a block shared between layers, say): headscore cannot tell which layer its heads are in")
     candidates = projection_candidates(seen.calls, seen.outputs)
     projections, direct = find_output_projections(candidates, seen.outputs)
     missing = sorted(set(seen.outputs) - set(projections))
@@ -133,12 +138,24 @@ def _consumer_input(model: torch.nn.Module, heads, batch, layer: int, fits: dict
 
 
 def _scaled_like(got: torch.Tensor, full: torch.Tensor, factors: torch.Tensor) -> bool:
-    """Whether ``got`` [.., H * D] is ``full`` with head h's slice scaled by ``factors[h]`` (to
-    :data:`LINEARITY_TOLERANCE` of the largest value; a NaN entry, as a padded row of some models has, is not
-    compared: the gradients' own check refuses NaN)."""
-    want = full.unflatten(-1, (len(factors), -1)) * factors.to(full)[:, None]
-    error = (got - want.flatten(-2)).abs().nan_to_num(0.0)
-    return float(error.max()) <= LINEARITY_TOLERANCE * float(full.abs().nan_to_num(0.0).max())
+    """Whether ``got`` [.., H * D] is ``full`` with head h's slice scaled by ``factors[h]``, each head's slice to
+    :func:`linearity_tolerance` of its own largest value (a slice of another head, scaled by another factor,
+    is off by far more); a NaN entry, as a padded row of some models has, is not compared (the gradients' own
+    check refuses NaN)."""
+    count = len(factors)
+    full_heads = full.unflatten(-1, (count, -1)).double()
+    want = full_heads * factors.to(full_heads)[:, None]
+    error = (got.unflatten(-1, (count, -1)).double() - want).abs().nan_to_num(0.0)
+    scale = full_heads.abs().nan_to_num(0.0).flatten(0, -3).amax((0, 2))  # [H]: each head's largest value
+    worst = error.flatten(0, -3).amax((0, 2))
+    return bool((worst <= linearity_tolerance(got.dtype) * scale).all())
+
+
+def linearity_tolerance(dtype: torch.dtype) -> float:
+    """:data:`LINEARITY_TOLERANCE`, or 4 roundings of ``dtype`` where that is coarser (bfloat16: 0.031): the
+    model computes the projection's input in its own precision, the check's scaled copy in float64."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(LINEARITY_TOLERANCE, 4 * eps)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

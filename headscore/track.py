@@ -348,6 +348,10 @@ def track(model: torch.nn.Module, *, ema: float = 0.99, tasks: Sequence[str] | N
     Yields:
         A :class:`Tracker`. Forward passes without autograd (``torch.no_grad``, evaluation)
         run ungated and are not counted. On exit the model is restored.
+
+    A hybrid model (layers without attention) or one with an output gate after attention: call
+    ``headscore.prepare(model, examples)`` once before the block, so that the tracker knows its layers as
+    :func:`headscore.score` does (the heads of layers without attention absent, NaN, rather than 0).
     """
     with patch(model, freeze=False, kernel=kernel) as heads:
         tracker = Tracker(model, heads, ema=ema, tasks=tasks, auto_step=auto_step, scaler=scaler)

@@ -89,6 +89,14 @@ def test_exact_match_equals_hand_rolled_loop(setup):
 def test_random_head_sets():
     sets = random_head_sets(30, 9, 5, [0, 1, 2])
     assert sets == random_head_sets(30, 9, 5, [0, 1, 2])
+    absent = torch.zeros(3, 4, dtype=torch.bool)
+    absent[0] = True  # a layer without attention
+    absent[2, 2:] = True  # a layer with two heads
+    drawn = random_head_sets(3, 4, 6, range(40), absent)  # 6 = every head there is
+    assert all(sorted(s) == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1)] for s in drawn)
+    assert random_head_sets(3, 4, 2, [0], torch.zeros(3, 4, dtype=torch.bool)) == random_head_sets(3, 4, 2, [0])
+    with pytest.raises(headscore.HeadscoreError, match="between 1 and 6"):
+        random_head_sets(3, 4, 7, [0], absent)
     assert all(len(set(s)) == 5 and all(0 <= layer < 30 and 0 <= h < 9 for layer, h in s) for s in sets)
     assert sets[0] != sets[1]
     with pytest.raises(headscore.HeadscoreError, match="k must be"):

@@ -240,16 +240,33 @@ def test_hybrid_layers_without_attention_have_no_heads(monkeypatch, one_thread):
     assert got.values[:, 0].isnan().all() and got.values[:, 1].isfinite().all()
     changed = torch.cat(rows)
     assert changed.shape[0] == heads and (changed[:, 0] == 1).all()  # one row per head of layer 1, none for layer 0
+    with pytest.raises(headscore.HeadscoreError, match=r"head \(0, 1\) is one layer 0 does not have \(it has 0 "
+                                                       r"heads: no attention\)"):
+        headscore.ablate_heads(lm, counterfactual_examples(1), [(1, 0), (0, 1)], progress=False)
 
 
-def test_a_negative_layer_index_marks_the_last_layer(one_thread):
-    """Zamba2's shared attention block has layer_idx -1, which gates the last row of the map (gates[:, -1]):
-    marking its layers keeps that row, not every layer absent."""
-    from headscore.patch import head_layout, mark_attention_layers
+def test_an_attention_outside_the_layers_is_refused(one_thread):
+    """Zamba2's shared attention block calls itself layer -1: which layer's heads it holds is unknown (its gates
+    would land in the last row whatever layer it runs in), so prepare refuses the model with the reason."""
+    model = model_matrix.build_model("zamba2", seed=1)
+    lm = headscore.LoadedModel(model, char_tokenizer(), "tiny-zamba2")
+    with pytest.raises(UnsupportedModelError, match="calls itself layer -1, outside the model's 2 layers"):
+        headscore.prepare(lm, counterfactual_examples(1))
 
-    lm = _model("llama")
-    layers, heads = lm.model.config.num_hidden_layers, lm.model.config.num_attention_heads
-    mark_attention_layers(lm.model, [-1])
-    assert head_layout(lm.model).heads_per_layer == (0,) * (layers - 1) + (heads,)
-    mark_attention_layers(lm.model, range(layers))
-    assert head_layout(lm.model).heads_per_layer is None
+
+@pytest.mark.parametrize("family", ["afmoe", "llama-permuted"])
+def test_half_precision_finds_the_same_layers(family, one_thread):
+    """In bfloat16 the projection's input is rounded to 8 bits of mantissa: the output gate is still found (each
+    head's slice within 4 bfloat16 roundings of its own scale), a head permutation is still 'mixed'; after a cast
+    back the check runs again (the report is kept per dtype)."""
+    lm = _model("afmoe") if family == "afmoe" else _model_with_permuted_heads()
+    lm.model.to(torch.bfloat16)
+    examples = counterfactual_examples(2, seed=3)
+    headscore.prepare(lm, examples)
+    want = ([0, 1], []) if family == "afmoe" else ([], [1])
+    assert (output_gated_layers(lm.model), mixed_head_layers(lm.model)) == want
+    if family == "afmoe":
+        assert headscore.ablate(lm, examples, baseline="mean", progress=False).values.isfinite().all()
+    lm.model.to(torch.float64)
+    headscore.prepare(lm, examples)
+    assert (output_gated_layers(lm.model), mixed_head_layers(lm.model)) == want

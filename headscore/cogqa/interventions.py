@@ -37,12 +37,16 @@ from ..results import HeadScores, json_bytes
 from ..text import markdown_text
 
 
-def random_head_sets(num_layers: int, num_heads: int, k: int, seeds: Sequence[int]) -> list[list[tuple[int, int]]]:
-    """One set of ``k`` distinct heads per seed, drawn uniformly from all heads."""
-    n = num_layers * num_heads
-    if not 1 <= k <= n:
-        raise HeadscoreError(f"k must be between 1 and {n}, got {k}")
-    return [[(i // num_heads, i % num_heads) for i in random.Random(s).sample(range(n), k)] for s in seeds]
+def random_head_sets(num_layers: int, num_heads: int, k: int, seeds: Sequence[int],
+                     absent: torch.Tensor | None = None) -> list[list[tuple[int, int]]]:
+    """One set of ``k`` distinct heads per seed, drawn uniformly from the model's heads (not those ``absent``
+    [L, H] marks: a hybrid model's layers without attention, a layer's missing heads, whose removal changes
+    nothing and would bias the random control toward 0)."""
+    flat = range(num_layers * num_heads)
+    pool = list(flat) if absent is None else [i for i in flat if not bool(absent.flatten()[i])]
+    if not 1 <= k <= len(pool):
+        raise HeadscoreError(f"k must be between 1 and {len(pool)}, got {k}")
+    return [[(i // num_heads, i % num_heads) for i in random.Random(s).sample(pool, k)] for s in seeds]
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -314,7 +318,8 @@ def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *,
             if scale is not None and i == 0:
                 name = _set_name("scale", source, f, multi)
                 sets[name], gates[name], owner[name] = top, float(scale), f
-    for s_, heads_ in zip(seeds, random_head_sets(layout.num_layers, layout.num_heads, k, seeds), strict=True):
+    for s_, heads_ in zip(seeds, random_head_sets(layout.num_layers, layout.num_heads, k, seeds,
+                                                        layout.absent_heads()), strict=True):
         sets[f"random:{s_}"], gates[f"random:{s_}"] = heads_, 0.0
     names = ["clean", *sets]
     rows = torch.cat([head_set_gates([], layout.num_layers, layout.num_heads)]
