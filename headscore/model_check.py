@@ -33,6 +33,7 @@ from .data.batching import TokenizedExample, collate
 from .errors import HeadscoreError, UnsupportedModelError
 from .methods.ablation import gated_losses, single_head_gates
 from .methods.gradient import gate_gradients
+from .methods.prefix import replay_tolerance
 from .models import is_sequence_classifier
 from .patch import HeadLayout, head_layout, patch
 from .separability import model_logits, observe, parameter_dtype, projection_pattern, separability
@@ -204,7 +205,7 @@ def check_implementation(model: torch.nn.Module, implementation: str, *, batch=N
     least :data:`PADDING_TOLERANCE`, as padding); ``batch`` defaults to :func:`random_batch` of the model's vocab.
     """
     dtype = parameter_dtype(model)
-    tol = tolerance if tolerance is not None else {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    tol = tolerance if tolerance is not None else replay_tolerance(dtype)
     result = ImplementationCheck(implementation, FAILING)
     why = _set_implementation(model, implementation)
     if why is not None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..data.batching import Batch
 from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..methods.ablation import cheapest_passes
-from ..methods.prefix import PrefixReplay, boundaries_to_check
+from ..methods.prefix import PrefixReplay, boundaries_to_check, replay_tolerance
 from ..patch import HeadGates
 from .attribution import WriterOutputs, recording_writers
 from .residual import Projection, ResidualModel
@@ -149,7 +149,7 @@ def edge_replay_works(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
     depths = boundaries_to_check([lm.block for lm in rm.layers])
     checks = [(0, d * graph.readers_per_layer) for d in depths] + [(0, len(graph.downstream) - 1)]
     dtype = next(model.parameters()).dtype
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    tol = replay_tolerance(dtype)
     for k, edge in enumerate(checks):
         where = "the logits" if k == len(depths) else f"layer {depths[k]}"
         run = [edge, edge]

@@ -23,7 +23,7 @@ import torch
 from ..data.batching import Batch
 from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..patch import HeadGates
-from .prefix import PrefixReplay, boundaries_to_check, decoder_layers
+from .prefix import PrefixReplay, boundaries_to_check, decoder_layers, replay_tolerance
 
 ABLATION_MODES = ("prefix", "batched", "naive", "sequential")
 """Accepted ``mode`` names; ``sequential`` is another name for ``naive``."""
@@ -244,7 +244,7 @@ def prefix_reuse_works(model: torch.nn.Module, heads: HeadGates, batch: Batch,
         return False
     full = gated_losses(model, heads, batch, row, baseline, mode="batched", metric=metric)
     dtype = next(model.parameters()).dtype
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    tol = replay_tolerance(dtype)
     if torch.allclose(replayed, full, rtol=tol, atol=tol):
         return True
     worst = int((replayed - full).abs().flatten().argmax())

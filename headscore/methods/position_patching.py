@@ -49,7 +49,7 @@ from ..loss import (
 from ..loss import target_positions as _target_positions
 from ..patch import HeadGates
 from .ablation import cheapest_passes, check_mode, gated_losses, position_gates
-from .prefix import PrefixReplay, decoder_layers
+from .prefix import PrefixReplay, decoder_layers, replay_tolerance
 
 Cell = tuple[int, int, int]
 """One (position, layer, head) cell."""
@@ -468,7 +468,7 @@ def position_patching_works(model: torch.nn.Module, heads: HeadGates, batch: Bat
         gate_rows[i, layer, p, head] = 0.0
     plain = gated_losses(model, heads, batch, gate_rows, baseline, mode="naive", metric=metric)[:, rows]
     dtype = next(model.parameters()).dtype
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    tol = replay_tolerance(dtype)
     if torch.allclose(fast, plain, rtol=tol, atol=tol):
         return True
     worst = int((fast - plain).abs().flatten().argmax())
