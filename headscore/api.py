@@ -602,7 +602,8 @@ def ablate_heads(model: ModelLike, examples: ExamplesLike, heads_to_change: Sequ
         row = head_set_gates(list(heads_to_change), layout.num_layers, layout.num_heads, gate)
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
-    missing = [(layer, head) for layer, head in heads_to_change if bool(layout.absent_heads()[layer, head])]
+    absent = layout.absent_heads()
+    missing = [(layer, head) for layer, head in heads_to_change if bool(absent[layer, head])]
     if missing:
         layer, head = missing[0]
         raise HeadscoreError(f"head ({layer}, {head}) is one layer {layer} does not have (it has "

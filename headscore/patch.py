@@ -288,20 +288,8 @@ def _gating_projection_inputs(model: torch.nn.Module, state: HeadGates, projecti
     missing = sorted(name for name in projections.values() if name not in modules)
     if missing:
         raise UnsupportedModelError(f"{type(model).__name__} has no module {missing[0]} to gate the heads at")
-
-    def gate_input(args: tuple, layer: int) -> tuple:
-        heads, width = state.layout.heads_of(layer), state.layout.dim_of(layer)
-        if not args or args[0].shape[-1] != heads * width:
-            raise UnsupportedModelError(
-                f"layer {layer}'s output projection {projections[layer]} did not get {heads} x {width} head features "
-                "as its first argument")
-        x = args[0]
-        return (state._apply(layer, x.unflatten(-1, (heads, width))).flatten(-2), *args[1:])
-
-    handles = []
-    for layer, name in projections.items():
-        hook = functools.partial(_projection_hook, gate_input, layer)
-        handles.append(modules[name].register_forward_pre_hook(hook))
+    handles = [modules[name].register_forward_pre_hook(functools.partial(_gate_projection_input, state, name, layer))
+               for layer, name in projections.items()]
     try:
         yield
     finally:
@@ -309,16 +297,21 @@ def _gating_projection_inputs(model: torch.nn.Module, state: HeadGates, projecti
             handle.remove()
 
 
-def _projection_hook(gate_input: Callable[[tuple, int], tuple], layer: int, module: torch.nn.Module, args: tuple
-                     ) -> tuple:
-    """A forward pre-hook of headscore's own (see :func:`is_gate_hook`)."""
-    return gate_input(args, layer)
+def _gate_projection_input(state: HeadGates, name: str, layer: int, module: torch.nn.Module, args: tuple) -> tuple:
+    """The forward pre-hook on layer ``layer``'s output projection ``name``: its input [.., H * D] gated as the
+    layer's heads (see :func:`is_gate_hook`)."""
+    heads, width = state.layout.heads_of(layer), state.layout.dim_of(layer)
+    if not args or args[0].shape[-1] != heads * width:
+        raise UnsupportedModelError(f"layer {layer}'s output projection {name} did not get {heads} x {width} head "
+                                    "features as its first argument")
+    x = args[0]
+    return (state._apply(layer, x.unflatten(-1, (heads, width))).flatten(-2), *args[1:])
 
 
 def is_gate_hook(hook: object) -> bool:
     """Whether a module hook is the head gate :func:`patch` put on an output projection (not the model's own,
     nor a user's: prefix reuse checks the layers those sit in)."""
-    return isinstance(hook, functools.partial) and hook.func is _projection_hook
+    return isinstance(hook, functools.partial) and hook.func is _gate_projection_input
 
 
 def mark_absent_heads(values: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
