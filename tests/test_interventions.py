@@ -1,6 +1,7 @@
 """Interventions: loss changes equal ablate_heads, greedy exact match equals a hand-rolled generate loop."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import headscore
 from headscore import stats
 from headscore.cogqa.interventions import intervene, random_head_sets
 from headscore.data.examples import Example
+from headscore.patch import head_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,3 +202,92 @@ def test_loss_only_settings_equal_the_decoding_path(setup):
             want, _ = evaluate_settings(lm.model, heads, prompt, target, rows)
             got = setting_losses(lm.model, heads, prompt, target, rows)
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _measured_like_references(lm, examples, scores, res, row_shape):
+    """Every set's loss changes equal ``ablate_heads`` (full passes, no cache) and the clean and first ablated
+    set's exact-match accuracy equals a greedy loop of full passes."""
+    for name, heads in res.head_sets.items():
+        gate = 2.0 if name.startswith("scale:") else 0.0
+        for task, eff in headscore.ablate_heads(lm, examples, heads, gate=gate, batch_size=4,
+                                                progress=False).items():
+            assert res.delta[name][task] == pytest.approx(eff.delta, abs=1e-6), (name, task)
+    tok = lm.tokenizer
+    first = next(name for name in res.head_sets if name.startswith("ablate:"))
+    for name, heads in (("clean", []), (first, res.head_sets[first])):
+        row = torch.ones(row_shape)
+        for layer, head in heads:
+            row[layer, head] = 0.0
+        hits = {t: [] for t in res.counts}
+        for ex in examples:
+            prompt = tok(ex.prompt)["input_ids"]
+            n = len(tok(ex.target, add_special_tokens=False)["input_ids"])
+            hits[ex.task].append(tok.decode(hand_rolled_greedy(lm, prompt, n, row)).strip() == ex.target.strip())
+        for task, h in hits.items():
+            assert res.accuracy[name][task] == pytest.approx(sum(h) / len(h)), (name, task)
+
+
+def test_a_cache_that_differs_from_full_passes_is_not_used(setup):
+    """A model whose cached passes differ from full ones (planted: the embeddings shift in every pass that
+    continues a cache) is decoded with full passes, with a warning: the loss changes and accuracies equal the
+    references. Without the plant the cache is used, silently."""
+    from headscore.cogqa.interventions import cached_decoding_works
+
+    lm, examples, scores = setup
+    tok = lm.tokenizer
+    prompt = tok(examples[0].prompt)["input_ids"]
+    target = tok(examples[0].target, add_special_tokens=False)["input_ids"]
+    rows = torch.ones(2, 3, 4, dtype=torch.float64)
+    rows[1, 1, 2] = 0.0
+    with headscore.patch(lm.model) as heads, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cached_decoding_works(lm.model, heads, prompt, target, rows)
+    state = {}
+
+    def note(module, args, kwargs):
+        state["cached"] = any(kwargs.get(key) is not None for key in ("cache", "past_key_values"))
+
+    top = lm.model.register_forward_pre_hook(note, with_kwargs=True)
+    shift = lm.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out + 0.5 if state.get("cached") else None)
+    try:
+        with pytest.warns(UserWarning, match="does not reproduce full passes"):
+            res = intervene(lm, examples, scores, k=2, seeds=(3,), scale=2.0, progress=False)
+        _measured_like_references(lm, examples, scores, res, (3, 4))
+    finally:
+        top.remove()
+        shift.remove()
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba", "bamba"])
+def test_hybrid_families_measure_like_full_passes(family):
+    """Hybrid families keep recurrent states in their cache: intervene crashed on them (IndexError from a plain
+    DynamicCache), and Jamba's and Bamba's cached continuation differs from a full pass in transformers 5.24.
+    Loss changes and accuracies equal the references (float64 models)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import model_matrix
+    from tiny_saved import char_tokenizer
+
+    lm = headscore.LoadedModel(model_matrix.build_model(family, seed=1), char_tokenizer(), family)
+    examples = random_examples(6)
+    headscore.prepare(lm, examples)  # marks the layers without attention, as intervene does
+    layout = head_layout(lm.model)
+    shape = (layout.num_layers, layout.num_heads)
+    planted = []
+    for i, ex in enumerate(examples):  # the clean model's own greedy answer as some targets
+        if i % 2 == 0:
+            text = lm.tokenizer.decode(hand_rolled_greedy(lm, lm.tokenizer(ex.prompt)["input_ids"], 2,
+                                                          torch.ones(shape)), skip_special_tokens=True)
+            if text.strip() and lm.tokenizer(text, add_special_tokens=False)["input_ids"] and len(text) == 2:
+                ex = Example(ex.prompt, text, ex.task)
+        planted.append(ex)
+    scores = headscore.score(lm, planted, batch_size=4, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning, where the family's cache differs
+        res = intervene(lm, planted, scores, k=2, seeds=(0,), scale=2.0, progress=False)
+    _measured_like_references(lm, planted, scores, res, shape)
+    assert any(v > 0 for v in res.accuracy["clean"].values())

@@ -166,7 +166,7 @@ def test_falls_back_to_the_plain_path(monkeypatch, breakage):
         (batch, fast, reference, _), = _deltas(lm, examples, "corrupt", "logit-diff", batch_size=4)
         assert float((fast - reference).abs().max()) > 1e-3
     else:
-        monkeypatch.setattr(pp, "_cache_keyword", _no_cache_keyword)
+        monkeypatch.setattr(pp, "cache_keyword", _no_cache_keyword)
     with pytest.warns(UserWarning, match="per-position patching takes the plain path"):
         got = headscore.ablate(lm, examples, **kw)
     torch.testing.assert_close(got.position_values, plain.position_values, rtol=0, atol=ATOL)

@@ -8,17 +8,19 @@ The control is k random heads drawn from all L * H heads (seeded; one set per se
 all functions, so it may overlap a function's top-k).
 
 Cost: per example, every gate setting is one row of a single batch (the example tiled once
-per setting). The prompt runs once and its KV cache serves both the teacher-forced target tokens
-(for the loss, :func:`headscore.loss.target_nll`, the loss every headscore method measures) and
-greedy decoding, one token at a time.
+per setting). The prompt runs once and its KV cache (the model's own kind) serves both the teacher-forced
+target tokens (for the loss, :func:`headscore.loss.target_nll`, the loss every headscore method measures)
+and greedy decoding, one token at a time. That path is checked once per run against full passes without a
+cache (:func:`cached_decoding_works`, on the example with the longest target); where it differs (hybrid
+families whose recurrent layers continue a cached state wrongly), every example decodes with full passes.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import random
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ from .. import stats
 from ..errors import HeadscoreError
 from ..loss import accepts_logits_to_keep, finite_losses, target_nll
 from ..methods.ablation import head_set_gates
+from ..methods.position_patching import cache_keyword, returned_cache
+from ..methods.prefix import replay_tolerance
 from ..output_files import atomic_write
 from ..patch import HeadGates, head_layout, patch
 from ..prepared import prepare
@@ -49,49 +53,130 @@ def random_head_sets(num_layers: int, num_heads: int, k: int, seeds: Sequence[in
     return [[(i // num_heads, i % num_heads) for i in random.Random(s).sample(pool, k)] for s in seeds]
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """``cache`` in newer transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _decode(tokenizer, ids: list[int]) -> str | None:
     decode = getattr(tokenizer, "decode", None)
     return None if decode is None else decode(ids, skip_special_tokens=True)
 
 
+def _keep(model: torch.nn.Module, n: int) -> dict:
+    """``logits_to_keep=n`` where the model takes it (the vocabulary projection of the last n positions only)."""
+    return {"logits_to_keep": n} if accepts_logits_to_keep(model) else {}
+
+
+def _cached_decoding(model: torch.nn.Module, prompt: torch.Tensor,
+                     target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits of the target tokens [K, n, V], the logits each greedy step chose from [K, n, V]
+    and the greedy tokens [K, n]: one pass of the prompt, whose cache (the model's own, of the layer kinds
+    its config names: a hybrid's recurrent layers keep states, not keys and values) serves the target tokens
+    (on a copy) and the greedy steps."""
+    n = target.shape[1]
+    out = model(input_ids=prompt, use_cache=True, **_keep(model, 1))
+    cache, key = returned_cache(out), cache_keyword(model)
+    if cache is None or key is None:
+        raise RuntimeError("the model neither returns nor takes a KV cache")
+    first = out.logits[:, -1]
+    forced = first[:, None]
+    if n > 1:
+        more = model(input_ids=target[:, :-1], use_cache=True, **{key: copy.deepcopy(cache)}).logits
+        forced = torch.cat([forced, more], dim=1)
+    steps, tokens = [first], [first.argmax(-1)]
+    for _ in range(n - 1):
+        step = model(input_ids=tokens[-1][:, None], use_cache=True, **{key: cache}).logits[:, -1]
+        steps.append(step)
+        tokens.append(step.argmax(-1))
+    return forced, torch.stack(steps, 1), torch.stack(tokens, 1)
+
+
+def _uncached_decoding(model: torch.nn.Module, prompt: torch.Tensor,
+                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`_cached_decoding` returns, from full passes without a cache: one of the prompt and the target
+    tokens, then one per further greedy token."""
+    n = target.shape[1]
+    forced = _forced_logits(model, prompt, target)
+    steps, tokens = [forced[:, 0]], [forced[:, 0].argmax(-1)]
+    for _ in range(n - 1):
+        ids = torch.cat([prompt, torch.stack(tokens, 1)], 1)
+        step = model(input_ids=ids, use_cache=False, **_keep(model, 1)).logits[:, -1]
+        steps.append(step)
+        tokens.append(step.argmax(-1))
+    return forced, torch.stack(steps, 1), torch.stack(tokens, 1)
+
+
+def _forced_logits(model: torch.nn.Module, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The teacher-forced logits of the target tokens [K, n, V]: one pass of the prompt and the target, no cache."""
+    n = target.shape[1]
+    return model(input_ids=torch.cat([prompt, target[:, :-1]], 1), use_cache=False, **_keep(model, n)).logits[:, -n:]
+
+
+def _target_losses(logits: torch.Tensor, target: torch.Tensor, index: int) -> torch.Tensor:
+    """Each row's target loss [K] (float64, on the CPU); non-finite ones name example ``index``."""
+    loss = finite_losses(target_nll(logits, target, torch.ones_like(target)), torch.full((len(target),), index),
+                         logits.dtype)
+    return loss.double().cpu()
+
+
+def _setting_tensors(model: torch.nn.Module, prompt_ids: Sequence[int], target_ids: Sequence[int], k: int):
+    """The prompt and target as [K, ...] rows on the model's device."""
+    device = next(model.parameters()).device
+    prompt = torch.tensor([list(prompt_ids)], device=device).expand(k, -1)
+    return prompt, torch.tensor([list(target_ids)], device=device).expand(k, -1)
+
+
+def _gate_dtype(model: torch.nn.Module) -> torch.dtype:
+    return torch.promote_types(torch.float32, next(model.parameters()).dtype)
+
+
 @torch.no_grad()
 def evaluate_settings(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequence[int],
                       target_ids: Sequence[int], gate_rows: torch.Tensor, *,
-                      index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      index: int = 0, cached: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One example under K gate settings: target loss [K] (float64) and greedy tokens [K, n].
 
     The model must be patched (``heads`` from :func:`headscore.patch`). Row r of ``gate_rows``
     [K, L, H] gates row r of one batch that holds the example K times. ``index`` is the example's
-    position in the run, which a :class:`headscore.loss.NonFiniteLoss` reports.
+    position in the run, which a :class:`headscore.loss.NonFiniteLoss` reports. ``cached``: the prompt's KV
+    cache serves the target and the greedy steps (check the model with :func:`cached_decoding_works`); False:
+    full passes without a cache (one per greedy token after the first).
     """
-    # transformers is imported on first use (as in headscore.models): it is slow to import
-    from transformers import DynamicCache
+    prompt, target = _setting_tensors(model, prompt_ids, target_ids, gate_rows.shape[0])
+    with heads.using(gate_rows.to(prompt.device, _gate_dtype(model)), None):
+        logits, _, tokens = (_cached_decoding if cached else _uncached_decoding)(model, prompt, target)
+    return _target_losses(logits, target, index), tokens.cpu()
 
-    device = next(model.parameters()).device
-    k, n = gate_rows.shape[0], len(target_ids)
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
-    prompt = torch.tensor([list(prompt_ids)], device=device).expand(k, -1)
-    target = torch.tensor(list(target_ids), device=device).expand(k, -1)
-    key = _cache_kwarg(model)
-    cache = DynamicCache()
-    with heads.using(gate_rows.to(device, dtype), None):
-        first = model(input_ids=prompt, use_cache=True, **{key: cache}).logits[:, -1]
-        logits = first[:, None]
-        if n > 1:  # teacher-forced target tokens on a copy of the prompt's cache
-            forced = model(input_ids=target[:, :-1], use_cache=True, **{key: copy.deepcopy(cache)}).logits
-            logits = torch.cat([logits, forced], dim=1)
-        loss = finite_losses(target_nll(logits, target, torch.ones_like(target)), torch.full((k,), index),
-                             logits.dtype)
-        tokens = [first.argmax(-1)]
-        for _ in range(n - 1):
-            step = model(input_ids=tokens[-1][:, None], use_cache=True, **{key: cache}).logits[:, -1]
-            tokens.append(step.argmax(-1))
-    return loss.double().cpu(), torch.stack(tokens, 1).cpu()
+
+@torch.no_grad()
+def cached_decoding_works(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequence[int],
+                          target_ids: Sequence[int], gate_rows: torch.Tensor) -> bool:
+    """Whether decoding with the model's cache gives the logits of full passes without one, for one example
+    under ``gate_rows``: the teacher-forced target logits and each greedy step's. False, with a warning saying
+    why, where the cached pass fails or differs beyond rounding (a hybrid family's recurrent layers that
+    continue a cached state wrongly: Jamba and Bamba in transformers 5.24); :func:`intervene` then decodes with
+    full passes. The tolerance is float32's at least: transformers computes RoPE angles in float32 in every
+    model, and a pass over fewer tokens rounds them differently."""
+    name = type(model).__name__
+    prompt, target = _setting_tensors(model, prompt_ids, target_ids, gate_rows.shape[0])
+    with heads.using(gate_rows.to(prompt.device, _gate_dtype(model)), None):
+        try:
+            forced, steps, tokens = _cached_decoding(model, prompt, target)
+        except Exception as exc:  # noqa: BLE001 - any failure of the cached path means: do not use it
+            warnings.warn(f"{name}: decoding with the model's cache failed ({exc}); interventions decode with "
+                          "full passes (one per target token)", stacklevel=3)
+            return False
+        n = target.shape[1]
+        full_forced = _forced_logits(model, prompt, target)
+        full_steps = model(input_ids=torch.cat([prompt, tokens[:, :-1]], 1), use_cache=False,
+                           **_keep(model, n)).logits[:, -n:]
+    dtype = next(model.parameters()).dtype
+    tol = replay_tolerance(torch.float32 if dtype == torch.float64 else dtype)
+    for got, want in ((forced, full_forced), (steps, full_steps)):
+        got, want = got.double(), want.double()
+        error = (got - want).abs()
+        if not bool((error <= tol * (1 + want.abs().max())).all()):
+            warnings.warn(f"{name}: decoding with the model's cache does not reproduce full passes (a logit "
+                          f"{float(error.max()):.3g} off, of up to {float(want.abs().max()):.3g}); interventions "
+                          "decode with full passes (one per target token)", stacklevel=3)
+            return False
+    return True
 
 
 @torch.no_grad()
@@ -99,16 +184,9 @@ def setting_losses(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequenc
                    gate_rows: torch.Tensor, *, index: int = 0) -> torch.Tensor:
     """The target loss [K] of :func:`evaluate_settings` without greedy decoding: one forward pass of the
     prompt and the target (no cache), for settings whose accuracy is not needed."""
-    device = next(model.parameters()).device
-    k, n = gate_rows.shape[0], len(target_ids)
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
-    ids = torch.tensor([list(prompt_ids) + list(target_ids)[:-1]], device=device).expand(k, -1)
-    target = torch.tensor(list(target_ids), device=device).expand(k, -1)
-    kwargs = {"logits_to_keep": n} if accepts_logits_to_keep(model) else {}
-    with heads.using(gate_rows.to(device, dtype), None):
-        logits = model(input_ids=ids, use_cache=False, **kwargs).logits[:, -n:]
-    loss = finite_losses(target_nll(logits, target, torch.ones_like(target)), torch.full((k,), index), logits.dtype)
-    return loss.double().cpu()
+    prompt, target = _setting_tensors(model, prompt_ids, target_ids, gate_rows.shape[0])
+    with heads.using(gate_rows.to(prompt.device, _gate_dtype(model)), None):
+        return _target_losses(_forced_logits(model, prompt, target), target, index)
 
 
 @dataclass
@@ -345,11 +423,15 @@ def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *,
     correct = torch.zeros(len(names), n_ex, dtype=torch.bool)
     bar = tqdm(prep.tokenized, desc="interventions", unit="example", disable=not progress, leave=False)
     with patch(lm.model) as heads, prep.naming_examples():
+        longest = max(prep.tokenized, key=lambda item: item.num_target)  # the most greedy steps to check
+        cached = cached_decoding_works(lm.model, heads, list(longest.ids)[:-longest.num_target],
+                                       list(longest.ids)[-longest.num_target:], rows[:2])
         for item in bar:
             ids = list(item.ids)
             prompt, target = ids[:-item.num_target], ids[-item.num_target:]
             which = (need[:, item.index] & decoded[:, item.index]).nonzero().flatten()
-            ex_loss, tokens = evaluate_settings(lm.model, heads, prompt, target, rows[which], index=item.index)
+            ex_loss, tokens = evaluate_settings(lm.model, heads, prompt, target, rows[which], index=item.index,
+                                                cached=cached)
             loss[which, item.index] = ex_loss
             want = prep.examples[item.index].target.strip()
             for j, r in enumerate(which.tolist()):

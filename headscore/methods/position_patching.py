@@ -91,11 +91,18 @@ def plain_position_deltas(model: torch.nn.Module, heads: HeadGates, batch: Batch
     return out
 
 
-def _cache_keyword(model: torch.nn.Module) -> str | None:
+def cache_keyword(model: torch.nn.Module) -> str | None:
     """The name under which ``model.forward`` takes a KV cache (``cache`` from transformers 5.x on, before
     that ``past_key_values``), or None."""
     params = inspect.signature(model.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def returned_cache(out):
+    """The KV cache a forward pass with ``use_cache=True`` returned (``out.cache``, before transformers 5.x
+    ``out.past_key_values``), or None."""
+    returned = getattr(out, "cache", None)
+    return returned if returned is not None else getattr(out, "past_key_values", None)
 
 
 def _every_token_cache(data: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
@@ -196,7 +203,7 @@ class PositionPatcher:
         self.model, self.heads, self.batch, self.baseline = model, heads, batch, baseline
         self.metric, self.value = metric, value
         self.layout = heads.layout
-        self.keyword = _cache_keyword(model)
+        self.keyword = cache_keyword(model)
         if self.keyword is None:
             raise RuntimeError(f"{type(model).__name__}.forward takes no KV cache")
         rope = _length_dependent_rope(model.config)
@@ -242,8 +249,7 @@ class PositionPatcher:
             if logits.shape[1] != width:
                 raise RuntimeError(f"the model returned logits for {logits.shape[1]} of {width} positions")
             logits = _at_positions(logits, read)
-        returned = getattr(out, "cache", None)
-        return logits, returned if returned is not None else getattr(out, "past_key_values", None)
+        return logits, returned_cache(out)
 
     @torch.no_grad()
     def _record(self) -> CleanRun:
