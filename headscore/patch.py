@@ -188,6 +188,19 @@ class HeadGates:
     kernel_calls: int = 0
     kernel_off: bool = False
     """While True (:meth:`without_kernel`), every call runs the model's own attention, wrapped."""
+    layers_run: set[int] = field(default_factory=set)
+    """The layers whose attention ran in some pass inside the block (see :meth:`run_layout`)."""
+
+    def run_layout(self) -> HeadLayout:
+        """:attr:`layout`, with 0 heads for each layer whose attention ran in no pass so far where passes have
+        run: a hybrid model's layers without attention, found without :func:`headscore.prepare` (which marks
+        them from one pass of its own, :func:`mark_attention_layers`). Unchanged before any pass, and where a
+        layer index outside the layout ran."""
+        layout, run = self.layout, self.layers_run
+        if not run or not run <= set(range(layout.num_layers)):
+            return layout
+        counts = tuple(layout.heads_of(i) if i in run else 0 for i in range(layout.num_layers))
+        return layout if min(counts) > 0 else replace(layout, heads_per_layer=counts)
 
     def ones(self, rows: int, *, device: torch.device | str | None = None, requires_grad: bool = False,
              dtype: torch.dtype = torch.float32, positions: int | None = None) -> torch.Tensor:
@@ -379,6 +392,7 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     at_projection = gated_at_projections(model)
 
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        state.layers_run.add(getattr(module, "layer_idx", None))
         if getattr(module, "layer_idx", None) in at_projection:  # gated at its output projection's input
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         if not args and state.layout.uniform and not state.kernel_off:  # one head count and width for every layer

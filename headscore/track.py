@@ -279,7 +279,7 @@ class Tracker:
             return torch.full(shape, float("nan"), dtype=torch.float64)
         w = self._ema_weight[:, None, None]
         out = self._ema[method] / w
-        return out.where(w > 0, torch.nan).to("cpu", torch.float64)
+        return mark_absent_heads(out.where(w > 0, torch.nan).to("cpu", torch.float64), self.heads.run_layout())
 
     def accumulator(self, method: str = "taylor") -> TaskAccumulator:
         """The running sums of ``method``'s per-row values as a :class:`TaskAccumulator` (CPU, float64)."""
@@ -300,7 +300,7 @@ class Tracker:
         acc = self.accumulator(method)
         name = model_name or getattr(getattr(self.model, "config", None), "_name_or_path", "") or \
             type(self.model).__name__
-        layout = self.heads.layout
+        layout = self.heads.run_layout()
         return HeadScores(mark_absent_heads(acc.mean, layout), mark_absent_heads(acc.stderr, layout),
                           acc.count.clone(), list(self.tasks), method, str(name),
                           extra={"source": "track", "forwards": self.forwards, "skipped": self.skipped,
@@ -349,9 +349,9 @@ def track(model: torch.nn.Module, *, ema: float = 0.99, tasks: Sequence[str] | N
         A :class:`Tracker`. Forward passes without autograd (``torch.no_grad``, evaluation)
         run ungated and are not counted. On exit the model is restored.
 
-    A hybrid model (layers without attention) or one with an output gate after attention: call
-    ``headscore.prepare(model, examples)`` once before the block, so that the tracker knows its layers as
-    :func:`headscore.score` does (the heads of layers without attention absent, NaN, rather than 0).
+    A hybrid model's layers without attention (or a layer whose attention ran in no tracked pass) are absent,
+    NaN, in :meth:`Tracker.scores` and :meth:`Tracker.ema`, as in :func:`headscore.score`; so are the heads a
+    layer does not have (per-layer head counts).
     """
     with patch(model, freeze=False, kernel=kernel) as heads:
         tracker = Tracker(model, heads, ema=ema, tasks=tasks, auto_step=auto_step, scaler=scaler)

@@ -396,3 +396,36 @@ def test_own_checkpointing_function_refuses_a_second_waiting_pass():
         scores = tracker.scores()
     assert tracker.forwards == 1
     torch.testing.assert_close(scores.values[0], -want.mean(0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba", "laguna"])
+def test_tracker_finds_layers_without_attention(family):
+    """Without headscore.prepare, a hybrid model's layers without attention (Qwen3-Next, Jamba) and the heads a
+    layer does not have (Laguna: 4 and 2) are NaN in scores() and ema(), and the rest equal offline score()
+    on a prepared copy of the same model (float64 models)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import model_matrix
+    from tiny_saved import char_tokenizer
+
+    from headscore.patch import head_layout
+
+    reference = headscore.LoadedModel(model_matrix.build_model(family, seed=1), char_tokenizer(), family)
+    prep = headscore.prepare(reference, random_examples(6))
+    tracked = model_matrix.build_model(family, seed=1)
+    assert "_headscore_attention_layers" not in tracked.__dict__  # not marked: the tracker finds the layers
+    with headscore.track(tracked, tasks=prep.tasks) as tracker:
+        assert torch.isnan(tracker.ema()).all()  # nothing seen yet
+        for batch in prep.batches(4, progress=False):
+            tracker.set_tasks(batch.task_index)
+            example_losses(tracked, batch).sum().backward()
+    offline = headscore.score(reference, prep.examples, batch_size=4, progress=False)
+    missing = head_layout(reference.model).absent_heads()
+    assert missing.any() and not missing.all()
+    scores = tracker.scores()
+    assert torch.equal(torch.isnan(scores.values), missing.expand_as(scores.values))
+    torch.testing.assert_close(scores.values, offline.values, rtol=1e-6, atol=1e-12, equal_nan=True)
+    assert torch.equal(torch.isnan(tracker.ema()), missing.expand_as(scores.values))
