@@ -25,6 +25,7 @@ from tiny_saved import save_tiny_family, save_tiny_model
 
 import headscore
 from headscore.cli import main
+from headscore.data.tasks import load_tasks
 from headscore.results import HeadScores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,7 @@ CASES = {
     "kernel-on-without-cuda": "--kernel on: the fused",
     "tasks-lone-surrogate": ":1: field 'task' has a lone surrogate (\\ud800 at character 4)",
     "cogqa-lone-surrogate": "sub-question 0: field 'answer' has a lone surrogate",
+    "cogqa-empty-answer": "c.json: question 0, sub-question 0: empty answer",
     "cache-is-a-file": "is not a directory; set HEADSCORE_CACHE to a directory",
     "tasks-nested-deep": ":2: JSON nested too deeply",
     "cogqa-nested-deep": ":3: JSON nested too deeply",
@@ -401,6 +403,12 @@ def test_tables_with_bad_cells(tmp_path, capsys):
     csv_file = tmp_path / "data.csv"
     csv_file.write_text("prompt,target,task\np, x,t\np, x\n")
     refused(capsys, "csv-cell-count", ["score", "--tasks", csv_file, "--out", tmp_path / "s.hs"], tmp_path)
+    csv_file.write_text("\n\nprompt,target,task\np, x,t\np, x\n")  # the header on line 3
+    with pytest.raises(headscore.HeadscoreError, match=r"data.csv:5: 2 cells, but the header \(line 3\)"):
+        load_tasks(str(csv_file))
+    csv_file.write_text("\n\nprompt,task,task\np, x,t\n")
+    with pytest.raises(headscore.HeadscoreError, match="data.csv:3: column 'task' appears more than once"):
+        load_tasks(str(csv_file))
     csv_file.write_text("prompt,target,task\np, x,\n")
     refused(capsys, "csv-empty-cell", ["score", "--tasks", csv_file, "--out", tmp_path / "s.hs"], tmp_path)
     csv_file.write_text("prompt,target,task\np, x,t\n")
@@ -809,12 +817,32 @@ def test_cached_model_without_its_chat_template_is_rebuilt(tmp_path, monkeypatch
     assert converted and (target / "chat_template.jinja").is_file()
 
 
-def test_task_names_are_nfc(tmp_path):
+def test_task_names_are_nfc_and_stripped(tmp_path):
     path = jsonl(tmp_path / "t.jsonl", {**GOOD, "task": "caf\u00e9", "prompt": "Le cafe\u0301 est"},
-                 {**GOOD, "task": "cafe\u0301"})
-    first, second = headscore.load_jsonl(path)
+                 {**GOOD, "task": "cafe\u0301"}, {**GOOD, "task": "geo "}, {**GOOD, "task": "\tgeo"})
+    first, second, third, fourth = headscore.load_jsonl(path)
     assert first.task == second.task == "caf\u00e9"
+    assert third.task == fourth.task == "geo"  # a spreadsheet's trailing space names no task of its own
     assert first.prompt == "Le cafe\u0301 est"  # prompts are kept as written
+
+
+def test_cogqa_answers_of_any_size_and_blank_ones(tmp_path, capsys):
+    """A whole-number answer too large for a float is text (was OverflowError); a blank answer or skill is
+    refused (was dropped without a word, which could drop a whole label below min_examples)."""
+    from headscore.data.cogqa import load_cogqa
+
+    def write(answer, skill="Math"):
+        path = tmp_path / "c.json"
+        path.write_text('[{"question": "Q", "generated": [{"subquestion": "s", "answer": ' + answer
+                        + ', "cognitive_skill": ' + json.dumps(skill) + '}]}]')
+        return path
+
+    (ex,) = load_cogqa(write(str(10 ** 400)), min_examples=1)
+    assert ex.target == " " + str(10 ** 400)
+    refused(capsys, "cogqa-empty-answer", ["score", "--tasks", f"cogqa:{write(json.dumps('  '))}", "--out",
+                                           tmp_path / "s.hs"], tmp_path)
+    with pytest.raises(headscore.HeadscoreError, match="sub-question 0: empty cognitive_skill"):
+        load_cogqa(write('"4"', skill=""), min_examples=1)
 
 
 def test_compare_refuses_infinite_scores_and_warns_on_different_models(tmp_path, capsys):

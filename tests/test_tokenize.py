@@ -64,6 +64,16 @@ def test_no_eos_between_prompt_and_target():
     assert item.prompt_length == 6
 
 
+def test_an_empty_prompt_gets_the_bos_and_no_eos():
+    """An empty prompt is the special tokens a tokenizer puts before a text (it kept the EOS after one too, and
+    the target was scored after an EOS)."""
+    tok = sentencepiece_like(eos_after=True)
+    assert tokens(tok, tok("")["input_ids"]) == ["<s>", "</s>"]
+    (item,) = tokenize_examples([Example("", "The capital", "t")], tok, ["t"])
+    assert list(item.ids[:item.prompt_length]) == [tok.bos_token_id]
+    assert list(item.ids) == [tok.bos_token_id] + tok("The capital", add_special_tokens=False)["input_ids"]
+
+
 def test_chat_template_prompt_gets_one_bos():
     tok = sentencepiece_like()
     prompt = tok.apply_chat_template([{"role": "user", "content": "The capital of France"}], tokenize=False)

@@ -110,16 +110,24 @@ def prompt_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
     A tokenizer that changes the text's own tokens when it adds its special ones keeps its own ids.
     """
     plain, full = _ids(tokenizer, text, False), _ids(tokenizer, text, True)
-    if not plain:
+    if not plain:  # an empty prompt: the special tokens before a text, found from a text of one letter
+        probe = _ids(tokenizer, "a", False)
+        lead = _leading(_ids(tokenizer, "a", True), probe) if probe else None
+        return (full if lead is None else lead), plain
+    lead = _leading(full, plain)
+    if lead is None:
         return full, plain
-    n = len(plain)
-    start = next((k for k in range(len(full) - n + 1) if full[k:k + n] == plain), None)
-    if start is None:
-        return full, plain
-    lead = full[:start]
     if plain[:len(lead)] == lead:
         lead = []
     return lead + plain, plain
+
+
+def _leading(full: list[int], plain: list[int]) -> list[int] | None:
+    """The ids ``full`` (a text with special tokens) has before ``plain`` (the same text without), or None where
+    ``plain`` is not in ``full``."""
+    n = len(plain)
+    start = next((k for k in range(len(full) - n + 1) if full[k:k + n] == plain), None)
+    return None if start is None else full[:start]
 
 
 def continuation_ids(tokenizer, prompt: str, prompt_plain: Sequence[int], text: str) -> list[int]:

@@ -84,7 +84,9 @@ def _read(path: str | Path) -> list[dict]:
 
 
 def _check_text(value: object, where: str, name: str) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # an int of any size is finite (math.isfinite would convert it to a float: OverflowError past 1.8e308)
+    number = not isinstance(value, bool) and (isinstance(value, int)
+                                              or isinstance(value, float) and math.isfinite(value))
     if not isinstance(value, str) and not number:
         raise HeadscoreError(f"{where}: field {name!r} must be text (or a number), got "
                              f"{type(value).__name__} {str(value)[:40]}")
@@ -127,6 +129,9 @@ def load_cogqa(path: str | Path, *, min_examples: int = 10, chat_template=None,
         done: list[tuple[str, str]] = []
         for step, sub in enumerate(q["generated"]):
             sq, ans, skill = unescape(sub["subquestion"]), unescape(sub["answer"]), unescape(sub["cognitive_skill"])
+            for name, value in (("answer", ans), ("cognitive_skill", skill)):
+                if not value:  # an example needs a target and a label (a JSONL line is refused alike)
+                    raise HeadscoreError(f"{path}: question {qi}, sub-question {step}: empty {name}")
             if chat_template is None:
                 prompt, target = compose_prompt(question, done, sq), " " + ans
             else:
@@ -138,9 +143,8 @@ def load_cogqa(path: str | Path, *, min_examples: int = 10, chat_template=None,
                     raise HeadscoreError(f"the tokenizer cannot apply a chat template ({exc})") from None
                 target = ans
             done.append((sq, ans))
-            if ans and skill:
-                examples.append(CogQAExample(prompt, target, skill, question_id=qi, step=step,
-                                             where=f"{path}: question {qi}, sub-question {step}"))
+            examples.append(CogQAExample(prompt, target, skill, question_id=qi, step=step,
+                                         where=f"{path}: question {qi}, sub-question {step}"))
     counts = Counter(ex.task for ex in examples)
     rare = sorted(t for t, n in counts.items() if n < min_examples)
     if rare:

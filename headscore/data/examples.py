@@ -44,9 +44,10 @@ class Example:
     - ``where`` says where the example came from, e.g. ``tasks.jsonl:12``; errors about the example
       name it. It takes no part in equality or the data hash.
 
-    Every text must be valid Unicode (no lone surrogate); ``task`` is normalised to NFC, so that ``café``
-    typed with a combining accent (NFD) and with ``é`` (NFC) name one task. Prompts and targets are kept as
-    they are (the tokenizer sees what was written).
+    Every text must be valid Unicode (no lone surrogate); ``task`` is normalised to NFC and stripped of
+    surrounding whitespace, so that ``café`` typed with a combining accent (NFD) and with ``é`` (NFC), or
+    ``"geo "`` from a spreadsheet and ``"geo"``, name one task. Prompts and targets are kept as they are (the
+    tokenizer sees what was written).
     """
 
     prompt: str
@@ -76,8 +77,9 @@ class Example:
                     raise HeadscoreError(f"Example {shown} has a lone surrogate ({bad}), which is not text")
                 raise HeadscoreError(f"{self.where}: field {shown!r} has a lone surrogate ({bad}), which is not "
                                      "text; fix that \\u escape (a surrogate must come in a pair)")
-        if not unicodedata.is_normalized("NFC", self.task):
-            object.__setattr__(self, "task", unicodedata.normalize("NFC", self.task))
+        task = unicodedata.normalize("NFC", self.task).strip()
+        if task != self.task:
+            object.__setattr__(self, "task", task)
         if self.label is not None:
             if isinstance(self.label, bool) or not isinstance(self.label, (int, float)):
                 raise HeadscoreError(f"Example label must be an int (a class) or a float (regression), got "

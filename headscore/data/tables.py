@@ -293,7 +293,7 @@ def load_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> list
                 header, header_line = row, start
                 continue
             if len(row) != len(header):
-                raise HeadscoreError(f"{path}:{start}: {len(row)} cells, but the header (line 1) names "
+                raise HeadscoreError(f"{path}:{start}: {len(row)} cells, but the header (line {header_line}) names "
                                      f"{len(header)} columns")
             rows.append(row)
             starts.append(start)
@@ -303,7 +303,7 @@ def load_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> list
         raise HeadscoreError(f"{path}: no examples")
     dupes = sorted({n for n in header if header.count(n) > 1})
     if dupes:
-        raise HeadscoreError(f"{path}:1: column {dupes[0]!r} appears more than once in the header")
+        raise HeadscoreError(f"{path}:{header_line}: column {dupes[0]!r} appears more than once in the header")
     table: Columns = {}
     for j, name in enumerate(header):
         cells: list = [row[j] if row[j] != "" else None for row in rows]
