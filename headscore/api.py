@@ -227,7 +227,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
         checkpoint: file for resumable runs (see :mod:`headscore.checkpoint`); written every
             ``checkpoint_every`` batches (0 = only at the end) and kept, marked complete.
         resume: continue from ``checkpoint`` if it exists (a different run's checkpoint is refused).
-        distributed: score this rank's shard and all-reduce (see :mod:`headscore.distributed`);
+        distributed: score this rank's shard and all-reduce (see :mod:`headscore.distributed`; every rank
+            passes all the examples, in the same order: headscore shards them by batch);
             None = when a torch.distributed process group with 2+ ranks is initialised.
         steps: ``ig``'s points along the path (forward + backward passes per batch).
         path_fraction: ``ig``'s path runs from every gate at 1 to every gate at 1 - ``path_fraction``
@@ -288,12 +289,13 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             tokens=repr_hash((prep.lm.pad_id, prep.tokenized)), **model_identity(prep.lm.model),
             heads_per_layer=[layout.heads_of(i) for i in range(layout.num_layers)],
             kernel=bool(kernel) if kernel is not None else kernel_available(prep.lm.device),
-            baseline=baseline if baseline is None or isinstance(baseline, str) else tensor_hash(baseline),
+            baseline=tensor_hash(baseline) if isinstance(baseline, torch.Tensor) else _baseline_name(implied),
             metric=metric.name if metric.fn is None else [metric.name, callable_identity(metric.fn),
                                                           metric.higher_is_better],
             **({"steps": steps, "path_fraction": path_fraction} if method == "ig" else {}))
     run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
-                     every=checkpoint_every, resume=resume, distributed=distributed)
+                     every=checkpoint_every, resume=resume, distributed=distributed,
+                     data=f"{prep.data_hash}|{batch_size}")
     if per_position and run.world > 1:
         raise HeadscoreError("per-position scores are not reduced across processes; run them in one process")
     if top is not None and run.world > 1:  # each rank would pick its own heads from its own share of the data

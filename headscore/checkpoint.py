@@ -34,13 +34,15 @@ import torch
 from . import compat
 from .accumulate import TaskAccumulator
 from .checksum import checksummed, read_checked
-from .distributed import all_reduce_accumulator, rank_and_world
+from .distributed import all_reduce_accumulator, check_same_on_every_rank, rank_and_world
 from .errors import HeadscoreError
 from .output_files import atomic_write
+from .output_paths import check_output_file
 
 FORMAT = "headscore-checkpoint/1"
-FINGERPRINT_VERSION = 2
-"""Bumped when the fingerprint gains fields: a checkpoint with another version is refused as a mismatch."""
+FINGERPRINT_VERSION = 3
+"""Bumped when the fingerprint gains fields or a field's meaning changes (3: the weights' hash reads where values
+sit; the baseline by its name, ``zero`` for none): a checkpoint with another version is refused as a mismatch."""
 T = TypeVar("T")
 
 __all__ = ["CheckpointMismatch", "ScoringRun", "fingerprint", "load_checkpoint", "save_checkpoint",
@@ -70,9 +72,11 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
     attention implementation (``sdpa``, ``eager``, ...).
 
     The weights' hash reads, per parameter, the sum of its bits taken as 64-bit integers (exact, so the same
-    in any order of addition, on any device and thread count) and 8 strided elements: one reduction per
-    parameter on its own device and a few numbers copied to the host (under 0.1 s for SmolLM2-135M on one CPU
-    thread). Parameters on the ``meta`` device (offloaded to disk) count by name, shape and dtype only.
+    in any order of addition, on any device and thread count), its first rows and columns weighted by their
+    place (so a parameter with two whole rows or columns swapped, two heads, is another model) and 8 strided
+    elements: one reduction per parameter on its own device, a few small ones, and a few numbers copied to the
+    host (about 0.1 s for SmolLM2-135M on one CPU thread). Parameters on the ``meta`` device (offloaded to
+    disk) count by name, shape and dtype only.
     """
     params = dict(model.named_parameters())
     config = getattr(model, "config", None)
@@ -90,11 +94,23 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
             except RuntimeError:  # a size or offset that is no multiple of 8 bytes
                 total = bits.sum(dtype=torch.int64)
             sample = bits[::max(1, bits.numel() // 8)][:8].to(torch.int64)
-            weights.update(torch.cat([total.reshape(1), sample]).cpu().numpy().tobytes())
+            weights.update(torch.cat([total.reshape(1), sample, _placed(bits, p.shape)]).cpu().numpy().tobytes())
     return {"model_config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
             "weights": weights.hexdigest()[:16], "dtype": _kinds(p.dtype for p in params.values()),
             "device": _kinds(p.device.type for p in params.values()),
             "attention": str(compat.attention_implementation(model) if config else None)}
+
+
+def _placed(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Two int64 sums that depend on where values sit: the first 4 rows' values weighted by column number and
+    the first 4 columns' weighted by row number (a parameter as [its first dimension, the rest]; a vector as
+    one column), so that swapping two whole rows or columns (two heads' projections) changes them, where the
+    plain sum does not. Exact, in any order of addition (wrapping around on overflow, as that sum), and cheap:
+    a few rows and columns, not the whole parameter."""
+    grid = bits.reshape(shape[0] if len(shape) else 1, -1)
+    top, left = grid[:4].to(torch.int64), grid[:, :4].to(torch.int64)
+    return torch.stack([(top * torch.arange(1, top.shape[1] + 1, device=top.device)).sum(),
+                        (left * torch.arange(1, left.shape[0] + 1, device=left.device)[:, None]).sum()])
 
 
 def _kinds(values: Iterable[object]) -> str:
@@ -105,11 +121,12 @@ def callable_identity(fn: Callable) -> str:
     """A callable (a user's metric) as ``module.qualified.name:hash``.
 
     The hash covers its code (bytecode, constants and the names it reads, nested code objects included), its
-    defaults and closure values (a tensor by its bytes, a function by its own identity, anything else by its
-    ``repr`` where that shows no memory address), a ``functools.partial``'s arguments, and a callable object's
-    class ``__call__`` and attributes. Not told apart: the values of globals it reads and the code of functions
-    it calls by name (only the names are in its code), a bound method's object, and closure values, defaults
-    or attributes whose ``repr`` shows an address (only their type counts).
+    defaults and closure values (a tensor or a NumPy array by its bytes, a function by its own identity, lists,
+    tuples, dicts and sets item by item, anything else by its ``repr`` where that shows no memory address), a
+    ``functools.partial``'s arguments, and a callable object's class ``__call__`` and attributes. Not told
+    apart: the values of globals it reads and the code of functions it calls by name (only the names are in its
+    code), a bound method's object, and closure values, defaults or attributes whose ``repr`` shows an address
+    (only their type counts).
     """
     h = hashlib.sha256()
     _feed_callable(h, fn, set())
@@ -155,12 +172,23 @@ def _feed_code(h, code: types.CodeType) -> None:
 def _feed_value(h, value: object, seen: set[int]) -> None:
     if isinstance(value, torch.Tensor):
         h.update(tensor_hash(value).encode())
+    elif type(value).__module__ == "numpy" and hasattr(value, "tobytes"):  # an array: every element, not its repr
+        h.update(f"{getattr(value, 'dtype', '')}{getattr(value, 'shape', '')}".encode() + value.tobytes())
     elif callable(value) and not isinstance(value, type):
         _feed_callable(h, value, seen)
     elif isinstance(value, (tuple, list)):
         for item in value:
             _feed_value(h, item, seen)
         h.update(b")")
+    elif isinstance(value, dict):  # key and value each fed as itself (a dict's repr cuts a large tensor short)
+        for key, item in sorted(value.items(), key=lambda kv: repr(kv[0])):
+            _feed_value(h, key, seen)
+            _feed_value(h, item, seen)
+        h.update(b"}")
+    elif isinstance(value, (set, frozenset)):
+        for item in sorted(value, key=repr):
+            _feed_value(h, item, seen)
+        h.update(b"}")
     else:
         text = repr(value)
         h.update((type(value).__qualname__ if re.search(r" at 0x[0-9a-fA-F]+", text) else text).encode())
@@ -210,7 +238,9 @@ class ScoringRun:
 
     def __init__(self, acc: TaskAccumulator, total: int, print_: dict[str, str], *,
                  checkpoint: str | Path | None = None, every: int = 0, resume: bool = False,
-                 distributed: bool | None = None):
+                 distributed: bool | None = None, data: str = ""):
+        """``data`` identifies what every rank must agree on (the examples in order, the batches): checked across
+        ranks before any work in a distributed run."""
         if every < 0:
             raise HeadscoreError(f"checkpoint interval must be >= 0, got {every}")
         if (every or resume) and checkpoint is None:
@@ -218,6 +248,8 @@ class ScoringRun:
         self.acc = acc
         self.total = total
         self.rank, self.world = rank_and_world(distributed)
+        if self.world > 1:
+            check_same_on_every_rank(f"{data}|{total}|{acc.tasks}", "the examples or the batches")
         self.fingerprint = {**print_, **fingerprint(rank=self.rank, world_size=self.world, total_batches=total,
                                                     fingerprint_version=FINGERPRINT_VERSION)}
         self.every = every
@@ -225,6 +257,8 @@ class ScoringRun:
         self.done = 0  # batches of the global sequence before which everything of this rank is done
         self.resumed_from = 0
         self._since = 0
+        if self.path is not None:  # writable where it goes: found now, not after the work it keeps
+            check_output_file("checkpoint", self.path)
         if checkpoint is not None:
             self._refuse_other_world(Path(checkpoint))
         if self.path is not None and self.path.exists():

@@ -6,11 +6,12 @@ The command line scores distributed automatically when ``WORLD_SIZE`` > 1; the l
 :func:`headscore.score` does when a process group is initialised with more than one rank (or
 with ``distributed=True``).
 
-Sharding is deterministic and by batch: the examples are batched exactly as in a
-single-process run (sorted by length, then by example index) and batch ``i`` goes to rank
-``i % world_size``. Every example therefore sees the same padding and gets bit-for-bit
-the gradient it gets in one process; only the order of the float64 additions differs, so
-the result equals a single-process run to ~1e-15 relative.
+Every rank is given all the examples, in the same order (not a share of its own: a run whose ranks
+disagree on the examples, their order or the batch size is refused before any work). Sharding is
+deterministic and by batch: the examples are batched exactly as in a single-process run (sorted by
+length, then by example index) and batch ``i`` goes to rank ``i % world_size``. Every example therefore
+sees the same padding and gets bit-for-bit the gradient it gets in one process; only the order of the
+float64 additions differs, so the result equals a single-process run to ~1e-15 relative.
 
 Backends: ``gloo`` on CPUs (tested here with two processes), ``nccl`` on CUDA GPUs (one rank
 per GPU, device ``cuda:LOCAL_RANK``; not testable on the CPU-only CI machine).
@@ -18,6 +19,7 @@ per GPU, device ``cuda:LOCAL_RANK``; not testable on the CPU-only CI machine).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
@@ -31,7 +33,8 @@ from .errors import HeadscoreError
 
 T = TypeVar("T")
 
-__all__ = ["init", "rank_and_world", "env_world_size", "shard", "all_reduce_accumulator", "is_main_process"]
+__all__ = ["init", "rank_and_world", "env_world_size", "shard", "all_reduce_accumulator", "is_main_process",
+           "check_same_on_every_rank"]
 
 
 def env_world_size() -> int:
@@ -87,6 +90,20 @@ def shard(items: Iterable[T], rank: int, world: int) -> Iterator[tuple[int, T]]:
             yield i, item
 
 
+def check_same_on_every_rank(identity: str, what: str) -> None:
+    """HeadscoreError on every rank unless every rank passed the same ``identity`` (one int64 all-reduce; nothing
+    without a process group of 2+ ranks). ``what`` says what must agree, for the message."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    value = int(hashlib.sha256(identity.encode()).hexdigest()[:15], 16)  # 60 bits: -value fits an int64
+    ours = torch.tensor([value, -value], dtype=torch.int64)
+    seen = ours.to(_reduce_device(), copy=True)  # reduced in place: ours stays as it was
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if not torch.equal(seen.cpu(), ours):
+        raise HeadscoreError(f"ranks disagree on {what}: every rank must be given the same examples in the same "
+                             "order (headscore shards them by batch itself), with the same settings")
+
+
 def _reduce_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -104,7 +121,8 @@ def all_reduce_accumulator(acc: TaskAccumulator) -> TaskAccumulator:
         return acc
     acc.drop_examples()
     flat = torch.cat([acc.count.to(torch.float64), acc.sum.flatten(), acc.sumsq.flatten()])
-    # a header with the shape guards against ranks that disagree on tasks or model
+    # a header with the shape guards against ranks whose accumulators differ in shape (check_same_on_every_rank,
+    # called before the work, is the check that they scored the same data)
     header = torch.tensor([float(len(acc.tasks)), *acc.sum.shape[1:]], dtype=torch.float64)
     device = _reduce_device()
     check = torch.stack([header, -header]).to(device)

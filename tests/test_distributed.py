@@ -84,6 +84,51 @@ def test_two_gloo_processes_equal_one_forked(tmp_path):
         torch.testing.assert_close(dist.stderr, single.stderr, rtol=1e-6, atol=0)
 
 
+def _refusing_rank(rank, world, port, out_dir, examples_of_rank):
+    """One rank that scores its own example list and writes the error it gets (or "none")."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        headscore.score(tiny_model("llama", dtype=torch.float64), examples_of_rank[rank], batch_size=2,
+                        progress=False)
+        message = "none"
+    except headscore.HeadscoreError as exc:
+        message = str(exc)
+    finally:
+        dist.destroy_process_group()
+    (out_dir / f"error{rank}").write_text(message)
+
+
+@pytest.mark.parametrize("how", ["own-share", "shuffled", "rotated"])
+def test_ranks_given_different_examples_are_refused(tmp_path, how):
+    """Each rank given its own share (as a DistributedSampler would), its own shuffle, or the same examples in
+    another order: refused on every rank before any work (the sums were merged as they came, under rank 0's
+    task names)."""
+    import multiprocessing
+    import random
+
+    examples = random_examples(12)
+    if how == "own-share":
+        per_rank = [examples[0::2], examples[1::2]]
+    elif how == "shuffled":
+        per_rank = [random.Random(r).sample(examples, len(examples)) for r in range(2)]
+    else:
+        per_rank = [examples, examples[1:] + examples[:1]]
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_refusing_rank, args=(r, 2, port, tmp_path, per_rank)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    for rank in range(2):
+        assert (tmp_path / f"error{rank}").read_text().startswith("ranks disagree on the examples or the batches")
+
+
 def test_resume_with_another_world_size_is_refused(tmp_path, monkeypatch):
     """Checkpoints of a 2-rank run (``c.rank0``, ``c.rank1``) are refused by a 1-process resume, naming world size
     2, not silently ignored; resumed by 2 ranks they give the single-process result. A 1-process checkpoint ``c``

@@ -1,6 +1,7 @@
 """Resumable runs: a scoring run killed midway and resumed equals an uninterrupted run."""
 
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -294,6 +295,68 @@ def test_callable_identity():
     assert callable_identity(functools.partial(same, torch.softmax)) != \
         callable_identity(functools.partial(same, torch.log_softmax))  # builtins by name
     assert callable_identity(torch.tensor([1.0]).add) == callable_identity(torch.tensor([2.0]).add)  # documented
+
+
+def test_callable_identity_reads_every_element_of_dicts_sets_and_arrays():
+    """Closure values told apart element by element: a dict or set of tensors, a NumPy array, where the values
+    differ in the middle of 2,000 (their repr cuts that short: they had one identity)."""
+    def weighted(weights):
+        return lambda logits, batch: logits[:, -1] * 0 + len(weights)
+
+    a, b = torch.zeros(2000), torch.zeros(2000)
+    b[1000] = 1.0
+    assert repr({"w": a}) == repr({"w": b}) and repr(a.numpy()) == repr(b.numpy())  # why the repr did not do
+    for make in (lambda t: {"w": t}, lambda t: t.numpy(), lambda t: {"w": t.numpy()}, lambda t: [{1: t}],
+                 lambda t: frozenset([tuple(t.tolist())])):
+        assert callable_identity(weighted(make(a))) != callable_identity(weighted(make(b)))
+        assert callable_identity(weighted(make(a))) == callable_identity(weighted(make(a.clone())))
+
+
+def test_model_identity_tells_swapped_heads_apart():
+    """Swapping two heads' rows of a query projection or columns of an output projection keeps every parameter's
+    sum of bits: the identity reads where values sit too (it did not), and stays the same for an equal copy."""
+    from headscore.checkpoint import model_identity
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    before = model_identity(lm.model)["weights"]
+    assert model_identity(copy.deepcopy(lm.model))["weights"] == before
+    attention = lm.model.model.layers[1].self_attn
+    # heads 1 and 2's columns of o_proj; rows 9 and 17 of q_proj (none of them among the 8 strided samples)
+    for weight, dim, at, width in ((attention.o_proj.weight, 1, (8, 16), 8), (attention.q_proj.weight, 0, (9, 17), 1)):
+        with torch.no_grad():
+            original = weight.clone()
+            first, second = weight.narrow(dim, at[0], width).clone(), weight.narrow(dim, at[1], width).clone()
+            weight.narrow(dim, at[0], width).copy_(second)
+            weight.narrow(dim, at[1], width).copy_(first)
+        assert model_identity(lm.model)["weights"] != before
+        with torch.no_grad():
+            weight.copy_(original)
+    assert model_identity(lm.model)["weights"] == before
+
+
+def test_checkpoint_is_checked_before_work_and_baselines_by_name(tmp_path, monkeypatch):
+    """A checkpoint that cannot be written is refused before any batch (the API found it after the last one and
+    lost the run); ``baseline=None`` and ``"zero"`` (``atp-mean``: ``"mean"``) are one run on resume."""
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = random_examples(8)
+    (tmp_path / "afile").write_text("")
+    import headscore.api
+
+    batches = []
+    estimate = headscore.api._estimate
+    monkeypatch.setattr(headscore.api, "_estimate", lambda *a, **k: batches.append(1) or estimate(*a, **k))
+    with pytest.raises(headscore.HeadscoreError, match="checkpoint .*afile/run.ckpt"):
+        headscore.score(lm, examples, batch_size=2, checkpoint=str(tmp_path / "afile" / "run.ckpt"), progress=False)
+    assert not batches
+    monkeypatch.undo()
+    for method, implied in (("taylor", "zero"), ("atp-mean", "mean")):
+        ckpt = str(tmp_path / f"{method}.ckpt")
+        full = headscore.score(lm, examples, method=method, batch_size=2, progress=False)
+        _interrupted(monkeypatch, 2, lambda method=method, ckpt=ckpt: headscore.score(
+            lm, examples, method=method, batch_size=2, checkpoint=ckpt, checkpoint_every=1, progress=False))
+        resumed = headscore.score(lm, examples, method=method, baseline=implied, batch_size=2, checkpoint=ckpt,
+                                  resume=True, progress=False)
+        assert resumed.extra["resumed_from_batch"] == 2 and torch.equal(resumed.values, full.values)
 
 
 def test_resume_refuses_another_head_layout(tmp_path, monkeypatch, model_dir, data_file, capsys):
