@@ -42,8 +42,9 @@ class TaskAccumulator:
         by example index where known."""
         if self._kept is None:
             return None
-        if not self._kept:
-            return torch.zeros(0, *self.sum.shape[1:]), torch.zeros(0, dtype=torch.int64), None
+        if not self._kept:  # none yet: an empty order, so that examples added after a reload are still ordered
+            return torch.zeros(0, *self.sum.shape[1:]), torch.zeros(0, dtype=torch.int64), \
+                torch.zeros(0, dtype=torch.int64)
         values, tasks = torch.cat([v for v, _, _ in self._kept]), torch.cat([t for _, t, _ in self._kept])
         if any(e is None for _, _, e in self._kept):
             return values, tasks, None
@@ -71,6 +72,21 @@ class TaskAccumulator:
             else:
                 order = None if example_index is None else example_index.detach().cpu().long().clone()
                 self._kept.append((v.float(), idx.clone(), order))
+
+    def mark(self) -> tuple:
+        """A point to :meth:`rewind` to: copies of the sums (small: tasks x heads), and the kept examples' list
+        with its length (only appended to, so its first entries stay as they are)."""
+        kept = self._kept
+        return self.count.clone(), self.sum.clone(), self.sumsq.clone(), kept, None if kept is None else len(kept)
+
+    def rewind(self, mark: tuple) -> None:
+        """Undo every :meth:`add` since :meth:`mark` gave ``mark``, a partly done one included (an interrupt that
+        came inside it)."""
+        count, total, square, kept, length = mark
+        self.count.copy_(count)
+        self.sum.copy_(total)
+        self.sumsq.copy_(square)
+        self._kept = None if kept is None else kept[:length]
 
     def merge(self, other: TaskAccumulator) -> None:
         """Add another accumulator's sums (same tasks and shape) into this one."""

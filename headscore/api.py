@@ -225,7 +225,8 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
         progress: show progress bars.
         kernel: use the fused Triton attention kernel (see :func:`headscore.patch`); None = on CUDA.
         checkpoint: file for resumable runs (see :mod:`headscore.checkpoint`); written every
-            ``checkpoint_every`` batches (0 = only at the end) and kept, marked complete.
+            ``checkpoint_every`` batches (0 = only at the end), when the run stops early (an exception,
+            Ctrl-C: the batches finished before it), and kept, marked complete.
         resume: continue from ``checkpoint`` if it exists (a different run's checkpoint is refused).
         distributed: score this rank's shard and all-reduce (see :mod:`headscore.distributed`; every rank
             passes all the examples, in the same order: headscore shards them by batch);
@@ -312,23 +313,24 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             static = _baseline_tensor(prep, heads, wanted, batch_size, progress)
         # taylor's own backward pass gives the first-order mass (gates at 1); other estimators need a pass of it
         same_pass = mass is not None and method in ("taylor", "atp-mean")
-        for batch in run.batches(prep.batches(batch_size, desc=f"score ({name})", progress=progress)):
-            base = _batch_baseline(prep.lm.model, heads, batch, static, baseline == "corrupt")
-            if kept is not None:
-                kept.keep(batch, base)
-            collector = MassCollector(batch.size, layout.num_layers, layout.num_heads) if same_pass else None
-            with contextlib.nullcontext() if collector is None else heads.observing_gradients(collector):
-                values, position_values = _estimate(prep.lm.model, heads, batch, base, method, metric,
-                                                    per_position, steps, path_fraction)
-            if maps is not None:
-                maps.add(batch, position_values)
-            if collector is not None:
-                mass.add(batch.task_index, collector.values)
-            elif mass is not None:
-                _, position_values = gate_gradients(prep.lm.model, heads, batch, base, metric=metric,
-                                                    per_position=True)
-                mass.add(batch.task_index, first_order_mass(position_values))
-            acc.add(batch.task_index, values, batch.example_index)
+        with run.saving_on_exit():  # an interrupt or error keeps the batches done in the checkpoint
+            for batch in run.batches(prep.batches(batch_size, desc=f"score ({name})", progress=progress)):
+                base = _batch_baseline(prep.lm.model, heads, batch, static, baseline == "corrupt")
+                if kept is not None:
+                    kept.keep(batch, base)
+                collector = MassCollector(batch.size, layout.num_layers, layout.num_heads) if same_pass else None
+                with contextlib.nullcontext() if collector is None else heads.observing_gradients(collector):
+                    values, position_values = _estimate(prep.lm.model, heads, batch, base, method, metric,
+                                                        per_position, steps, path_fraction)
+                if maps is not None:
+                    maps.add(batch, position_values)
+                if collector is not None:
+                    mass.add(batch.task_index, collector.values)
+                elif mass is not None:
+                    _, position_values = gate_gradients(prep.lm.model, heads, batch, base, metric=metric,
+                                                        per_position=True)
+                    mass.add(batch.task_index, first_order_mass(position_values))
+                acc.add(batch.task_index, values, batch.example_index)
         run.finish()
         seconds = time.perf_counter() - start
         extra = dict(run.extra, passes_per_batch=gradient_passes(method, steps) + (mass is not None and not same_pass))

@@ -19,12 +19,14 @@ resume. In a distributed run every rank keeps its own file (``PATH.rankR``) with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
 import json
 import re
 import types
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -231,9 +233,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int
 class ScoringRun:
     """The batch loop bookkeeping of one (possibly distributed, possibly resumed) scoring run.
 
-    ``for batch in run.batches(all_batches): ...; acc.add(...); run.batch_done()`` visits
-    this rank's batches that are not done yet, checkpointing every ``every`` batches;
-    ``run.finish()`` writes the final checkpoint and all-reduces the sums across ranks.
+    ``for batch in run.batches(all_batches): ...; acc.add(...)`` visits this rank's batches that are not
+    done yet, checkpointing every ``every`` batches; ``run.save_interrupted()`` (from an ``except`` around
+    the loop) writes the batches done when the loop stopped; ``run.finish()`` writes the final checkpoint
+    and all-reduces the sums across ranks.
     """
 
     def __init__(self, acc: TaskAccumulator, total: int, print_: dict[str, str], *,
@@ -257,6 +260,7 @@ class ScoringRun:
         self.done = 0  # batches of the global sequence before which everything of this rank is done
         self.resumed_from = 0
         self._since = 0
+        self._current: tuple[int, tuple] | None = None  # the batch in progress and the accumulator before it
         if self.path is not None:  # writable where it goes: found now, not after the work it keeps
             check_output_file("checkpoint", self.path)
         if checkpoint is not None:
@@ -313,11 +317,41 @@ class ScoringRun:
         for i, item in enumerate(items):
             if i < self.done or i % self.world != self.rank:
                 continue
+            self._current = (i, self.acc.mark())
             yield item
+            self._current = None
             self.done = i + 1
             self._since += 1
             if self.every and self._since >= self.every:
                 self.save()
+
+    @contextlib.contextmanager
+    def saving_on_exit(self) -> Iterator[None]:
+        """Around the batch loop: :meth:`save_interrupted` when an exception stops it, then the exception."""
+        try:
+            yield
+        except BaseException:
+            self.save_interrupted()
+            raise
+
+    def save_interrupted(self) -> None:
+        """After the batch loop stopped by an exception (Ctrl-C, SIGTERM, an error): write the checkpoint of the
+        batches done, with the batch in progress undone in the accumulator, however far it got; nothing without
+        a checkpoint path. A failing write warns (the exception that stopped the run is the one to see)."""
+        if self.path is None:
+            return
+        if self._current is not None:
+            self.done, mark = self._current
+            self.acc.rewind(mark)
+            self._current = None
+        try:
+            self.save()
+        except Exception as exc:  # noqa: BLE001 - the run's own exception follows; this one only warns
+            warnings.warn(f"the checkpoint {self.path} could not be written after the run stopped ({exc})",
+                          stacklevel=2)
+            return
+        warnings.warn(f"stopped after {self.done} of {self.total} batches; {self.path} holds them: resume to go on "
+                      "(--resume, resume=True)", stacklevel=2)
 
     def save(self) -> None:
         """Write the checkpoint now (no-op without a path)."""

@@ -150,17 +150,20 @@ def test_checkpoint_refusals(tmp_path, model_dir, data_file, capsys):
                         progress=False)
 
 
+@pytest.mark.parametrize("every", [0, 1])
 @pytest.mark.parametrize("method", ["taylor", "atp-mean"])
-def test_resume_from_every_batch_equals_uninterrupted(tmp_path, method):
+def test_resume_from_every_batch_equals_uninterrupted(tmp_path, method, every):
+    """Stopped after k batches (an exception inside the loop), the checkpoint holds those k, also where it is
+    written only at the end (``checkpoint_every=0``: the stop writes it), and the resumed run equals the
+    uninterrupted one for every k."""
     lm = tiny_model("llama", dtype=torch.float64)
     examples = random_examples(7)
     full = headscore.score(lm, examples, method=method, batch_size=2, progress=False)
-    # stop after k batches (an exception inside the loop), then resume: the same result for every k
     import headscore.api as api
 
     original = api.gate_gradients
     for k in range(4):
-        ckpt = tmp_path / f"{method}{k}.ckpt"
+        ckpt = tmp_path / f"{method}{k}-{every}.ckpt"
         calls = []
 
         def failing(*args, calls=calls, k=k, **kwargs):
@@ -171,12 +174,12 @@ def test_resume_from_every_batch_equals_uninterrupted(tmp_path, method):
 
         api.gate_gradients = failing
         try:
-            with pytest.raises(KeyboardInterrupt):
-                headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), checkpoint_every=1,
-                                progress=False)
+            with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match=f"stopped after {k} of 4 batches"):
+                headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt),
+                                checkpoint_every=every, progress=False)
         finally:
             api.gate_gradients = original
-        assert (load_checkpoint(ckpt)[1] == k) if k else not ckpt.exists()
+        assert load_checkpoint(ckpt)[1] == k
         resumed = headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), resume=True,
                                   progress=False)
         assert torch.equal(resumed.values, full.values) and torch.equal(resumed.counts, full.counts)
@@ -185,6 +188,36 @@ def test_resume_from_every_batch_equals_uninterrupted(tmp_path, method):
         again = headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), resume=True,
                                 progress=False)  # a finished checkpoint: the result at once
         assert torch.equal(again.values, full.values)
+
+
+def test_a_stop_inside_the_accumulation_undoes_that_batch(tmp_path, monkeypatch):
+    """An interrupt that comes after the batch's sums were added (inside the accumulator's add, or right after
+    it): the checkpoint holds the batches before it and not a half or a double of it; the resumed run equals the
+    uninterrupted one."""
+    from headscore.accumulate import TaskAccumulator
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = random_examples(7)
+    full = headscore.score(lm, examples, batch_size=2, progress=False)
+    add, calls = TaskAccumulator.add, []
+
+    def stopping(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            self.sumsq.zero_()  # a partial state, as an interrupt between two of add's steps could leave
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.ckpt"
+    with monkeypatch.context() as m:
+        m.setattr(TaskAccumulator, "add", stopping)
+        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="stopped after 2 of 4 batches"):
+            headscore.score(lm, examples, batch_size=2, checkpoint=str(ckpt), progress=False)
+    assert load_checkpoint(ckpt)[1] == 2
+    resumed = headscore.score(lm, examples, batch_size=2, checkpoint=str(ckpt), resume=True, progress=False)
+    assert resumed.extra["resumed_from_batch"] == 2
+    assert torch.equal(resumed.values, full.values) and torch.equal(resumed.stderr, full.stderr)
+    assert torch.equal(resumed.example_values, full.example_values)
 
 
 @contextlib.contextmanager

@@ -82,7 +82,8 @@ def register(sub) -> dict[str, Callable]:
     s.add_argument("--checkpoint", default=None,
                    help="checkpoint file of a resumable run (default with --checkpoint-every/--resume: OUT.ckpt)")
     s.add_argument("--checkpoint-every", type=at_least(0), default=0, metavar="N",
-                   help="write the checkpoint every N batches (default 0: only at the end)")
+                   help="write the checkpoint every N batches (default 0: at the end, and when the run stops "
+                        "early: Ctrl-C, SIGTERM, an error)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     s.add_argument("--distributed", action="store_true",
                    help="data-parallel over torch.distributed ranks (automatic when WORLD_SIZE > 1, e.g. torchrun)")
