@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from .errors import HeadscoreError
-from .results import HeadScores, whole_at_least
+from .results import HeadScores, rank_order, whole_at_least
 from .stats import spearman  # here since issue 26 (report/ is below this module); headscore.compare.spearman stays
 
 
@@ -55,13 +55,9 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     if bool(a.isnan().all()) or bool(b.isnan().all()):
         return math.nan
     k = min(k, a.numel())
-    top_a = set(torch.topk(_nan_last(a.flatten()), k).indices.tolist())
-    top_b = set(torch.topk(_nan_last(b.flatten()), k).indices.tolist())
+    top_a = set(rank_order(a.flatten())[:k].tolist())  # ties as top_k breaks them: in head order
+    top_b = set(rank_order(b.flatten())[:k].tolist())
     return len(top_a & top_b) / k
-
-
-def _nan_last(x: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(x.double(), nan=-math.inf)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> Agreement:

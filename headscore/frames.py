@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import HeadscoreError
+from .results import rank_order
 
 KINDS = ("heads", "positions", "examples")
 """The frames :meth:`HeadScores.to_pandas` makes."""
@@ -32,7 +33,7 @@ def require_pandas(what: str) -> Any:
 def ranks(values: torch.Tensor) -> torch.Tensor:
     """Rank of each entry along the last axis of ``values`` (int64, 1 = largest), ties in index order and NaN
     last: the order of :meth:`HeadScores.top_k` and the report (``rank == 1`` is ``top_k(1, task)``)."""
-    order = torch.argsort(torch.nan_to_num(values.double(), nan=-torch.inf), dim=-1, descending=True, stable=True)
+    order = rank_order(values)
     out = torch.empty_like(order)
     out.scatter_(-1, order, torch.arange(1, values.shape[-1] + 1).expand_as(order).contiguous())
     return out

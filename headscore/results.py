@@ -49,6 +49,48 @@ def data_hash(rows: Iterable[tuple[str, ...]]) -> str:
     return h.hexdigest()[:16]
 
 
+def _plain(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Detached CPU copies (values that track gradients or sit on a GPU convert to NumPy)."""
+    return tuple(t.detach().cpu() for t in tensors)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with a copy of each one whose memory another already uses (safetensors refuses shared memory:
+    ``HeadScores(v, v, ...)`` is a valid object)."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.device) if t.numel() else None
+        out[name] = t.clone() if key in seen else t
+        if key is not None:
+            seen.add(key)
+    return out
+
+
+def _non_text_key(value: object) -> object | None:
+    """A dict key anywhere in ``value`` that is not a string (the first found), else None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return key
+            found = _non_text_key(item)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found = _non_text_key(item)
+            if found is not None:
+                return found
+    return None
+
+
+def rank_order(values: torch.Tensor) -> torch.Tensor:
+    """The indices that order ``values`` along its last axis from the largest down: ties in index order, NaN (a
+    head its layer does not have) last, after -inf. The one order of :meth:`HeadScores.top_k`, the frames'
+    ``rank``, the report and top-k overlaps."""
+    return torch.argsort(torch.nan_to_num(values.double(), nan=-math.inf), dim=-1, descending=True, stable=True)
+
+
 def whole_at_least(value: object, minimum: int, what: str) -> int:
     """``value`` when it is a whole number (an int, not a bool) of at least ``minimum``; else HeadscoreError
     ``"{what} >= {minimum} (a whole number), got {value!r}"`` (``what``: e.g. ``"compare needs k"``)."""
@@ -221,6 +263,9 @@ class HeadScores:
             json.dumps([self.extra, self.versions])
         except (TypeError, ValueError, RecursionError) as exc:
             return f"'extra' and 'versions' must hold JSON values only ({exc})"
+        key = _non_text_key([self.extra, self.versions])
+        if key is not None:  # JSON would write it as text: a load gives another dict (1 and '1' would merge)
+            return f"'extra' and 'versions' must have text keys only, got {type(key).__name__} {key!r:.40}"
         bad_text = next((key for key, value in text.items() if _has_lone_surrogate(value)), None)
         if bad_text:
             return f"metadata {bad_text!r} holds a lone surrogate (\\ud800-\\udfff), which is no valid text"
@@ -329,8 +374,7 @@ class HeadScores:
         whole_at_least(k, 1, "top_k needs k")
         grid = (self.values.mean(0) if task is None else self.task(task)).flatten()
         k = min(k, grid.numel())
-        ranked = torch.where(torch.isnan(grid), torch.tensor(-math.inf, dtype=grid.dtype), grid)  # NaN last
-        idx = torch.argsort(ranked, descending=True, stable=True)[:k]
+        idx = rank_order(grid)[:k]
         return [(int(i) // self.num_heads, int(i) % self.num_heads, float(grid[i])) for i in idx]
 
     def select(self, tasks: Sequence[str]) -> HeadScores:
@@ -378,16 +422,16 @@ class HeadScores:
         from . import frames
 
         if kind == "heads":
-            df = frames.heads_frame(self.values, self.stderr, self.counts, self.tasks, self.exact)
+            df = frames.heads_frame(*_plain(self.values, self.stderr, self.counts), self.tasks, self.exact)
         elif kind == "positions":
             if self.positions is None:
                 raise HeadscoreError("these scores have no per-position maps (score with per_position=True)")
-            df = frames.positions_frame(self.position_values, self.position_stderr, self.position_counts,
+            df = frames.positions_frame(*_plain(self.position_values, self.position_stderr, self.position_counts),
                                         self.tasks, self.positions)
         elif kind == "examples":
             if self.example_values is None:
                 raise HeadscoreError("these scores keep no per-example values")
-            df = frames.examples_frame(self.example_values, self.example_tasks, self.tasks)
+            df = frames.examples_frame(*_plain(self.example_values, self.example_tasks), self.tasks)
         else:
             raise HeadscoreError(f"to_pandas: unknown kind {kind!r}; choose one of {', '.join(frames.KINDS)}")
         df.attrs.update(method=self.method, model=self.model, data_hash=self.data_hash)
@@ -435,7 +479,7 @@ class HeadScores:
             tensors["exact"] = self.exact.contiguous()
         if self.edge_maps is not None:
             tensors.update(self.edge_maps.tensors())
-        return checksummed(tensors, self._metadata())
+        return checksummed(_unshared(tensors), self._metadata())
 
     def save(self, path: str | Path) -> Path:
         """Write everything to one safetensors file (atomically); :meth:`load` reads it back exactly."""

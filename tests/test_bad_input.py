@@ -89,6 +89,7 @@ CASES = {
     "train-fraction-1": "argument --train-fraction: must be between 0 and 1, got 1",
     "model-without-tokenizer": "has no tokenizer: none of tokenizer.json",
     "compare-infinite-score": "head L0.H1 of task 'a' has the score inf",
+    "compare-json-reserved-task": "--json: task '_exact' has the name of a key the JSON keeps for itself",
     "report-infinite-score": "head L0.H1 of task 'a' has the score inf",
     "tasks-directory": "is a directory; give a JSON Lines file",
     "tasks-dev-null": "/dev/null: no examples",
@@ -843,6 +844,11 @@ def test_cogqa_answers_of_any_size_and_blank_ones(tmp_path, capsys):
                                            tmp_path / "s.hs"], tmp_path)
     with pytest.raises(headscore.HeadscoreError, match="sub-question 0: empty cognitive_skill"):
         load_cogqa(write('"4"', skill=""), min_examples=1)
+
+
+def test_compare_json_refuses_a_task_named_like_its_keys(tmp_path, capsys):
+    a = scores_file(tmp_path / "a.hs", tasks=("_exact", "b"))
+    refused(capsys, "compare-json-reserved-task", ["compare", a, a, "--json", tmp_path / "o.json"], tmp_path)
 
 
 def test_compare_refuses_infinite_scores_and_warns_on_different_models(tmp_path, capsys):

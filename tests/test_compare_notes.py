@@ -218,3 +218,29 @@ def test_a_new_report_directory_in_an_existing_one_is_made(tmp_path, capsys):
     a = scores_file(tmp_path / "a.hs", examples=(2, 2))
     code, _, err = run(capsys, "report", a, "--out", tmp_path / "rep", "--resamples", "0")
     assert code == 0 and (tmp_path / "rep" / "index.html").is_file(), err
+
+
+def test_sections_that_cannot_be_compared_and_task_names_the_json_keeps(tmp_path, capsys):
+    """Per-position maps without a position in common: the head table stands and the JSON is written, one line
+    says why (the command stopped with exit 2 after printing the table). A task named like a key of the JSON
+    (``_exact``) is refused with --json (its row was overwritten)."""
+    def file(path, tasks, seed, position):
+        g = torch.Generator().manual_seed(seed)
+        values = torch.randn(len(tasks), 2, 3, generator=g, dtype=torch.float64)
+        pv = torch.randn(len(tasks), 2, 3, 1, generator=g, dtype=torch.float64)
+        HeadScores(values, values.abs(), torch.full((len(tasks),), 3), tasks, "taylor", "m", positions=[position],
+                   position_values=pv, position_stderr=pv.abs(), position_counts=torch.full((len(tasks), 1), 3)
+                   ).save(path)
+        return path
+
+    a, b = file(tmp_path / "a.hs", ["t"], 0, "end"), file(tmp_path / "b.hs", ["t"], 1, "end-1")
+    code, out, err = run(capsys, "compare", a, b, "--k", "2", "--json", tmp_path / "o.json")
+    assert code == 0, err
+    assert "per (head, position): not compared (no position in common: ['end'] vs ['end-1'])" in out
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert set(doc) == {"t"}  # the head table; no per-position section
+    a, b = file(tmp_path / "a2.hs", ["_exact", "x"], 0, "end"), file(tmp_path / "b2.hs", ["_exact", "x"], 1, "end")
+    code, out, err = run(capsys, "compare", a, b, "--json", tmp_path / "o2.json")
+    assert code == 2 and "--json: task '_exact' has the name of a key the JSON keeps for itself" in err
+    assert not (tmp_path / "o2.json").exists()
+    assert run(capsys, "compare", a, b)[0] == 0  # without --json nothing clashes

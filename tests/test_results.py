@@ -309,3 +309,36 @@ def test_agreement_with_a_map_without_values_is_nan(recwarn):
     assert np.isnan(topk_overlap(a.values[0], torch.full((3, 4), float("nan")), 5))
     assert np.isnan(topk_overlap(torch.zeros(0), torch.zeros(0), 5))  # no heads at all (no division by zero)
     assert not recwarn.list  # scipy's "sample too small" warning is not passed on
+
+
+def test_topk_overlap_and_ranks_break_ties_as_top_k():
+    """Tied heads, NaN and -inf: the top-k overlap counts the heads top_k lists (torch.topk's order of ties is
+    its own: two maps with the same top_k lists overlapped 0.0), and the frames' rank follows top_k."""
+    tied = torch.zeros(2, 4)
+    tied[0, 0], tied[0, 1] = 3.0, 2.0
+    other = tied.clone()
+    other[1, 3] = 0.0  # the same map
+    assert topk_overlap(tied, other, 2) == 1.0
+    assert topk_overlap(torch.zeros(2, 8), torch.zeros(2, 8), 3) == 1.0  # all tied: the first three heads
+    values = torch.tensor([[[math.nan, -math.inf, 1.0]]], dtype=torch.float64)
+    s = HeadScores(values, torch.zeros_like(values), torch.tensor([2]), ["t"], "taylor", "m")
+    assert [(layer, head) for layer, head, _ in s.top_k(3, "t")] == [(0, 2), (0, 1), (0, 0)]  # NaN after -inf
+    pytest.importorskip("pandas")
+    assert s.to_pandas()["rank"].tolist() == [3, 2, 1]
+
+
+def test_extra_keys_storage_and_gradients(tmp_path):
+    """What is built saves and loads back the same: extra's keys must be text (JSON writes 1 as '1', and 1 and
+    '1' merged); values and stderr may be one tensor (safetensors refused shared memory); values that track
+    gradients convert to a frame."""
+    s = _scores()
+    with pytest.raises(ValueError, match="'extra' and 'versions' must have text keys only, got int 1"):
+        HeadScores(s.values, s.stderr, s.counts, s.tasks, s.method, s.model, extra={1: "a", "1": "b"})
+    with pytest.raises(ValueError, match="text keys only"):
+        HeadScores(s.values, s.stderr, s.counts, s.tasks, s.method, s.model, extra={"a": [{2: "x"}]})
+    same = HeadScores(s.values, s.values, s.counts, s.tasks, s.method, s.model)
+    loaded = HeadScores.load(same.save(tmp_path / "same.hs"))
+    assert torch.equal(loaded.values, s.values) and torch.equal(loaded.stderr, s.values)
+    tracked = HeadScores(s.values.clone().requires_grad_(True), s.stderr, s.counts, s.tasks, s.method, s.model)
+    pytest.importorskip("pandas")
+    assert tracked.to_pandas()["score"].tolist() == s.to_pandas()["score"].tolist()

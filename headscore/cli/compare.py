@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections.abc import Callable
+from typing import TypeVar
 
 from ..compare import (
     compare_edges,
@@ -14,12 +15,15 @@ from ..compare import (
     provenance_differences,
     require_finite,
 )
+from ..errors import HeadscoreError
 from ..intervals import agreement_table
 from ..output_files import atomic_write
 from ..results import HeadScores, json_bytes
 from ..stats import format_interval, min_examples_for
 from ..text import printable
 from .common import add_interval_args, at_least, check_command_outputs, interval_options
+
+T = TypeVar("T")
 
 
 def register(sub) -> dict[str, Callable]:
@@ -48,6 +52,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         if args.json:
             atomic_write(args.json, json_bytes(doc))
         return
+    clash = sorted(set(a.tasks) & set(b.tasks) & JSON_KEYS) if args.json else []
+    if clash:
+        raise HeadscoreError(f"--json: task {clash[0]!r} has the name of a key the JSON keeps for itself "
+                             f"({', '.join(sorted(JSON_KEYS))}); rename the task, or drop --json")
     table = agreement_table(a, b, args.k, **interval_options(args), min_examples=min_examples_for(args.level))
     print(f"{printable(a.method)} vs {printable(b.method)}")
     _print_interval_notes(table, a, b, args)
@@ -65,8 +73,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
             line += "".join(f" {'-' if counts is None else counts[task]:>8}" for counts in exact.values())
         print(line)
     doc: dict = {**table, **_print_differences(a, b)}
-    if a.has_positions and b.has_positions:
-        positions = compare_positions(a, b, args.k)
+    positions = _extra_section("per (head, position)", lambda: compare_positions(a, b, args.k)) \
+        if a.has_positions and b.has_positions else None
+    if positions is not None:
         print(f"per (head, position): {'task':<28} {'spearman':>8} {'kendall':>8} {'top-' + str(args.k):>7}")
         for task, agree in positions.items():
             print(f"{'':<22}{printable(task):<28} {agree.spearman:>8.3f} {agree.kendall:>8.3f} "
@@ -81,10 +90,25 @@ def cmd_compare(args: argparse.Namespace) -> None:
             print(f"  {printable(task)}: " + ", ".join(
                 f"{m.layer}.{m.head}: {m.a:+.3g}{'*' if m.a_exact else ''}, {m.b:+.3g}{'*' if m.b_exact else ''}"
                 for m in misses))
-    if a.has_edges and b.has_edges:
-        doc = {**doc, "_edges": _print_edges(a, b, args)}
+    edges = _extra_section("edges", lambda: _print_edges(a, b, args)) if a.has_edges and b.has_edges else None
+    if edges is not None:
+        doc = {**doc, "_edges": edges}
     if args.json:
         atomic_write(args.json, json_bytes(doc))
+
+
+JSON_KEYS = frozenset({"_differences", "_positions", "_exact", "_edges"})
+"""The keys ``compare --json`` writes beside the tasks' rows."""
+
+
+def _extra_section(name: str, compute: Callable[[], T]) -> T | None:
+    """A section after the head-level table (per position, edges): where the two files cannot be compared
+    there (no position or task in common), one line says why, and the command goes on (the table stands)."""
+    try:
+        return compute()
+    except HeadscoreError as exc:
+        print(f"{name}: not compared ({exc})")
+        return None
 
 
 def _print_interval_notes(table: dict[str, dict], a: HeadScores, b: HeadScores, args: argparse.Namespace) -> None:
