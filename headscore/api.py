@@ -285,15 +285,9 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     if checkpoint is not None:  # what the model is (not its name), how it runs, and what the run computes
         from .kernels.dispatch import kernel_available  # imports triton, as patch() does below
 
-        ident = fingerprint(
-            method=method, data_hash=prep.data_hash, tasks=prep.tasks, batch_size=batch_size,
-            tokens=repr_hash((prep.lm.pad_id, prep.tokenized)), **model_identity(prep.lm.model),
-            heads_per_layer=[layout.heads_of(i) for i in range(layout.num_layers)],
-            kernel=bool(kernel) if kernel is not None else kernel_available(prep.lm.device),
-            baseline=tensor_hash(baseline) if isinstance(baseline, torch.Tensor) else _baseline_name(implied),
-            metric=metric.name if metric.fn is None else [metric.name, callable_identity(metric.fn),
-                                                          metric.higher_is_better],
-            **({"steps": steps, "path_fraction": path_fraction} if method == "ig" else {}))
+        ident = _run_identity(prep, layout, batch_size, implied, metric, method=method,
+                              kernel=bool(kernel) if kernel is not None else kernel_available(prep.lm.device),
+                              **({"steps": steps, "path_fraction": path_fraction} if method == "ig" else {}))
     run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
                      every=checkpoint_every, resume=resume, distributed=distributed,
                      data=f"{prep.data_hash}|{batch_size}")
@@ -343,6 +337,20 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             result = _verified(prep, heads, result, mass, top, static, baseline == "corrupt", metric,
                                batch_size, rows_per_pass, progress, kept)
     return result if maps is None else maps.attach(result)
+
+
+def _run_identity(prep: Prepared, layout, batch_size: int, baseline: str | torch.Tensor | None, metric: Metric,
+                  **fields) -> dict[str, str]:
+    """A checkpoint's fingerprint of a run: what the model is (not its name), its head layout, the data and
+    tokens, the batches, the baseline (by name, ``zero`` for none; a tensor by its hash), the metric (a callable
+    by :func:`headscore.checkpoint.callable_identity`) and ``fields`` (the method, its settings)."""
+    return fingerprint(
+        data_hash=prep.data_hash, tasks=prep.tasks, batch_size=batch_size,
+        tokens=repr_hash((prep.lm.pad_id, prep.tokenized)), **model_identity(prep.lm.model),
+        heads_per_layer=[layout.heads_of(i) for i in range(layout.num_layers)],
+        baseline=tensor_hash(baseline) if isinstance(baseline, torch.Tensor) else _baseline_name(baseline),
+        metric=metric.name if metric.fn is None else [metric.name, callable_identity(metric.fn),
+                                                      metric.higher_is_better], **fields)
 
 
 def _check_estimator(method: str, steps: int, path_fraction: float | None, per_position: bool,
@@ -429,8 +437,8 @@ def _verified(prep: Prepared, heads: HeadGates, result: HeadScores, mass: TaskAc
 def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
            baseline: str | torch.Tensor = "zero", mode: str = "prefix", batch_size: int = 8,
            rows_per_pass: int = 64, max_examples: int | None = None, metric: MetricLike = "nll",
-           per_position: bool = False, progress: bool = True, columns: Mapping[str, str] | None = None
-           ) -> HeadScores:
+           per_position: bool = False, progress: bool = True, columns: Mapping[str, str] | None = None,
+           checkpoint: str | None = None, checkpoint_every: int = 0, resume: bool = False) -> HeadScores:
     """Ablate (or patch) every head, one at a time, and measure each task's mean change in the metric.
 
     Args:
@@ -450,7 +458,10 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             only the tokens from its own to the last the metric reads and (mode ``prefix``) the layers
             from its own up, on the clean run's keys and values of the tokens before it
             (:mod:`headscore.methods.position_patching`); checked against full passes on the first
-            batch, one full pass per cell where that fails (and in mode ``naive``).
+            batch, one full pass per cell where that fails (and in mode ``naive``). Not with ``checkpoint``.
+        checkpoint, checkpoint_every, resume: a resumable run, as in :func:`score` (the checkpoint holds the
+            batches done; a stop by an exception or Ctrl-C writes it too); the fingerprint names the mode asked
+            for, the baseline and the metric.
 
     Returns:
         HeadScores whose value at (task, l, h) is the mean over the task's examples of
@@ -462,10 +473,16 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
         mode = check_mode(mode)
     except ValueError as exc:
         raise HeadscoreError(str(exc)) from None
+    if per_position and checkpoint is not None:
+        raise HeadscoreError("per-position ablation is not checkpointed; drop the checkpoint or per_position")
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
                           baseline=baseline, columns=columns, rows_per_pass=rows_per_pass)
     acc = prep.accumulator()
     layout = head_layout(prep.lm.model)
+    ident = {} if checkpoint is None else _run_identity(prep, layout, batch_size, baseline, metric,
+                                                        method="ablation", mode=mode)
+    run = ScoringRun(acc, num_batches(len(prep.tokenized), batch_size), ident, checkpoint=checkpoint,
+                     every=checkpoint_every, resume=resume, distributed=False)
     present = ~layout.absent_heads().flatten()  # a head a layer does not have is NaN without a pass
     rows = single_head_gates(layout.num_layers, layout.num_heads)[present]
     maps = _position_maps(prep, metric) if per_position else None
@@ -476,34 +493,39 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     # per position: count (example, layer, head, token) cells, padding included
     cells = tqdm(total=batch_cells(prep.tokenized, batch_size) * rows.shape[0] if maps is not None else 0,
                  desc="patch positions", unit="cell", disable=not progress or maps is None, leave=False)
-    fast_positions = None
+    fast_positions, checked = None, False
+    bar.update(min(run.done * batch_size, len(prep.tokenized)) * rows.shape[0])  # a resumed run's done part
     with patch(prep.lm.model) as heads, bar, cells, prep.naming_examples():
-        static = _baseline_tensor(prep, heads, baseline, batch_size, progress)
+        static = _baseline_tensor(prep, heads, baseline, batch_size, progress) if run.done < run.total else None
         model = prep.lm.model
-        for i, batch in enumerate(prep.batches(batch_size, progress=False)):
-            base = _batch_baseline(model, heads, batch, static, baseline == "corrupt")
-            if i == 0 and mode == "prefix" and not prefix_reuse_works(model, heads, batch, base, metric):
-                mode = "batched"
-            clean = clean_losses(model, heads, batch, metric)
+        with run.saving_on_exit():  # an interrupt or error keeps the batches done in the checkpoint
+            for batch in run.batches(prep.batches(batch_size, progress=False)):
+                base = _batch_baseline(model, heads, batch, static, baseline == "corrupt")
+                if not checked and mode == "prefix" and not prefix_reuse_works(model, heads, batch, base, metric):
+                    mode = "batched"
+                checked = True
+                clean = clean_losses(model, heads, batch, metric)
 
-            def changed(gate_rows: torch.Tensor, batch=batch, base=base, mode=mode, clean=clean) -> torch.Tensor:
-                """Each gate row's change of every example's loss: [K, B]."""
-                return gated_losses(model, heads, batch, gate_rows, base, mode=mode, max_rows=rows_per_pass,
-                                    metric=metric, on_pass=lambda n: bar.update(n * batch.size)) - clean[None]
+                def changed(gate_rows: torch.Tensor, batch=batch, base=base, mode=mode, clean=clean) -> torch.Tensor:
+                    """Each gate row's change of every example's loss: [K, B]."""
+                    return gated_losses(model, heads, batch, gate_rows, base, mode=mode, max_rows=rows_per_pass,
+                                        metric=metric, on_pass=lambda n: bar.update(n * batch.size)) - clean[None]
 
-            delta = torch.zeros(batch.size, present.numel(), dtype=torch.float64)
-            delta[:, present] = changed(rows).T.to(delta)
-            acc.add(batch.task_index, delta.view(batch.size, layout.num_layers, layout.num_heads),
-                    batch.example_index)
-            if maps is not None:  # only the tokens and layers each cell can change, checked on the first batch
-                if fast_positions is None:
-                    fast_positions = mode != "naive" and position_patching_works(model, heads, batch, base,
-                                                                                 metric=metric, mode=mode)
-                maps.add(batch, position_deltas(model, heads, batch, clean, base, metric=metric, mode=mode,
-                                                max_rows=rows_per_pass, fast=fast_positions,
-                                                on_cells=cells.update))  # [B, L, T, H]
+                delta = torch.zeros(batch.size, present.numel(), dtype=torch.float64)
+                delta[:, present] = changed(rows).T.to(delta)
+                if maps is not None:  # only the tokens and layers each cell can change, checked on the first batch
+                    if fast_positions is None:
+                        fast_positions = mode != "naive" and position_patching_works(model, heads, batch, base,
+                                                                                     metric=metric, mode=mode)
+                    maps.add(batch, position_deltas(model, heads, batch, clean, base, metric=metric, mode=mode,
+                                                    max_rows=rows_per_pass, fast=fast_positions,
+                                                    on_cells=cells.update))  # [B, L, T, H]
+                acc.add(batch.task_index, delta.view(batch.size, layout.num_layers, layout.num_heads),
+                        batch.example_index)
+        run.finish()
     result = prep.result(acc, f"ablation-{_baseline_name(baseline)}", seconds=time.perf_counter() - start,
-                         mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=_meaning(prep, metric))
+                         mode=mode, batch_size=batch_size, metric=metric.name, metric_meaning=_meaning(prep, metric),
+                         **run.extra)
     return result if maps is None else maps.attach(result)
 
 

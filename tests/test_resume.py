@@ -448,3 +448,71 @@ def test_old_checkpoint_is_refused_as_a_mismatch(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"written by another headscore version \(fingerprint version 1, "
                                                  r"now \d+\).*delete it"):
         headscore.score(lm, examples, batch_size=2, checkpoint=str(ckpt), resume=True, progress=False)
+
+
+def test_ablation_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """``ablate`` with a checkpoint, stopped after k batches (Ctrl-C in the middle of a batch): the checkpoint
+    holds k batches, the resumed run equals the uninterrupted one bit for bit (values, stderr, per-example
+    values); another mode or baseline is refused; a finished checkpoint gives the result at once."""
+    import headscore.api as api
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = random_examples(7)
+    full = headscore.ablate(lm, examples, batch_size=2, progress=False)
+    original = api.clean_losses
+    for k in (0, 2, 3):
+        ckpt = str(tmp_path / f"a{k}.ckpt")
+        calls = []
+
+        def failing(*args, calls=calls, k=k, **kwargs):
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(api, "clean_losses", failing)
+            with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match=f"stopped after {k} of 4"):
+                headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, progress=False)
+        assert load_checkpoint(ckpt)[1] == k
+        with pytest.raises(CheckpointMismatch, match="mode: checkpoint prefix vs now batched"):
+            headscore.ablate(lm, examples, batch_size=2, mode="batched", checkpoint=ckpt, resume=True,
+                             progress=False)
+        with pytest.raises(CheckpointMismatch, match="baseline: checkpoint zero vs now mean"):
+            headscore.ablate(lm, examples, batch_size=2, baseline="mean", checkpoint=ckpt, resume=True,
+                             progress=False)
+        resumed = headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, resume=True, progress=False)
+        assert resumed.extra.get("resumed_from_batch", 0) == k
+        for field in ("values", "stderr", "counts", "example_values", "example_tasks"):
+            assert torch.equal(getattr(resumed, field), getattr(full, field)), field
+        again = headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, resume=True, progress=False)
+        assert torch.equal(again.values, full.values)
+
+
+def test_ablate_command_resumes_and_refuses_checkpoints_where_none_is_kept(tmp_path, monkeypatch, model_dir,
+                                                                          data_file, capsys):
+    import headscore.api as api
+
+    ref, out = tmp_path / "ref.hs", tmp_path / "out.hs"
+    base = ["ablate", "--model", str(model_dir), "--tasks", str(data_file), "--batch-size", "2", "--no-progress"]
+    assert main([*base, "--out", str(ref)]) == 0
+    original, calls = api.clean_losses, []
+
+    def failing(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(api, "clean_losses", failing)
+        assert main([*base, "--out", str(out), "--checkpoint-every", "1"]) == 130
+    assert "stopped after 2 of" in capsys.readouterr().err and not out.exists()
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    a, b = headscore.HeadScores.load(ref), headscore.HeadScores.load(out)
+    assert b.extra["resumed_from_batch"] == 2 and torch.equal(a.values, b.values)
+    assert not (tmp_path / "out.hs.ckpt").exists()  # deleted once the output is written
+    for extra in (["--heads", "0.1"], ["--per-position"], ["--edges"]):
+        capsys.readouterr()
+        assert main([*base, "--out", str(tmp_path / "x.hs"), "--resume", *extra]) == 2
+        assert f"checkpoints keep ablate's per-head map: they do not go with {extra[0]}" in capsys.readouterr().err

@@ -79,12 +79,7 @@ def register(sub) -> dict[str, Callable]:
                    help="with --edges: also write the edge scores as .csv or .json (repeatable)")
     s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
                    help="fused Triton attention kernel: auto (on CUDA), on, off (default: auto)")
-    s.add_argument("--checkpoint", default=None,
-                   help="checkpoint file of a resumable run (default with --checkpoint-every/--resume: OUT.ckpt)")
-    s.add_argument("--checkpoint-every", type=at_least(0), default=0, metavar="N",
-                   help="write the checkpoint every N batches (default 0: at the end, and when the run stops "
-                        "early: Ctrl-C, SIGTERM, an error)")
-    s.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    _add_checkpoint_args(s)
     s.add_argument("--distributed", action="store_true",
                    help="data-parallel over torch.distributed ranks (automatic when WORLD_SIZE > 1, e.g. torchrun)")
 
@@ -111,7 +106,23 @@ def register(sub) -> dict[str, Callable]:
                    help="with --edges --scores: each task's N edges with the largest |score|")
     a.add_argument("--export-edges", action="append", default=[], metavar="FILE",
                    help="with --edges: also write the exact edge values as .csv or .json (repeatable)")
+    _add_checkpoint_args(a)
     return {"score": cmd_score, "ablate": cmd_ablate}
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--checkpoint-every``, ``--resume`` (score, ablate)."""
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file of a resumable run (default with --checkpoint-every/--resume: "
+                             "OUT.ckpt)")
+    parser.add_argument("--checkpoint-every", type=at_least(0), default=0, metavar="N",
+                        help="write the checkpoint every N batches (default 0: at the end, and when the run stops "
+                             "early: Ctrl-C, SIGTERM, an error)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+
+
+def _uses_checkpoint(args: argparse.Namespace) -> bool:
+    return bool(args.checkpoint or args.checkpoint_every or args.resume)
 
 
 def _distributed_begin(args: argparse.Namespace) -> tuple[int, int]:
@@ -146,7 +157,7 @@ def _wants_distributed(args: argparse.Namespace) -> bool:
 
 def cmd_score(args: argparse.Namespace) -> None:
     """``headscore score``. ``--checkpoint-every``/``--resume`` without ``--checkpoint`` use ``OUT.ckpt``."""
-    uses_checkpoint = args.checkpoint or args.checkpoint_every or args.resume
+    uses_checkpoint = _uses_checkpoint(args)
     if args.method == "probe" and (uses_checkpoint or _wants_distributed(args)):
         raise HeadscoreError("--method probe supports neither --distributed nor checkpoints")
     if args.method == "probe" and (args.baseline or args.metric != "nll" or args.per_position or args.verify):
@@ -234,6 +245,13 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     """``headscore ablate``."""
     if args.heads is None and args.out is None:
         raise HeadscoreError("ablate needs --out (or --heads to ablate one set of heads)")
+    uses_checkpoint = _uses_checkpoint(args)
+    for flag, on in (("--heads", args.heads is not None), ("--edges", args.edges),
+                     ("--per-position", args.per_position)):
+        if on and uses_checkpoint:
+            raise HeadscoreError(f"checkpoints keep ablate's per-head map: they do not go with {flag}")
+    if uses_checkpoint and not args.checkpoint:
+        args.checkpoint = f"{args.out}.ckpt"
     if args.edges:
         _ablate_edges(args)
         return
@@ -249,7 +267,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
                              "task, not a scores file; give it a .json name")
     if heads is None:
         check_scores_out(args.out)
-    check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export)])
+    check_command_outputs(args, [("--out", args.out), *(("--export", p) for p in args.export),
+                                 ("--checkpoint", args.checkpoint)])
     lm, examples = load_model_and_tasks(args)
     progress = not args.no_progress
     if heads is not None:
@@ -264,8 +283,11 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         return
     result = ablate(lm, examples, baseline=args.baseline, mode=args.mode, batch_size=args.batch_size,
                     rows_per_pass=args.rows_per_pass, max_examples=args.max_examples, metric=args.metric,
-                    per_position=args.per_position, progress=progress)
+                    per_position=args.per_position, progress=progress, checkpoint=args.checkpoint,
+                    checkpoint_every=args.checkpoint_every, resume=args.resume)
     save_scores(result, args.out, args.export)
+    if args.checkpoint:  # the output is written: the checkpoint has done its job
+        Path(args.checkpoint).unlink(missing_ok=True)
 
 
 def _ablate_edges(args: argparse.Namespace) -> None:
