@@ -181,6 +181,20 @@ def test_nnsight_attribution_equals_taylor(setup):
 def test_cli_bench_rejects_unknown_method(capsys):
     assert main(["bench", "--methods", "taylor,bogus"]) == 2
     assert "unknown bench method 'bogus'" in capsys.readouterr().err
+    for empty in (",", "", " , "):  # ran, printed an empty table and exited 0
+        assert main(["bench", "--methods", empty]) == 2
+        assert "--methods names no method; choose from floor, taylor" in capsys.readouterr().err
+
+
+def test_prefix_ablation_is_never_extrapolated_from_a_sample(setup):
+    """With the batched sweep sampled (``--sample-ablation``), prefix ablation still runs every head: a sample's
+    time counted its recording pass once per head and its heads in passes of their own (1.1-2.4x too high)."""
+    ctx = ctx_for(setup, sample_heads=3, full_ablation=False)
+    prefix = bench.methods.run_ablate_prefix(ctx)
+    assert prefix.scores is not None and prefix.partial is None and "extrapolated" not in prefix.note
+    full = headscore.ablate(ctx.lm, ctx.examples, batch_size=4, progress=False)
+    torch.testing.assert_close(prefix.scores.values, full.values, rtol=0, atol=1e-12)
+    assert "extrapolated from 3 of 8 heads" in bench.methods.run_ablate_batched(ctx).note  # batched still sampled
 
 
 @pytest.mark.slow  # 2 min in a shared CI run: a fresh Python worker per method

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-heads", type=at_least(0), default=16,
                    help="heads timed in the naive sweeps before extrapolating to all heads (0: all heads)")
     p.add_argument("--sample-ablation", action="store_true",
-                   help="time batched ablation on the head sample too (extrapolated; no Spearman: for slow CPUs)")
+                   help="time batched ablation on the head sample too (extrapolated; no Spearman: for slow CPUs); "
+                        "prefix ablation runs every head still (its cost does not scale from a sample)")
     p.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
                    help="peak memory: a fresh subprocess per method (default), in this process, or off")
     p.add_argument("--threads", type=at_least(1), default=None,
@@ -60,6 +61,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise HeadscoreError(f"--methods names no method; choose from {', '.join(DEFAULT_METHODS)}")
     for m in methods:
         if m not in DEFAULT_METHODS:
             raise HeadscoreError(f"unknown bench method {m!r}; choose from {', '.join(DEFAULT_METHODS)}")
