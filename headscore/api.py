@@ -369,6 +369,10 @@ def _check_estimator(method: str, steps: int, path_fraction: float | None, per_p
     if verify is None or verify is False:
         return
     check_verify(verify)
+    if per_position:
+        raise HeadscoreError("verify replaces heads' values by exact ones, whose per-position maps would stay "
+                             "estimates: drop verify or per_position (ablate --per-position patches each position "
+                             "exactly)")
     if method in ("abs", "fisher"):
         raise HeadscoreError(f"verify replaces estimates by exact ablation values; {method} scores have no exact "
                              "counterpart (use taylor, ig, curvature or atp-mean)")

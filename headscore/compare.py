@@ -11,7 +11,8 @@ import torch
 from scipy import stats
 
 from .errors import HeadscoreError
-from .results import HeadScores, rank_order, whole_at_least
+from .frames import rank_order
+from .results import HeadScores, whole_at_least
 from .stats import spearman  # here since issue 26 (report/ is below this module); headscore.compare.spearman stays
 
 

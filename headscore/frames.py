@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from .errors import HeadscoreError
-from .results import rank_order
 
 KINDS = ("heads", "positions", "examples")
 """The frames :meth:`HeadScores.to_pandas` makes."""
@@ -28,6 +27,13 @@ def require_pandas(what: str) -> Any:
     except ImportError:
         raise HeadscoreError(f"{what} needs pandas: {INSTALL_HINT}") from None
     return pandas
+
+
+def rank_order(values: torch.Tensor) -> torch.Tensor:
+    """The indices that order ``values`` along its last axis from the largest down: ties in index order, NaN (a
+    head its layer does not have) last, after -inf. The one order of :meth:`HeadScores.top_k`, the frames'
+    ``rank`` and top-k overlaps."""
+    return torch.argsort(torch.nan_to_num(values.double(), nan=-torch.inf), dim=-1, descending=True, stable=True)
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:

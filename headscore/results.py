@@ -84,13 +84,6 @@ def _non_text_key(value: object) -> object | None:
     return None
 
 
-def rank_order(values: torch.Tensor) -> torch.Tensor:
-    """The indices that order ``values`` along its last axis from the largest down: ties in index order, NaN (a
-    head its layer does not have) last, after -inf. The one order of :meth:`HeadScores.top_k`, the frames'
-    ``rank``, the report and top-k overlaps."""
-    return torch.argsort(torch.nan_to_num(values.double(), nan=-math.inf), dim=-1, descending=True, stable=True)
-
-
 def whole_at_least(value: object, minimum: int, what: str) -> int:
     """``value`` when it is a whole number (an int, not a bool) of at least ``minimum``; else HeadscoreError
     ``"{what} >= {minimum} (a whole number), got {value!r}"`` (``what``: e.g. ``"compare needs k"``)."""
@@ -374,6 +367,8 @@ class HeadScores:
         whole_at_least(k, 1, "top_k needs k")
         grid = (self.values.mean(0) if task is None else self.task(task)).flatten()
         k = min(k, grid.numel())
+        from .frames import rank_order
+
         idx = rank_order(grid)[:k]
         return [(int(i) // self.num_heads, int(i) % self.num_heads, float(grid[i])) for i in idx]
 

@@ -90,6 +90,18 @@ CASES = {
     "model-without-tokenizer": "has no tokenizer: none of tokenizer.json",
     "compare-infinite-score": "head L0.H1 of task 'a' has the score inf",
     "compare-json-reserved-task": "--json: task '_exact' has the name of a key the JSON keeps for itself",
+    # from a review of the command line (2026-12-03)
+    "ablate-heads-empty": "--heads: '' is not LAYER.HEAD",
+    "ablate-gate-without-heads": "--gate sets the gate of the --heads set; without --heads every head is ablated",
+    "steps-without-ig": "--steps sets ig's path; --method taylor has none (add --method ig)",
+    "atp-mean-other-baseline": "method atp-mean uses the mean baseline; for baseline 'zero' use taylor",
+    "verify-per-position": "--verify replaces heads' values by exact ones, whose per-position maps would stay",
+    "edges-only-as-head-scores": "holds exact edge values only (ablate --edges), no head values: give a file of "
+                                 "head scores",
+    "compare-misses-edges-only": "--misses lists heads; an exact edge-patching file (ablate --edges) has edges only",
+    "intervene-out-directory": "names no file; give a file name (its .md and .json are written)",
+    "reproduce-k-too-large": "k must be between 1 and 12 (the model's heads), got 13",
+    "threads-too-large": "argument --threads: must be at most 65536, got 99999999999999999999",
     "report-infinite-score": "head L0.H1 of task 'a' has the score inf",
     "tasks-directory": "is a directory; give a JSON Lines file",
     "tasks-dev-null": "/dev/null: no examples",
@@ -844,6 +856,57 @@ def test_cogqa_answers_of_any_size_and_blank_ones(tmp_path, capsys):
                                            tmp_path / "s.hs"], tmp_path)
     with pytest.raises(headscore.HeadscoreError, match="sub-question 0: empty cognitive_skill"):
         load_cogqa(write('"4"', skill=""), min_examples=1)
+
+
+def test_options_that_were_ignored_or_refused_late(tmp_path, capsys, tasks, model_dir):
+    """Each refused before the model loads (``--model`` names no model: had the check come after the load, the
+    error would be about the model), where each ran with the option ignored, or failed after the work."""
+    missing = str(tmp_path / "no-model")
+    score = ["score", "--model", missing, "--tasks", tasks, "--out", tmp_path / "s.hs"]
+    refused(capsys, "ablate-heads-empty", ["ablate", "--model", missing, "--tasks", tasks, "--heads", ""], tmp_path)
+    refused(capsys, "ablate-gate-without-heads",
+            ["ablate", "--model", missing, "--tasks", tasks, "--out", tmp_path / "a.hs", "--gate", "2"], tmp_path)
+    refused(capsys, "steps-without-ig", [*score, "--steps", "5"], tmp_path)
+    refused(capsys, "atp-mean-other-baseline", [*score, "--method", "atp-mean", "--baseline", "zero"], tmp_path)
+    refused(capsys, "verify-per-position", [*score, "--verify", "--per-position"], tmp_path)
+    refused(capsys, "threads-too-large", ["bench", "--threads", "99999999999999999999"], tmp_path)
+    refused(capsys, "intervene-out-directory", ["intervene", "--model", missing, "--tasks", tasks, "--scores",
+                                                scores_file(tmp_path / "s0.hs"), "--out", f"{tmp_path}/"], tmp_path)
+
+
+def test_an_edge_patching_file_is_no_head_scores(tmp_path, capsys, tasks, model_dir):
+    """A file of ``ablate --edges`` (every head value NaN) given where head values are read: intervene picked
+    NaN heads as its top-k and the report drew an empty scatter, both exit 0."""
+    lm = headscore.load_model(str(model_dir), progress=False)
+    edges = headscore.ablate_edges(lm, headscore.load_jsonl(tasks), [("emb", "logits")], progress=False)
+    capsys.readouterr()
+    assert edges.edges_only
+    path = edges.save(tmp_path / "edges.hs")
+    heads = scores_file(tmp_path / "heads.hs", tasks=("geo", "other"))
+    refused(capsys, "edges-only-as-head-scores", ["intervene", "--model", model_dir, "--tasks", tasks,
+                                                  "--scores", path], tmp_path)
+    for flag in ("--ablation", "--compare"):
+        err = refused(capsys, "edges-only-as-head-scores", ["report", heads, flag, path, "--out", tmp_path / "r"],
+                      tmp_path)
+        assert f"{flag} {path} holds" in err
+    refused(capsys, "compare-misses-edges-only", ["compare", path, path, "--misses", "3"], tmp_path)
+
+
+def test_reproduction_refuses_k_before_its_stages(tmp_path, capsys, model_dir):
+    import headscore.cogqa.reproduce as reproduce
+
+    doc = [{"question": f"Q{i}", "generated": [{"subquestion": f"s{i}", "answer": "4", "cognitive_skill": skill}
+                                               for skill in ("Math", "Retrieval")]} for i in range(12)]
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    stages = []
+    original = reproduce.probe_scores
+    reproduce.probe_scores = lambda *a, **k: stages.append(1) or original(*a, **k)
+    try:
+        refused(capsys, "reproduce-k-too-large", ["reproduce-cogqa", tmp_path / "c.json", "--model", model_dir,
+                                                  "--out", tmp_path / "r", "--k", "13", "--no-progress"], tmp_path)
+    finally:
+        reproduce.probe_scores = original
+    assert not stages
 
 
 def test_compare_json_refuses_a_task_named_like_its_keys(tmp_path, capsys):

@@ -13,7 +13,7 @@ from ..bench import DEFAULT_METHODS, Context, format_table, run_bench, worker_ar
 from ..data.tasks import task_source
 from ..errors import HeadscoreError
 from ..output_paths import OutputDir
-from .common import add_model_args, at_least, check_command_outputs, load_model_and_tasks
+from .common import MAX_THREADS, add_model_args, at_least, check_command_outputs, load_model_and_tasks
 
 BENCH_FILES = ("bench.json", "bench.csv", "bench.md")
 
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "prefix ablation runs every head still (its cost does not scale from a sample)")
     p.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
                    help="peak memory: a fresh subprocess per method (default), in this process, or off")
-    p.add_argument("--threads", type=at_least(1), default=None,
+    p.add_argument("--threads", type=at_least(1, MAX_THREADS), default=None,
                    help="torch CPU threads, 1 or more (default: torch's choice)")
     p.add_argument("--out", default=None, help="directory for bench.json, bench.csv and bench.md")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from ..errors import HeadscoreError
 from ..models import load_model
 from ..output_files import OutputSet
 from ..output_paths import OutputDir
-from ..results import HeadScores, json_bytes
+from ..results import json_bytes
 from ..text import printable
 from .common import (
     add_interval_args,
@@ -22,6 +23,7 @@ from .common import (
     at_least,
     check_command_outputs,
     finite_float,
+    load_head_scores,
     load_model_and_tasks,
     open_fraction,
 )
@@ -67,12 +69,12 @@ def register(sub) -> dict[str, Callable]:
 
 def cmd_intervene(args: argparse.Namespace) -> None:
     """``headscore intervene``."""
-    if args.out is not None and not Path(args.out).name:
+    if args.out is not None and (not Path(args.out).name or args.out.endswith(("/", os.sep))):
         raise HeadscoreError(f"--out {args.out!r} names no file; give a file name (its .md and .json are written)")
     stem = None if args.out is None else Path(args.out).with_suffix("")
     outs = [] if stem is None else [("--out", str(stem.with_suffix(s))) for s in (".md", ".json")]
     check_command_outputs(args, outs, inputs=[("--scores", args.scores)])
-    scores = HeadScores.load(args.scores)
+    scores = load_head_scores(args.scores, "--scores")
     lm, examples = load_model_and_tasks(args)
     result = intervene(lm, limit_per_task(examples, args.max_examples), scores, k=args.k, seeds=range(args.seeds),
                        scale=args.scale, resamples=args.resamples, level=args.level, progress=not args.no_progress,

@@ -20,8 +20,8 @@ from ..text import printable
 EXPORT_SUFFIXES = (".csv", ".json")
 
 
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (a one-line usage error otherwise)."""
+def at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``; a one-line usage error otherwise)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -29,9 +29,25 @@ def at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+MAX_THREADS = 65536
+"""The most torch CPU threads ``--threads`` takes (torch refuses numbers past a C int with a traceback)."""
+
+
+def load_head_scores(path: str, label: str) -> HeadScores:
+    """The scores file at ``path`` for a use that reads its head values; an exact edge-patching file (``ablate
+    --edges``: every head value NaN) is refused naming ``label``."""
+    scores = HeadScores.load(path)
+    if scores.edges_only:
+        raise HeadscoreError(f"{label} {path} holds exact edge values only (ablate --edges), no head values: give "
+                             "a file of head scores")
+    return scores
 
 
 MAX_SEED = 2**63 - 1

@@ -21,7 +21,7 @@ from ..output_files import atomic_write
 from ..results import HeadScores, json_bytes
 from ..stats import format_interval, min_examples_for
 from ..text import printable
-from .common import add_interval_args, at_least, check_command_outputs, interval_options
+from .common import add_interval_args, at_least, check_command_outputs, interval_options, load_head_scores
 
 T = TypeVar("T")
 
@@ -48,6 +48,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         warnings.warn(f"the files name different models ({a.model} in {args.a}, {b.model} in {args.b}); "
                       "their heads need not correspond", stacklevel=1)
     if a.edges_only or b.edges_only:  # exact edge patching: nothing but edges to compare
+        if args.misses:
+            raise HeadscoreError("--misses lists heads; an exact edge-patching file (ablate --edges) has edges only")
         doc = {"_edges": _print_edges(a, b, args), **_print_differences(a, b)}
         if args.json:
             atomic_write(args.json, json_bytes(doc))
@@ -142,10 +144,11 @@ def _print_differences(a: HeadScores, b: HeadScores) -> dict:
     return {"_differences": {what: {"A": x, "B": y} for what, (x, y) in differences.items()}}
 
 
-def load_finite(path: str) -> HeadScores:
+def load_finite(path: str, heads_for: str | None = None) -> HeadScores:
     """The scores file at ``path``; HeadscoreError naming it where it holds an infinite score
-    (:func:`headscore.compare.require_finite`)."""
-    scores = HeadScores.load(path)
+    (:func:`headscore.compare.require_finite`), or, with ``heads_for`` (the option that names it), where it holds
+    edge values only (:func:`load_head_scores`)."""
+    scores = HeadScores.load(path) if heads_for is None else load_head_scores(path, heads_for)
     require_finite(scores, path)
     return scores
 

@@ -36,8 +36,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     check_command_outputs(args, dirs=[OutputDir("--out", args.out, REPORT_FILES)],
                           inputs=[("SCORES", args.scores), ("--ablation", args.ablation), ("--compare", args.compare)])
     scores = load_finite(args.scores)  # an infinite score has no colour and no rank
-    ablation = load_finite(args.ablation) if args.ablation else None
-    other = load_finite(args.compare) if args.compare else None
+    ablation = load_finite(args.ablation, "--ablation") if args.ablation else None
+    other = load_finite(args.compare, "--compare") if args.compare else None
     comparison = other_comparison = None
     if ablation is not None:
         common = [t for t in scores.tasks if t in ablation.tasks]

@@ -19,7 +19,7 @@ from ..distributed import env_world_size, init
 from ..errors import HeadscoreError
 from ..loss import METRICS
 from ..methods.ablation import ABLATION_MODES
-from ..methods.gradient import DEFAULT_IG_FRACTION, DEFAULT_IG_STEPS
+from ..methods.gradient import DEFAULT_IG_FRACTION, DEFAULT_IG_STEPS, NEEDS_MEAN_BASELINE
 from ..output_files import atomic_write
 from ..results import HeadScores, json_bytes
 from ..text import printable
@@ -56,7 +56,7 @@ def register(sub) -> dict[str, Callable]:
     s.add_argument("--method", default="taylor", choices=[*METHODS, "probe"],
                    help="gradient scorer, or 'probe' (the CogQA study's probe; needs 2+ tasks)")
     _add_counterfactual_args(s, None)
-    s.add_argument("--steps", type=at_least(1), default=DEFAULT_IG_STEPS,
+    s.add_argument("--steps", type=at_least(1), default=None,
                    help=f"ig: points along the path, one forward + backward each (default {DEFAULT_IG_STEPS})")
     s.add_argument("--path-fraction", type=finite_float, default=None, metavar="F",
                    help="ig: the path runs from every gate at 1 to 1 - F (1 = all the way to the baseline; "
@@ -164,6 +164,16 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise HeadscoreError("--method probe takes no --baseline, --metric, --per-position or --verify")
     if args.path_fraction is not None and not 0 < args.path_fraction <= 1:
         raise HeadscoreError(f"--path-fraction must be in (0, 1], got {args.path_fraction}")
+    for flag, value in (("--steps", args.steps), ("--path-fraction", args.path_fraction)):
+        if value is not None and args.method != "ig":
+            raise HeadscoreError(f"{flag} sets ig's path; --method {args.method} has none (add --method ig)")
+    args.steps = DEFAULT_IG_STEPS if args.steps is None else args.steps
+    if args.method in NEEDS_MEAN_BASELINE and args.baseline not in (None, "mean"):  # before the model loads
+        raise HeadscoreError(f"method {args.method} uses the mean baseline; for baseline {args.baseline!r} use taylor")
+    if args.verify is not None and args.per_position:
+        raise HeadscoreError("--verify replaces heads' values by exact ones, whose per-position maps would stay "
+                             "estimates: drop --verify or --per-position (ablate --per-position patches each "
+                             "position exactly)")
     if args.verify is not None and args.method in ("abs", "fisher"):
         raise HeadscoreError(f"--verify replaces estimates by exact ablation values; --method {args.method} has no "
                              "exact counterpart (use taylor, ig, curvature or atp-mean)")
@@ -257,7 +267,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         return
     if args.scores or args.top or args.export_edges:
         raise HeadscoreError("--scores, --top and --export-edges go with --edges")
-    heads = parse_heads(args.heads) if args.heads else None
+    if args.gate != 0.0 and args.heads is None:
+        raise HeadscoreError("--gate sets the gate of the --heads set; without --heads every head is ablated (gate 0)")
+    heads = parse_heads(args.heads) if args.heads is not None else None
     if heads is not None and args.export:
         raise HeadscoreError("--export needs the per-head map; with --heads, --out writes the table as JSON")
     if heads is not None and args.per_position:
@@ -292,8 +304,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 def _ablate_edges(args: argparse.Namespace) -> None:
     """``headscore ablate --edges``: exact edge patching of every edge, or of a scores file's top edges."""
-    if args.heads or args.per_position or args.mode != "prefix":
-        raise HeadscoreError("--edges patches edges: it does not go with --heads, --per-position or --mode")
+    if args.heads is not None or args.per_position or args.mode != "prefix" or args.gate != 0.0:
+        raise HeadscoreError("--edges patches edges: it does not go with --heads, --gate, --per-position or --mode")
     if (args.scores is None) != (args.top is None):
         raise HeadscoreError("--scores and --top come together (the top N edges of that file's edge scores)")
     if args.export:

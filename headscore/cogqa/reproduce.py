@@ -47,7 +47,7 @@ from ..intervals import ExampleMaps, agreement_intervals
 from ..methods.gradient import gate_gradients
 from ..models import LoadedModel, load_model
 from ..output_files import OutputSet, atomic_write
-from ..patch import patch
+from ..patch import head_layout, patch
 from ..prepared import prepare
 from ..results import HeadScores, json_bytes
 from ..text import markdown_text
@@ -341,6 +341,9 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     prep = prepare(lm, examples)
     if len(prep.tasks) < 2:
         raise HeadscoreError("the reproduction needs at least two cognitive functions")
+    heads = int((~head_layout(lm.model).absent_heads()).sum())  # the interventions' k, before any stage runs
+    if intervention_per_function != 0 and not 1 <= k <= heads:
+        raise HeadscoreError(f"k must be between 1 and {heads} (the model's heads), got {k}")
     timings["load"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
