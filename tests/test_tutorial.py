@@ -18,7 +18,9 @@ def test_the_tutorial_is_stored_without_outputs():
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
-# the embedded SmolLM2-135M: 30 s alone on 2 CPU cores (one example per task; the ablation of one example is 15 s)
+# the embedded SmolLM2-135M: 30 s alone on 2 CPU cores, 45 s in the fast tier on this AMD EPYC (one example per task;
+# the ablation of one example is 15 s): the slow tier, which CI runs after the fast one
+@pytest.mark.slow
 def test_the_tutorial_runs_and_shows_its_figures(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
