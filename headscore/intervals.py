@@ -12,10 +12,12 @@ per file at 95%); ``headscore compare`` asks :func:`agreement_table` for none be
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from . import stats
 from .compare import compare, spearman, topk_overlap
@@ -63,46 +65,61 @@ class ExampleMaps:
 def agreement_intervals(a: ExampleMaps, b: ExampleMaps, k: int, *, paired: bool = False,
                         figures: Sequence[str] = ("spearman", "topk_overlap"), resamples: int = stats.RESAMPLES,
                         level: float = stats.LEVEL, seed: int = stats.SEED,
-                        tasks: Sequence[str] | None = None) -> dict[str, dict[str, stats.Interval]]:
+                        tasks: Sequence[str] | None = None,
+                        progress: bool = False) -> dict[str, dict[str, stats.Interval]]:
     """Per common task (of ``tasks``, default all of ``a``'s): Spearman and top-k overlap (the ``figures`` asked
     for) of ``a``'s map against ``b``'s, with intervals.
 
-    ``paired``: both are maps of the same examples (in the same order), resampled together.
+    ``paired``: both are maps of the same examples (in the same order), resampled together. ``progress``: a bar
+    counting resamples, on a terminal, for a run that lasts over 2 s (many resamples).
     """
     out = {}
-    for task in a.tasks if tasks is None else tasks:
-        na, nb = len(a.rows(task)), len(b.rows(task))
-        if na == 0 or nb == 0:
-            continue
-        if paired:
-            if na != nb:
-                raise ValueError(f"paired maps need the same examples; {task!r} has {na} and {nb}")
-            sizes = [na]
-
-            def maps(i, task=task):
-                return a.mean(task, i), b.mean(task, i)
-        else:
-            sizes = [na, nb]
-
-            def maps(i, j, task=task):
-                return a.mean(task, i), b.mean(task, j)
-
-        def rho(*i, maps=maps):
-            x, y = maps(*i)
-            return spearman(x.flatten().numpy(), y.flatten().numpy())
-
-        def top(*i, maps=maps):
-            x, y = maps(*i)
-            return topk_overlap(x, y, k)
-
-        opts = {"resamples": resamples, "level": level, "seed": seed}
-        statistic = {"spearman": rho, "topk_overlap": top}
-        out[task] = {name: stats.bootstrap(statistic[name], sizes, **opts) for name in figures}
+    tasks = list(a.tasks if tasks is None else tasks)
+    bar = tqdm(total=len(tasks) * len(figures) * max(resamples, 0), desc="bootstrap", unit="resample", leave=False,
+               delay=2.0, disable=not progress or not sys.stderr.isatty())
+    with bar:
+        for task in tasks:
+            intervals = _task_intervals(a, b, task, k, paired, figures, {"resamples": resamples, "level": level,
+                                                                         "seed": seed, "on_resample": bar.update})
+            if intervals is not None:
+                out[task] = intervals
     return out
 
 
+def _task_intervals(a: ExampleMaps, b: ExampleMaps, task: str, k: int, paired: bool, figures: Sequence[str],
+                    opts: dict) -> dict[str, stats.Interval] | None:
+    """One task's intervals of :func:`agreement_intervals` (None where either map has no example of it)."""
+    na, nb = len(a.rows(task)), len(b.rows(task))
+    if na == 0 or nb == 0:
+        return None
+    if paired:
+        if na != nb:
+            raise ValueError(f"paired maps need the same examples; {task!r} has {na} and {nb}")
+        sizes = [na]
+
+        def maps(i, task=task):
+            return a.mean(task, i), b.mean(task, i)
+    else:
+        sizes = [na, nb]
+
+        def maps(i, j, task=task):
+            return a.mean(task, i), b.mean(task, j)
+
+    def rho(*i, maps=maps):
+        x, y = maps(*i)
+        return spearman(x.flatten().numpy(), y.flatten().numpy())
+
+    def top(*i, maps=maps):
+        x, y = maps(*i)
+        return topk_overlap(x, y, k)
+
+    statistic = {"spearman": rho, "topk_overlap": top}
+    return {name: stats.bootstrap(statistic[name], sizes, **opts) for name in figures}
+
+
 def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int = stats.RESAMPLES,
-                    level: float = stats.LEVEL, seed: int = stats.SEED, min_examples: int = 1) -> dict[str, dict]:
+                    level: float = stats.LEVEL, seed: int = stats.SEED, min_examples: int = 1,
+                    progress: bool = False) -> dict[str, dict]:
     """Per common task, :func:`headscore.compare.compare`'s figures as plain data, plus ``spearman_ci`` and
     ``topk_overlap_ci`` ([low, high]) when both results kept per-example values.
 
@@ -113,7 +130,7 @@ def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int
     ``examples`` (A's, B's), ``min_examples`` and ``level``. ``headscore compare`` passes
     :func:`headscore.stats.min_examples_for` of the level; the default 1 leaves it to the bootstrap, which gives
     NaN ends below 2. Where intervals were computed, every entry says ``examples``. HeadscoreError if ``k`` is no
-    whole number >= 1.
+    whole number >= 1. ``progress``: a bar over the resamples on a terminal (see :func:`agreement_intervals`).
     """
     whole_at_least(k, 1, "agreement_table needs k")
     table = {t: ag.as_dict() for t, ag in compare(a, b, k).items()}
@@ -124,7 +141,7 @@ def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int
     examples = {t: [len(ma.rows(t)), len(mb.rows(t))] for t in table}
     few = {t for t, sizes in examples.items() if min(sizes) < min_examples}
     intervals = agreement_intervals(ma, mb, k, paired=paired, resamples=resamples, level=level, seed=seed,
-                                    tasks=[t for t in table if t not in few])
+                                    tasks=[t for t in table if t not in few], progress=progress)
     for task, row in table.items():
         if task in few:
             row.update(examples=examples[task], min_examples=min_examples, level=level)

@@ -105,14 +105,14 @@ def min_examples_for(level: float) -> int:
 
 
 def bootstrap(statistic: Callable[..., float], sizes: Sequence[int], *, resamples: int = RESAMPLES,
-              level: float = LEVEL, seed: int = SEED) -> Interval:
+              level: float = LEVEL, seed: int = SEED, on_resample: Callable[[], object] | None = None) -> Interval:
     """BCa bootstrap interval of ``statistic(*indices)`` over one or more independent groups of examples.
 
     ``statistic`` takes one index tensor per group (positions 0 .. sizes[g] - 1 of that group's
     examples) and returns a float. The figure is its value on every example; each resample draws
     every group's indices with replacement, independently. A group of fewer examples than ``level`` asks for
     (:func:`min_examples_for`: 6 at 95%) gives no interval (NaN ends): every figure built on it, a star
-    included, then says nothing it cannot hold.
+    included, then says nothing it cannot hold. ``on_resample()`` is called after each resample (a progress bar).
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, got {level}")
@@ -126,6 +126,8 @@ def bootstrap(statistic: Callable[..., float], sizes: Sequence[int], *, resample
         stat = float(statistic(*(torch.randint(0, n, (n,), generator=gen) for n in sizes)))
         if math.isfinite(stat):
             draws.append(stat)
+        if on_resample is not None:
+            on_resample()
     if len(draws) < max(2, resamples // 2):  # the statistic is undefined on most resamples
         return Interval(value, math.nan, math.nan, level, len(draws))
     q = torch.tensor(draws, dtype=torch.float64)

@@ -121,8 +121,10 @@ def add_interval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def interval_options(args: argparse.Namespace) -> dict:
-    """The keyword options of :func:`headscore.intervals.agreement_table` from :func:`add_interval_args`."""
-    return {"resamples": args.resamples, "level": args.level, "seed": args.seed}
+    """The keyword options of :func:`headscore.intervals.agreement_table` from :func:`add_interval_args` (and
+    ``--no-progress``)."""
+    return {"resamples": args.resamples, "level": args.level, "seed": args.seed,
+            "progress": not getattr(args, "no_progress", False)}
 
 
 def add_task_args(parser: argparse.ArgumentParser) -> None:

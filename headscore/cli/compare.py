@@ -37,6 +37,8 @@ def register(sub) -> dict[str, Callable]:
                    help="also list, per task, the N heads where A and B differ most (e.g. where a first-order "
                         "estimate misses real ablation)")
     add_interval_args(c)
+    c.add_argument("--no-progress", action="store_true", help="hide the bootstrap's progress bar (shown on a "
+                       "terminal when the intervals take over 2 s)")
     return {"compare": cmd_compare}
 
 

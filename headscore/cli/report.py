@@ -28,6 +28,8 @@ def register(sub) -> dict[str, Callable]:
                    help="for scores with edges (score --edges): each task's top N edges by |score|, pruned to "
                         "input -> logits paths, drawn in circuit.png and index.html (default 100)")
     add_interval_args(r)
+    r.add_argument("--no-progress", action="store_true", help="hide the bootstrap's progress bar (shown on a "
+                       "terminal when the intervals take over 2 s)")
     return {"report": cmd_report}
 
 
