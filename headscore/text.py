@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#!|~])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#!|~&])")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -972,3 +972,15 @@ def test_tasks_from_a_pipe_are_read_once(tmp_path, capsys, model_dir):
     err = capsys.readouterr().err
     assert code == 0, err
     assert HeadScores.load(tmp_path / "s.hs").tasks == ["geo", "other"]
+
+
+@pytest.mark.parametrize("name", ["a&lt;b", "x &amp; y", "tom & jerry", "plain|pipe *b* <i>"])
+def test_names_render_in_markdown_as_written(name):
+    """A task or model name in the summary renders as written (an HTML entity in it was decoded: 'a&lt;b'
+    showed as 'a<b'); checked with a CommonMark renderer."""
+    from markdown_it import MarkdownIt
+
+    from headscore.text import markdown_text
+
+    tokens = MarkdownIt("commonmark").parseInline(markdown_text(name))[0].children
+    assert "".join(t.content for t in tokens if t.type == "text") == name

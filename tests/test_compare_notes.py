@@ -244,3 +244,17 @@ def test_sections_that_cannot_be_compared_and_task_names_the_json_keeps(tmp_path
     assert code == 2 and "--json: task '_exact' has the name of a key the JSON keeps for itself" in err
     assert not (tmp_path / "o2.json").exists()
     assert run(capsys, "compare", a, b)[0] == 0  # without --json nothing clashes
+
+
+def test_report_says_which_tasks_an_ablation_file_lacks(tmp_path, capsys):
+    """``report --ablation`` shows the tasks both files have; the ones it leaves out are named (they went without
+    a word)."""
+    scores = scores_file(tmp_path / "s.hs")
+    ablation = tmp_path / "a.hs"
+    HeadScores.load(scores_file(tmp_path / "a0.hs", seed=1)).select(["a"]).save(ablation)
+    code, out, err = run(capsys, "report", scores, "--ablation", ablation, "--out", tmp_path / "rep")
+    assert code == 0
+    assert f"headscore: warning: --ablation {ablation} has no b: the report shows the tasks both files have" in err
+    code, out, err = run(capsys, "report", scores, "--ablation", scores_file(tmp_path / "a1.hs", seed=2),
+                         "--out", tmp_path / "rep2")
+    assert code == 0 and "warning" not in err

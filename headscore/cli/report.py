@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Callable
 
 from ..edges.faithfulness import score_circuits
@@ -10,6 +11,7 @@ from ..errors import HeadscoreError
 from ..intervals import agreement_table
 from ..output_paths import OutputDir
 from ..report import REPORT_FILES, write_report
+from ..text import printable
 from .common import add_interval_args, at_least, check_command_outputs, interval_options
 from .compare import load_finite
 
@@ -45,6 +47,10 @@ def cmd_report(args: argparse.Namespace) -> None:
         common = [t for t in scores.tasks if t in ablation.tasks]
         if not common:
             raise HeadscoreError("the scores and the ablation file have no task in common")
+        left_out = [t for t in scores.tasks if t not in common]
+        if left_out:  # the report pairs every panel with its ablation: say which tasks it leaves out
+            warnings.warn(f"--ablation {args.ablation} has no {', '.join(printable(t) for t in left_out)}: the "
+                          "report shows the tasks both files have", stacklevel=1)
         scores, ablation = scores.select(common), ablation.select(common)
         comparison = agreement_table(scores, ablation, args.k, **interval_options(args))
     if other is not None:
