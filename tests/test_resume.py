@@ -152,33 +152,19 @@ def test_checkpoint_refusals(tmp_path, model_dir, data_file, capsys):
 
 @pytest.mark.parametrize("every", [0, 1])
 @pytest.mark.parametrize("method", ["taylor", "atp-mean"])
-def test_resume_from_every_batch_equals_uninterrupted(tmp_path, method, every):
+def test_resume_from_every_batch_equals_uninterrupted(tmp_path, monkeypatch, method, every):
     """Stopped after k batches (an exception inside the loop), the checkpoint holds those k, also where it is
     written only at the end (``checkpoint_every=0``: the stop writes it), and the resumed run equals the
     uninterrupted one for every k."""
     lm = tiny_model("llama", dtype=torch.float64)
     examples = random_examples(7)
     full = headscore.score(lm, examples, method=method, batch_size=2, progress=False)
-    import headscore.api as api
-
-    original = api.gate_gradients
     for k in range(4):
         ckpt = tmp_path / f"{method}{k}-{every}.ckpt"
-        calls = []
-
-        def failing(*args, calls=calls, k=k, **kwargs):
-            if len(calls) == k:
-                raise KeyboardInterrupt
-            calls.append(1)
-            return original(*args, **kwargs)
-
-        api.gate_gradients = failing
-        try:
-            with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match=f"stopped after {k} of 4 batches"):
-                headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt),
-                                checkpoint_every=every, progress=False)
-        finally:
-            api.gate_gradients = original
+        with _stopping_after(monkeypatch, k), pytest.raises(KeyboardInterrupt), \
+                pytest.warns(UserWarning, match=f"stopped after {k} of 4 batches"):
+            headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), checkpoint_every=every,
+                            progress=False)
         assert load_checkpoint(ckpt)[1] == k
         resumed = headscore.score(lm, examples, method=method, batch_size=2, checkpoint=str(ckpt), resume=True,
                                   progress=False)
@@ -221,12 +207,13 @@ def test_a_stop_inside_the_accumulation_undoes_that_batch(tmp_path, monkeypatch)
 
 
 @contextlib.contextmanager
-def _stopping_after(monkeypatch, batches):
+def _stopping_after(monkeypatch, batches, step="gate_gradients"):
     """Inside the block, scoring stops with a KeyboardInterrupt after ``batches`` batches (the command line
-    then exits 130)."""
+    then exits 130): at the batch's call of ``step``, one of ``headscore.api``'s names (``clean_losses`` for
+    ablation)."""
     import headscore.api as api
 
-    original, calls = api.gate_gradients, []
+    original, calls = getattr(api, step), []
 
     def failing(*args, **kwargs):
         if len(calls) == batches:
@@ -235,7 +222,7 @@ def _stopping_after(monkeypatch, batches):
         return original(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(api, "gate_gradients", failing)
+        m.setattr(api, step, failing)
         yield
 
 
@@ -454,26 +441,14 @@ def test_ablation_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """``ablate`` with a checkpoint, stopped after k batches (Ctrl-C in the middle of a batch): the checkpoint
     holds k batches, the resumed run equals the uninterrupted one bit for bit (values, stderr, per-example
     values); another mode or baseline is refused; a finished checkpoint gives the result at once."""
-    import headscore.api as api
-
     lm = tiny_model("llama", dtype=torch.float64)
     examples = random_examples(7)
     full = headscore.ablate(lm, examples, batch_size=2, progress=False)
-    original = api.clean_losses
     for k in (0, 2, 3):
         ckpt = str(tmp_path / f"a{k}.ckpt")
-        calls = []
-
-        def failing(*args, calls=calls, k=k, **kwargs):
-            if len(calls) == k:
-                raise KeyboardInterrupt
-            calls.append(1)
-            return original(*args, **kwargs)
-
-        with monkeypatch.context() as m:
-            m.setattr(api, "clean_losses", failing)
-            with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match=f"stopped after {k} of 4"):
-                headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, progress=False)
+        with _stopping_after(monkeypatch, k, "clean_losses"), pytest.raises(KeyboardInterrupt), \
+                pytest.warns(UserWarning, match=f"stopped after {k} of 4"):
+            headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, progress=False)
         assert load_checkpoint(ckpt)[1] == k
         with pytest.raises(CheckpointMismatch, match="mode: checkpoint prefix vs now batched"):
             headscore.ablate(lm, examples, batch_size=2, mode="batched", checkpoint=ckpt, resume=True,
@@ -491,21 +466,10 @@ def test_ablation_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
 
 def test_ablate_command_resumes_and_refuses_checkpoints_where_none_is_kept(tmp_path, monkeypatch, model_dir,
                                                                           data_file, capsys):
-    import headscore.api as api
-
     ref, out = tmp_path / "ref.hs", tmp_path / "out.hs"
     base = ["ablate", "--model", str(model_dir), "--tasks", str(data_file), "--batch-size", "2", "--no-progress"]
     assert main([*base, "--out", str(ref)]) == 0
-    original, calls = api.clean_losses, []
-
-    def failing(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(api, "clean_losses", failing)
+    with _stopping_after(monkeypatch, 2, "clean_losses"):
         assert main([*base, "--out", str(out), "--checkpoint-every", "1"]) == 130
     assert "stopped after 2 of" in capsys.readouterr().err and not out.exists()
     assert main([*base, "--out", str(out), "--resume"]) == 0
