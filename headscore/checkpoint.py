@@ -317,7 +317,8 @@ class ScoringRun:
         for i, item in enumerate(items):
             if i < self.done or i % self.world != self.rank:
                 continue
-            self._current = (i, self.acc.mark())
+            # what a stop rewinds to (save_interrupted); without a checkpoint nothing is saved, so nothing is kept
+            self._current = (i, self.acc.mark()) if self.path is not None else None
             yield item
             self._current = None
             self.done = i + 1

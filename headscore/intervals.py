@@ -97,19 +97,19 @@ def _task_intervals(a: ExampleMaps, b: ExampleMaps, task: str, k: int, paired: b
             raise ValueError(f"paired maps need the same examples; {task!r} has {na} and {nb}")
         sizes = [na]
 
-        def maps(i, task=task):
+        def maps(i):
             return a.mean(task, i), b.mean(task, i)
     else:
         sizes = [na, nb]
 
-        def maps(i, j, task=task):
+        def maps(i, j):
             return a.mean(task, i), b.mean(task, j)
 
-    def rho(*i, maps=maps):
+    def rho(*i):
         x, y = maps(*i)
         return spearman(x.flatten().numpy(), y.flatten().numpy())
 
-    def top(*i, maps=maps):
+    def top(*i):
         x, y = maps(*i)
         return topk_overlap(x, y, k)
 

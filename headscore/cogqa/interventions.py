@@ -41,6 +41,13 @@ from ..results import HeadScores, json_bytes
 from ..text import markdown_text
 
 
+def check_set_size(k: int, heads: int) -> None:
+    """HeadscoreError unless ``k`` heads per set can be drawn from the model's ``heads`` (absent ones not
+    counted)."""
+    if not 1 <= k <= heads:
+        raise HeadscoreError(f"k must be between 1 and {heads} (the model's heads), got {k}")
+
+
 def random_head_sets(num_layers: int, num_heads: int, k: int, seeds: Sequence[int],
                      absent: torch.Tensor | None = None) -> list[list[tuple[int, int]]]:
     """One set of ``k`` distinct heads per seed, drawn uniformly from the model's heads (not those ``absent``
@@ -48,8 +55,7 @@ def random_head_sets(num_layers: int, num_heads: int, k: int, seeds: Sequence[in
     nothing and would bias the random control toward 0)."""
     flat = range(num_layers * num_heads)
     pool = list(flat) if absent is None else [i for i in flat if not bool(absent.flatten()[i])]
-    if not 1 <= k <= len(pool):
-        raise HeadscoreError(f"k must be between 1 and {len(pool)}, got {k}")
+    check_set_size(k, len(pool))
     return [[(i // num_heads, i % num_heads) for i in random.Random(s).sample(pool, k)] for s in seeds]
 
 

@@ -53,7 +53,7 @@ from ..results import HeadScores, json_bytes
 from ..text import markdown_text
 from .findings import jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity, specificity
 from .findings import stability as split_half_stability
-from .interventions import InterventionResult, intervene
+from .interventions import InterventionResult, check_set_size, intervene
 from .probe import collect_activations, probe_scores
 from .uncertainty import sparsity_intervals, stability_intervals
 
@@ -341,9 +341,8 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     prep = prepare(lm, examples)
     if len(prep.tasks) < 2:
         raise HeadscoreError("the reproduction needs at least two cognitive functions")
-    heads = int((~head_layout(lm.model).absent_heads()).sum())  # the interventions' k, before any stage runs
-    if intervention_per_function != 0 and not 1 <= k <= heads:
-        raise HeadscoreError(f"k must be between 1 and {heads} (the model's heads), got {k}")
+    if intervention_per_function != 0:  # the interventions' k, before any stage runs
+        check_set_size(k, int((~head_layout(lm.model).absent_heads()).sum()))
     timings["load"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
