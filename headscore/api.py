@@ -465,7 +465,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
             batch, one full pass per cell where that fails (and in mode ``naive``). Not with ``checkpoint``.
         checkpoint, checkpoint_every, resume: a resumable run, as in :func:`score` (the checkpoint holds the
             batches done; a stop by an exception or Ctrl-C writes it too); the fingerprint names the mode asked
-            for, the baseline and the metric.
+            for, the baseline and the metric; a resumed run goes on in the mode the first batch's check chose.
 
     Returns:
         HeadScores whose value at (task, l, h) is the mean over the task's examples of
@@ -497,7 +497,9 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     # per position: count (example, layer, head, token) cells, padding included
     cells = tqdm(total=batch_cells(prep.tokenized, batch_size) * rows.shape[0] if maps is not None else 0,
                  desc="patch positions", unit="cell", disable=not progress or maps is None, leave=False)
-    fast_positions, checked = None, False
+    # a resumed run goes on in the mode its first batches ran in (the prefix check is not asked again)
+    mode = run.notes.get("mode", mode)
+    fast_positions, checked = None, "mode" in run.notes
     bar.update(min(run.done * batch_size, len(prep.tokenized)) * rows.shape[0])  # a resumed run's done part
     with patch(prep.lm.model) as heads, bar, cells, prep.naming_examples():
         static = _baseline_tensor(prep, heads, baseline, batch_size, progress) if run.done < run.total else None
@@ -507,7 +509,7 @@ def ablate(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
                 base = _batch_baseline(model, heads, batch, static, baseline == "corrupt")
                 if not checked and mode == "prefix" and not prefix_reuse_works(model, heads, batch, base, metric):
                     mode = "batched"
-                checked = True
+                checked, run.notes["mode"] = True, mode
                 clean = clean_losses(model, heads, batch, metric)
 
                 def changed(gate_rows: torch.Tensor, batch=batch, base=base, mode=mode, clean=clean) -> torch.Tensor:

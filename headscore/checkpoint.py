@@ -207,23 +207,33 @@ def checkpoint_path(path: str | Path, rank: int = 0, world: int = 1) -> Path:
     return path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
 
 
-def save_checkpoint(path: str | Path, acc: TaskAccumulator, done: int, total: int, print_: dict[str, str]) -> Path:
-    """Write the accumulator and progress atomically."""
+def save_checkpoint(path: str | Path, acc: TaskAccumulator, done: int, total: int, print_: dict[str, str],
+                    notes: dict[str, str] | None = None) -> Path:
+    """Write the accumulator and progress atomically; ``notes``: what the run decided on its way (e.g. the mode a
+    check fell back to), which a resumed run goes on with (not part of its identity)."""
     meta = {"format": FORMAT, "done": str(done), "total": str(total), "fingerprint": json.dumps(print_),
-            "tasks": json.dumps(acc.tasks)}
+            "tasks": json.dumps(acc.tasks), "notes": json.dumps(notes or {})}
     tensors = {k: v.contiguous() for k, v in acc.state_dict().items()}
     return atomic_write(path, checksummed(tensors, meta))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int, dict[str, str]]:
     """(accumulator state, batches done, total batches, fingerprint) from a checkpoint file."""
+    return _read_checkpoint(path)[:4]
+
+
+def _read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int, dict[str, str], dict[str, str]]:
+    """:func:`load_checkpoint`'s four and the run's notes ({} in a file written before notes)."""
     try:
         meta, tensors = read_checked(path)
         state = {k: tensors[k] for k in ("count", "sum", "sumsq")}
         state.update({k: tensors[k] for k in ("example_values", "example_tasks", "example_order") if k in tensors})
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        return state, int(meta["done"]), int(meta["total"]), json.loads(meta["fingerprint"])
+        notes = json.loads(meta.get("notes", "{}"))
+        if not isinstance(notes, dict) or not all(isinstance(v, str) for v in notes.values()):
+            raise ValueError(f"notes {meta.get('notes')!r}")
+        return state, int(meta["done"]), int(meta["total"]), json.loads(meta["fingerprint"]), notes
     except HeadscoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -261,6 +271,8 @@ class ScoringRun:
         self.resumed_from = 0
         self._since = 0
         self._current: tuple[int, tuple] | None = None  # the batch in progress and the accumulator before it
+        # what the run decided on its way (saved with it, taken back on resume): e.g. ablate's mode after its check
+        self.notes: dict[str, str] = {}
         if self.path is not None:  # writable where it goes: found now, not after the work it keeps
             check_output_file("checkpoint", self.path)
         if checkpoint is not None:
@@ -290,7 +302,7 @@ class ScoringRun:
                                      f"{self.world}: resume with {world} processes, or delete {files} to start over")
 
     def _resume(self) -> None:
-        state, done, total, stored = load_checkpoint(self.path)
+        state, done, total, stored, notes = _read_checkpoint(self.path)
         if stored.get("fingerprint_version") != self.fingerprint["fingerprint_version"]:
             raise CheckpointMismatch(f"checkpoint {self.path} was written by another headscore version (fingerprint "
                                      f"version {stored.get('fingerprint_version', 1)}, now {FINGERPRINT_VERSION}) "
@@ -311,6 +323,7 @@ class ScoringRun:
                                          f"run's is {list(ours)}; delete it or use another --checkpoint path")
         self.acc.load_state_dict(state)
         self.done = self.resumed_from = done
+        self.notes.update(notes)
 
     def batches(self, items: Iterable[T]) -> Iterator[T]:
         """This rank's items (``i % world == rank``) from index ``done`` on."""
@@ -357,7 +370,7 @@ class ScoringRun:
     def save(self) -> None:
         """Write the checkpoint now (no-op without a path)."""
         if self.path is not None:
-            save_checkpoint(self.path, self.acc, self.done, self.total, self.fingerprint)
+            save_checkpoint(self.path, self.acc, self.done, self.total, self.fingerprint, self.notes)
             self._since = 0
 
     def finish(self) -> TaskAccumulator:

@@ -464,6 +464,35 @@ def test_ablation_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
         assert torch.equal(again.values, full.values)
 
 
+def test_resumed_ablation_goes_on_in_the_mode_its_check_chose(tmp_path, monkeypatch):
+    """Where the first batch's prefix check fails (planted), ablation runs ``batched``; stopped and resumed, it
+    goes on ``batched`` without asking the check again (another batch could pass it, and the run would mix two
+    modes' round-off), and says so in ``extra["mode"]``, a finished checkpoint too (nothing runs there)."""
+    import headscore.api as api
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = random_examples(7)
+    asked = []
+
+    def failing_check(*args, **kwargs):
+        asked.append(1)
+        return False
+
+    monkeypatch.setattr(api, "prefix_reuse_works", failing_check)
+    full = headscore.ablate(lm, examples, batch_size=2, progress=False)
+    assert full.extra["mode"] == "batched" and len(asked) == 1
+    ckpt = str(tmp_path / "a.ckpt")
+    with _stopping_after(monkeypatch, 2, "clean_losses"), pytest.raises(KeyboardInterrupt), \
+            pytest.warns(UserWarning, match="stopped after 2 of 4"):
+        headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, progress=False)
+    monkeypatch.setattr(api, "prefix_reuse_works", lambda *a, **k: pytest.fail("the check was asked again"))
+    resumed = headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, resume=True, progress=False)
+    assert resumed.extra["mode"] == "batched"
+    assert torch.equal(resumed.values, full.values) and torch.equal(resumed.example_values, full.example_values)
+    again = headscore.ablate(lm, examples, batch_size=2, checkpoint=ckpt, resume=True, progress=False)
+    assert again.extra["mode"] == "batched" and torch.equal(again.values, full.values)
+
+
 def test_ablate_command_resumes_and_refuses_checkpoints_where_none_is_kept(tmp_path, monkeypatch, model_dir,
                                                                           data_file, capsys):
     ref, out = tmp_path / "ref.hs", tmp_path / "out.hs"
