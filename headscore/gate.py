@@ -21,6 +21,12 @@ from __future__ import annotations
 import torch
 
 
+def gate_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the gates (and baselines) a run feeds ``model``: float32 at least (a bfloat16 model's gates
+    and baselines stay float32), float64 for a float64 model."""
+    return torch.promote_types(torch.float32, next(model.parameters()).dtype)
+
+
 def _gate_view(gate: torch.Tensor) -> torch.Tensor:
     """[B, H] -> [B, 1, H, 1]; per position [B, T, H] -> [B, T, H, 1]."""
     return gate[:, None, :, None] if gate.dim() == 2 else gate[..., None]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .gate import gate_dtype
 from .models import is_sequence_classifier
 from .patch import patch
 
@@ -125,7 +126,7 @@ def _consumer_input(model: torch.nn.Module, heads, batch, layer: int, fits: dict
     got: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_pre_hook(
         lambda m, args, name=name: got.setdefault(name, args[0].detach().clone())) for name in fits]
-    gates = heads.ones(1, dtype=torch.promote_types(torch.float32, parameter_dtype(model)))
+    gates = heads.ones(1, dtype=gate_dtype(model))
     gates[0, layer, :len(factors)] = factors.to(gates.dtype)
     try:
         with torch.no_grad(), heads.using(gates):

@@ -45,6 +45,7 @@ import torch
 from . import compat
 from .accumulate import TaskAccumulator
 from .errors import HeadscoreError
+from .gate import gate_dtype
 from .patch import HeadGates, mark_absent_heads, patch
 from .results import HeadScores
 
@@ -150,7 +151,7 @@ class Tracker:
             labels = torch.zeros(rows, dtype=torch.long)
         if labels.shape[0] != rows:
             raise HeadscoreError(f"task labels for {labels.shape[0]} rows but the batch has {rows}")
-        dtype = torch.promote_types(torch.float32, next(self.model.parameters()).dtype)
+        dtype = gate_dtype(self.model)
         gates = self.heads.ones(rows, device=device, requires_grad=True, dtype=dtype)
         self._check_recomputation(checkpointing, gates)
         record = _Pending(weakref.ref(gates), labels.to(device))

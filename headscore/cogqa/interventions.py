@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import stats
 from ..errors import HeadscoreError
+from ..gate import gate_dtype
 from ..loss import accepts_logits_to_keep, finite_losses, target_nll
 from ..methods.ablation import head_set_gates
 from ..methods.position_patching import cache_keyword, returned_cache
@@ -128,10 +129,6 @@ def _setting_tensors(model: torch.nn.Module, prompt_ids: Sequence[int], target_i
     return prompt, torch.tensor([list(target_ids)], device=device).expand(k, -1)
 
 
-def _gate_dtype(model: torch.nn.Module) -> torch.dtype:
-    return torch.promote_types(torch.float32, next(model.parameters()).dtype)
-
-
 @torch.no_grad()
 def evaluate_settings(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequence[int],
                       target_ids: Sequence[int], gate_rows: torch.Tensor, *,
@@ -145,7 +142,7 @@ def evaluate_settings(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequ
     full passes without a cache (one per greedy token after the first).
     """
     prompt, target = _setting_tensors(model, prompt_ids, target_ids, gate_rows.shape[0])
-    with heads.using(gate_rows.to(prompt.device, _gate_dtype(model)), None):
+    with heads.using(gate_rows.to(prompt.device, gate_dtype(model)), None):
         logits, _, tokens = (_cached_decoding if cached else _uncached_decoding)(model, prompt, target)
     return _target_losses(logits, target, index), tokens.cpu()
 
@@ -161,7 +158,7 @@ def cached_decoding_works(model: torch.nn.Module, heads: HeadGates, prompt_ids: 
     model, and a pass over fewer tokens rounds them differently."""
     name = type(model).__name__
     prompt, target = _setting_tensors(model, prompt_ids, target_ids, gate_rows.shape[0])
-    with heads.using(gate_rows.to(prompt.device, _gate_dtype(model)), None):
+    with heads.using(gate_rows.to(prompt.device, gate_dtype(model)), None):
         try:
             forced, steps, tokens = _cached_decoding(model, prompt, target)
         except Exception as exc:  # noqa: BLE001 - any failure of the cached path means: do not use it
@@ -191,7 +188,7 @@ def setting_losses(model: torch.nn.Module, heads: HeadGates, prompt_ids: Sequenc
     """The target loss [K] of :func:`evaluate_settings` without greedy decoding: one forward pass of the
     prompt and the target (no cache), for settings whose accuracy is not needed."""
     prompt, target = _setting_tensors(model, prompt_ids, target_ids, gate_rows.shape[0])
-    with heads.using(gate_rows.to(prompt.device, _gate_dtype(model)), None):
+    with heads.using(gate_rows.to(prompt.device, gate_dtype(model)), None):
         return _target_losses(_forced_logits(model, prompt, target), target, index)
 
 

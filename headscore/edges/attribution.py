@@ -27,6 +27,7 @@ import torch
 
 from ..data.batching import Batch
 from ..errors import UnsupportedModelError
+from ..gate import gate_dtype
 from ..loss import NLL, Metric, example_losses, run_forward
 from ..patch import HeadGates
 from .residual import Projection, ResidualModel, layer_input, module_output, with_layer_input
@@ -256,7 +257,7 @@ def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualMode
     EAP-IG-inputs), the changes stay baseline minus ``clean``.
     """
     graph = rm.graph
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    dtype = gate_dtype(model)
     scores = torch.zeros(batch.size, len(graph.upstream), len(graph.downstream), dtype=dtype,
                          device=batch.input_ids.device)
     gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=True, dtype=dtype)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..data.batching import Batch
+from ..gate import gate_dtype
 from ..loss import NLL, Metric, example_losses, trusted_vocabulary
 from ..patch import HeadGates
 from .prefix import PrefixReplay, boundaries_to_check, decoder_layers, replay_tolerance
@@ -147,7 +148,7 @@ def gated_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, gate_ro
     mode = check_mode(mode)
     k, b = gate_rows.shape[0], batch.size
     num_layers = heads.layout.num_layers
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    dtype = gate_dtype(model)
     gate_rows = gate_rows.to(batch.input_ids.device, dtype)
     trusted_vocabulary(model, metric, batch)  # the passes compute only the logits the metric reads
     replay = None
@@ -185,7 +186,7 @@ def selected_losses(model: torch.nn.Module, heads: HeadGates, batch: Batch, rows
     ``prefix=False`` (or a model whose decoder layers are not found) runs every layer for every pair.
     """
     num_layers = heads.layout.num_layers
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    dtype = gate_dtype(model)
     gate_rows = gate_rows.to(batch.input_ids.device, dtype)
     trusted_vocabulary(model, metric, batch)
     layers = decoder_layers(model, num_layers) if prefix else None

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from ..data.batching import Batch
+from ..gate import gate_dtype
 from ..loss import run_forward
 from ..patch import HeadGates, HeadLayout
 
@@ -48,7 +49,7 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
             mask = batch.attention_mask
             tokens += int(mask.sum())
             run_forward(model, batch)
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)  # a float64 run stays float64
+    dtype = gate_dtype(model)  # a float64 run stays float64
     return (_stacked(sums, layout, "") / max(tokens, 1)).to(dtype)
 
 

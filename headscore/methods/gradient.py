@@ -25,6 +25,7 @@ import torch
 
 from ..data.batching import Batch
 from ..errors import HeadscoreError
+from ..gate import gate_dtype
 from ..loss import NLL, Metric, example_losses
 from ..patch import HeadGates
 
@@ -64,7 +65,7 @@ def gate_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
     weight gradients are computed.
     """
     # float32 gates (float64 for a float64 model): the gradient is reduced in that precision.
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    dtype = gate_dtype(model)
     positions = batch.input_ids.shape[1] if per_position else None
     gates = heads.ones(batch.size, device=batch.input_ids.device, requires_grad=at is None, dtype=dtype,
                        positions=positions)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import Batch
+from ..gate import gate_dtype
 from ..loss import (
     NLL,
     Metric,
@@ -82,7 +83,7 @@ def plain_position_deltas(model: torch.nn.Module, heads: HeadGates, batch: Batch
         if on_cells is not None:
             on_cells(n * batch.size)
 
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)  # the gates' dtype in the passes
+    dtype = gate_dtype(model)  # the gates' dtype in the passes
     for layer in range(layout.num_layers) if layers is None else layers:
         rows = position_gates(layer, layout.num_layers, layout.num_heads, width, value, dtype=dtype)
         delta = gated_losses(model, heads, batch, rows, baseline, mode=mode, max_rows=max_rows, metric=metric,
@@ -210,7 +211,7 @@ class PositionPatcher:
         if rope is not None:
             raise RuntimeError(f"its RoPE ({rope}) takes its frequencies from each pass's length")
         self.layers = decoder_layers(model, self.layout.num_layers) if replay else None
-        self.dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+        self.dtype = gate_dtype(model)
         self.vocabulary = trusted_vocabulary(model, metric, batch)  # the logits the metric reads, if not all
         self._last: tuple[tuple, _Slice] | None = None
         self.clean = self._record()
