@@ -272,7 +272,7 @@ def score(model: ModelLike = DEFAULT_MODEL, examples: ExamplesLike = None, *,
     prep, metric = _begin(model, examples, max_examples=max_examples, batch_size=batch_size, metric=metric,
                           baseline=implied, columns=columns, rows_per_pass=rows_per_pass)
     layout = head_layout(prep.lm.model)
-    top = None if verify is None or verify is False else verify_count(verify, int((~layout.absent_heads()).sum()))
+    top = None if verify is None or verify is False else verify_count(verify, layout.real_heads)
     if per_position and checkpoint is not None:
         raise HeadscoreError("per-position scores are not checkpointed; drop the checkpoint or per_position")
     name = _gradient_method_name(method, baseline)

@@ -76,6 +76,11 @@ class HeadLayout:
             return False
         return self.heads_per_layer is None or set(self.heads_per_layer) <= {0, self.num_heads}
 
+    @property
+    def real_heads(self) -> int:
+        """How many heads the model really has: every layer's own count (absent heads not counted)."""
+        return sum(self.heads_of(layer) for layer in range(self.num_layers))
+
     def absent_heads(self) -> torch.Tensor:
         """[L, H] True where a layer has no such head (beyond its own count)."""
         mask = torch.zeros(self.num_layers, self.num_heads, dtype=torch.bool)

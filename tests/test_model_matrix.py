@@ -101,7 +101,7 @@ def test_per_layer_head_counts(tmp_path, one_thread):
     model = _build("laguna")
     model.set_attn_implementation("sdpa")  # float64 throughout (eager's softmax runs in float32)
     layout = head_layout(model)
-    assert layout.heads_per_layer == (4, 2) and layout.num_heads == 4
+    assert layout.heads_per_layer == (4, 2) and layout.num_heads == 4 and layout.real_heads == 6
     lm = headscore.LoadedModel(model, char_tokenizer(), "tiny-laguna")
     two = [*EXAMPLES, headscore.Example("Then Cy and Di sat, Di read to", " Cy", "t")]  # a standard error
     s = headscore.score(lm, two, progress=False, per_position=True)

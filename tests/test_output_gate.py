@@ -236,7 +236,7 @@ def test_hybrid_layers_without_attention_have_no_heads(monkeypatch, one_thread):
     monkeypatch.setattr(api, "gated_losses", counted)
     got = headscore.ablate(lm, counterfactual_examples(2), mode="batched", progress=False)
     heads = lm.model.config.num_attention_heads
-    assert head_layout(lm.model).heads_per_layer == (0, heads)
+    assert head_layout(lm.model).heads_per_layer == (0, heads) and head_layout(lm.model).real_heads == heads
     assert got.values[:, 0].isnan().all() and got.values[:, 1].isfinite().all()
     changed = torch.cat(rows)
     assert changed.shape[0] == heads and (changed[:, 0] == 1).all()  # one row per head of layer 1, none for layer 0

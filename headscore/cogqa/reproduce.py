@@ -342,7 +342,7 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     if len(prep.tasks) < 2:
         raise HeadscoreError("the reproduction needs at least two cognitive functions")
     if intervention_per_function != 0:  # the interventions' k, before any stage runs
-        check_set_size(k, int((~head_layout(lm.model).absent_heads()).sum()))
+        check_set_size(k, head_layout(lm.model).real_heads)
     timings["load"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
