@@ -129,8 +129,11 @@ def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int
     ``min_examples``: a task with fewer examples than that in either file gets no interval, and says instead
     ``examples`` (A's, B's), ``min_examples`` and ``level``. ``headscore compare`` passes
     :func:`headscore.stats.min_examples_for` of the level; the default 1 leaves it to the bootstrap, which gives
-    NaN ends below 2. Where intervals were computed, every entry says ``examples``. HeadscoreError if ``k`` is no
-    whole number >= 1. ``progress``: a bar over the resamples on a terminal (see :func:`agreement_intervals`).
+    NaN ends below that floor too (without those keys). Where intervals were computed, every entry says
+    ``examples``, and ``biased`` lists the figures whose interval has NaN ends because almost every resample
+    fell on one side of the figure (a bias the bootstrap cannot correct, :data:`headscore.stats.MAX_BIAS_Z`).
+    HeadscoreError if ``k`` is no whole number >= 1. ``progress``: a bar over the resamples on a terminal (see
+    :func:`agreement_intervals`).
     """
     whole_at_least(k, 1, "agreement_table needs k")
     table = {t: ag.as_dict() for t, ag in compare(a, b, k).items()}
@@ -148,5 +151,7 @@ def agreement_table(a: HeadScores, b: HeadScores, k: int = 10, *, resamples: int
             continue
         for name, iv in intervals.get(task, {}).items():
             row[f"{name}_ci"] = [iv.low, iv.high]
+            if iv.reason == "bias":
+                row.setdefault("biased", []).append(name)
         row.update(level=level, resamples=resamples, paired=paired, examples=examples[task])
     return table

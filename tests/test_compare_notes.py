@@ -170,6 +170,42 @@ def test_compare_shows_intervals_where_a_task_has_enough_examples(tmp_path, caps
     assert code == 0 and all(ci[0] is not None for ci in cis(doc).values()) and "no interval" not in out
 
 
+def noisy_pair(tmp_path):
+    """Two files of different examples (40 of each task): task 'noisy' shares its signal, and its maps of 270 heads
+    carry noise 4x that signal, so their resampled Spearman falls below the figure in almost every resample (an
+    uncorrectable bias); task 'unrelated' has maps of independent signals (a Spearman near 0, which resampling
+    does not pull to one side)."""
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(30, 9, generator=g, dtype=torch.float64)
+    paths = []
+    for name in ("a", "b"):
+        labels = torch.arange(2).repeat_interleave(40)
+        signal = torch.stack([shared, torch.randn(30, 9, generator=g, dtype=torch.float64)])
+        per_example = signal[labels] + 4.0 * torch.randn(80, 30, 9, generator=g, dtype=torch.float64)
+        values = torch.stack([per_example[labels == i].mean(0) for i in range(2)])
+        HeadScores(values, torch.zeros_like(values), torch.tensor([40, 40]), ["noisy", "unrelated"], "taylor", "m",
+                   f"h{name}", example_values=per_example.float(), example_tasks=labels).save(tmp_path / f"{name}.hs")
+        paths.append(tmp_path / f"{name}.hs")
+    return paths
+
+
+def test_compare_gives_no_interval_where_the_resamples_fall_on_one_side(tmp_path, capsys):
+    """Where almost every resample's figure falls on one side of the figure, there is no interval (the plain
+    percentile interval shown before lay wholly below it): the value alone, a line that says why, ``biased`` in
+    the JSON; a task without that bias keeps its interval."""
+    a, b = noisy_pair(tmp_path)
+    code, out, err = run(capsys, "compare", a, b, "--resamples", "200", "--json", tmp_path / "t.json")
+    assert code == 0 and err == "", err
+    assert "no interval for noisy (Spearman): almost every resample fell on one side of the figure, a bias the " \
+           "bootstrap cannot correct" in out
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["noisy"]["biased"] == ["spearman"] and doc["noisy"]["spearman_ci"] == [None, None]
+    low, high = doc["unrelated"]["spearman_ci"]
+    assert low <= doc["unrelated"]["spearman"] <= high and "biased" not in doc["unrelated"]
+    row = next(line for line in out.splitlines() if line.startswith("noisy"))
+    assert f"{doc['noisy']['spearman']:.3f}" in row and row.split()[1] == f"{doc['noisy']['spearman']:.3f}"
+
+
 def test_the_library_table_keeps_its_default(tmp_path):
     """``agreement_table`` without ``min_examples`` (the report's call) leaves it to the bootstrap, which gives no
     interval (NaN ends) from 2 examples at 95% either; with it, the entry says why instead."""

@@ -175,6 +175,10 @@ def test_several_sources_partial_measurement_and_intervals(setup):
     assert r["others_dloss"] == pytest.approx((float(row[first_of["beta"]]) + float(row[first_of["gamma"]])) / 2)
     assert r["selectivity"] == pytest.approx(r["own_dloss"] - r["others_dloss"])
     assert r["own_dloss_ci"][0] <= r["own_dloss"] <= r["own_dloss_ci"][1]
+    # one example of each other function: each is a resampled group of its own, below the floor of 2 that a 50%
+    # interval needs, so others and selectivity have no interval (pooled, the 2 examples passed the floor, and a
+    # resample could hold one function twice and the other not at all)
+    assert all(math.isnan(c) for key in ("others_dloss_ci", "selectivity_ci") for c in r[key])
     assert r["p_own_vs_random"] == pytest.approx(stats.sign_flip_pvalue(own - rnd))
     summary = res.source_summary()
     mean_own = sum(table[f, "negated"]["own_dloss"] for f in ("alpha", "beta", "gamma")) / 3
@@ -293,3 +297,56 @@ def test_hybrid_families_measure_like_full_passes(family):
         res = intervene(lm, planted, scores, k=2, seeds=(0,), scale=2.0, progress=False)
     _measured_like_references(lm, planted, scores, res, shape)
     assert any(v > 0 for v in res.accuracy["clean"].values())
+
+
+def test_others_resample_each_function_on_its_own_and_the_seed_sets_the_intervals(monkeypatch, tmp_path, capsys):
+    """The others and selectivity figures resample each other function's examples as a group of its own (sizes
+    [own, 3, 3], not [own, 6]), so every resample holds every function; ``seed`` (``intervene --seed``) sets the
+    intervals and is kept in the JSON (it was accepted and ignored); the header's star follows the level."""
+    from tiny_saved import save_tiny_model
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    lm.tokenizer = DecodingByteTokenizer()
+    examples = random_examples(12)  # 4 per function
+    scores = headscore.score(lm, examples, batch_size=6, progress=False)
+    sizes = []
+    real = stats.bootstrap
+
+    def recording(statistic, group_sizes, **kwargs):
+        sizes.append(list(group_sizes))
+        return real(statistic, group_sizes, **kwargs)
+
+    monkeypatch.setattr(stats, "bootstrap", recording)
+    res = intervene(lm, examples, scores, k=1, seeds=(0,), scale=None, others_per_function=3, resamples=200,
+                    level=0.5, progress=False)
+    assert [3, 3] in sizes and [4, 3, 3] in sizes and [6] not in sizes and [4, 6] not in sizes
+    r = res.rows[0]
+    assert r["others_dloss_ci"][0] <= r["others_dloss"] <= r["others_dloss_ci"][1]
+    monkeypatch.setattr(stats, "bootstrap", real)
+    again = {seed: intervene(lm, examples, scores, k=1, seeds=(0,), scale=None, functions=["alpha"], resamples=200,
+                             level=0.5, seed=seed, progress=False) for seed in (0, 7)}
+    assert again[0].rows[0]["own_dloss"] == again[7].rows[0]["own_dloss"]
+    assert again[0].rows[0]["own_dloss_ci"] != again[7].rows[0]["own_dloss_ci"]
+    assert again[7].as_dict()["bootstrap_seed"] == 7
+    md = again[7].to_markdown()
+    assert "seed 7" in md and "* = the 50% interval excludes 0" in md and "5% level" not in md
+    # the command line passes --seed through
+    from headscore.cli import main
+
+    model = save_tiny_model(tmp_path / "model")
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(f'{{"prompt": "{ex.prompt}", "target": "{ex.target}", "task": "{ex.task}"}}\n'
+                            for ex in random_examples(12)))
+    saved = headscore.HeadScores(scores.values, scores.stderr, scores.counts, scores.tasks, "taylor", "m")
+    saved.save(tmp_path / "s.hs")
+    seen = {}
+    for seed in ("0", "7"):
+        out = tmp_path / f"iv{seed}.md"
+        assert main(["intervene", "--model", str(model), "--tasks", str(data), "--scores", str(tmp_path / "s.hs"),
+                     "--k", "1", "--seeds", "1", "--resamples", "100", "--level", "0.5", "--seed", seed,
+                     "--no-progress", "--out", str(out)]) == 0
+        import json
+        doc = json.loads(out.with_suffix(".json").read_text())
+        seen[seed] = (doc["bootstrap_seed"], [row["own_dloss_ci"] for row in doc["table"]])
+    capsys.readouterr()
+    assert seen["0"][0] == 0 and seen["7"][0] == 7 and seen["0"][1] != seen["7"][1]

@@ -136,6 +136,23 @@ def test_the_other_file_needs_enough_examples_too(few):
     assert "Brackets:" not in page
 
 
+def test_no_interval_where_the_bias_is_too_large_and_the_report_says_why():
+    """An agreement figure whose resamples almost all fall on one side of it has no interval in the summary and
+    on the page, and a note names the task and the figure."""
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(30, 9))
+    est = {"noisy": signal + 4.0 * rng.normal(size=(40, 30, 9))}
+    truth = {"noisy": signal + 4.0 * rng.normal(size=(40, 30, 9))}
+    scores, ablation = scores_of(est, "taylor", "a"), scores_of(truth, "ablation-zero", "b")
+    table = agreement_table(scores, ablation, 10, resamples=200)
+    assert table["noisy"]["biased"] == ["spearman"]
+    text = markdown_summary(scores, ablation=ablation, comparison=table, k=10)
+    note = "No interval for noisy (Spearman): almost every resample fell on one side of the figure"
+    assert note in text
+    page = html_report.html_page(scores, ablation=ablation, comparison=table)
+    assert note in page and f"<td>{table['noisy']['spearman']:.3f}</td>" in page
+
+
 def test_no_bracket_note_without_a_bracket(few):
     scores, ablation = few
     only = [t for t in scores.tasks if t != "six"]

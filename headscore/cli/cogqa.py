@@ -77,7 +77,8 @@ def cmd_intervene(args: argparse.Namespace) -> None:
     scores = load_head_scores(args.scores, "--scores")
     lm, examples = load_model_and_tasks(args)
     result = intervene(lm, limit_per_task(examples, args.max_examples), scores, k=args.k, seeds=range(args.seeds),
-                       scale=args.scale, resamples=args.resamples, level=args.level, progress=not args.no_progress,
+                       scale=args.scale, resamples=args.resamples, level=args.level, seed=args.seed,
+                       progress=not args.no_progress,
                        others_per_function=None if args.others_per_function < 0 else args.others_per_function)
     print(result.to_markdown())
     if stem is not None:

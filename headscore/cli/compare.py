@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -119,8 +120,10 @@ def _print_interval_notes(table: dict[str, dict], a: HeadScores, b: HeadScores, 
     """Above the table: what its brackets are, and which tasks have none for want of examples (or why no task has
     any)."""
     with_ci = [row for row in table.values() if "spearman_ci" in row]
-    if with_ci:
-        paired = "paired: same examples" if with_ci[0]["paired"] else "files resampled independently"
+    shown = [row for row in with_ci if any(math.isfinite(row[key][0]) for key in ("spearman_ci", "topk_overlap_ci")
+                                           if key in row)]
+    if shown:
+        paired = "paired: same examples" if shown[0]["paired"] else "files resampled independently"
         print(f"[low, high]: {args.level:.0%} bootstrap intervals over examples ({args.resamples} resamples, seed "
               f"{args.seed}; {paired})")
     few = {task: row["examples"] for task, row in table.items() if "min_examples" in row}
@@ -128,7 +131,14 @@ def _print_interval_notes(table: dict[str, dict], a: HeadScores, b: HeadScores, 
         counts = ", ".join(f"{printable(task)} (A {na}, B {nb})" for task, (na, nb) in few.items())
         print(f"no interval for {counts}: a {args.level:.0%} bootstrap interval needs at least "
               f"{min_examples_for(args.level)} examples of a task in each file (docs/report.md)")
-    elif not with_ci and args.resamples > 0:
+    biased = {task: row["biased"] for task, row in table.items() if row.get("biased")}
+    if biased:
+        figures = {"spearman": "Spearman", "topk_overlap": f"top-{args.k}"}
+        which = ", ".join(f"{printable(task)} ({' and '.join(figures.get(n, n) for n in names)})"
+                          for task, names in biased.items())
+        print(f"no interval for {which}: almost every resample fell on one side of the figure, a bias the bootstrap "
+              "cannot correct (docs/report.md)")
+    if not with_ci and not few and args.resamples > 0:
         missing = " and ".join(n for n, s in (("A", a), ("B", b)) if not s.has_examples)
         print(f"no intervals: {missing} kept no per-example values (made before they were kept, or by a "
               "multi-process run)")

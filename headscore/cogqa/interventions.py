@@ -221,6 +221,7 @@ class InterventionResult:
     sources: list[str] = field(default_factory=list)
     level: float = stats.LEVEL
     resamples: int = stats.RESAMPLES
+    seed: int = stats.SEED
     others_per_function: int | None = None
     change: torch.Tensor | None = None  # [1 + sets, N] per-example loss change (row 0: clean); NaN: not measured
     example_tasks: list[str] = field(default_factory=list)
@@ -231,7 +232,7 @@ class InterventionResult:
                "source": self.source, "sources": self.sources or [self.source],
                "head_sets": {s: [list(h) for h in v] for s, v in self.head_sets.items()},
                "counts": self.counts, "delta": self.delta, "accuracy": self.accuracy,
-               "confidence_level": self.level, "bootstrap_resamples": self.resamples,
+               "confidence_level": self.level, "bootstrap_resamples": self.resamples, "bootstrap_seed": self.seed,
                "others_per_function": self.others_per_function, "table": self.rows}
         if self.change is not None:
             out["per_example"] = {"sets": ["clean", *self.head_sets], "tasks": self.example_tasks,
@@ -239,11 +240,12 @@ class InterventionResult:
                                                   for row in self.change.tolist()]}
         return out
 
-    def source_summary(self, *, seed: int = stats.SEED) -> dict:
+    def source_summary(self, *, seed: int | None = None) -> dict:
         """Per score source, and per pair of sources, the mean over functions of own-function damage,
         damage to the other functions and selectivity (own - others), with bootstrap intervals that
         resample examples within each function (the same draws for every source, so differences
-        between sources are paired)."""
+        between sources are paired); ``seed`` of the resampling, default the result's own."""
+        seed = self.seed if seed is None else seed
         if self.change is None:
             raise ValueError("no per-example changes kept")
         sources = self.sources or [self.source]
@@ -308,11 +310,13 @@ class InterventionResult:
                   else f"{self.others_per_function} example(s) of each other function")
         lines = [f"Top-{self.k} heads by {', '.join(self.sources or [self.source])}; random: {len(self.seeds)} "
                  f"sets of {self.k} heads from all heads. dloss = mean loss change (nats/token) vs the unmodified "
-                 f"model, with {pct} bootstrap intervals over examples ({self.resamples} resamples); others = the "
+                 f"model, with {pct} bootstrap intervals over examples ({self.resamples} resamples, seed {self.seed}); "
+                 "others = the "
                  f"set's change on the other functions ({others}); selectivity = own - others; p = one-sided "
                  "sign-flip permutation p-value that the own set hurts more than the random sets (paired by "
-                 "example); * = significant at the 5% level (p < 0.05, or an interval that excludes 0); "
-                 "acc = greedy exact match.", ""]
+                 f"example); * = the {pct} interval excludes 0 (a dloss or selectivity), or p < 0.05; a figure "
+                 "without brackets has no interval (too few examples, or almost every resample on one side of "
+                 "it); acc = greedy exact match.", ""]
         head = ["function", *(["heads by"] if multi else []), "n", "clean acc", "own dloss", "others dloss",
                 "selectivity", "random dloss", "own/random", "p", "own acc", "random acc"]
         if math.isfinite(self.scale):
@@ -352,7 +356,7 @@ def _set_name(kind: str, source: str, function: str, multi: bool) -> str:
 def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *, k: int = 5,
               seeds: Sequence[int] = (0, 1, 2), scale: float | None = 2.0, functions: Sequence[str] | None = None,
               others_per_function: int | None = None, resamples: int = stats.RESAMPLES,
-              level: float = stats.LEVEL, progress: bool = True) -> InterventionResult:
+              level: float = stats.LEVEL, seed: int = stats.SEED, progress: bool = True) -> InterventionResult:
     """Ablate and amplify each function's top-k heads (by ``scores``) and k random heads; measure all functions.
 
     Args:
@@ -370,6 +374,8 @@ def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *,
             and random sets are always measured and decoded on every example. Cost per example is one
             row per set it is measured with.
         resamples, level: bootstrap resamples and confidence level of the intervals.
+        seed: seed of the intervals' resampling and of the permutation test's random sign patterns (beyond 16
+            examples); the random head sets take ``seeds``.
     """
     sources = dict(scores) if isinstance(scores, Mapping) else {scores.method: scores}
     if not sources:
@@ -454,24 +460,22 @@ def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *,
                        else math.nan for t, idx in task_rows.items()} for r, name in enumerate(names)}
     row_of = {name: r for r, name in enumerate(names)}
     random_rows = [row_of[f"random:{s_}"] for s_ in seeds]
-    opts = {"resamples": resamples, "level": level}
+    opts = {"resamples": resamples, "level": level, "seed": seed}
     table = []
     for source in sources:
         for f in functions:
             own_idx = task_rows[f]
             others = [t for t in functions if t != f]
-            other_idx = [i for t in others for i in task_rows[t] if i in sampled[t]]
             a = row_of[_set_name("ablate", source, f, multi)]
             own = change[a, own_idx]
             rnd = change[random_rows][:, own_idx].mean(0) if random_rows else torch.full_like(own, math.nan)
-            oth = change[a, other_idx]
-            fn_of = torch.tensor([i for i, t in enumerate(others) for j in task_rows[t] if j in sampled[t]],
-                                 dtype=torch.long)
+            # each other function's examples are a group of their own (resampled within it, as source_summary
+            # does): a pooled resample could lack a function, and the few-examples floor holds per function
+            groups = [change[a, [i for i in task_rows[t] if i in sampled[t]]] for t in others]
+            sizes = [len(g) for g in groups]
 
-            n_others = len(others)
-
-            def others_mean(i, oth=oth, fn_of=fn_of, n=n_others):  # mean over functions of their means
-                return _function_mean(oth[i], fn_of[i], n)
+            def others_mean(*picks, groups=groups):  # mean over functions of their means
+                return float(torch.stack([g[i].mean() for g, i in zip(groups, picks, strict=True)]).mean())
 
             row = {"function": f, "source": source, "n": len(own_idx), "heads": [list(h) for h in sets[
                 _set_name("ablate", source, f, multi)]], "clean_acc": accuracy["clean"][f],
@@ -482,9 +486,9 @@ def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *,
                 "random_dloss": stats.bootstrap(lambda i, v=rnd: float(v[i].mean()), [len(rnd)], **opts),
                 "own_over_random": stats.bootstrap(lambda i, o=own, q=rnd: _ratio(o[i].mean(), q[i].mean()),
                                                    [len(own)], **opts),
-                "others_dloss": stats.bootstrap(others_mean, [len(oth)], **opts) if others else None,
-                "selectivity": stats.bootstrap(lambda i, j, o=own: float(o[i].mean()) - others_mean(j),
-                                               [len(own), len(oth)], **opts) if others else None,
+                "others_dloss": stats.bootstrap(others_mean, sizes, **opts) if others else None,
+                "selectivity": stats.bootstrap(lambda i, *j, o=own: float(o[i].mean()) - others_mean(*j),
+                                               [len(own), *sizes], **opts) if others else None,
             }
             if scale is not None and source == next(iter(sources)):
                 sc = change[row_of[_set_name("scale", source, f, multi)], own_idx]
@@ -495,13 +499,13 @@ def intervene(model, examples, scores: HeadScores | Mapping[str, HeadScores], *,
                 row[f"{key}_ci"] = _interval(iv) if iv is not None else [math.nan, math.nan]
             row["random_dloss_sd"] = float(torch.tensor([delta[names[r]][f] for r in random_rows]).std()) \
                 if len(random_rows) > 1 else 0.0
-            row["p_own_vs_random"] = stats.sign_flip_pvalue(own - rnd) if random_rows else math.nan
+            row["p_own_vs_random"] = stats.sign_flip_pvalue(own - rnd, seed=seed) if random_rows else math.nan
             table.append(row)
     first = next(iter(sources.values()))
     return InterventionResult(functions, k, float(scale) if scale is not None else math.nan, seeds,
                               first.method if not multi else ", ".join(sources), sets,
                               {t: len(v) for t, v in task_rows.items()}, delta, accuracy, table,
-                              sources=list(sources), level=level, resamples=resamples,
+                              sources=list(sources), level=level, resamples=resamples, seed=seed,
                               others_per_function=others_per_function, change=change,
                               example_tasks=[ex.task for ex in prep.examples])
 
@@ -514,11 +518,3 @@ def _nanmean(v: torch.Tensor) -> float:
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = float(a), float(b)
     return a / b if b != 0.0 and math.isfinite(b) else math.nan
-
-
-def _function_mean(values: torch.Tensor, function_of: torch.Tensor, n: int) -> float:
-    """Mean over functions of each function's mean of ``values`` (functions given by ``function_of``)."""
-    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, function_of, values.double())
-    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, function_of, torch.ones_like(values.double()))
-    present = counts > 0
-    return float((sums[present] / counts[present]).mean()) if present.any() else math.nan

@@ -208,7 +208,9 @@ class Reproduction:
                  "Maps made from different examples are resampled independently, maps of the same examples "
                  "together; the probe is trained once and held fixed (its interval covers the examples its "
                  "importance averages, not retraining). A figure marked * differs from 0 at that level "
-                 "(its interval excludes 0); unmarked figures are not distinguishable from 0 with these examples.",
+                 "(its interval excludes 0); unmarked figures are not distinguishable from 0 with these examples. "
+                 "A figure without brackets has no interval: too few examples, or almost every resample on one side "
+                 "of it (a bias the bootstrap cannot correct).",
                  "",
                  "## Probe", "",
                  f"Held-out accuracy **{p['probe_accuracy']:.3f}** vs chance: majority class of the training "
@@ -404,8 +406,9 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
         result_iv = intervene(lm, iv_examples, {"probe": probe, "taylor": taylor, "specificity": spec}, k=k,
                               seeds=seeds, scale=scale, progress=progress,
                               functions=[t for t in probe.tasks if t in present],
-                              others_per_function=others_per_function, resamples=resamples, level=level)
-        compared = result_iv.source_summary(seed=seed) if len(result_iv.functions) > 1 else {}
+                              others_per_function=others_per_function, resamples=resamples, level=level,
+                              seed=seed)
+        compared = result_iv.source_summary() if len(result_iv.functions) > 1 else {}
         timings["interventions"] = time.perf_counter() - tick
 
     counts = {"examples": len(examples), "gradient": len(grad_examples),

@@ -105,7 +105,8 @@ def _examples(sizes: tuple[int, ...]) -> str:
 
 def interval_notes(checked: CheckedComparison, name: Callable[[str], str] = str) -> list[str]:
     """What the brackets of an agreement table mean (when some row has a finite interval), and which tasks have
-    none for too few examples; ``name`` makes a task name safe for the page or the Markdown."""
+    none, for too few examples or a bias the bootstrap cannot correct (``biased``); ``name`` makes a task name
+    safe for the page or the Markdown."""
     notes = []
     entry = next((e for e in checked.entries.values() if _finite_interval(e)), None)
     if entry is not None:
@@ -116,6 +117,13 @@ def interval_notes(checked: CheckedComparison, name: Callable[[str], str] = str)
         tasks = ", ".join(f"{name(t)} ({_examples(n)})" for t, n in checked.too_few.items())
         notes.append(f"No interval for {tasks}: a {checked.level:.0%} bootstrap interval needs at least "
                      f"{checked.floor} examples of a task in each file (from fewer it falls short of its level).")
+    biased = {t: e["biased"] for t, e in checked.entries.items() if isinstance(e, Mapping) and e.get("biased")}
+    if biased:
+        figures = {"spearman": "Spearman", "topk_overlap": "top-k overlap"}
+        which = ", ".join(f"{name(t)} ({' and '.join(figures.get(str(n), name(str(n))) for n in names)})"
+                          for t, names in biased.items())
+        notes.append(f"No interval for {which}: almost every resample fell on one side of the figure, a bias the "
+                     "bootstrap cannot correct.")
     return notes
 
 
