@@ -65,7 +65,7 @@ def panel_rgba(values: np.ndarray, exact: np.ndarray | None, *, vmin: float, vma
     rgba[np.isnan(values)] = 0
     py, px = cell
     big = np.repeat(np.repeat(rgba[::-1], py, axis=0), px, axis=1)
-    if exact is not None and exact.any() and min(cell) >= 3:
+    if exact is not None and exact.any() and min(cell) >= 3:  # scores_html gives such cells 4 pixels at least
         border = np.zeros(cell, dtype=bool)
         border[[0, -1], :] = True
         border[:, [0, -1]] = True
@@ -115,6 +115,8 @@ def scores_html(scores: Any) -> str:
     if scores.example_values is not None:
         facts.append(f"{int(scores.example_values.shape[0])} examples' own values kept")
     cell = cell_pixels(num_layers, num_heads)
+    if exact is not None and exact.any():  # an outline and its cell's colour inside need 4 pixels a side
+        cell = (max(cell[0], 4), max(cell[1], 4))  # (a 64 x 40 grid has 2: no outline was drawn)
     w, h = num_heads * cell[1], num_layers * cell[0]
     panels = []
     for i, task in enumerate(scores.tasks):

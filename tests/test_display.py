@@ -69,6 +69,23 @@ def test_the_html_grid_shows_the_values():
     assert "exact" not in synthetic(exact=False)._repr_html_()
 
 
+@pytest.mark.parametrize("num_layers,num_heads", [(64, 40), (80, 64)])
+def test_exact_heads_are_outlined_on_large_grids(num_layers, num_heads):
+    """Qwen2.5-32B's 64 x 40 heads and Llama-3-70B's 80 x 64: cells of 2 pixels could hold no outline, and the view
+    said 'outlined' with none drawn; with an exact mask the cells take 4 pixels a side (a ring and 2 x 2 of the
+    value's colour inside), and every exact cell (and no other) has its black corner."""
+    s = synthetic(1, num_layers, num_heads, seed=3)
+    assert cell_pixels(num_layers, num_heads) == (2, 2)
+    img = images(s._repr_html_())[0]
+    py, px = img.shape[0] // num_layers, img.shape[1] // num_heads
+    assert (py, px) == (4, 4) and img.shape[:2] == (num_layers * 4, num_heads * 4)
+    corners = img[::py, ::px][::-1]  # [L, H, 4], layer 0 first
+    black = (corners == np.array([0, 0, 0, 255], dtype=np.uint8)).all(-1)
+    assert torch.equal(torch.from_numpy(black), s.exact[0]) and int(s.exact.sum()) > 100
+    plain = synthetic(1, num_layers, num_heads, exact=False)
+    assert images(plain._repr_html_())[0].shape[:2] == (num_layers * 2, num_heads * 2)  # no mask: as small as before
+
+
 def test_the_html_of_32x32_heads_and_8_tasks_is_small_and_fast():
     """The numbers of benchmarks/RESULTS.md (issue 26): under 300 KB and under 1 s."""
     s = synthetic(8, 32, 32)
