@@ -450,9 +450,10 @@ class OutputSet:
         """Rename every staged output into place (signals held back meanwhile), all or nothing: where a rename
         fails, the ones before it are undone. The set is empty after."""
         try:
-            for staged in self._staged:
+            for staged in self._staged:  # a replaced file keeps its mode, as open(path, "w") keeps it
                 if not staged.is_dir:
-                    os.chmod(staged.tmp, default_mode())
+                    old_mode = os.stat(staged.final).st_mode & 0o7777 if staged.final.is_file() else None
+                    os.chmod(staged.tmp, default_mode() if old_mode is None else old_mode)
         except OSError as exc:
             raise self._named(Path(exc.filename) if isinstance(exc.filename, str) else None,
                               describe(exc)) from None
@@ -514,7 +515,8 @@ def _sync_directory(directory: Path) -> None:
 def atomic_write(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file.
 
-    The file gets the mode a plain ``open(path, "w")`` would give it (the umask is respected); a symbolic
+    The file gets the mode a plain ``open(path, "w")`` would give it (a new one the umask's, a replaced one its
+    own: a private 0600 file stays private); a symbolic
     link at ``path`` is followed. Returns ``Path(path)``. Raises :class:`OutputWriteError` when the system
     refuses the write (the old file, if any, is left as it was).
     """

@@ -586,6 +586,26 @@ def test_a_directory_is_replaced_whole(tmp_path):
         outputs.directory(out, ["y"])
 
 
+def test_a_replaced_file_keeps_its_mode_and_a_new_one_takes_the_umask(tmp_path):
+    """As ``open(path, "w")`` does: a private 0600 results file stays 0600 when written again (it became 0644),
+    alone and in a set of outputs; a new file takes the umask's mode."""
+    from headscore.output_files import atomic_write
+
+    private, shared = tmp_path / "private.hs", tmp_path / "new.json"
+    private.write_bytes(b"old")
+    os.chmod(private, 0o600)
+    old_mask = os.umask(0o022)
+    try:
+        atomic_write(private, b"new")
+        with OutputSet() as outputs:
+            outputs.write(private, b"newer")
+            outputs.write(shared, b"{}")
+    finally:
+        os.umask(old_mask)
+    assert private.read_bytes() == b"newer" and os.stat(private).st_mode & 0o777 == 0o600
+    assert os.stat(shared).st_mode & 0o777 == 0o644
+
+
 def test_disk_errors_become_one_line_naming_the_destination(tmp_path, monkeypatch):
     """Fault injection (no root needed): ENOSPC, EROFS, EIO while writing come out as OutputWriteError naming
     the file the user asked for, and the old file is unchanged."""
