@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -220,7 +221,30 @@ CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
 template, which ``--chat-template`` needs, every embedded model has)."""
 
 
-def _cached_conversion_problem(target: Path) -> str | None:
+CONVERSION_STAMP = "headscore-conversion.json"
+"""The record a cached conversion keeps of what it was made from: the GGUF (its size and a hash of its first and
+last MiB), the transformers that converted it, and every file's size."""
+
+
+def _conversion_stamp(gguf: Path | None, directory: Path) -> dict:
+    """What :data:`CONVERSION_STAMP` records for ``directory`` converted from ``gguf`` (None: the GGUF's package is
+    not installed, so its part is left out of the comparison)."""
+    import transformers
+
+    stamp: dict = {"transformers": transformers.__version__,
+                   "files": {f.name: f.stat().st_size for f in sorted(directory.iterdir())
+                             if f.is_file() and f.name not in (CONVERSION_STAMP, STAGING_LOCK)}}
+    if gguf is not None:
+        size, h = gguf.stat().st_size, hashlib.sha256()
+        with open(gguf, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(size - (1 << 20), 0))
+            h.update(fh.read(1 << 20))
+        stamp["gguf"] = {"name": gguf.name, "bytes": size, "ends_sha256": h.hexdigest()}
+    return stamp
+
+
+def _cached_conversion_problem(target: Path, gguf: Path | None) -> str | None:
     missing = [f for f in CONVERTED_FILES if not (target / f).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
@@ -229,7 +253,21 @@ def _cached_conversion_problem(target: Path) -> str | None:
             json.loads((target / name).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             return f"{target / name} is unreadable ({type(exc).__name__})"
-    return broken_weights(target)
+    problem = broken_weights(target)
+    if problem is not None:
+        return problem
+    try:
+        stamp = json.loads((target / CONVERSION_STAMP).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return f"no record of what it was converted from ({CONVERSION_STAMP}: made by an older headscore)"
+    now = _conversion_stamp(gguf, target)
+    if not isinstance(stamp, dict) or stamp.get("files") != now["files"]:
+        return "its files are not the ones converted (another model or a changed file)"
+    if gguf is not None and stamp.get("gguf") != now["gguf"]:
+        return f"it was converted from another {gguf.name} (the package was updated)"
+    if stamp.get("transformers") != now["transformers"]:
+        return f"it was converted by transformers {stamp.get('transformers')}, this is {now['transformers']}"
+    return None
 
 
 def embedded_model_dir(name: str) -> Path:
@@ -241,14 +279,18 @@ def embedded_model_dir(name: str) -> Path:
     package, filename = EMBEDDED_MODELS[name]
     target = cache_dir() / "models" / name
     clean_stale_conversions(target.parent, name)
+    try:
+        installed: Path | None = _gguf_source(package, filename)
+    except HeadscoreError:  # a sound cache serves without the package; a rebuild below says what is missing
+        installed = None
     if target.exists():
-        problem = _cached_conversion_problem(target)
+        problem = _cached_conversion_problem(target, installed)
         if problem is None:
             return target
         if "not readable by this user" in problem:  # a shared cache another user made: rebuilding would not help
             raise HeadscoreError(f"the cached model {target}: {problem}; ask its owner to make it readable "
                                  "(chmod -R a+rX) or set HEADSCORE_CACHE to a directory of your own")
-        warnings.warn(f"the cached model {target} is broken ({problem}); rebuilding it", CacheRebuilt,
+        warnings.warn(f"the cached model {target} cannot be used ({problem}); rebuilding it", CacheRebuilt,
                       stacklevel=2)
     gguf = _gguf_source(package, filename)
     if importlib.util.find_spec("gguf") is None:
@@ -265,9 +307,10 @@ def embedded_model_dir(name: str) -> Path:
         os.chmod(staging, default_mode(directory=True))
         with _gguf_bars_as_transformers():  # --no-progress hides the conversion's bar too
             _convert_gguf(gguf, staging)
+        (staging / STAGING_LOCK).unlink(missing_ok=True)
+        (staging / CONVERSION_STAMP).write_text(json.dumps(_conversion_stamp(gguf, staging), indent=1), "utf-8")
         for file in staging.iterdir():  # every user may read a cache (safetensors writes its file as 0600)
             os.chmod(file, default_mode())
-        (staging / STAGING_LOCK).unlink(missing_ok=True)
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():

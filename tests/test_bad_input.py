@@ -348,7 +348,7 @@ def test_broken_embedded_cache_is_rebuilt_and_stale_conversions_removed(tmp_path
     monkeypatch.setattr(models, "_convert_gguf", private_weights)
     old_mask = os.umask(0o022)
     try:
-        with pytest.warns(models.CacheRebuilt, match=r"smollm2-135m is broken \(.*model.safetensors is truncated"):
+        with pytest.warns(models.CacheRebuilt, match=r"smollm2-135m cannot be used \(.*model.safetensors is truncated"):
             path = models.embedded_model_dir("smollm2-135m")
     finally:
         os.umask(old_mask)
@@ -896,6 +896,47 @@ def test_cached_model_without_its_chat_template_is_rebuilt(tmp_path, monkeypatch
     with pytest.warns(models.CacheRebuilt, match="chat_template.jinja missing"):
         assert models.embedded_model_dir("smollm2-135m") == target
     assert converted and (target / "chat_template.jinja").is_file()
+
+
+def test_the_cache_knows_what_it_was_converted_from(tmp_path, monkeypatch, model_dir):
+    """The cache records what it was converted from: a conversion of another GGUF (the package updated), by
+    another transformers, another model put in its place, or a cache of an older headscore without the record are
+    rebuilt with a warning that says which (a 3-layer stand-in loaded as SmolLM2-135M without a word)."""
+    from headscore import models
+
+    monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path))
+    converted = fake_conversion(monkeypatch, model_dir)
+    target = models.embedded_model_dir("smollm2-135m")
+    stamp = json.loads((target / models.CONVERSION_STAMP).read_text())
+    assert converted and stamp["gguf"]["name"].endswith(".gguf") and "model.safetensors" in stamp["files"]
+    converted.clear()
+    assert models.embedded_model_dir("smollm2-135m") == target and not converted  # as recorded: used as it is
+
+    def edited(change):
+        record = json.loads((target / models.CONVERSION_STAMP).read_text())
+        change(record)
+        (target / models.CONVERSION_STAMP).write_text(json.dumps(record))
+
+    cases = [
+        (lambda r: r["gguf"].update(bytes=1), r"converted from another .*\.gguf \(the package was updated\)"),
+        (lambda r: r.update(transformers="4.0.0"), r"converted by transformers 4\.0\.0, this is "),
+        (lambda r: r["files"].update({"model.safetensors": 12}), r"its files are not the ones converted"),
+        (None, r"no record of what it was converted from"),
+    ]
+    for change, message in cases:
+        if change is None:
+            (target / models.CONVERSION_STAMP).unlink()
+        else:
+            edited(change)
+        with pytest.warns(models.CacheRebuilt, match=message):
+            assert models.embedded_model_dir("smollm2-135m") == target
+        assert len(converted) == 1 and models.embedded_model_dir("smollm2-135m") == target and len(converted) == 1
+        converted.clear()
+    # another model in its place: a config of another size than recorded
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3, "note": "another model"}))
+    with pytest.warns(models.CacheRebuilt, match="its files are not the ones converted"):
+        models.embedded_model_dir("smollm2-135m")
 
 
 def test_task_names_are_nfc_and_stripped(tmp_path):
