@@ -36,6 +36,7 @@ import signal
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,40 @@ def current_umask() -> int:
 def default_mode(directory: bool = False) -> int:
     """The mode ``open``/``mkdir`` would give a new file (0o666) or directory (0o777) under the umask."""
     return (0o777 if directory else 0o666) & ~current_umask()
+
+
+STALE_TEMP_S = 86400.0
+"""A temporary of a write that never finished (a process killed by SIGKILL or a power cut), older than this, is
+removed when a later write stages in its directory."""
+
+_TEMPORARY = re.compile(rf"{re.escape(TEMP_PREFIX)}[A-Za-z0-9_]{{8}}\.(tmp|old)")
+
+
+def remove_stale_temporaries(directory: PathLike) -> list[Path]:
+    """Remove this user's temporaries (``.hs-XXXXXXXX.tmp`` files or directories, ``.hs-XXXXXXXX.old``) in
+    ``directory`` last changed over :data:`STALE_TEMP_S` ago: what a killed write left (a write in progress
+    touches its temporary, and one day is far longer than any write). Returns them; errors are ignored."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not _TEMPORARY.fullmatch(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if info.st_uid != os.geteuid() or now - info.st_mtime <= STALE_TEMP_S:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 def new_temp_file(directory: PathLike) -> Path:
@@ -407,6 +442,7 @@ class OutputSet:
         check_rename_target(label, path, final)
         try:
             self._make_parents(final.parent)
+            remove_stale_temporaries(final.parent)
             tmp = new_temp_dir(final.parent) if is_dir else new_temp_file(final.parent)
         except OSError as exc:
             raise OutputWriteError(path, describe(exc)) from None

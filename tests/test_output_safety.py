@@ -606,6 +606,27 @@ def test_a_replaced_file_keeps_its_mode_and_a_new_one_takes_the_umask(tmp_path):
     assert os.stat(shared).st_mode & 0o777 == 0o644
 
 
+def test_a_killed_writes_temporaries_are_removed_a_day_later(tmp_path):
+    """What a write killed by SIGKILL leaves (a hidden temporary file, a report's temporary directory, a file set
+    aside) is removed by a later write into that directory once it is a day old; a young one (a write in
+    progress) and other hidden files stay (nothing removed them before)."""
+    from headscore.output_files import STALE_TEMP_S, atomic_write
+
+    old_file, old_dir = tmp_path / ".hs-12vx97nv.tmp", tmp_path / ".hs-abcdefgh.tmp"
+    aside = tmp_path / ".hs-a1b2c3d4.old"
+    young, other = tmp_path / ".hs-zzzzzzzz.tmp", tmp_path / ".hs-notours.tmp"
+    old_file.write_bytes(b"half")
+    old_dir.mkdir()
+    (old_dir / "heatmap.png").write_bytes(b"png")
+    for path in (aside, young, other):
+        path.write_bytes(b"x")
+    day_ago = time.time() - STALE_TEMP_S - 60
+    for path in (old_file, old_dir, aside, other):
+        os.utime(path, (day_ago, day_ago))
+    atomic_write(tmp_path / "scores.hs", b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hs-notours.tmp", ".hs-zzzzzzzz.tmp", "scores.hs"]
+
+
 def test_disk_errors_become_one_line_naming_the_destination(tmp_path, monkeypatch):
     """Fault injection (no root needed): ENOSPC, EROFS, EIO while writing come out as OutputWriteError naming
     the file the user asked for, and the old file is unchanged."""
