@@ -14,11 +14,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -463,15 +464,63 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 """The files a tokenizer is built from (one of them is needed, next to ``tokenizer_config.json``)."""
 
 
-def _load_problem(path: str, loading: str, exc: Exception, *, kind: bool = False) -> str:
+def _load_problem(path: str, loading: str, exc: Exception, *, kind: bool = False, report: Sequence[str] = ()) -> str:
     """Why loading the tokenizer or the model from ``path`` failed, in one line: the missing tokenizer files
-    where a directory has none, else the loader's whole message (all its lines)."""
+    where a directory has none, the tokenizer file that is not JSON, the weights that do not fit the config
+    (from transformers' load ``report``), else the loader's whole message (all its lines)."""
     directory = Path(path)
-    if loading == "tokenizer" and directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        return (f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there; save the model's "
-                "tokenizer into it (tokenizer.save_pretrained)")
+    if loading == "tokenizer" and directory.is_dir():
+        if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            return (f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there; save the model's "
+                    "tokenizer into it (tokenizer.save_pretrained)")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            try:
+                if (directory / name).is_file():
+                    json.loads((directory / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+                return f"{directory / name} is unreadable ({type(err).__name__}: {err})"
+    mismatched = [line for line in report if "| MISMATCH |" in line]
+    if mismatched:
+        key, _, detail = (part.strip() for part in mismatched[0].split("|", 2))
+        found = re.search(r"ckpt:\s*torch\.Size\((\[[^]]*\])\)\s*vs model:\s*torch\.Size\((\[[^]]*\])\)", detail)
+        shapes = f" (weights {found[1]}, config {found[2]})" if found else ""
+        return (f"its weights do not fit its config: {len(mismatched)} tensor name(s) of other shapes, such as "
+                f"{key}{shapes}; the config and the weights are from different models")
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}" if kind else text
+
+
+@contextlib.contextmanager
+def _load_report_held() -> Iterator[list[str]]:
+    """Hold back transformers' load report (a table of missing, unexpected or mismatched weights, logged before it
+    raises) while loading: the list of its lines fills; where loading succeeds the report is logged as it would
+    have been, where it fails the one-line error summarises it (it printed some 20 lines before the error)."""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")  # where from_pretrained logs its load report
+    held: list[logging.LogRecord] = []
+    lines: list[str] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+            lines.extend(record.getMessage().splitlines())
+
+    handler, propagate = _Hold(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    failed = False
+    try:
+        yield lines
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        if not failed:
+            for record in held:
+                logger.handle(record)
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
@@ -499,7 +548,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
         check_device(device)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    with _progress_bars(progress):
+    with _progress_bars(progress), _load_report_held() as report:
         path, hub_only = resolve_model_path(name)
         loading = "tokenizer"
         try:
@@ -518,10 +567,11 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "
                 raise HeadscoreError(
                     f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local "
                     "directory, and not in the local Hugging Face cache (headscore never downloads)") from None
-            raise HeadscoreError(f"cannot load model {name!r}: {_load_problem(path, loading, exc)}") from None
+            raise HeadscoreError(f"cannot load model {name!r}: {_load_problem(path, loading, exc, report=report)}"
+                                 ) from None
         except Exception as exc:  # noqa: BLE001 - loaders raise many types (safetensors, tokenizers, ...)
             raise HeadscoreError(f"cannot load model {name!r}: "
-                                 f"{_load_problem(path, loading, exc, kind=True)}") from None
+                                 f"{_load_problem(path, loading, exc, kind=True, report=report)}") from None
     if device_map is None:
         model.to(device)
     model.eval()

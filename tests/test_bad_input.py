@@ -1128,3 +1128,45 @@ def test_the_cache_path_expands_a_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HEADSCORE_CACHE", "~/hc")
     assert models.cache_dir() == tmp_path / "hc"
+
+
+def test_a_local_model_whose_parts_do_not_fit_is_one_line(tmp_path, capsys, model_dir, tasks):
+    """A local model folder whose tokenizer.json is not JSON names that file (the line named no file); one whose
+    config does not fit its weights (hidden_size 64, weights of 32) is one line that says so, without the 18 lines
+    of transformers' load table before it. A folder that loads still gets transformers' own load warnings."""
+    import shutil
+
+    badtok, mismatch = tmp_path / "badtok", tmp_path / "mismatch"
+    for d in (badtok, mismatch):
+        shutil.copytree(model_dir, d)
+    (badtok / "tokenizer.json").write_text("{not json")
+    config = json.loads((mismatch / "config.json").read_text())
+    (mismatch / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    for d, want in ((badtok, rf"{re.escape(str(badtok / 'tokenizer.json'))} is unreadable \(JSONDecodeError: "),
+                    (mismatch, r"its weights do not fit its config: \d+ tensor name\(s\) of other shapes, such as "
+                               r".+? \(weights \[\d+(, \d+)?\], config \[\d+(, \d+)?\]\); the config and the "
+                               r"weights are from different models")):
+        code = main(["score", "--model", str(d), "--tasks", str(tasks), "--out", str(tmp_path / "s.hs"),
+                     "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and re.search(want, err), err
+    import logging
+
+    from headscore import models
+
+    seen = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    parent = logging.getLogger("transformers")  # where transformers' own handler prints from
+    handler = Seen(logging.WARNING)
+    parent.addHandler(handler)
+    try:
+        with models._load_report_held():
+            logging.getLogger("transformers.modeling_utils").warning("a load report of a model that loads")
+            assert seen == []
+    finally:
+        parent.removeHandler(handler)
+    assert seen == ["a load report of a model that loads"]  # held while loading, then logged as it was
