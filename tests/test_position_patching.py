@@ -276,3 +276,91 @@ def test_a_later_batch_the_fast_path_cannot_serve_takes_the_plain_path(monkeypat
         got = headscore.ablate(lm, examples, **kw)
     assert len(set(widths)) > 1
     torch.testing.assert_close(got.position_values, plain.position_values, rtol=0, atol=ATOL)
+
+
+class _CountingBar:
+    """Stands in for tqdm in headscore.api: each bar's total and the sum of its updates."""
+
+    bars: list = []
+
+    def __init__(self, *args, total=0, desc="", **kwargs):
+        self.total, self.desc, self.done = total, desc, 0
+        _CountingBar.bars.append(self)
+
+    def update(self, n=1):
+        self.done += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("mode", ["prefix", "naive"])
+def test_per_layer_head_counts_count_and_run_only_real_cells(monkeypatch, mode):
+    """Laguna's layers have 4 and 2 heads: the cell bar counts the real cells and its updates sum to its total
+    (354 of 472 counted before), no pass changes a head a layer lacks, and those cells are NaN; the values equal
+    the other path's."""
+    import sys
+    from pathlib import Path
+
+    import headscore.api as api
+    from headscore.models import LoadedModel
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from model_matrix import build_model
+    from tiny import ByteTokenizer
+
+    lm = LoadedModel(build_model("laguna", seed=1), ByteTokenizer(), "tiny-laguna")
+    from headscore.patch import head_layout
+
+    layout = head_layout(lm.model)
+    assert layout.heads_per_layer == (4, 2)
+    plain_rows = []
+    real = pp.gated_losses
+
+    def recording(model, heads, batch, gate_rows, *args, **kwargs):
+        plain_rows.append(gate_rows.clone())
+        return real(model, heads, batch, gate_rows, *args, **kwargs)
+
+    monkeypatch.setattr(pp, "gated_losses", recording)
+    run = pp.PositionPatcher.run
+    cells_run = []
+
+    def counting(self, position, cells, rows):
+        cells_run.extend(cells)
+        return run(self, position, cells, rows)
+
+    monkeypatch.setattr(pp.PositionPatcher, "run", counting)
+    monkeypatch.setattr(api, "tqdm", _CountingBar)
+    _CountingBar.bars = []
+    examples = counterfactual_examples(5, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = headscore.ablate(lm, examples, baseline="corrupt", per_position=True, batch_size=2, mode=mode)
+    bar = next(b for b in _CountingBar.bars if b.desc == "patch positions")
+    assert bar.done == bar.total > 0
+    assert cells_run or plain_rows
+    assert all(head < layout.heads_of(layer) for layer, head in cells_run)
+    for rows in plain_rows:  # the plain path's rows (and the checks' full passes) change only real heads
+        assert not bool((rows[:, 1, :, 2:] != 1).any())
+    assert torch.isnan(got.position_values[:, 1, 2:]).all() and torch.isfinite(got.position_values[:, 1, :2]).any()
+
+
+def test_a_cell_already_at_its_baseline_is_exactly_zero_in_float32():
+    """Two examples in one batch, a float32 model: example a's corrupted prompt shares its first 7 tokens with its
+    clean one, b's 2. At the tokens only a shares, a's cells ran in a pass for b (other matmul shapes than the clean
+    run) and came out 9.5e-7, not 0; a patch that changes nothing is exactly 0 now."""
+    from headscore.data.examples import Example
+
+    lm = tiny_model("llama", layers=3, heads=4, kv_heads=2, dtype=torch.float32, seed=5)
+    examples = [Example("abcdefghij", "k", "a", corrupt="abcdefxyzw", foil="m"),
+                Example("qrstuvwxyz", "k", "b", corrupt="qzzzzzzzzz", foil="m")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = headscore.ablate(lm, examples, baseline="corrupt", per_position=True, batch_size=2, progress=False)
+    a, b = s.position_map("a"), s.position_map("b")
+    only_a = [s.positions.index(f"end-{k}") for k in (8, 7, 6, 5, 4)]  # 'a'..'f' shared by a only (BOS: both)
+    assert float(a[..., only_a].abs().max()) == 0.0
+    assert float(b[..., only_a].abs().max()) > 1e-4  # b's cells there did change its loss

@@ -36,17 +36,20 @@ from .common import (
 METRIC_HELP = ("what the loss is: nll (default: target NLL), logit-diff (logit of the target's first token minus "
                "the foil's at the answer position; needs 'foil' in every example), prob (the target's probability); "
                "larger scores = the head matters more for it")
-POSITION_HELP = ("also keep each token's share of every head's score: positions named from the end of each prompt "
-                 "(end = last prompt token, end-1, ..., end+1 = first target token)")
+POSITION_NAMES = "positions named from the end of each prompt (end = last prompt token, end-1, ..., end+1 = first " \
+                 "target token)"
+POSITION_HELP = {"score": f"also keep each token's share of every head's score (they sum to it): {POSITION_NAMES}",
+                 "ablate": "also patch each (head, token) alone, exactly (per-position patching; a head's cells need "
+                           f"not sum to its own patching: effects across tokens do not add up): {POSITION_NAMES}"}
 
 
-def _add_counterfactual_args(parser: argparse.ArgumentParser, baseline_default: str | None) -> None:
+def _add_counterfactual_args(parser: argparse.ArgumentParser, baseline_default: str | None, command: str) -> None:
     parser.add_argument("--baseline", default=baseline_default, choices=BASELINES,
                         help="what a head is compared against: zero, mean (its mean output) or corrupt (its output on "
                              "each example's 'corrupt' prompt, per position: attribution / activation patching)"
                              + ("" if baseline_default else "; default zero (mean for atp-mean)"))
     parser.add_argument("--metric", default="nll", choices=METRICS, help=METRIC_HELP)
-    parser.add_argument("--per-position", action="store_true", help=POSITION_HELP)
+    parser.add_argument("--per-position", action="store_true", help=POSITION_HELP[command])
 
 
 def register(sub) -> dict[str, Callable]:
@@ -55,7 +58,7 @@ def register(sub) -> dict[str, Callable]:
     add_model_args(s)
     s.add_argument("--method", default="taylor", choices=[*METHODS, "probe"],
                    help="gradient scorer, or 'probe' (the CogQA study's probe; needs 2+ tasks)")
-    _add_counterfactual_args(s, None)
+    _add_counterfactual_args(s, None, "score")
     s.add_argument("--steps", type=at_least(1), default=None,
                    help=f"ig: points along the path, one forward + backward each (default {DEFAULT_IG_STEPS})")
     s.add_argument("--path-fraction", type=finite_float, default=None, metavar="F",
@@ -85,7 +88,7 @@ def register(sub) -> dict[str, Callable]:
 
     a = sub.add_parser("ablate", help="ground truth: the loss increase when each head (or a set) is ablated")
     add_model_args(a)
-    _add_counterfactual_args(a, "zero")
+    _add_counterfactual_args(a, "zero", "ablate")
     a.add_argument("--mode", default="prefix", choices=list(ABLATION_MODES),
                    help="prefix (default): layers below an ablated head run once per batch, about half the cost "
                         "of batched; batched: one pass carries many ablations; naive (= sequential): one pass per "

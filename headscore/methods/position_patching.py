@@ -85,10 +85,13 @@ def plain_position_deltas(model: torch.nn.Module, heads: HeadGates, batch: Batch
 
     dtype = gate_dtype(model)  # the gates' dtype in the passes
     for layer in range(layout.num_layers) if layers is None else layers:
-        rows = position_gates(layer, layout.num_layers, layout.num_heads, width, value, dtype=dtype)
+        real = layout.heads_of(layer)  # a layer's own heads: the rest of the slots are absent (NaN), no pass
+        if real == 0:
+            continue
+        rows = position_gates(layer, layout.num_layers, layout.num_heads, width, value, dtype=dtype)[:real * width]
         delta = gated_losses(model, heads, batch, rows, baseline, mode=mode, max_rows=max_rows, metric=metric,
                              on_pass=done) - clean.cpu().double()[None]
-        out[:, layer] = delta.T.reshape(batch.size, layout.num_heads, width).transpose(1, 2)
+        out[:, layer, :, :real] = delta.T.reshape(batch.size, real, width).transpose(1, 2)
     return out
 
 
@@ -327,7 +330,7 @@ class PositionPatcher:
         least (the others' change is exactly 0), in layer order."""
         layout = self.layout
         same = self.clean.unchanged[rows, :, position].all(0)
-        return [(layer, head) for layer in range(layout.num_layers) for head in range(layout.num_heads)
+        return [(layer, head) for layer in range(layout.num_layers) for head in range(layout.heads_of(layer))
                 if not bool(same[layer, head])]
 
     def rows_reading(self, position: int) -> torch.Tensor:
@@ -386,7 +389,7 @@ def fast_position_deltas(patcher: PositionPatcher, *, max_rows: int = 64,
     batch, layout = patcher.batch, patcher.layout
     width = batch.input_ids.shape[1]
     out = torch.zeros(batch.size, layout.num_layers, width, layout.num_heads, dtype=torch.float64)
-    every = layout.num_layers * layout.num_heads
+    every = layout.real_heads  # the cells of a token (a head a layer lacks is no cell)
     clean = patcher.clean.losses
     for position in range(width) if positions is None else positions:
         rows = patcher.rows_reading(position)
@@ -401,7 +404,10 @@ def fast_position_deltas(patcher: PositionPatcher, *, max_rows: int = 64,
                 delta = patcher.run(position, cells, rows) - clean[rows][None]
                 layer_idx = torch.tensor([layer for layer, _ in cells])
                 head_idx = torch.tensor([head for _, head in cells])
-                out[rows[None, :], layer_idx[:, None], position, head_idx[:, None]] = delta
+                # a row whose head output already equals its baseline there is not changed by the patch: exactly
+                # 0 (its pass ran for the other rows, in other matmul shapes than the clean run: float32 rounding)
+                same = patcher.clean.unchanged[rows[None, :], layer_idx[:, None], position, head_idx[:, None]]
+                out[rows[None, :], layer_idx[:, None], position, head_idx[:, None]] = delta.masked_fill(same, 0.0)
                 if on_cells is not None:
                     on_cells(len(cells) * len(rows))
         if on_cells is not None:
@@ -465,7 +471,11 @@ def position_patching_works(model: torch.nn.Module, heads: HeadGates, batch: Bat
         rows = patcher.rows_reading(max(p for p, _, _ in cells))
         fast = torch.cat([patcher.run(p, [(layer, head)], rows) for p, layer, head in cells])
     except Exception as exc:  # noqa: BLE001 - any failure of the fast path means: do not use it
-        warnings.warn(f"{name}: fast per-position patching failed ({exc}); per-position patching takes the plain "
+        # the checks' own reasons are RuntimeErrors; anything else came from the model's cache (a hybrid model's
+        # recurrent state, say: IndexError), which the bare message did not say
+        why = str(exc) if isinstance(exc, RuntimeError) else \
+            f"its cache does not take a pass over cached tokens: {type(exc).__name__}: {exc}"
+        warnings.warn(f"{name}: fast per-position patching failed ({why}); per-position patching takes the plain "
                       "path (one full pass per cell)", stacklevel=2)
         return False
     layout = heads.layout
@@ -479,7 +489,8 @@ def position_patching_works(model: torch.nn.Module, heads: HeadGates, batch: Bat
     if torch.allclose(fast, plain, rtol=tol, atol=tol):
         return True
     worst = int((fast - plain).abs().flatten().argmax())
-    warnings.warn(f"{name}: the cached per-position pass does not reproduce the full pass (loss "
-                  f"{fast.flatten()[worst]:.6g} vs {plain.flatten()[worst]:.6g}); per-position patching takes the "
+    gap, loss = float((fast - plain).abs().flatten()[worst]), float(plain.flatten()[worst])
+    warnings.warn(f"{name}: the cached per-position pass does not reproduce the full pass (a loss of {loss:.6g} "
+                  f"differs by {gap:.3g}, allowed {tol:g} + {tol:g} x |loss|); per-position patching takes the "
                   "plain path (one full pass per cell)", stacklevel=2)
     return False
