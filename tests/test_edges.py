@@ -428,6 +428,43 @@ def test_a_stream_that_is_not_the_sum_of_its_nodes_is_refused():
             check_decomposition(lm.model, gates, rm, batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_edges_in_half_precision(dtype):
+    """score(edges=True) on a bfloat16 or float16 model (it stopped with a dtype mismatch in bmm: the reader
+    gradients came in the model's dtype, the heads' contributions in float32): the edge map ranks as the float64
+    model's does, and each head's edges sum to its score as in float64."""
+    from headscore.stats import spearman
+
+    examples = random_examples(4, seed=1)
+    ref = headscore.score(tiny_model("llama", layers=2, heads=4, kv_heads=2, dtype=torch.float64, seed=0), examples,
+                          edges=True, progress=False)
+    half = headscore.score(tiny_model("llama", layers=2, heads=4, kv_heads=2, dtype=dtype, seed=0), examples,
+                           edges=True, progress=False)
+    a, b = half.edge_maps.values, ref.edge_maps.values
+    assert torch.equal(a.isnan(), b.isnan()) and bool(a[~a.isnan()].isfinite().all())
+    assert spearman(a[~a.isnan()].numpy(), b[~b.isnan()].numpy()) > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_scaled_stream_is_refused_in_half_precision_too(dtype):
+    """Granite's residual multiplier (0.22, as Granite 3 ships) scales what each layer adds: refused in every dtype
+    (in bfloat16 and float16 the check's tolerance for i layers' round-off allowed the whole stream, and it
+    passed; each layer's own addition is checked there now)."""
+    config = transformers.GraniteConfig(vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=0, residual_multiplier=0.22)
+    torch.manual_seed(0)
+    model = transformers.GraniteForCausalLM._from_config(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    lm = LoadedModel(model, ByteTokenizer(), "tiny-granite")
+    batch = next(iter(prepare(lm, random_examples(4, seed=1)).batches(4, progress=False)))
+    with patch(model) as gates, pytest.raises(UnsupportedModelError, match="edges cannot decompose it"):
+        check_decomposition(model, gates, residual_model(model), batch)
+
+
 # ------------------------------------------------------------------------------------------ API, file, CLI
 
 

@@ -221,24 +221,26 @@ class _EdgeBackward:
         h = graph.num_heads
         b = s.shape[0]
         width = pending[0][0].shape[1]
-        dtype = pending[0][0].dtype
+        # the products run in float32 at least, as the heads' contributions do (a bfloat16 model's reader
+        # gradients come in its own dtype: bmm refused the mix)
+        dtype = torch.promote_types(pending[0][0].dtype, torch.float32)
         d = delta.emb.shape[-1]
         emb = delta.emb.to(dtype).reshape(b, 1, width)
         for flat, _, cols in pending:
-            s[:, 0, cols] = torch.bmm(emb, flat)[:, 0].to(s.dtype)
+            s[:, 0, cols] = torch.bmm(emb, flat.to(dtype))[:, 0].to(s.dtype)
         for lu in range(max(last for _, last, _ in pending) + 1):
             readers = [(flat, cols) for flat, last, cols in pending if last >= lu]
-            per_row = torch.bmm(self.dz[lu], self.w[lu]).view(h, b, width).transpose(0, 1)  # [B, H, T*d]
+            per_row = torch.bmm(self.dz[lu], self.w[lu]).view(h, b, width).transpose(0, 1).to(dtype)  # [B, H, T*d]
             mlp = delta.mlp[lu].to(dtype).reshape(b, 1, width)
             h0 = graph.head_index(lu, 0)
             norm = self.rm.layers[lu].attn_out_norm
             for flat, cols in readers:
-                s[:, graph.mlp_index(lu), cols] = torch.bmm(mlp, flat)[:, 0].to(s.dtype)
+                s[:, graph.mlp_index(lu), cols] = torch.bmm(mlp, flat.to(dtype))[:, 0].to(s.dtype)
                 if norm is not None:  # the heads reach the stream through the attention's output norm
                     n = flat.shape[-1]
                     g = flat.view(b, width // d, d, n).transpose(2, 3)
                     flat = norm_vjp(norm, delta.attn_raw[lu], g).transpose(2, 3).reshape(b, width, n)
-                s[:, h0:h0 + h, cols] = torch.bmm(per_row, flat).to(s.dtype)
+                s[:, h0:h0 + h, cols] = torch.bmm(per_row, flat.to(dtype)).to(s.dtype)
 
 
 def edge_attributions(model: torch.nn.Module, heads: HeadGates, rm: ResidualModel, batch: Batch,
@@ -341,7 +343,19 @@ def check_decomposition(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
                 raise UnsupportedModelError(f"edges: {rm.family}'s layer {i} output projection is not the sum of its "
                                             f"heads' slices (off by {off:.1e} of its size); edges cannot decompose it")
             o = attn_out[i].to(torch.float64)
-        stream = stream + o + out.mlp[i].to(torch.float64)
+        added = o + out.mlp[i].to(torch.float64)
+        if eps > 1e-4:  # half precision: i layers' round-off allows the whole stream (bfloat16: 7.8 x (i + 1) of its
+            # size), so each layer's own addition is checked too, against the two roundings of its sums (a stream
+            # the layer scales, Granite's residual multiplier of 0.22, passed in bfloat16)
+            step = inputs[i + 1].to(torch.float64) - inputs[i].to(torch.float64)
+            big = max(float(inputs[i + 1].to(torch.float64)[mask].abs().max()), float(got[mask].abs().max()))
+            off = float((step - added)[mask].abs().max())
+            if off > 8 * eps * big + 1e-30 and off > 0.05 * float(added[mask].abs().max()):
+                raise UnsupportedModelError(
+                    f"edges: {rm.family}'s layer {i} does not add the sum of its heads and MLP to the residual stream "
+                    f"(off by {off / (float(added[mask].abs().max()) + 1e-30):.1e} of what it adds); edges cannot "
+                    "decompose it")
+        stream = stream + added
 
 
 @torch.no_grad()
