@@ -598,6 +598,9 @@ def circuit(model: ModelLike, examples: ExamplesLike, scores: HeadScores, *, edg
         raise HeadscoreError(f"edges must be a whole number of at least 1, got {edges!r}")
     if target_faithfulness is not None and not 0 < target_faithfulness <= 1:
         raise HeadscoreError(f"target_faithfulness must be in (0, 1], got {target_faithfulness!r}")
+    if sizes is not None and (isinstance(sizes, (str, bytes)) or not len(sizes) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)):
+        raise HeadscoreError(f"sizes must be whole numbers of at least 1, got {sizes!r}")
     metric = str(scores.extra.get("metric", "nll"))
     if metric not in METRICS:
         raise HeadscoreError(f"the scores were made with metric {metric!r}, which a circuit run cannot repeat")

@@ -413,6 +413,31 @@ def test_families_edges_cannot_decompose_are_refused():
     gpt_j = LoadedModel(model_matrix.build_model("gptj"), ByteTokenizer(), "tiny-gptj")
     with pytest.raises(UnsupportedModelError, match="none of the layouts edges support"):
         residual_model(gpt_j.model)
+    # GPT-BigCode (StarCoder) has GPT-2's names with another c_attn layout: its edges patched head 0's key for
+    # head 1's query; MiMo-V2-Flash's queries and keys are wider than the heads the output projection takes
+    with pytest.raises(UnsupportedModelError, match="otherwise than GPT-2"):
+        residual_model(model_matrix.build_model("gpt_bigcode"))
+    with pytest.raises(UnsupportedModelError, match="q_proj has 32 outputs where heads as wide as the output "
+                                                    "projection's give 24"):
+        residual_model(model_matrix.build_model("mimo_v2_flash"))
+    # NanoChat runs its final norm on the embeddings too: the logits reader's hook changed both calls
+    nanochat = LoadedModel(model_matrix.build_model("nanochat"), ByteTokenizer(), "tiny-nanochat")
+    batch = next(iter(prepare(nanochat, random_examples(3)).batches(3, progress=False)))
+    with patch(nanochat.model) as gates, pytest.raises(UnsupportedModelError, match="runs the final norm 2 times"):
+        check_decomposition(nanochat.model, gates, residual_model(nanochat.model), batch)
+
+
+def test_edge_scores_that_are_not_finite_are_refused():
+    """A sliding window (4) shorter than a batch's padding under eager attention: plain scoring refuses the NaN
+    gate gradients, and so does an edge run now (it wrote a file whose every edge of a task was NaN, which reads
+    as 'no such edge', and circuit took it)."""
+    lm = LoadedModel(model_matrix.build_model("granite_swa"), ByteTokenizer(), "tiny-granite-swa")
+    examples = [Example("ab", "c", "alpha", corrupt="ax", foil="d"),
+                Example("abcdefghijklmn", "c", "alpha", corrupt="abcdefghijklmx", foil="d")]
+    with pytest.raises(HeadscoreError, match="non-finite gate gradients"):
+        headscore.score(lm, examples, batch_size=2, progress=False)
+    with pytest.raises(HeadscoreError, match="non-finite gate gradients"):
+        headscore.score(lm, examples, baseline="corrupt", edges=True, batch_size=2, progress=False)
 
 
 def test_a_stream_that_is_not_the_sum_of_its_nodes_is_refused():
@@ -932,3 +957,28 @@ def test_an_edge_outside_the_graph_is_refused(edge):
     batch = next(iter(prepare(lm, random_examples(2, seed=1)).batches(2, progress=False)))
     with patch(lm.model) as gates, pytest.raises(ValueError, match="outside the graph"):
         edge_patched_losses(lm.model, gates, rm, batch, [edge], writer_outputs(lm.model, gates, rm, batch))
+
+
+def test_edge_lists_and_circuit_sizes_are_checked(tmp_path):
+    """ablate_edges takes (upstream, downstream) pairs, each edge once (a repeat was measured and counted twice;
+    'emb->logits' was a ValueError from unpacking); circuit refuses sizes the command line refuses (an empty list
+    was an IndexError, a negative size a topk RuntimeError, 0 a circuit of nothing); the command line takes
+    --target-faithfulness 1 as the API does."""
+    from headscore.cli import build_parser
+
+    lm = tiny_model("llama", layers=2, heads=2, kv_heads=1, dtype=torch.float64)
+    examples = random_examples(3)
+    with pytest.raises(HeadscoreError, match=r"each edge is an \(upstream, downstream\) pair of node names.*"
+                                             r"not 'emb->logits'"):
+        headscore.ablate_edges(lm, examples, ["emb->logits"], progress=False)
+    once = headscore.ablate_edges(lm, examples, [("emb", "logits"), ("L0.H1", "L1.mlp")], progress=False)
+    twice = headscore.ablate_edges(lm, examples, [("emb", "logits"), ("L0.H1", "L1.mlp"), ("emb", "logits")],
+                                   progress=False)
+    assert twice.extra["edges_measured"] == once.extra["edges_measured"] == 2
+    assert torch.equal(twice.edge_maps.values.nan_to_num(7.0), once.edge_maps.values.nan_to_num(7.0))
+    scores = headscore.score(lm, examples, edges=True, progress=False)
+    for sizes in ([], [0], [-3], [2.5], "10"):
+        with pytest.raises(HeadscoreError, match="sizes must be whole numbers of at least 1"):
+            headscore.circuit(lm, examples, scores, sizes=sizes, progress=False)
+    args = build_parser()[0].parse_args(["circuit", "s.hs", "--out", "o", "--target-faithfulness", "1"])
+    assert args.target_faithfulness == 1.0

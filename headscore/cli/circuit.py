@@ -12,7 +12,7 @@ from ..output_files import OutputSet
 from ..output_paths import OutputDir
 from ..results import HeadScores, json_bytes
 from ..text import printable
-from .common import at_least, check_command_outputs, load_model_and_tasks, open_fraction
+from .common import at_least, check_command_outputs, fraction_up_to_one, load_model_and_tasks
 
 CIRCUIT_FILES = ("circuits.json", "circuit.png", "circuit.pdf", "faithfulness.png", "faithfulness.pdf",
                  "circuit.html")
@@ -39,8 +39,8 @@ def register(sub) -> dict[str, Callable]:
     size = c.add_mutually_exclusive_group()
     size.add_argument("--edges", type=at_least(1), default=None, metavar="N",
                       help="the circuit's size: the top N edges by |score| (before pruning)")
-    size.add_argument("--target-faithfulness", type=open_fraction, default=None, metavar="F",
-                      help="the smallest size tried whose faithfulness reaches F (0 < F < 1)")
+    size.add_argument("--target-faithfulness", type=fraction_up_to_one, default=None, metavar="F",
+                      help="the smallest size tried whose faithfulness reaches F (0 < F <= 1)")
     c.add_argument("--sizes", type=_sizes, default=None, metavar="N,N,...",
                    help="circuit sizes for the curve (default 10, 20, 50, 100, ... up to every edge)")
     c.add_argument("--select", choices=["abs", "signed"], default="abs",

@@ -84,6 +84,14 @@ def open_fraction(text: str) -> float:
     return value
 
 
+def fraction_up_to_one(text: str) -> float:
+    """An argparse type: a number above 0 and at most 1 (a faithfulness to reach: 1 = the whole model's)."""
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
+
+
 def device_name(text: str) -> str:
     """An argparse type: a torch device that can hold the model here (see :func:`headscore.models.check_device`),
     checked before anything loads; the text is kept as given."""

@@ -24,16 +24,23 @@ from .residual import residual_model
 
 
 def edges_by_name(graph: EdgeGraph, names: Sequence[tuple[str, str]]) -> list[Edge]:
-    """Edge indices from (upstream, downstream) names; HeadscoreError for an unknown node or a missing edge."""
+    """Edge indices from (upstream, downstream) names, each edge once (a repeat was measured and counted twice);
+    HeadscoreError for an item that is no pair of names, an unknown node or a missing edge."""
     out = []
-    for up, down in names:
+    for item in names:
+        if isinstance(item, str) or not isinstance(item, (tuple, list)) or len(item) != 2 \
+                or not all(isinstance(n, str) for n in item):
+            raise HeadscoreError(f"each edge is an (upstream, downstream) pair of node names, e.g. ('L0.H3', "
+                                 f"'L2.H1.q'), not {item!r}")
+        up, down = item
         try:
             u, v = graph.index(up, upstream=True), graph.index(down, upstream=False)
         except ValueError as exc:
             raise HeadscoreError(str(exc)) from None
         if not bool(graph.allowed[u, v]):
             raise HeadscoreError(f"no edge {up} -> {down}: {up} writes after {down} reads")
-        out.append((u, v))
+        if (u, v) not in out:
+            out.append((u, v))
     return out
 
 

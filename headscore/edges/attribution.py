@@ -305,6 +305,14 @@ def check_decomposition(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         lambda m, args, kwargs, i=i: inputs.__setitem__(i, layer_input(args, kwargs).detach()), with_kwargs=True)
         for i, lm in enumerate(rm.layers)]
     handles.append(rm.final_norm.register_forward_pre_hook(lambda m, args: inputs.__setitem__(-1, args[0].detach())))
+    # each norm a reader reads the stream through runs once a pass (NanoChat runs its final norm on the embeddings
+    # too: the logits reader's hook then changed both calls, and exact patching into the logits was wrong)
+    norms = {id(m): (m, where) for i, lm in enumerate(rm.layers)
+             for m, where in ((lm.attn_norm, f"layer {i}'s attention norm"), (lm.mlp_norm, f"layer {i}'s MLP norm"))}
+    norms[id(rm.final_norm)] = (rm.final_norm, "the final norm")
+    calls = dict.fromkeys(norms, 0)
+    handles += [m.register_forward_hook(lambda mod, args, o, k=k: calls.__setitem__(k, calls[k] + 1))
+                for k, (m, _) in norms.items()]
     attn_out: list[torch.Tensor | None] = [None] * rm.graph.num_layers
     handles += [lm.attn_out_norm.register_forward_hook(
         lambda m, args, o, i=i: attn_out.__setitem__(i, module_output(o).detach()))
@@ -318,6 +326,10 @@ def check_decomposition(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
     if not out.complete() or any(x is None for x in inputs):
         raise UnsupportedModelError(f"edges: {rm.family}'s forward pass did not go through every layer's heads, "
                                     "MLP and final norm where edges hook them")
+    again = [(norms[k][1], n) for k, n in calls.items() if n > 1]
+    if again:
+        raise UnsupportedModelError(f"edges: {rm.family} runs {again[0][0]} {again[0][1]} times a pass, where edges "
+                                    "read the stream through it once; edges cannot tell its calls apart")
     mask = batch.attention_mask.to(out.emb.device).bool()
     stream = out.emb.to(torch.float64)
     eps = torch.finfo(out.emb.dtype).eps

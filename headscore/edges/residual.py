@@ -109,9 +109,17 @@ def _cols(start: int, width: int) -> torch.Tensor:
     return torch.arange(start, start + width)
 
 
-def _split(module, groups: list[tuple[int, list[torch.Tensor]]]) -> Projection:
-    """A projection whose readers ``groups`` = [(first reader offset, [columns of each])]."""
+def _split(module, groups: list[tuple[int, list[torch.Tensor]]], width: int | None = None,
+           label: str = "") -> Projection:
+    """A projection whose readers ``groups`` = [(first reader offset, [columns of each])]; ``width``: the outputs
+    that layout gives it (UnsupportedModelError for another count: queries or keys of another width than the
+    heads the output projection takes, one key and value head where the layout has several)."""
     weight, bias = _linear_weight(module)
+    if width is not None and weight.shape[0] != width:
+        raise UnsupportedModelError(
+            f"edges: the attention's {label} has {weight.shape[0]} outputs where heads as wide as the output "
+            f"projection's give {width} (queries, keys or values of another width or count); edges cannot split it "
+            "into readers")
     readers = tuple((first + i, cols) for first, all_cols in groups for i, cols in enumerate(all_cols))
     return Projection(module, weight, bias, readers)
 
@@ -133,17 +141,22 @@ def _layer(block, i: int, name: str, h: int, kv: int, dh: int) -> tuple[LayerMod
             f"own ({', '.join(sandwich)}, no input_layernorm); edges are refused for this family")
     q = lambda j: _cols(j * dh, dh)  # noqa: E731 - column blocks of separate projections
     if hasattr(block, "ln_1") and hasattr(block, "attn") and hasattr(block.attn, "c_attn"):  # GPT-2
+        if "BigCode" in type(block).__name__:  # c_attn per head, or one key and value head (multi-query)
+            raise UnsupportedModelError(f"edges: {name} lays out its fused query/key/value projection otherwise "
+                                        "than GPT-2 (per head, or one key and value head under multi-query); edges "
+                                        "are refused for this family")
         attn, width = block.attn, h * dh
         proj = _split(attn.c_attn, [(0, [_cols(j * dh, dh) for j in range(h)]),
                                     (h, [_cols(width + j * dh, dh) for j in range(h)]),
-                                    (2 * h, [_cols(2 * width + j * dh, dh) for j in range(h)])])
+                                    (2 * h, [_cols(2 * width + j * dh, dh) for j in range(h)])], 3 * width, "c_attn")
         return LayerModules(block, block.ln_1, (proj,), *_o_weight(attn.c_proj, h, dh), block.ln_2, block.mlp,
                             attn.c_proj), False
     if hasattr(block, "attention") and hasattr(block.attention, "query_key_value"):  # GPT-NeoX
         attn = block.attention
         proj = _split(attn.query_key_value, [(0, [_cols(j * 3 * dh, dh) for j in range(h)]),
                                              (h, [_cols(j * 3 * dh + dh, dh) for j in range(h)]),
-                                             (2 * h, [_cols(j * 3 * dh + 2 * dh, dh) for j in range(h)])])
+                                             (2 * h, [_cols(j * 3 * dh + 2 * dh, dh) for j in range(h)])],
+                      3 * h * dh, "query_key_value")
         parallel = bool(getattr(block, "use_parallel_residual", False))
         return (LayerModules(block, block.input_layernorm, (proj,), *_o_weight(attn.dense, h, dh),
                              block.post_attention_layernorm, block.mlp, attn.dense), parallel)
@@ -155,11 +168,12 @@ def _layer(block, i: int, name: str, h: int, kv: int, dh: int) -> tuple[LayerMod
     if hasattr(attn, "qkv_proj"):  # Phi-3: query | key | value in one projection
         projections = (_split(attn.qkv_proj, [(0, [q(j) for j in range(h)]),
                                               (h, [_cols(h * dh + j * dh, dh) for j in range(kv)]),
-                                              (h + kv, [_cols((h + kv) * dh + j * dh, dh) for j in range(kv)])]),)
+                                              (h + kv, [_cols((h + kv) * dh + j * dh, dh) for j in range(kv)])],
+                              (h + 2 * kv) * dh, "qkv_proj"),)
     elif all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")):
-        projections = (_split(attn.q_proj, [(0, [q(j) for j in range(h)])]),
-                       _split(attn.k_proj, [(h, [q(j) for j in range(kv)])]),
-                       _split(attn.v_proj, [(h + kv, [q(j) for j in range(kv)])]))
+        projections = (_split(attn.q_proj, [(0, [q(j) for j in range(h)])], h * dh, "q_proj"),
+                       _split(attn.k_proj, [(h, [q(j) for j in range(kv)])], kv * dh, "k_proj"),
+                       _split(attn.v_proj, [(h + kv, [q(j) for j in range(kv)])], kv * dh, "v_proj"))
     else:
         raise UnsupportedModelError(f"edges: {name} layer {i}'s attention has no q/k/v projections edges know "
                                     f"({LAYOUTS})")

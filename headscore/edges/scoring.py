@@ -12,6 +12,7 @@ from ..accumulate import TaskAccumulator
 from ..edge_maps import EdgeMaps
 from ..errors import HeadscoreError
 from ..loss import Metric
+from ..methods.gradient import refuse_non_finite
 from ..patch import patch
 from ..prepared import Prepared
 from ..results import HeadScores
@@ -60,10 +61,12 @@ def score_edges(prep: Prepared, *, name: str, baseline: str, metric: Metric, mea
             base = baseline_of(batch)
             if steps is None:
                 _, scores, grad = edge_attributions(model, heads, rm, batch, base, metric=metric)
+                refuse_non_finite(grad, batch)
                 acc.add(batch.task_index, -grad, batch.example_index)  # taylor's value: the node score
             else:
                 scores = _input_path(model, heads, rm, batch, base, metric, steps, fraction)
                 acc.add(batch.task_index, _head_sums(rm, scores), batch.example_index)
+            refuse_non_finite(scores, batch, "edge scores")  # NaN reads as "no such edge" in the file
             edge_acc.add(batch.task_index, scores, batch.example_index)
     seconds = time.perf_counter() - start
     result = prep.result(acc, name, seconds=seconds, batch_size=batch_size, metric=metric.name,

@@ -74,14 +74,20 @@ def gate_gradients(model: torch.nn.Module, heads: HeadGates, batch: Batch,
     with heads.using(gates, baseline):
         loss = example_losses(model, batch, metric)
     (grad,) = torch.autograd.grad(loss.sum(), gates)
+    refuse_non_finite(grad, batch)
+    return loss.detach(), grad
+
+
+def refuse_non_finite(grad: torch.Tensor, batch: Batch, what: str = "gate gradients") -> None:
+    """HeadscoreError naming the examples whose ``grad`` [B, ...] (gate gradients, edge scores) is not finite
+    although their loss is (``finite_losses`` refused the others before)."""
     bad = ~torch.isfinite(grad.flatten(1)).all(1)
     if bad.any():
         rows = batch.example_index[bad.cpu()].tolist()
         raise HeadscoreError(
-            f"non-finite gate gradients for example(s) {rows[:5]} although their loss is finite: the model's "
+            f"non-finite {what} for example(s) {rows[:5]} although their loss is finite: the model's "
             "attention gives NaN on padded positions, which its backward pass spreads (eager attention whose "
             "sliding window holds only padding, as ModernBERT's); use attn_implementation='sdpa' or batch_size=1")
-    return loss.detach(), grad
 
 
 def score_values(method: str, grad: torch.Tensor) -> torch.Tensor:
