@@ -142,7 +142,12 @@ def _hold_staging_lock(staging: Path):
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return None
     handle = open(staging / STAGING_LOCK, "wb")  # noqa: SIM115 - held for the whole conversion
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks (some network mounts): no lock file, the age rule applies
+        handle.close()
+        (staging / STAGING_LOCK).unlink(missing_ok=True)
+        return None
     return handle
 
 

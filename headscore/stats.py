@@ -52,8 +52,7 @@ class Interval:
     has fewer examples than the level holds, :func:`min_examples_for`), ``"undefined"`` (the figure, or
     most resamples of it, is not finite; or no resamples were asked for), ``"bias"`` (almost every resample
     falls on one side of the figure, :data:`MAX_BIAS_Z`, or the corrected interval would not hold the
-    figure); ``""`` for an interval. ``resamples`` counts the
-    resamples whose statistic was finite.
+    figure); ``""`` for an interval. ``resamples`` counts the resamples whose statistic was finite.
     """
 
     value: float
