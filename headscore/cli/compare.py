@@ -19,6 +19,7 @@ from ..compare import (
 from ..errors import HeadscoreError
 from ..intervals import agreement_table
 from ..output_files import atomic_write
+from ..report.uncertainty import bias_note
 from ..results import HeadScores, json_bytes
 from ..stats import format_interval, min_examples_for
 from ..text import printable
@@ -131,13 +132,9 @@ def _print_interval_notes(table: dict[str, dict], a: HeadScores, b: HeadScores, 
         counts = ", ".join(f"{printable(task)} (A {na}, B {nb})" for task, (na, nb) in few.items())
         print(f"no interval for {counts}: a {args.level:.0%} bootstrap interval needs at least "
               f"{min_examples_for(args.level)} examples of a task in each file (docs/report.md)")
-    biased = {task: row["biased"] for task, row in table.items() if row.get("biased")}
-    if biased:
-        figures = {"spearman": "Spearman", "topk_overlap": f"top-{args.k}"}
-        which = ", ".join(f"{printable(task)} ({' and '.join(figures.get(n, n) for n in names)})"
-                          for task, names in biased.items())
-        print(f"no interval for {which}: almost every resample fell on one side of the figure, a bias the bootstrap "
-              "cannot correct (docs/report.md)")
+    biased = bias_note(table, printable, f"top-{args.k}")
+    if biased is not None:
+        print(f"{biased} (docs/report.md)")
     if not with_ci and not few and args.resamples > 0:
         missing = " and ".join(n for n, s in (("A", a), ("B", b)) if not s.has_examples)
         print(f"no intervals: {missing} kept no per-example values (made before they were kept, or by a "

@@ -117,14 +117,24 @@ def interval_notes(checked: CheckedComparison, name: Callable[[str], str] = str)
         tasks = ", ".join(f"{name(t)} ({_examples(n)})" for t, n in checked.too_few.items())
         notes.append(f"No interval for {tasks}: a {checked.level:.0%} bootstrap interval needs at least "
                      f"{checked.floor} examples of a task in each file (from fewer it falls short of its level).")
-    biased = {t: e["biased"] for t, e in checked.entries.items() if isinstance(e, Mapping) and e.get("biased")}
-    if biased:
-        figures = {"spearman": "Spearman", "topk_overlap": "top-k overlap"}
-        which = ", ".join(f"{name(t)} ({' and '.join(figures.get(str(n), name(str(n))) for n in names)})"
-                          for t, names in biased.items())
-        notes.append(f"No interval for {which}: almost every resample fell on one side of the figure, a bias the "
-                     "bootstrap cannot correct.")
+    note = bias_note(checked.entries, name)
+    if note is not None:
+        notes.append(f"{note[0].upper()}{note[1:]}.")
     return notes
+
+
+def bias_note(entries: Mapping[str, Any], name: Callable[[str], str] = str, topk: str = "top-k overlap") -> str | None:
+    """``no interval for TASK (Spearman), ...: almost every resample fell ...`` for the entries of an agreement
+    table whose figures have no interval for a bias the bootstrap cannot correct (``biased``); None for none.
+    ``topk`` names the top-k figure (``top-10`` where k is known)."""
+    biased = {t: e["biased"] for t, e in entries.items() if isinstance(e, Mapping) and e.get("biased")}
+    if not biased:
+        return None
+    figures = {"spearman": "Spearman", "topk_overlap": topk}
+    which = ", ".join(f"{name(t)} ({' and '.join(figures.get(str(n), name(str(n))) for n in names)})"
+                      for t, names in biased.items())
+    return f"no interval for {which}: almost every resample fell on one side of the figure, a bias the bootstrap " \
+           "cannot correct"
 
 
 def counts_by_task(obj: Any) -> dict[str, int] | None:
