@@ -282,6 +282,7 @@ def test_sections_that_cannot_be_compared_and_task_names_the_json_keeps(tmp_path
     assert run(capsys, "compare", a, b)[0] == 0  # without --json nothing clashes
 
 
+@pytest.mark.slow  # 5-9 s on 2 cores: a whole report
 def test_report_says_which_tasks_an_ablation_file_lacks(tmp_path, capsys):
     """``report --ablation`` shows the tasks both files have; the ones it leaves out are named (they went without
     a word)."""

@@ -391,6 +391,7 @@ def _report_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+@pytest.mark.slow  # 3-6 s on 2 cores: a report in a subprocess
 def test_sigterm_while_a_report_is_written_leaves_the_old_one(tmp_path):
     """Case 6: a report killed by SIGTERM over an earlier one, while it writes (its temporary directory has
     appeared): the earlier report stays whole, no temporary is left, and the command says so (exit 143)."""

@@ -68,6 +68,7 @@ def test_track_cost_refuses_an_unwritable_out_before_loading(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 7-12 s on 2 cores: a fresh Python worker
 def test_track_cost_memory_worker_runs_in_a_fresh_process(tmp_path):
     script = _script()
     settings = {"model": str(save_tiny_model(tmp_path / "model")), "device": "cpu", "dtype": "float32",

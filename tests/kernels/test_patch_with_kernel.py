@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.triton, pytest.mark.numerics,
               pytest.mark.skipif(not triton_available(), reason="triton is not installed")]
 
 
+@pytest.mark.slow  # 4-8 s each on 2 cores (the Triton interpreter); the kernel's own tests stay in the fast tier
 @pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 1)])
 @pytest.mark.parametrize("method", ["taylor", "atp-mean"])
 def test_scores_with_kernel_equal_scores_without(family, kv_heads, method):
@@ -43,6 +44,7 @@ def test_kernel_really_runs_and_ablation_is_exact():
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # 5-8 s on 2 cores (the Triton interpreter)
 def test_per_position_scores_through_the_kernel():
     """score(per_position=True) is served by the kernel (all-ones per-position gates) and equals the wrapper's
     per-position maps; per-position ablation rows (a gate changed at one token) fall back to the wrapper."""
