@@ -298,7 +298,7 @@ def embedded_model_dir(name: str) -> Path:
                                  "(chmod -R a+rX) or set HEADSCORE_CACHE to a directory of your own")
         warnings.warn(f"the cached model {target} cannot be used ({problem}); rebuilding it", CacheRebuilt,
                       stacklevel=2)
-    gguf = _gguf_source(package, filename)
+    gguf = installed if installed is not None else _gguf_source(package, filename)  # the latter says what is missing
     if importlib.util.find_spec("gguf") is None:
         raise HeadscoreError("converting the embedded model needs the gguf package: pip install gguf accelerate")
     try:

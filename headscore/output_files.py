@@ -405,6 +405,7 @@ class OutputSet:
     def __init__(self) -> None:
         self._staged: list[_Staged] = []
         self._made: list[Path] = []  # directories created for the outputs, removed again if nothing is written
+        self._swept: set[Path] = set()  # directories whose stale temporaries are removed (once a set)
 
     def __enter__(self) -> OutputSet:
         return self
@@ -442,7 +443,9 @@ class OutputSet:
         check_rename_target(label, path, final)
         try:
             self._make_parents(final.parent)
-            remove_stale_temporaries(final.parent)
+            if final.parent not in self._swept:
+                remove_stale_temporaries(final.parent)
+                self._swept.add(final.parent)
             tmp = new_temp_dir(final.parent) if is_dir else new_temp_file(final.parent)
         except OSError as exc:
             raise OutputWriteError(path, describe(exc)) from None

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_ablation import tiny_gpt2
 from test_counterfactual import counterfactual_examples
-from tiny import tiny_model
+from tiny import counting_bars, tiny_model
 
 import headscore
 from headscore.loss import resolve_metric
@@ -278,25 +278,6 @@ def test_a_later_batch_the_fast_path_cannot_serve_takes_the_plain_path(monkeypat
     torch.testing.assert_close(got.position_values, plain.position_values, rtol=0, atol=ATOL)
 
 
-class _CountingBar:
-    """Stands in for tqdm in headscore.api: each bar's total and the sum of its updates."""
-
-    bars: list = []
-
-    def __init__(self, *args, total=0, desc="", **kwargs):
-        self.total, self.desc, self.done = total, desc, 0
-        _CountingBar.bars.append(self)
-
-    def update(self, n=1):
-        self.done += n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.mark.parametrize("mode", ["prefix", "naive"])
 def test_per_layer_head_counts_count_and_run_only_real_cells(monkeypatch, mode):
     """Laguna's layers have 4 and 2 heads: the cell bar counts the real cells and its updates sum to its total
@@ -333,14 +314,14 @@ def test_per_layer_head_counts_count_and_run_only_real_cells(monkeypatch, mode):
         return run(self, position, cells, rows)
 
     monkeypatch.setattr(pp.PositionPatcher, "run", counting)
-    monkeypatch.setattr(api, "tqdm", _CountingBar)
-    _CountingBar.bars = []
+    Bar, bars = counting_bars()
+    monkeypatch.setattr(api, "tqdm", Bar)
     examples = counterfactual_examples(5, seed=7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = headscore.ablate(lm, examples, baseline="corrupt", per_position=True, batch_size=2, mode=mode)
-    bar = next(b for b in _CountingBar.bars if b.desc == "patch positions")
-    assert bar.done == bar.total > 0
+    bar = next(b for b in bars if b.desc == "patch positions")
+    assert bar.n == bar.total > 0
     assert cells_run or plain_rows
     assert all(head < layout.heads_of(layer) for layer, head in cells_run)
     for rows in plain_rows:  # the plain path's rows (and the checks' full passes) change only real heads

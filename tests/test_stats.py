@@ -155,24 +155,11 @@ def test_sign_flip_of_a_non_finite_difference_is_nan(n):
 def test_the_bootstrap_counts_its_resamples_for_a_progress_bar(monkeypatch):
     """agreement_intervals drives one bar over tasks x figures x resamples (shown on a terminal only, after 2 s:
     100,000 resamples ran minutes without a word), and the numbers do not depend on it."""
+    from tiny import counting_bars
+
     import headscore.intervals as intervals
 
-    bars = []
-
-    class Bar:
-        def __init__(self, total, disable, **kwargs):
-            self.total, self.disable, self.n = total, disable, 0
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    Bar, bars = counting_bars()
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0] * 7 + [1] * 8)
     a = intervals.ExampleMaps(torch.rand(15, 2, 3, generator=g, dtype=torch.float64), labels, ["x", "y"])

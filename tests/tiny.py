@@ -59,3 +59,25 @@ def random_examples(n: int, tasks: tuple[str, ...] = ("alpha", "beta", "gamma"),
         return "".join(letters[int(i)] for i in torch.randint(0, len(letters), (k,), generator=g))
 
     return [Example(text(3, 20), text(1, 5), tasks[i % len(tasks)]) for i in range(n)]
+
+
+def counting_bars() -> tuple[type, list]:
+    """A stand-in for tqdm (monkeypatch it where a module imported tqdm) and the list of the bars it made, each
+    with the ``total``, ``desc`` and ``disable`` it was given and ``n``, the sum of its updates."""
+    bars: list = []
+
+    class Bar:
+        def __init__(self, *args, total=0, desc="", disable=False, **kwargs):
+            self.total, self.desc, self.disable, self.n = total, desc, disable, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    return Bar, bars

@@ -311,12 +311,11 @@ class InterventionResult:
         lines = [f"Top-{self.k} heads by {', '.join(self.sources or [self.source])}; random: {len(self.seeds)} "
                  f"sets of {self.k} heads from all heads. dloss = mean loss change (nats/token) vs the unmodified "
                  f"model, with {pct} bootstrap intervals over examples ({self.resamples} resamples, seed {self.seed}); "
-                 "others = the "
-                 f"set's change on the other functions ({others}); selectivity = own - others; p = one-sided "
-                 "sign-flip permutation p-value that the own set hurts more than the random sets (paired by "
-                 f"example); * = the {pct} interval excludes 0 (a dloss or selectivity), or p < 0.05; a figure "
-                 "without brackets has no interval (too few examples, or almost every resample on one side of "
-                 "it); acc = greedy exact match.", ""]
+                 f"others = the set's change on the other functions ({others}); selectivity = own - others; "
+                 "p = one-sided sign-flip permutation p-value that the own set hurts more than the random sets "
+                 f"(paired by example); * = the {pct} interval excludes 0 (a dloss or selectivity), or p < 0.05; "
+                 "a figure without brackets has no interval (too few examples, or almost every resample on one side "
+                 "of it); acc = greedy exact match.", ""]
         head = ["function", *(["heads by"] if multi else []), "n", "clean acc", "own dloss", "others dloss",
                 "selectivity", "random dloss", "own/random", "p", "own acc", "random acc"]
         if math.isfinite(self.scale):
