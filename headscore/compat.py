@@ -52,6 +52,28 @@ def force_attention_implementation(model: torch.nn.Module, name: str) -> None:
     model.config._attn_implementation_internal = name
 
 
+def sub_config_implementations(model: torch.nn.Module) -> list[tuple[object, str | None]]:
+    """Each sub-config of ``model``'s config (at any depth: a multimodal model's text and vision towers) with the
+    implementation name it holds now (None where it holds none), for :func:`restore_sub_config_implementations`:
+    ``set_attn_implementation`` with one name sets every tower, so restoring the top name alone is not enough."""
+    found, queue, seen = [], [model.config], {id(model.config)}
+    while queue:
+        config = queue.pop()
+        for name in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, name, None)
+            if sub is not None and id(sub) not in seen and hasattr(sub, "_attn_implementation_internal"):
+                seen.add(id(sub))
+                found.append((sub, sub._attn_implementation_internal))
+                queue.append(sub)
+    return found
+
+
+def restore_sub_config_implementations(recorded: list[tuple[object, str | None]]) -> None:
+    """Put back the names :func:`sub_config_implementations` recorded."""
+    for config, name in recorded:
+        config._attn_implementation_internal = name
+
+
 def attention_function(name: str) -> Callable:
     """The attention function registered as ``name``; ``eager`` is the model module's own function."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -9,8 +9,8 @@ batch of random tokens in the model's own dtype (float64 makes the comparisons e
 2. the output projection of each attention layer is found from the model, not assumed to be ``o_proj``:
    the first module with a weight matrix that runs after the layer's attention function and consumes a
    tensor of ``heads x head_dim`` features;
-3. headscore's gate gradients dL/dg equal an independent reference: the unpatched model, each example run
-   alone, a forward pre-hook multiplying each head's slice of that projection's input by a gate;
+3. headscore's gate gradients dL/dg equal an independent reference: the unpatched model on the same padded
+   batch, a forward pre-hook multiplying each head's slice of that projection's input by a gate;
 4. batched and prefix-reuse ablation of every head equal the reference zeroing each head's slice there.
 
 A model that cannot be gated gets status ``refused`` with the reason (no registry, no ``layer_idx``, no

@@ -354,7 +354,8 @@ def _check_patchable(model: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = None) -> Iterator[HeadGates]:
+def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = None,
+          training: bool = False) -> Iterator[HeadGates]:
     """Gate every attention head of ``model`` for the duration of the ``with`` block.
 
     Args:
@@ -368,15 +369,29 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
             tests); ``False`` always wraps the model's own attention. Calls the kernel
             cannot serve (dropout, soft-capping, sliding windows, custom masks, observers)
             fall back to the wrapper; results agree either way.
+        training: leave the model's modules in the mode they are in (:func:`headscore.track`, whose passes are
+            the user's training steps). By default the model runs in evaluation mode inside the block (no
+            dropout, no activation checkpointing: a model straight from a training loop scores as it
+            predicts), and each module's mode is restored on exit.
 
     Yields:
         A :class:`HeadGates` whose ``gates`` [B, L, H] and ``baseline`` [L, H, D] control
         the heads. With ``gates=None`` the model computes what it did before: exactly, where the fused kernel
         does not serve the call (``kernel=False``, a CPU, :meth:`HeadGates.without_kernel`), else up to the
-        kernel's rounding (its attention, not the model's; in float32 about 1e-6).
+        kernel's rounding (its attention, not the model's; in float32 about 1e-6). One exception: GPT-2 with
+        ``reorder_and_upcast_attn`` upcasts its attention only under the name ``eager``, so patched it rounds
+        as without that option (float32 about 4e-6; bfloat16 about 1e-2 of the logits).
 
-    On exit (also after an exception) the model's attention implementation, the
-    registries and the parameters' ``requires_grad`` flags are as they were.
+    On exit (also after an exception) the model's attention implementation (each tower's, in a multimodal
+    model), the registries, the parameters' ``requires_grad`` flags (with ``freeze``) and the modules'
+    training modes (without ``training``) are as they were. Blocks may nest and end in any order, also on
+    models that share one config (a causal LM and its inner ``.model``); only the patched model's attention
+    modules are gated, even where another model shares its config.
+
+    ``patch`` does not check that the model's heads can be gated apart (``headscore.prepare`` and every entry
+    point do, once per model, with :func:`headscore.separability.separability_report`): on a model whose heads
+    are mixed before the output projection, or whose attention runs twice per layer, the gates do not act on
+    single heads. Run the backward pass of a gated forward pass inside :meth:`HeadGates.using`.
 
     A model with an output gate of its own after attention (Qwen3-Next, Qwen3.5, Laguna, ...) is gated at its
     output projections' input once :func:`headscore.prepare` has seen it (:func:`gate_at_projections`); before
@@ -395,8 +410,12 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     state = HeadGates(head_layout(model))
     inner = compat.attention_function(original)
     at_projection = gated_at_projections(model)
+    own = {id(module) for module in model.modules()}
 
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if id(module) not in own:  # another model that shares this config: not ours to gate
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        attention_mask, kwargs = _sparse_indices_as_mask(original, query, key, attention_mask, kwargs)
         state.layers_run.add(getattr(module, "layer_idx", None))
         if getattr(module, "layer_idx", None) in at_projection:  # gated at its output projection's input
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
@@ -412,14 +431,17 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
 
     key = f"headscore_gated_{next(_counter)}"
     compat.register_attention(key, gated_attention, masks_like=original)
-    entry = _ActivePatch(key, original, [(p, p.requires_grad) for p in model.parameters()])
-    stack: list[_ActivePatch] = model.__dict__.setdefault(_STACK_ATTR, [])
+    entry = _ActivePatch(key, original, compat.sub_config_implementations(model),
+                         [(p, p.requires_grad) for p in model.parameters()] if freeze else None,
+                         None if training else [(m, m.training) for m in model.modules()])
+    stack = _STACKS.setdefault(id(model.config), [])
     stack.append(entry)
     try:
         model.set_attn_implementation(key)
-        if freeze:
-            for p, _ in entry.flags:
-                p.requires_grad_(False)
+        for p, _ in entry.flags or ():
+            p.requires_grad_(False)
+        if not training:
+            model.eval()
         with _gating_projection_inputs(model, state, at_projection):
             yield state
     finally:
@@ -427,33 +449,74 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         compat.unregister_attention(key)
 
 
-_STACK_ATTR = "_headscore_active_patches"
+_STACKS: dict[int, list[_ActivePatch]] = {}
+"""The open ``patch()`` blocks per config (by identity: configs are not hashable), oldest first. Keyed by the
+config, not the module: the implementation name they switch lives in the config, which a causal LM shares with
+its inner ``.model`` (and two models built from one config object share)."""
 
 
 @dataclass
 class _ActivePatch:
-    """One ``patch()`` block on a model: its registry key, and what its exit restores."""
+    """One ``patch()`` block: its registry key, and what its exit restores (None: what it did not change)."""
 
     key: str
     original: str
-    flags: list[tuple[torch.nn.Parameter, bool]]
+    towers: list[tuple[object, str | None]]
+    flags: list[tuple[torch.nn.Parameter, bool]] | None
+    modes: list[tuple[torch.nn.Module, bool]] | None
 
 
 def _exit_patch(model: torch.nn.Module, stack: list[_ActivePatch], entry: _ActivePatch) -> None:
-    """Undo one patch. Blocks on one model may end in any order: one that ends while a later one is
+    """Undo one patch. Blocks on one config may end in any order: one that ends while a later one is
     still open leaves the model to it, handing over what it would have restored (the later block
     keeps working, since it calls this block's attention function directly, and its exit then
     restores the model as it was before both)."""
     i = stack.index(entry)
     del stack[i]
     if i < len(stack):
-        stack[i].original, stack[i].flags = entry.original, entry.flags
+        later = stack[i]
+        later.original, later.towers = entry.original, entry.towers
+        later.flags = entry.flags if entry.flags is not None else later.flags
+        later.modes = entry.modes if entry.modes is not None else later.modes
         return
     if not stack:
-        model.__dict__.pop(_STACK_ATTR, None)
-    for p, flag in entry.flags:
+        _STACKS.pop(id(model.config), None)
+    for p, flag in entry.flags or ():
         p.requires_grad_(flag)
+    for module, mode in entry.modes or ():
+        module.training = mode
     with contextlib.suppress(Exception):
         model.set_attn_implementation(entry.original)
     if compat.attention_implementation(model) != entry.original:  # a change we could not undo via the API
         compat.force_attention_implementation(model, entry.original)
+    compat.restore_sub_config_implementations(entry.towers)
+
+
+_NAMED_SPARSE = ("eager", "sdpa")
+"""The implementations under whose names a sparse-attention model (DeepSeek-V3.2's indexer, GLM-MoE-DSA, ...)
+folds its top-k key selection into the attention mask itself; under any other name (a patch's key) it passes
+the selection as ``indices=`` for the attention function to apply, which eager and SDPA ignore."""
+
+
+def _sparse_indices_as_mask(original: str, query: torch.Tensor, key: torch.Tensor,
+                            attention_mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:
+    """The mask and arguments the model would have passed under its own implementation's name: top-k key
+    ``indices`` [B, S, k] folded into the mask as those models do it (keys not selected masked out). Block-sparse
+    ``block_indices`` (MiniMax-M3-VL) have no generic form and are refused."""
+    if original not in _NAMED_SPARSE:
+        return attention_mask, kwargs
+    if isinstance(kwargs.get("block_indices"), torch.Tensor):
+        raise UnsupportedModelError("this model selects key blocks (block_indices) only under the names eager and "
+                                    "sdpa, which a patched model does not have; headscore cannot gate it")
+    indices = kwargs.get("indices")
+    if not isinstance(indices, torch.Tensor):
+        return attention_mask, kwargs
+    if attention_mask is None:
+        raise UnsupportedModelError("top-k sparse attention (indices=) without an attention mask to fold it into")
+    unselected = (torch.ones(*indices.shape[:2], key.shape[-2], dtype=torch.bool, device=indices.device)
+                  .scatter(-1, indices.long(), False).unsqueeze(1))
+    if attention_mask.dtype == torch.bool:
+        attention_mask = attention_mask & ~unselected
+    else:
+        attention_mask = attention_mask.masked_fill(unselected, torch.finfo(query.dtype).min)
+    return attention_mask, {**kwargs, "indices": None}

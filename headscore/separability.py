@@ -111,9 +111,9 @@ def separability(model: torch.nn.Module, heads, seen: Observed, batch) -> Separa
         _, halved = _consumer_input(model, heads, batch, layer, {consumer: full}, torch.full((count,), 0.5))
         if not _scaled_like(halved, full, torch.full((count,), 0.5)):
             return Separation(
-                f"head outputs are mixed before the output projection ({projection_pattern(projections)}, "
-                f"layer {layer}: halving the layer's heads does not halve its input), so one head cannot be "
-                "removed alone", projections)
+                f"head outputs are mixed before the output projection (the first module with a weight matrix "
+                f"whose input they change: {projection_pattern(projections)}, layer {layer}: halving the layer's "
+                "heads does not halve its input), so one head cannot be removed alone", projections)
         mixed.append(layer)
     return Separation(None, projections, gated, mixed, sorted(seen.outputs))
 

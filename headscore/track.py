@@ -61,6 +61,7 @@ class _Pending:
     gates: weakref.ref
     task_index: torch.Tensor
     grad: torch.Tensor | None = None
+    folded: bool = False
 
 
 class Tracker:
@@ -69,10 +70,13 @@ class Tracker:
     Attributes:
         tasks: task names (rows are labelled by index into this list).
         ema_decay: decay of the exponential moving average of per-step means.
-        auto_step: every backward pass closes an EMA step (else call :meth:`step`).
+        auto_step: every counted forward pass closes an EMA step (in the usual loop, one forward and one
+            backward pass per optimizer step, that is every step; else call :meth:`step`).
         forwards: forward passes whose gradient has been counted.
         skipped: forward passes whose gradient was not all finite (not counted; e.g. a step a
             ``GradScaler`` skips).
+        late: gradients that reached a forward pass after it was counted (not counted: a second backward
+            pass through one graph, ``retain_graph=True``, after :meth:`scores` or a later forward pass).
         steps: EMA steps closed so far.
         scaler: the ``GradScaler`` whose scale each gradient is divided by, or None.
     """
@@ -93,10 +97,12 @@ class Tracker:
         self.enabled = True
         self.forwards = 0
         self.skipped = 0
+        self.late = 0
         self.steps = 0
         self._checkpointing = compat.checkpointing_modules(model)  # read each forward pass: found once
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._previous: weakref.ref | None = None
+        self._ungate_after = False
         self._next_tasks: torch.Tensor | None = None
         self._pending: list[_Pending] = []
         self._sums: dict[str, torch.Tensor] | None = None
@@ -158,6 +164,9 @@ class Tracker:
         gates.register_hook(lambda grad, record=record: self._on_grad(record, grad))
         self._pending.append(record)
         self.heads.gates, self._previous = gates, None
+        # without checkpointing nothing reads the gates after the pass: a call that bypasses model(...) (the
+        # inner model for an extra loss, model.forward) must not be gated by them, nor its gradient counted
+        self._ungate_after = checkpointing is None
         self._carry_gates(checkpointing, gates)
         return args, kwargs
 
@@ -175,6 +184,8 @@ class Tracker:
             self._saved_hooks = None
         if self._previous is not None:
             self.heads.gates, self._previous = self._previous(), None
+        if self._ungate_after:
+            self.heads.gates, self._ungate_after = None, False
 
     def _unpack_saved(self, saved: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         # the backward pass reads a tensor of this pass (first of all, a checkpointed layer's inputs
@@ -198,6 +209,13 @@ class Tracker:
                                  "the latest gates); backpropagate each pass first, or use use_reentrant=True")
 
     def _on_grad(self, record: _Pending, grad: torch.Tensor) -> None:
+        if record.folded:  # a second backward through a graph (retain_graph) after its pass was counted
+            if not self.late:
+                warnings.warn("headscore.track: a backward pass reached a forward pass whose gradient was already "
+                              "counted (backpropagated again after tracker.scores() or a later forward pass); "
+                              "such gradients are not counted (tracker.late)", RuntimeWarning, stacklevel=2)
+            self.late += 1
+            return
         grad = grad.detach()
         if self.scaler is not None:  # the scale this gradient was made with (a tensor: no host sync)
             grad = grad / self.scaler.scale(torch.ones((), dtype=grad.dtype, device=grad.device))
@@ -223,6 +241,7 @@ class Tracker:
                 self.skipped += 1
             elif record.grad is not None:
                 self._add(record.task_index, record.grad)
+                record.folded, record.grad = True, None
                 self.forwards += 1
                 if self.auto_step:
                     self.step()
@@ -248,7 +267,7 @@ class Tracker:
     def step(self) -> None:
         """Close one step: fold the per-task means of the rows since the last step into the EMA.
 
-        Called after every counted backward pass when ``auto_step`` (the default); with gradient
+        Called after every counted forward pass when ``auto_step`` (the default); with gradient
         accumulation create the tracker with ``auto_step=False`` and call this after each
         optimizer step (:class:`HeadscoreCallback` does).
         """
@@ -340,8 +359,9 @@ def track(model: torch.nn.Module, *, ema: float = 0.99, tasks: Sequence[str] | N
         ema: decay of the exponential moving average of each step's per-task mean.
         tasks: task names for labelled rows (default: one task ``all``; with several tasks
             every tracked forward pass needs labels).
-        auto_step: close an EMA step after every backward pass; pass False and call
-            ``tracker.step()`` after each optimizer step when accumulating gradients.
+        auto_step: close an EMA step after every counted forward pass (one forward and one backward pass per
+            optimizer step: every step); pass False and call ``tracker.step()`` after each optimizer step when
+            accumulating gradients, or when one backward pass serves several forward passes.
         kernel: the fused Triton attention kernel (see :func:`headscore.patch`); off by default.
         scaler: the ``torch.amp.GradScaler`` that scales the loss: each pass's gradient is divided by
             the scale it was made with (read as the gradient arrives, before ``scaler.update()``).
@@ -354,7 +374,7 @@ def track(model: torch.nn.Module, *, ema: float = 0.99, tasks: Sequence[str] | N
     NaN, in :meth:`Tracker.scores` and :meth:`Tracker.ema`, as in :func:`headscore.score`; so are the heads a
     layer does not have (per-layer head counts).
     """
-    with patch(model, freeze=False, kernel=kernel) as heads:
+    with patch(model, freeze=False, kernel=kernel, training=True) as heads:
         tracker = Tracker(model, heads, ema=ema, tasks=tasks, auto_step=auto_step, scaler=scaler)
         handles = (model.register_forward_pre_hook(tracker._pre_forward, with_kwargs=True),
                    model.register_forward_hook(tracker._post_forward, always_call=True))

@@ -46,6 +46,7 @@ _SIZES = {
     "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 6,
     "sliding_window": 4, "attention_chunk_size": 4, "window_size": 4,
+    "index_topk": 4,  # a sparse model's top-k keys (DeepSeek-V3.2's indexer): fewer than a batch's tokens
     "rope_scaling": None, "local_attention": 4, "rotary_dim": 4,
     "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,  # Gemma 3n / 4 per-layer embeddings
     # encoder-decoder families' causal LMs (BART-style) run their decoder

@@ -429,3 +429,48 @@ def test_tracker_finds_layers_without_attention(family):
     assert torch.equal(torch.isnan(scores.values), missing.expand_as(scores.values))
     torch.testing.assert_close(scores.values, offline.values, rtol=1e-6, atol=1e-12, equal_nan=True)
     assert torch.equal(torch.isnan(tracker.ema()), missing.expand_as(scores.values))
+
+
+def _tracked_first_pass_then(call) -> tuple[headscore.HeadScores, headscore.HeadScores]:
+    """The tracker's taylor after one tracked pass followed by ``call(model, ids)``, and after that pass alone."""
+    out = []
+    for extra in (call, None):
+        lm = tiny_model("llama", dtype=torch.float64)
+        ids = torch.randint(2, 90, (2, 8), generator=torch.Generator().manual_seed(0))
+        with headscore.track(lm.model) as tracker:
+            lm.model(input_ids=ids, labels=ids).loss.backward()
+            if extra is not None:
+                extra(lm.model, ids.flip(0))
+            out.append(tracker.scores("taylor"))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("call", ["inner model", "forward", "inner model, another batch size"])
+def test_calls_that_bypass_the_tracked_model_are_not_gated(call):
+    """A forward pass that does not go through ``model(...)`` (an extra loss on the inner model's hidden states,
+    ``model.forward``) runs ungated and is not counted: before, the previous pass's gates gated it and its
+    gradient was added to that pass's rows (or, for another batch size, it failed)."""
+    def run(model, ids):
+        if call == "forward":
+            model.forward(input_ids=ids, labels=ids).loss.backward()
+        else:
+            rows = ids if call == "inner model" else torch.cat([ids, ids[:1]])
+            model.model(input_ids=rows).last_hidden_state.pow(2).sum().backward()
+
+    got, alone = _tracked_first_pass_then(run)
+    assert torch.equal(got.counts, alone.counts)
+    torch.testing.assert_close(got.values, alone.values, rtol=0, atol=0)
+
+
+def test_a_second_backward_after_the_pass_was_counted_warns():
+    """``retain_graph=True`` and a second backward after ``scores()`` folded the pass: not counted, and said."""
+    lm = tiny_model("llama", dtype=torch.float64)
+    ids = torch.randint(2, 90, (2, 8))
+    with headscore.track(lm.model) as tracker:
+        loss = lm.model(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        first = tracker.scores("taylor").values
+        with pytest.warns(RuntimeWarning, match="already counted"):
+            loss.backward()
+        torch.testing.assert_close(tracker.scores("taylor").values, first, rtol=0, atol=0)
+        assert tracker.late == 1 and tracker.forwards == 1

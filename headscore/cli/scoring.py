@@ -81,7 +81,8 @@ def register(sub) -> dict[str, Callable]:
     s.add_argument("--export-edges", action="append", default=[], metavar="FILE",
                    help="with --edges: also write the edge scores as .csv or .json (repeatable)")
     s.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
-                   help="fused Triton attention kernel: auto (on CUDA), on, off (default: auto)")
+                   help="fused Triton attention kernel: auto (on CUDA GPUs of Ampere or newer), on, off "
+                        "(default: auto)")
     _add_checkpoint_args(s)
     s.add_argument("--distributed", action="store_true",
                    help="data-parallel over torch.distributed ranks (automatic when WORLD_SIZE > 1, e.g. torchrun)")

@@ -10,7 +10,8 @@ backward's preprocessing step, which is not, takes the first entry.
 Targets: ``sm80`` (A100: 163 KiB of shared memory per block) and ``sm90`` (H100/H200: 227 KiB). Another
 GPU takes the list of the nearest class below it (sm_86/sm_89, with 99 KiB, take sm80's; where one of
 those configs needs more shared memory than the GPU has, Triton's autotuner skips it, and every sm80 list
-holds a config that fits 99 KiB; the preprocessing step's single sm80 config always does).
+holds a config that fits 99 KiB; the preprocessing step's single sm80 config always does). GPUs older than
+sm_80 (a T4, sm_75: 64 KiB) are not served: ``dispatch.kernel_available`` leaves them the model's own attention.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Which attention calls the fused kernel serves, and the call itself (used by :func:`headscore.patch`).
 
 The kernel computes causal attention with at most a key-padding mask, in float32/16 or bfloat16,
-without dropout, soft-capping, sliding windows, attention sinks or packed sequences, for a module that has a
+without dropout, soft-capping, sliding windows, attention sinks, position biases, sparse key selections or
+packed sequences, on an Ampere or newer GPU (or the CPU's Triton interpreter), for a module that has a
 ``layer_idx``, with queries, keys and values of one width (at most 256) and a whole number of query heads per
 key head. Any other call (and any call while observers watch the pre-gate outputs, which the kernel never
 materialises) returns None, and the caller runs the model's own attention with the gate around it: results
@@ -20,14 +21,25 @@ __all__ = ["fused_gated_attention", "kernel_available", "kernel_unavailable", "k
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 """The widest head the kernel serves (its blocks hold a whole head)."""
-_DECLINED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k")
+_DECLINED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k",
+                    "position_bias", "indices", "block_indices")
 """Attention-function arguments that change the attention when set (soft-capping, windows, sinks, the
-document boundaries of packed sequences under flash attention): a call with any of them is not served."""
+document boundaries of packed sequences under flash attention, an additive position bias, a sparse model's
+top-k key or block selection): a call with any of them is not served."""
+MIN_CAPABILITY = (8, 0)
+"""The oldest GPUs the kernel's block configs are checked for (Ampere, sm_80: ``configs.py``); an older one
+(a T4, sm_75, with 64 KiB of shared memory per block) has no config that fits, so it runs the model's own
+attention."""
 
 
 def kernel_available(device: torch.device) -> bool:
-    """True where the fused Triton kernel can run: a CUDA device and an importable triton."""
-    return device.type == "cuda" and triton_available()
+    """True where the fused Triton kernel can run: a CUDA device of compute capability :data:`MIN_CAPABILITY` or
+    newer, and an importable triton."""
+    return device.type == "cuda" and triton_available() and _capability(device) >= MIN_CAPABILITY
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def kernel_unavailable(device: torch.device | str) -> str | None:
@@ -38,6 +50,10 @@ def kernel_unavailable(device: torch.device | str) -> str | None:
     if not triton_available():
         return "the fused kernel needs Triton, which is not installed (pip install triton)"
     if device.type == "cuda":
+        capability = _capability(device)
+        if capability < MIN_CAPABILITY:
+            return (f"the fused kernel runs on GPUs of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                    f"(Ampere) or newer; this one has {capability[0]}.{capability[1]}")
         return None
     if device.type == "cpu" and is_interpreted(_gattn_fwd_kernel):
         return None
@@ -113,7 +129,9 @@ def fused_gated_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if baseline is not None and baseline.dim() != 3:
         return None
     layer = getattr(module, "layer_idx", None)
-    if layer is None or not (getattr(module, "is_causal", True) and query.shape[2] > 1):
+    causal = kwargs.get("is_causal")  # transformers' SDPA lets the call's own flag override the module's
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    if layer is None or not (causal and query.shape[2] > 1):
         return None
     ok, padding = key_padding_mask(attention_mask, query.shape[2], key.shape[2])
     if not ok:

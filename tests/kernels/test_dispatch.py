@@ -46,7 +46,8 @@ class Attn(torch.nn.Module):
 @pytest.mark.parametrize("why", ["not wanted", "cpu default", "observed", "dropout", "softcap", "sliding_window",
                                  "float64", "no layer_idx", "not causal", "one query", "custom mask",
                                  "static cache prefill", "block mask", "latent values", "wide heads", "gqa remainder",
-                                 "mixed dtypes", "sinks", "s_aux", "packed positions", "cu_seq_lens"])
+                                 "mixed dtypes", "sinks", "s_aux", "packed positions", "cu_seq_lens",
+                                 "call not causal", "position_bias", "indices", "block_indices"])
 def test_calls_the_kernel_cannot_serve_fall_back(why):
     """Each of these returns None before any kernel runs (so this needs no GPU and no interpreter)."""
     q = torch.randn(1, 2, 4, 8)
@@ -91,6 +92,14 @@ def test_calls_the_kernel_cannot_serve_fall_back(why):
         kw["position_ids"] = torch.tensor([[0, 1, 0, 1]])
     elif why == "cu_seq_lens":
         kw["cu_seq_lens_q"] = kw["cu_seq_lens_k"] = torch.tensor([0, 2, 4], dtype=torch.int32)
+    elif why == "call not causal":  # transformers' SDPA lets the call's is_causal override the module's
+        kw["is_causal"] = False
+    elif why == "position_bias":  # an additive bias on the attention logits
+        kw["position_bias"] = torch.zeros(1, 2, 4, 4)
+    elif why == "indices":  # a sparse model's top-k keys per query (DeepSeek-V3.2 under another name)
+        kw["indices"] = torch.zeros(1, 4, 2, dtype=torch.long)
+    elif why == "block_indices":  # MiniMax-M3-VL's selected key blocks
+        kw["block_indices"] = torch.zeros(1, 2, 1, dtype=torch.long)
     assert fused_gated_attention(module, q, k, v, mask, **kw) is None
 
 
@@ -108,3 +117,19 @@ def test_settings_that_change_nothing_are_still_served(monkeypatch):
 
 def test_kernel_available_only_on_cuda():
     assert not kernel_available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("capability,served", [((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)])
+def test_gpus_older_than_ampere_are_not_served(monkeypatch, capability, served):
+    """A T4 (sm_75, 64 KiB of shared memory per block) fits none of the sm80 configs: ``auto`` leaves it the
+    model's own attention, and ``kernel=True`` says why (checked with a stubbed CUDA device: no GPU here)."""
+    import headscore.kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda device: capability)
+    cuda = torch.device("cuda")
+    assert dispatch.kernel_available(cuda) is served
+    why = dispatch.kernel_unavailable(cuda)
+    assert (why is None) is served
+    if not served:
+        assert "compute capability 8.0 (Ampere) or newer; this one has 7.5" in why
