@@ -344,9 +344,12 @@ def _check_patchable(model: torch.nn.Module) -> str:
     compat.check_transformers()
     name = type(model).__name__
     if not compat.can_route_attention(model):
+        inner = getattr(model, "module", None)  # DistributedDataParallel, DataParallel, FSDP's wrapper
+        hint = (f"; it wraps a {type(inner).__name__}: pass that (model.module)"
+                if isinstance(inner, torch.nn.Module) and compat.can_route_attention(inner) else "")
         raise UnsupportedModelError(
             f"{name} does not route attention through transformers' AttentionInterface, so headscore "
-            "cannot gate its heads")
+            f"cannot gate its heads{hint}")
     current = compat.attention_implementation(model)
     if current is None:
         raise UnsupportedModelError(f"{name} has no attention implementation set in its config")

@@ -74,6 +74,19 @@ def test_unsupported_models_get_a_clear_error():
             pass
 
 
+def test_a_wrapped_model_is_told_to_pass_the_inner_one():
+    """``track(DDP(model))``: the wrapper has no attention registry; the message names the model it wraps."""
+
+    class Wrapper(torch.nn.Module):  # DistributedDataParallel's shape: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    with pytest.raises(UnsupportedModelError, match=r"it wraps a LlamaForCausalLM: pass that \(model.module\)"):
+        with headscore.patch(Wrapper(tiny_model("llama").model)):
+            pass
+
+
 def test_gates_with_wrong_rows_are_rejected():
     lm = tiny_model("llama")
     with headscore.patch(lm.model) as heads, heads.using(heads.ones(2)):
