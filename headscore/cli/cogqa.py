@@ -53,8 +53,9 @@ def register(sub) -> dict[str, Callable]:
     r.add_argument("--ablation-per-function", type=at_least(0), default=3,
                    help="shortest examples per function ablated head by head (default 3; 0 = skip)")
     r.add_argument("--intervention-per-function", type=at_least(-1), default=10,
-                   help="examples per function for the interventions, from questions no map saw (default 10; "
-                        "0 = skip; -1 = all)")
+                   help="examples per function for the interventions, from questions no map saw; with "
+                        "--max-per-function 0 every question is in the maps, and they come from the probe's "
+                        "held-out questions, which the maps were built from (default 10; 0 = skip; -1 = all)")
     r.add_argument("--others-per-function", type=at_least(-1), default=2,
                    help="examples of each other function a function's head sets are measured on "
                         "(default 2; -1 = all)")
@@ -90,12 +91,11 @@ def cmd_intervene(args: argparse.Namespace) -> None:
 
 def cmd_reproduce_cogqa(args: argparse.Namespace) -> None:
     """``headscore reproduce-cogqa PATH --out DIR``."""
+    # a pipe (<(cmd)) is fine: the reproduction reads the file once (load_cogqa)
     if Path(args.path).is_dir():
         raise HeadscoreError(f"{args.path} is a directory; give a CogQA JSON file")
-    if not Path(args.path).is_file():
-        raise HeadscoreError(f"{args.path}: no such CogQA file" if not Path(args.path).exists() else
-                             f"{args.path} is not a regular file; reproduce-cogqa reads it several times: save it "
-                             "to a file")
+    if not Path(args.path).exists():
+        raise HeadscoreError(f"{args.path}: no such CogQA file")
     check_command_outputs(args, dirs=[OutputDir("--out", args.out, REPRODUCTION_FILES)],
                           inputs=[("PATH", args.path)])
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)

@@ -12,11 +12,19 @@
    Spearman / top-k overlap of probe vs ablation and taylor vs ablation per function;
 5. the specificity map (:func:`headscore.cogqa.findings.specificity`): each function's taylor map
    against the others', in pooled standard errors;
-6. interventions (:mod:`headscore.cogqa.interventions`) on examples of questions no map saw: each function's top-k
-   heads by the probe, taylor and specificity maps ablated (the probe's also doubled) vs random
-   k-head sets, with a permutation p-value per function and a comparison of the three sources;
+6. interventions (:mod:`headscore.cogqa.interventions`) on examples of questions no map saw, where there
+   are any; when every question went into the maps (``max_per_function=None``) on the probe's held-out
+   questions instead, which the taylor and specificity maps (and the probe's importance) were built from,
+   so that case is not a held-out test (the report and ``summary.json`` say which case held): each
+   function's top-k heads by the probe, taylor and specificity maps ablated (the probe's also doubled) vs
+   random k-head sets, with a permutation p-value per function and a comparison of the three sources;
 7. findings (:mod:`headscore.cogqa.findings`): sparsity, layer profiles, Jaccard overlap, split-half
    stability; and :meth:`Reproduction.write` puts it all in one Markdown report with figures.
+
+What a run could not do is said, not skipped silently: a function with no intervention example, a
+function without a specificity map (fewer than 2 taylor examples: no standard error; it gets no
+specificity heads and no specificity set), a split-half probe that cannot be trained (its stability is
+n/a). Each gives a warning and a note in the report (``Reproduction.notes``).
 
 Every per-function figure carries a bootstrap interval over examples (:mod:`headscore.stats`,
 :mod:`headscore.cogqa.uncertainty`).
@@ -24,7 +32,9 @@ Every per-function figure carries a bootstrap interval over examples (:mod:`head
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +60,8 @@ from ..output_files import OutputSet, atomic_write
 from ..patch import head_layout, patch
 from ..prepared import prepare
 from ..results import HeadScores, json_bytes
-from ..text import markdown_text
-from .findings import jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity, specificity
+from ..text import markdown_text, printable
+from .findings import flat_sparsity, jaccard_matrix, plot_jaccard, plot_layer_profiles, sparsity, specificity
 from .findings import stability as split_half_stability
 from .interventions import InterventionResult, check_set_size, intervene
 from .probe import collect_activations, probe_scores
@@ -92,6 +102,15 @@ REPRODUCTION_FILES = tuple(
        "report.md"])
 """The files :meth:`Reproduction.write` may write into its directory."""
 
+SPECIFICITY_LABEL = "z (standard errors above\nthe other functions' mean)"
+"""The colour bar label of the specificity grid (two lines: one line is taller than a one-row grid)."""
+
+UNSEEN = "unseen questions"
+HELD_OUT_SEEN = "probe held-out split, seen by the maps"
+"""Where the intervention examples came from (``summary.json``'s ``intervention_examples``): questions no map
+saw, or, when every question went into the maps, the probe's held-out questions (which the taylor and
+specificity maps and the probe's importance averaged over)."""
+
 
 def shortest_per_function(examples, n: int) -> list:
     """The ``n`` shortest (prompt + target characters) examples of each function, in input order."""
@@ -111,7 +130,8 @@ class Reproduction:
     Agreement dicts map a function to ``{"spearman", "kendall", "topk_overlap", "k"}`` plus
     ``"spearman_ci"`` and ``"topk_overlap_ci"`` ([low, high] bootstrap intervals over examples at
     ``options["level"]``); ``sparsity_ci`` and ``stability_ci`` hold the intervals of ``sparsity``
-    and ``stability`` the same way.
+    and ``stability`` the same way. ``intervention_examples`` says where the intervention examples came
+    from (:data:`UNSEEN` or :data:`HELD_OUT_SEEN`); ``notes`` what the run left out and why.
     """
 
     model: str
@@ -132,6 +152,8 @@ class Reproduction:
     stability_ci: dict = field(default_factory=dict)
     specificity: HeadScores | None = None
     methods_compared: dict = field(default_factory=dict)
+    intervention_examples: str | None = None  # UNSEEN or HELD_OUT_SEEN; None: no interventions
+    notes: list[str] = field(default_factory=list)  # what the run left out, and why
 
     def summary(self) -> dict:
         """The figures as plain data."""
@@ -145,15 +167,16 @@ class Reproduction:
                 "jaccard": {m: v.tolist() for m, v in self.jaccard.items()},
                 "stability": self.stability, "stability_ci": self.stability_ci,
                 "specificity_top": self.specificity_top(), "methods_compared": self.methods_compared,
-                "timings": self.timings,
+                "timings": self.timings, "intervention_examples": self.intervention_examples, "notes": self.notes,
                 "interventions": self.interventions.as_dict() if self.interventions else None}
 
     def specificity_top(self, n: int = 5) -> dict:
-        """Per function: its ``n`` most specific heads, ``[layer, head, z]``."""
+        """Per function with a specificity map (a finite value): its ``n`` most specific heads, ``[layer, head,
+        z]``."""
         if self.specificity is None:
             return {}
         return {t: [[layer, head, round(z, 3)] for layer, head, z in self.specificity.top_k(n, t)]
-                for t in self.specificity.tasks}
+                for t in self.specificity.tasks if t not in no_specificity(self.specificity)}
 
     def write(self, out_dir: str | Path) -> Path:
         """Scores files, figures, ``summary.json`` and ``report.md`` into ``out_dir``, all or nothing (the
@@ -175,7 +198,7 @@ class Reproduction:
         if self.specificity is not None:
             self.specificity.save(out / "specificity.hs")
             heatmap_grid(self.specificity, out / "grid_specificity", diverging=True,
-                         label="z: standard errors above the other functions' mean",
+                         label=SPECIFICITY_LABEL,
                          title=f"specificity of taylor: each function vs the others ({self.model} on CogQA)")
         if self.ablation is not None:
             for name in ("probe", "taylor"):
@@ -195,15 +218,11 @@ class Reproduction:
 
     def markdown(self) -> str:
         """The report text (figures referenced by relative file names)."""
-        o, c, p = self.options, self.counts, self.probe.extra
-        lines = ["# CogQA head maps (Cognitive Mirrors reproduction)", "",
-                 f"Model `{self.model}`; {c['examples']} sub-questions from {c['questions']} questions "
-                 f"(at most {o['max_per_function']} per function, seed {o['seed']}; taylor on {c['gradient']}), "
-                 "split by main question: "
-                 f"{c['train']} train / {c['test']} held-out. Ablation on {c['ablation']} examples "
-                 f"({o['ablation_per_function']} shortest per function); interventions on {c['intervention']} "
-                 "examples of questions no map saw.", "",
-                 f"**Uncertainty.** Brackets are {self._level()} bootstrap intervals over examples "
+        o, p = self.options, self.probe.extra
+        lines = ["# CogQA head maps (Cognitive Mirrors reproduction)", "", self._setup_text(), ""]
+        if self.notes:
+            lines += ["**Notes.**", "", *(f"- {markdown_text(n)}" for n in self.notes), ""]
+        lines += [f"**Uncertainty.** Brackets are {self._level()} bootstrap intervals over examples "
                  f"({o.get('resamples', stats.RESAMPLES)} resamples, seed {o['seed']}; heads are never resampled). "
                  "Maps made from different examples are resampled independently, maps of the same examples "
                  "together; the probe is trained once and held fixed (its interval covers the examples its "
@@ -226,12 +245,18 @@ class Reproduction:
                       "Each function's taylor map against the other functions': (value - mean of the others' "
                       "values) / pooled standard error. Heads that matter for every function score near 0; "
                       "a head with z > 2 matters for this function more than for the others by more than two "
-                      "standard errors.", "", "![specificity](grid_specificity.png)", "",
-                      "| function | most specific heads (layer.head: z) | heads with z > 2 |", "|---|---|---|"]
-            for t, top in self.specificity_top().items():
+                      "standard errors.", "", "![specificity](grid_specificity.png)", ""]
+            tops = self.specificity_top()
+            if tops:
+                lines += ["| function | most specific heads (layer.head: z) | heads with z > 2 |", "|---|---|---|"]
+            for t, top in tops.items():
                 over = int((self.specificity.task(t) > 2).sum())
                 lines.append(f"| {markdown_text(t)} | " + ", ".join(f"L{a}.H{b}: {z:+.1f}" for a, b, z in top)
                              + f" | {over} |")
+            missing = no_specificity(self.specificity)
+            if missing:
+                named = ", ".join(markdown_text(t) for t in missing)
+                lines += ([""] if tops else []) + [f"No specificity map for {named} (see the notes above)."]
             lines.append("")
         if self.ablation is not None:
             k = o["overlap_k"]
@@ -251,8 +276,10 @@ class Reproduction:
                 lines.append(f"| {markdown_text(t)} | " + " | ".join(cells) + " |")
             lines += ["", "![probe vs ablation](scatter_probe.png)", "", "![taylor vs ablation](scatter_taylor.png)",
                       ""]
-        lines += ["## Findings", "", "Sparsity: share of total |importance| in the top 5% of heads (a flat map "
-                  "gives 0.05). Stability: Spearman between maps computed on two halves of the questions.", "",
+        heads = int(torch.isfinite(self.taylor.values).any(0).sum())
+        lines += ["## Findings", "", "Sparsity: share of total |importance| in the top 5% of heads (ceil(0.05 n) of "
+                  f"the model's n = {heads} heads: a flat map gives {flat_sparsity(heads):.3f}). Stability: Spearman "
+                  "between maps computed on two halves of the questions (n/a: see the notes).", "",
                   "| function | probe sparsity | taylor sparsity | probe stability | taylor stability |",
                   "|---|---|---|---|---|"]
         for t in self.probe.tasks:
@@ -269,6 +296,23 @@ class Reproduction:
                 lines += self._methods_markdown()
         lines += ["## Timings (s)", "", ", ".join(f"{k}: {v:.0f}" for k, v in self.timings.items()), ""]
         return "\n".join(lines)
+
+    def _setup_text(self) -> str:
+        """The report's first paragraph: examples, split, and which stages ran on what."""
+        o, c = self.options, self.counts
+        per = "all" if o["max_per_function"] is None else f"at most {o['max_per_function']}"
+        text = (f"Model `{self.model}`; {c['examples']} sub-questions from {c['questions']} questions ({per} per "
+                f"function, seed {o['seed']}; taylor on {c['gradient']}), split by main question: {c['train']} train "
+                f"/ {c['test']} held-out.")
+        text += (" Ablation skipped." if self.ablation is None else
+                 f" Ablation on {c['ablation']} examples ({o['ablation_per_function']} shortest per function).")
+        if self.interventions is None:
+            return text + " Interventions skipped."
+        if self.intervention_examples == UNSEEN:
+            return text + f" Interventions on {c['intervention']} examples of questions no map saw."
+        return text + (f" Interventions on {c['intervention']} examples of the probe's held-out questions, which "
+                       "the taylor and specificity maps (and the probe's importance) were built from: not a "
+                       "held-out test.")
 
     def _methods_markdown(self) -> list[str]:
         mc = self.methods_compared
@@ -299,6 +343,46 @@ def ci_cell(value: float | None, ci: Sequence[float] | None, spec: str, *, star:
     return stats.format_interval(value, ci, spec, star=star)
 
 
+def no_specificity(spec: HeadScores) -> list[str]:
+    """The functions whose specificity map has no finite value (e.g. one taylor example: no standard error)."""
+    return [t for t in spec.tasks if not bool(torch.isfinite(spec.task(t)).any())]
+
+
+def _note(notes: list[str], text: str) -> None:
+    """Keep ``text`` for the report and say it now (``warnings.warn``)."""
+    notes.append(text)
+    warnings.warn(text, stacklevel=3)
+
+
+def _no_specificity_text(taylor: HeadScores, missing: Sequence[str]) -> str:
+    """Why ``missing`` functions have no specificity map, and what the run leaves out for them."""
+    few = [t for t in missing if int(taylor.counts[taylor.tasks.index(t)]) < 2]
+    rest = [t for t in missing if t not in few]
+    why = ([f"{', '.join(printable(t) for t in few)}: fewer than 2 taylor examples, so no standard error"]
+           if few else [])
+    why += ([f"{', '.join(printable(t) for t in rest)}: no other function with a standard error, or a pooled "
+             "standard error of 0 at every head"] if rest else [])
+    return ("specificity: no map (no finite z) for " + "; ".join(why) + ". Those functions get no most specific "
+            "heads and no top-k set by specificity in the interventions.")
+
+
+def _stability_halves(lm, examples, acts, seed: int, train_fraction: float, probe_options: dict,
+                      notes: list[str]) -> list[HeadScores] | None:
+    """A probe per half of the questions, or None (with a note) where a half cannot train one."""
+    halves = []
+    for h, idx in enumerate(split_indices_by_question(question_ids(examples), 0.5, seed + 1), 1):
+        sub = [examples[i] for i in idx]
+        try:
+            halves.append(probe_scores(lm, sub, train_fraction=train_fraction, seed=seed, activations=acts[idx],
+                                       progress=False, **probe_options))
+        except HeadscoreError as exc:
+            _note(notes, f"split-half stability of the probe: n/a: half {h} of the questions ({len(sub)} of "
+                         f"{len(examples)} examples) cannot train a probe of its own; the probe refused it, with "
+                         f"that half's counts: {exc}. The taylor maps' stability needs no probe and is computed.")
+            return None
+    return halves
+
+
 def _with_intervals(agree: dict, intervals: dict) -> dict:
     """Agreement dicts with ``<figure>_ci`` [low, high] added from ``intervals``."""
     out = {}
@@ -324,13 +408,18 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     (default: all of them; the backward pass makes them ~4x the cost of the probe's forward pass).
     ``ablation_per_function=0`` skips ablation, ``intervention_per_function=0`` the interventions;
     ``functions`` keeps only those labels. The interventions run on examples of main questions that none
-    of the maps saw (the held-out split when every question is used), and compare the top-``k`` heads
-    of the probe, taylor and specificity maps against ``len(seeds)`` random sets; each function's sets
-    are measured on ``others_per_function`` examples of every other function (None: all). ``resamples`` and ``level``
-    set the bootstrap intervals. Extra keyword options go to
+    of the maps saw; when there are none (every question used, ``max_per_function=None``), on the probe's
+    held-out questions, which the taylor and specificity maps and the probe's importance were built from
+    (not a held-out test: ``intervention_examples`` and the report say which case held). They compare the
+    top-``k`` heads of the probe, taylor and specificity maps (not for a function without a specificity
+    map) against ``len(seeds)`` random sets; each function's sets are measured on ``others_per_function``
+    examples of every other function (None: all). Functions left out of a stage, and a split-half probe
+    that cannot be trained, are warned about and noted. ``resamples`` and ``level`` set the bootstrap
+    intervals. Extra keyword options go to
     :func:`headscore.cogqa.probe.train_probe` (``epochs``, ``proj_dim``, ``hidden``, ``shared``, ...).
     """
     timings: dict[str, float] = {}
+    notes: list[str] = []
     boot = {"resamples": resamples, "level": level, "seed": seed}
     tick = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model)
@@ -340,6 +429,8 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     used = {ex.question_id for ex in examples}
     unseen = [ex for ex in everything if ex.question_id not in used]  # questions no map has seen
     train, test = split_by_question(examples, train_fraction, seed)
+    # every question used: the probe's held-out split, which the taylor map and the probe's importance averaged
+    iv_pool, iv_case = (unseen, UNSEEN) if unseen else (test, HELD_OUT_SEEN)
     prep = prepare(lm, examples)
     if len(prep.tasks) < 2:
         raise HeadscoreError("the reproduction needs at least two cognitive functions")
@@ -365,13 +456,10 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     stab_ci: dict[str, dict] = {}
     if stability:
         tick = time.perf_counter()
-        halves = []
-        for idx in split_indices_by_question(question_ids(examples), 0.5, seed + 1):
-            sub = [examples[i] for i in idx]
-            halves.append(probe_scores(lm, sub, train_fraction=train_fraction, seed=seed, activations=acts[idx],
-                                       progress=False, **probe_options))
-        stab["probe"] = split_half_stability(halves[0], halves[1], overlap_k)
-        stab_ci["probe"] = stability_intervals(*(ExampleMaps.from_scores(h) for h in halves), **boot)
+        halves = _stability_halves(lm, examples, acts, seed, train_fraction, probe_options, notes)
+        if halves is not None:
+            stab["probe"] = split_half_stability(halves[0], halves[1], overlap_k)
+            stab_ci["probe"] = stability_intervals(*(ExampleMaps.from_scores(h) for h in halves), **boot)
         ga, gb = split_indices_by_question(question_ids(grad_examples), 0.5, seed + 1)
         stab["taylor"] = split_half_stability(scores_from_values(gprep, per_ex, ga, "taylor"),
                                               scores_from_values(gprep, per_ex, gb, "taylor"), overlap_k)
@@ -398,17 +486,15 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
 
     probe, taylor = _ordered(probe), _ordered(taylor)
     spec = specificity(taylor)
+    if no_specificity(spec):
+        _note(notes, _no_specificity_text(taylor, no_specificity(spec)))
     result_iv, iv_examples, compared = None, [], {}
     if intervention_per_function is None or intervention_per_function > 0:
         tick = time.perf_counter()
-        iv_examples = sample_per_function(unseen or test, intervention_per_function, seed)
-        present = {ex.task for ex in iv_examples}
-        result_iv = intervene(lm, iv_examples, {"probe": probe, "taylor": taylor, "specificity": spec}, k=k,
-                              seeds=seeds, scale=scale, progress=progress,
-                              functions=[t for t in probe.tasks if t in present],
-                              others_per_function=others_per_function, resamples=resamples, level=level,
-                              seed=seed)
-        compared = result_iv.source_summary() if len(result_iv.functions) > 1 else {}
+        iv_examples = sample_per_function(iv_pool, intervention_per_function, seed)
+        result_iv, compared = _interventions(lm, iv_examples, probe, taylor, spec, iv_case, notes, k=k, seeds=seeds,
+                                             scale=scale, progress=progress, others_per_function=others_per_function,
+                                             resamples=resamples, level=level, seed=seed)
         timings["interventions"] = time.perf_counter() - tick
 
     counts = {"examples": len(examples), "gradient": len(grad_examples),
@@ -431,4 +517,32 @@ def reproduce_cogqa(model, path: str | Path, *, max_per_function: int | None = 4
     return Reproduction(lm.name, options, counts, probe, taylor, ablation, pva, tva, sva, result_iv,
                         {m: sparsity(s) for m, s in maps.items()},
                         {m: jaccard_matrix(s, overlap_k) for m, s in maps.items()}, stab, timings,
-                        sparsity_ci=sparsity_ci, stability_ci=stab_ci, specificity=spec, methods_compared=compared)
+                        sparsity_ci=sparsity_ci, stability_ci=stab_ci, specificity=spec, methods_compared=compared,
+                        intervention_examples=iv_case if result_iv is not None else None, notes=notes)
+
+
+def _interventions(lm, examples, probe: HeadScores, taylor: HeadScores, spec: HeadScores, case: str,
+                   notes: list[str], **options) -> tuple[InterventionResult, dict]:
+    """The three-source interventions on ``examples`` and the comparison of the sources, leaving out (with a
+    note) the functions without an example and the specificity source where a function has no such map."""
+    present = {ex.task for ex in examples}
+    functions = [t for t in probe.tasks if t in present]
+    absent = [t for t in probe.tasks if t not in present]
+    if absent:
+        where = "a question no map saw" if case == UNSEEN else "the probe's held-out questions"
+        _note(notes, f"interventions: no intervention rows for {', '.join(printable(t) for t in absent)}: no "
+                     f"example of {where} (use a smaller max per function to leave more questions unseen).")
+    unmapped = [t for t in functions if t in no_specificity(spec)]
+    sources = {"probe": probe, "taylor": taylor}
+    if len(unmapped) < len(functions):
+        sources["specificity"] = spec
+    result = intervene(lm, examples, sources, functions=functions, **options)
+    if unmapped and "specificity" in sources:  # intervene measures every source for every function
+        result.rows = [r for r in result.rows if not (r["source"] == "specificity" and r["function"] in unmapped)]
+        _note(notes, "interventions: no specificity rows for "
+                     f"{', '.join(printable(t) for t in unmapped)} (their first heads were measured, not reported), "
+                     "and the comparison of sources leaves specificity out: its mean would cover fewer functions.")
+        summary_of = dataclasses.replace(result, sources=["probe", "taylor"])
+    else:
+        summary_of = result
+    return result, summary_of.source_summary() if len(functions) > 1 else {}
