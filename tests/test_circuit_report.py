@@ -16,7 +16,7 @@ from test_html_report import chromium, external_references, pre, render  # noqa:
 from headscore.edges.circuit import FaithfulnessPoint, connected, top_circuit
 from headscore.edges.graph import EdgeGraph
 from headscore.report.circuit import MAX_DRAWN, NodePlaces, circuit_figure, drawn_edges, faithfulness_figure
-from headscore.report.circuit_html import _feeds, circuit_page
+from headscore.report.circuit_html import _feeds, circuit_page, circuit_panel
 
 
 @dataclass
@@ -76,6 +76,15 @@ def test_the_page_is_self_contained_and_escapes_task_names():
     page = circuit_page(circuits(30))
     assert external_references(page) == []
     assert "beta & <b>" not in page and "beta &amp; &lt;b&gt;" in page
+
+
+def test_task_names_are_titled_as_written():
+    """A graph's title is PlainText: BokehJS would typeset a string's $$...$$, \\(...\\) or \\[...\\] as TeX."""
+    from bokeh.models import PlainText
+
+    for c in circuits(20, tasks=("$$x^2$$ sums", r"ratio \(a/b\)", r"\[y\] display")):
+        title = circuit_panel(c, "circuit-info-0").title.text
+        assert isinstance(title, PlainText) and title.text.startswith(f"{c.task}: {int(c.edges.sum())} edges")
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +39,8 @@ def external_references(page: str) -> list[str]:
     """src= / href= attributes of the page's elements that point anywhere but into the page itself.
 
     Script bodies are left out: BokehJS carries a MathJax loader with a CDN address that runs only for
-    LaTeX labels, which the report never draws (the browser test renders with the network blocked)."""
+    LaTeX labels, which the report never draws: its titles of user text are PlainText, not parsed for TeX
+    (the browser test renders with the network blocked)."""
     markup = re.sub(r"<script[^>]*>.*?</script>", "<script></script>", page, flags=re.S)
     return [m for m in re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", markup)
             if not m.startswith(("data:", "#"))]
@@ -76,6 +78,80 @@ def test_report_compare_table(tmp_path):
     assert "Agreement with fisher (b.hs)" in page
     for task in a.tasks:
         assert f"<th scope='row'>{task}</th>" in page
+
+
+def _models(page_scores: HeadScores, ablation: HeadScores | None = None) -> dict[str, object]:
+    """The page's Bokeh models by name (panels ``panel:TASK``, ``detail-bars``, ``detail-scatter``), as drawn."""
+    from headscore.report.html import _figures
+    from headscore.report.inputs import ablation_values, stderr_values, task_values
+
+    vals = task_values(page_scores)
+    abl = None if ablation is None else ablation_values(page_scores, ablation)
+    grid, detail, known = _figures(page_scores, vals, stderr_values(page_scores, vals.shape), abl, None)
+    named = {m.name: m for root in (grid, detail) for m in root.references() if getattr(m, "name", None)}
+    return {**named, "known": known}
+
+
+def test_a_page_of_40_tasks_is_drawn():
+    """Each panel's click callback once held every panel's source: Bokeh's serializer recursed from one to the
+    next, and a file of about 30 tasks raised RecursionError (40 here, to stay fast; the browser test clicks a
+    page of 60). One callback serves every panel now."""
+    s = make_scores(40, 2, 2, seed=8)
+    page = html_page(s, ablation=make_scores(40, 2, 2, seed=9, names=list(s.tasks), method="ablation-zero"))
+    assert page.count('"name":"panel:') == 40
+    assert page.count('"name":"CustomJS"') == 1
+
+
+TEX_NAMES = ["$$x^2$$ sums", r"ratio \(a/b\)", r"\[y\] display", "cost in $$"]
+
+
+def test_task_names_are_shown_as_written_not_typeset():
+    """BokehJS typesets a title's string between $$, \\( \\) or \\[ \\] as TeX; the titles of user text are
+    PlainText, which it draws as written (the circuit graphs' titles: tests/test_circuit_report.py)."""
+    from bokeh.models import PlainText
+
+    s = make_scores(4, 3, 2, seed=10, names=TEX_NAMES)
+    models = _models(s, make_scores(4, 3, 2, seed=11, names=TEX_NAMES, method="ablation-zero"))
+    for name in TEX_NAMES:
+        title = models[f"panel:{name}"].title.text
+        assert isinstance(title, PlainText) and title.text == name
+    scatter = models["detail-scatter"].title.text
+    assert isinstance(scatter, PlainText) and scatter.text.startswith(f"{TEX_NAMES[0]}: score vs ablation")
+    assert isinstance(models["detail-bars"].yaxis[0].axis_label, PlainText)
+
+
+def test_infinite_scores_are_ranked_and_only_empty_cells_are_not():
+    """+inf is the largest score (rank 1, where the page opens), -inf the smallest ranked one; a NaN cell (a head
+    its layer lacks) has no rank."""
+    v = torch.arange(12, dtype=torch.float64).reshape(1, 3, 4) / 10
+    v[0, 1, 1], v[0, 2, 3], v[0, 0, 2] = float("inf"), float("-inf"), float("nan")
+    s = HeadScores(values=v, stderr=torch.full_like(v, 0.01), counts=torch.tensor([5]), tasks=["a"],
+                   method="taylor", model="m")
+    models = _models(s)
+    rank = models["panel:a"].renderers[0].data_source.data["rank"]
+    flat = v.flatten().tolist()
+    ranked = sorted((i for i in range(12) if flat[i] == flat[i]), key=lambda i: -flat[i])  # NaN != NaN
+    expected = [float("nan")] * 12
+    for r, i in enumerate(ranked, start=1):
+        expected[i] = float(r)
+    assert np.array_equal(rank, expected, equal_nan=True)
+    assert rank[5] == 1 and rank[11] == 11 and np.isnan(rank[2])
+    assert models["known"] == {"task": "a", "index": 5}
+    assert models["detail-bars"].title.text.startswith("Head L1.H1: ")
+
+
+def test_the_detail_view_holds_its_whiskers():
+    """The bars' y range covers the 95% t intervals, not only the bars (score +- t(0.975, 3) x 0.3 here)."""
+    v = torch.zeros(3, 2, 2, dtype=torch.float64)
+    v[:, 0, 0] = torch.tensor([1.0, 0.5, 0.8])
+    s = HeadScores(values=v, stderr=torch.full_like(v, 0.3), counts=torch.tensor([4, 4, 4]), tasks=["a", "b", "c"],
+                   method="taylor", model="m")
+    bars = _models(s)["detail-bars"]
+    half = 3.182446305284263 * 0.3  # t(0.975, 3 degrees of freedom), from a table
+    assert bars.title.text.startswith("Head L0.H0: ")
+    assert list(bars.renderers[0].data_source.data["hi"]) == pytest.approx([1.0 + half, 0.5 + half, 0.8 + half])
+    assert bars.y_range.start <= min(0.0, 0.5 - half) and bars.y_range.end >= 1.0 + half
+    assert bars.y_range.end < 1.0 + 2 * half  # and fits them, not some far larger range
 
 
 # ------------------------------------------------------------------------------------------- the browser
@@ -149,3 +225,39 @@ def test_screenshot_shows_the_grid(chromium, tmp_path):
     done = render(chromium, paths["html"], f"--screenshot={shot}", "--window-size=1400,1200")
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_a_page_of_60_tasks_clicks_in_chromium(chromium, tmp_path):
+    """A click on the last of 60 panels (one callback serves them all) shows its head on every task, with a y
+    range that holds every finite whisker (an infinite score among them), and titles of TeX-like task names as
+    written (PlainText, also after the click)."""
+    from headscore.report.html import BAR_CAPTION
+
+    names = [f"task {i}" for i in range(56)] + TEX_NAMES
+    s = make_scores(60, 3, 2, seed=12, names=names)
+    start = int(s.values[0].flatten().argmax())
+    index = (start + 1) % 6  # another head than the one the page opens on
+    layer, head = divmod(index, 2)
+    s.values[7, layer, head], s.stderr[59, layer, head] = float("inf"), 4.0  # whiskers of +-8.8, off the first view
+    abl = make_scores(60, 3, 2, seed=13, names=names, method="ablation-zero")
+    page = html_page(s, ablation=abl)
+    known = re.search(r"known = (\{.*?\});", page)
+    assert known and json.loads(known.group(1)) == {"task": "task 0", "index": start}
+    path = tmp_path / "index.html"
+    path.write_text(page.replace(known.group(0), f"known = {json.dumps({'task': names[-1], 'index': index})};"))
+    done = render(chromium, path, "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert pre(done.stdout, "js-errors").strip() == "", pre(done.stdout, "js-errors")
+    check = json.loads(pre(done.stdout, "render-check"))
+    assert check["panels"] == names
+    assert check["titles"] == [{"kind": "PlainText", "text": n} for n in names]
+    bars = check["bars"]
+    assert bars["title"] == f"Head L{layer}.H{head}: {BAR_CAPTION}"
+    assert bars["value"][:7] == pytest.approx(s.values[:7, layer, head].tolist(), rel=1e-12)
+    assert bars["value"][7] is None  # JSON's inf
+    ends = [y for y in bars["lo"] + bars["hi"] if y is not None]
+    assert max(ends) > 8 and bars["range"][0] <= min(*ends, 0) and bars["range"][1] >= max(ends)
+    assert check["scatter"] == {"kind": "PlainText",
+                                "text": f"{names[-1]}: score vs ablation, one point per head (L{layer}.H{head} in red)"}

@@ -20,7 +20,7 @@ from bokeh.models import ColumnDataSource, CustomJS, HoverTool, TapTool
 from bokeh.plotting import figure
 
 from .circuit import _KV, _QUERY, NodePlaces, drawn_edges
-from .page import page
+from .page import page, plain_title
 
 __all__ = ["circuit_divs", "circuit_page", "circuit_panel", "circuit_panels"]
 
@@ -147,7 +147,8 @@ def circuit_panel(circuit: Any, info: str) -> Any:
     title = f"{circuit.task}: {total} edges" + (f", faithfulness {faith:.2f}" if faith == faith else "") + \
         (f"; largest {len(pairs)} drawn" if len(pairs) < total else "") + \
         ("; none of the top edges lies on a path from the input to the logits" if total == 0 else "")
-    fig = figure(width=width, height=height, title=title, tools="pan,wheel_zoom,reset", name=f"circuit:{circuit.task}",
+    fig = figure(width=width, height=height, title=plain_title(title), tools="pan,wheel_zoom,reset",
+                 name=f"circuit:{circuit.task}",
                  x_range=(-0.8, places.heads + 1.3), y_range=(-1.6, places.layers + 0.6))
     fig.xaxis.axis_label, fig.yaxis.axis_label = "head (mlp at the right)", "layer (emb below, logits above)"
     lines = fig.segment("x0", "y0", "x1", "y1", source=edge_src, line_width="width", line_color="color",

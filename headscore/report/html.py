@@ -3,8 +3,10 @@
 The page holds the per-task heatmap grid (x = head, y = layer, viridis, one colour scale; hover a cell for
 its task, layer, head, score, standard error, rank and ablation value; with an ``exact`` mask, exact cells
 are outlined in black and the hover says ``exact: yes``), a detail view for the clicked head (its score on every
-task, with 95% t intervals as whiskers; with an ablation file, the task's score-vs-ablation scatter with the head
-highlighted), the agreement tables, the provenance and the static PNG grid as a fallback.
+task, with 95% t intervals as whiskers inside its y range; with an ablation file, the task's score-vs-ablation
+scatter with the head highlighted), the agreement tables, the provenance and the static PNG grid as a fallback.
+Titles of user text (task names) are ``PlainText`` (:func:`~headscore.report.page.plain_title`): shown as
+written, never typeset as TeX.
 
 Plots are drawn by Bokeh with its JavaScript inlined (``Resources(mode="inline")``): no request leaves the
 page. Bokeh rather than plotly: its inline bundle is about 2 MB where plotly's single bundle is 4.8 MB, which
@@ -35,6 +37,8 @@ from bokeh.models import (
     FixedTicker,
     HoverTool,
     LinearColorMapper,
+    PlainText,
+    Range1d,
     TapTool,
     Whisker,
 )
@@ -45,7 +49,7 @@ from .circuit_html import circuit_divs, circuit_panels
 from .heatmaps import COLORBAR_LABEL
 from .inputs import ablation_values, exact_mask, head_map_note, head_order, stderr_values, task_counts, task_values
 from .layout import grid_shape, panel_size, tick_positions
-from .page import page
+from .page import page, plain_title
 from .summary import comparison_cells
 from .uncertainty import T_LEVEL, checked_comparison, counts_by_task, interval_notes, t_multiplier
 
@@ -57,21 +61,36 @@ BAR_CAPTION = f"score per task, whiskers {T_LEVEL:.0%} t interval"
 BAR_NOTE = (f"Bars: the clicked head's score on each task; whiskers: the {T_LEVEL:.0%} t interval of the task's "
             "mean over its examples (n - 1 degrees of freedom: wide for few examples; none for a task of one).")
 
+BAR_PAD = 0.05
+"""The detail view's y range: the finite bars, whiskers and 0, widened by this fraction of their span each side
+(:func:`_bar_range`; ``_CLICK_JS`` computes the same after a click)."""
+
+# One callback for every panel's selection (cb_obj: the Selection that changed; its panel is the one whose source
+# holds it). One per panel, each holding every source, chained source -> selection -> callback -> next source, and
+# Bokeh's serializer recursed down the chain: RecursionError from about 30 tasks. A title of user text is
+# PlainText, made from the one already there (its constructor): a string would be typeset as TeX between $$,
+# \( \) or \[ \].
 _CLICK_JS = """
 const i = cb_obj.indices[0];
 if (i === undefined) return;
-const own = srcs[t].data, l = own.layer[i], h = own.head[i];
+const own = srcs.find(function (s) { return s.selected === cb_obj; }).data, l = own.layer[i], h = own.head[i];
 const tasks = [], v = [], lo = [], hi = [];
 srcs.forEach(function (s, k) {
   const d = s.data, x = d.value[i], e = mult[k] * d.stderr[i];  // mult: NaN for one example, no whisker
   tasks.push(d.task[i]); v.push(x); lo.push(x - e); hi.push(x + e);
 });
 bar_src.data = {task: tasks, value: v, lo: lo, hi: hi};
-bar_fig.title.text = `Head L${l}.H${h}: ${bar_caption}`;
+const ys = v.concat(lo, hi, [0]).filter(Number.isFinite);
+const top = Math.max.apply(null, ys), bottom = Math.min.apply(null, ys);
+const pad = top > bottom ? pad_fraction * (top - bottom) : 0.5;
+bar_fig.y_range.setv({start: bottom - pad, end: top + pad});
+function plain(old, text) { return new old.constructor({text: text}); }
+bar_fig.title.text = `Head L${l}.H${h}: ${bar_caption}`;  // no user text: a string
 if (sc_src !== null) {
   sc_src.data = {x: own.value, y: own.ablation};
   hl_src.data = {x: [own.value[i]], y: [own.ablation[i]]};
-  sc_fig.title.text = `${own.task[i]}: score vs ablation, one point per head (L${l}.H${h} in red)`;
+  sc_fig.title.text = plain(sc_fig.title.text,
+                            `${own.task[i]}: score vs ablation, one point per head (L${l}.H${h} in red)`);
 }
 """
 
@@ -80,13 +99,19 @@ _CHECK_JS = """
 (function () {
   var expected = %(expected)s, known = %(known)s;
   function check(tries) {
-    var B = window.Bokeh, out = {panels: [], hover: null, tooltips: [], bars: null}, cells = null, bars = null;
+    var B = window.Bokeh, out = {panels: [], titles: [], hover: null, tooltips: [], bars: null, scatter: null};
+    var cells = null, bars = null, scatter = null;
+    function label(t) { return typeof t === "string" ? {kind: "string", text: t} : {kind: t.type, text: t.text}; }
     if (B && B.index) {
       var views = Array.from(B.index.all_views());
       views.forEach(function (v) {
         var name = v.model && v.model.name;
-        if (name && name.indexOf("panel:") === 0) out.panels.push(name.slice(6));
+        if (name && name.indexOf("panel:") === 0) {
+          out.panels.push(name.slice(6));
+          out.titles.push(label(v.model.title.text));
+        }
         if (name === "detail-bars") bars = v.model;
+        if (name === "detail-scatter") scatter = v.model;
         if (name === "panel:" + known.task) {
           cells = v.model.renderers[0].data_source;
           var data = cells.data, i = known.index;
@@ -104,7 +129,8 @@ _CHECK_JS = """
       setTimeout(function () {  // the click's callback runs asynchronously
         var d = bars.renderers[0].data_source.data;
         out.bars = {title: bars.title.text, task: Array.from(d.task), value: Array.from(d.value),
-                    lo: Array.from(d.lo), hi: Array.from(d.hi)};
+                    lo: Array.from(d.lo), hi: Array.from(d.hi), range: [bars.y_range.start, bars.y_range.end]};
+        if (scatter !== null) out.scatter = label(scatter.title.text);
         cells.selected.indices = [];  // as it was: no cell highlighted until the user clicks one
         document.getElementById("render-check").textContent = JSON.stringify(out);
       }, 300);
@@ -119,15 +145,30 @@ _CHECK_JS = """
 
 
 def _ranks(vals: np.ndarray) -> np.ndarray:
-    """Rank of each cell within its task, 1 = largest value; NaN for a cell without a value (a head its layer
-    does not have), which has no rank."""
+    """Rank of each cell within its task, 1 = largest value, in :func:`~headscore.report.inputs.head_order`'s
+    order; NaN for a cell without a value (NaN: a head its layer does not have), which has no rank.
+
+    An infinite score is a value, the most extreme one: +inf ranks first, -inf after every finite score. (Taking
+    it for "no value" left the largest head unranked, the ranks starting at 2 and the page opening on the
+    second head.)"""
     flat = vals.reshape(vals.shape[0], -1)
-    order = head_order(flat)
+    order = head_order(flat)  # NaN last, so the cells with a value hold ranks 1..k
     ranks = np.empty(order.shape, dtype=np.float64)
     rows = np.arange(flat.shape[0])[:, None]
     ranks[rows, order] = np.arange(1, flat.shape[1] + 1)[None, :]
-    ranks[~np.isfinite(flat)] = np.nan
+    ranks[np.isnan(flat)] = np.nan
     return ranks.reshape(vals.shape)
+
+
+def _bar_range(*columns: np.ndarray) -> tuple[float, float]:
+    """The detail view's y range: its finite bars and whiskers (``columns``) and the bars' base 0, widened by
+    :data:`BAR_PAD` of their span each side (0.5 when they are all one value). Bokeh's automatic range fits the
+    bars only, and whiskers ran off the plot; ``_CLICK_JS`` computes the same range for a clicked head."""
+    ys = np.concatenate([np.ravel(c) for c in columns] + [np.zeros(1)])
+    ys = ys[np.isfinite(ys)]
+    bottom, top = float(ys.min()), float(ys.max())
+    pad = BAR_PAD * (top - bottom) if top > bottom else 0.5
+    return bottom - pad, top + pad
 
 
 def _script_json(obj: Any) -> str:
@@ -196,23 +237,24 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
     mult = np.array([t_multiplier(c) for c in counts] if counts is not None else [np.nan] * n, dtype=np.float64)
     v0, e0 = vals[:, sl, sh], mult * se[:, sl, sh]
     bar_src = ColumnDataSource({"task": task_names, "value": v0, "lo": v0 - e0, "hi": v0 + e0})
-    bar_fig = figure(x_range=FactorRange(*task_names), height=300, width=max(500, 70 * n),
-                     title=f"Head L{sl}.H{sh}: {BAR_CAPTION}", toolbar_location=None, name="detail-bars")
+    bar_fig = figure(x_range=FactorRange(*task_names), y_range=Range1d(*_bar_range(v0, v0 - e0, v0 + e0)),
+                     height=300, width=max(500, 70 * n), title=f"Head L{sl}.H{sh}: {BAR_CAPTION}",
+                     toolbar_location=None, name="detail-bars")
     bar_fig.vbar(x="task", top="value", width=0.7, source=bar_src, color="#3b528b")
     bar_fig.add_layout(Whisker(base="task", lower="lo", upper="hi", source=bar_src))
     bar_fig.xaxis.major_label_orientation = 0.6
-    bar_fig.yaxis.axis_label = f"Score ({scores.method})"
+    bar_fig.yaxis.axis_label = PlainText(f"Score ({scores.method})")
     detail = [bar_fig]
     sc_src = hl_src = sc_fig = None
     if abl is not None:
         sc_src = ColumnDataSource({"x": vals[start_task].ravel(), "y": abl[start_task].ravel()})
         hl_src = ColumnDataSource({"x": [vals[start_task, sl, sh]], "y": [abl[start_task, sl, sh]]})
         sc_fig = figure(height=360, width=420, toolbar_location=None, name="detail-scatter",
-                        title=f"{scores.tasks[start_task]}: score vs ablation, one point per head "
-                              f"(L{sl}.H{sh} in red)")
+                        title=plain_title(f"{scores.tasks[start_task]}: score vs ablation, one point per head "
+                                          f"(L{sl}.H{sh} in red)"))
         sc_fig.scatter("x", "y", source=sc_src, size=6, alpha=0.6, color="#3b528b")
         sc_fig.scatter("x", "y", source=hl_src, size=12, color="#d62728")
-        sc_fig.xaxis.axis_label = f"Score ({scores.method})"
+        sc_fig.xaxis.axis_label = PlainText(f"Score ({scores.method})")
         sc_fig.yaxis.axis_label = "Ablation loss increase"
         detail.append(sc_fig)
 
@@ -231,7 +273,7 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
         if exact is not None:
             cols["exact"] = ["yes" if e else "no" for e in exact[t].ravel()]
         src = ColumnDataSource(cols)
-        p = figure(title=str(task), x_range=(-0.5, num_heads - 0.5), y_range=(-0.5, num_layers - 0.5),
+        p = figure(title=plain_title(str(task)), x_range=(-0.5, num_heads - 0.5), y_range=(-0.5, num_layers - 0.5),
                    width=width, height=height, tools="reset", toolbar_location=None, name=f"panel:{task}")
         cells = p.rect("head", "layer", 1, 1, source=src, fill_color={"field": "value", "transform": mapper},
                        line_color=None)
@@ -249,10 +291,6 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
         p.yaxis.axis_label = "Layer" if t % ncols == 0 else None
         panels.append(p)
         sources.append(src)
-    for t, src in enumerate(sources):  # every panel's source, passed by reference: the data is in the page once
-        src.selected.js_on_change("indices", CustomJS(
-            args=dict(srcs=sources, t=t, bar_src=bar_src, bar_fig=bar_fig, sc_src=sc_src, hl_src=hl_src,
-                      sc_fig=sc_fig, mult=mult, bar_caption=BAR_CAPTION), code=_CLICK_JS))
     # the shared colour bar in a plot of its own, beside the grid (an invisible glyph keeps Bokeh's checks quiet)
     bar_plot = figure(width=110, height=min(height * nrows, 2 * height), toolbar_location=None,
                       outline_line_color=None, name="colorbar")
@@ -261,6 +299,13 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
     bar_plot.grid.visible = False
     bar_plot.add_layout(ColorBar(color_mapper=mapper, title=COLORBAR_LABEL, width=14), "left")
     grid = row(gridplot(panels, ncols=ncols, toolbar_location=None), bar_plot)
+    # attached after gridplot, which searches each panel's references for plots: through the shared callback each
+    # search would walk every panel (seconds for many tasks)
+    click = CustomJS(args=dict(srcs=sources, bar_src=bar_src, bar_fig=bar_fig, sc_src=sc_src, hl_src=hl_src,
+                               sc_fig=sc_fig, mult=mult, bar_caption=BAR_CAPTION, pad_fraction=BAR_PAD),
+                     code=_CLICK_JS)
+    for src in sources:  # one callback for every panel (_CLICK_JS says why); the sources passed by reference
+        src.selected.js_on_change("indices", click)
     return grid, column(*detail), {"task": str(scores.tasks[start_task]), "index": start_index}
 
 

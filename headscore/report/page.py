@@ -1,15 +1,16 @@
 """The shell every interactive page shares: one self-contained HTML document with BokehJS inlined (plots only:
-no widgets, tables, WebGL or MathJax; no request leaves the page), a script that records any script error into
-``<pre id="js-errors">`` for a headless browser to read, and a ``<pre id="render-check">`` its check script
-fills."""
+no widgets, tables, WebGL or MathJax; no request leaves the page; titles of user text drawn as written,
+:func:`plain_title`), a script that records any script error into ``<pre id="js-errors">`` for a headless
+browser to read, and a ``<pre id="render-check">`` its check script fills."""
 
 from __future__ import annotations
 
 import html
 
+from bokeh.models import PlainText, Title
 from bokeh.resources import Resources
 
-__all__ = ["BOKEH_JS", "page"]
+__all__ = ["BOKEH_JS", "page", "plain_title"]
 
 BOKEH_JS = Resources(mode="inline", components=["bokeh"])
 
@@ -32,6 +33,13 @@ ERRORS_JS = """
 })();
 </script>
 """
+
+
+def plain_title(text: str) -> Title:
+    """A plot title that shows ``text`` (a task name, user text) as written: BokehJS typesets a title's string
+    between ``$$``, ``\\(`` ``\\)`` or ``\\[`` ``\\]`` as TeX, which with no MathJax in the page comes out garbled
+    (``x^2\\te...``); a ``PlainText`` it draws as it is."""
+    return Title(text=PlainText(text))
 
 
 def page(title: str, *, style: str, scripts: str, body: str) -> str:
