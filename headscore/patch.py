@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -388,8 +389,12 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     On exit (also after an exception) the model's attention implementation (each tower's, in a multimodal
     model), the registries, the parameters' ``requires_grad`` flags (with ``freeze``) and the modules'
     training modes (without ``training``) are as they were. Blocks may nest and end in any order, also on
-    models that share one config (a causal LM and its inner ``.model``); only the patched model's attention
-    modules are gated, even where another model shares its config.
+    models that share one config (a causal LM and its inner ``.model``); a block that ends first gives back at
+    once the flags and modes a still-open block did not ask for (a ``track`` block keeps training). A
+    multimodal model and its own language model cannot be patched at once (each would switch the other's
+    tower): the second block is refused. Only the attention modules the model had when the block began are
+    gated: another model that shares the config, or a copy made inside the block, runs ungated, with a
+    warning (and a copy keeps the block's implementation name, which is gone after it).
 
     ``patch`` does not check that the model's heads can be gated apart (``headscore.prepare`` and every entry
     point do, once per model, with :func:`headscore.separability.separability_report`): on a model whose heads
@@ -410,15 +415,27 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         why = dispatch.kernel_unavailable(param.device if param is not None else "cpu")
         if why:
             raise HeadscoreError(f"kernel=True: {why}")
+    towers = compat.sub_config_implementations(model)
+    tree = {id(model.config), *(id(config) for config, _ in towers)}
+    if any(other != id(model.config) and tree & others for other, others in _TREES.items()):
+        raise HeadscoreError("a patch() block is open on a model whose config shares a tower with this one's (a "
+                             "multimodal model and its language model): patch one of them at a time")
     state = HeadGates(head_layout(model))
-    inner = compat.attention_function(original)
+    wrapped = _text_implementation(model, original)
+    inner = compat.attention_function(wrapped)
     at_projection = gated_at_projections(model)
     own = {id(module) for module in model.modules()}
+    strangers: list[str] = []
 
     def gated_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if id(module) not in own:  # another model that shares this config: not ours to gate
+        attention_mask, kwargs = _sparse_indices_as_mask(wrapped, query, key, attention_mask, kwargs)
+        if id(module) not in own:  # another model that shares this config, or a copy: not ours to gate
+            if not strangers and getattr(module, "layer_idx", None) is not None:
+                strangers.append(type(module).__name__)
+                warnings.warn(f"headscore.patch: an attention module ({strangers[0]}) that was not in the patched "
+                              "model when the block began runs ungated (a copy made, or a module added, inside the "
+                              "block; or another model that shares the config)", RuntimeWarning, stacklevel=2)
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
-        attention_mask, kwargs = _sparse_indices_as_mask(original, query, key, attention_mask, kwargs)
         state.layers_run.add(getattr(module, "layer_idx", None))
         if getattr(module, "layer_idx", None) in at_projection:  # gated at its output projection's input
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
@@ -433,11 +450,12 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         return state._apply(getattr(module, "layer_idx", None), out), weights
 
     key = f"headscore_gated_{next(_counter)}"
-    compat.register_attention(key, gated_attention, masks_like=original)
-    entry = _ActivePatch(key, original, compat.sub_config_implementations(model),
+    compat.register_attention(key, gated_attention, masks_like=wrapped)
+    entry = _ActivePatch(key, original, towers,
                          [(p, p.requires_grad) for p in model.parameters()] if freeze else None,
                          None if training else [(m, m.training) for m in model.modules()])
     stack = _STACKS.setdefault(id(model.config), [])
+    _TREES[id(model.config)] = tree
     stack.append(entry)
     try:
         model.set_attn_implementation(key)
@@ -456,6 +474,19 @@ _STACKS: dict[int, list[_ActivePatch]] = {}
 """The open ``patch()`` blocks per config (by identity: configs are not hashable), oldest first. Keyed by the
 config, not the module: the implementation name they switch lives in the config, which a causal LM shares with
 its inner ``.model`` (and two models built from one config object share)."""
+_TREES: dict[int, set[int]] = {}
+"""For each config with open blocks, the identities of it and its sub-configs (towers): a block on a model whose
+tree overlaps another's (a multimodal model and its language model) is refused, since each would switch and
+restore the other's tower."""
+
+
+def _text_implementation(model: torch.nn.Module, original: str) -> str:
+    """The implementation the gated function wraps: the language tower's own where a multimodal model's towers
+    hold different ones (its top config's name is another tower's), else ``original``."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = getattr(text, "_attn_implementation_internal", None) if text is not config else None
+    return name if isinstance(name, str) and name else original
 
 
 @dataclass
@@ -478,21 +509,44 @@ def _exit_patch(model: torch.nn.Module, stack: list[_ActivePatch], entry: _Activ
     del stack[i]
     if i < len(stack):
         later = stack[i]
-        later.original, later.towers = entry.original, entry.towers
-        later.flags = entry.flags if entry.flags is not None else later.flags
-        later.modes = entry.modes if entry.modes is not None else later.modes
+        later.original, later.towers = entry.original, _merged(entry.towers, later.towers)
+        # what the later block asked for too, it restores at its exit; what it did not ask for (a track block after
+        # a frozen, evaluating one) goes back now, as the later block expects to find it
+        if entry.flags is not None and later.flags is None:
+            _restore(entry.flags, None)
+        else:
+            later.flags = _merged(entry.flags, later.flags)
+        if entry.modes is not None and later.modes is None:
+            _restore(None, entry.modes)
+        else:
+            later.modes = _merged(entry.modes, later.modes)
         return
     if not stack:
         _STACKS.pop(id(model.config), None)
-    for p, flag in entry.flags or ():
-        p.requires_grad_(flag)
-    for module, mode in entry.modes or ():
-        module.training = mode
+        _TREES.pop(id(model.config), None)
+    _restore(entry.flags, entry.modes)
     with contextlib.suppress(Exception):
         model.set_attn_implementation(entry.original)
     if compat.attention_implementation(model) != entry.original:  # a change we could not undo via the API
         compat.force_attention_implementation(model, entry.original)
     compat.restore_sub_config_implementations(entry.towers)
+
+
+def _merged(first: list | None, later: list | None) -> list | None:
+    """Records of (object, value) from an earlier block (the state before both, for its objects) and a later one
+    (for the objects only it recorded: a causal LM's head when the earlier block patched its inner model)."""
+    if first is None or later is None:
+        return first if later is None else later
+    seen = {id(item) for item, _ in first}
+    return first + [(item, value) for item, value in later if id(item) not in seen]
+
+
+def _restore(flags: list[tuple[torch.nn.Parameter, bool]] | None,
+             modes: list[tuple[torch.nn.Module, bool]] | None) -> None:
+    for p, flag in flags or ():
+        p.requires_grad_(flag)
+    for module, mode in modes or ():
+        module.training = mode
 
 
 _NAMED_SPARSE = ("eager", "sdpa")

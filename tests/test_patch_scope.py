@@ -2,6 +2,7 @@
 that share a config, each tower of a multimodal model, and sparse-attention models whose key selection depends on
 the implementation's name."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def test_a_model_sharing_the_config_is_not_gated():
     ids = torch.randint(2, 90, (2, 7))
     before_b = _logits(b, ids)
     with headscore.patch(a) as heads, heads.using(torch.zeros(1, *heads.ones(1).shape[1:])):
-        torch.testing.assert_close(_logits(b, ids), before_b, rtol=0, atol=0)
+        with pytest.warns(RuntimeWarning, match="runs ungated"):
+            torch.testing.assert_close(_logits(b, ids), before_b, rtol=0, atol=0)
         zeroed = _logits(a, ids)
     assert not torch.allclose(zeroed, _logits(a, ids))
 
@@ -159,3 +161,82 @@ def test_block_sparse_selection_is_refused_and_other_implementations_pass_throug
     folded, rest = _sparse_indices_as_mask("sdpa", q, k, mask, {"indices": torch.tensor([[[0, 1]] * 4])})
     assert rest["indices"] is None
     assert torch.equal(folded[0, 0], torch.tensor([[True, True, False, False]] * 4))
+
+
+def _state(model):
+    return ({n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()})
+
+
+def test_out_of_order_blocks_restore_every_flag_and_mode():
+    """A block on the inner model, then one on the causal LM, the first ended first: the later block restores
+    what only it recorded (the LM head's flag, the top module's mode) as well as what the first recorded."""
+    model = tiny_model("llama").model.train()
+    before = _state(model)
+    inner, outer = headscore.patch(model.model), headscore.patch(model)
+    inner.__enter__()
+    outer.__enter__()
+    inner.__exit__(None, None, None)
+    outer.__exit__(None, None, None)
+    assert _state(model) == before
+
+
+def test_a_tracker_left_open_when_an_earlier_patch_ends_trains():
+    """``patch`` (frozen, evaluating) then ``track``, the patch ended first: the tracker's block goes on with the
+    flags and modes it found before the patch (before, every parameter stayed frozen: training updated nothing)."""
+    model = tiny_model("llama").model.train()
+    p = headscore.patch(model)
+    p.__enter__()
+    with headscore.track(model):
+        p.__exit__(None, None, None)
+        assert model.training and all(q.requires_grad for q in model.parameters())
+        ids = torch.randint(2, 90, (2, 6))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(q.grad is not None for q in model.parameters() if q.dim() == 2)
+
+
+@pytest.mark.parametrize("first", ["model", "language model"])
+def test_a_multimodal_model_and_its_language_model_are_not_patched_at_once(first):
+    """Their configs share the text tower: each block would switch and restore the other's (a dead key after
+    both, or the outer gates silently dropped). The second block is refused and the first one still works."""
+    model = build_model("gemma3", seed=1)
+    language = model.model.language_model
+    assert language.config is model.config.text_config
+    a, b = (model, language) if first == "model" else (language, model)
+    with headscore.patch(a):
+        with pytest.raises(headscore.HeadscoreError, match="multimodal model and its language model"):
+            with headscore.patch(b):
+                pass
+    assert model.config.text_config._attn_implementation == "eager"
+    _logits(model, torch.randint(3, 50, (1, 5)))
+
+
+def test_the_language_tower_runs_its_own_implementation():
+    """Towers with different implementations (text sdpa, vision eager: the top config says eager): inside the patch
+    the language tower still runs SDPA, so open gates give the unpatched logits bitwise (eager there: 6e-7 off)."""
+    model = build_model("gemma3", seed=1)
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    ids = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = _logits(model, ids)
+    with headscore.patch(model):
+        torch.testing.assert_close(_logits(model, ids), before, rtol=0, atol=0)
+
+
+def test_a_sparse_model_sharing_the_config_keeps_its_key_selection():
+    a = build_model("deepseek_v32", seed=1)
+    b = type(a)(a.config).to(torch.float64).eval()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = _logits(b, ids)
+    with headscore.patch(a), pytest.warns(RuntimeWarning, match="runs ungated"):
+        torch.testing.assert_close(_logits(b, ids), before, rtol=0, atol=0)
+
+
+def test_a_copy_made_inside_the_block_runs_ungated_and_says_so():
+    model = tiny_model("llama").model
+    ids = torch.randint(2, 90, (2, 6))
+    before = _logits(model, ids)
+    with headscore.patch(model) as heads, heads.using(torch.zeros(1, *heads.ones(1).shape[1:])):
+        twin = copy.deepcopy(model)
+        with pytest.warns(RuntimeWarning, match="not in the patched model when the block began runs ungated"):
+            torch.testing.assert_close(_logits(twin, ids), before, rtol=0, atol=0)

@@ -49,8 +49,8 @@ def kernel_unavailable(device: torch.device | str) -> str | None:
     device = torch.device(device)
     if not triton_available():
         return "the fused kernel needs Triton, which is not installed (pip install triton)"
-    if device.type == "cuda":
-        capability = _capability(device)
+    if device.type == "cuda":  # without a CUDA device to ask (checked before the model loads), where it runs decides
+        capability = _capability(device) if torch.cuda.is_available() else MIN_CAPABILITY
         if capability < MIN_CAPABILITY:
             return (f"the fused kernel runs on GPUs of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
                     f"(Ampere) or newer; this one has {capability[0]}.{capability[1]}")

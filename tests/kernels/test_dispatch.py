@@ -127,6 +127,7 @@ def test_gpus_older_than_ampere_are_not_served(monkeypatch, capability, served):
 
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(dispatch, "_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = torch.device("cuda")
     assert dispatch.kernel_available(cuda) is served
     why = dispatch.kernel_unavailable(cuda)
