@@ -15,12 +15,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from named_pipes import fed_pipe
 from tiny_saved import save_tiny_family, save_tiny_model
 
 import headscore
@@ -1057,30 +1057,11 @@ def test_tasks_that_are_no_regular_file(tmp_path, capsys):
 
 
 def test_tasks_from_a_pipe_are_read_once(tmp_path, capsys, model_dir):
-    """``--tasks <(cmd)``: a pipe can be read once; a second open would wait forever for a writer, so the
-    writer below lets any later reader go with an empty pipe (which fails the run) instead of hanging."""
-    fifo = tmp_path / "tasks.fifo"
-    os.mkfifo(fifo)
-    done = threading.Event()
-
-    def writer():
-        with open(fifo, "w", encoding="utf-8") as fh:  # waits until the command opens the pipe
-            fh.write(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "task": "other"}) + "\n")
-        while not done.is_set():
-            with contextlib.suppress(OSError):  # ENXIO while no one reads
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
+    """``--tasks <(cmd)``: a pipe can be read once (a second read would fail the run, see ``fed_pipe``)."""
+    text = json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "task": "other"}) + "\n"
+    with fed_pipe(tmp_path / "tasks.fifo", text) as fifo:
         code = main(["score", "--model", str(model_dir), "--tasks", str(fifo), "--out", str(tmp_path / "s.hs"),
                      "--no-progress"])
-    finally:
-        done.set()
-        with contextlib.suppress(OSError):  # a writer still waiting for its reader goes too
-            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-        thread.join(10)
     err = capsys.readouterr().err
     assert code == 0, err
     assert HeadScores.load(tmp_path / "s.hs").tasks == ["geo", "other"]

@@ -2,16 +2,13 @@
 functions or sources left out, a stage that could not run or was skipped, and figures whose text fits
 (tiny model, synthetic CogQA-format data; each run a few seconds)."""
 
-import contextlib
 import json
 import math
-import os
-import threading
-import time
 import warnings
 
 import pytest
 import torch
+from named_pipes import fed_pipe
 from tiny import tiny_model
 from tiny_saved import save_tiny_model
 
@@ -219,34 +216,15 @@ def test_jaccard_title_clear_of_colour_bar_and_layer_ticks_whole(tmp_path, monke
 
 
 def test_reproduce_cogqa_reads_a_pipe_once(tmp_path, capsys):
-    """``reproduce-cogqa <(cmd)``: the file is read once (load_cogqa), so a pipe works; a second open would wait
-    for a writer forever, so the writer below lets any later reader go with an empty pipe (a failed run)."""
+    """``reproduce-cogqa <(cmd)``: the file is read once (load_cogqa), so a pipe works (a second read would fail
+    the run, see ``fed_pipe``)."""
     model = save_tiny_model(tmp_path / "model")
-    fifo = tmp_path / "c.fifo"
-    os.mkfifo(fifo)
-    done = threading.Event()
-
-    def writer():
-        with open(fifo, "w", encoding="utf-8") as fh:  # waits until the command opens the pipe
-            fh.write(json.dumps(cycled(12)))
-        while not done.is_set():
-            with contextlib.suppress(OSError):  # ENXIO while no one reads
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
+    with fed_pipe(tmp_path / "c.fifo", json.dumps(cycled(12))) as fifo:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             code = main(["reproduce-cogqa", str(fifo), "--model", str(model), "--out", str(tmp_path / "r"),
                          "--max-per-function", "3", "--ablation-per-function", "0", "--intervention-per-function",
                          "0", "--resamples", "0", "--no-progress"])
-    finally:
-        done.set()
-        with contextlib.suppress(OSError):  # a writer still waiting for its reader goes too
-            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-        thread.join(10)
     err = capsys.readouterr().err
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["counts"]["examples"] == 9
