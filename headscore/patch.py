@@ -417,7 +417,7 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
             raise HeadscoreError(f"kernel=True: {why}")
     towers = compat.sub_config_implementations(model)
     tree = {id(model.config), *(id(config) for config, _ in towers)}
-    if any(other != id(model.config) and tree & others for other, others in _TREES.items()):
+    if any(other != id(model.config) and tree & _tree_of(other, blocks) for other, blocks in _STACKS.items()):
         raise HeadscoreError("a patch() block is open on a model whose config shares a tower with this one's (a "
                              "multimodal model and its language model): patch one of them at a time")
     state = HeadGates(head_layout(model))
@@ -455,7 +455,6 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
                          [(p, p.requires_grad) for p in model.parameters()] if freeze else None,
                          None if training else [(m, m.training) for m in model.modules()])
     stack = _STACKS.setdefault(id(model.config), [])
-    _TREES[id(model.config)] = tree
     stack.append(entry)
     try:
         model.set_attn_implementation(key)
@@ -474,10 +473,13 @@ _STACKS: dict[int, list[_ActivePatch]] = {}
 """The open ``patch()`` blocks per config (by identity: configs are not hashable), oldest first. Keyed by the
 config, not the module: the implementation name they switch lives in the config, which a causal LM shares with
 its inner ``.model`` (and two models built from one config object share)."""
-_TREES: dict[int, set[int]] = {}
-"""For each config with open blocks, the identities of it and its sub-configs (towers): a block on a model whose
-tree overlaps another's (a multimodal model and its language model) is refused, since each would switch and
-restore the other's tower."""
+
+
+def _tree_of(config_id: int, blocks: list[_ActivePatch]) -> set[int]:
+    """The identities of a config with open ``blocks`` and of its sub-configs (towers, as its blocks recorded
+    them): a block on a model whose tree overlaps another's (a multimodal model and its language model) is
+    refused, since each would switch and restore the other's tower."""
+    return {config_id, *(id(config) for block in blocks for config, _ in block.towers)}
 
 
 def _text_implementation(model: torch.nn.Module, original: str) -> str:
@@ -523,7 +525,6 @@ def _exit_patch(model: torch.nn.Module, stack: list[_ActivePatch], entry: _Activ
         return
     if not stack:
         _STACKS.pop(id(model.config), None)
-        _TREES.pop(id(model.config), None)
     _restore(entry.flags, entry.modes)
     with contextlib.suppress(Exception):
         model.set_attn_implementation(entry.original)

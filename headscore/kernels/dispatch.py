@@ -11,6 +11,8 @@ agree either way.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._compat import is_interpreted, triton_available
@@ -38,7 +40,9 @@ def kernel_available(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available() and _capability(device) >= MIN_CAPABILITY
 
 
+@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
+    # asked on every attention call the patch routes here (kernel=None): once per device
     return tuple(torch.cuda.get_device_capability(device))
 
 
