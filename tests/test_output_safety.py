@@ -391,21 +391,44 @@ def _report_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+# the report command with a pause once its files are in the temporary directory, before they are renamed
+# into place; it says so in the file named by HEADSCORE_TEST_READY (a fixed wait or a poll for the temporary
+# could not tell "writing" from "done" on a loaded machine: the command may finish between the two)
+PAUSED_REPORT_CLI = """
+import os, sys, time
+from pathlib import Path
+import headscore.report as report
+written = report._write_files
+def paused(*args, **kwargs):
+    files = written(*args, **kwargs)
+    Path(os.environ["HEADSCORE_TEST_READY"]).write_text("written")
+    time.sleep(600)
+    return files
+report._write_files = paused
+from headscore.cli import run
+sys.argv[0] = "headscore"
+run()
+"""
+
+
 @pytest.mark.slow  # 3-6 s on 2 cores: a report in a subprocess
 def test_sigterm_while_a_report_is_written_leaves_the_old_one(tmp_path):
-    """Case 6: a report killed by SIGTERM over an earlier one, while it writes (its temporary directory has
-    appeared): the earlier report stays whole, no temporary is left, and the command says so (exit 143)."""
+    """Case 6: a report killed by SIGTERM over an earlier one, while it writes (its files are in its temporary
+    directory, not yet in place): the earlier report stays whole, no temporary is left, and the command says
+    so (exit 143)."""
     old_scores, new_scores = scores_file(tmp_path / "old.hs", ("a", "b")), scores_file(tmp_path / "new.hs", ("c",))
     rep = tmp_path / "rep"
     assert main(["report", str(old_scores), "--out", str(rep)]) == 0
     old = _report_files(rep)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "headscore.cli", "report", str(new_scores), "--out", str(rep)],
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEADSCORE_TEST_READY": str(ready)}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_REPORT_CLI, "report", str(new_scores), "--out", str(rep)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert leftovers(tmp_path), "the report never started writing"
+    assert ready.exists(), f"the report never wrote its files: {proc.poll()}"
+    assert leftovers(tmp_path), "the files are not in a temporary directory"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert (proc.returncode, err) == (143, "headscore: terminated (SIGTERM)\n")
