@@ -229,19 +229,22 @@ template, which ``--chat-template`` needs, every embedded model has)."""
 
 CONVERSION_STAMP = "headscore-conversion.json"
 """The record a cached conversion keeps of what it was made from: the GGUF (its size and a hash of its first and
-last MiB) and every file's size, compared on each load; and the transformers that converted it, for the record
-only (environments with other transformers versions share one cache; comparing it rebuilt the cache, 110 s,
-at each switch)."""
+last MiB), every file's size and SHA-256, compared on each load (a file's hash only when its modification time is
+not the recorded one: an edit or a flipped byte written since is found, and a load does not read 540 MB); and the
+transformers that converted it, for the record only (environments with other transformers versions share one
+cache; comparing it rebuilt the cache, 110 s, at each switch)."""
 
 
-def _conversion_stamp(gguf: Path | None, directory: Path) -> dict:
+def _conversion_stamp(gguf: Path | None, directory: Path, *, digests: bool = True) -> dict:
     """What :data:`CONVERSION_STAMP` records for ``directory`` converted from ``gguf`` (None: the GGUF's package is
-    not installed, so its part is left out of the comparison)."""
+    not installed, so its part is left out of the comparison); ``digests=False`` leaves out the files' hashes."""
     import transformers
 
     stamp: dict = {"transformers": transformers.__version__,
                    "files": {f.name: f.stat().st_size for f in sorted(directory.iterdir())
-                             if f.is_file() and f.name not in (CONVERSION_STAMP, STAGING_LOCK)}}
+                             if f.is_file() and not f.name.startswith(".") and f.name != CONVERSION_STAMP}}
+    if digests:
+        stamp.update(_digests(directory, stamp["files"]))
     if gguf is not None:
         size, h = gguf.stat().st_size, hashlib.sha256()
         with open(gguf, "rb") as fh:
@@ -250,6 +253,46 @@ def _conversion_stamp(gguf: Path | None, directory: Path) -> dict:
             h.update(fh.read(1 << 20))
         stamp["gguf"] = {"name": gguf.name, "bytes": size, "ends_sha256": h.hexdigest()}
     return stamp
+
+
+def _digests(directory: Path, names, known: dict | None = None) -> dict:
+    """``{"sha256": {name: hex}, "mtime_ns": {name: ns}}`` of the files ``names`` in ``directory``; a file whose
+    modification time is the one in ``known`` (an earlier result) keeps its known hash, unread."""
+    sums, times = ((known or {}).get(key) for key in ("sha256", "mtime_ns"))
+    sums, times = (part if isinstance(part, dict) else {} for part in (sums, times))
+    out: dict = {"sha256": {}, "mtime_ns": {}}
+    for name in names:
+        path = directory / name
+        mtime = path.stat().st_mtime_ns
+        if name in sums and times.get(name) == mtime:
+            digest = sums[name]
+        else:
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        out["sha256"][name], out["mtime_ns"][name] = digest, mtime
+    return out
+
+
+def _changed_files(target: Path, stamp: dict) -> list[str]:
+    """The files of a cached conversion whose content is not the one recorded in ``stamp`` (read only where a
+    file's modification time changed). A stamp of an older headscore, without hashes, gets them now; a stamp
+    whose times changed (a copied cache) is brought up to date, so the next load reads nothing: both where the
+    cache is writable, silently skipped where not."""
+    recorded = {"sha256": stamp.get("sha256"), "mtime_ns": stamp.get("mtime_ns")}
+    now = _digests(target, stamp["files"], recorded)
+    if isinstance(recorded["sha256"], dict):
+        changed = [name for name in stamp["files"] if recorded["sha256"].get(name) != now["sha256"][name]]
+        if changed or recorded["mtime_ns"] == now["mtime_ns"]:
+            return changed
+    staged = target / f".{CONVERSION_STAMP}.{os.getpid()}"
+    try:
+        staged.write_text(json.dumps({**stamp, **now}, indent=1), "utf-8")
+        os.chmod(staged, default_mode())
+        os.replace(staged, target / CONVERSION_STAMP)
+    except OSError:
+        with contextlib.suppress(OSError):
+            staged.unlink(missing_ok=True)
+    return []
 
 
 def _cached_conversion_problem(target: Path, gguf: Path | None) -> str | None:
@@ -268,11 +311,19 @@ def _cached_conversion_problem(target: Path, gguf: Path | None) -> str | None:
         stamp = json.loads((target / CONVERSION_STAMP).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return f"no record of what it was converted from ({CONVERSION_STAMP}: made by an older headscore)"
-    now = _conversion_stamp(gguf, target)
+    now = _conversion_stamp(gguf, target, digests=False)
     if not isinstance(stamp, dict) or stamp.get("files") != now["files"]:
         return "its files are not the ones converted (another model or a changed file)"
     if gguf is not None and stamp.get("gguf") != now["gguf"]:
         return f"it was converted from another {gguf.name} (the package was updated)"
+    try:
+        changed = _changed_files(target, stamp)
+    except PermissionError as exc:
+        return f"{exc.filename} is not readable by this user"
+    except OSError as exc:
+        return f"{exc.filename} cannot be read ({exc.strerror or type(exc).__name__})"
+    if changed:
+        return f"{', '.join(changed)} changed since it was converted (its SHA-256 is not the recorded one)"
     return None  # the transformers that converted it is recorded, not compared: two environments share a cache
 
 

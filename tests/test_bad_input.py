@@ -942,6 +942,53 @@ def test_the_cache_knows_what_it_was_converted_from(tmp_path, monkeypatch, model
         models.embedded_model_dir("smollm2-135m")
 
 
+def test_a_changed_byte_in_the_cache_is_found_and_a_copied_cache_is_kept(tmp_path, monkeypatch, model_dir):
+    """A cached weights file with one byte changed (same size) is rebuilt, with a warning naming it (it loaded as
+    the model before); a cache whose files only got new times (copied with cp -r) is kept, and its record of the
+    times brought up to date so the next load reads no file; a record of an older headscore without hashes gets
+    them, without a rebuild."""
+    import hashlib
+
+    from headscore import models
+
+    monkeypatch.setenv("HEADSCORE_CACHE", str(tmp_path))
+    converted = fake_conversion(monkeypatch, model_dir)
+    target = models.embedded_model_dir("smollm2-135m")
+    stamp_path = target / models.CONVERSION_STAMP
+    stamp = json.loads(stamp_path.read_text())
+    weights = target / "model.safetensors"
+    assert stamp["sha256"]["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert set(stamp["sha256"]) == set(stamp["mtime_ns"]) == set(stamp["files"])
+    converted.clear()
+
+    read = []
+    real_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, alg: read.append(Path(fh.name).name) or real_digest(fh, alg))
+    assert models.embedded_model_dir("smollm2-135m") == target and not converted and not read  # nothing read
+
+    for f in target.iterdir():  # a copy: the same bytes, other times
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert models.embedded_model_dir("smollm2-135m") == target and not converted
+    assert sorted(read) == sorted(stamp["files"])  # each file read once, found the same
+    read.clear()
+    assert models.embedded_model_dir("smollm2-135m") == target and not converted and not read  # times recorded
+
+    old_record = {k: v for k, v in json.loads(stamp_path.read_text()).items() if k not in ("sha256", "mtime_ns")}
+    stamp_path.write_text(json.dumps(old_record))  # as an older headscore wrote it
+    assert models.embedded_model_dir("smollm2-135m") == target and not converted
+    assert json.loads(stamp_path.read_text())["sha256"] == stamp["sha256"]
+    read.clear()
+
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0x10  # a byte in the middle of the tensor data: the headers stay sound
+    weights.write_bytes(bytes(blob))
+    assert models.broken_weights(target) is None
+    with pytest.warns(models.CacheRebuilt, match=r"model\.safetensors changed since it was converted"):
+        assert models.embedded_model_dir("smollm2-135m") == target
+    assert len(converted) == 1 and weights.read_bytes() != bytes(blob)
+    assert not [f for f in target.iterdir() if f.name.startswith(".")]  # no staged record left
+
+
 def test_task_names_are_nfc_and_stripped(tmp_path):
     path = jsonl(tmp_path / "t.jsonl", {**GOOD, "task": "caf\u00e9", "prompt": "Le cafe\u0301 est"},
                  {**GOOD, "task": "cafe\u0301"}, {**GOOD, "task": "geo "}, {**GOOD, "task": "\tgeo"})
