@@ -116,7 +116,7 @@ def test_task_names_are_shown_as_written_not_typeset():
         title = models[f"panel:{name}"].title.text
         assert isinstance(title, PlainText) and title.text == name
     scatter = models["detail-scatter"].title.text
-    assert isinstance(scatter, PlainText) and scatter.text.startswith(f"{TEX_NAMES[0]}: score vs ablation")
+    assert isinstance(scatter, PlainText) and re.fullmatch(rf"{re.escape(TEX_NAMES[0])}: L\d\.H\d in red", scatter.text)
     assert isinstance(models["detail-bars"].yaxis[0].axis_label, PlainText)
 
 
@@ -231,11 +231,13 @@ def test_screenshot_shows_the_grid(chromium, tmp_path):
 @pytest.mark.browser
 def test_a_page_of_60_tasks_clicks_in_chromium(chromium, tmp_path):
     """A click on the last of 60 panels (one callback serves them all) shows its head on every task, with a y
-    range that holds every finite whisker (an infinite score among them), and titles of TeX-like task names as
-    written (PlainText, also after the click)."""
+    range that holds every finite whisker (an infinite score among them), titles of TeX-like task names as
+    written (PlainText, also after the click), and a scatter title that fits its plot for a long task name (cut
+    at 420 px before)."""
     from headscore.report.html import BAR_CAPTION
 
-    names = [f"task {i}" for i in range(56)] + TEX_NAMES
+    long_name = "high_school_macroeconomics, WWW MMM (a long name, as MMLU's subjects are)"
+    names = [f"task {i}" for i in range(55)] + TEX_NAMES + [long_name]  # the click goes to the last
     s = make_scores(60, 3, 2, seed=12, names=names)
     start = int(s.values[0].flatten().argmax())
     index = (start + 1) % 6  # another head than the one the page opens on
@@ -252,12 +254,16 @@ def test_a_page_of_60_tasks_clicks_in_chromium(chromium, tmp_path):
     assert pre(done.stdout, "js-errors").strip() == "", pre(done.stdout, "js-errors")
     check = json.loads(pre(done.stdout, "render-check"))
     assert check["panels"] == names
-    assert check["titles"] == [{"kind": "PlainText", "text": n} for n in names]
+    assert check["titles"][:-1] == [{"kind": "PlainText", "text": n} for n in names[:-1]]
+    cut = check["titles"][-1]  # too long for its panel: what fits, and an ellipsis (the hover has it all)
+    assert cut["kind"] == "PlainText" and cut["text"].endswith("\u2026") and long_name.startswith(cut["text"][:-1])
+    assert 10 < len(cut["text"]) < len(long_name) // 2
     bars = check["bars"]
     assert bars["title"] == f"Head L{layer}.H{head}: {BAR_CAPTION}"
     assert bars["value"][:7] == pytest.approx(s.values[:7, layer, head].tolist(), rel=1e-12)
     assert bars["value"][7] is None  # JSON's inf
     ends = [y for y in bars["lo"] + bars["hi"] if y is not None]
     assert max(ends) > 8 and bars["range"][0] <= min(*ends, 0) and bars["range"][1] >= max(ends)
-    assert check["scatter"] == {"kind": "PlainText",
-                                "text": f"{names[-1]}: score vs ablation, one point per head (L{layer}.H{head} in red)"}
+    fit = check["scatter"].pop("fit")
+    assert check["scatter"] == {"kind": "PlainText", "text": f"{names[-1]}: L{layer}.H{head} in red"}
+    assert 0 < fit["title_px"] <= fit["frame_px"], fit  # the title is not cut

@@ -13,7 +13,9 @@ page. Bokeh rather than plotly: its inline bundle is about 2 MB where plotly's s
 alone would nearly fill the page's 5 MB budget, and its hover and tap tools and ``CustomJS`` callbacks cover
 the interactions with a few lines of glue.
 
-A small script writes what BokehJS really rendered (the panel views it built and the data under a known
+Once BokehJS has drawn the panels, a small script shortens a panel title wider than its plot (a long task name)
+to what fits, with an ellipsis, measured in the title's font (the hover still shows the whole name). It also
+writes what BokehJS really rendered (the panel views it built and the data under a known
 cell's tooltip) into ``<pre id="render-check">`` and any script error into ``<pre id="js-errors">``, so a
 headless browser's DOM dump can check the page (``tests/test_html_report.py``).
 """
@@ -61,6 +63,14 @@ BAR_CAPTION = f"score per task, whiskers {T_LEVEL:.0%} t interval"
 BAR_NOTE = (f"Bars: the clicked head's score on each task; whiskers: the {T_LEVEL:.0%} t interval of the task's "
             "mean over its examples (n - 1 degrees of freedom: wide for few examples; none for a task of one).")
 
+SCATTER_CAPTION = "L{layer}.H{head} in red"
+"""The scatter's title after the task's name and ``: `` (:data:`SCATTER_NOTE` says more under the heading)."""
+SCATTER_NOTE = ("Scatter (when the report has an ablation): the clicked task's heads, one point each, its score (x) "
+                "against its ablation (y); the clicked head in red. A head with an infinite score is not drawn.")
+SCATTER_WIDTH = 420
+"""The scatter's width in pixels, widened where the longest title (a long task name) would be cut
+(:func:`_scatter_width`)."""
+
 BAR_PAD = 0.05
 """The detail view's y range: the finite bars, whiskers and 0, widened by this fraction of their span each side
 (:func:`_bar_range`; ``_CLICK_JS`` computes the same after a click)."""
@@ -89,8 +99,8 @@ bar_fig.title.text = `Head L${l}.H${h}: ${bar_caption}`;  // no user text: a str
 if (sc_src !== null) {
   sc_src.data = {x: own.value, y: own.ablation};
   hl_src.data = {x: [own.value[i]], y: [own.ablation[i]]};
-  sc_fig.title.text = plain(sc_fig.title.text,
-                            `${own.task[i]}: score vs ablation, one point per head (L${l}.H${h} in red)`);
+  sc_fig.title.text = plain(sc_fig.title.text, `${own.task[i]}: ` + scatter_caption.replace("{layer}", l)
+                                                                              .replace("{head}", h));
 }
 """
 
@@ -98,9 +108,21 @@ _CHECK_JS = """
 <script>
 (function () {
   var expected = %(expected)s, known = %(known)s;
+  // a panel's title wider than its plot (a long task name) is cut short with an ellipsis, measured in its own
+  // font (Bokeh cut it off mid-letter); the hover shows the whole name
+  var measure = document.createElement("canvas").getContext("2d");
+  function fitTitle(v) {
+    var t = v.model.title, text = typeof t.text === "string" ? t.text : t.text.text, room = v.frame.bbox.width;
+    measure.font = t.text_font_style + " " + t.text_font_size + " " + t.text_font;
+    if (measure.measureText(text).width <= room) return;
+    var n = text.length;
+    while (n > 1 && measure.measureText(text.slice(0, n) + "\u2026").width > room) n--;
+    var short = text.slice(0, n) + "\u2026";
+    t.text = typeof t.text === "string" ? short : new t.text.constructor({text: short});
+  }
   function check(tries) {
     var B = window.Bokeh, out = {panels: [], titles: [], hover: null, tooltips: [], bars: null, scatter: null};
-    var cells = null, bars = null, scatter = null;
+    var cells = null, bars = null, scatter = null, scatterView = null, panelViews = [];
     function label(t) { return typeof t === "string" ? {kind: "string", text: t} : {kind: t.type, text: t.text}; }
     if (B && B.index) {
       var views = Array.from(B.index.all_views());
@@ -108,10 +130,10 @@ _CHECK_JS = """
         var name = v.model && v.model.name;
         if (name && name.indexOf("panel:") === 0) {
           out.panels.push(name.slice(6));
-          out.titles.push(label(v.model.title.text));
+          panelViews.push(v);
         }
         if (name === "detail-bars") bars = v.model;
-        if (name === "detail-scatter") scatter = v.model;
+        if (name === "detail-scatter") { scatter = v.model; scatterView = v; }
         if (name === "panel:" + known.task) {
           cells = v.model.renderers[0].data_source;
           var data = cells.data, i = known.index;
@@ -124,13 +146,20 @@ _CHECK_JS = """
       });
     }
     if (out.panels.length < expected && tries > 0) { setTimeout(function () { check(tries - 1); }, 100); return; }
+    panelViews.forEach(function (v) { fitTitle(v); out.titles.push(label(v.model.title.text)); });
     if (cells !== null && bars !== null) {  // click the known cell, as a user would: the bars show its head
       cells.selected.indices = [known.index];
       setTimeout(function () {  // the click's callback runs asynchronously
         var d = bars.renderers[0].data_source.data;
         out.bars = {title: bars.title.text, task: Array.from(d.task), value: Array.from(d.value),
                     lo: Array.from(d.lo), hi: Array.from(d.hi), range: [bars.y_range.start, bars.y_range.end]};
-        if (scatter !== null) out.scatter = label(scatter.title.text);
+        if (scatter !== null) {  // the title's width in its own font, against the plot frame it sits over
+          var t = scatter.title, ctx = document.createElement("canvas").getContext("2d");
+          out.scatter = label(t.text);
+          ctx.font = t.text_font_style + " " + t.text_font_size + " " + t.text_font;
+          out.scatter.fit = {title_px: ctx.measureText(out.scatter.text).width,
+                             frame_px: scatterView.frame.bbox.width};
+        }
         cells.selected.indices = [];  // as it was: no cell highlighted until the user clicks one
         document.getElementById("render-check").textContent = JSON.stringify(out);
       }, 300);
@@ -169,6 +198,19 @@ def _bar_range(*columns: np.ndarray) -> tuple[float, float]:
     bottom, top = float(ys.min()), float(ys.max())
     pad = BAR_PAD * (top - bottom) if top > bottom else 0.5
     return bottom - pad, top + pad
+
+
+_TITLE_PX_PER_CHAR = 8.5
+"""An upper bound of a character's width in a plot title (Bokeh's bold 13 px sans-serif: 'W' and 'M' are about
+12 px, most letters 6 to 8; a title of 60 mixed characters measured 410 px in Chromium)."""
+
+
+def _scatter_width(task_names: Sequence[str], num_layers: int, num_heads: int) -> int:
+    """The scatter's width: :data:`SCATTER_WIDTH`, or wide enough for its longest title (at most 1600 px; a
+    longer task name is cut there, and shown whole in the panel's own title and the hover)."""
+    caption = SCATTER_CAPTION.format(layer=num_layers - 1, head=num_heads - 1)
+    longest = max((len(f"{name}: {caption}") for name in task_names), default=0)
+    return int(min(max(SCATTER_WIDTH, 40 + _TITLE_PX_PER_CHAR * longest), 1600))
 
 
 def _script_json(obj: Any) -> str:
@@ -249,9 +291,10 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
     if abl is not None:
         sc_src = ColumnDataSource({"x": vals[start_task].ravel(), "y": abl[start_task].ravel()})
         hl_src = ColumnDataSource({"x": [vals[start_task, sl, sh]], "y": [abl[start_task, sl, sh]]})
-        sc_fig = figure(height=360, width=420, toolbar_location=None, name="detail-scatter",
-                        title=plain_title(f"{scores.tasks[start_task]}: score vs ablation, one point per head "
-                                          f"(L{sl}.H{sh} in red)"))
+        sc_fig = figure(height=360, width=_scatter_width(task_names, num_layers, num_heads),
+                        toolbar_location=None, name="detail-scatter",
+                        title=plain_title(f"{scores.tasks[start_task]}: "
+                                          + SCATTER_CAPTION.format(layer=sl, head=sh)))
         sc_fig.scatter("x", "y", source=sc_src, size=6, alpha=0.6, color="#3b528b")
         sc_fig.scatter("x", "y", source=hl_src, size=12, color="#d62728")
         sc_fig.xaxis.axis_label = PlainText(f"Score ({scores.method})")
@@ -302,7 +345,8 @@ def _figures(scores: Any, vals: np.ndarray, se: np.ndarray | None, abl: np.ndarr
     # attached after gridplot, which searches each panel's references for plots: through the shared callback each
     # search would walk every panel (seconds for many tasks)
     click = CustomJS(args=dict(srcs=sources, bar_src=bar_src, bar_fig=bar_fig, sc_src=sc_src, hl_src=hl_src,
-                               sc_fig=sc_fig, mult=mult, bar_caption=BAR_CAPTION, pad_fraction=BAR_PAD),
+                               sc_fig=sc_fig, mult=mult, bar_caption=BAR_CAPTION, pad_fraction=BAR_PAD,
+                               scatter_caption=SCATTER_CAPTION),
                      code=_CLICK_JS)
     for src in sources:  # one callback for every panel (_CLICK_JS says why); the sources passed by reference
         src.selected.js_on_change("indices", click)
@@ -350,7 +394,7 @@ def html_page(scores: Any, *, ablation: Any = None, comparison: Mapping[str, Any
                                    counts, None)
     title = f"Head importance ({scores.method}) - {scores.model}"
     check = _CHECK_JS % {"expected": len(scores.tasks) if heads else 0, "known": _script_json(known)}
-    body = "\n".join([_head_section(note, divs[:len(heads)], exact), tables,
+    body = "\n".join([_head_section(note, divs[:len(heads)], exact, scatter=abl is not None), tables,
                       _circuit_section(divs[len(heads):]) if circuits else "",
                       _provenance(scores, task_counts(scores), exact), "" if note else _fallback(png)])
     return page(title, style=_STYLE, scripts=f"{script}\n{check}", body=body)
@@ -363,8 +407,9 @@ dl.provenance dt { font-weight: bold; }
 dl.provenance dd { margin: 0 0 0.4em 1em; }"""
 
 
-def _head_section(note: str, divs: Sequence[str], exact: np.ndarray | None) -> str:
-    """The grid and the selected head's view (``divs``), or the note saying why there are none."""
+def _head_section(note: str, divs: Sequence[str], exact: np.ndarray | None, *, scatter: bool) -> str:
+    """The grid and the selected head's view (``divs``; with the ablation ``scatter``), or the note saying why
+    there are none."""
     if note:
         return f"<p class='no-heatmap'>{html.escape(note)}</p>"
     grid_div, detail_div = divs
@@ -376,6 +421,7 @@ task.</p>
 {exact_note}{grid_div}
 <h2>Selected head</h2>
 <p class='note'>{BAR_NOTE}</p>
+{f"<p class='note'>{SCATTER_NOTE}</p>" if scatter else ""}
 {detail_div}"""
 
 
