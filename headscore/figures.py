@@ -32,13 +32,50 @@ def _save_atomic(fig: Figure, path: Path, fmt: str) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
+FIT_PAD_IN = 0.04
+"""Inches of margin a figure keeps around what it draws once :func:`fit_to_contents` has grown it."""
+
+
+def _overflow(fig: Figure) -> tuple[float, float]:
+    """Inches (width, height) by which ``fig``'s drawing, laid out by its layout engine, is too small: text
+    beyond an edge, or a panel title running into the figure's title (suptitle)."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    box = fig.get_tightbbox(renderer)  # inches
+    width, height = fig.get_size_inches()
+    dx = max(0.0, -box.x0) + max(0.0, box.x1 - width)
+    dy = max(0.0, -box.y0) + max(0.0, box.y1 - height)
+    suptitle = getattr(fig, "_suptitle", None)
+    if suptitle is not None and suptitle.get_text():
+        bottom = suptitle.get_window_extent(renderer).y0
+        tops = [ax.title.get_window_extent(renderer).y1 for ax in fig.axes if ax.title.get_text()]
+        if tops and max(tops) > bottom:
+            dy += (max(tops) - bottom) / fig.dpi
+    return dx, dy
+
+
+def fit_to_contents(fig: Figure, rounds: int = 4) -> None:
+    """Grow ``fig`` until its layout engine fits every label inside it without a panel title touching the
+    figure's title. A constrained layout of fixed-aspect panels can overrun a figure sized by rule (the x labels
+    of a one-row grid of 30 x 9 heads were cut by 0.04 in); the figure only grows, by what overran plus
+    :data:`FIT_PAD_IN`, and a figure that fits is left as it is."""
+    for _ in range(rounds):
+        dx, dy = _overflow(fig)
+        if dx <= 0 and dy <= 0:
+            return
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + (dx + FIT_PAD_IN if dx > 0 else 0.0), height + (dy + FIT_PAD_IN if dy > 0 else 0.0))
+
+
 def save_figure(fig: Figure, path: str | os.PathLike) -> list[Path]:
     """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` (each atomically: temporary file, then a rename).
 
-    A ``.png`` / ``.pdf`` suffix of ``path`` is stripped; missing folders are created. The PNG is
-    written first; the figure's layout engine is then switched off, so the PDF keeps the layout
-    computed for the PNG. Returns ``[<stem>.png, <stem>.pdf]``.
+    A ``.png`` / ``.pdf`` suffix of ``path`` is stripped; missing folders are created. The figure is first
+    grown where its layout overruns it (:func:`fit_to_contents`). The PNG is written first; the figure's layout
+    engine is then switched off, so the PDF keeps the layout computed for the PNG. Returns
+    ``[<stem>.png, <stem>.pdf]``.
     """
+    fit_to_contents(fig)
     stem = _stem(path)
     png = _save_atomic(fig, stem.with_name(stem.name + ".png"), "png")
     fig.set_layout_engine("none")  # keep the layout just computed: the PDF does not redo it

@@ -240,3 +240,46 @@ def test_backend_untouched():
     before = matplotlib.get_backend()
     heatmaps.build_heatmap_figure(make_scores(1, 2, 2))
     assert matplotlib.get_backend() == before
+
+
+LONG_NAMES = ["alpha", "high_school_macroeconomics", "high_school_government_and_politics", "gamma", "b", "c"]
+
+
+def _texts_outside_or_touching(fig) -> list[str]:
+    """The figure's texts (titles, axis and tick labels) that reach beyond its edges, and panel titles that run
+    into the figure's title, as drawn (measured text by text, not by the layout's own bounding box)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    edge = fig.bbox
+    suptitle = fig._suptitle.get_window_extent(renderer) if fig._suptitle is not None else None
+    bad = []
+    for ax in fig.axes:
+        texts = [ax.title, ax.xaxis.label, ax.yaxis.label]
+        for axis in (ax.xaxis, ax.yaxis):  # the tick labels drawn: those of ticks inside the view
+            lo, hi = sorted(axis.get_view_interval())
+            texts += [tick.label1 for tick in axis.get_major_ticks() if lo - 1e-9 <= tick.get_loc() <= hi + 1e-9]
+        for text in texts:
+            if not text.get_text() or not text.get_visible():
+                continue
+            box = text.get_window_extent(renderer)
+            if box.x0 < edge.x0 - 0.5 or box.y0 < edge.y0 - 0.5 or box.x1 > edge.x1 + 0.5 or box.y1 > edge.y1 + 0.5:
+                bad.append(f"outside: {text.get_text()!r}")
+            if text is ax.title and suptitle is not None and box.overlaps(suptitle):
+                bad.append(f"under the figure's title: {text.get_text()!r}")
+    return bad
+
+
+@pytest.mark.parametrize("t, layers, heads", [(4, 30, 9), (6, 30, 9), (4, 6, 4), (6, 6, 4), (1, 30, 9), (8, 30, 9)])
+def test_figures_hold_their_labels_and_long_task_names(tmp_path, t, layers, heads):
+    """Every label inside the figure and no panel title under the figure's title, for task names of one and two
+    lines (a one-row grid of SmolLM2's 30 x 9 cut its 'Head' labels; a two-line name ran into the title), in
+    the heatmaps and the scatter; a name is broken after '_' (not inside a word) and shortened with '...'."""
+    s = make_scores(t, layers, heads, tasks=LONG_NAMES[:t] + [f"task {i}" for i in range(t - len(LONG_NAMES))])
+    for fig in (heatmaps.build_heatmap_figure(s), scatter.build_scatter_figure(s, make_scores(t, layers, heads,
+                                                                                             seed=1, tasks=s.tasks))):
+        figures.save_figure(fig, tmp_path / "f")
+        assert _texts_outside_or_touching(fig) == []
+        titles = [ax.get_title().split("\nSpearman")[0] for ax in _panels(fig) or fig.axes[:t]]
+        for name, title in zip(s.tasks, titles, strict=False):
+            assert title.replace("\n", "") == name or title.endswith("..."), (name, title)
+            assert all(not line[-1].isalpha() or line == title.split("\n")[-1] for line in title.split("\n")), title

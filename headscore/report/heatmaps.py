@@ -13,7 +13,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from ..figures import save_figure
 from .inputs import exact_mask, task_values
-from .layout import axes_grid, grid_shape, is_bottom_row, panel_size, tick_positions, wrap_title
+from .layout import axes_grid, extra_title_height, grid_shape, is_bottom_row, panel_size, tick_positions, wrap_title
 
 COLORBAR_LABEL = "Heads Importance"
 _CMAP = "viridis"
@@ -54,8 +54,11 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
     pw, ph = panel_size(num_layers, num_heads)
     # outline width in points: about a tenth of a cell, so small cells keep most of their colour
     outline = float(np.clip(0.1 * 72 * min(pw / num_heads, ph / num_layers), 0.4, 1.2))
-    # Room per panel for the title, tick labels and axis labels; plus the colour bar and the suptitle.
-    fig = Figure(figsize=(ncols * (pw + 0.6) + 1.1, nrows * (ph + 0.85) + 0.5), layout="constrained")
+    titles = [wrap_title(task, pw + 0.4, 10) for task in scores.tasks]
+    # Room per panel for the title (and its second line, if any), tick labels and axis labels; plus the colour
+    # bar and the suptitle.
+    fig = Figure(figsize=(ncols * (pw + 0.6) + 1.1, nrows * (ph + 0.85 + extra_title_height(titles)) + 0.5),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     finite = vals[np.isfinite(vals)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -67,12 +70,12 @@ def build_heatmap_figure(scores: Any, *, title: str | None = None, ncols: int | 
     xticks, yticks = tick_positions(num_heads, pw), tick_positions(num_layers, ph, spacing=0.22)
     axes = axes_grid(fig, n, nrows, ncols, ph / pw)
     image = None
-    for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
+    for i, (ax, task_title) in enumerate(zip(axes, titles, strict=True)):
         image = draw_heatmap(ax, vals[i], None if exact is None else exact[i], vmin=vmin, vmax=vmax,
                              diverging=diverging, outline=outline)
         if not np.isfinite(vals[i]).any():  # a blank panel would read as a map of zeros or a drawing failure
             ax.text(0.5, 0.5, NO_VALUES, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.35")
-        ax.set_title(wrap_title(task, pw + 0.4, 10), fontsize=10)
+        ax.set_title(task_title, fontsize=10)
         ax.set_xticks(xticks)
         ax.set_yticks(yticks)
         ax.tick_params(labelsize=7, length=2, pad=1.5)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-import textwrap
+import re
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -45,8 +46,35 @@ def panel_size(num_layers: int, num_heads: int) -> tuple[float, float]:
 
 
 def wrap_title(title: str, width_in: float, fontsize: float) -> str:
+    """``title`` in at most two lines of ``width_in`` inches at ``fontsize`` points: broken after a space, ``_``,
+    ``-`` or ``/`` where one is near (``high_school_ / macroeconomics``, not ``macroeconomi / cs``), inside a
+    word only where it alone is longer than a line; what does not fit ends in ``...``."""
     chars = max(8, int(width_in * 72 / (0.55 * fontsize)))
-    return textwrap.fill(str(title), chars, max_lines=2, placeholder="...")
+    text = " ".join(str(title).split())
+    pieces = [piece for piece in re.findall(r"[^ _/-]*(?:[_/-]+ ?| |$)", text) if piece]
+    lines = [""]
+    for piece in pieces:
+        if lines[-1] and len((lines[-1] + piece).rstrip()) > chars:
+            lines.append("")
+        lines[-1] += piece
+        while len(lines[-1].rstrip()) > chars:  # a word longer than a line
+            lines[-1], rest = lines[-1][:chars], lines[-1][chars:]
+            lines.append(rest)
+    lines = [line.rstrip() for line in lines if line.strip()]
+    if len(lines) > 2:
+        second = text[len(lines[0]):].strip()
+        lines = [lines[0], second[:chars - 3].rstrip() + "..."]
+    return "\n".join(lines)
+
+
+TITLE_LINE_IN = 10 * 1.2 / 72
+"""The height of one more line of a 10-point panel title, in inches (what a figure grows by per row when a
+task name takes two lines: :func:`extra_title_height`)."""
+
+
+def extra_title_height(titles: Sequence[str]) -> float:
+    """Inches a row of panels needs above its panels for wrapped ``titles`` beyond their first line."""
+    return TITLE_LINE_IN * max((title.count("\n") for title in titles), default=0)
 
 
 def axes_grid(fig: Figure, n: int, nrows: int, ncols: int, box_aspect: float | None) -> list:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from ..figures import save_figure
 from .inputs import head_order
-from .layout import axes_grid, grid_shape, wrap_title
+from .layout import axes_grid, extra_title_height, grid_shape, wrap_title
 
 POSITION_LABEL = "score at position"
 
@@ -47,11 +47,13 @@ def build_position_figure(scores: Any, *, k: int = 10, tasks: Sequence[str] | No
     nrows, ncols = grid_shape(n, min(n, 2))
     widest = max(len(c) for c in shown)
     pw, ph = max(3.0, 0.32 * widest + 0.8), max(2.0, 0.28 * k + 0.6)
-    fig = Figure(figsize=(ncols * (pw + 0.8) + 1.1, nrows * (ph + 1.2) + 0.5), layout="constrained")
+    titles = [wrap_title(task, pw, 10) for task in tasks]
+    fig = Figure(figsize=(ncols * (pw + 0.8) + 1.1, nrows * (ph + 1.2 + extra_title_height(titles)) + 0.5),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     axes = axes_grid(fig, n, nrows, ncols, None)
     image = None
-    for ax, task, (heads, grid), cols in zip(axes, tasks, panels, shown, strict=True):
+    for ax, task, task_title, (heads, grid), cols in zip(axes, tasks, titles, panels, shown, strict=True):
         image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
         names = [scores.positions[c] for c in cols]
         if tokens is not None and task in tokens:
@@ -59,7 +61,7 @@ def build_position_figure(scores: Any, *, k: int = 10, tasks: Sequence[str] | No
             names = [f"{words[i]!r}"[1:-1] + f"  {p}" if i < len(words) else p for i, p in enumerate(names)]
         ax.set_xticks(range(len(cols)), names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(heads)), [f"L{layer}.H{head}" for layer, head in heads], fontsize=7)
-        ax.set_title(wrap_title(task, pw, 10), fontsize=10)
+        ax.set_title(task_title, fontsize=10)
         ax.set_xlabel("position (from the end of the prompt)", fontsize=8)
     cbar = fig.colorbar(image, ax=axes, shrink=0.9, pad=0.02)
     cbar.set_label(POSITION_LABEL, fontsize=9)

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from ..figures import save_figure
 from ..stats import spearman
 from .inputs import ablation_values, task_values
-from .layout import axes_grid, grid_shape, is_bottom_row, wrap_title
+from .layout import axes_grid, extra_title_height, grid_shape, is_bottom_row, wrap_title
 
 
 def _truth_label(ablation: Any) -> str:
@@ -34,18 +34,20 @@ def build_scatter_figure(scores: Any, ablation: Any, *, title: str | None = None
     n, num_layers, num_heads = vals.shape
     nrows, ncols = grid_shape(n, ncols)
     side = 2.6
-    fig = Figure(figsize=(ncols * (side + 0.7) + 0.3, nrows * (side + 0.9) + 0.5), layout="constrained")
+    titles = [wrap_title(task, side + 0.4, 10) for task in scores.tasks]
+    fig = Figure(figsize=(ncols * (side + 0.7) + 0.3, nrows * (side + 0.9 + extra_title_height(titles)) + 0.5),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     axes = axes_grid(fig, n, nrows, ncols, 1.0)
     size = 12 if num_layers * num_heads <= 400 else 6
-    for i, (ax, task) in enumerate(zip(axes, scores.tasks, strict=True)):
+    for i, (ax, task_title) in enumerate(zip(axes, titles, strict=True)):
         x, y = vals[i].ravel(), abl[i].ravel()
         rho = spearman(x, y)
         ax.axhline(0, color="0.8", lw=0.8, zorder=0)
         ax.axvline(0, color="0.8", lw=0.8, zorder=0)
         ax.scatter(x, y, s=size, alpha=0.6, color="#3b528b", edgecolors="none")
         rho_txt = "n/a" if math.isnan(rho) else f"{rho:.3f}"
-        ax.set_title(f"{wrap_title(task, side + 0.4, 10)}\nSpearman \u03c1 = {rho_txt}", fontsize=10)
+        ax.set_title(f"{task_title}\nSpearman \u03c1 = {rho_txt}", fontsize=10)
         ax.tick_params(labelsize=7, length=2, pad=1.5)
         ax.ticklabel_format(style="sci", scilimits=(-3, 4), useMathText=True)
         ax.xaxis.get_offset_text().set_fontsize(7)
