@@ -394,7 +394,8 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
     multimodal model and its own language model cannot be patched at once (each would switch the other's
     tower): the second block is refused. Only the attention modules the model had when the block began are
     gated: another model that shares the config, or a copy made inside the block, runs ungated, with a
-    warning (and a copy keeps the block's implementation name, which is gone after it).
+    warning. A copy keeps the block's implementation name, which after the block runs the model's own
+    implementation, ungated (the name is reused by later blocks, so the registry does not grow).
 
     ``patch`` does not check that the model's heads can be gated apart (``headscore.prepare`` and every entry
     point do, once per model, with :func:`headscore.separability.separability_report`): on a model whose heads
@@ -449,7 +450,9 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
         out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
         return state._apply(getattr(module, "layer_idx", None), out), weights
 
-    key = f"headscore_gated_{next(_counter)}"
+    root = _ROOTS.get(wrapped, wrapped)
+    key = _FREE_KEYS[root].pop() if _FREE_KEYS.get(root) else f"headscore_gated_{next(_counter)}"
+    _ROOTS[key] = root
     compat.register_attention(key, gated_attention, masks_like=wrapped)
     entry = _ActivePatch(key, original, towers,
                          [(p, p.requires_grad) for p in model.parameters()] if freeze else None,
@@ -466,13 +469,36 @@ def patch(model: torch.nn.Module, *, freeze: bool = True, kernel: bool | None = 
             yield state
     finally:
         _exit_patch(model, stack, entry)
-        compat.unregister_attention(key)
+        _retire(key, root)
 
 
 _STACKS: dict[int, list[_ActivePatch]] = {}
 """The open ``patch()`` blocks per config (by identity: configs are not hashable), oldest first. Keyed by the
 config, not the module: the implementation name they switch lives in the config, which a causal LM shares with
 its inner ``.model`` (and two models built from one config object share)."""
+
+
+_ROOTS: dict[str, str] = {}
+"""Each patch key's root: the model's own implementation (``sdpa``, ``eager``, ...) its gated function wraps, at
+the end of a chain of nested blocks' keys."""
+_FREE_KEYS: dict[str, list[str]] = {}
+"""Keys of ended blocks, per root, for the next block on that root to take (the registry stays as large as the
+most blocks ever open at once)."""
+
+
+def _retire(key: str, root: str) -> None:
+    """After a block: ``key`` runs its root implementation, ungated, for a model that still names it (a copy made
+    inside the block: ``copy.deepcopy`` copies the config's implementation name; it failed on every forward pass
+    once the key was gone), and goes to :data:`_FREE_KEYS`. A later block that takes the key gates only its own
+    model's modules and runs any other (such a copy) through its root implementation, ungated."""
+    inner = compat.attention_function(root)
+
+    def ungated(module, query, key_states, value, attention_mask, *args, **kwargs):
+        attention_mask, kwargs = _sparse_indices_as_mask(root, query, key_states, attention_mask, kwargs)
+        return inner(module, query, key_states, value, attention_mask, *args, **kwargs)
+
+    compat.register_attention(key, ungated, masks_like=root)
+    _FREE_KEYS.setdefault(root, []).append(key)
 
 
 def _tree_of(config_id: int, blocks: list[_ActivePatch]) -> set[int]:

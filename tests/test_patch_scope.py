@@ -233,6 +233,11 @@ def test_a_sparse_model_sharing_the_config_keeps_its_key_selection():
 
 
 def test_a_copy_made_inside_the_block_runs_ungated_and_says_so():
+    """A copy made inside the block runs ungated, with a warning; after the block too (its config still names the
+    block's key, which was removed, and every forward pass of the copy failed), also while a later block on another
+    model has taken that key over; the registry does not grow with blocks run one after another."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     model = tiny_model("llama").model
     ids = torch.randint(2, 90, (2, 6))
     before = _logits(model, ids)
@@ -240,3 +245,27 @@ def test_a_copy_made_inside_the_block_runs_ungated_and_says_so():
         twin = copy.deepcopy(model)
         with pytest.warns(RuntimeWarning, match="not in the patched model when the block began runs ungated"):
             torch.testing.assert_close(_logits(twin, ids), before, rtol=0, atol=0)
+    stale = twin.config._attn_implementation
+    assert stale.startswith("headscore_gated_") and model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_logits(twin, ids), before, rtol=0, atol=0)
+    other = tiny_model("llama", seed=3).model
+    with headscore.patch(other) as heads, heads.using(torch.zeros(1, *heads.ones(1).shape[1:])):
+        assert other.config._attn_implementation == stale  # the key, taken over
+        with pytest.warns(RuntimeWarning, match="runs ungated"):
+            torch.testing.assert_close(_logits(twin, ids), before, rtol=0, atol=0)
+        assert not torch.equal(_logits(other, ids), _logits(tiny_model("llama", seed=3).model, ids))  # gated
+    keys = {k for k in ALL_ATTENTION_FUNCTIONS._global_mapping if k.startswith("headscore_gated_")}
+    for _ in range(5):
+        with headscore.patch(model):
+            pass
+    assert {k for k in ALL_ATTENTION_FUNCTIONS._global_mapping if k.startswith("headscore_gated_")} == keys
+
+
+def test_a_sparse_copy_keeps_its_key_selection_after_the_block():
+    a = build_model("deepseek_v32", seed=1)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = _logits(a, ids)
+    with headscore.patch(a):
+        twin = copy.deepcopy(a)
+    assert twin.config._attn_implementation.startswith("headscore_gated_")
+    torch.testing.assert_close(_logits(twin, ids), before, rtol=0, atol=0)
