@@ -26,21 +26,31 @@ import torch
 from .data.batching import Batch
 from .errors import HeadscoreError
 
+PADDING_NAN = ("the model's attention gives NaN on padded positions (eager attention whose sliding window holds "
+               "only padding, as ModernBERT's, Mistral's or Gemma 2's on prompts of very different lengths); use "
+               "attn_implementation='sdpa' or batch_size=1")
+"""What a NaN that only batches with padding get comes from, and what to do."""
+
 
 class NonFiniteLoss(HeadscoreError):
-    """The loss of some examples is inf or NaN; ``indices`` are their positions in the run's examples."""
+    """The loss of some examples is inf or NaN; ``indices`` are their positions in the run's examples;
+    ``padded``: their batch had padding (the message then says what NaN on padding comes from)."""
 
-    def __init__(self, indices: list[int], dtype: torch.dtype, names: list[str] | None = None):
-        self.indices, self.dtype = indices, dtype
+    def __init__(self, indices: list[int], dtype: torch.dtype, names: list[str] | None = None, *,
+                 padded: bool = False):
+        self.indices, self.dtype, self.padded = indices, dtype, padded
         shown = names or [f"example {i}" for i in indices]
         hint = ("; a half-precision model overflows more easily: try float32 (--dtype float32)"
                 if dtype in (torch.float16, torch.bfloat16) else "")
+        if padded:
+            hint += f"; their batch had padding: if batch_size=1 gives finite losses, {PADDING_NAN}"
         super().__init__(f"non-finite loss (inf or NaN) for {', '.join(shown[:5])}"
                          f"{f' and {len(shown) - 5} more' if len(shown) > 5 else ''}{hint}")
 
     def named(self, examples: Sequence) -> NonFiniteLoss:
         """The same error, naming the examples by their source (``Example.describe``)."""
-        return NonFiniteLoss(self.indices, self.dtype, [examples[i].describe(i) for i in self.indices])
+        return NonFiniteLoss(self.indices, self.dtype, [examples[i].describe(i) for i in self.indices],
+                             padded=self.padded)
 
 
 METRICS = ("nll", "logit-diff", "prob")
@@ -186,13 +196,17 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
     return -(logp * mask).sum(1) / mask.sum(1)
 
 
-def finite_losses(loss: torch.Tensor, example_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def finite_losses(loss: torch.Tensor, example_index: torch.Tensor, dtype: torch.dtype,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``loss`` [B] itself, or NonFiniteLoss naming (once each) the examples of its inf/NaN rows.
 
-    ``example_index`` [B] is each row's example; ``dtype`` the logits' (for the half-precision hint)."""
+    ``example_index`` [B] is each row's example; ``dtype`` the logits' (for the half-precision hint);
+    ``attention_mask`` the batch's (for the hint on NaN from padding)."""
     bad = ~torch.isfinite(loss)
     if bad.any():
-        raise NonFiniteLoss(list(dict.fromkeys(example_index[bad.to(example_index.device)].tolist())), dtype)
+        padded = attention_mask is not None and bool((attention_mask == 0).any())
+        raise NonFiniteLoss(list(dict.fromkeys(example_index[bad.to(example_index.device)].tolist())), dtype,
+                            padded=padded)
     return loss
 
 
@@ -210,7 +224,7 @@ def losses_from_logits(logits: torch.Tensor, batch: Batch, *, span_only: bool = 
         logits = logits[:, start:end]
     labels = batch.input_ids[:, start + 1:end + 1]
     loss = target_nll(logits, labels, batch.target_mask[:, start + 1:end + 1])
-    return finite_losses(loss, batch.example_index, logits.dtype)
+    return finite_losses(loss, batch.example_index, logits.dtype, batch.attention_mask)
 
 
 def target_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,11 +292,12 @@ def example_losses(model: torch.nn.Module, batch: Batch, metric: Metric = NLL) -
     if batch.labels is not None:
         logits = _in_model_dtype(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, model)
         return finite_losses(classifier_losses(logits, batch.labels, model.config), batch.example_index,
-                             logits.dtype)
+                             logits.dtype, batch.attention_mask)
     if metric.fn is not None:
         logits = _in_model_dtype(
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits, model)
-        return finite_losses(_custom_loss(metric, logits, batch), batch.example_index, logits.dtype)
+        return finite_losses(_custom_loss(metric, logits, batch), batch.example_index, logits.dtype,
+                             batch.attention_mask)
     vocabulary = None
     if not torch.is_grad_enabled() and _vocabulary_checked(model) and _plain_head(model):
         vocabulary = read_vocabulary(metric, batch)
@@ -376,7 +391,8 @@ def _builtin_losses(model: torch.nn.Module, batch: Batch, metric: Metric,
             return None
         if tuple(logits.shape[:2]) == tuple(positions.shape):
             return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device),
-                                               batch, vocabulary), batch.example_index, logits.dtype)
+                                               batch, vocabulary), batch.example_index, logits.dtype,
+                                 batch.attention_mask)
         model._headscore_gather_head = False  # the head saw other inputs: use the span from now on
     logits = forward()
     if logits is None:
@@ -386,7 +402,7 @@ def _builtin_losses(model: torch.nn.Module, batch: Batch, metric: Metric,
     positions, labels, mask = target_positions(batch)
     logits = _at_positions(logits, positions - (start if kwargs else 0))
     return finite_losses(_builtin_loss(metric, logits, labels.to(logits.device), mask.to(logits.device), batch,
-                                       vocabulary), batch.example_index, logits.dtype)
+                                       vocabulary), batch.example_index, logits.dtype, batch.attention_mask)
 
 
 def run_forward(model: torch.nn.Module, batch: Batch) -> None:

@@ -1,6 +1,8 @@
 """Ablation: prefix reuse, batched and naive modes agree, and all equal an independent hook-based ablation."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,3 +383,63 @@ def test_head_set_ablation_and_amplification():
     assert all(abs(s.delta - effects[t].delta) > 1e-6 for t, s in scaled.items())
     with pytest.raises(headscore.HeadscoreError, match="outside"):
         headscore.ablate_heads(lm, examples, [(9, 0)], progress=False)
+
+
+@pytest.mark.parametrize("family", ["granite_swa"])
+def test_means_over_tokens_leave_out_padding_that_eager_sliding_windows_make_nan(family):
+    """Eager sliding-window attention gives NaN at a padded position whose window holds only padding; the mean
+    baseline (heads, and the edges' writers) and the probe's activations are taken over real tokens only, so a
+    batch of mixed lengths gives what one example at a time gives (it gave NaN, and ablate(baseline='mean') then
+    failed blaming the examples)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from model_matrix import build_model
+
+    from headscore.cogqa.probe import collect_activations
+    from headscore.data.examples import Example
+    from headscore.edges.attribution import mean_writer_outputs
+    from headscore.edges.residual import residual_model
+
+    lm = LoadedModel(build_model(family, seed=1), ByteTokenizer(), f"tiny-{family}")
+    assert lm.model.config._attn_implementation == "eager" and lm.model.dtype == torch.float64
+    examples = [Example("ab", "c", "alpha"), Example("abcdefghijklmn", "c", "alpha"), Example("abcdefgh", "cd", "b")]
+    prep = headscore.prepare(lm, examples)
+    batch = next(prep.batches(3, progress=False))
+    assert batch.attention_mask.min() == 0  # the batch has padding
+    means = [headscore.mean_baseline(lm, examples, batch_size=b, progress=False) for b in (3, 1)]
+    assert torch.isfinite(means[0]).all()
+    # float64 but for the eager attention's softmax, which runs in float32 (sums of other lengths: other rounding)
+    torch.testing.assert_close(means[0], means[1], rtol=1e-6, atol=1e-6 * float(means[1].abs().max()))
+    with patch(lm.model) as gates:
+        rm = residual_model(lm.model)
+        mixed = mean_writer_outputs(lm.model, gates, rm, [batch])
+        one = mean_writer_outputs(lm.model, gates, rm, list(prep.batches(1, progress=False)))
+    for a, b in zip([mixed.emb, *mixed.heads, *mixed.mlp], [one.emb, *one.heads, *one.mlp], strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    acts = [collect_activations(prep, batch_size=b, progress=False) for b in (3, 1)]
+    assert torch.isfinite(acts[0]).all()
+    torch.testing.assert_close(acts[0], acts[1], rtol=1e-6, atol=1e-6)  # kept in float32
+    ablated = [headscore.ablate(lm, examples, baseline="mean", batch_size=b, progress=False).values for b in (3, 1)]
+    torch.testing.assert_close(ablated[0], ablated[1], rtol=1e-5, atol=1e-5 * float(ablated[1].abs().max()))
+
+
+def test_nan_that_padding_brings_into_real_tokens_is_refused_with_the_remedy():
+    """Where a tiny sliding window makes the model itself NaN at real tokens of padded rows (Gemma 2 eager: NaN
+    values at padded keys times their zero weights), the mean baseline is refused, and a loss names the remedy
+    (sdpa or batch_size=1) instead of only the examples; one example at a time runs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from model_matrix import build_model
+
+    from headscore.data.examples import Example
+    from headscore.loss import NonFiniteLoss
+
+    lm = LoadedModel(build_model("gemma2", seed=1), ByteTokenizer(), "tiny-gemma2")
+    assert lm.model.config._attn_implementation == "eager" and lm.model.config.sliding_window < 14
+    examples = [Example("ab", "c", "alpha"), Example("abcdefghijklmn", "c", "alpha"), Example("abcdefgh", "cd", "b")]
+    with pytest.raises(headscore.HeadscoreError, match="mean head outputs are not finite.*attn_implementation='sdpa'"):
+        headscore.mean_baseline(lm, examples, batch_size=3, progress=False)
+    with pytest.raises(NonFiniteLoss, match="their batch had padding: if batch_size=1 gives finite losses, the "
+                                            "model's attention gives NaN on padded positions"):
+        headscore.ablate(lm, examples, batch_size=3, progress=False)
+    assert torch.isfinite(headscore.mean_baseline(lm, examples, batch_size=1, progress=False)).all()
+    assert torch.isfinite(headscore.ablate(lm, examples, batch_size=1, progress=False).values).all()

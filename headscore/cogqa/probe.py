@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..accumulate import TaskAccumulator
+from ..data.batching import weighted_tokens_only
 from ..data.cogqa import question_ids, split_indices_by_question
 from ..errors import HeadscoreError
 from ..loss import run_forward
@@ -60,7 +61,8 @@ def collect_activations(prep, batch_size: int = 8, *, positions: str = "target",
     def observe(layer: int, out: torch.Tensor) -> None:
         w = state["weights"].to(out.dtype)
         h, d = out.shape[-2:]  # a layer with fewer or narrower heads fills the first entries (per-layer configs)
-        acts[state["rows"], layer, :h, :d] = torch.einsum("bt,bthd->bhd", w, out).to("cpu", torch.float32)
+        acts[state["rows"], layer, :h, :d] = torch.einsum("bt,bthd->bhd", w, weighted_tokens_only(w, out)).to(
+            "cpu", torch.float32)
 
     with patch(model) as heads:
         layout = heads.layout

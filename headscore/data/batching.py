@@ -251,3 +251,11 @@ def batch_cells(items: Sequence[TokenizedExample], batch_size: int) -> int:
 def num_batches(num_items: int, batch_size: int) -> int:
     """How many batches :func:`make_batches` yields."""
     return -(-num_items // batch_size)
+
+
+def weighted_tokens_only(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, T, ...] with every token of weight 0 in ``weights`` [B, T] (padding; a probe's unread tokens) set
+    to 0, for a weighted sum over tokens: ``weights * x`` lets a NaN there through (0 * NaN is NaN), and eager
+    sliding-window attention gives NaN at a padded position whose window holds only padding."""
+    keep = (weights != 0).to(x.device).reshape(*weights.shape, *([1] * (x.dim() - weights.dim())))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.batching import Batch
-from ..errors import UnsupportedModelError
+from ..data.batching import Batch, weighted_tokens_only
+from ..errors import HeadscoreError, UnsupportedModelError
 from ..gate import gate_dtype
-from ..loss import NLL, Metric, example_losses, run_forward
+from ..loss import NLL, PADDING_NAN, Metric, example_losses, run_forward
 from ..patch import HeadGates
 from .residual import Projection, ResidualModel, layer_input, module_output, with_layer_input
 
@@ -384,7 +384,7 @@ def mean_writer_outputs(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         tokens += int(mask.sum())
 
         def total(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-            return torch.einsum("bt,bt...->...", mask, x.to(torch.float64))
+            return torch.einsum("bt,bt...->...", mask, weighted_tokens_only(mask, x.to(torch.float64)))
         part = WriterOutputs(total(out.emb), [total(z) for z in out.heads], [total(m) for m in out.mlp])
         sums = part if sums is None else WriterOutputs(sums.emb + part.emb,
                                                        [a + b for a, b in zip(sums.heads, part.heads, strict=True)],
@@ -393,6 +393,9 @@ def mean_writer_outputs(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         raise ValueError("no batches to take the mean over")
     n = max(tokens, 1)
     dtype = next(model.parameters()).dtype
+    if not all(bool(torch.isfinite(x).all()) for x in (sums.emb, *sums.heads, *sums.mlp)):
+        raise HeadscoreError(f"the mean node outputs are not finite (inf or NaN); if batch_size=1 gives finite ones, "
+                             f"{PADDING_NAN}")
     return WriterOutputs((sums.emb / n).to(dtype), [(z / n).to(dtype) for z in sums.heads],
                          [(m / n).to(dtype) for m in sums.mlp])
 

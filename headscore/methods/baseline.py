@@ -7,9 +7,10 @@ from collections.abc import Iterable
 
 import torch
 
-from ..data.batching import Batch
+from ..data.batching import Batch, weighted_tokens_only
+from ..errors import HeadscoreError
 from ..gate import gate_dtype
-from ..loss import run_forward
+from ..loss import PADDING_NAN, run_forward
 from ..patch import HeadGates, HeadLayout
 
 
@@ -41,7 +42,8 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
     mask: torch.Tensor | None = None
 
     def observe(layer: int, out: torch.Tensor) -> None:
-        total = torch.einsum("bt,bthd->hd", mask.to(out.device, torch.float64), out.to(torch.float64)).cpu()
+        total = torch.einsum("bt,bthd->hd", mask.to(out.device, torch.float64),
+                             weighted_tokens_only(mask, out.to(torch.float64))).cpu()
         sums[layer] = total if sums[layer] is None else sums[layer] + total
 
     with heads.observing(observe), heads.using(None, None):
@@ -50,7 +52,11 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
             tokens += int(mask.sum())
             run_forward(model, batch)
     dtype = gate_dtype(model)  # a float64 run stays float64
-    return (_stacked(sums, layout, "") / max(tokens, 1)).to(dtype)
+    mean = (_stacked(sums, layout, "") / max(tokens, 1)).to(dtype)
+    if not torch.isfinite(mean).all():  # padding is left out: NaN at a real token came through the attention
+        raise HeadscoreError(f"the mean head outputs are not finite (inf or NaN); if batch_size=1 gives finite ones, "
+                             f"{PADDING_NAN}")
+    return mean
 
 
 @torch.no_grad()

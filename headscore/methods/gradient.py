@@ -26,7 +26,7 @@ import torch
 from ..data.batching import Batch
 from ..errors import HeadscoreError
 from ..gate import gate_dtype
-from ..loss import NLL, Metric, example_losses
+from ..loss import NLL, PADDING_NAN, Metric, example_losses
 from ..patch import HeadGates
 
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -85,9 +85,8 @@ def refuse_non_finite(grad: torch.Tensor, batch: Batch, what: str = "gate gradie
     if bad.any():
         rows = batch.example_index[bad.cpu()].tolist()
         raise HeadscoreError(
-            f"non-finite {what} for example(s) {rows[:5]} although their loss is finite: the model's "
-            "attention gives NaN on padded positions, which its backward pass spreads (eager attention whose "
-            "sliding window holds only padding, as ModernBERT's); use attn_implementation='sdpa' or batch_size=1")
+            f"non-finite {what} for example(s) {rows[:5]} although their loss is finite, which its backward pass "
+            f"spreads from padded positions: {PADDING_NAN}")
 
 
 def score_values(method: str, grad: torch.Tensor) -> torch.Tensor:

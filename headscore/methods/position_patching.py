@@ -281,7 +281,7 @@ class PositionPatcher:
             losses = _builtin_loss(self.metric, logits, labels, keep, batch, self.vocabulary)
         else:
             losses = _custom_loss(self.metric, logits, batch)
-        losses = finite_losses(losses, batch.example_index, logits.dtype).cpu().double()
+        losses = finite_losses(losses, batch.example_index, logits.dtype, batch.attention_mask).cpu().double()
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != layout.num_layers:
             raise RuntimeError(f"the model's cache ({type(cache).__name__}) has no per-layer keys and values")
@@ -371,7 +371,7 @@ class PositionPatcher:
                                  self.vocabulary)
         else:
             loss = _custom_loss(self.metric, torch.cat([before[:, :position].repeat(n, 1, 1), logits], 1), tiled)
-        return finite_losses(loss, tiled.example_index, logits.dtype).view(n, r).cpu().double()
+        return finite_losses(loss, tiled.example_index, logits.dtype, tiled.attention_mask).view(n, r).cpu().double()
 
 
 def fast_position_deltas(patcher: PositionPatcher, *, max_rows: int = 64,
