@@ -12,6 +12,7 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -51,19 +52,27 @@ class LoadedModel:
 
     @property
     def max_length(self) -> int | None:
-        """Longest sequence the model allows (its position embeddings), if known."""
+        """Longest sequence the model allows (its position embeddings), if known: ``max_position_embeddings``, or
+        for a decoder that keeps its learned positions under another name (Whisper's), ``max_target_positions``."""
         text = self.model.config.get_text_config()
-        return getattr(text, "max_position_embeddings", None)
+        for name in ("max_position_embeddings", "max_target_positions"):
+            value = getattr(text, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     @property
     def pad_id(self) -> int:
         """Token id used for padding: the tokenizer's pad token, else its EOS, else 0, the first of them that
         the model's input embedding has (a pad token added to a tokenizer without resizing the model's
-        embedding has none; padding is masked, so any token the model takes serves)."""
+        embedding has none; padding is masked, so any token the model takes serves). A sequence classifier that
+        finds each row's last token by ``config.pad_token_id`` (:func:`pools_by_pad_id`) is padded with that id
+        (padded with another, a row's pooled token was padding)."""
         tok = self.tokenizer
         embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         size = getattr(embedding, "num_embeddings", None)
-        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        first = [self.model.config.pad_token_id] if pools_by_pad_id(self.model) else []  # what it looks for
+        for candidate in (*first, getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
             if candidate is not None and (size is None or 0 <= int(candidate) < size):
                 return int(candidate)
         return 0
@@ -502,6 +511,33 @@ _CLASSIFIER = "ForSequenceClassification"
 def is_sequence_classifier(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a sequence classifier (``...ForSequenceClassification``: scored on labels)."""
     return type(model).__name__.endswith(_CLASSIFIER)
+
+
+@functools.cache
+def _forward_reads_pad_id(cls: type) -> bool:
+    try:
+        return "pad_token_id" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def pools_by_pad_id(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a sequence classifier that pools each row's last token that is not
+    ``config.pad_token_id`` (a decoder's: Llama, GPT-2, ...; an encoder's, BERT's, reads the first token)."""
+    if not is_sequence_classifier(model):
+        return False
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    return isinstance(model, GenericForSequenceClassification) or _forward_reads_pad_id(type(model))
+
+
+def check_classifier_padding(lm: LoadedModel, batch_size: int, examples: int) -> None:
+    """HeadscoreError where a classifier that pools by ``config.pad_token_id`` has none and batches hold more than
+    one example (transformers refuses those batches with a traceback)."""
+    if batch_size > 1 and examples > 1 and pools_by_pad_id(lm.model) and lm.model.config.pad_token_id is None:
+        raise HeadscoreError(f"{type(lm.model).__name__} finds each example's last token by config.pad_token_id, "
+                             "which this model's config does not set: set model.config.pad_token_id (to the "
+                             f"tokenizer's pad id, {lm.pad_id}, say) or use batch size 1")
 
 
 def _saved_as_classifier(path: str) -> bool:

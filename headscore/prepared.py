@@ -17,7 +17,7 @@ from .data.examples import Example, limit_per_task, task_names, validate_example
 from .data.tables import as_examples
 from .errors import HeadscoreError, UnsupportedModelError
 from .loss import NonFiniteLoss
-from .models import DEFAULT_MODEL, LoadedModel, is_sequence_classifier, load_model
+from .models import DEFAULT_MODEL, LoadedModel, check_classifier_padding, is_sequence_classifier, load_model
 from .patch import gate_at_projections, head_layout, mark_absent_heads, mark_attention_layers
 from .results import HeadScores, data_hash
 from .separability import separability_report
@@ -46,6 +46,7 @@ class Prepared:
 
     def batches(self, batch_size: int, *, desc: str = "", progress: bool = True) -> Iterator[Batch]:
         """Tokenised batches on the model's device, with a progress bar."""
+        check_classifier_padding(self.lm, batch_size, len(self.tokenized))
         device = self.lm.device
         bar = tqdm(make_batches(self.tokenized, batch_size, self.lm.pad_id), total=num_batches(
             len(self.tokenized), batch_size), desc=desc, unit="batch", disable=not progress, leave=False)

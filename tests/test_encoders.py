@@ -120,3 +120,72 @@ def test_cli_scores_a_classifier(bert_dir, tmp_path, capsys):
     got = headscore.HeadScores.load(out)
     want = headscore.score(headscore.load_model(str(bert_dir), progress=False), _examples(), progress=False)
     torch.testing.assert_close(got.values, want.values)
+
+
+def _decoder_classifier(pad_token_id):
+    """A tiny float64 LlamaForSequenceClassification (it pools each row's last token that is not
+    config.pad_token_id) with the byte tokenizer, whose own pad id is 0."""
+    import transformers
+    from tiny import ByteTokenizer
+
+    from headscore.models import LoadedModel
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=256, pad_token_id=pad_token_id, bos_token_id=1,
+                                   eos_token_id=2, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification._from_config(cfg, attn_implementation="eager")
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return LoadedModel(model, ByteTokenizer(), "clf")
+
+
+def test_a_decoder_classifier_is_padded_with_its_own_pad_id():
+    """A classifier that pools by config.pad_token_id is padded with that id: a batch of three gives what one
+    example at a time gives (padded with the tokenizer's 0 while the config said 2, a row pooled a padding token:
+    losses 3.11 vs 2.77); without a pad id in its config, batches of more than one are one line (transformers'
+    ValueError was a traceback)."""
+    from headscore.data.examples import Example
+
+    examples = [Example.labelled("ab", 1, "t"), Example.labelled("abcdefghij", 2, "t"),
+                Example.labelled("abcd", 0, "t")]
+    lm = _decoder_classifier(2)
+    assert lm.pad_id == 2 and lm.tokenizer.pad_token_id == 0
+    one, three = (headscore.ablate_heads(lm, examples, [(0, 0)], batch_size=b, progress=False)["t"] for b in (1, 3))
+    # float64 but for eager attention's softmax, in float32 (rows of other lengths round otherwise): 1e-6
+    assert one.clean_loss == pytest.approx(three.clean_loss, rel=1e-6) and one.delta == pytest.approx(three.delta,
+                                                                                                       rel=1e-6)
+    scored = [headscore.score(lm, examples, batch_size=b, progress=False).values for b in (1, 3)]
+    torch.testing.assert_close(scored[0], scored[1], rtol=1e-6, atol=1e-6 * float(scored[0].abs().max()))
+    lm = _decoder_classifier(None)
+    assert headscore.ablate_heads(lm, examples, [(0, 0)], batch_size=1, progress=False)["t"].clean_loss == \
+        pytest.approx(one.clean_loss, abs=1e-12)
+    with pytest.raises(HeadscoreError, match="LlamaForSequenceClassification finds each example's last token by "
+                                             "config.pad_token_id, which this model's config does not set"):
+        headscore.score(lm, examples, batch_size=3, progress=False)
+
+
+def test_whisper_decoder_positions_bound_the_length():
+    """WhisperForCausalLM keeps its learned positions under max_target_positions: an example longer than that is
+    the one-line 'the model allows' error (an IndexError inside the model before)."""
+    import sys
+    from pathlib import Path
+
+    from tiny import ByteTokenizer
+
+    from headscore.data.examples import Example
+    from headscore.models import LoadedModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from model_matrix import build_model
+
+    model = build_model("whisper", seed=1)
+    lm = LoadedModel(model, ByteTokenizer(), "tiny-whisper")
+    assert getattr(model.config, "max_position_embeddings", None) is None
+    assert lm.max_length == model.config.max_target_positions
+    with pytest.raises(HeadscoreError, match=f"has {lm.max_length + 15} tokens; the model allows {lm.max_length}"):
+        headscore.score(lm, [Example("a" * (lm.max_length + 12), " b", "t")], progress=False)

@@ -56,6 +56,19 @@ def write_csv(path: Path, records=RECORDS) -> Path:
     return path
 
 
+def write_tsv(path: Path, records=RECORDS) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, delimiter="\t")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows(records))
+    return path
+
+
+def write_json_array(path: Path, records=RECORDS) -> Path:
+    path.write_text(json.dumps(records, indent=2), encoding="utf-8")  # pretty-printed: one object spans lines
+    return path
+
+
 def write_parquet(path: Path, records=RECORDS) -> Path:
     pq.write_table(pa.Table.from_pylist(rows(records)), path)
     return path
@@ -66,7 +79,8 @@ def write_dataset(path: Path, records=RECORDS) -> Path:
     return path
 
 
-WRITERS = {"jsonl": write_jsonl, "csv": write_csv, "parquet": write_parquet, "dataset": write_dataset}
+WRITERS = {"jsonl": write_jsonl, "csv": write_csv, "tsv": write_tsv, "json": write_json_array,
+           "parquet": write_parquet, "dataset": write_dataset}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +100,8 @@ def test_every_source_gives_the_examples_of_jsonl(sources):
     lines = [ex.where for ex in load_tasks(str(sources["csv"]))]
     assert lines == [f"{sources['csv']}:{n}" for n in (2, 3, 4, 5, 7, 8)]  # row 4's prompt spans lines 5 and 6
     assert load_tasks(str(sources["parquet"]))[3].where == f"{sources['parquet']}: row 3"
+    assert load_tasks(str(sources["json"]))[3].where == f"{sources['json']}[3]"
+    assert [ex.where for ex in load_tasks(str(sources["tsv"]))] == [f"{sources['tsv']}:{n}" for n in (2, 3, 4, 5, 7, 8)]
     in_memory = {"DataFrame": pd.DataFrame(rows()), "Dataset": datasets.Dataset.from_list(rows()),
                  "Table": pa.Table.from_pylist(rows())}
     for name, table in in_memory.items():
@@ -292,3 +308,29 @@ def test_columns_on_the_command_line_and_in_ablate(tmp_path, sources, model_dir,
     assert sets == headscore.ablate_heads(lm, load_tasks(str(sources["jsonl"])), [(0, 0)], progress=False)
     with pytest.raises(HeadscoreError, match="no column 'prompt'"):
         headscore.ablate(lm, frame, progress=False)
+
+
+def test_a_json_array_and_jsonl_named_json_and_their_errors(tmp_path):
+    """A .json file is one JSON array of example objects (was 'malformed JSON' at line 1), or JSON Lines under
+    that name; errors name the element."""
+    lines = write_jsonl(tmp_path / "lines.json")
+    assert load_tasks(str(lines)) == load_tasks(str(write_jsonl(tmp_path / "t.jsonl")))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([RECORDS[0], {"prompt": "x", "task": "t"}]), encoding="utf-8")
+    with pytest.raises(HeadscoreError, match=r"bad\.json\[1\]: missing field\(s\) target"):
+        load_tasks(str(bad))
+    bad.write_text('[{"prompt": "x",\n "target": }]', encoding="utf-8")
+    with pytest.raises(HeadscoreError, match=r"bad\.json:2: malformed JSON"):
+        load_tasks(str(bad))
+
+
+def test_a_csv_cell_as_long_as_a_jsonl_line_may_be(tmp_path):
+    """A cell of 200,000 characters (a long-context prompt) loads (csv's default limit is 128 KiB: 'malformed
+    CSV'); one over 1 MiB, the JSONL line limit, is one line saying so; the csv module's limit is left as it was."""
+    before = csv.field_size_limit()
+    path = write_csv(tmp_path / "long.csv", [{**RECORDS[0], "prompt": "word " * 40_000}])
+    assert len(load_tasks(str(path))[0].prompt) == 200_000
+    path = write_csv(tmp_path / "huge.csv", [{**RECORDS[0], "prompt": "w" * ((1 << 20) + 1)}])
+    with pytest.raises(HeadscoreError, match=r"huge\.csv:2: a cell longer than 1 MiB"):
+        load_tasks(str(path))
+    assert csv.field_size_limit() == before

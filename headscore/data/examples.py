@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import HeadscoreError
 from ..text import lone_surrogate
-from .text_files import parse_json, read_lines
+from .text_files import parse_json, read_lines, read_utf8
 
 REQUIRED_FIELDS = ("prompt", "target", "task")
 OPTIONAL_FIELDS = ("corrupt", "foil")
@@ -256,6 +256,10 @@ def load_jsonl(path: str | Path) -> list[Example]:
                              ".parquet file, or a directory written by datasets' save_to_disk")
     if not path.exists():
         raise HeadscoreError(f"{path}: no such file")
+    if path.suffix.lower() == ".json" and path.is_file():
+        array = _json_array(path)
+        if array is not None:
+            return validate_examples(array, source=str(path))
     examples = []
     for lineno, line in read_lines(path):
         if not line.strip():
@@ -263,6 +267,17 @@ def load_jsonl(path: str | Path) -> list[Example]:
         record = parse_json(line, path, line=lineno)
         examples.append(_example_from_record(record, f"{path}:{lineno}"))
     return validate_examples(examples, source=str(path))
+
+
+def _json_array(path: Path) -> list[Example] | None:
+    """The examples of a ``.json`` file holding one JSON array of example objects (``path[3]`` names the fourth in
+    errors), or None for a file that does not start with ``[`` (JSON Lines under a ``.json`` name)."""
+    text = read_utf8(path)
+    if not text.lstrip().startswith("["):
+        return None
+    records = parse_json(text, path)
+    assert isinstance(records, list)  # the text starts with [
+    return [_example_from_record(record, f"{path}[{i}]") for i, record in enumerate(records)]
 
 
 def save_jsonl(examples: Iterable[Example], path: str | Path) -> None:

@@ -36,12 +36,12 @@ from .examples import (
     misspelled_field,
     validate_examples,
 )
-from .text_files import read_utf8
+from .text_files import MAX_LINE_BYTES, read_utf8
 
 FIELDS = KNOWN_FIELDS
 """The fields a table's columns can fill: prompt, target, task, corrupt, foil, and text, label (classifiers). Other
 columns are ignored, but one named close to a field the table lacks is refused (:func:`check_column_names`)."""
-TABLE_SUFFIXES = (".csv", ".parquet")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 """Task files read as tables (by suffix, any case); every other file is read as JSON Lines."""
 INSTALL_HINT = "pip install 'headscore[notebook]'"
 
@@ -272,19 +272,23 @@ def _csv_label(text: str, where: str) -> int | float:
                              f"regression), got {text!r:.40}") from None
 
 
-def load_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Example]:
+def load_csv(path: str | Path, columns: Mapping[str, str] | None = None, *, delimiter: str = ",") -> list[Example]:
     """Examples from a CSV file (UTF-8, comma-separated, a header row naming the columns; quoted cells may
-    span lines). An empty cell is an empty (null) cell; cells of a ``label`` column are numbers. Errors name
-    the line a row starts on: ``data.csv:4, column 'target': empty cell; every example needs a target``.
-    ``columns`` maps fields to columns of other names, as in :func:`examples_from_table`."""
+    span lines), or with ``delimiter="\\t"`` a TSV file. An empty cell is an empty (null) cell; cells of a ``label``
+    column are numbers. Errors name the line a row starts on: ``data.csv:4, column 'target': empty cell; every
+    example needs a target``. ``columns`` maps fields to columns of other names, as in
+    :func:`examples_from_table`."""
     path = Path(path)
     text = read_utf8(path)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows: list[list[str]] = []
     starts: list[int] = []
     header: list[str] | None = None
     header_line = line = 0
+    limit = csv.field_size_limit()
     try:
+        csv.field_size_limit(max(limit, MAX_LINE_BYTES))  # a cell as long as a JSONL line may be (the default: 128 KiB)
         for row in reader:
             start, line = line + 1, reader.line_num
             if not row:  # a blank line
@@ -298,7 +302,12 @@ def load_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> list
             rows.append(row)
             starts.append(start)
     except csv.Error as exc:
-        raise HeadscoreError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+        if "field larger than field limit" in str(exc):
+            raise HeadscoreError(f"{path}:{reader.line_num}: a cell longer than {MAX_LINE_BYTES >> 20} MiB (or a quote "
+                                 "that is never closed)") from None
+        raise HeadscoreError(f"{path}:{reader.line_num}: malformed {kind} ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
     if header is None:
         raise HeadscoreError(f"{path}: no examples")
     dupes = sorted({n for n in header if header.count(n) > 1})

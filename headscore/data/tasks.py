@@ -26,8 +26,9 @@ def task_source(spec: str) -> Path | None:
 def load_tasks(spec: str, columns: Mapping[str, str] | None = None) -> list[Example]:
     """Examples from ``builtin`` (the built-in suite), ``ioi`` (the built-in indirect-object-identification
     suite with corrupted prompts and foils, :func:`~headscore.data.ioi.ioi_suite`), ``cogqa:PATH`` (a CogQA
-    JSON file), a ``.csv`` or ``.parquet`` file or a ``datasets`` directory (``Dataset.save_to_disk``; see
-    :mod:`~headscore.data.tables`), or else a JSON Lines file.
+    JSON file), a ``.csv``, ``.tsv`` or ``.parquet`` file or a ``datasets`` directory (``Dataset.save_to_disk``;
+    see :mod:`~headscore.data.tables`), or else a JSON Lines file (a ``.json`` file may also hold one JSON array of
+    the same objects).
 
     ``columns`` maps fields to a table's columns of other names (``{"prompt": "question"}``); only for a
     CSV, Parquet or ``datasets`` source (HeadscoreError for the others)."""
@@ -47,5 +48,7 @@ def load_tasks(spec: str, columns: Mapping[str, str] | None = None) -> list[Exam
         return load_dataset_dir(path, columns)
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES and not path.is_dir():
-        return load_csv(path, columns) if suffix == ".csv" else load_parquet(path, columns)
+        if suffix == ".parquet":
+            return load_parquet(path, columns)
+        return load_csv(path, columns, delimiter="\t" if suffix == ".tsv" else ",")
     return load_jsonl(spec)
