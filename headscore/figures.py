@@ -15,10 +15,16 @@ from .output_files import atomic_write
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["DPI", "save_figure"]
+__all__ = ["DPI", "literal", "save_figure"]
 
 DPI = 150
 _IMAGE_SUFFIXES = (".png", ".pdf")
+
+
+def literal(text: object) -> str:
+    """``text`` as matplotlib draws it as written: each ``$`` escaped (two of them open mathtext, so a task named
+    ``cost in $$`` or ``$5 to $10`` stopped the whole report with a parse error, or was typeset)."""
+    return str(text).replace("$", r"\$")
 
 
 def _stem(path: str | os.PathLike) -> Path:
@@ -54,17 +60,27 @@ def _overflow(fig: Figure) -> tuple[float, float]:
     return dx, dy
 
 
-def fit_to_contents(fig: Figure, rounds: int = 4) -> None:
+def fit_to_contents(fig: Figure, rounds: int = 6) -> None:
     """Grow ``fig`` until its layout engine fits every label inside it without a panel title touching the
-    figure's title. A constrained layout of fixed-aspect panels can overrun a figure sized by rule (the x labels
-    of a one-row grid of 30 x 9 heads were cut by 0.04 in); the figure only grows, by what overran plus
-    :data:`FIT_PAD_IN`, and a figure that fits is left as it is."""
-    for _ in range(rounds):
-        dx, dy = _overflow(fig)
-        if dx <= 0 and dy <= 0:
-            return
-        width, height = fig.get_size_inches()
-        fig.set_size_inches(width + (dx + FIT_PAD_IN if dx > 0 else 0.0), height + (dy + FIT_PAD_IN if dy > 0 else 0.0))
+    figure's title, measured at :data:`DPI` (the PNG's) and at twice that (as the PDF's text). A constrained layout of
+    fixed-aspect panels can overrun a figure sized by rule (the x labels of a one-row grid of 30 x 9 heads were cut
+    by 0.04 in); the figure only grows, by what overran plus :data:`FIT_PAD_IN` (in width times its columns of
+    panels, which share what it grows by), and a figure that fits is left as it is."""
+    dpi = fig.dpi
+    try:
+        for _ in range(rounds):
+            dx, dy = 0.0, 0.0
+            for at in (2 * DPI, DPI):  # fine, as the PDF's unhinted text; then the PNG's, laid out last
+                fig.set_dpi(at)
+                dx, dy = (max(a, b) for a, b in zip((dx, dy), _overflow(fig), strict=True))
+            if dx <= 0 and dy <= 0:
+                return
+            columns = min(len({round(float(ax.get_position().x0), 3) for ax in fig.axes}) or 1, 8)
+            width, height = fig.get_size_inches()
+            fig.set_size_inches(width + ((dx + FIT_PAD_IN) * columns if dx > 0 else 0.0),
+                                height + (dy + FIT_PAD_IN if dy > 0 else 0.0))
+    finally:
+        fig.set_dpi(dpi)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> list[Path]:

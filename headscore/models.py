@@ -276,8 +276,12 @@ def _digests(directory: Path, names, known: dict | None = None) -> dict:
         if name in sums and times.get(name) == mtime:
             digest = sums[name]
         else:
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            try:
+                with open(path, "rb") as fh:
+                    digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            except OSError as exc:  # one from read() names no file
+                exc.filename = exc.filename or str(path)
+                raise
         out["sha256"][name], out["mtime_ns"][name] = digest, mtime
     return out
 

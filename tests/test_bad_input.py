@@ -8,6 +8,7 @@ and must end with exit code 2, one line on stderr, and every file as it was (has
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
@@ -982,6 +983,21 @@ def test_a_changed_byte_in_the_cache_is_found_and_a_copied_cache_is_kept(tmp_pat
     assert models.embedded_model_dir("smollm2-135m") == target and not converted
     assert json.loads(stamp_path.read_text())["sha256"] == stamp["sha256"]
     read.clear()
+
+    failed = []
+
+    def failing_read(fh, alg):  # a bad sector, once: read() fails, and its OSError names no file
+        if not failed:
+            failed.append(Path(fh.name).name)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_digest(fh, alg)
+
+    monkeypatch.setattr(hashlib, "file_digest", failing_read)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.warns(models.CacheRebuilt, match=r"model\.safetensors cannot be read \(Input/output error\)"):
+        assert models.embedded_model_dir("smollm2-135m") == target
+    monkeypatch.setattr(hashlib, "file_digest", real_digest)
+    converted.clear()
 
     blob = bytearray(weights.read_bytes())
     blob[len(blob) // 2] ^= 0x10  # a byte in the middle of the tensor data: the headers stay sound

@@ -242,12 +242,22 @@ def test_backend_untouched():
     assert matplotlib.get_backend() == before
 
 
-LONG_NAMES = ["alpha", "high_school_macroeconomics", "high_school_government_and_politics", "gamma", "b", "c"]
+LONG_NAMES = ["alpha", "high_school_macroeconomics", "high_school_government_and_politics",
+              "PROFESSIONAL_PSYCHOLOGY_AND_MEDICINE", "b", "c"]
 
 
 def _texts_outside_or_touching(fig) -> list[str]:
     """The figure's texts (titles, axis and tick labels) that reach beyond its edges, and panel titles that run
-    into the figure's title, as drawn (measured text by text, not by the layout's own bounding box)."""
+    into the figure's title, as drawn (measured text by text, not by the layout's own bounding box) at the PNG's
+    resolution and at twice that (as the PDF's text, which is not hinted)."""
+    bad = []
+    for dpi in (figures.DPI, 2 * figures.DPI):
+        fig.set_dpi(dpi)
+        bad += [f"{dpi} dpi: {b}" for b in _texts_outside_at_this_dpi(fig)]
+    return bad
+
+
+def _texts_outside_at_this_dpi(fig) -> list[str]:
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     edge = fig.bbox
@@ -283,3 +293,22 @@ def test_figures_hold_their_labels_and_long_task_names(tmp_path, t, layers, head
         for name, title in zip(s.tasks, titles, strict=False):
             assert title.replace("\n", "") == name or title.endswith("..."), (name, title)
             assert all(not line[-1].isalpha() or line == title.split("\n")[-1] for line in title.split("\n")), title
+
+
+def test_task_and_model_names_with_dollars_are_drawn_as_written(tmp_path):
+    """Two $ open matplotlib's mathtext: a task named 'cost in $$' stopped the whole report with a parse error,
+    'x_$\\alpha$' was typeset. Titles, tick labels and the figure's title are drawn as written."""
+    names = ["cost in $$", "price_$5_to_$10", "x_$\\alpha$"]
+    s = make_scores(3, 4, 4, tasks=names)
+    s.model = "my$model$"
+    paths = report.write_report(s, tmp_path / "rep", ablation=make_scores(3, 4, 4, seed=1, tasks=names))
+    assert paths["heatmaps_png"].is_file() and paths["scatter_png"].is_file()
+    for fig in (heatmaps.build_heatmap_figure(s), scatter.build_scatter_figure(s, make_scores(3, 4, 4, seed=1,
+                                                                                             tasks=names))):
+        figures.save_figure(fig, tmp_path / "f")
+        texts = [ax.title for ax in fig.axes if ax.get_title()] + [fig._suptitle]
+        for text in texts:
+            shown, math = text._preprocess_math(text.get_text())
+            assert math is False, shown
+        drawn = [t._preprocess_math(t.get_text())[0].replace("\\$", "$") for t in texts]
+        assert [d.split("\nSpearman")[0] for d in drawn[:3]] == names and drawn[-1].endswith("my$model$")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..compare import agreement
-from ..figures import save_figure
+from ..figures import literal, save_figure
 from ..results import HeadScores
 
 
@@ -111,14 +111,15 @@ def plot_jaccard(matrix: torch.Tensor, tasks: list[str], path: str | os.PathLike
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(n), tasks, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), tasks, fontsize=8)
+    names = [literal(task) for task in tasks]
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
     for i in range(n):
         for j in range(n):
             v = float(matrix[i, j])
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=ax, label="Jaccard of top-k heads")
-    fig.suptitle(title, fontsize=10)  # over image and colour bar: on the image axes it ran under the colour bar
+    fig.suptitle(literal(title), fontsize=10)  # over image and colour bar (on the image axes: under the bar)
     return save_figure(fig, path)
 
 
@@ -140,11 +141,11 @@ def plot_layer_profiles(profiles: dict[str, HeadScores], path: str | os.PathLike
         prof = layer_profile(scores, absolute=absolute)
         prof = prof / prof.abs().sum(1, keepdim=True).clamp_min(1e-30)
         for t, task in enumerate(scores.tasks):
-            ax.plot(range(scores.num_layers), prof[t].numpy(), label=task, lw=1.2)
+            ax.plot(range(scores.num_layers), prof[t].numpy(), label=literal(task), lw=1.2)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         if i == 0:
             ax.set_ylabel("share of |importance|" if absolute else "share of importance")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(literal(name), fontsize=10)
     fig.axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path)

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..figures import save_figure
+from ..figures import literal, save_figure
 from .layout import grid_shape
 
 _HEAD = re.compile(r"L(\d+)\.H(\d+)$")
@@ -127,7 +127,7 @@ def draw_circuit(ax: Any, circuit: Any, *, max_width: float = 4.0, limit: int = 
     extra = f", faithfulness {faith:.2f}" if isinstance(faith, float) and faith == faith else ""
     shown = f"\nlargest {len(pairs)} by |score| drawn" if len(pairs) < total else \
         ("\nnone of the top edges lies on an input -> logits path" if total == 0 else "")
-    ax.set_title(_wrapped(f"{circuit.task}: {total} edges{extra}{shown}", title_inches, 8), fontsize=8)
+    ax.set_title(literal(_wrapped(f"{circuit.task}: {total} edges{extra}{shown}", title_inches, 8)), fontsize=8)
 
 
 def _wrapped(title: str, inches: float | None, fontsize: float) -> str:

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from ..figures import save_figure
+from ..figures import literal, save_figure
 from .inputs import exact_mask, task_values
 from .layout import axes_grid, extra_title_height, grid_shape, is_bottom_row, panel_size, tick_positions, wrap_title
 
@@ -26,7 +26,7 @@ NO_VALUES = "no head values"
 
 def _default_title(scores: Any, absolute: bool) -> str:
     method = f"|{scores.method}|" if absolute else str(scores.method)
-    return f"Head importance ({method}) - {scores.model}"
+    return f"Head importance ({method}) - {literal(scores.model)}"
 
 
 def draw_heatmap(ax: Any, values: np.ndarray, exact: np.ndarray | None, *, vmin: float, vmax: float,

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..figures import literal
+
 
 def grid_shape(n: int, ncols: int | None = None) -> tuple[int, int]:
     """(rows, columns) for ``n`` panels: 1 -> 1x1, 2..4 -> one row, 5..8 -> 2x4, more -> 4 columns."""
@@ -45,26 +47,42 @@ def panel_size(num_layers: int, num_heads: int) -> tuple[float, float]:
     return (longest / ratio, longest) if ratio >= 1 else (longest, longest * ratio)
 
 
+def text_points(text: str, fontsize: float) -> float:
+    """The width in points of ``text`` drawn in matplotlib's default font at ``fontsize`` points."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    return float(TextToPath().get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0])
+
+
 def wrap_title(title: str, width_in: float, fontsize: float) -> str:
-    """``title`` in at most two lines of ``width_in`` inches at ``fontsize`` points: broken after a space, ``_``,
-    ``-`` or ``/`` where one is near (``high_school_ / macroeconomics``, not ``macroeconomi / cs``), inside a
-    word only where it alone is longer than a line; what does not fit ends in ``...``."""
-    chars = max(8, int(width_in * 72 / (0.55 * fontsize)))
+    """``title`` in at most two lines of ``width_in`` inches at ``fontsize`` points, measured in the font it is
+    drawn in: broken after a space, ``_``, ``-`` or ``/`` (``high_school_ / macroeconomics``, not
+    ``macroeconomi / cs``), inside a word only where it alone is wider than a line; what does not fit ends in
+    ``...``. Drawn as written (:func:`~headscore.figures.literal`)."""
+    room = width_in * 72
+
+    def fits(line: str) -> bool:
+        return text_points(line.rstrip(), fontsize) <= room
+
     text = " ".join(str(title).split())
     pieces = [piece for piece in re.findall(r"[^ _/-]*(?:[_/-]+ ?| |$)", text) if piece]
     lines = [""]
     for piece in pieces:
-        if lines[-1] and len((lines[-1] + piece).rstrip()) > chars:
+        if lines[-1] and not fits(lines[-1] + piece):
             lines.append("")
         lines[-1] += piece
-        while len(lines[-1].rstrip()) > chars:  # a word longer than a line
-            lines[-1], rest = lines[-1][:chars], lines[-1][chars:]
+        while not fits(lines[-1]) and len(lines[-1].rstrip()) > 1:  # a word wider than a line: cut it
+            cut = max(k for k in range(1, len(lines[-1])) if k == 1 or fits(lines[-1][:k]))
+            lines[-1], rest = lines[-1][:cut], lines[-1][cut:]
             lines.append(rest)
     lines = [line.rstrip() for line in lines if line.strip()]
     if len(lines) > 2:
         second = text[len(lines[0]):].strip()
-        lines = [lines[0], second[:chars - 3].rstrip() + "..."]
-    return "\n".join(lines)
+        while len(second) > 1 and not fits(second + "..."):
+            second = second[:-1]
+        lines = [lines[0], second.rstrip() + "..."]
+    return literal("\n".join(lines))
 
 
 TITLE_LINE_IN = 10 * 1.2 / 72

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..figures import save_figure
+from ..figures import literal, save_figure
 from .inputs import head_order
 from .layout import axes_grid, extra_title_height, grid_shape, wrap_title
 
@@ -59,14 +59,14 @@ def build_position_figure(scores: Any, *, k: int = 10, tasks: Sequence[str] | No
         if tokens is not None and task in tokens:
             words = list(tokens[task])
             names = [f"{words[i]!r}"[1:-1] + f"  {p}" if i < len(words) else p for i, p in enumerate(names)]
-        ax.set_xticks(range(len(cols)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(cols)), [literal(name) for name in names], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(heads)), [f"L{layer}.H{head}" for layer, head in heads], fontsize=7)
         ax.set_title(task_title, fontsize=10)
         ax.set_xlabel("position (from the end of the prompt)", fontsize=8)
     cbar = fig.colorbar(image, ax=axes, shrink=0.9, pad=0.02)
     cbar.set_label(POSITION_LABEL, fontsize=9)
     metric = getattr(scores, "extra", {}).get("metric", "nll")
-    fig.suptitle(title or f"Top {k} heads by position ({scores.method}, metric {metric}) - {scores.model}",
+    fig.suptitle(title or f"Top {k} heads by position ({scores.method}, metric {metric}) - {literal(scores.model)}",
                  fontsize=11)
     return fig
 

@@ -10,7 +10,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..figures import save_figure
+from ..figures import literal, save_figure
 from ..stats import spearman
 from .inputs import ablation_values, task_values
 from .layout import axes_grid, extra_title_height, grid_shape, is_bottom_row, wrap_title
@@ -56,7 +56,7 @@ def build_scatter_figure(scores: Any, ablation: Any, *, title: str | None = None
             ax.set_xlabel(f"Score ({scores.method})", fontsize=9)
         if i % ncols == 0:
             ax.set_ylabel(_truth_label(ablation), fontsize=9)
-    default = f"Score ({scores.method}) vs ablation, one point per head - {scores.model}"
+    default = f"Score ({scores.method}) vs ablation, one point per head - {literal(scores.model)}"
     fig.suptitle(default if title is None else title, fontsize=12)
     return fig
 
