@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,8 @@ class TaskAccumulator:
     With ``keep_examples`` it also keeps every example's values (float32; :attr:`examples`, in the
     order of the ``example_index`` given to :meth:`add`, else in the order added), for bootstrap
     intervals over examples, until they would exceed
-    :data:`MAX_KEPT_VALUES` numbers; then it drops them and keeps only the sums.
+    :data:`MAX_KEPT_VALUES` numbers; then it drops them, with a warning, keeps only the sums, and sets
+    :attr:`dropped`.
     """
 
     def __init__(self, tasks: Sequence[str], num_layers: int, num_heads: int, *, positions: int | None = None,
@@ -30,6 +32,8 @@ class TaskAccumulator:
         self.sum = torch.zeros(shape, dtype=torch.float64)
         self.sumsq = torch.zeros(shape, dtype=torch.float64)
         self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = [] if keep_examples else None
+        self.dropped = False
+        """Whether the per-example values were dropped for their number (:data:`MAX_KEPT_VALUES`)."""
 
     @property
     def examples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -68,7 +72,10 @@ class TaskAccumulator:
         self.sumsq.index_add_(0, idx, v * v)
         if self._kept is not None:
             if int(self.count.sum()) * v.shape[1:].numel() > MAX_KEPT_VALUES:  # v[0] fails on an empty batch
-                self._kept = None
+                self._kept, self.dropped = None, True
+                warnings.warn(f"per-example values are no longer kept: {int(self.count.sum())} examples of "
+                              f"{v.shape[1:].numel()} values each pass {MAX_KEPT_VALUES:,} numbers; the scores are "
+                              "whole, but a comparison of this file gets no intervals", stacklevel=2)
             else:
                 order = None if example_index is None else example_index.detach().cpu().long().clone()
                 self._kept.append((v.float(), idx.clone(), order))

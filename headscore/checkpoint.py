@@ -333,8 +333,10 @@ class ScoringRun:
             # what a stop rewinds to (save_interrupted); without a checkpoint nothing is saved, so nothing is kept
             self._current = (i, self.acc.mark()) if self.path is not None else None
             yield item
-            self._current = None
+            # done first: a stop between the two lines rewinds to the mark (done = i again); the other way round,
+            # a stop there kept the batch's sums with done = i, and a resume counted the batch twice
             self.done = i + 1
+            self._current = None
             self._since += 1
             if self.every and self._since >= self.every:
                 self.save()

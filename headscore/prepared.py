@@ -57,6 +57,8 @@ class Prepared:
         """Wrap accumulated values as HeadScores with this run's provenance (and the per-example values
         when the accumulator kept them); heads a layer does not have (per-layer head counts) are NaN."""
         kept = acc.examples
+        if getattr(acc, "dropped", False):
+            extra = {**extra, "example_values_dropped": True}
         layout = head_layout(self.lm.model)
         return HeadScores(mark_absent_heads(acc.mean, layout), mark_absent_heads(acc.stderr, layout),
                           acc.count.clone(), list(self.tasks), method, self.lm.name, self.data_hash, extra=extra,

@@ -81,8 +81,32 @@ def test_accumulator_stops_keeping_examples_beyond_the_cap(monkeypatch):
     acc = TaskAccumulator(["a"], 2, 3, keep_examples=True)
     acc.add(torch.zeros(8, dtype=torch.long), torch.randn(8, 2, 3))
     assert acc.examples[0].shape == (8, 2, 3)
-    acc.add(torch.zeros(1, dtype=torch.long), torch.randn(1, 2, 3))  # 9 * 6 = 54 values > 50
-    assert acc.examples is None and int(acc.count[0]) == 9
+    assert not acc.dropped
+    with pytest.warns(UserWarning, match="per-example values are no longer kept: 9 examples of 6 values each pass 50"):
+        acc.add(torch.zeros(1, dtype=torch.long), torch.randn(1, 2, 3))  # 9 * 6 = 54 values > 50
+    assert acc.examples is None and int(acc.count[0]) == 9 and acc.dropped
+
+
+def test_a_run_past_the_cap_says_so_and_compare_names_why(monkeypatch, tmp_path, capsys):
+    """Per-example values dropped for their number: a warning during the run, the file's extra records it, and
+    compare's note names it (it blamed the file's age or a multi-process run)."""
+    from tiny import random_examples, tiny_model
+
+    import headscore.accumulate as accumulate
+    from headscore.cli import main
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = random_examples(9)
+    monkeypatch.setattr(accumulate, "MAX_KEPT_VALUES", 5 * 3 * 4)  # five examples' worth of a 3 x 4 grid
+    with pytest.warns(UserWarning, match="per-example values are no longer kept"):
+        s = headscore.score(lm, examples, batch_size=3, progress=False)
+    assert not s.has_examples and s.extra["example_values_dropped"] is True
+    monkeypatch.setattr(accumulate, "MAX_KEPT_VALUES", 2**25)
+    b = headscore.score(lm, examples, batch_size=3, progress=False, method="abs")
+    assert b.has_examples
+    assert main(["compare", str(s.save(tmp_path / "a.hs")), str(b.save(tmp_path / "b.hs"))]) == 0
+    assert "no intervals: A kept no per-example values (A had more examples than per-example values are kept " \
+           "for)" in capsys.readouterr().out
 
 
 def test_load_rejects_other_files(tmp_path):

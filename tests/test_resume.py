@@ -509,3 +509,44 @@ def test_ablate_command_resumes_and_refuses_checkpoints_where_none_is_kept(tmp_p
         capsys.readouterr()
         assert main([*base, "--out", str(tmp_path / "x.hs"), "--resume", *extra]) == 2
         assert f"checkpoints keep ablate's per-head map: they do not go with {extra[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", ["self.done = i + 1", "self._current = None"])
+def test_a_stop_on_either_line_after_a_batch_resumes_to_the_same_result(tmp_path, line):
+    """A KeyboardInterrupt raised as ScoringRun.batches reaches each of the two lines after a batch (a signal lands
+    anywhere): the checkpoint's sums and its batch count agree, and a resume equals the uninterrupted run (with
+    the batch marked done after the mark was cleared, one window counted the batch twice: counts [6, 5, 1] for
+    [4, 4, 1])."""
+    from tiny import random_examples, tiny_model
+
+    import headscore.checkpoint as checkpoint_module
+
+    lm = tiny_model("llama", dtype=torch.float64)
+    examples = random_examples(9)
+    full = headscore.score(lm, examples, batch_size=3, progress=False)
+    ckpt = tmp_path / "run.ckpt"
+    source = open(checkpoint_module.__file__, encoding="utf-8").read().splitlines()
+    target = next(n for n, text in enumerate(source, 1) if text.strip() == line)
+    hits = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != checkpoint_module.__file__ or frame.f_code.co_name != "batches":
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == target:
+                hits.append(1)
+                if len(hits) == 2:  # as the second batch ends
+                    raise KeyboardInterrupt
+            return local
+        return local
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="stopped after 1 of 3 batches"):
+            headscore.score(lm, examples, batch_size=3, progress=False, checkpoint=ckpt)
+    finally:
+        sys.settrace(None)
+    resumed = headscore.score(lm, examples, batch_size=3, progress=False, checkpoint=ckpt, resume=True)
+    assert torch.equal(resumed.counts, full.counts)
+    assert torch.equal(resumed.values, full.values) and torch.equal(resumed.stderr, full.stderr)

@@ -137,8 +137,10 @@ def _print_interval_notes(table: dict[str, dict], a: HeadScores, b: HeadScores, 
         print(f"{biased} (docs/report.md)")
     if not with_ci and not few and args.resamples > 0:
         missing = " and ".join(n for n, s in (("A", a), ("B", b)) if not s.has_examples)
-        print(f"no intervals: {missing} kept no per-example values (made before they were kept, or by a "
-              "multi-process run)")
+        dropped = [n for n, s in (("A", a), ("B", b)) if (s.extra or {}).get("example_values_dropped")]
+        why = (f"{' and '.join(dropped)} had more examples than per-example values are kept for" if dropped else
+               "made before they were kept, or by a multi-process run")
+        print(f"no intervals: {missing} kept no per-example values ({why})")
 
 
 def _print_differences(a: HeadScores, b: HeadScores) -> dict:
