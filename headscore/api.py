@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -60,6 +61,7 @@ from .patch import HeadGates, head_layout, patch
 from .positions import PositionMaps
 from .prepared import ModelLike, Prepared, mixed_head_layers, prepare
 from .results import HeadScores
+from .text import printable
 
 if TYPE_CHECKING:  # optional dependencies: a table of examples is one of these
     import datasets
@@ -117,6 +119,7 @@ def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor |
         if isinstance(baseline, str) and baseline == "corrupt":
             raise HeadscoreError("baseline 'corrupt' needs prompt/target examples with a corrupted prompt; "
                                  "labelled examples have none")
+    _warn_blank_first_tokens(prep, metric)
     needs = [("foil", "the logit-diff metric")] if metric.needs_foil else []
     if isinstance(baseline, str) and baseline == "corrupt":
         needs.append(("corrupt", "baseline 'corrupt'"))
@@ -124,6 +127,27 @@ def _check_inputs(prep: Prepared, metric: Metric, baseline: str | torch.Tensor |
         for i, ex in enumerate(prep.examples):
             if getattr(ex, name) is None:
                 raise HeadscoreError(f"{what} needs a {name!r} field in every example; {ex.describe(i)} has none")
+
+
+def _warn_blank_first_tokens(prep: Prepared, metric: Metric) -> None:
+    """Warn, per task, where a metric that reads only the target's first token (prob, logit-diff) reads a token
+    that is whitespace alone (SmolLM2 splits ' 4' into ' ' + '4': prob then measures p(' '), alike for every
+    number)."""
+    decode = getattr(prep.lm.tokenizer, "decode", None)
+    if metric.fn is not None or metric.name not in ("prob", "logit-diff") or prep.labelled or decode is None:
+        return
+    blank: dict[int, list[int]] = {}
+    for item in prep.tokenized:
+        first = item.ids[item.prompt_length]
+        if not decode([first]).strip():
+            blank.setdefault(item.task_index, []).append(item.index)
+    for task, rows in blank.items():
+        total = sum(1 for item in prep.tokenized if item.task_index == task)
+        example = prep.examples[rows[0]]
+        warnings.warn(f"metric {metric.name} reads the target's first token only, and it is whitespace alone for "
+                      f"{len(rows)} of {total} example(s) of task {printable(prep.tasks[task])!r} (such as "
+                      f"{example.describe(rows[0])}: target {printable(example.target)!r}); end the prompt with the "
+                      "space and start the target without it, or use the nll metric", stacklevel=5)
 
 
 LABEL_LOSS_MEANING = "increase in the classifier's own loss on the label (cross-entropy in nats; squared error " \

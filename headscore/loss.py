@@ -82,8 +82,8 @@ class Metric:
     def describe(self) -> str:
         """What a positive score means under this metric (for docs, reports and help)."""
         return {"nll": "increase in target NLL (nats/token)",
-                "logit-diff": "drop in logit difference (target - foil) at the answer position",
-                "prob": "drop in the target's probability at the answer position"}.get(
+                "logit-diff": "drop in logit difference (target - foil, first tokens) at the answer position",
+                "prob": "drop in the probability of the target's first token at the answer position"}.get(
             self.name, f"{'drop' if self.higher_is_better else 'increase'} in {self.name}")
 
 

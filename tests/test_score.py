@@ -96,3 +96,34 @@ def test_nan_loss_is_reported():
         lm.model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(headscore.HeadscoreError, match="non-finite loss"):
         headscore.score(lm, random_examples(2), progress=False)
+
+
+def test_a_first_target_token_of_whitespace_alone_is_warned_for_prob_and_logit_diff():
+    """prob and logit-diff read the target's first token only; where that is whitespace alone (SmolLM2: ' 4' is
+    ' ' + '4', 30 of the built-in suite's 191 targets; here the byte tokenizer's ' ') the metric measures p(' '),
+    alike for every answer: a warning per task says so and what to do; nll and targets without the space are not
+    warned about."""
+    import warnings
+
+    from tiny import ByteTokenizer, tiny_model
+
+    from headscore.data.examples import Example
+    from headscore.models import LoadedModel
+
+    class Decoding(ByteTokenizer):
+        def decode(self, ids) -> str:  # exact for the printable ASCII written here
+            return "".join(chr(int(i) - 2) for i in ids if int(i) >= 2)
+
+    lm = LoadedModel(tiny_model("llama").model, Decoding(), "tiny")
+    spaced = [Example("two plus two is", " 4", "math", foil="5"), Example("one plus one is", "2", "math", foil="3"),
+              Example("the sky is", "blue", "colour", foil="red")]
+    for metric in ("prob", "logit-diff"):
+        with pytest.warns(UserWarning, match=rf"metric {metric} reads the target's first token only, and it is "
+                                             r"whitespace alone for 1 of 2 example\(s\) of task 'math' \(such as "
+                                             r"example 0: target ' 4'\)") as caught:
+            headscore.score(lm, spaced, batch_size=3, progress=False, metric=metric)
+        assert sum("first token only" in str(w.message) for w in caught) == 1  # the colour task: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        headscore.score(lm, spaced, batch_size=3, progress=False, metric="nll")
+        headscore.score(lm, spaced[1:], batch_size=3, progress=False, metric="prob")
