@@ -202,8 +202,10 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, tasks: Sequence[st
         first = examples[apart[0]]
         warnings.warn(f"{len(apart)} example(s), the first {first.describe(apart[0])} (prompt ending "
                       f"{printable(first.prompt[-12:])!r}, target {printable(first.target)!r}), tokenise otherwise "
-                      "apart than as one text (a prompt ending in a space, a target without its leading space?): "
-                      "the target is scored as tokenised alone, which the model seldom sees", stacklevel=3)
+                      "apart than as one text (a prompt ending in a space, a target without its leading space, or "
+                      "a tokenizer that merges the prompt's last word with the target?): the target is scored as "
+                      "tokenised alone (a SentencePiece tokenizer then adds a word boundary before it), which the "
+                      "model seldom sees", stacklevel=3)
     return out
 
 
