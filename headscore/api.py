@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -141,11 +142,11 @@ def _warn_blank_first_tokens(prep: Prepared, metric: Metric) -> None:
         first = item.ids[item.prompt_length]
         if not decode([first]).strip():
             blank.setdefault(item.task_index, []).append(item.index)
+    totals = Counter(item.task_index for item in prep.tokenized)
     for task, rows in blank.items():
-        total = sum(1 for item in prep.tokenized if item.task_index == task)
         example = prep.examples[rows[0]]
         warnings.warn(f"metric {metric.name} reads the target's first token only, and it is whitespace alone for "
-                      f"{len(rows)} of {total} example(s) of task {printable(prep.tasks[task])!r} (such as "
+                      f"{len(rows)} of {totals[task]} example(s) of task {printable(prep.tasks[task])!r} (such as "
                       f"{example.describe(rows[0])}: target {printable(example.target)!r}); end the prompt with the "
                       "space and start the target without it, or use the nll metric", stacklevel=5)
 

@@ -108,15 +108,6 @@ def register_attention(key: str, fn: Callable, *, masks_like: str) -> None:
         AttentionMaskInterface.register(key, mask_fn)
 
 
-def unregister_attention(key: str) -> None:
-    """Remove ``key`` from both registries (a no-op for a key that is not there)."""
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface._global_mapping.pop(key, None)
-    AttentionMaskInterface._global_mapping.pop(key, None)
-
-
 def checkpointing_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that can checkpoint their activations (transformers' layers have a
     ``gradient_checkpointing`` flag from the start, on or off): what :func:`activation_checkpointing` reads."""

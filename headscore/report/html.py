@@ -111,12 +111,15 @@ _CHECK_JS = """
   // a panel's title wider than its plot (a long task name) is cut short with an ellipsis, measured in its own
   // font (Bokeh cut it off mid-letter); the hover shows the whole name
   var measure = document.createElement("canvas").getContext("2d");
+  function width(t, text) {  // of ``text`` in title ``t``'s font
+    measure.font = t.text_font_style + " " + t.text_font_size + " " + t.text_font;
+    return measure.measureText(text).width;
+  }
   function fitTitle(v) {
     var t = v.model.title, text = typeof t.text === "string" ? t.text : t.text.text, room = v.frame.bbox.width;
-    measure.font = t.text_font_style + " " + t.text_font_size + " " + t.text_font;
-    if (measure.measureText(text).width <= room) return;
+    if (width(t, text) <= room) return;
     var n = text.length;
-    while (n > 1 && measure.measureText(text.slice(0, n) + "\u2026").width > room) n--;
+    while (n > 1 && width(t, text.slice(0, n) + "\u2026") > room) n--;
     var short = text.slice(0, n) + "\u2026";
     t.text = typeof t.text === "string" ? short : new t.text.constructor({text: short});
   }
@@ -154,11 +157,8 @@ _CHECK_JS = """
         out.bars = {title: bars.title.text, task: Array.from(d.task), value: Array.from(d.value),
                     lo: Array.from(d.lo), hi: Array.from(d.hi), range: [bars.y_range.start, bars.y_range.end]};
         if (scatter !== null) {  // the title's width in its own font, against the plot frame it sits over
-          var t = scatter.title, ctx = document.createElement("canvas").getContext("2d");
-          out.scatter = label(t.text);
-          ctx.font = t.text_font_style + " " + t.text_font_size + " " + t.text_font;
-          out.scatter.fit = {title_px: ctx.measureText(out.scatter.text).width,
-                             frame_px: scatterView.frame.bbox.width};
+          out.scatter = label(scatter.title.text);
+          out.scatter.fit = {title_px: width(scatter.title, out.scatter.text), frame_px: scatterView.frame.bbox.width};
         }
         cells.selected.indices = [];  // as it was: no cell highlighted until the user clicks one
         document.getElementById("render-check").textContent = JSON.stringify(out);
