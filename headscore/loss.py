@@ -32,6 +32,14 @@ PADDING_NAN = ("the model's attention gives NaN on padded positions (eager atten
 """What a NaN that only batches with padding get comes from, and what to do."""
 
 
+def refuse_non_finite_mean(what: str, *tensors: torch.Tensor) -> None:
+    """HeadscoreError where a mean over real tokens (``what``: "head outputs", ...) is not finite: padding is left
+    out of such means, so a NaN there came into real tokens through the attention."""
+    if not all(bool(torch.isfinite(x).all()) for x in tensors):
+        raise HeadscoreError(f"the mean {what} are not finite (inf or NaN); if batch_size=1 gives finite ones, "
+                             f"{PADDING_NAN}")
+
+
 class NonFiniteLoss(HeadscoreError):
     """The loss of some examples is inf or NaN; ``indices`` are their positions in the run's examples;
     ``padded``: their batch had padding (the message then says what NaN on padding comes from)."""

@@ -4,7 +4,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))  # the tests' helpers (tiny, tiny_saved, ...)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))  # model_matrix, ...
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -1,8 +1,6 @@
 """Ablation: prefix reuse, batched and naive modes agree, and all equal an independent hook-based ablation."""
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -385,13 +383,11 @@ def test_head_set_ablation_and_amplification():
         headscore.ablate_heads(lm, examples, [(9, 0)], progress=False)
 
 
-@pytest.mark.parametrize("family", ["granite_swa"])
-def test_means_over_tokens_leave_out_padding_that_eager_sliding_windows_make_nan(family):
+def test_means_over_tokens_leave_out_padding_that_eager_sliding_windows_make_nan():
     """Eager sliding-window attention gives NaN at a padded position whose window holds only padding; the mean
     baseline (heads, and the edges' writers) and the probe's activations are taken over real tokens only, so a
     batch of mixed lengths gives what one example at a time gives (it gave NaN, and ablate(baseline='mean') then
     failed blaming the examples)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from model_matrix import build_model
 
     from headscore.cogqa.probe import collect_activations
@@ -399,7 +395,7 @@ def test_means_over_tokens_leave_out_padding_that_eager_sliding_windows_make_nan
     from headscore.edges.attribution import mean_writer_outputs
     from headscore.edges.residual import residual_model
 
-    lm = LoadedModel(build_model(family, seed=1), ByteTokenizer(), f"tiny-{family}")
+    lm = LoadedModel(build_model("granite_swa", seed=1), ByteTokenizer(), "tiny-granite-swa")
     assert lm.model.config._attn_implementation == "eager" and lm.model.dtype == torch.float64
     examples = [Example("ab", "c", "alpha"), Example("abcdefghijklmn", "c", "alpha"), Example("abcdefgh", "cd", "b")]
     prep = headscore.prepare(lm, examples)
@@ -427,7 +423,6 @@ def test_nan_that_padding_brings_into_real_tokens_is_refused_with_the_remedy():
     """Where a tiny sliding window makes the model itself NaN at real tokens of padded rows (Gemma 2 eager: NaN
     values at padded keys times their zero weights), the mean baseline is refused, and a loss names the remedy
     (sdpa or batch_size=1) instead of only the examples; one example at a time runs."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from model_matrix import build_model
 
     from headscore.data.examples import Example

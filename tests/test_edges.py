@@ -17,10 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 import types
 from pathlib import Path
 
+import model_matrix
 import pytest
 import torch
 import transformers
@@ -47,9 +47,6 @@ from headscore.methods.gradient import gate_gradients
 from headscore.models import LoadedModel
 from headscore.patch import patch
 from headscore.prepared import prepare
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import model_matrix  # noqa: E402
 
 
 def float64_norms(model: torch.nn.Module) -> None:

@@ -172,16 +172,12 @@ def test_a_decoder_classifier_is_padded_with_its_own_pad_id():
 def test_whisper_decoder_positions_bound_the_length():
     """WhisperForCausalLM keeps its learned positions under max_target_positions: an example longer than that is
     the one-line 'the model allows' error (an IndexError inside the model before)."""
-    import sys
-    from pathlib import Path
 
+    from model_matrix import build_model
     from tiny import ByteTokenizer
 
     from headscore.data.examples import Example
     from headscore.models import LoadedModel
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from model_matrix import build_model
 
     model = build_model("whisper", seed=1)
     lm = LoadedModel(model, ByteTokenizer(), "tiny-whisper")

@@ -271,10 +271,7 @@ def test_hybrid_families_measure_like_full_passes(family):
     takes 15 s here: not among these; LFM2 ran), and Jamba's and Bamba's cached continuation differs from a full
     pass in transformers 5.24 (LFM2's and GraniteMoeHybrid's does not: their cache is used). Loss changes and
     accuracies equal the references (float64 models)."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import model_matrix
     from tiny_saved import char_tokenizer
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
+import model_matrix
 import pytest
 import torch
 from tiny import random_examples, tiny_model
@@ -17,9 +17,6 @@ from tiny_saved import char_tokenizer
 
 import headscore
 from headscore.learn_gates import learn_gates
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import model_matrix  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,18 +2,14 @@
 follow, checked by headscore.model_check against an independent float64 reference; and the refusals."""
 
 import json
-import sys
-from pathlib import Path
 
+import model_matrix
 import pytest
 import torch
 
 import headscore
 from headscore.errors import HeadscoreError, UnsupportedModelError
 from headscore.model_check import FORWARD_ONLY, PADDING_TOLERANCE, REFUSED, SUPPORTED, UNAVAILABLE, check_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import model_matrix  # noqa: E402
 
 EXPECTED = {family: {"eager": SUPPORTED, "sdpa": SUPPORTED} for family in model_matrix.CI_SUBSET}
 EXPECTED["gpt_oss"]["sdpa"] = UNAVAILABLE  # GPT-OSS has no SDPA attention (sinks)

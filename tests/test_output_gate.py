@@ -11,9 +11,7 @@ and far below a wrong baseline (a baseline put before the model's gate is 30-100
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import model_matrix
 import pytest
 import torch
 from test_counterfactual import counterfactual_examples
@@ -22,9 +20,6 @@ from tiny_saved import char_tokenizer
 import headscore
 from headscore.errors import UnsupportedModelError
 from headscore.prepared import mixed_head_layers, output_gated_layers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import model_matrix  # noqa: E402
 
 pytestmark = [pytest.mark.numerics, pytest.mark.filterwarnings("ignore:per-position. prompts of")]
 

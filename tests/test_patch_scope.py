@@ -3,19 +3,15 @@ that share a config, each tower of a multimodal model, and sparse-attention mode
 the implementation's name."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from model_matrix import build_model  # noqa: E402
 from tiny import random_examples, tiny_model
 
 import headscore
 from headscore.errors import UnsupportedModelError
 from headscore.patch import _sparse_indices_as_mask
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from model_matrix import build_model  # noqa: E402
 
 pytestmark = pytest.mark.numerics
 

@@ -283,15 +283,12 @@ def test_per_layer_head_counts_count_and_run_only_real_cells(monkeypatch, mode):
     """Laguna's layers have 4 and 2 heads: the cell bar counts the real cells and its updates sum to its total
     (354 of 472 counted before), no pass changes a head a layer lacks, and those cells are NaN; the values equal
     the other path's."""
-    import sys
-    from pathlib import Path
+
+    from model_matrix import build_model
+    from tiny import ByteTokenizer
 
     import headscore.api as api
     from headscore.models import LoadedModel
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    from model_matrix import build_model
-    from tiny import ByteTokenizer
 
     lm = LoadedModel(build_model("laguna", seed=1), ByteTokenizer(), "tiny-laguna")
     from headscore.patch import head_layout

@@ -404,10 +404,7 @@ def test_tracker_finds_layers_without_attention(family):
     """Without headscore.prepare, a hybrid model's layers without attention (Qwen3-Next, Jamba) and the heads a
     layer does not have (Laguna: 4 and 2) are NaN in scores() and ema(), and the rest equal offline score()
     on a prepared copy of the same model (float64 models)."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import model_matrix
     from tiny_saved import char_tokenizer
 

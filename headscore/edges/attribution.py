@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.batching import Batch, weighted_tokens_only
-from ..errors import HeadscoreError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..gate import gate_dtype
-from ..loss import NLL, PADDING_NAN, Metric, example_losses, run_forward
+from ..loss import NLL, Metric, example_losses, refuse_non_finite_mean, run_forward
 from ..patch import HeadGates
 from .residual import Projection, ResidualModel, layer_input, module_output, with_layer_input
 
@@ -393,9 +393,7 @@ def mean_writer_outputs(model: torch.nn.Module, heads: HeadGates, rm: ResidualMo
         raise ValueError("no batches to take the mean over")
     n = max(tokens, 1)
     dtype = next(model.parameters()).dtype
-    if not all(bool(torch.isfinite(x).all()) for x in (sums.emb, *sums.heads, *sums.mlp)):
-        raise HeadscoreError(f"the mean node outputs are not finite (inf or NaN); if batch_size=1 gives finite ones, "
-                             f"{PADDING_NAN}")
+    refuse_non_finite_mean("node outputs", sums.emb, *sums.heads, *sums.mlp)
     return WriterOutputs((sums.emb / n).to(dtype), [(z / n).to(dtype) for z in sums.heads],
                          [(m / n).to(dtype) for m in sums.mlp])
 

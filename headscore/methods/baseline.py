@@ -8,9 +8,8 @@ from collections.abc import Iterable
 import torch
 
 from ..data.batching import Batch, weighted_tokens_only
-from ..errors import HeadscoreError
 from ..gate import gate_dtype
-from ..loss import PADDING_NAN, run_forward
+from ..loss import refuse_non_finite_mean, run_forward
 from ..patch import HeadGates, HeadLayout
 
 
@@ -53,9 +52,7 @@ def mean_head_outputs(model: torch.nn.Module, heads: HeadGates, batches: Iterabl
             run_forward(model, batch)
     dtype = gate_dtype(model)  # a float64 run stays float64
     mean = (_stacked(sums, layout, "") / max(tokens, 1)).to(dtype)
-    if not torch.isfinite(mean).all():  # padding is left out: NaN at a real token came through the attention
-        raise HeadscoreError(f"the mean head outputs are not finite (inf or NaN); if batch_size=1 gives finite ones, "
-                             f"{PADDING_NAN}")
+    refuse_non_finite_mean("head outputs", mean)
     return mean
 
 
